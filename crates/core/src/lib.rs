@@ -1,0 +1,12 @@
+//! Shared foundations of the Model Hub services: the error vocabulary, tensors, identifiers,
+//! envelope encryption and request signing.
+
+pub mod crypto;
+pub mod error;
+pub mod id;
+pub mod signing;
+pub mod telemetry;
+pub mod tensor;
+
+pub use error::{ApiError, ErrorCode};
+pub use tensor::{DataType, Tensor, TensorSpec};

@@ -1,0 +1,523 @@
+//! Tensors as the public API carries them (Open Inference Protocol v2 JSON) and as the
+//! services carry them (raw little-endian bytes in `modelhub.common.v1.Tensor`).
+
+use std::fmt;
+
+use half::f16;
+use modelhub_proto::common::v1 as pb;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::ApiError;
+
+/// Element types of the API (`docs/API.md`, "Tensors").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataType {
+    Bool,
+    Uint8,
+    Int8,
+    Int32,
+    Int64,
+    Fp16,
+    Fp32,
+    Fp64,
+}
+
+impl DataType {
+    pub const ALL: [DataType; 8] = [
+        DataType::Bool,
+        DataType::Uint8,
+        DataType::Int8,
+        DataType::Int32,
+        DataType::Int64,
+        DataType::Fp16,
+        DataType::Fp32,
+        DataType::Fp64,
+    ];
+
+    /// The OIP v2 name: `BOOL`, `FP32`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::Uint8 => "UINT8",
+            DataType::Int8 => "INT8",
+            DataType::Int32 => "INT32",
+            DataType::Int64 => "INT64",
+            DataType::Fp16 => "FP16",
+            DataType::Fp32 => "FP32",
+            DataType::Fp64 => "FP64",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DataType> {
+        DataType::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+
+    /// Bytes per element in the raw encoding.
+    pub fn size(self) -> usize {
+        match self {
+            DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
+            DataType::Fp16 => 2,
+            DataType::Int32 | DataType::Fp32 => 4,
+            DataType::Int64 | DataType::Fp64 => 8,
+        }
+    }
+
+    pub fn to_proto(self) -> pb::DataType {
+        match self {
+            DataType::Bool => pb::DataType::Bool,
+            DataType::Uint8 => pb::DataType::Uint8,
+            DataType::Int8 => pb::DataType::Int8,
+            DataType::Int32 => pb::DataType::Int32,
+            DataType::Int64 => pb::DataType::Int64,
+            DataType::Fp16 => pb::DataType::Fp16,
+            DataType::Fp32 => pb::DataType::Fp32,
+            DataType::Fp64 => pb::DataType::Fp64,
+        }
+    }
+
+    pub fn from_proto(value: i32) -> Result<DataType, ApiError> {
+        Ok(match pb::DataType::try_from(value) {
+            Ok(pb::DataType::Bool) => DataType::Bool,
+            Ok(pb::DataType::Uint8) => DataType::Uint8,
+            Ok(pb::DataType::Int8) => DataType::Int8,
+            Ok(pb::DataType::Int32) => DataType::Int32,
+            Ok(pb::DataType::Int64) => DataType::Int64,
+            Ok(pb::DataType::Fp16) => DataType::Fp16,
+            Ok(pb::DataType::Fp32) => DataType::Fp32,
+            Ok(pb::DataType::Fp64) => DataType::Fp64,
+            Ok(pb::DataType::Unspecified) | Err(_) => {
+                return Err(ApiError::bad_request(format!("unknown datatype {value}")));
+            }
+        })
+    }
+}
+
+impl fmt::Display for DataType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for DataType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for DataType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DataType::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown datatype {s:?} (expected one of BOOL, UINT8, INT8, INT32, INT64, FP16, FP32, FP64)"
+            ))
+        })
+    }
+}
+
+/// The declared signature of a model input or output; `-1` marks a dynamic dimension.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+}
+
+impl TensorSpec {
+    pub fn to_proto(&self) -> pb::TensorSpec {
+        pb::TensorSpec {
+            name: self.name.clone(),
+            datatype: self.datatype.to_proto() as i32,
+            shape: self.shape.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::TensorSpec> for TensorSpec {
+    type Error = ApiError;
+
+    fn try_from(p: pb::TensorSpec) -> Result<Self, ApiError> {
+        Ok(TensorSpec {
+            datatype: DataType::from_proto(p.datatype)?,
+            name: p.name,
+            shape: p.shape,
+        })
+    }
+}
+
+/// A dense tensor: `data` is row-major, little-endian, `element_count * datatype.size()` bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub datatype: DataType,
+    pub data: Vec<u8>,
+}
+
+/// Number of elements of a concrete shape, or an error naming the bad dimension.
+pub fn element_count(name: &str, shape: &[i64]) -> Result<usize, ApiError> {
+    let mut n: usize = 1;
+    for &d in shape {
+        let d = usize::try_from(d).map_err(|_| {
+            ApiError::bad_request(format!(
+                "tensor {name:?}: negative dimension in shape {shape:?}"
+            ))
+        })?;
+        n = n.checked_mul(d).ok_or_else(|| {
+            ApiError::bad_request(format!("tensor {name:?}: shape {shape:?} is too large"))
+        })?;
+    }
+    Ok(n)
+}
+
+impl Tensor {
+    /// Builds a tensor, checking that `data` has exactly the bytes `shape` and `datatype` need.
+    pub fn new(
+        name: impl Into<String>,
+        shape: Vec<i64>,
+        datatype: DataType,
+        data: Vec<u8>,
+    ) -> Result<Tensor, ApiError> {
+        let name = name.into();
+        let want = element_count(&name, &shape)?
+            .checked_mul(datatype.size())
+            .ok_or_else(|| ApiError::bad_request(format!("tensor {name:?} is too large")))?;
+        if data.len() != want {
+            return Err(ApiError::bad_request(format!(
+                "tensor {name:?}: shape {shape:?} of {datatype} needs {want} bytes, got {}",
+                data.len()
+            )));
+        }
+        Ok(Tensor {
+            name,
+            shape,
+            datatype,
+            data,
+        })
+    }
+
+    pub fn from_f32(
+        name: impl Into<String>,
+        shape: Vec<i64>,
+        values: &[f32],
+    ) -> Result<Tensor, ApiError> {
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Tensor::new(name, shape, DataType::Fp32, data)
+    }
+
+    /// The elements as `f32` when the datatype is `FP32`.
+    pub fn as_f32(&self) -> Option<Vec<f32>> {
+        (self.datatype == DataType::Fp32).then(|| {
+            self.data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+    }
+
+    pub fn to_proto(&self) -> pb::Tensor {
+        pb::Tensor {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            datatype: self.datatype.to_proto() as i32,
+            data: self.data.clone(),
+        }
+    }
+
+    pub fn into_proto(self) -> pb::Tensor {
+        pb::Tensor {
+            name: self.name,
+            shape: self.shape,
+            datatype: self.datatype.to_proto() as i32,
+            data: self.data,
+        }
+    }
+
+    /// Parses one tensor of the JSON API.
+    pub fn from_json(json: &JsonTensor) -> Result<Tensor, ApiError> {
+        let name = &json.name;
+        let count = element_count(name, &json.shape)?;
+        let raw = json.data.get();
+        let bad = |e: serde_json::Error| {
+            ApiError::bad_request(format!(
+                "tensor {name:?}: data is not a flat array of {} values: {e}",
+                json.datatype
+            ))
+        };
+        fn le<T, const N: usize>(values: Vec<T>, f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+            values.into_iter().flat_map(f).collect()
+        }
+        let (len, data) = match json.datatype {
+            DataType::Bool => {
+                let v: Vec<bool> = serde_json::from_str(raw).map_err(bad)?;
+                (v.len(), v.into_iter().map(u8::from).collect())
+            }
+            DataType::Uint8 => {
+                let v: Vec<u8> = serde_json::from_str(raw).map_err(bad)?;
+                (v.len(), v)
+            }
+            DataType::Int8 => {
+                let v: Vec<i8> = serde_json::from_str(raw).map_err(bad)?;
+                (v.len(), le(v, i8::to_le_bytes))
+            }
+            DataType::Int32 => {
+                let v: Vec<i32> = serde_json::from_str(raw).map_err(bad)?;
+                (v.len(), le(v, i32::to_le_bytes))
+            }
+            DataType::Int64 => {
+                let v: Vec<i64> = serde_json::from_str(raw).map_err(bad)?;
+                (v.len(), le(v, i64::to_le_bytes))
+            }
+            DataType::Fp16 => {
+                let v: Vec<f32> = serde_json::from_str(raw).map_err(bad)?;
+                (v.len(), le(v, |x| f16::from_f32(x).to_le_bytes()))
+            }
+            DataType::Fp32 => {
+                let v: Vec<f32> = serde_json::from_str(raw).map_err(bad)?;
+                (v.len(), le(v, f32::to_le_bytes))
+            }
+            DataType::Fp64 => {
+                let v: Vec<f64> = serde_json::from_str(raw).map_err(bad)?;
+                (v.len(), le(v, f64::to_le_bytes))
+            }
+        };
+        if len != count {
+            return Err(ApiError::bad_request(format!(
+                "tensor {name:?}: shape {:?} needs {count} values, got {len}",
+                json.shape
+            )));
+        }
+        Tensor::new(name.clone(), json.shape.clone(), json.datatype, data)
+    }
+
+    /// The JSON form of the API, with `data` as a flat array of numbers (or booleans).
+    pub fn to_json(&self) -> serde_json::Value {
+        fn arr<const N: usize, T: Into<serde_json::Value>>(
+            data: &[u8],
+            f: impl Fn([u8; N]) -> T,
+        ) -> serde_json::Value {
+            data.chunks_exact(N)
+                .map(|c| f(c.try_into().expect("chunks_exact yields N bytes")).into())
+                .collect::<Vec<serde_json::Value>>()
+                .into()
+        }
+        // f32 goes through its shortest decimal form, so 0.1f32 prints as 0.1, not 0.10000000149.
+        fn short(x: f32) -> serde_json::Value {
+            if x.is_finite() {
+                x.to_string()
+                    .parse::<f64>()
+                    .map(serde_json::Value::from)
+                    .unwrap_or_default()
+            } else {
+                serde_json::Value::Null
+            }
+        }
+        let data = match self.datatype {
+            DataType::Bool => arr::<1, _>(&self.data, |b| b[0] != 0),
+            DataType::Uint8 => arr::<1, _>(&self.data, |b| b[0]),
+            DataType::Int8 => arr::<1, _>(&self.data, i8::from_le_bytes),
+            DataType::Int32 => arr::<4, _>(&self.data, i32::from_le_bytes),
+            DataType::Int64 => arr::<8, _>(&self.data, i64::from_le_bytes),
+            DataType::Fp16 => arr::<2, _>(&self.data, |b| short(f16::from_le_bytes(b).to_f32())),
+            DataType::Fp32 => arr::<4, _>(&self.data, |b| short(f32::from_le_bytes(b))),
+            DataType::Fp64 => arr::<8, _>(&self.data, |b| {
+                let x = f64::from_le_bytes(b);
+                if x.is_finite() {
+                    serde_json::Value::from(x)
+                } else {
+                    serde_json::Value::Null
+                }
+            }),
+        };
+        serde_json::json!({
+            "name": self.name,
+            "shape": self.shape,
+            "datatype": self.datatype,
+            "data": data,
+        })
+    }
+}
+
+impl TryFrom<pb::Tensor> for Tensor {
+    type Error = ApiError;
+
+    fn try_from(p: pb::Tensor) -> Result<Self, ApiError> {
+        let datatype = DataType::from_proto(p.datatype)?;
+        Tensor::new(p.name, p.shape, datatype, p.data)
+    }
+}
+
+/// One tensor of the JSON API as received; `data` is parsed once the datatype is known.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonTensor {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub datatype: DataType,
+    pub data: Box<RawValue>,
+    #[serde(default)]
+    pub parameters: Option<serde_json::Value>,
+}
+
+/// Checks request tensors against a model's declared inputs: every input present once, no
+/// unknown names, the declared datatype, and the declared shape (any size where it is `-1`).
+pub fn validate_inputs(specs: &[TensorSpec], inputs: &[Tensor]) -> Result<(), ApiError> {
+    let names = || {
+        specs
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (i, t) in inputs.iter().enumerate() {
+        if inputs[..i].iter().any(|o| o.name == t.name) {
+            return Err(ApiError::bad_request(format!(
+                "input {:?} is given twice",
+                t.name
+            )));
+        }
+        let Some(spec) = specs.iter().find(|s| s.name == t.name) else {
+            return Err(ApiError::bad_request(format!(
+                "unknown input {:?} (the model's inputs are: {})",
+                t.name,
+                names()
+            )));
+        };
+        if spec.datatype != t.datatype {
+            return Err(ApiError::bad_request(format!(
+                "input {:?}: expected datatype {}, got {}",
+                t.name, spec.datatype, t.datatype
+            )));
+        }
+        let fits = spec.shape.len() == t.shape.len()
+            && spec
+                .shape
+                .iter()
+                .zip(&t.shape)
+                .all(|(&want, &got)| want < 0 || want == got);
+        if !fits {
+            return Err(ApiError::bad_request(format!(
+                "input {:?}: expected shape {:?} (-1 = any size), got {:?}",
+                t.name, spec.shape, t.shape
+            )));
+        }
+    }
+    if let Some(missing) = specs
+        .iter()
+        .find(|s| !inputs.iter().any(|t| t.name == s.name))
+    {
+        return Err(ApiError::bad_request(format!(
+            "missing input {:?}",
+            missing.name
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+
+    fn json(s: &str) -> JsonTensor {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn every_datatype_round_trips_through_json() {
+        let cases = [
+            ("BOOL", "[true,false,true,true]"),
+            ("UINT8", "[0,1,254,255]"),
+            ("INT8", "[-128,-1,0,127]"),
+            ("INT32", "[-2147483648,0,7,2147483647]"),
+            ("INT64", "[-9007199254740993,0,1,9007199254740993]"),
+            ("FP16", "[0.5,-2.0,65504.0,0.0]"),
+            ("FP32", "[0.1,-2.5,3.0e10,0.0]"),
+            ("FP64", "[0.1,-2.5,1e300,0.0]"),
+        ];
+        for (dt, data) in cases {
+            let src = format!(r#"{{"name":"x","shape":[2,2],"datatype":"{dt}","data":{data}}}"#);
+            let t = Tensor::from_json(&json(&src)).unwrap();
+            assert_eq!(t.data.len(), 4 * t.datatype.size(), "{dt}");
+            let back = t.to_json();
+            let again = Tensor::from_json(&json(&back.to_string())).unwrap();
+            assert_eq!(again, t, "{dt}");
+            let proto = Tensor::try_from(t.to_proto()).unwrap();
+            assert_eq!(proto, t, "{dt}");
+        }
+    }
+
+    #[test]
+    fn f32_prints_in_shortest_form() {
+        let t = Tensor::from_f32("y", vec![1], &[0.1]).unwrap();
+        assert_eq!(t.to_json()["data"].to_string(), "[0.1]");
+    }
+
+    #[test]
+    fn wrong_element_count_is_rejected_with_the_numbers() {
+        let e = Tensor::from_json(&json(
+            r#"{"name":"x","shape":[1,3],"datatype":"FP32","data":[1,2]}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("needs 3 values, got 2"), "{}", e.message);
+    }
+
+    #[test]
+    fn wrong_value_type_is_rejected() {
+        let e = Tensor::from_json(&json(
+            r#"{"name":"x","shape":[1],"datatype":"INT8","data":[300]}"#,
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("INT8"), "{}", e.message);
+        let e = Tensor::from_json(&json(
+            r#"{"name":"x","shape":[-1],"datatype":"FP32","data":[1]}"#,
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("negative dimension"), "{}", e.message);
+        assert!(
+            serde_json::from_str::<JsonTensor>(
+                r#"{"name":"x","shape":[1],"datatype":"FP128","data":[1]}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn inputs_are_checked_against_the_signature() {
+        let specs = vec![TensorSpec {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, 4],
+        }];
+        let ok = Tensor::from_f32("x", vec![2, 4], &[0.0; 8]).unwrap();
+        validate_inputs(&specs, std::slice::from_ref(&ok)).unwrap();
+
+        let shape = Tensor::from_f32("x", vec![2, 3], &[0.0; 6]).unwrap();
+        let e = validate_inputs(&specs, &[shape]).unwrap_err();
+        assert!(
+            e.message.contains("expected shape [-1, 4]"),
+            "{}",
+            e.message
+        );
+
+        let name = Tensor::from_f32("y", vec![1, 4], &[0.0; 4]).unwrap();
+        let e = validate_inputs(&specs, &[name]).unwrap_err();
+        assert!(e.message.contains("unknown input \"y\""), "{}", e.message);
+
+        let dt = Tensor::new("x", vec![1, 4], DataType::Int32, vec![0; 16]).unwrap();
+        let e = validate_inputs(&specs, &[dt]).unwrap_err();
+        assert!(
+            e.message.contains("expected datatype FP32, got INT32"),
+            "{}",
+            e.message
+        );
+
+        let e = validate_inputs(&specs, &[]).unwrap_err();
+        assert!(e.message.contains("missing input \"x\""), "{}", e.message);
+
+        let e = validate_inputs(&specs, &[ok.clone(), ok]).unwrap_err();
+        assert!(e.message.contains("twice"), "{}", e.message);
+    }
+}
