@@ -314,7 +314,7 @@ mod tests {
         ));
     }
 
-    const VECTOR_STRING_TO_SIGN: &str = "MH-HMAC-SHA256\n1767225600\nn0nce-0123456789abcdef\nTBD";
+    const VECTOR_STRING_TO_SIGN: &str = "MH-HMAC-SHA256\n1767225600\nn0nce-0123456789abcdef\ne8958f9608702a4d4faf06e7d6695bb3aa9abbe42f4dca20964e614aeaf62b1f";
     const VECTOR_SIGNATURE: &str =
         "7d0fa373a19cb822ae791989db6b825682e10c579daecefe01984b963c65039c";
 
