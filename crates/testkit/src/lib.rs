@@ -1,1 +1,86 @@
-//! placeholder
+//! Test harness shared by the integration tests: the generated test models, the workspace
+//! root, and polling with a deadline (never sleeps to wait for things).
+//!
+//! The in-process cluster itself lives in `modelhub_cli::up`, which is what `modelhub up` runs;
+//! tests start it on `127.0.0.1:0` listeners.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn workspace_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .nth(2)
+            .expect("crates/testkit is two levels below the root")
+            .to_path_buf()
+    })
+}
+
+/// Whether this run is CI, where a missing dependency is a failure, never a skip.
+pub fn is_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The folder of generated test models (`scripts/test-models`), made on first use.
+pub fn test_models() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = workspace_root().join("scripts/test-models");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "scripts/test-models failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+/// Path of one generated test model file, e.g. `test_model("digits_mlp.onnx")`.
+pub fn test_model(name: &str) -> PathBuf {
+    let path = test_models().join(name);
+    assert!(path.exists(), "test model {} was not generated", path.display());
+    path
+}
+
+/// The expected outputs that onnxruntime (Python) gave for the digits model.
+pub fn digits_expected() -> serde_json::Value {
+    let text = std::fs::read_to_string(test_model("digits_expected.json")).expect("read expected");
+    serde_json::from_str(&text).expect("parse expected")
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Async form of [`eventually`].
+pub async fn eventually_async<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
