@@ -5,6 +5,7 @@ Writes into OUT (default .cache/test-models):
   digits_mlp.onnx        scikit-learn MLPClassifier (64 -> 16 -> 10) trained on the bundled
                          digits data, exported by skl2onnx (outputs: label INT64, probabilities FP32)
   digits_expected.json   a few test rows with onnxruntime's outputs for them
+  digits_input.json      a predict request body for one test row
   not_onnx.bin           bytes that are not an ONNX model
 Deterministic: fixed seeds; nothing is downloaded.
 """
@@ -58,6 +59,9 @@ def main() -> None:
     }
     with open(os.path.join(out, "digits_expected.json"), "w") as f:
         json.dump(expected, f, indent=1)
+    with open(os.path.join(out, "digits_input.json"), "w") as f:
+        json.dump({"inputs": [{"name": "X", "shape": [1, 64], "datatype": "FP32",
+                               "data": rows[0].tolist()}]}, f)
     with open(os.path.join(out, "not_onnx.bin"), "wb") as f:
         f.write(b"this is not an onnx model\x00\x01\x02" * 10)
     print(f"wrote {model_path} ({os.path.getsize(model_path)} bytes), accuracy {expected['test_accuracy']:.3f}")

@@ -1,1 +1,7 @@
-//! placeholder
+//! The `modelhub` command: runs the marketplace (`up` for everything in one process, `serve`
+//! for one service) and is a client of the public API for people (`keys`, `models`,
+//! `predict`, `account`), signing requests with the code the gateway verifies with.
+
+pub mod client;
+pub mod commands;
+pub mod up;

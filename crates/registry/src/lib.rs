@@ -1,1 +1,105 @@
-//! placeholder
+//! Model Hub registry service: accounts, API keys (secrets sealed by the KEK), models and the
+//! embedded credits ledger (reserve → commit/release, receipts), served over gRPC
+//! (`proto/modelhub/registry/v1/registry.proto`).
+//!
+//! The records live behind the [`MetadataStore`] trait; [`RedbStore`] is the embedded
+//! implementation (`<data_dir>/registry.redb`). [`conformance`] holds the store test suite
+//! every implementation must pass.
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+pub mod error;
+pub mod model;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use modelhub_core::crypto::Kek;
+use modelhub_proto::registry::v1::registry_server::RegistryServer;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+pub use error::{RegistryError, Result};
+pub use service::RegistryService;
+pub use store::{MetadataStore, RedbStore};
+
+/// Registry settings (the listen address belongs to the binary).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Folder of the embedded database (`registry.redb`) and, by default, the KEK file.
+    #[arg(
+        long = "registry-data-dir",
+        env = "MODELHUB_REGISTRY_DATA_DIR",
+        default_value = "./modelhub-data/registry"
+    )]
+    pub data_dir: PathBuf,
+    /// Key-encryption key file (base64 of 32 bytes); default `<data_dir>/kek`, created when
+    /// missing.
+    #[arg(long = "registry-kek-file", env = "MODELHUB_REGISTRY_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Settings for tests: everything under `data_dir`.
+    pub fn for_test(data_dir: impl Into<PathBuf>) -> Settings {
+        Settings {
+            data_dir: data_dir.into(),
+            kek_file: None,
+        }
+    }
+
+    /// The KEK file in use.
+    pub fn kek_path(&self) -> PathBuf {
+        self.kek_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("kek"))
+    }
+}
+
+impl RegistryService {
+    /// Opens the embedded store and the KEK named by `settings`.
+    pub async fn open(settings: &Settings) -> anyhow::Result<RegistryService> {
+        let settings = settings.clone();
+        let (store, kek) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let store = RedbStore::open_in(&settings.data_dir).with_context(|| {
+                format!(
+                    "opening the registry database in {}",
+                    settings.data_dir.display()
+                )
+            })?;
+            let kek = Kek::load_or_generate(&settings.kek_path()).context("loading the KEK")?;
+            Ok((store, kek))
+        })
+        .await??;
+        Ok(RegistryService::new(Arc::new(store), kek))
+    }
+}
+
+/// Serves the registry (and `grpc.health.v1`) on `listener` until `shutdown` resolves and the
+/// in-flight requests have finished.
+pub async fn run(
+    settings: Settings,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let service = RegistryService::open(&settings).await?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<RegistryServer<RegistryService>>()
+        .await;
+    let addr = listener.local_addr().ok();
+    tracing::info!(addr = ?addr, data_dir = %settings.data_dir.display(), "registry listening");
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .add_service(health_service)
+        .add_service(RegistryServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("serving the registry")?;
+    tracing::info!("registry stopped");
+    Ok(())
+}

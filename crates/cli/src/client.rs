@@ -1,0 +1,300 @@
+//! A signing HTTP client for the public API, used by the `modelhub` commands and by the tests.
+//!
+//! It signs with `modelhub_core::signing`, the very code the gateway verifies with.
+
+use std::path::Path;
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::Stream;
+use modelhub_core::id::unix_now;
+use modelhub_core::signing;
+use serde::{Deserialize, Serialize};
+
+/// An API key as `modelhub up` writes `admin-key.json` and `modelhub keys create --out` writes
+/// user keys: `{"key_id","secret","account_id"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyFile {
+    pub key_id: String,
+    pub secret: String,
+    pub account_id: String,
+}
+
+impl KeyFile {
+    pub fn read(path: &Path) -> anyhow::Result<KeyFile> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading key file {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing key file {}", path.display()))
+    }
+
+    /// Writes the key to a new file readable only by its owner.
+    pub fn write_new(&self, path: &Path) -> anyhow::Result<()> {
+        use std::io::Write;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = modelhub_core::crypto::create_private(path)
+            .with_context(|| format!("creating key file {}", path.display()))?;
+        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        Ok(())
+    }
+
+    fn secret_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        signing::decode_secret(&self.secret).context("the key file's secret is not base64url")
+    }
+}
+
+/// An answer of the API: status and JSON body (`null` when there is none).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: serde_json::Value,
+    pub retry_after: Option<String>,
+}
+
+impl Answer {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The `error.code` of an error answer.
+    pub fn error_code(&self) -> Option<&str> {
+        self.body["error"]["code"].as_str()
+    }
+
+    pub fn error_message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or("")
+    }
+
+    /// The body of a 2xx answer, or an error carrying the API's message.
+    pub fn ok(self) -> anyhow::Result<serde_json::Value> {
+        if self.is_success() {
+            Ok(self.body)
+        } else {
+            anyhow::bail!(
+                "HTTP {}: {} ({})",
+                self.status,
+                self.error_message(),
+                self.error_code().unwrap_or("no error code")
+            )
+        }
+    }
+}
+
+/// A request that has been signed but not sent; tests alter its headers to check rejections.
+#[derive(Debug, Clone)]
+pub struct SignedRequest {
+    pub method: reqwest::Method,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl SignedRequest {
+    /// Replaces (or with `None` removes) one header.
+    pub fn set_header(&mut self, name: &str, value: Option<&str>) {
+        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        if let Some(v) = value {
+            self.headers.push((name.to_string(), v.to_string()));
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A client bound to one gateway and one key.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    key: KeyFile,
+}
+
+impl Client {
+    pub fn new(base_url: &str, key: KeyFile) -> anyhow::Result<Client> {
+        let base = reqwest::Url::parse(base_url).with_context(|| format!("bad gateway URL {base_url:?}"))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Client { http, base, key })
+    }
+
+    pub fn key(&self) -> &KeyFile {
+        &self.key
+    }
+
+    pub fn base_url(&self) -> &str {
+        self.base.as_str().trim_end_matches('/')
+    }
+
+    /// The same gateway with another key.
+    pub fn with_key(&self, key: KeyFile) -> Client {
+        Client { http: self.http.clone(), base: self.base.clone(), key }
+    }
+
+    /// The `host` value the HTTP client sends for this URL.
+    fn host(&self) -> String {
+        let host = self.base.host_str().unwrap_or_default();
+        match self.base.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        }
+    }
+
+    /// Signs a request for `path_and_query` (e.g. `/v1/models?name=a`) whose body hashes to
+    /// `content_sha256`.
+    pub fn sign(&self, method: &str, path_and_query: &str, content_sha256: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+        let headers = signing::sign(
+            &self.key.key_id,
+            &self.key.secret_bytes()?,
+            method,
+            path,
+            query,
+            &self.host(),
+            content_sha256,
+            unix_now(),
+            &signing::new_nonce(),
+        );
+        Ok(headers.into_iter().map(|(n, v)| (n.to_string(), v)).collect())
+    }
+
+    /// Builds a signed request with a body held in memory.
+    pub fn prepare(&self, method: reqwest::Method, path_and_query: &str, body: impl Into<Bytes>) -> anyhow::Result<SignedRequest> {
+        let body = body.into();
+        let mut headers = self.sign(method.as_str(), path_and_query, &signing::sha256_hex(&body))?;
+        if !body.is_empty() {
+            headers.push(("content-type".into(), "application/json".into()));
+        }
+        Ok(SignedRequest { method, url: self.url(path_and_query), headers, body })
+    }
+
+    fn url(&self, path_and_query: &str) -> String {
+        format!("{}{}", self.base_url(), path_and_query)
+    }
+
+    /// Sends a prepared request.
+    pub async fn send(&self, req: SignedRequest) -> anyhow::Result<Answer> {
+        let mut b = self.http.request(req.method, &req.url).body(req.body);
+        for (n, v) in &req.headers {
+            b = b.header(n, v);
+        }
+        read_answer(b.send().await?).await
+    }
+
+    /// Signs and sends a request with an optional JSON body.
+    pub async fn call(&self, method: reqwest::Method, path_and_query: &str, body: Option<&serde_json::Value>) -> anyhow::Result<Answer> {
+        let bytes = match body {
+            Some(v) => Bytes::from(serde_json::to_vec(v)?),
+            None => Bytes::new(),
+        };
+        self.send(self.prepare(method, path_and_query, bytes)?).await
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<Answer> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<Answer> {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
+
+    /// Uploads a model from a byte stream whose SHA-256 is known beforehand: the body is
+    /// streamed, never held whole.
+    pub async fn upload_stream<S>(&self, query: &ModelUpload, content_sha256: &str, body: S) -> anyhow::Result<Answer>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let path = query.path_and_query();
+        let mut b = self
+            .http
+            .post(self.url(&path))
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(body));
+        for (n, v) in self.sign("POST", &path, content_sha256)? {
+            b = b.header(n, v);
+        }
+        read_answer(b.send().await?).await
+    }
+
+    /// Uploads a model held in memory.
+    pub async fn upload(&self, query: &ModelUpload, bytes: Vec<u8>) -> anyhow::Result<Answer> {
+        let sha = signing::sha256_hex(&bytes);
+        let stream = futures::stream::iter(
+            bytes.chunks(64 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect::<Vec<_>>(),
+        );
+        self.upload_stream(query, &sha, stream).await
+    }
+
+    /// `POST /v1/models/{id}/predict` with `{"inputs": inputs}`.
+    pub async fn predict(&self, model_id: &str, inputs: serde_json::Value) -> anyhow::Result<Answer> {
+        self.post(&format!("/v1/models/{model_id}/predict"), &serde_json::json!({ "inputs": inputs })).await
+    }
+}
+
+/// The query of a model upload.
+#[derive(Debug, Clone)]
+pub struct ModelUpload {
+    pub name: String,
+    pub version: String,
+    pub price: u64,
+}
+
+impl ModelUpload {
+    pub fn new(name: &str, version: &str, price: u64) -> ModelUpload {
+        ModelUpload { name: name.into(), version: version.into(), price }
+    }
+
+    pub fn path_and_query(&self) -> String {
+        let q = form_query(&[("name", &self.name), ("version", &self.version), ("price", &self.price.to_string())]);
+        format!("/v1/models?{q}")
+    }
+}
+
+fn form_query(pairs: &[(&str, &str)]) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            s.push('&');
+        }
+        s.push_str(k);
+        s.push('=');
+        s.extend(percent_encode(v));
+    }
+    s
+}
+
+fn percent_encode(v: &str) -> impl Iterator<Item = String> + '_ {
+    v.bytes().map(|b| {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            (b as char).to_string()
+        } else {
+            format!("%{b:02X}")
+        }
+    })
+}
+
+async fn read_answer(resp: reqwest::Response) -> anyhow::Result<Answer> {
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let bytes = resp.bytes().await?;
+    let body = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    Ok(Answer { status, body, retry_after })
+}

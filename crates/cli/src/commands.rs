@@ -1,0 +1,389 @@
+//! The `modelhub` command line: running the marketplace (`up`, `serve`) and using it as a
+//! client (`keys`, `models`, `predict`, ...).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use futures::TryStreamExt;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::client::{Client, KeyFile, ModelUpload};
+use crate::up::{self, UpSettings};
+
+#[derive(Debug, Parser)]
+#[command(name = "modelhub", version, about = "Model Hub: an open marketplace for ONNX models")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the client commands find the gateway and the key they sign with.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Gateway base URL.
+    #[arg(long, global = true, env = "MODELHUB_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// API key file ({"key_id","secret","account_id"}); `modelhub up` writes the admin's.
+    #[arg(long, global = true, env = "MODELHUB_KEY_FILE", default_value = "./modelhub-data/admin-key.json")]
+    pub key_file: PathBuf,
+}
+
+impl ClientArgs {
+    fn client(&self) -> anyhow::Result<Client> {
+        Client::new(&self.url, KeyFile::read(&self.key_file)?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole marketplace in this process with embedded back ends.
+    Up(UpSettings),
+    /// Run one service on its own.
+    #[command(subcommand)]
+    Serve(Serve),
+    /// Operator tasks against the internal services.
+    #[command(subcommand)]
+    Admin(Admin),
+    /// Create accounts (admin).
+    #[command(subcommand)]
+    Accounts(Accounts),
+    /// Create and revoke API keys.
+    #[command(subcommand)]
+    Keys(Keys),
+    /// Grant credits (admin, embedded ledger).
+    #[command(subcommand)]
+    Credits(Credits),
+    /// Upload, list and show models.
+    #[command(subcommand)]
+    Models(Models),
+    /// Run a paid prediction.
+    Predict {
+        /// The model: its id, or NAME@VERSION.
+        model: String,
+        /// The inputs: a JSON list of tensors, or a whole request body {"inputs": [...]}, or
+        /// @FILE to read it from a file.
+        #[arg(long)]
+        input: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show the key's account: credits and earnings.
+    Account {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Serve {
+    Registry {
+        #[arg(long, env = "MODELHUB_REGISTRY_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        settings: modelhub_registry::Settings,
+    },
+    Storage {
+        #[arg(long, env = "MODELHUB_STORAGE_LISTEN", default_value = "127.0.0.1:50052")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        settings: modelhub_storage::Settings,
+    },
+    Inference {
+        #[arg(long, env = "MODELHUB_INFERENCE_LISTEN", default_value = "127.0.0.1:50053")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        settings: modelhub_inference::Settings,
+    },
+    Gateway {
+        #[arg(long, env = "MODELHUB_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        settings: modelhub_gateway::Settings,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Admin {
+    /// Create the first admin account and key through the registry's gRPC API and write the
+    /// key file (mode 0600). Does nothing if the file exists.
+    Bootstrap {
+        #[arg(long, env = "MODELHUB_REGISTRY", default_value = "http://127.0.0.1:50051")]
+        registry: String,
+        #[arg(long, default_value = "./admin-key.json")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Accounts {
+    /// Create an account (admin); optionally grant it credits and write a first key for it.
+    Create {
+        name: String,
+        /// Credits to grant the new account.
+        #[arg(long)]
+        credits: Option<u64>,
+        /// Create a key for the new account and write it to this file (mode 0600).
+        #[arg(long)]
+        key_out: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Keys {
+    /// Create a key for your own account, or (admin) for --account.
+    Create {
+        #[arg(long)]
+        account: Option<String>,
+        /// Write the key to this file (mode 0600) instead of printing only.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    Revoke {
+        key_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Credits {
+    Grant {
+        account: String,
+        amount: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Models {
+    /// Upload an ONNX file (streamed, with a progress bar).
+    Upload {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// Credits per prediction.
+        #[arg(long)]
+        price: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    Get {
+        /// The model: its id, or NAME@VERSION.
+        model: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(settings) => {
+            let running = up::start(settings).await?;
+            println!("Model Hub is up.");
+            println!("  gateway:   {}", running.gateway_url);
+            println!("  admin key: {}", running.admin_key_path.display());
+            println!("Press ctrl-c to stop.");
+            running.wait().await
+        }
+        Command::Serve(serve) => run_service(serve).await,
+        Command::Admin(Admin::Bootstrap { registry, out }) => {
+            let key = up::bootstrap_admin(&registry, &out).await?;
+            print_json(&json!({ "account_id": key.account_id, "key_id": key.key_id, "key_file": out }));
+            Ok(())
+        }
+        Command::Accounts(Accounts::Create { name, credits, key_out, client }) => {
+            let client = client.client()?;
+            let mut v = client.post("/v1/accounts", &json!({ "name": name })).await?.ok()?;
+            let account_id = v["account_id"].as_str().context("no account_id in the answer")?.to_string();
+            if let Some(amount) = credits {
+                let body = json!({ "account_id": account_id, "amount": amount });
+                v["credits"] = client.post("/v1/credits/grant", &body).await?.ok()?["credits"].take();
+            }
+            if let Some(out) = key_out {
+                let key = client.post("/v1/keys", &json!({ "account_id": account_id })).await?.ok()?;
+                let key: KeyFile = serde_json::from_value(key).context("reading the new key")?;
+                key.write_new(&out)?;
+                v["key_id"] = json!(key.key_id);
+                v["key_file"] = json!(out);
+            }
+            print_json(&v);
+            Ok(())
+        }
+        Command::Keys(Keys::Create { account, out, client }) => {
+            let body = match &account {
+                Some(a) => json!({ "account_id": a }),
+                None => json!({}),
+            };
+            let v = client.client()?.post("/v1/keys", &body).await?.ok()?;
+            if let Some(out) = out {
+                let key: KeyFile = serde_json::from_value(v.clone()).context("reading the new key")?;
+                key.write_new(&out)?;
+                eprintln!("key written to {}", out.display());
+            }
+            print_json(&v);
+            Ok(())
+        }
+        Command::Keys(Keys::Revoke { key_id, client }) => {
+            client.client()?.delete(&format!("/v1/keys/{key_id}")).await?.ok()?;
+            eprintln!("revoked {key_id}");
+            Ok(())
+        }
+        Command::Credits(Credits::Grant { account, amount, client }) => {
+            let body = json!({ "account_id": account, "amount": amount });
+            print_json(&client.client()?.post("/v1/credits/grant", &body).await?.ok()?);
+            Ok(())
+        }
+        Command::Models(Models::Upload { file, name, version, price, client }) => {
+            let v = upload_file(&client.client()?, &file, &ModelUpload { name, version, price }).await?;
+            print_json(&v);
+            Ok(())
+        }
+        Command::Models(Models::List { client }) => {
+            print_json(&client.client()?.get("/v1/models").await?.ok()?);
+            Ok(())
+        }
+        Command::Models(Models::Get { model, client }) => {
+            let client = client.client()?;
+            let model_id = resolve_model(&client, &model).await?;
+            print_json(&client.get(&format!("/v1/models/{model_id}")).await?.ok()?);
+            Ok(())
+        }
+        Command::Predict { model, input, client } => {
+            let body = predict_body(&input)?;
+            let client = client.client()?;
+            let model_id = resolve_model(&client, &model).await?;
+            let v = client.post(&format!("/v1/models/{model_id}/predict"), &body).await?.ok()?;
+            print_json(&v);
+            Ok(())
+        }
+        Command::Account { client } => {
+            print_json(&client.client()?.get("/v1/account").await?.ok()?);
+            Ok(())
+        }
+    }
+}
+
+/// A model id as given, or the id of the model named `NAME@VERSION`.
+async fn resolve_model(client: &Client, model: &str) -> anyhow::Result<String> {
+    let Some((name, version)) = model.split_once('@') else {
+        return Ok(model.to_string());
+    };
+    let models = client.get("/v1/models").await?.ok()?;
+    models
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == name && m["version"] == version)
+        .and_then(|m| m["model_id"].as_str())
+        .map(str::to_string)
+        .with_context(|| format!("no model named {name} version {version}"))
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+}
+
+/// Reads `--input`: inline JSON or `@file`; a bare list of tensors is wrapped as `{"inputs": [...]}`.
+pub fn predict_body(input: &str) -> anyhow::Result<Value> {
+    let text = match input.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+        None => input.to_string(),
+    };
+    let v: Value = serde_json::from_str(&text).context("--input is not valid JSON")?;
+    Ok(match v {
+        Value::Array(_) => json!({ "inputs": v }),
+        Value::Object(ref o) if o.contains_key("inputs") => v,
+        Value::Object(_) => json!({ "inputs": [v] }),
+        _ => anyhow::bail!("--input must be a tensor, a list of tensors, or {{\"inputs\": [...]}}"),
+    })
+}
+
+/// Hashes the file in one pass, then streams it to the gateway in a second, with a progress bar.
+pub async fn upload_file(client: &Client, file: &Path, query: &ModelUpload) -> anyhow::Result<Value> {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(file).await.with_context(|| format!("opening {}", file.display()))?;
+    let size = f.metadata().await?.len();
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let sha = hex::encode(hasher.finalize());
+
+    let bar = indicatif::ProgressBar::new(size);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("uploading {}", file.display()));
+    let f = tokio::fs::File::open(file).await?;
+    let progress = bar.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)
+        .inspect_ok(move |chunk: &Bytes| progress.inc(chunk.len() as u64));
+    let answer = client.upload_stream(query, &sha, stream).await;
+    bar.finish_and_clear();
+    answer?.ok()
+}
+
+async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    Ok(l)
+}
+
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs one service until ctrl-c. Prints `<service> listening on <addr>` once bound (with port
+/// 0, the port the system chose).
+async fn run_service(serve: Serve) -> anyhow::Result<()> {
+    let announce = |svc: &str, addr: SocketAddr| {
+        use std::io::Write;
+        println!("modelhub {svc} listening on {addr}");
+        let _ = std::io::stdout().flush();
+    };
+    match serve {
+        Serve::Registry { listen, settings } => {
+            let l = bind(listen).await?;
+            announce("registry", l.local_addr()?);
+            modelhub_registry::run(settings, l, shutdown_signal()).await
+        }
+        Serve::Storage { listen, settings } => {
+            let l = bind(listen).await?;
+            announce("storage", l.local_addr()?);
+            modelhub_storage::run(settings, l, shutdown_signal()).await
+        }
+        Serve::Inference { listen, settings } => {
+            let l = bind(listen).await?;
+            announce("inference", l.local_addr()?);
+            modelhub_inference::run(settings, l, shutdown_signal()).await
+        }
+        Serve::Gateway { listen, settings } => {
+            let l = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+            announce("gateway", l.local_addr()?);
+            modelhub_gateway::run(settings, l, shutdown_signal()).await
+        }
+    }
+}

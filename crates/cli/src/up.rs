@@ -1,0 +1,186 @@
+//! `modelhub up`: every service in one process, talking real gRPC over loopback, with the
+//! embedded back ends under one data folder:
+//!
+//! ```text
+//! <data-dir>/kek              key-encryption key (0600), shared by registry and storage
+//! <data-dir>/registry/        embedded metadata store and credits ledger (redb)
+//! <data-dir>/storage/blobs/   content-addressed ciphertext, named by IPFS CIDv1
+//! <data-dir>/admin-key.json   the admin's API key (0600), written on first start
+//! ```
+//! Tests start the same thing on `127.0.0.1:0`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use modelhub_proto::registry::v1 as reg;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::KeyFile;
+
+/// Settings of `modelhub up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpSettings {
+    /// Folder for all state (metadata, blobs, keys); created if missing.
+    #[arg(long, env = "MODELHUB_DATA_DIR", default_value = "./modelhub-data")]
+    pub data_dir: PathBuf,
+    /// Address of the public HTTP gateway.
+    #[arg(long, env = "MODELHUB_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+}
+
+impl UpSettings {
+    pub fn for_test(data_dir: &Path) -> UpSettings {
+        UpSettings { data_dir: data_dir.to_path_buf(), http: "127.0.0.1:0".parse().expect("addr") }
+    }
+}
+
+/// The loopback gRPC endpoints of the in-process services.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub registry: String,
+    pub storage: String,
+    pub inference: String,
+}
+
+/// A running marketplace; [`Running::stop`] shuts it down gracefully.
+#[derive(Debug)]
+pub struct Running {
+    pub gateway_url: String,
+    pub admin_key_path: PathBuf,
+    pub admin_key: KeyFile,
+    pub endpoints: Endpoints,
+    cancel: CancellationToken,
+    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+}
+
+async fn loopback() -> anyhow::Result<(TcpListener, String)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", l.local_addr()?);
+    Ok((l, url))
+}
+
+/// Starts every service and creates the admin key on first start.
+pub async fn start(settings: UpSettings) -> anyhow::Result<Running> {
+    let data = &settings.data_dir;
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let kek_file = data.join("kek");
+    modelhub_core::crypto::Kek::load_or_generate(&kek_file)?;
+
+    let cancel = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let (registry_l, registry) = loopback().await?;
+    let (storage_l, storage) = loopback().await?;
+    let (inference_l, inference) = loopback().await?;
+
+    let registry_settings = modelhub_registry::Settings {
+        data_dir: data.join("registry"),
+        kek_file: Some(kek_file.clone()),
+    };
+    let storage_settings = modelhub_storage::Settings {
+        data_dir: data.join("storage"),
+        kek_file: Some(kek_file.clone()),
+        ..modelhub_storage::Settings::for_test(&data.join("storage"))
+    };
+    let inference_settings = modelhub_inference::Settings {
+        storage: storage.clone(),
+        ..modelhub_inference::Settings::for_test(&storage)
+    };
+    let gateway_settings =
+        modelhub_gateway::Settings::for_test(registry.clone(), storage.clone(), inference.clone());
+
+    let c = cancel.clone();
+    tasks.push(("registry", tokio::spawn(modelhub_registry::run(registry_settings, registry_l, c.cancelled_owned()))));
+    let c = cancel.clone();
+    tasks.push(("storage", tokio::spawn(modelhub_storage::run(storage_settings, storage_l, c.cancelled_owned()))));
+    let c = cancel.clone();
+    tasks.push(("inference", tokio::spawn(modelhub_inference::run(inference_settings, inference_l, c.cancelled_owned()))));
+
+    let http = std::net::TcpListener::bind(settings.http)
+        .with_context(|| format!("binding the gateway to {}", settings.http))?;
+    let gateway_url = format!("http://{}", http.local_addr()?);
+    let c = cancel.clone();
+    tasks.push(("gateway", tokio::spawn(modelhub_gateway::run(gateway_settings, http, c.cancelled_owned()))));
+
+    let endpoints = Endpoints { registry, storage, inference };
+    let admin_key_path = data.join("admin-key.json");
+    let admin_key = match bootstrap_admin(&endpoints.registry, &admin_key_path).await {
+        Ok(k) => k,
+        Err(e) => {
+            let running = Running { gateway_url, admin_key_path, admin_key: dummy_key(), endpoints, cancel, tasks };
+            running.stop().await;
+            return Err(e);
+        }
+    };
+    Ok(Running { gateway_url, admin_key_path, admin_key, endpoints, cancel, tasks })
+}
+
+fn dummy_key() -> KeyFile {
+    KeyFile { key_id: String::new(), secret: String::new(), account_id: String::new() }
+}
+
+/// Reads the admin key file, or creates an admin account and key through the registry and
+/// writes them there (mode 0600) when the file does not exist yet.
+pub async fn bootstrap_admin(registry: &str, path: &Path) -> anyhow::Result<KeyFile> {
+    if path.exists() {
+        return KeyFile::read(path);
+    }
+    let mut client = reg::registry_client::RegistryClient::connect(registry.to_string())
+        .await
+        .with_context(|| format!("connecting to the registry at {registry}"))?;
+    let account = client
+        .create_account(reg::CreateAccountRequest { name: "admin".into(), admin: true })
+        .await
+        .context("creating the admin account")?
+        .into_inner();
+    let key = client
+        .create_key(reg::CreateKeyRequest { account_id: account.account_id.clone() })
+        .await
+        .context("creating the admin key")?
+        .into_inner();
+    let key = KeyFile { key_id: key.key_id, secret: key.secret, account_id: key.account_id };
+    key.write_new(path)?;
+    Ok(key)
+}
+
+impl Running {
+    /// Runs until ctrl-c (or a service fails), then stops.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let failed = {
+            let watch = futures::future::select_all(self.tasks.iter_mut().map(|(_, t)| t));
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => None,
+                (res, idx, _) = watch => Some((idx, res)),
+            }
+        };
+        match failed {
+            None => {
+                self.stop().await;
+                Ok(())
+            }
+            Some((idx, res)) => {
+                let name = self.tasks.remove(idx).0;
+                self.stop().await;
+                match res {
+                    Ok(Ok(())) => anyhow::bail!("the {name} service stopped unexpectedly"),
+                    Ok(Err(e)) => Err(e.context(format!("the {name} service failed"))),
+                    Err(e) => anyhow::bail!("the {name} service panicked: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Stops every service and waits for them to finish.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for (name, task) in self.tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(service = name, error = %e, "service stopped with an error"),
+                Err(e) => tracing::warn!(service = name, error = %e, "service task failed"),
+            }
+        }
+    }
+}

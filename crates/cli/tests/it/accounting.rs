@@ -1,0 +1,71 @@
+//! Credits are debited exactly once per successful prediction and never on a failed one; the
+//! owner's earnings grow by the same amount.
+
+use serde_json::json;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_are_charged_once_per_success_and_never_on_failure() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 10).await;
+    let record = upload_digits(&creator, "digits", 3).await;
+    let model_id = record["model_id"].as_str().unwrap();
+
+    let mut receipts = Vec::new();
+    for case in 0..3 {
+        let answer = user.predict(model_id, digits_input(case)).await.unwrap().ok().unwrap();
+        assert_eq!(answer["receipt"]["credits_charged"], 3);
+        receipts.push(answer["receipt"]["id"].as_str().unwrap().to_string());
+    }
+    receipts.sort();
+    receipts.dedup();
+    assert_eq!(receipts.len(), 3, "one receipt per prediction");
+    assert_eq!(account(&user).await["credits"], 1);
+    assert_eq!(account(&creator).await["earnings"], 9);
+
+    // Failures charge nothing: a bad tensor, and then a balance too small for the price.
+    let bad = user
+        .predict(model_id, json!([{ "name": "X", "shape": [1, 63], "datatype": "FP32", "data": vec![0.0; 63] }]))
+        .await
+        .unwrap();
+    assert_error(&bad, 400, "bad_request", "shape");
+    let short = user.predict(model_id, digits_input(0)).await.unwrap();
+    assert_error(&short, 402, "payment_required", "insufficient credits");
+    let after = account(&user).await;
+    assert_eq!(after["credits"], 1);
+    assert_eq!(after["earnings"], 0);
+    assert_eq!(account(&creator).await["earnings"], 9);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_predictions_never_overspend() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 20).await;
+    let record = upload_digits(&creator, "digits", 2).await;
+    let model_id = record["model_id"].as_str().unwrap().to_string();
+
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let user = user.clone();
+            let model_id = model_id.clone();
+            tokio::spawn(async move { user.predict(&model_id, digits_input(i % 8)).await.unwrap() })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        let answer = t.await.unwrap();
+        match answer.status {
+            200 => ok += 1,
+            402 => assert_eq!(answer.error_code(), Some("payment_required")),
+            s => panic!("unexpected status {s}: {:?}", answer.body),
+        }
+    }
+    assert_eq!(ok, 10, "20 credits at 2 per call buy exactly 10 predictions");
+    assert_eq!(account(&user).await["credits"], 0);
+    assert_eq!(account(&creator).await["earnings"], 20);
+    cluster.stop().await;
+}

@@ -1,0 +1,120 @@
+//! Starts a marketplace for one test and gives typed helpers around it.
+
+use std::path::PathBuf;
+
+use modelhub_cli::client::{Answer, Client, KeyFile, ModelUpload};
+use modelhub_cli::up::{self, Running, UpSettings};
+use serde_json::{Value, json};
+
+pub struct Cluster {
+    pub running: Option<Running>,
+    pub dir: tempfile::TempDir,
+    pub admin: Client,
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Cluster::start_in(dir).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir) -> Cluster {
+        let running = up::start(UpSettings::for_test(dir.path())).await.expect("start the marketplace");
+        let admin = Client::new(&running.gateway_url, running.admin_key.clone()).expect("client");
+        Cluster { running: Some(running), dir, admin }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// Stops every service and starts them again on the same data folder.
+    pub async fn restart(mut self) -> Cluster {
+        self.running.take().expect("running").stop().await;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        Cluster::start_in(dir).await
+    }
+
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.running.take().expect("running").stop().await;
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// A new account with its own key and `credits` granted by the admin.
+    pub async fn user(&self, name: &str, credits: u64) -> Client {
+        let account = self.admin.post("/v1/accounts", &json!({ "name": name })).await.unwrap().ok().unwrap();
+        let account_id = account["account_id"].as_str().unwrap().to_string();
+        let key = self.admin.post("/v1/keys", &json!({ "account_id": account_id })).await.unwrap().ok().unwrap();
+        let key: KeyFile = serde_json::from_value(key).unwrap();
+        assert_eq!(key.account_id, account_id);
+        if credits > 0 {
+            let granted = self
+                .admin
+                .post("/v1/credits/grant", &json!({ "account_id": account_id, "amount": credits }))
+                .await
+                .unwrap()
+                .ok()
+                .unwrap();
+            assert_eq!(granted["credits"], credits);
+        }
+        self.admin.with_key(key)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            // Best effort for a test that panicked before stopping; tasks end with the runtime.
+            drop(running);
+        }
+    }
+}
+
+pub fn digits_bytes() -> Vec<u8> {
+    std::fs::read(modelhub_testkit::test_model("digits_mlp.onnx")).unwrap()
+}
+
+/// Uploads the digits model as `owner` and returns its record.
+pub async fn upload_digits(owner: &Client, name: &str, price: u64) -> Value {
+    let answer = owner.upload(&ModelUpload::new(name, "1", price), digits_bytes()).await.unwrap();
+    assert_eq!(answer.status, 201, "{:?}", answer.body);
+    answer.body
+}
+
+/// One digits row as the API's input tensor list.
+pub fn digits_input(case: usize) -> Value {
+    let expected = modelhub_testkit::digits_expected();
+    let row = &expected["cases"][case]["input"];
+    json!([{ "name": "X", "shape": [1, 64], "datatype": "FP32", "data": row }])
+}
+
+pub async fn account(client: &Client) -> Value {
+    client.get("/v1/account").await.unwrap().ok().unwrap()
+}
+
+pub fn assert_error(answer: &Answer, status: u16, code: &str, message_part: &str) {
+    assert_eq!(answer.status, status, "{:?}", answer.body);
+    assert_eq!(answer.error_code(), Some(code), "{:?}", answer.body);
+    assert!(
+        answer.error_message().contains(message_part),
+        "message {:?} should mention {message_part:?}",
+        answer.error_message()
+    );
+}
+
+/// Checks a predict answer against what onnxruntime (Python) gave for that row.
+pub fn assert_matches_onnxruntime(answer: &Value, case: usize) {
+    let expected = &modelhub_testkit::digits_expected()["cases"][case];
+    let outputs = answer["outputs"].as_array().expect("outputs");
+    let label = outputs.iter().find(|o| o["name"] == "label").expect("label output");
+    assert_eq!(label["datatype"], "INT64");
+    assert_eq!(label["data"][0], expected["label"]);
+    let probs = outputs.iter().find(|o| o["name"] == "probabilities").expect("probabilities");
+    assert_eq!(probs["shape"], json!([1, 10]));
+    let got: Vec<f64> = probs["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let want: Vec<f64> = expected["probabilities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(got.len(), 10);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "probabilities {got:?} vs onnxruntime {want:?}");
+    }
+}

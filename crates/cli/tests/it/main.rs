@@ -1,0 +1,10 @@
+//! End-to-end tests: the real gateway and the real gRPC services, started in-process on port 0
+//! (and once as separate `modelhub serve` processes), driven over HTTP with signed requests.
+
+mod accounting;
+mod errors;
+mod harness;
+mod processes;
+mod restart;
+mod signing;
+mod upload_predict;

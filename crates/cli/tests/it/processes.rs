@@ -1,0 +1,121 @@
+//! The four services as separate `modelhub serve` processes on free ports, driven by the
+//! `modelhub` client commands: the split into services is real, not only in-process.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+struct Service {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn modelhub() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_modelhub"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+/// Starts `modelhub serve <svc> --listen 127.0.0.1:0 ARGS` and reads the bound address it prints.
+fn serve(svc: &str, args: &[&str]) -> Service {
+    let mut child = modelhub()
+        .args(["serve", svc, "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn modelhub serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+    let addr = line
+        .trim()
+        .strip_prefix(&format!("modelhub {svc} listening on "))
+        .unwrap_or_else(|| panic!("{svc} printed {line:?}"))
+        .to_string();
+    Service { child, addr }
+}
+
+/// Runs a client command and parses the JSON it prints.
+fn client(url: &str, key_file: &Path, args: &[&str]) -> Value {
+    let out = modelhub()
+        .args(args)
+        .args(["--url", url, "--key-file"])
+        .arg(key_file)
+        .output()
+        .expect("run modelhub");
+    assert!(
+        out.status.success(),
+        "modelhub {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+#[test]
+fn four_separate_processes_serve_an_upload_and_a_signed_predict() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    let kek = d("kek");
+    modelhub_core::crypto::Kek::load_or_generate(Path::new(&kek)).unwrap();
+
+    let registry = serve("registry", &["--data-dir", &d("registry"), "--kek-file", &kek]);
+    let storage = serve("storage", &["--data-dir", &d("storage"), "--kek-file", &kek]);
+    let storage_url = format!("http://{}", storage.addr);
+    let inference = serve("inference", &["--storage", &storage_url]);
+    let registry_url = format!("http://{}", registry.addr);
+    let inference_url = format!("http://{}", inference.addr);
+    let gateway = serve(
+        "gateway",
+        &["--registry", &registry_url, "--storage", &storage_url, "--inference", &inference_url],
+    );
+    let url = format!("http://{}", gateway.addr);
+
+    let admin_file = dir.path().join("admin-key.json");
+    let out = modelhub()
+        .args(["admin", "bootstrap", "--registry", &registry_url, "--out"])
+        .arg(&admin_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let account = client(&url, &admin_file, &["accounts", "create", "carol"]);
+    let account_id = account["account_id"].as_str().unwrap();
+    let carol_file = dir.path().join("carol.json");
+    let key = client(&url, &admin_file, &["keys", "create", "--account", account_id, "--out", &carol_file.to_string_lossy()]);
+    assert_eq!(key["account_id"], account_id);
+    let granted = client(&url, &admin_file, &["credits", "grant", account_id, "7"]);
+    assert_eq!(granted["credits"], 7);
+
+    let model = modelhub_testkit::test_model("digits_mlp.onnx");
+    let record = client(
+        &url,
+        &carol_file,
+        &["models", "upload", &model.to_string_lossy(), "--name", "digits", "--version", "1", "--price", "2"],
+    );
+    let model_id = record["model_id"].as_str().unwrap();
+    let listed = client(&url, &carol_file, &["models", "list"]);
+    assert_eq!(listed[0]["model_id"], model_id);
+
+    let expected = modelhub_testkit::digits_expected();
+    let input = serde_json::json!([{ "name": "X", "shape": [1, 64], "datatype": "FP32", "data": expected["cases"][3]["input"] }]);
+    let input_file = dir.path().join("input.json");
+    std::fs::write(&input_file, input.to_string()).unwrap();
+    let answer = client(&url, &carol_file, &["predict", model_id, "--input", &format!("@{}", input_file.display())]);
+    let label = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "label").unwrap();
+    assert_eq!(label["data"][0], expected["cases"][3]["label"]);
+    assert_eq!(answer["receipt"]["credits_charged"], 2);
+
+    let me = client(&url, &carol_file, &["account"]);
+    assert_eq!(me["credits"], 5);
+    assert_eq!(me["earnings"], 2, "carol owns the model she paid for");
+}

@@ -1,0 +1,120 @@
+//! Every rejection of API.md's "Request signing", through the real gateway.
+
+use modelhub_cli::client::{Client, SignedRequest};
+use modelhub_core::id::unix_now;
+use modelhub_core::signing::{self, decode_secret, sha256_hex};
+use reqwest::Method;
+
+use crate::harness::*;
+
+/// A request signed with an explicit date and nonce.
+fn signed_at(client: &Client, method: Method, path: &str, body: &[u8], date: i64, nonce: &str) -> SignedRequest {
+    let url = reqwest::Url::parse(client.base_url()).unwrap();
+    let host = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let (p, q) = path.split_once('?').unwrap_or((path, ""));
+    let secret = decode_secret(&client.key().secret).unwrap();
+    let headers = signing::sign(&client.key().key_id, &secret, method.as_str(), p, q, &host, &sha256_hex(body), date, nonce);
+    SignedRequest {
+        method,
+        url: format!("{}{path}", client.base_url()),
+        headers: headers.into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+        body: body.to_vec().into(),
+    }
+}
+
+async fn expect_401(client: &Client, req: SignedRequest, why: &str) {
+    let answer = client.send(req).await.unwrap();
+    assert_error(&answer, 401, "unauthenticated", why);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_signing_rejection() {
+    let cluster = Cluster::start().await;
+    let user = cluster.user("user", 0).await;
+    let now = unix_now();
+    let nonce = || signing::new_nonce();
+    let get = |date, n: &str| signed_at(&user, Method::GET, "/v1/account", b"", date, n);
+
+    // The baseline passes, with a query string too.
+    assert_eq!(user.send(get(now, &nonce())).await.unwrap().status, 200);
+    let listed = user.send(signed_at(&user, Method::GET, "/v1/models?b=2&a=x+y", b"", now, &nonce())).await.unwrap();
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+
+    // Missing or malformed headers.
+    for header in ["authorization", "x-mh-date", "x-mh-nonce", "x-mh-content-sha256"] {
+        let mut req = get(now, &nonce());
+        req.set_header(header, None);
+        expect_401(&user, req, header_word(header)).await;
+    }
+    let mut req = get(now, &nonce());
+    req.set_header("authorization", Some("Bearer abc"));
+    expect_401(&user, req, "MH-HMAC-SHA256").await;
+    let mut req = get(now, &nonce());
+    let auth = req.header("authorization").unwrap().replace("host;", "");
+    req.set_header("authorization", Some(&auth));
+    expect_401(&user, req, "host").await;
+    let mut req = get(now, &nonce());
+    req.set_header("x-mh-date", Some("yesterday"));
+    expect_401(&user, req, "x-mh-date").await;
+
+    // Unknown key.
+    let mut req = get(now, &nonce());
+    let auth = req.header("authorization").unwrap().replace(&user.key().key_id, "mhk_00000000000000000000000000000000");
+    req.set_header("authorization", Some(&auth));
+    expect_401(&user, req, "unknown key").await;
+
+    // Dates more than 300 s away, either side; 299 s is still fine.
+    expect_401(&user, get(now - 301, &nonce()), "date").await;
+    expect_401(&user, get(now + 301, &nonce()), "date").await;
+    assert_eq!(user.send(get(now - 299, &nonce())).await.unwrap().status, 200);
+
+    // Nonces: bad form, and replay (the same signed request sent twice).
+    expect_401(&user, get(now, "short"), "nonce").await;
+    expect_401(&user, get(now, "has/slash/0123456789"), "nonce").await;
+    let req = get(now, &nonce());
+    assert_eq!(user.send(req.clone()).await.unwrap().status, 200);
+    expect_401(&user, req, "nonce").await;
+
+    // A body that is not the one signed.
+    let body = br#"{"name":"x"}"#;
+    let mut req = signed_at(&user, Method::POST, "/v1/keys", body, now, &nonce());
+    req.body = br#"{"name":"y"}"#.to_vec().into();
+    expect_401(&user, req, "x-mh-content-sha256").await;
+
+    // A wrong signature: another secret, or the same signature moved to another path.
+    let mut req = get(now, &nonce());
+    let sig = req.header("authorization").unwrap().to_string();
+    let flipped = flip_last_hex(&sig);
+    req.set_header("authorization", Some(&flipped));
+    expect_401(&user, req, "signature").await;
+    let mut req = get(now, &nonce());
+    req.url = format!("{}/v1/models", user.base_url());
+    expect_401(&user, req, "signature").await;
+
+    // Messages never carry the expected signature.
+    let mut req = get(now, &nonce());
+    req.set_header("authorization", Some(&flip_last_hex(req.header("authorization").unwrap())));
+    let answer = user.send(req.clone()).await.unwrap();
+    let good_sig = &sig[sig.len() - 64..];
+    assert!(!answer.body.to_string().contains(good_sig));
+
+    // Health is the one unsigned route.
+    let health = reqwest::get(format!("{}/v1/health", user.base_url())).await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.json::<serde_json::Value>().await.unwrap(), serde_json::json!({ "status": "ok" }));
+    cluster.stop().await;
+}
+
+fn header_word(header: &str) -> &str {
+    match header {
+        "authorization" => "authorization",
+        other => other,
+    }
+}
+
+fn flip_last_hex(auth: &str) -> String {
+    let mut s = auth.to_string();
+    let last = s.pop().unwrap();
+    s.push(if last == '0' { '1' } else { '0' });
+    s
+}

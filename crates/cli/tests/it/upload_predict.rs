@@ -1,0 +1,96 @@
+//! Upload a model and get predictions from it that match onnxruntime's.
+
+use serde_json::json;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_then_predict_matches_onnxruntime() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 1000).await;
+
+    let record = upload_digits(&creator, "digits", 2).await;
+    let bytes = digits_bytes();
+    assert_eq!(record["owner"], creator.key().account_id.as_str());
+    assert_eq!(record["name"], "digits");
+    assert_eq!(record["version"], "1");
+    assert_eq!(record["price"], 2);
+    assert_eq!(record["size"], bytes.len());
+    assert_eq!(record["sha256"], modelhub_core::signing::sha256_hex(&bytes));
+    assert!(record["cid"].as_str().unwrap().starts_with("bafk"), "CIDv1 of the ciphertext: {}", record["cid"]);
+    assert_eq!(record["commitment"], serde_json::Value::Null);
+    assert_eq!(record["inputs"], json!([{ "name": "X", "datatype": "FP32", "shape": [-1, 64] }]));
+    assert_eq!(
+        record["outputs"],
+        json!([
+            { "name": "label", "datatype": "INT64", "shape": [-1] },
+            { "name": "probabilities", "datatype": "FP32", "shape": [-1, 10] }
+        ])
+    );
+    assert!(record.get("wrapped_dek").is_none(), "the wrapped key never leaves the services");
+
+    let model_id = record["model_id"].as_str().unwrap();
+    let listed = user.get("/v1/models").await.unwrap().ok().unwrap();
+    assert!(listed.as_array().unwrap().iter().any(|m| m["model_id"] == model_id));
+    let fetched = user.get(&format!("/v1/models/{model_id}")).await.unwrap().ok().unwrap();
+    assert_eq!(fetched, record);
+
+    for case in 0..8 {
+        let answer = user.predict(model_id, digits_input(case)).await.unwrap().ok().unwrap();
+        assert_matches_onnxruntime(&answer, case);
+        assert_eq!(answer["receipt"]["credits_charged"], 2);
+        assert_eq!(answer["proof_job"], serde_json::Value::Null);
+    }
+
+    // A batch of all eight rows at once.
+    let expected = modelhub_testkit::digits_expected();
+    let batch = &expected["batch"];
+    let answer = user
+        .predict(model_id, json!([{ "name": "X", "shape": batch["shape"], "datatype": "FP32", "data": batch["input"] }]))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let label = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "label").unwrap();
+    assert_eq!(label["data"], batch["label"]);
+    assert_eq!(label["shape"], json!([8]));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ciphertext_is_stored_not_the_model() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let record = upload_digits(&creator, "digits", 1).await;
+    let cid = record["cid"].as_str().unwrap();
+    let plain = digits_bytes();
+    let mut found = false;
+    for entry in walk(&cluster.data_dir()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(64).any(|w| w == &plain[plain.len() / 2..plain.len() / 2 + 64]),
+            "plaintext model bytes found on disk in {}",
+            entry.display()
+        );
+        if entry.file_name().is_some_and(|n| n == cid) {
+            found = true;
+            assert!(bytes.starts_with(b"MHE1"), "blob is in the envelope format");
+        }
+    }
+    assert!(found, "a blob named by its CID exists");
+    cluster.stop().await;
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -1,0 +1,93 @@
+//! Domain records of the registry: plain serde structs, independent of protobuf and of the
+//! metadata store that keeps them.
+
+use modelhub_core::TensorSpec;
+use serde::{Deserialize, Serialize};
+
+/// An account. `credits` are the credits available to spend (held credits are already taken
+/// out); `earnings` are what the account's models have earned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub account_id: String,
+    pub name: String,
+    pub admin: bool,
+    pub credits: u64,
+    pub earnings: u64,
+    pub created_at: i64,
+}
+
+/// An API key; the secret is sealed by the KEK (AAD = key id) and never stored in the clear.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub key_id: String,
+    pub account_id: String,
+    pub sealed_secret: Vec<u8>,
+    pub revoked: bool,
+    pub created_at: i64,
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("key_id", &self.key_id)
+            .field("account_id", &self.account_id)
+            .field("revoked", &self.revoked)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A model version as the registry records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Model {
+    pub model_id: String,
+    pub owner: String,
+    pub name: String,
+    pub version: String,
+    pub price: u64,
+    pub cid: String,
+    pub sha256: String,
+    pub size: u64,
+    pub wrapped_dek: Vec<u8>,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub commitment: Option<String>,
+    pub created_at: i64,
+}
+
+/// Where a reservation stands. `Held` moves to `Committed` or `Released`, never back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReservationState {
+    Held,
+    Committed,
+    Released,
+}
+
+/// Credits held from an account for one call of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub reservation_id: String,
+    pub account_id: String,
+    pub model_id: String,
+    /// The model's owner, who earns `amount` on commit.
+    pub owner: String,
+    pub amount: u64,
+    pub state: ReservationState,
+    /// Set once committed.
+    pub receipt_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: i64,
+}
+
+/// Proof of a committed charge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub receipt_id: String,
+    pub reservation_id: String,
+    pub account_id: String,
+    pub model_id: String,
+    pub owner: String,
+    pub credits_charged: u64,
+    pub created_at: i64,
+}

@@ -1,0 +1,502 @@
+//! [`RegistryService`]: the gRPC face of the registry. Protobuf messages are validated and
+//! turned into domain records here; everything else happens in the [`MetadataStore`].
+
+use std::sync::Arc;
+
+use modelhub_core::crypto::Kek;
+use modelhub_core::{TensorSpec, id, signing};
+use modelhub_proto::registry::v1 as pb;
+use modelhub_proto::registry::v1::registry_server::Registry;
+use tonic::{Request, Response, Status};
+use tracing::{error, warn};
+
+use crate::error::{RegistryError, Result};
+use crate::model::{Account, ApiKey, Model, Receipt, Reservation};
+use crate::store::MetadataStore;
+
+/// Longest account name, in characters.
+pub const MAX_ACCOUNT_NAME: usize = 64;
+
+/// The registry gRPC service; wrap it in
+/// [`RegistryServer`](modelhub_proto::registry::v1::registry_server::RegistryServer) to serve it.
+#[derive(Clone)]
+pub struct RegistryService {
+    store: Arc<dyn MetadataStore>,
+    kek: Arc<Kek>,
+}
+
+impl std::fmt::Debug for RegistryService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryService").finish_non_exhaustive()
+    }
+}
+
+/// Turns a registry error into a status, logging what the client will not see.
+fn status(op: &'static str, e: RegistryError) -> Status {
+    match e.code() {
+        modelhub_core::ErrorCode::Internal => error!(op, error = %e, "registry operation failed"),
+        code => tracing::debug!(op, %code, error = %e, "registry request refused"),
+    }
+    e.into()
+}
+
+fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str> {
+    if value.is_empty() {
+        return Err(RegistryError::bad_request(format!("{field} is required")));
+    }
+    Ok(value)
+}
+
+fn valid_chars(value: &str, max: usize, extra: &str) -> bool {
+    (1..=max).contains(&value.len())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+}
+
+/// Checks a model name (`[A-Za-z0-9._-]{1,128}`) and version (`[A-Za-z0-9._+-]{1,64}`).
+pub fn validate_name_version(name: &str, version: &str) -> Result<()> {
+    if !valid_chars(name, 128, "._-") {
+        return Err(RegistryError::bad_request(
+            "model name must be 1 to 128 characters of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    if !valid_chars(version, 64, "._+-") {
+        return Err(RegistryError::bad_request(
+            "model version must be 1 to 64 characters of A-Z a-z 0-9 . _ + -",
+        ));
+    }
+    Ok(())
+}
+
+fn specs(
+    field: &str,
+    specs: Vec<modelhub_proto::common::v1::TensorSpec>,
+) -> Result<Vec<TensorSpec>> {
+    specs
+        .into_iter()
+        .map(|s| {
+            TensorSpec::try_from(s)
+                .map_err(|e| RegistryError::bad_request(format!("{field}: {}", e.message)))
+        })
+        .collect()
+}
+
+/// Validates a `CreateModelRequest` into a model record (id generated when empty).
+fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
+    validate_name_version(&req.name, &req.version)?;
+    required("owner", &req.owner)?;
+    required("cid", &req.cid)?;
+    required("sha256", &req.sha256)?;
+    let model_id = if req.model_id.is_empty() {
+        id::new_id(id::MODEL)
+    } else if valid_chars(&req.model_id, 128, "_-") {
+        req.model_id
+    } else {
+        return Err(RegistryError::bad_request(
+            "model_id must be 1 to 128 characters of A-Z a-z 0-9 _ -",
+        ));
+    };
+    if req.commitment.as_deref() == Some("") {
+        return Err(RegistryError::bad_request(
+            "commitment must not be empty when set",
+        ));
+    }
+    Ok(Model {
+        model_id,
+        owner: req.owner,
+        name: req.name,
+        version: req.version,
+        price: req.price,
+        cid: req.cid,
+        sha256: req.sha256,
+        size: req.size,
+        wrapped_dek: req.wrapped_dek,
+        inputs: specs("inputs", req.inputs)?,
+        outputs: specs("outputs", req.outputs)?,
+        commitment: req.commitment,
+        created_at: id::unix_now(),
+    })
+}
+
+fn account_pb(a: Account) -> pb::Account {
+    pb::Account {
+        account_id: a.account_id,
+        name: a.name,
+        admin: a.admin,
+        credits: a.credits,
+        earnings: a.earnings,
+        created_at: a.created_at,
+    }
+}
+
+fn model_pb(m: Model) -> pb::Model {
+    pb::Model {
+        model_id: m.model_id,
+        owner: m.owner,
+        name: m.name,
+        version: m.version,
+        price: m.price,
+        cid: m.cid,
+        sha256: m.sha256,
+        size: m.size,
+        wrapped_dek: m.wrapped_dek,
+        inputs: m.inputs.iter().map(TensorSpec::to_proto).collect(),
+        outputs: m.outputs.iter().map(TensorSpec::to_proto).collect(),
+        commitment: m.commitment,
+        created_at: m.created_at,
+    }
+}
+
+fn reservation_pb(r: Reservation) -> pb::Reservation {
+    pb::Reservation {
+        reservation_id: r.reservation_id,
+        account_id: r.account_id,
+        model_id: r.model_id,
+        amount: r.amount,
+    }
+}
+
+fn receipt_pb(r: Receipt) -> pb::Receipt {
+    pb::Receipt {
+        receipt_id: r.receipt_id,
+        reservation_id: r.reservation_id,
+        account_id: r.account_id,
+        model_id: r.model_id,
+        owner: r.owner,
+        credits_charged: r.credits_charged,
+        created_at: r.created_at,
+    }
+}
+
+impl RegistryService {
+    /// A service over `store`, sealing key secrets with `kek`.
+    pub fn new(store: Arc<dyn MetadataStore>, kek: Kek) -> RegistryService {
+        RegistryService {
+            store,
+            kek: Arc::new(kek),
+        }
+    }
+
+    /// The store behind the service.
+    pub fn store(&self) -> &Arc<dyn MetadataStore> {
+        &self.store
+    }
+
+    async fn create_account(&self, req: pb::CreateAccountRequest) -> Result<Account> {
+        let chars = req.name.chars().count();
+        if !(1..=MAX_ACCOUNT_NAME).contains(&chars) || req.name.chars().any(char::is_control) {
+            return Err(RegistryError::bad_request(format!(
+                "account name must be 1 to {MAX_ACCOUNT_NAME} printable characters"
+            )));
+        }
+        self.store
+            .create_account(Account {
+                account_id: id::new_id(id::ACCOUNT),
+                name: req.name,
+                admin: req.admin,
+                credits: 0,
+                earnings: 0,
+                created_at: id::unix_now(),
+            })
+            .await
+    }
+
+    async fn create_key(&self, req: pb::CreateKeyRequest) -> Result<pb::CreateKeyResponse> {
+        let account_id = required("account_id", &req.account_id)?;
+        let secret = id::random_bytes::<32>();
+        let key_id = id::new_id(id::KEY);
+        let key = self
+            .store
+            .create_key(ApiKey {
+                sealed_secret: self.kek.wrap(&secret, key_id.as_bytes()),
+                key_id,
+                account_id: account_id.to_owned(),
+                revoked: false,
+                created_at: id::unix_now(),
+            })
+            .await?;
+        Ok(pb::CreateKeyResponse {
+            key_id: key.key_id,
+            secret: signing::encode_secret(&secret),
+            account_id: key.account_id,
+        })
+    }
+
+    async fn lookup_key(&self, req: pb::LookupKeyRequest) -> Result<pb::KeyInfo> {
+        let key = self.store.get_key(required("key_id", &req.key_id)?).await?;
+        let secret = self
+            .kek
+            .unwrap(&key.sealed_secret, key.key_id.as_bytes())
+            .map_err(|_| RegistryError::Unseal {
+                key_id: key.key_id.clone(),
+            })?;
+        let account = self.store.get_account(&key.account_id).await?;
+        Ok(pb::KeyInfo {
+            key_id: key.key_id,
+            account_id: key.account_id,
+            secret,
+            admin: account.admin,
+            revoked: key.revoked,
+        })
+    }
+
+    async fn create_model(&self, req: pb::CreateModelRequest) -> Result<Model> {
+        self.store.create_model(model_from_request(req)?).await
+    }
+
+    async fn check_model_name(&self, req: pb::CheckModelNameRequest) -> Result<()> {
+        validate_name_version(&req.name, &req.version)?;
+        if self
+            .store
+            .find_model(&req.name, &req.version)
+            .await?
+            .is_some()
+        {
+            return Err(RegistryError::conflict(format!(
+                "model {} version {} already exists",
+                req.name, req.version
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    async fn create_account(
+        &self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
+        RegistryService::create_account(self, request.into_inner())
+            .await
+            .map(|a| Response::new(account_pb(a)))
+            .map_err(|e| status("create_account", e))
+    }
+
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
+        let req = request.into_inner();
+        async {
+            let id = required("account_id", &req.account_id)?;
+            self.store.get_account(id).await
+        }
+        .await
+        .map(|a| Response::new(account_pb(a)))
+        .map_err(|e| status("get_account", e))
+    }
+
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        RegistryService::create_key(self, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| status("create_key", e))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
+        let req = request.into_inner();
+        async {
+            let key = self
+                .store
+                .revoke_key(required("key_id", &req.key_id)?)
+                .await?;
+            warn!(key_id = %key.key_id, account_id = %key.account_id, "api key revoked");
+            Ok(pb::RevokeKeyResponse {})
+        }
+        .await
+        .map(Response::new)
+        .map_err(|e| status("revoke_key", e))
+    }
+
+    async fn lookup_key(
+        &self,
+        request: Request<pb::LookupKeyRequest>,
+    ) -> Result<Response<pb::KeyInfo>, Status> {
+        RegistryService::lookup_key(self, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| status("lookup_key", e))
+    }
+
+    async fn grant_credits(
+        &self,
+        request: Request<pb::GrantCreditsRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
+        let req = request.into_inner();
+        async {
+            let id = required("account_id", &req.account_id)?;
+            self.store.grant(id, req.amount).await
+        }
+        .await
+        .map(|a| Response::new(account_pb(a)))
+        .map_err(|e| status("grant_credits", e))
+    }
+
+    async fn check_model_name(
+        &self,
+        request: Request<pb::CheckModelNameRequest>,
+    ) -> Result<Response<pb::CheckModelNameResponse>, Status> {
+        RegistryService::check_model_name(self, request.into_inner())
+            .await
+            .map(|()| Response::new(pb::CheckModelNameResponse {}))
+            .map_err(|e| status("check_model_name", e))
+    }
+
+    async fn create_model(
+        &self,
+        request: Request<pb::CreateModelRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        RegistryService::create_model(self, request.into_inner())
+            .await
+            .map(|m| Response::new(model_pb(m)))
+            .map_err(|e| status("create_model", e))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        let req = request.into_inner();
+        async {
+            let id = required("model_id", &req.model_id)?;
+            self.store.get_model(id).await
+        }
+        .await
+        .map(|m| Response::new(model_pb(m)))
+        .map_err(|e| status("get_model", e))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.store
+            .list_models()
+            .await
+            .map(|models| {
+                Response::new(pb::ListModelsResponse {
+                    models: models.into_iter().map(model_pb).collect(),
+                })
+            })
+            .map_err(|e| status("list_models", e))
+    }
+
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::Reservation>, Status> {
+        let req = request.into_inner();
+        async {
+            let account_id = required("account_id", &req.account_id)?;
+            let model_id = required("model_id", &req.model_id)?;
+            if req.idempotency_key.len() > 256 {
+                return Err(RegistryError::bad_request(
+                    "idempotency_key must be at most 256 bytes",
+                ));
+            }
+            let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
+            self.store.reserve(account_id, model_id, key).await
+        }
+        .await
+        .map(|r| Response::new(reservation_pb(r)))
+        .map_err(|e| status("reserve", e))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::Receipt>, Status> {
+        let req = request.into_inner();
+        async {
+            let id = required("reservation_id", &req.reservation_id)?;
+            self.store.commit(id).await
+        }
+        .await
+        .map(|r| Response::new(receipt_pb(r)))
+        .map_err(|e| status("commit", e))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let req = request.into_inner();
+        async {
+            let id = required("reservation_id", &req.reservation_id)?;
+            self.store.release(id).await
+        }
+        .await
+        .map(|_| Response::new(pb::ReleaseResponse {}))
+        .map_err(|e| status("release", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_versions_are_checked() {
+        validate_name_version("digits.mlp-v_1", "1.0.0+build-2").unwrap();
+        assert!(validate_name_version("", "1").is_err());
+        assert!(validate_name_version("a b", "1").is_err());
+        assert!(validate_name_version("a/b", "1").is_err());
+        assert!(validate_name_version(&"a".repeat(129), "1").is_err());
+        validate_name_version(&"a".repeat(128), &"1".repeat(64)).unwrap();
+        assert!(validate_name_version("a", &"1".repeat(65)).is_err());
+        assert!(validate_name_version("a+b", "1").is_err());
+        assert!(validate_name_version("a", "").is_err());
+    }
+
+    #[test]
+    fn model_requests_are_validated() {
+        let ok = pb::CreateModelRequest {
+            owner: "acct_1".into(),
+            name: "m".into(),
+            version: "1".into(),
+            cid: "bafy".into(),
+            sha256: "00".into(),
+            ..Default::default()
+        };
+        let m = model_from_request(ok.clone()).unwrap();
+        assert!(m.model_id.starts_with("mdl_"));
+        assert_eq!(m.commitment, None);
+        for bad in [
+            pb::CreateModelRequest {
+                cid: String::new(),
+                ..ok.clone()
+            },
+            pb::CreateModelRequest {
+                sha256: String::new(),
+                ..ok.clone()
+            },
+            pb::CreateModelRequest {
+                owner: String::new(),
+                ..ok.clone()
+            },
+            pb::CreateModelRequest {
+                model_id: "../x".into(),
+                ..ok.clone()
+            },
+            pb::CreateModelRequest {
+                inputs: vec![modelhub_proto::common::v1::TensorSpec {
+                    name: "x".into(),
+                    datatype: 9999,
+                    shape: vec![1],
+                }],
+                ..ok.clone()
+            },
+        ] {
+            let e = model_from_request(bad).unwrap_err();
+            assert_eq!(e.code(), modelhub_core::ErrorCode::BadRequest, "{e}");
+        }
+    }
+}

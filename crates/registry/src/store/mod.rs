@@ -1,0 +1,73 @@
+//! The metadata store behind the registry: one trait, [`MetadataStore`], with every record the
+//! service keeps, and its embedded implementation [`RedbStore`].
+//!
+//! Every balance change is one atomic operation of the trait (`reserve`, `commit`, `release`,
+//! `grant`), so an implementation on a document database can do each with a single atomic
+//! update (or one transaction) and never needs isolation between concurrent transactions.
+
+mod redb;
+
+pub use self::redb::RedbStore;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::model::{Account, ApiKey, Model, Receipt, Reservation};
+
+/// Where the registry keeps accounts, keys, models, reservations and receipts.
+///
+/// Errors: unknown ids give [`RegistryError::NotFound`](crate::RegistryError::NotFound),
+/// duplicates [`RegistryError::Conflict`](crate::RegistryError::Conflict), a short balance
+/// [`RegistryError::PaymentRequired`](crate::RegistryError::PaymentRequired), back-end
+/// failures [`RegistryError::Store`](crate::RegistryError::Store).
+#[async_trait]
+pub trait MetadataStore: Send + Sync + 'static {
+    /// Inserts a new account; `Conflict` when the id exists.
+    async fn create_account(&self, account: Account) -> Result<Account>;
+
+    async fn get_account(&self, account_id: &str) -> Result<Account>;
+
+    /// Adds `amount` to the account's credits atomically; `BadRequest` on overflow.
+    async fn grant(&self, account_id: &str, amount: u64) -> Result<Account>;
+
+    /// Inserts a new key; `NotFound` when its account is unknown, `Conflict` when the id exists.
+    async fn create_key(&self, key: ApiKey) -> Result<ApiKey>;
+
+    async fn get_key(&self, key_id: &str) -> Result<ApiKey>;
+
+    /// Marks a key revoked (revoking twice is fine).
+    async fn revoke_key(&self, key_id: &str) -> Result<ApiKey>;
+
+    /// Inserts a new model; `NotFound` when the owner is unknown, `Conflict` when the id or the
+    /// (name, version) pair is taken.
+    async fn create_model(&self, model: Model) -> Result<Model>;
+
+    async fn get_model(&self, model_id: &str) -> Result<Model>;
+
+    /// The model registered under `name` and `version`, if any.
+    async fn find_model(&self, name: &str, version: &str) -> Result<Option<Model>>;
+
+    /// Every model, sorted by (name, version).
+    async fn list_models(&self) -> Result<Vec<Model>>;
+
+    /// Holds the model's price from the account's credits, atomically with the balance check
+    /// (`PaymentRequired` when short). With an idempotency key the account used before, returns
+    /// the first reservation (`Conflict` if that one was for another model).
+    async fn reserve(
+        &self,
+        account_id: &str,
+        model_id: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Reservation>;
+
+    async fn get_reservation(&self, reservation_id: &str) -> Result<Reservation>;
+
+    /// Moves the held amount to the owner's earnings and writes a receipt. Committing again
+    /// returns the same receipt; committing a released reservation is a `Conflict`.
+    async fn commit(&self, reservation_id: &str) -> Result<Receipt>;
+
+    /// Returns the held amount to the account. A no-op on a released or committed reservation.
+    async fn release(&self, reservation_id: &str) -> Result<Reservation>;
+
+    async fn get_receipt(&self, receipt_id: &str) -> Result<Receipt>;
+}

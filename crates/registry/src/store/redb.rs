@@ -1,0 +1,481 @@
+//! [`RedbStore`]: the embedded metadata store, one redb file (`<data_dir>/registry.redb`).
+//!
+//! Records are JSON values keyed by id; two index tables map (name, version) to a model id and
+//! (account, idempotency key) to a reservation id. Every operation is one durable write
+//! transaction (redb admits one writer at a time, so a check and the update it guards can never
+//! interleave with another), run on tokio's blocking pool.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use modelhub_core::id;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::MetadataStore;
+use crate::error::{RegistryError, Result};
+use crate::model::{Account, ApiKey, Model, Receipt, Reservation, ReservationState};
+
+type Json = TableDefinition<'static, &'static str, &'static [u8]>;
+type Index = TableDefinition<'static, &'static str, &'static str>;
+
+const ACCOUNTS: Json = TableDefinition::new("accounts");
+const KEYS: Json = TableDefinition::new("keys");
+const MODELS: Json = TableDefinition::new("models");
+const RESERVATIONS: Json = TableDefinition::new("reservations");
+const RECEIPTS: Json = TableDefinition::new("receipts");
+/// `name \0 version` → model id.
+const MODEL_NAMES: Index = TableDefinition::new("model_names");
+/// `account id \0 idempotency key` → reservation id.
+const IDEMPOTENCY: Index = TableDefinition::new("idempotency");
+
+/// The embedded metadata store.
+#[derive(Clone)]
+pub struct RedbStore {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").finish_non_exhaustive()
+    }
+}
+
+macro_rules! impl_from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for RegistryError {
+            fn from(e: $t) -> Self {
+                RegistryError::store(e)
+            }
+        }
+    )*};
+}
+impl_from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+fn pair(a: &str, b: &str) -> String {
+    format!("{a}\0{b}")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(RegistryError::store)
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(RegistryError::store)
+}
+
+fn get_json<T: DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>> {
+    match table.get(key)? {
+        Some(v) => decode(v.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn get_index(
+    table: &impl ReadableTable<&'static str, &'static str>,
+    key: &str,
+) -> Result<Option<String>> {
+    Ok(table.get(key)?.map(|v| v.value().to_owned()))
+}
+
+fn put_json<T: Serialize>(
+    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    key: &str,
+    value: &T,
+) -> Result<()> {
+    table.insert(key, encode(value)?.as_slice())?;
+    Ok(())
+}
+
+impl RedbStore {
+    /// Opens (or creates) the database file and its tables.
+    pub fn open(path: &Path) -> Result<RedbStore> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        for t in [ACCOUNTS, KEYS, MODELS, RESERVATIONS, RECEIPTS] {
+            txn.open_table(t)?;
+        }
+        for t in [MODEL_NAMES, IDEMPOTENCY] {
+            txn.open_table(t)?;
+        }
+        txn.commit()?;
+        Ok(RedbStore { db: Arc::new(db) })
+    }
+
+    /// Opens `<data_dir>/registry.redb`, creating the folder when needed.
+    pub fn open_in(data_dir: &Path) -> Result<RedbStore> {
+        std::fs::create_dir_all(data_dir).map_err(RegistryError::store)?;
+        RedbStore::open(&data_dir.join("registry.redb"))
+    }
+
+    /// Runs `f` in one write transaction on the blocking pool; commits when `f` succeeds and
+    /// aborts (drops the transaction) when it fails.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write()?;
+            let out = f(&txn)?;
+            txn.commit()?;
+            Ok(out)
+        })
+        .await
+        .map_err(RegistryError::store)?
+    }
+
+    /// Reads one JSON record in a read transaction on the blocking pool.
+    async fn read<T>(&self, table: Json, key: &str, what: &'static str) -> Result<T>
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        let db = self.db.clone();
+        let key = key.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(table)?;
+            get_json(&t, &key)?.ok_or_else(|| RegistryError::not_found(what, key))
+        })
+        .await
+        .map_err(RegistryError::store)?
+    }
+}
+
+#[async_trait]
+impl MetadataStore for RedbStore {
+    async fn create_account(&self, account: Account) -> Result<Account> {
+        self.write(move |txn| {
+            let mut t = txn.open_table(ACCOUNTS)?;
+            if t.get(account.account_id.as_str())?.is_some() {
+                return Err(RegistryError::conflict(format!(
+                    "account {:?} already exists",
+                    account.account_id
+                )));
+            }
+            put_json(&mut t, &account.account_id, &account)?;
+            Ok(account)
+        })
+        .await
+    }
+
+    async fn get_account(&self, account_id: &str) -> Result<Account> {
+        self.read(ACCOUNTS, account_id, "account").await
+    }
+
+    async fn grant(&self, account_id: &str, amount: u64) -> Result<Account> {
+        let account_id = account_id.to_owned();
+        self.write(move |txn| {
+            let mut t = txn.open_table(ACCOUNTS)?;
+            let mut account: Account = get_json(&t, &account_id)?
+                .ok_or_else(|| RegistryError::not_found("account", &account_id))?;
+            account.credits = account.credits.checked_add(amount).ok_or_else(|| {
+                RegistryError::bad_request(format!(
+                    "granting {amount} credits would overflow the balance of {}",
+                    account.credits
+                ))
+            })?;
+            put_json(&mut t, &account_id, &account)?;
+            Ok(account)
+        })
+        .await
+    }
+
+    async fn create_key(&self, key: ApiKey) -> Result<ApiKey> {
+        self.write(move |txn| {
+            let accounts = txn.open_table(ACCOUNTS)?;
+            if accounts.get(key.account_id.as_str())?.is_none() {
+                return Err(RegistryError::not_found("account", &key.account_id));
+            }
+            let mut t = txn.open_table(KEYS)?;
+            if t.get(key.key_id.as_str())?.is_some() {
+                return Err(RegistryError::conflict(format!(
+                    "key {:?} already exists",
+                    key.key_id
+                )));
+            }
+            put_json(&mut t, &key.key_id, &key)?;
+            Ok(key)
+        })
+        .await
+    }
+
+    async fn get_key(&self, key_id: &str) -> Result<ApiKey> {
+        self.read(KEYS, key_id, "key").await
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> Result<ApiKey> {
+        let key_id = key_id.to_owned();
+        self.write(move |txn| {
+            let mut t = txn.open_table(KEYS)?;
+            let mut key: ApiKey =
+                get_json(&t, &key_id)?.ok_or_else(|| RegistryError::not_found("key", &key_id))?;
+            key.revoked = true;
+            put_json(&mut t, &key_id, &key)?;
+            Ok(key)
+        })
+        .await
+    }
+
+    async fn create_model(&self, model: Model) -> Result<Model> {
+        self.write(move |txn| {
+            let accounts = txn.open_table(ACCOUNTS)?;
+            if accounts.get(model.owner.as_str())?.is_none() {
+                return Err(RegistryError::not_found("account", &model.owner));
+            }
+            let mut t = txn.open_table(MODELS)?;
+            if t.get(model.model_id.as_str())?.is_some() {
+                return Err(RegistryError::conflict(format!(
+                    "model {:?} already exists",
+                    model.model_id
+                )));
+            }
+            let mut names = txn.open_table(MODEL_NAMES)?;
+            let name_key = pair(&model.name, &model.version);
+            if names.get(name_key.as_str())?.is_some() {
+                return Err(RegistryError::conflict(format!(
+                    "model {} version {} already exists",
+                    model.name, model.version
+                )));
+            }
+            names.insert(name_key.as_str(), model.model_id.as_str())?;
+            put_json(&mut t, &model.model_id, &model)?;
+            Ok(model)
+        })
+        .await
+    }
+
+    async fn get_model(&self, model_id: &str) -> Result<Model> {
+        self.read(MODELS, model_id, "model").await
+    }
+
+    async fn find_model(&self, name: &str, version: &str) -> Result<Option<Model>> {
+        let db = self.db.clone();
+        let name_key = pair(name, version);
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read()?;
+            let names = txn.open_table(MODEL_NAMES)?;
+            let Some(model_id) = get_index(&names, &name_key)? else {
+                return Ok(None);
+            };
+            let models = txn.open_table(MODELS)?;
+            get_json(&models, &model_id)
+        })
+        .await
+        .map_err(RegistryError::store)?
+    }
+
+    async fn list_models(&self) -> Result<Vec<Model>> {
+        let db = self.db.clone();
+        let mut models = tokio::task::spawn_blocking(move || -> Result<Vec<Model>> {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(MODELS)?;
+            let mut out = Vec::new();
+            for entry in t.iter()? {
+                let (_, v) = entry?;
+                out.push(decode(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(RegistryError::store)??;
+        models.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+        Ok(models)
+    }
+
+    async fn reserve(
+        &self,
+        account_id: &str,
+        model_id: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Reservation> {
+        let account_id = account_id.to_owned();
+        let model_id = model_id.to_owned();
+        let idempotency_key = idempotency_key.filter(|k| !k.is_empty()).map(str::to_owned);
+        self.write(move |txn| {
+            let mut reservations = txn.open_table(RESERVATIONS)?;
+            let mut idem = txn.open_table(IDEMPOTENCY)?;
+            let idem_key = idempotency_key.as_deref().map(|k| pair(&account_id, k));
+            if let Some(ik) = &idem_key
+                && let Some(first_id) = get_index(&idem, ik)?
+            {
+                let first: Reservation = get_json(&reservations, &first_id)?
+                    .ok_or_else(|| RegistryError::not_found("reservation", &first_id))?;
+                if first.model_id != model_id {
+                    return Err(RegistryError::conflict(
+                        "idempotency key was already used for another model",
+                    ));
+                }
+                return Ok(first);
+            }
+            let mut accounts = txn.open_table(ACCOUNTS)?;
+            let mut account: Account = get_json(&accounts, &account_id)?
+                .ok_or_else(|| RegistryError::not_found("account", &account_id))?;
+            let model: Model = get_json(&txn.open_table(MODELS)?, &model_id)?
+                .ok_or_else(|| RegistryError::not_found("model", &model_id))?;
+            account.credits =
+                account
+                    .credits
+                    .checked_sub(model.price)
+                    .ok_or(RegistryError::PaymentRequired {
+                        balance: account.credits,
+                        price: model.price,
+                    })?;
+            let reservation_id = loop {
+                let candidate = id::new_id(id::RESERVATION);
+                if reservations.get(candidate.as_str())?.is_none() {
+                    break candidate;
+                }
+            };
+            let reservation = Reservation {
+                reservation_id,
+                account_id: account_id.clone(),
+                model_id,
+                owner: model.owner,
+                amount: model.price,
+                state: ReservationState::Held,
+                receipt_id: None,
+                idempotency_key,
+                created_at: id::unix_now(),
+            };
+            put_json(&mut accounts, &account_id, &account)?;
+            put_json(&mut reservations, &reservation.reservation_id, &reservation)?;
+            if let Some(ik) = &idem_key {
+                idem.insert(ik.as_str(), reservation.reservation_id.as_str())?;
+            }
+            Ok(reservation)
+        })
+        .await
+    }
+
+    async fn get_reservation(&self, reservation_id: &str) -> Result<Reservation> {
+        self.read(RESERVATIONS, reservation_id, "reservation").await
+    }
+
+    async fn commit(&self, reservation_id: &str) -> Result<Receipt> {
+        let reservation_id = reservation_id.to_owned();
+        self.write(move |txn| {
+            let mut reservations = txn.open_table(RESERVATIONS)?;
+            let mut receipts = txn.open_table(RECEIPTS)?;
+            let mut r: Reservation = get_json(&reservations, &reservation_id)?
+                .ok_or_else(|| RegistryError::not_found("reservation", &reservation_id))?;
+            match r.state {
+                ReservationState::Committed => {
+                    let receipt_id = r.receipt_id.unwrap_or_default();
+                    return get_json(&receipts, &receipt_id)?
+                        .ok_or_else(|| RegistryError::not_found("receipt", receipt_id));
+                }
+                ReservationState::Released => {
+                    return Err(RegistryError::conflict(format!(
+                        "reservation {reservation_id:?} was released and cannot be committed"
+                    )));
+                }
+                ReservationState::Held => {}
+            }
+            let mut accounts = txn.open_table(ACCOUNTS)?;
+            let mut owner: Account = get_json(&accounts, &r.owner)?
+                .ok_or_else(|| RegistryError::not_found("account", &r.owner))?;
+            owner.earnings = owner
+                .earnings
+                .checked_add(r.amount)
+                .ok_or_else(|| RegistryError::conflict("the owner's earnings would overflow"))?;
+            let receipt_id = loop {
+                let candidate = id::new_id(id::RECEIPT);
+                if receipts.get(candidate.as_str())?.is_none() {
+                    break candidate;
+                }
+            };
+            let receipt = Receipt {
+                receipt_id: receipt_id.clone(),
+                reservation_id: reservation_id.clone(),
+                account_id: r.account_id.clone(),
+                model_id: r.model_id.clone(),
+                owner: r.owner.clone(),
+                credits_charged: r.amount,
+                created_at: id::unix_now(),
+            };
+            r.state = ReservationState::Committed;
+            r.receipt_id = Some(receipt_id.clone());
+            put_json(&mut accounts, &owner.account_id.clone(), &owner)?;
+            put_json(&mut receipts, &receipt_id, &receipt)?;
+            put_json(&mut reservations, &reservation_id, &r)?;
+            Ok(receipt)
+        })
+        .await
+    }
+
+    async fn release(&self, reservation_id: &str) -> Result<Reservation> {
+        let reservation_id = reservation_id.to_owned();
+        self.write(move |txn| {
+            let mut reservations = txn.open_table(RESERVATIONS)?;
+            let mut r: Reservation = get_json(&reservations, &reservation_id)?
+                .ok_or_else(|| RegistryError::not_found("reservation", &reservation_id))?;
+            if r.state != ReservationState::Held {
+                return Ok(r);
+            }
+            let mut accounts = txn.open_table(ACCOUNTS)?;
+            let mut account: Account = get_json(&accounts, &r.account_id)?
+                .ok_or_else(|| RegistryError::not_found("account", &r.account_id))?;
+            account.credits = account.credits.checked_add(r.amount).ok_or_else(|| {
+                RegistryError::conflict("returning the held credits would overflow the balance")
+            })?;
+            r.state = ReservationState::Released;
+            put_json(&mut accounts, &r.account_id, &account)?;
+            put_json(&mut reservations, &reservation_id, &r)?;
+            Ok(r)
+        })
+        .await
+    }
+
+    async fn get_receipt(&self, receipt_id: &str) -> Result<Receipt> {
+        self.read(RECEIPTS, receipt_id, "receipt").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::conformance::{self, Store};
+
+    fn opener(path: PathBuf) -> impl Fn() -> std::future::Ready<Store> {
+        move || {
+            let store: Store = Arc::new(RedbStore::open(&path).expect("open redb store"));
+            std::future::ready(store)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redb_store_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::run_all(opener(dir.path().join("registry.redb"))).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_reserve_on_a_fresh_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Store = Arc::new(RedbStore::open_in(dir.path()).unwrap());
+        conformance::concurrent_reserve(store).await;
+        assert!(dir.path().join("registry.redb").exists());
+    }
+
+    #[tokio::test]
+    async fn restart_durability_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::restart_durability(opener(dir.path().join("r.redb"))).await;
+    }
+}

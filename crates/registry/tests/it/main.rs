@@ -1,0 +1,3 @@
+//! Integration tests of the registry: the gRPC service started with `run` on 127.0.0.1:0.
+
+mod grpc;

@@ -1,0 +1,179 @@
+//! Content-addressed blob stores: the [`BlobStore`] trait and its local-disk implementation.
+//!
+//! A blob is named by the IPFS CIDv1 of its bytes ([`crate::unixfs`]), so the same bytes are
+//! one blob and a later IPFS-backed store returns the same names.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::io::AsyncReadExt;
+
+use crate::error::{Result, StorageError};
+use crate::unixfs::CidBuilder;
+
+/// Bytes per chunk when a blob is streamed back.
+pub const READ_CHUNK: usize = 256 * 1024;
+
+/// Where encrypted model blobs live.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Stores `bytes` and returns their CID; storing the same bytes twice is harmless.
+    async fn put(&self, bytes: Bytes) -> Result<String>;
+    /// Streams a blob back; an unknown CID is [`StorageError::NotFound`].
+    async fn get(&self, cid: &str) -> Result<BoxStream<'static, Result<Bytes>>>;
+    async fn contains(&self, cid: &str) -> Result<bool>;
+    /// Removes a blob; `false` when there was none.
+    async fn remove(&self, cid: &str) -> Result<bool>;
+}
+
+/// Blobs as files `<data_dir>/blobs/<cid>`, written atomically (temporary file, fsync, rename).
+#[derive(Debug, Clone)]
+pub struct LocalBlobStore {
+    dir: Arc<PathBuf>,
+}
+
+impl LocalBlobStore {
+    /// Opens (and creates) `<data_dir>/blobs`.
+    pub fn open(data_dir: &Path) -> Result<LocalBlobStore> {
+        let dir = data_dir.join("blobs");
+        std::fs::create_dir_all(&dir).map_err(StorageError::io(format!(
+            "creating blob directory {}",
+            dir.display()
+        )))?;
+        Ok(LocalBlobStore { dir: Arc::new(dir) })
+    }
+
+    /// The folder holding the blobs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file of a CID, after checking that the text really is a CID (so never `../x`).
+    fn path_of(&self, cid: &str) -> Result<PathBuf> {
+        let parsed = cid::Cid::try_from(cid)
+            .map_err(|_| StorageError::invalid(format!("{cid:?} is not a CID")))?;
+        Ok(self.dir.join(parsed.to_string()))
+    }
+}
+
+fn write_blob(dir: &Path, bytes: &[u8]) -> Result<String> {
+    use std::io::Write;
+    let mut builder = CidBuilder::new();
+    builder.update(bytes);
+    let cid = builder.finish().to_string();
+    let path = dir.join(&cid);
+    if path.exists() {
+        return Ok(cid);
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(StorageError::io("creating temporary blob file"))?;
+    tmp.write_all(bytes)
+        .map_err(StorageError::io("writing blob"))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(StorageError::io("syncing blob"))?;
+    tmp.persist(&path)
+        .map_err(|e| StorageError::io("renaming blob into place")(e.error))?;
+    // Make the rename itself durable.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(cid)
+}
+
+#[async_trait]
+impl BlobStore for LocalBlobStore {
+    async fn put(&self, bytes: Bytes) -> Result<String> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || write_blob(&dir, &bytes))
+            .await
+            .map_err(|e| StorageError::Task {
+                reason: e.to_string(),
+            })?
+    }
+
+    async fn get(&self, cid: &str) -> Result<BoxStream<'static, Result<Bytes>>> {
+        let path = self.path_of(cid)?;
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StorageError::NotFound {
+                    cid: cid.to_owned(),
+                });
+            }
+            Err(e) => return Err(StorageError::io("opening blob")(e)),
+        };
+        let stream = futures::stream::try_unfold(file, |mut file| async move {
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            while buf.len() < READ_CHUNK {
+                let n = file
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(StorageError::io("reading blob"))?;
+                if n == 0 {
+                    break;
+                }
+            }
+            if buf.is_empty() {
+                Ok(None)
+            } else {
+                Ok(Some((buf.freeze(), file)))
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn contains(&self, cid: &str) -> Result<bool> {
+        let path = self.path_of(cid)?;
+        tokio::fs::try_exists(&path)
+            .await
+            .map_err(StorageError::io("checking blob"))
+    }
+
+    async fn remove(&self, cid: &str) -> Result<bool> {
+        let path = self.path_of(cid)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StorageError::io("removing blob")(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt;
+
+    #[tokio::test]
+    async fn put_get_contains_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
+        let cid = store.put(Bytes::from(data.clone())).await.unwrap();
+        assert_eq!(cid, crate::unixfs::cid_of_bytes(&data).to_string());
+        assert_eq!(store.put(Bytes::from(data.clone())).await.unwrap(), cid);
+        assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 1, "one file, no temp left");
+        assert!(store.contains(&cid).await.unwrap());
+        let chunks: Vec<Bytes> = store.get(&cid).await.unwrap().try_collect().await.unwrap();
+        assert!(chunks.len() > 1 && chunks.iter().all(|c| c.len() <= READ_CHUNK));
+        assert_eq!(chunks.concat(), data);
+        assert!(store.remove(&cid).await.unwrap());
+        assert!(!store.remove(&cid).await.unwrap());
+        assert!(!store.contains(&cid).await.unwrap());
+        assert!(matches!(
+            store.get(&cid).await.err(),
+            Some(StorageError::NotFound { .. })
+        ));
+        assert!(matches!(
+            store.get("../../etc/passwd").await.err(),
+            Some(StorageError::InvalidArgument { .. })
+        ));
+    }
+}
