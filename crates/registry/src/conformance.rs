@@ -597,6 +597,26 @@ pub async fn concurrent_reserve(store: Store) {
     let (credits, earnings) = totals().await;
     assert_eq!((credits, earnings, held), (20, 30, 0));
     assert_eq!(credits + earnings + held, 50);
+
+    // Late retries race on every reservation: releasing a committed one and committing a
+    // released one (a conflict) must change nothing.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, r) in won.iter().enumerate() {
+        let (s1, s2) = (store.clone(), store.clone());
+        let (id1, id2) = (r.reservation_id.clone(), r.reservation_id.clone());
+        tasks.spawn(async move { s1.release(&id1).await.map(|_| ()) });
+        tasks.spawn(async move {
+            match s2.commit(&id2).await {
+                Err(e) if i >= 30 => assert_eq!(e.code(), ErrorCode::Conflict),
+                other => other.map(|_| ()).unwrap(),
+            }
+            Ok(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.expect("task panicked").unwrap();
+    }
+    assert_eq!(totals().await, (20, 30));
 }
 
 /// Drops the store, opens it again and finds every record.

@@ -32,14 +32,14 @@ pub use store::{MetadataStore, RedbStore};
 pub struct Settings {
     /// Folder of the embedded database (`registry.redb`) and, by default, the KEK file.
     #[arg(
-        long = "registry-data-dir",
+        long,
         env = "MODELHUB_REGISTRY_DATA_DIR",
         default_value = "./modelhub-data/registry"
     )]
     pub data_dir: PathBuf,
     /// Key-encryption key file (base64 of 32 bytes); default `<data_dir>/kek`, created when
     /// missing.
-    #[arg(long = "registry-kek-file", env = "MODELHUB_REGISTRY_KEK_FILE")]
+    #[arg(long, env = "MODELHUB_REGISTRY_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
 }
 
@@ -91,8 +91,10 @@ pub async fn run(
     health
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
-    let addr = listener.local_addr().ok();
-    tracing::info!(addr = ?addr, data_dir = %settings.data_dir.display(), "registry listening");
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, "registry listening"),
+        Err(e) => tracing::warn!(error = %e, "registry listening on an unknown address"),
+    }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
         .add_service(health_service)
