@@ -66,15 +66,14 @@ impl GatewayError {
 
 /// The JSON response of an [`ApiError`].
 pub fn error_response(e: &ApiError) -> HttpResponse {
-    let status = StatusCode::from_u16(e.code.http_status())
-        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     HttpResponse::build(status).json(e.to_json())
 }
 
 impl ResponseError for GatewayError {
     fn status_code(&self) -> StatusCode {
-        StatusCode::from_u16(self.code().http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        StatusCode::from_u16(self.code().http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     fn error_response(&self) -> HttpResponse<BoxBody> {

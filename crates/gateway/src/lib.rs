@@ -1,1 +1,271 @@
-//! placeholder
+//! Model Hub's public HTTP gateway (actix-web): verifies `MH-HMAC-SHA256` request signatures,
+//! routes the `/v1` API (`docs/API.md`) to the registry, storage and inference services over
+//! gRPC, streams uploads into storage, and charges predictions (reserve → predict → commit, or
+//! release on any failure).
+//!
+//! Each actix worker thread has its own gRPC channels (lazily connected); the key cache and the
+//! nonce cache are shared by all workers.
+
+pub mod auth;
+pub mod error;
+mod records;
+mod routes;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::{App, HttpServer, web};
+use anyhow::Context;
+use modelhub_proto::inference::v1::inference_client::InferenceClient;
+use modelhub_proto::registry::v1::Model as ModelPb;
+use modelhub_proto::registry::v1::registry_client::RegistryClient;
+use modelhub_proto::storage::v1::storage_client::StorageClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::{Authenticator, KeyCache, KeySource, NonceCache, RegistryKeys};
+
+pub use crate::error::GatewayError;
+
+/// Gateway settings; each can be set by flag or by `MODELHUB_GATEWAY_*` environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// gRPC address of the registry.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_REGISTRY",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub registry: String,
+    /// gRPC address of storage.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_STORAGE",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub storage: String,
+    /// gRPC address of the inference service.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_INFERENCE",
+        default_value = "http://127.0.0.1:50053"
+    )]
+    pub inference: String,
+    /// Largest model upload accepted, in bytes.
+    #[arg(long, env = "MODELHUB_GATEWAY_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
+    pub max_upload_bytes: u64,
+    /// Largest JSON request body accepted, in bytes.
+    #[arg(long, env = "MODELHUB_GATEWAY_MAX_JSON_BYTES", default_value_t = 64 << 20)]
+    pub max_json_bytes: usize,
+    /// HTTP worker threads.
+    #[arg(long, env = "MODELHUB_GATEWAY_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+}
+
+impl Settings {
+    /// Settings for tests: the given service addresses, the default limits.
+    pub fn for_test(registry: String, storage: String, inference: String) -> Settings {
+        Settings {
+            registry,
+            storage,
+            inference,
+            max_upload_bytes: 1 << 30,
+            max_json_bytes: 64 << 20,
+            workers: 2,
+        }
+    }
+
+    /// Checks the settings (`run` does too); binaries call it before they bind a port.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        endpoint("registry", &self.registry)?;
+        endpoint("storage", &self.storage)?;
+        endpoint("inference", &self.inference)?;
+        anyhow::ensure!(self.workers >= 1, "workers must be at least 1");
+        anyhow::ensure!(
+            self.max_upload_bytes >= 1,
+            "max_upload_bytes must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_json_bytes >= 1,
+            "max_json_bytes must be at least 1"
+        );
+        Ok(())
+    }
+}
+
+/// Body size limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_upload_bytes: u64,
+    pub max_json_bytes: usize,
+}
+
+/// Largest gRPC message accepted from the inference service (outputs can be large).
+const INFERENCE_MAX_MESSAGE: usize = 512 << 20;
+/// Largest gRPC message accepted from the registry (model lists).
+const REGISTRY_MAX_MESSAGE: usize = 64 << 20;
+
+/// How long a model record read for a prediction is reused. Records never change once
+/// created (the registry has no update), so this only bounds memory and staleness of deletes.
+const MODEL_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// Model records by id, shared by every worker: a prediction needs no registry read for them.
+#[derive(Clone)]
+pub(crate) struct ModelCache(moka::future::Cache<String, Arc<ModelPb>>);
+
+impl ModelCache {
+    fn new() -> ModelCache {
+        ModelCache(
+            moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(MODEL_CACHE_TTL)
+                .build(),
+        )
+    }
+}
+
+/// What one worker's handlers use.
+pub(crate) struct AppState {
+    registry: RegistryClient<Channel>,
+    storage: StorageClient<Channel>,
+    inference: InferenceClient<Channel>,
+    models: ModelCache,
+    pub auth: Authenticator,
+    pub limits: Limits,
+}
+
+impl AppState {
+    pub fn registry(&self) -> RegistryClient<Channel> {
+        self.registry.clone()
+    }
+
+    pub fn storage(&self) -> StorageClient<Channel> {
+        self.storage.clone()
+    }
+
+    pub fn inference(&self) -> InferenceClient<Channel> {
+        self.inference.clone()
+    }
+
+    /// A model record, from the cache or the registry (`GetModel`; unknown → 404).
+    pub async fn model(&self, model_id: &str) -> Result<Arc<ModelPb>, GatewayError> {
+        let fetch = async {
+            let request = modelhub_proto::registry::v1::GetModelRequest {
+                model_id: model_id.to_owned(),
+            };
+            let model = self.registry().get_model(request).await?.into_inner();
+            Ok::<_, tonic::Status>(Arc::new(model))
+        };
+        self.models
+            .0
+            .try_get_with(model_id.to_owned(), fetch)
+            .await
+            .map_err(|status| GatewayError::upstream("registry", "GetModel")((*status).clone()))
+    }
+}
+
+/// What every worker shares; each worker builds its [`AppState`] from it.
+#[derive(Clone)]
+struct Shared {
+    registry: Endpoint,
+    storage: Endpoint,
+    inference: Endpoint,
+    keys: KeyCache,
+    nonces: NonceCache,
+    models: ModelCache,
+    limits: Limits,
+}
+
+fn endpoint(what: &str, uri: &str) -> anyhow::Result<Endpoint> {
+    Ok(Endpoint::from_shared(uri.to_owned())
+        .map_err(|e| anyhow::anyhow!("{what} address {uri:?} is not a valid URI: {e}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5)))
+}
+
+impl Shared {
+    fn new(settings: &Settings) -> anyhow::Result<Shared> {
+        settings.validate()?;
+        Ok(Shared {
+            registry: endpoint("registry", &settings.registry)?,
+            storage: endpoint("storage", &settings.storage)?,
+            inference: endpoint("inference", &settings.inference)?,
+            keys: KeyCache::new(),
+            nonces: NonceCache::new(),
+            models: ModelCache::new(),
+            limits: Limits {
+                max_upload_bytes: settings.max_upload_bytes,
+                max_json_bytes: settings.max_json_bytes,
+            },
+        })
+    }
+
+    /// Must run inside a Tokio runtime (the lazy channels spawn their workers on it).
+    fn state(&self, keys: Option<Arc<dyn KeySource>>) -> AppState {
+        let registry = RegistryClient::new(self.registry.connect_lazy())
+            .max_decoding_message_size(REGISTRY_MAX_MESSAGE);
+        let keys = keys
+            .unwrap_or_else(|| Arc::new(RegistryKeys::new(registry.clone(), self.keys.clone())));
+        AppState {
+            storage: StorageClient::new(self.storage.connect_lazy()),
+            inference: InferenceClient::new(self.inference.connect_lazy())
+                .max_decoding_message_size(INFERENCE_MAX_MESSAGE),
+            registry,
+            models: self.models.clone(),
+            auth: Authenticator::new(keys, self.nonces.clone()),
+            limits: self.limits,
+        }
+    }
+}
+
+/// The application of one worker.
+fn app(
+    state: AppState,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(web::Data::new(state))
+        .wrap(error::json_errors())
+        .configure(routes::configure)
+        .default_service(web::to(routes::not_found))
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves; in-flight requests then finish
+/// (up to 30 s). Works under any Tokio runtime (actix runs its workers on threads of their own).
+pub async fn run(
+    settings: Settings,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let shared = Shared::new(&settings)?;
+    listener
+        .set_nonblocking(true)
+        .context("setting the listener non-blocking")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    let server = HttpServer::new(move || app(shared.state(None)))
+        .workers(settings.workers)
+        .tcp_nodelay(true)
+        .shutdown_signal(shutdown)
+        .shutdown_timeout(30)
+        .listen(listener)
+        .context("listening")?
+        .run();
+    tracing::info!(%addr, registry = %settings.registry, storage = %settings.storage, inference = %settings.inference, "gateway listening");
+    server.await.context("serving")?;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+//! The JSON records of the public API, converted from the registry's messages at the edge.
+
+use modelhub_core::TensorSpec;
+use modelhub_proto::registry::v1 as pb;
+use serde::Serialize;
+
+use crate::error::GatewayError;
+
+/// A model record (`docs/API.md`, "A model record"). The wrapped data key never leaves the
+/// gateway.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelRecord {
+    pub model_id: String,
+    pub owner: String,
+    pub name: String,
+    pub version: String,
+    pub price: u64,
+    pub cid: String,
+    pub sha256: String,
+    pub size: u64,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub commitment: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// The declared tensors of a stored model; a bad one is the registry's fault, not the client's.
+pub fn specs(
+    model_id: &str,
+    specs: &[modelhub_proto::common::v1::TensorSpec],
+) -> Result<Vec<TensorSpec>, GatewayError> {
+    specs
+        .iter()
+        .cloned()
+        .map(TensorSpec::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            GatewayError::internal(format!(
+                "registry returned a bad tensor spec for {model_id}: {}",
+                e.message
+            ))
+        })
+}
+
+impl TryFrom<pb::Model> for ModelRecord {
+    type Error = GatewayError;
+
+    fn try_from(m: pb::Model) -> Result<Self, GatewayError> {
+        Ok(ModelRecord {
+            inputs: specs(&m.model_id, &m.inputs)?,
+            outputs: specs(&m.model_id, &m.outputs)?,
+            model_id: m.model_id,
+            owner: m.owner,
+            name: m.name,
+            version: m.version,
+            price: m.price,
+            cid: m.cid,
+            sha256: m.sha256,
+            size: m.size,
+            commitment: m.commitment,
+            created_at: m.created_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use modelhub_proto::common::v1 as common;
+
+    use super::*;
+
+    #[test]
+    fn a_record_has_exactly_the_documented_fields_and_no_key() {
+        let model = pb::Model {
+            model_id: "mdl_1".into(),
+            owner: "acct_1".into(),
+            name: "digits".into(),
+            version: "1.0".into(),
+            price: 3,
+            cid: "bafy".into(),
+            sha256: "ab".repeat(32),
+            size: 1234,
+            wrapped_dek: b"very secret".to_vec(),
+            inputs: vec![common::TensorSpec {
+                name: "X".into(),
+                datatype: common::DataType::Fp32 as i32,
+                shape: vec![-1, 64],
+            }],
+            outputs: vec![common::TensorSpec {
+                name: "label".into(),
+                datatype: common::DataType::Int64 as i32,
+                shape: vec![-1],
+            }],
+            commitment: None,
+            created_at: 1_767_225_600,
+        };
+        let json = serde_json::to_value(ModelRecord::try_from(model).unwrap()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "model_id": "mdl_1", "owner": "acct_1", "name": "digits", "version": "1.0",
+                "price": 3, "cid": "bafy", "sha256": "ab".repeat(32), "size": 1234,
+                "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 64]}],
+                "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}],
+                "commitment": null, "created_at": 1_767_225_600,
+            })
+        );
+    }
+
+    #[test]
+    fn a_bad_spec_from_the_registry_is_internal() {
+        let model = pb::Model {
+            inputs: vec![common::TensorSpec {
+                name: "X".into(),
+                datatype: 99,
+                shape: vec![1],
+            }],
+            ..Default::default()
+        };
+        let e = ModelRecord::try_from(model).unwrap_err();
+        assert_eq!(e.code(), modelhub_core::ErrorCode::Internal);
+    }
+}

@@ -1,0 +1,164 @@
+//! Accounts, API keys and credits.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use modelhub_core::{ApiError, ErrorCode};
+use modelhub_proto::registry::v1 as pb;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{parse_json, signed};
+use crate::AppState;
+use crate::error::GatewayError;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAccount {
+    name: String,
+}
+
+/// `POST /v1/accounts` (admin): `{"name"}` → 201 `{"account_id"}`.
+pub async fn create_account(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, GatewayError> {
+    let (caller, body) = signed(&state, &req, payload).await?;
+    caller.require_admin()?;
+    let CreateAccount { name } = parse_json(&body)?;
+    let account = state
+        .registry()
+        .create_account(pb::CreateAccountRequest { name, admin: false })
+        .await
+        .map_err(GatewayError::upstream("registry", "CreateAccount"))?
+        .into_inner();
+    tracing::info!(account_id = %account.account_id, by = %caller.account_id, "account created");
+    Ok(HttpResponse::Created().json(json!({ "account_id": account.account_id })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    account_id: Option<String>,
+}
+
+/// `POST /v1/keys`: an account for itself (empty body or `{}`), an admin for any account
+/// (`{"account_id"}`) → 201 `{"key_id","secret","account_id"}`.
+pub async fn create_key(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, GatewayError> {
+    let (caller, body) = signed(&state, &req, payload).await?;
+    let asked: CreateKey = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateKey::default()
+    } else {
+        parse_json(&body)?
+    };
+    let account_id = match asked.account_id {
+        Some(id) if id != caller.account_id && !caller.admin => {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "an account may only create keys for itself",
+            )
+            .into());
+        }
+        Some(id) => id,
+        None => caller.account_id.clone(),
+    };
+    let key = state
+        .registry()
+        .create_key(pb::CreateKeyRequest { account_id })
+        .await
+        .map_err(GatewayError::upstream("registry", "CreateKey"))?
+        .into_inner();
+    tracing::info!(key_id = %key.key_id, account_id = %key.account_id, by = %caller.key_id, "key created");
+    Ok(HttpResponse::Created().json(json!({
+        "key_id": key.key_id,
+        "secret": key.secret,
+        "account_id": key.account_id,
+    })))
+}
+
+/// `DELETE /v1/keys/{key_id}` (its account or an admin) → 204.
+pub async fn revoke_key(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+    path: web::Path<String>,
+) -> Result<HttpResponse, GatewayError> {
+    let (caller, _) = signed(&state, &req, payload).await?;
+    let key_id = path.into_inner();
+    let key = state
+        .registry()
+        .lookup_key(pb::LookupKeyRequest {
+            key_id: key_id.clone(),
+        })
+        .await
+        .map_err(GatewayError::upstream("registry", "LookupKey"))?
+        .into_inner();
+    if key.account_id != caller.account_id && !caller.admin {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "a key may be revoked only by its account or an admin",
+        )
+        .into());
+    }
+    state
+        .registry()
+        .revoke_key(pb::RevokeKeyRequest {
+            key_id: key_id.clone(),
+        })
+        .await
+        .map_err(GatewayError::upstream("registry", "RevokeKey"))?;
+    state.auth.keys().invalidate(&key_id).await;
+    tracing::info!(key_id = %key_id, by = %caller.key_id, "key revoked");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `GET /v1/account` → `{"account_id","credits","earnings"}` of the caller.
+pub async fn get_account(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, GatewayError> {
+    let (caller, _) = signed(&state, &req, payload).await?;
+    let account = state
+        .registry()
+        .get_account(pb::GetAccountRequest {
+            account_id: caller.account_id,
+        })
+        .await
+        .map_err(GatewayError::upstream("registry", "GetAccount"))?
+        .into_inner();
+    Ok(HttpResponse::Ok().json(json!({
+        "account_id": account.account_id,
+        "credits": account.credits,
+        "earnings": account.earnings,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Grant {
+    account_id: String,
+    amount: u64,
+}
+
+/// `POST /v1/credits/grant` (admin): `{"account_id","amount"}` → `{"credits"}`.
+pub async fn grant_credits(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, GatewayError> {
+    let (caller, body) = signed(&state, &req, payload).await?;
+    caller.require_admin()?;
+    let Grant { account_id, amount } = parse_json(&body)?;
+    let account = state
+        .registry()
+        .grant_credits(pb::GrantCreditsRequest { account_id, amount })
+        .await
+        .map_err(GatewayError::upstream("registry", "GrantCredits"))?
+        .into_inner();
+    tracing::info!(account_id = %account.account_id, amount, by = %caller.account_id, "credits granted");
+    Ok(HttpResponse::Ok().json(json!({ "credits": account.credits })))
+}

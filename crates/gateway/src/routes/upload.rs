@@ -1,0 +1,197 @@
+//! `POST /v1/models?name=&version=&price=`: a streamed upload of raw ONNX bytes.
+//!
+//! The signature is verified on the headers first (it covers the claimed body hash). The body
+//! is then streamed to storage's `PutModel` through a bounded channel, never held whole, and
+//! hashed on the way; `finish` is sent only when the body stayed within the size limit and its
+//! hash equals the claimed one. Otherwise the stream ends without `finish` and storage keeps
+//! nothing.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures::StreamExt;
+use modelhub_core::{ApiError, ErrorCode, id};
+use modelhub_proto::registry::v1 as pb;
+use modelhub_proto::storage::v1 as storage;
+use modelhub_proto::storage::v1::put_model_request::Part;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{content_length, payload_too_large};
+use crate::AppState;
+use crate::error::GatewayError;
+use crate::records::ModelRecord;
+
+/// Bytes gathered into one `chunk` message (well under gRPC's 4 MiB default message limit).
+const CHUNK_BYTES: usize = 256 * 1024;
+/// Chunks in flight between the HTTP body and the gRPC stream.
+const CHANNEL_DEPTH: usize = 4;
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    name: String,
+    version: String,
+    price: u64,
+}
+
+pub async fn upload(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, GatewayError> {
+    let verified = state.auth.verify_headers(&req).await?;
+    let caller = verified.caller;
+    let query = web::Query::<UploadQuery>::from_query(req.query_string())
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "query must be ?name=&version=&price= with price a whole number of credits: {e}"
+            ))
+        })?
+        .into_inner();
+    if query.name.trim().is_empty() || query.version.trim().is_empty() {
+        return Err(ApiError::bad_request("name and version must not be empty").into());
+    }
+    let limit = state.limits.max_upload_bytes;
+    if content_length(&req).is_some_and(|n| n > limit) {
+        return Err(payload_too_large(limit));
+    }
+    state
+        .registry()
+        .check_model_name(pb::CheckModelNameRequest {
+            name: query.name.clone(),
+            version: query.version.clone(),
+        })
+        .await
+        .map_err(GatewayError::upstream("registry", "CheckModelName"))?;
+
+    let model_id = id::new_id(id::MODEL);
+    let stored = put_model(
+        &state,
+        payload,
+        storage::PutHeader {
+            model_id: model_id.clone(),
+            version: query.version.clone(),
+        },
+        limit,
+        &verified.content_sha256,
+    )
+    .await?;
+
+    let model = state
+        .registry()
+        .create_model(pb::CreateModelRequest {
+            model_id: model_id.clone(),
+            owner: caller.account_id.clone(),
+            name: query.name,
+            version: query.version,
+            price: query.price,
+            cid: stored.cid,
+            sha256: stored.sha256,
+            size: stored.size,
+            wrapped_dek: stored.wrapped_dek,
+            inputs: stored.inputs,
+            outputs: stored.outputs,
+            commitment: None,
+        })
+        .await
+        .map_err(GatewayError::upstream("registry", "CreateModel"))?
+        .into_inner();
+    tracing::info!(model_id = %model_id, owner = %caller.account_id, size = model.size, "model uploaded");
+    Ok(HttpResponse::Created().json(ModelRecord::try_from(model)?))
+}
+
+/// Why feeding the body to storage stopped early.
+enum FeedError {
+    /// The client's fault (too large, hash mismatch, broken body): answer with this.
+    Client(GatewayError),
+    /// Storage stopped reading: its own answer says why.
+    StorageClosed,
+}
+
+/// Streams the body into storage's `PutModel` and returns storage's answer.
+async fn put_model(
+    state: &AppState,
+    payload: web::Payload,
+    header: storage::PutHeader,
+    limit: u64,
+    claimed_sha256: &str,
+) -> Result<storage::PutModelResponse, GatewayError> {
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let mut client = state.storage();
+    let call = client.put_model(ReceiverStream::new(rx));
+    let feed = feed(payload, tx, header, limit, claimed_sha256);
+    tokio::pin!(call, feed);
+    let to_error = GatewayError::upstream("storage", "PutModel");
+    tokio::select! {
+        answer = &mut call => {
+            // Storage answered before the body was complete: only an error can come first.
+            match answer {
+                Err(status) => Err(to_error(status)),
+                Ok(_) => Err(GatewayError::internal("storage answered PutModel before finish")),
+            }
+        }
+        fed = &mut feed => match fed {
+            Ok(()) => call.await.map(|a| a.into_inner()).map_err(to_error),
+            Err(FeedError::StorageClosed) => match call.await {
+                Err(status) => Err(to_error(status)),
+                Ok(_) => Err(GatewayError::internal("storage answered PutModel before finish")),
+            },
+            Err(FeedError::Client(e)) => {
+                // The stream ended without `finish`; wait for storage to drop the upload.
+                let _ = call.await;
+                Err(e)
+            }
+        },
+    }
+}
+
+async fn feed(
+    mut payload: web::Payload,
+    tx: mpsc::Sender<storage::PutModelRequest>,
+    header: storage::PutHeader,
+    limit: u64,
+    claimed_sha256: &str,
+) -> Result<(), FeedError> {
+    let send = |part: Part| {
+        let tx = tx.clone();
+        async move {
+            tx.send(storage::PutModelRequest { part: Some(part) })
+                .await
+                .map_err(|_| FeedError::StorageClosed)
+        }
+    };
+    send(Part::Header(header)).await?;
+    let mut hasher = Sha256::new();
+    let mut total: u64 = 0;
+    let mut buf = Vec::with_capacity(CHUNK_BYTES);
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            FeedError::Client(
+                ApiError::bad_request(format!("reading the request body failed: {e}")).into(),
+            )
+        })?;
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(FeedError::Client(payload_too_large(limit)));
+        }
+        hasher.update(&chunk);
+        buf.extend_from_slice(&chunk);
+        if buf.len() >= CHUNK_BYTES {
+            let full = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK_BYTES));
+            send(Part::Chunk(full)).await?;
+        }
+    }
+    if !buf.is_empty() {
+        send(Part::Chunk(buf)).await?;
+    }
+    if hex::encode(hasher.finalize()) != claimed_sha256 {
+        return Err(FeedError::Client(
+            ApiError::new(
+                ErrorCode::Unauthenticated,
+                "body does not match x-mh-content-sha256",
+            )
+            .into(),
+        ));
+    }
+    send(Part::Finish(storage::PutFinish {})).await
+}
