@@ -1,1 +1,131 @@
-//! placeholder
+//! Model Hub inference service: `Predict` checks the inputs against the model's signature,
+//! takes an ONNX Runtime session from a cache bounded by model bytes (or streams the model
+//! from storage, decrypted there, into memory and opens it), and runs it on a dedicated pool
+//! of compute threads, never on the async reactor.
+//!
+//! Modules: [`service`] (the gRPC service and session cache), [`sessions`] (a model's small
+//! pool of sessions), [`pool`] (compute threads), [`error`].
+
+pub mod error;
+pub mod pool;
+pub mod service;
+pub mod sessions;
+
+use anyhow::Context;
+use modelhub_proto::inference::v1::inference_server::InferenceServer;
+
+pub use error::InferenceError;
+pub use service::{CacheSnapshot, InferenceService};
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Settings of the inference service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// gRPC endpoint of the storage service.
+    #[arg(
+        long = "storage",
+        env = "MODELHUB_INFERENCE_STORAGE",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub storage: String,
+    /// Threads that run models (default: the number of CPUs).
+    #[arg(
+        long = "compute-threads",
+        env = "MODELHUB_INFERENCE_COMPUTE_THREADS",
+        default_value_t = default_threads()
+    )]
+    pub compute_threads: usize,
+    /// ONNX Runtime threads inside one operator of one run.
+    #[arg(
+        long = "intra-op-threads",
+        env = "MODELHUB_INFERENCE_INTRA_OP_THREADS",
+        default_value_t = 1
+    )]
+    pub intra_op_threads: usize,
+    /// ONNX Runtime sessions one model may hold open for overlapping runs (at most the
+    /// compute threads); above 1 the plaintext model stays in memory to open more.
+    #[arg(
+        long = "sessions-per-model",
+        env = "MODELHUB_INFERENCE_SESSIONS_PER_MODEL",
+        default_value_t = 2
+    )]
+    pub sessions_per_model: usize,
+    /// Bound of the session cache, in model bytes.
+    #[arg(
+        long = "session-cache-bytes",
+        env = "MODELHUB_INFERENCE_SESSION_CACHE_BYTES",
+        default_value_t = 1 << 30
+    )]
+    pub session_cache_bytes: u64,
+}
+
+impl Settings {
+    /// Settings for tests (and `modelhub up`): the given storage endpoint, two compute
+    /// threads, one intra-op thread, a 1 GiB session cache.
+    pub fn for_test(storage: impl Into<String>) -> Settings {
+        Settings {
+            storage: storage.into(),
+            compute_threads: 2,
+            intra_op_threads: 1,
+            sessions_per_model: 2,
+            session_cache_bytes: 1 << 30,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.compute_threads > 0,
+            "MODELHUB_INFERENCE_COMPUTE_THREADS must be at least 1"
+        );
+        anyhow::ensure!(
+            self.session_cache_bytes > 0,
+            "MODELHUB_INFERENCE_SESSION_CACHE_BYTES must be positive"
+        );
+        anyhow::ensure!(
+            self.storage.starts_with("http://") || self.storage.starts_with("https://"),
+            "MODELHUB_INFERENCE_STORAGE must be an http:// or https:// URL"
+        );
+        Ok(())
+    }
+}
+
+/// Serves the inference service (and `grpc.health.v1`) on `listener` until `shutdown`
+/// resolves and in-flight requests have finished.
+pub async fn run(
+    settings: Settings,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let service = InferenceService::new(&settings)?;
+    serve(service, listener, shutdown).await
+}
+
+/// Serves an already built service; tests keep a clone of it to read its cache counters.
+pub async fn serve(
+    service: InferenceService,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<InferenceServer<InferenceService>>()
+        .await;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tracing::info!(%addr, "inference listening");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(
+            InferenceServer::new(service)
+                .max_decoding_message_size(64 * 1024 * 1024)
+                .max_encoding_message_size(64 * 1024 * 1024),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("inference server")?;
+    tracing::info!("inference stopped");
+    Ok(())
+}

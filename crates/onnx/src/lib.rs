@@ -81,20 +81,7 @@ fn environment() -> Result<&'static Environment, OnnxError> {
     if let Some(env) = ENV.get() {
         return Ok(env);
     }
-    let path = std::env::var_os(DYLIB_ENV)
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| OnnxError::Runtime {
-            reason: format!("{DYLIB_ENV} is not set; point it at libonnxruntime.so (1.31 or later)"),
-        })?;
-    let path = std::path::PathBuf::from(path);
-    if !path.is_file() {
-        return Err(OnnxError::Runtime {
-            reason: format!(
-                "{DYLIB_ENV}={} does not name an existing file",
-                path.display()
-            ),
-        });
-    }
+    let path = dylib_path(std::env::var_os(DYLIB_ENV))?;
     let builder = ort::init_from(&path).map_err(|e| OnnxError::Runtime {
         reason: format!("{DYLIB_ENV}={}: {e}", path.display()),
     })?;
@@ -107,6 +94,27 @@ fn environment() -> Result<&'static Environment, OnnxError> {
         })?;
     tracing::info!(path = %path.display(), "onnx runtime loaded");
     Ok(ENV.get_or_init(|| env))
+}
+
+/// Checks the value of `ORT_DYLIB_PATH`: set, and naming an existing file.
+fn dylib_path(value: Option<std::ffi::OsString>) -> Result<std::path::PathBuf, OnnxError> {
+    let path = value
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| OnnxError::Runtime {
+            reason: format!(
+                "{DYLIB_ENV} is not set; point it at libonnxruntime.so (1.31 or later)"
+            ),
+        })?;
+    if !path.is_file() {
+        return Err(OnnxError::Runtime {
+            reason: format!(
+                "{DYLIB_ENV}={} does not name an existing file",
+                path.display()
+            ),
+        });
+    }
+    Ok(path)
 }
 
 /// An open ONNX Runtime session with its signature.
@@ -158,7 +166,13 @@ pub fn inspect(bytes: &[u8]) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), OnnxE
 fn safe_reason(message: &str) -> String {
     let cleaned: Vec<&str> = message
         .split_whitespace()
-        .map(|word| if word.contains('/') || word.contains('\\') { "<path>" } else { word })
+        .map(|word| {
+            if word.contains('/') || word.contains('\\') {
+                "<path>"
+            } else {
+                word
+            }
+        })
         .collect();
     let text = cleaned.join(" ");
     let text = text.trim();
@@ -225,9 +239,8 @@ impl Model {
     /// order, named. Inputs should have been checked with
     /// [`modelhub_core::tensor::validate_inputs`]; what slips through is still a `BadRequest`.
     pub fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, OnnxError> {
-        modelhub_core::tensor::validate_inputs(&self.inputs, inputs).map_err(|e| {
-            OnnxError::BadInput { message: e.message }
-        })?;
+        modelhub_core::tensor::validate_inputs(&self.inputs, inputs)
+            .map_err(|e| OnnxError::BadInput { message: e.message })?;
         let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
         for t in inputs {
             values.push((t.name.clone(), to_value(t)?));
@@ -236,7 +249,10 @@ impl Model {
             // The runtime checks shapes again (a fixed inner dimension, say); its reason is
             // about the request, not about this machine.
             OnnxError::BadInput {
-                message: format!("the model rejected the inputs: {}", safe_reason(e.message())),
+                message: format!(
+                    "the model rejected the inputs: {}",
+                    safe_reason(e.message())
+                ),
             }
         })?;
         let mut result = Vec::with_capacity(self.outputs.len());
@@ -301,8 +317,8 @@ fn from_value(name: &str, value: &ort::value::Value) -> Result<Tensor, OnnxError
         .dtype()
         .tensor_type()
         .ok_or_else(|| fail("is not a tensor".into()))?;
-    let datatype =
-        from_element_type(ty).ok_or_else(|| fail(format!("element type {ty:?} is not supported")))?;
+    let datatype = from_element_type(ty)
+        .ok_or_else(|| fail(format!("element type {ty:?} is not supported")))?;
     fn bytes<T, const N: usize>(
         value: &ort::value::Value,
         f: impl Fn(&T) -> [u8; N],
@@ -333,17 +349,27 @@ mod tests {
 
     #[test]
     fn paths_never_reach_the_reason() {
-        let r = safe_reason("Load model from /secret/dir/model.onnx failed: Protobuf parsing failed.");
+        let r =
+            safe_reason("Load model from /secret/dir/model.onnx failed: Protobuf parsing failed.");
         assert!(!r.contains("/secret"), "{r}");
         assert!(r.contains("Protobuf parsing failed"), "{r}");
         assert_eq!(safe_reason("  "), "the runtime gave no reason");
     }
 
     #[test]
+    fn a_missing_library_names_the_variable() {
+        let e = dylib_path(None).unwrap_err();
+        assert!(e.to_string().contains("ORT_DYLIB_PATH is not set"), "{e}");
+        let e = dylib_path(Some("".into())).unwrap_err();
+        assert!(e.to_string().contains("ORT_DYLIB_PATH"), "{e}");
+        let e = dylib_path(Some("/nonexistent/libonnxruntime.so".into())).unwrap_err();
+        assert!(e.to_string().contains("ORT_DYLIB_PATH=/nonexistent"), "{e}");
+        assert_eq!(e.code(), ErrorCode::Internal);
+    }
+
+    #[test]
     fn error_codes_follow_the_kind_of_failure() {
-        let e = OnnxError::NotLoadable {
-            reason: "x".into(),
-        };
+        let e = OnnxError::NotLoadable { reason: "x".into() };
         assert_eq!(e.to_api().code, ErrorCode::Unprocessable);
         assert!(e.to_api().message.starts_with("not a loadable ONNX model"));
         let e = OnnxError::BadInput {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::stream::BoxStream;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use tokio::io::AsyncReadExt;
 
 use crate::error::{Result, StorageError};
@@ -159,7 +159,11 @@ mod tests {
         let cid = store.put(Bytes::from(data.clone())).await.unwrap();
         assert_eq!(cid, crate::unixfs::cid_of_bytes(&data).to_string());
         assert_eq!(store.put(Bytes::from(data.clone())).await.unwrap(), cid);
-        assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 1, "one file, no temp left");
+        assert_eq!(
+            std::fs::read_dir(store.dir()).unwrap().count(),
+            1,
+            "one file, no temp left"
+        );
         assert!(store.contains(&cid).await.unwrap());
         let chunks: Vec<Bytes> = store.get(&cid).await.unwrap().try_collect().await.unwrap();
         assert!(chunks.len() > 1 && chunks.iter().all(|c| c.len() <= READ_CHUNK));

@@ -393,9 +393,17 @@ mod tests {
         assert_eq!(r.links[0].0, nodes[0].0);
         assert_eq!(r.links[1].0, nodes[1].0);
         assert_eq!(first.links.len(), MAX_LINKS);
-        assert!(first.links.iter().all(|l| l.0 == leaf && l.2 == CHUNK_SIZE as u64));
+        assert!(
+            first
+                .links
+                .iter()
+                .all(|l| l.0 == leaf && l.2 == CHUNK_SIZE as u64)
+        );
         assert_eq!(second.links.len(), 3);
-        assert_eq!(second.blocksizes, vec![CHUNK_SIZE as u64, CHUNK_SIZE as u64, 5]);
+        assert_eq!(
+            second.blocksizes,
+            vec![CHUNK_SIZE as u64, CHUNK_SIZE as u64, 5]
+        );
         assert_eq!(second.links[2].0, cid_of(RAW, &[1, 2, 3, 4, 5]));
         assert_eq!(r.blocksizes, vec![first.filesize, second.filesize]);
         assert_eq!(first.filesize, (MAX_LINKS * CHUNK_SIZE) as u64);
@@ -404,7 +412,60 @@ mod tests {
             r.links[0].2,
             nodes[0].1.len() as u64 + (MAX_LINKS * CHUNK_SIZE) as u64
         );
-        assert_eq!(r.links[1].2, nodes[1].1.len() as u64 + 2 * CHUNK_SIZE as u64 + 5);
+        assert_eq!(
+            r.links[1].2,
+            nodes[1].1.len() as u64 + 2 * CHUNK_SIZE as u64 + 5
+        );
+    }
+
+    /// CIDs computed by the JavaScript IPFS importer (`ipfs-unixfs-importer` 15 with
+    /// `cidVersion: 1, rawLeaves: true, fixedSize(262144), balanced(174)`, which matches kubo's
+    /// `ipfs add --cid-version=1 --raw-leaves --chunker=size-262144`) over [`sample`] bytes.
+    #[test]
+    fn matches_the_ipfs_importer() {
+        let c = CHUNK_SIZE;
+        let vectors = [
+            (
+                0,
+                "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku",
+            ),
+            (
+                1,
+                "bafkreidogqfzz75tpkmjzjke425xqcrmpcib2p5tg44hnbirumdbpl5adu",
+            ),
+            (
+                c,
+                "bafkreidtpmdhdmgsrvgltsrlzrfs5ragszmg3o3legvfagtwldoeiucayu",
+            ),
+            (
+                c + 1,
+                "bafybeidbuw2hpnkpnbwvz6xirywx74hyz64czv2fhdsr2m2c67bbpsd3m4",
+            ),
+            (
+                3 * c + 17,
+                "bafybeig53jmy6gh5pk6h3k3cbtrwhi5ltg2xnzd2ihfx4dhicikvg45yky",
+            ),
+            (
+                174 * c,
+                "bafybeifkad4lwwpmhjv3zogc6cs6jklt2bcozbnx7e6sa7v2izt4pih4l4",
+            ),
+            (
+                174 * c + 1,
+                "bafybeigktympmejeejzzjhua6csk4zi2ddb2m76y7bndfseboyvdmghwcy",
+            ),
+            (
+                176 * c + 5,
+                "bafybeih35qwm3hd4r457yu3xvucgp3fzhba5fgaz65fihvyx2f5tql7sme",
+            ),
+        ];
+        let data = sample(176 * c + 5);
+        for (n, want) in vectors {
+            let mut b = CidBuilder::new();
+            for piece in data[..n].chunks(1 << 20) {
+                b.update(piece);
+            }
+            assert_eq!(b.finish().to_string(), want, "{n} bytes");
+        }
     }
 
     #[test]
@@ -432,7 +493,11 @@ mod tests {
         assert_eq!(root.blocksizes, vec![(MAX_LINKS * MAX_LINKS) as u64, 1]);
         let find = |c: &Cid| decode(&nodes.iter().find(|(k, _)| k == c).unwrap().1);
         let tail2 = find(&root.links[1].0);
-        assert_eq!(tail2.links.len(), 1, "the partial height-2 node keeps one child");
+        assert_eq!(
+            tail2.links.len(),
+            1,
+            "the partial height-2 node keeps one child"
+        );
         let tail1 = find(&tail2.links[0].0);
         assert_eq!(tail1.links.len(), 1);
         assert_eq!(tail1.links[0].0, leaf.cid);

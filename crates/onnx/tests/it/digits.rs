@@ -32,7 +32,12 @@ fn assert_close(got: &[f32], want: &[f32]) {
 
 #[test]
 fn signature_is_read_from_the_graph() {
-    modelhub_onnx::init().unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(modelhub_onnx::init))
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
     modelhub_onnx::init().unwrap();
     let (inputs, outputs) = modelhub_onnx::inspect(&digits_bytes()).unwrap();
     assert_eq!(
@@ -125,7 +130,10 @@ fn bytes_that_are_not_a_model_are_unprocessable() {
     let junk = std::fs::read(test_model("not_onnx.bin")).unwrap();
     let e = modelhub_onnx::inspect(&junk).unwrap_err();
     assert_eq!(e.code(), ErrorCode::Unprocessable);
-    assert!(e.to_string().starts_with("not a loadable ONNX model: "), "{e}");
+    assert!(
+        e.to_string().starts_with("not a loadable ONNX model: "),
+        "{e}"
+    );
 
     let bytes = digits_bytes();
     for cut in [0, 1, 10, bytes.len() / 2, bytes.len() - 1] {

@@ -1,0 +1,236 @@
+//! The `modelhub.inference.v1.Inference` gRPC service: sessions from a byte-bounded cache (or
+//! fetched from storage and opened in memory), runs on the compute pool.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use modelhub_core::tensor::validate_inputs;
+use modelhub_core::{ApiError, Tensor};
+use modelhub_proto::common::v1::ModelRef;
+use modelhub_proto::inference::v1 as pb;
+use modelhub_proto::storage::v1::GetModelRequest;
+use modelhub_proto::storage::v1::storage_client::StorageClient;
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::Settings;
+use crate::error::InferenceError;
+use crate::pool::ComputePool;
+use crate::sessions::Loaded;
+
+/// Largest model fetched from storage, whatever the reference claims.
+pub const MAX_MODEL_BYTES: u64 = 4 << 30;
+
+/// Counters of the session cache.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    hits: AtomicU64,
+    loads: AtomicU64,
+}
+
+/// A snapshot of [`CacheStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSnapshot {
+    /// Predicts answered by a session already in the cache.
+    pub hits: u64,
+    /// Models fetched from storage and opened.
+    pub loads: u64,
+    /// Sessions in the cache now.
+    pub entries: u64,
+    /// Model bytes held by the cache now.
+    pub weighted_bytes: u64,
+}
+
+struct Inner {
+    storage: StorageClient<Channel>,
+    cache: moka::future::Cache<String, Arc<Loaded>>,
+    pool: ComputePool,
+    intra_op_threads: usize,
+    sessions_per_model: usize,
+    stats: CacheStats,
+}
+
+/// The inference service; cheap to clone (tests keep a clone to read the cache counters).
+#[derive(Clone)]
+pub struct InferenceService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for InferenceService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InferenceService")
+            .field("compute_threads", &self.inner.pool.threads())
+            .field("intra_op_threads", &self.inner.intra_op_threads)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InferenceService {
+    /// Builds the service: starts the compute pool and a lazily connected storage channel.
+    pub fn new(settings: &Settings) -> anyhow::Result<InferenceService> {
+        settings.validate()?;
+        modelhub_onnx::init()?;
+        let channel = Channel::from_shared(settings.storage.clone())
+            .map_err(|e| anyhow::anyhow!("MODELHUB_INFERENCE_STORAGE is not a valid URI: {e}"))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let storage = StorageClient::new(channel).max_decoding_message_size(16 << 20);
+        let cache = moka::future::Cache::builder()
+            .max_capacity(settings.session_cache_bytes)
+            .weigher(|_key: &String, loaded: &Arc<Loaded>| {
+                u32::try_from(loaded.bytes().max(1)).unwrap_or(u32::MAX)
+            })
+            .build();
+        Ok(InferenceService {
+            inner: Arc::new(Inner {
+                storage,
+                cache,
+                pool: ComputePool::new(settings.compute_threads)?,
+                intra_op_threads: settings.intra_op_threads,
+                sessions_per_model: settings.sessions_per_model.min(settings.compute_threads),
+                stats: CacheStats::default(),
+            }),
+        })
+    }
+
+    /// The session cache's counters.
+    pub async fn cache_stats(&self) -> CacheSnapshot {
+        self.inner.cache.run_pending_tasks().await;
+        CacheSnapshot {
+            hits: self.inner.stats.hits.load(Ordering::Relaxed),
+            loads: self.inner.stats.loads.load(Ordering::Relaxed),
+            entries: self.inner.cache.entry_count(),
+            weighted_bytes: self.inner.cache.weighted_size(),
+        }
+    }
+
+    /// Runs one prediction.
+    pub async fn predict(
+        &self,
+        model: ModelRef,
+        inputs: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>, InferenceError> {
+        if model.model_id.is_empty() || model.sha256.is_empty() {
+            return Err(InferenceError::bad_request(
+                "the model reference needs a model_id and a sha256",
+            ));
+        }
+        let loaded = self.session(model).await?;
+        validate_inputs(loaded.inputs(), &inputs)?;
+        let outputs = self.inner.pool.run(move || loaded.run(&inputs)).await??;
+        Ok(outputs)
+    }
+
+    async fn session(&self, model: ModelRef) -> Result<Arc<Loaded>, InferenceError> {
+        let key = format!("{}\0{}", model.model_id, model.sha256);
+        let loaded_now = std::sync::atomic::AtomicBool::new(false);
+        let result = self
+            .inner
+            .cache
+            .try_get_with(key, async {
+                loaded_now.store(true, Ordering::Relaxed);
+                self.load(model).await.map(Arc::new)
+            })
+            .await;
+        match result {
+            Ok(loaded) => {
+                if !loaded_now.load(Ordering::Relaxed) {
+                    self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(loaded)
+            }
+            Err(shared) => Err(match Arc::try_unwrap(shared) {
+                Ok(e) => e,
+                // Another waiter holds the same error: rebuild an equivalent one.
+                Err(shared) => match &*shared {
+                    InferenceError::Onnx(e) => InferenceError::Storage { error: e.to_api() },
+                    other => InferenceError::Storage {
+                        error: other.to_api(),
+                    },
+                },
+            }),
+        }
+    }
+
+    /// Streams the model from storage into memory, checks its hash and opens it.
+    async fn load(&self, model: ModelRef) -> Result<Loaded, InferenceError> {
+        let model_id = model.model_id.clone();
+        let want = model.sha256.clone();
+        let capacity = usize::try_from(model.size.min(64 << 20)).unwrap_or(0);
+        let mut storage = self.inner.storage.clone();
+        let started = std::time::Instant::now();
+        let mut stream = storage
+            .get_model(GetModelRequest { model: Some(model) })
+            .await
+            .map_err(storage_error)?
+            .into_inner();
+        let mut bytes = Vec::with_capacity(capacity);
+        while let Some(chunk) = stream.message().await.map_err(storage_error)? {
+            if (bytes.len() + chunk.data.len()) as u64 > MAX_MODEL_BYTES {
+                return Err(InferenceError::Integrity {
+                    reason: "model is larger than the fetch limit".into(),
+                });
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let intra = self.inner.intra_op_threads;
+        let sessions = self.inner.sessions_per_model;
+        let loaded = tokio::task::spawn_blocking(move || {
+            let got = hex::encode(Sha256::digest(&bytes));
+            if !got.eq_ignore_ascii_case(&want) {
+                return Err(InferenceError::Integrity {
+                    reason: format!("sha256 {got}"),
+                });
+            }
+            Ok(Loaded::open(bytes, intra, sessions)?)
+        })
+        .await
+        .map_err(|e| InferenceError::Task {
+            reason: e.to_string(),
+        })??;
+        self.inner.stats.loads.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            model_id = %model_id,
+            bytes = loaded.bytes(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "model session loaded"
+        );
+        Ok(loaded)
+    }
+}
+
+fn storage_error(status: Status) -> InferenceError {
+    InferenceError::Storage {
+        error: ApiError::from_status(&status),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::inference_server::Inference for InferenceService {
+    async fn predict(
+        &self,
+        request: Request<pb::PredictRequest>,
+    ) -> Result<Response<pb::PredictResponse>, Status> {
+        let req = request.into_inner();
+        let Some(model) = req.model else {
+            return Err(ApiError::bad_request("Predict needs a model reference").to_status());
+        };
+        let model_id = model.model_id.clone();
+        let inputs = req
+            .inputs
+            .into_iter()
+            .map(Tensor::try_from)
+            .collect::<Result<Vec<_>, ApiError>>()
+            .map_err(|e| InferenceError::from(e).into_status(&model_id))?;
+        let outputs = self
+            .predict(model, inputs)
+            .await
+            .map_err(|e| e.into_status(&model_id))?;
+        tracing::debug!(model_id = %model_id, job_id = %req.job_id, "predict done");
+        Ok(Response::new(pb::PredictResponse {
+            outputs: outputs.into_iter().map(Tensor::into_proto).collect(),
+        }))
+    }
+}

@@ -1,0 +1,4 @@
+//! Integration tests of the storage service over real gRPC on 127.0.0.1:0.
+
+mod harness;
+mod put_get;
