@@ -16,7 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("modelhub_descriptor.bin"))
-        .compile_with_config(config, &files.map(|f| root.join(f)), &[root.clone()])?;
+        .compile_with_config(
+            config,
+            &files.map(|f| root.join(f)),
+            std::slice::from_ref(&root),
+        )?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }
