@@ -12,20 +12,49 @@ use serde_json::json;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(2000);
-    let model_path = std::env::var("MODELHUB_BENCH_MODEL").unwrap_or_else(|_| ".cache/test-models/digits_mlp.onnx".into());
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(2000);
+    let model_path = std::env::var("MODELHUB_BENCH_MODEL")
+        .unwrap_or_else(|_| ".cache/test-models/digits_mlp.onnx".into());
     let dir = tempfile::tempdir()?;
     let running = up::start(UpSettings::for_test(dir.path())).await?;
     let admin = Client::new(&running.gateway_url, running.admin_key.clone())?;
 
-    let account = admin.post("/v1/accounts", &json!({ "name": "bench" })).await?.ok()?;
-    let account_id = account["account_id"].as_str().unwrap_or_default().to_string();
-    admin.post("/v1/credits/grant", &json!({ "account_id": account_id, "amount": (n + 100) as u64 })).await?.ok()?;
-    let key: KeyFile = serde_json::from_value(admin.post("/v1/keys", &json!({ "account_id": account_id })).await?.ok()?)?;
+    let account = admin
+        .post("/v1/accounts", &json!({ "name": "bench" }))
+        .await?
+        .ok()?;
+    let account_id = account["account_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    admin
+        .post(
+            "/v1/credits/grant",
+            &json!({ "account_id": account_id, "amount": (n + 100) as u64 }),
+        )
+        .await?
+        .ok()?;
+    let key: KeyFile = serde_json::from_value(
+        admin
+            .post("/v1/keys", &json!({ "account_id": account_id }))
+            .await?
+            .ok()?,
+    )?;
     let user = admin.with_key(key);
-    let record = user.upload(&ModelUpload::new("digits", "1", 1), std::fs::read(&model_path)?).await?.ok()?;
+    let record = user
+        .upload(
+            &ModelUpload::new("digits", "1", 1),
+            std::fs::read(&model_path)?,
+        )
+        .await?
+        .ok()?;
     let model_id = record["model_id"].as_str().unwrap_or_default().to_string();
-    let inputs = json!([{ "name": "X", "shape": [1, 64], "datatype": "FP32", "data": vec![0.5f32; 64] }]);
+    let inputs =
+        json!([{ "name": "X", "shape": [1, 64], "datatype": "FP32", "data": vec![0.5f32; 64] }]);
 
     for _ in 0..50 {
         user.predict(&model_id, inputs.clone()).await?.ok()?;
@@ -49,7 +78,10 @@ async fn main() -> anyhow::Result<()> {
         n as f64 / total
     );
     let me = user.get("/v1/account").await?.ok()?;
-    anyhow::ensure!(me["credits"] == json!(100 - 50), "charged once per predict: {me}");
+    anyhow::ensure!(
+        me["credits"] == json!(100 - 50),
+        "charged once per predict: {me}"
+    );
     running.stop().await;
     Ok(())
 }

@@ -102,7 +102,10 @@ impl SignedRequest {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -116,7 +119,8 @@ pub struct Client {
 
 impl Client {
     pub fn new(base_url: &str, key: KeyFile) -> anyhow::Result<Client> {
-        let base = reqwest::Url::parse(base_url).with_context(|| format!("bad gateway URL {base_url:?}"))?;
+        let base = reqwest::Url::parse(base_url)
+            .with_context(|| format!("bad gateway URL {base_url:?}"))?;
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .tcp_nodelay(true)
@@ -134,7 +138,11 @@ impl Client {
 
     /// The same gateway with another key.
     pub fn with_key(&self, key: KeyFile) -> Client {
-        Client { http: self.http.clone(), base: self.base.clone(), key }
+        Client {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            key,
+        }
     }
 
     /// The `host` value the HTTP client sends for this URL.
@@ -148,8 +156,15 @@ impl Client {
 
     /// Signs a request for `path_and_query` (e.g. `/v1/models?name=a`) whose body hashes to
     /// `content_sha256`.
-    pub fn sign(&self, method: &str, path_and_query: &str, content_sha256: &str) -> anyhow::Result<Vec<(String, String)>> {
-        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+    pub fn sign(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        content_sha256: &str,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
         let headers = signing::sign(
             &self.key.key_id,
             &self.key.secret_bytes()?,
@@ -161,17 +176,31 @@ impl Client {
             unix_now(),
             &signing::new_nonce(),
         );
-        Ok(headers.into_iter().map(|(n, v)| (n.to_string(), v)).collect())
+        Ok(headers
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .collect())
     }
 
     /// Builds a signed request with a body held in memory.
-    pub fn prepare(&self, method: reqwest::Method, path_and_query: &str, body: impl Into<Bytes>) -> anyhow::Result<SignedRequest> {
+    pub fn prepare(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<SignedRequest> {
         let body = body.into();
-        let mut headers = self.sign(method.as_str(), path_and_query, &signing::sha256_hex(&body))?;
+        let mut headers =
+            self.sign(method.as_str(), path_and_query, &signing::sha256_hex(&body))?;
         if !body.is_empty() {
             headers.push(("content-type".into(), "application/json".into()));
         }
-        Ok(SignedRequest { method, url: self.url(path_and_query), headers, body })
+        Ok(SignedRequest {
+            method,
+            url: self.url(path_and_query),
+            headers,
+            body,
+        })
     }
 
     fn url(&self, path_and_query: &str) -> String {
@@ -188,12 +217,18 @@ impl Client {
     }
 
     /// Signs and sends a request with an optional JSON body.
-    pub async fn call(&self, method: reqwest::Method, path_and_query: &str, body: Option<&serde_json::Value>) -> anyhow::Result<Answer> {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<Answer> {
         let bytes = match body {
             Some(v) => Bytes::from(serde_json::to_vec(v)?),
             None => Bytes::new(),
         };
-        self.send(self.prepare(method, path_and_query, bytes)?).await
+        self.send(self.prepare(method, path_and_query, bytes)?)
+            .await
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
@@ -210,7 +245,12 @@ impl Client {
 
     /// Uploads a model from a byte stream whose SHA-256 is known beforehand: the body is
     /// streamed, never held whole.
-    pub async fn upload_stream<S>(&self, query: &ModelUpload, content_sha256: &str, body: S) -> anyhow::Result<Answer>
+    pub async fn upload_stream<S>(
+        &self,
+        query: &ModelUpload,
+        content_sha256: &str,
+        body: S,
+    ) -> anyhow::Result<Answer>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
@@ -230,14 +270,25 @@ impl Client {
     pub async fn upload(&self, query: &ModelUpload, bytes: Vec<u8>) -> anyhow::Result<Answer> {
         let sha = signing::sha256_hex(&bytes);
         let stream = futures::stream::iter(
-            bytes.chunks(64 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect::<Vec<_>>(),
+            bytes
+                .chunks(64 * 1024)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
         );
         self.upload_stream(query, &sha, stream).await
     }
 
     /// `POST /v1/models/{id}/predict` with `{"inputs": inputs}`.
-    pub async fn predict(&self, model_id: &str, inputs: serde_json::Value) -> anyhow::Result<Answer> {
-        self.post(&format!("/v1/models/{model_id}/predict"), &serde_json::json!({ "inputs": inputs })).await
+    pub async fn predict(
+        &self,
+        model_id: &str,
+        inputs: serde_json::Value,
+    ) -> anyhow::Result<Answer> {
+        self.post(
+            &format!("/v1/models/{model_id}/predict"),
+            &serde_json::json!({ "inputs": inputs }),
+        )
+        .await
     }
 }
 
@@ -251,11 +302,19 @@ pub struct ModelUpload {
 
 impl ModelUpload {
     pub fn new(name: &str, version: &str, price: u64) -> ModelUpload {
-        ModelUpload { name: name.into(), version: version.into(), price }
+        ModelUpload {
+            name: name.into(),
+            version: version.into(),
+            price,
+        }
     }
 
     pub fn path_and_query(&self) -> String {
-        let q = form_query(&[("name", &self.name), ("version", &self.version), ("price", &self.price.to_string())]);
+        let q = form_query(&[
+            ("name", &self.name),
+            ("version", &self.version),
+            ("price", &self.price.to_string()),
+        ]);
         format!("/v1/models?{q}")
     }
 }
@@ -294,7 +353,13 @@ async fn read_answer(resp: reqwest::Response) -> anyhow::Result<Answer> {
     let body = if bytes.is_empty() {
         serde_json::Value::Null
     } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        })
     };
-    Ok(Answer { status, body, retry_after })
+    Ok(Answer {
+        status,
+        body,
+        retry_after,
+    })
 }

@@ -15,7 +15,11 @@ use crate::client::{Client, KeyFile, ModelUpload};
 use crate::up::{self, UpSettings};
 
 #[derive(Debug, Parser)]
-#[command(name = "modelhub", version, about = "Model Hub: an open marketplace for ONNX models")]
+#[command(
+    name = "modelhub",
+    version,
+    about = "Model Hub: an open marketplace for ONNX models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -25,10 +29,20 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Gateway base URL.
-    #[arg(long, global = true, env = "MODELHUB_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "MODELHUB_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
     /// API key file ({"key_id","secret","account_id"}); `modelhub up` writes the admin's.
-    #[arg(long, global = true, env = "MODELHUB_KEY_FILE", default_value = "./modelhub-data/admin-key.json")]
+    #[arg(
+        long,
+        global = true,
+        env = "MODELHUB_KEY_FILE",
+        default_value = "./modelhub-data/admin-key.json"
+    )]
     pub key_file: PathBuf,
 }
 
@@ -81,25 +95,41 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum Serve {
     Registry {
-        #[arg(long, env = "MODELHUB_REGISTRY_LISTEN", default_value = "127.0.0.1:50051")]
+        #[arg(
+            long,
+            env = "MODELHUB_REGISTRY_LISTEN",
+            default_value = "127.0.0.1:50051"
+        )]
         listen: SocketAddr,
         #[command(flatten)]
         settings: modelhub_registry::Settings,
     },
     Storage {
-        #[arg(long, env = "MODELHUB_STORAGE_LISTEN", default_value = "127.0.0.1:50052")]
+        #[arg(
+            long,
+            env = "MODELHUB_STORAGE_LISTEN",
+            default_value = "127.0.0.1:50052"
+        )]
         listen: SocketAddr,
         #[command(flatten)]
         settings: modelhub_storage::Settings,
     },
     Inference {
-        #[arg(long, env = "MODELHUB_INFERENCE_LISTEN", default_value = "127.0.0.1:50053")]
+        #[arg(
+            long,
+            env = "MODELHUB_INFERENCE_LISTEN",
+            default_value = "127.0.0.1:50053"
+        )]
         listen: SocketAddr,
         #[command(flatten)]
         settings: modelhub_inference::Settings,
     },
     Gateway {
-        #[arg(long, env = "MODELHUB_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+        #[arg(
+            long,
+            env = "MODELHUB_GATEWAY_LISTEN",
+            default_value = "127.0.0.1:8080"
+        )]
         listen: SocketAddr,
         #[command(flatten)]
         settings: modelhub_gateway::Settings,
@@ -111,7 +141,11 @@ pub enum Admin {
     /// Create the first admin account and key through the registry's gRPC API and write the
     /// key file (mode 0600). Does nothing if the file exists.
     Bootstrap {
-        #[arg(long, env = "MODELHUB_REGISTRY", default_value = "http://127.0.0.1:50051")]
+        #[arg(
+            long,
+            env = "MODELHUB_REGISTRY",
+            default_value = "http://127.0.0.1:50051"
+        )]
         registry: String,
         #[arg(long, default_value = "./admin-key.json")]
         out: PathBuf,
@@ -204,19 +238,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(serve) => run_service(serve).await,
         Command::Admin(Admin::Bootstrap { registry, out }) => {
             let key = up::bootstrap_admin(&registry, &out).await?;
-            print_json(&json!({ "account_id": key.account_id, "key_id": key.key_id, "key_file": out }));
+            print_json(
+                &json!({ "account_id": key.account_id, "key_id": key.key_id, "key_file": out }),
+            );
             Ok(())
         }
-        Command::Accounts(Accounts::Create { name, credits, key_out, client }) => {
+        Command::Accounts(Accounts::Create {
+            name,
+            credits,
+            key_out,
+            client,
+        }) => {
             let client = client.client()?;
-            let mut v = client.post("/v1/accounts", &json!({ "name": name })).await?.ok()?;
-            let account_id = v["account_id"].as_str().context("no account_id in the answer")?.to_string();
+            let mut v = client
+                .post("/v1/accounts", &json!({ "name": name }))
+                .await?
+                .ok()?;
+            let account_id = v["account_id"]
+                .as_str()
+                .context("no account_id in the answer")?
+                .to_string();
             if let Some(amount) = credits {
                 let body = json!({ "account_id": account_id, "amount": amount });
-                v["credits"] = client.post("/v1/credits/grant", &body).await?.ok()?["credits"].take();
+                v["credits"] =
+                    client.post("/v1/credits/grant", &body).await?.ok()?["credits"].take();
             }
             if let Some(out) = key_out {
-                let key = client.post("/v1/keys", &json!({ "account_id": account_id })).await?.ok()?;
+                let key = client
+                    .post("/v1/keys", &json!({ "account_id": account_id }))
+                    .await?
+                    .ok()?;
                 let key: KeyFile = serde_json::from_value(key).context("reading the new key")?;
                 key.write_new(&out)?;
                 v["key_id"] = json!(key.key_id);
@@ -225,14 +276,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&v);
             Ok(())
         }
-        Command::Keys(Keys::Create { account, out, client }) => {
+        Command::Keys(Keys::Create {
+            account,
+            out,
+            client,
+        }) => {
             let body = match &account {
                 Some(a) => json!({ "account_id": a }),
                 None => json!({}),
             };
             let v = client.client()?.post("/v1/keys", &body).await?.ok()?;
             if let Some(out) = out {
-                let key: KeyFile = serde_json::from_value(v.clone()).context("reading the new key")?;
+                let key: KeyFile =
+                    serde_json::from_value(v.clone()).context("reading the new key")?;
                 key.write_new(&out)?;
                 eprintln!("key written to {}", out.display());
             }
@@ -240,17 +296,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys(Keys::Revoke { key_id, client }) => {
-            client.client()?.delete(&format!("/v1/keys/{key_id}")).await?.ok()?;
+            client
+                .client()?
+                .delete(&format!("/v1/keys/{key_id}"))
+                .await?
+                .ok()?;
             eprintln!("revoked {key_id}");
             Ok(())
         }
-        Command::Credits(Credits::Grant { account, amount, client }) => {
+        Command::Credits(Credits::Grant {
+            account,
+            amount,
+            client,
+        }) => {
             let body = json!({ "account_id": account, "amount": amount });
-            print_json(&client.client()?.post("/v1/credits/grant", &body).await?.ok()?);
+            print_json(
+                &client
+                    .client()?
+                    .post("/v1/credits/grant", &body)
+                    .await?
+                    .ok()?,
+            );
             Ok(())
         }
-        Command::Models(Models::Upload { file, name, version, price, client }) => {
-            let v = upload_file(&client.client()?, &file, &ModelUpload { name, version, price }).await?;
+        Command::Models(Models::Upload {
+            file,
+            name,
+            version,
+            price,
+            client,
+        }) => {
+            let v = upload_file(
+                &client.client()?,
+                &file,
+                &ModelUpload {
+                    name,
+                    version,
+                    price,
+                },
+            )
+            .await?;
             print_json(&v);
             Ok(())
         }
@@ -264,11 +349,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&client.get(&format!("/v1/models/{model_id}")).await?.ok()?);
             Ok(())
         }
-        Command::Predict { model, input, client } => {
+        Command::Predict {
+            model,
+            input,
+            client,
+        } => {
             let body = predict_body(&input)?;
             let client = client.client()?;
             let model_id = resolve_model(&client, &model).await?;
-            let v = client.post(&format!("/v1/models/{model_id}/predict"), &body).await?.ok()?;
+            let v = client
+                .post(&format!("/v1/models/{model_id}/predict"), &body)
+                .await?
+                .ok()?;
             print_json(&v);
             Ok(())
         }
@@ -296,7 +388,10 @@ async fn resolve_model(client: &Client, model: &str) -> anyhow::Result<String> {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
 }
 
 /// Reads `--input`: inline JSON or `@file`; a bare list of tensors is wrapped as `{"inputs": [...]}`.
@@ -315,10 +410,16 @@ pub fn predict_body(input: &str) -> anyhow::Result<Value> {
 }
 
 /// Hashes the file in one pass, then streams it to the gateway in a second, with a progress bar.
-pub async fn upload_file(client: &Client, file: &Path, query: &ModelUpload) -> anyhow::Result<Value> {
+pub async fn upload_file(
+    client: &Client,
+    file: &Path,
+    query: &ModelUpload,
+) -> anyhow::Result<Value> {
     use sha2::Digest;
     use tokio::io::AsyncReadExt;
-    let mut f = tokio::fs::File::open(file).await.with_context(|| format!("opening {}", file.display()))?;
+    let mut f = tokio::fs::File::open(file)
+        .await
+        .with_context(|| format!("opening {}", file.display()))?;
     let size = f.metadata().await?.len();
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -333,9 +434,11 @@ pub async fn upload_file(client: &Client, file: &Path, query: &ModelUpload) -> a
 
     let bar = indicatif::ProgressBar::new(size);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_message(format!("uploading {}", file.display()));
     let f = tokio::fs::File::open(file).await?;
@@ -348,7 +451,9 @@ pub async fn upload_file(client: &Client, file: &Path, query: &ModelUpload) -> a
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
-    let l = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let l = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     Ok(l)
 }
 
@@ -381,7 +486,8 @@ async fn run_service(serve: Serve) -> anyhow::Result<()> {
             modelhub_inference::run(settings, l, shutdown_signal()).await
         }
         Serve::Gateway { listen, settings } => {
-            let l = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+            let l =
+                std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
             announce("gateway", l.local_addr()?);
             modelhub_gateway::run(settings, l, shutdown_signal()).await
         }

@@ -33,7 +33,10 @@ pub struct UpSettings {
 
 impl UpSettings {
     pub fn for_test(data_dir: &Path) -> UpSettings {
-        UpSettings { data_dir: data_dir.to_path_buf(), http: "127.0.0.1:0".parse().expect("addr") }
+        UpSettings {
+            data_dir: data_dir.to_path_buf(),
+            http: "127.0.0.1:0".parse().expect("addr"),
+        }
     }
 }
 
@@ -92,33 +95,83 @@ pub async fn start(settings: UpSettings) -> anyhow::Result<Running> {
         modelhub_gateway::Settings::for_test(registry.clone(), storage.clone(), inference.clone());
 
     let c = cancel.clone();
-    tasks.push(("registry", tokio::spawn(modelhub_registry::run(registry_settings, registry_l, c.cancelled_owned()))));
+    tasks.push((
+        "registry",
+        tokio::spawn(modelhub_registry::run(
+            registry_settings,
+            registry_l,
+            c.cancelled_owned(),
+        )),
+    ));
     let c = cancel.clone();
-    tasks.push(("storage", tokio::spawn(modelhub_storage::run(storage_settings, storage_l, c.cancelled_owned()))));
+    tasks.push((
+        "storage",
+        tokio::spawn(modelhub_storage::run(
+            storage_settings,
+            storage_l,
+            c.cancelled_owned(),
+        )),
+    ));
     let c = cancel.clone();
-    tasks.push(("inference", tokio::spawn(modelhub_inference::run(inference_settings, inference_l, c.cancelled_owned()))));
+    tasks.push((
+        "inference",
+        tokio::spawn(modelhub_inference::run(
+            inference_settings,
+            inference_l,
+            c.cancelled_owned(),
+        )),
+    ));
 
     let http = std::net::TcpListener::bind(settings.http)
         .with_context(|| format!("binding the gateway to {}", settings.http))?;
     let gateway_url = format!("http://{}", http.local_addr()?);
     let c = cancel.clone();
-    tasks.push(("gateway", tokio::spawn(modelhub_gateway::run(gateway_settings, http, c.cancelled_owned()))));
+    tasks.push((
+        "gateway",
+        tokio::spawn(modelhub_gateway::run(
+            gateway_settings,
+            http,
+            c.cancelled_owned(),
+        )),
+    ));
 
-    let endpoints = Endpoints { registry, storage, inference };
+    let endpoints = Endpoints {
+        registry,
+        storage,
+        inference,
+    };
     let admin_key_path = data.join("admin-key.json");
     let admin_key = match bootstrap_admin(&endpoints.registry, &admin_key_path).await {
         Ok(k) => k,
         Err(e) => {
-            let running = Running { gateway_url, admin_key_path, admin_key: dummy_key(), endpoints, cancel, tasks };
+            let running = Running {
+                gateway_url,
+                admin_key_path,
+                admin_key: dummy_key(),
+                endpoints,
+                cancel,
+                tasks,
+            };
             running.stop().await;
             return Err(e);
         }
     };
-    Ok(Running { gateway_url, admin_key_path, admin_key, endpoints, cancel, tasks })
+    Ok(Running {
+        gateway_url,
+        admin_key_path,
+        admin_key,
+        endpoints,
+        cancel,
+        tasks,
+    })
 }
 
 fn dummy_key() -> KeyFile {
-    KeyFile { key_id: String::new(), secret: String::new(), account_id: String::new() }
+    KeyFile {
+        key_id: String::new(),
+        secret: String::new(),
+        account_id: String::new(),
+    }
 }
 
 /// Reads the admin key file, or creates an admin account and key through the registry and
@@ -131,16 +184,25 @@ pub async fn bootstrap_admin(registry: &str, path: &Path) -> anyhow::Result<KeyF
         .await
         .with_context(|| format!("connecting to the registry at {registry}"))?;
     let account = client
-        .create_account(reg::CreateAccountRequest { name: "admin".into(), admin: true })
+        .create_account(reg::CreateAccountRequest {
+            name: "admin".into(),
+            admin: true,
+        })
         .await
         .context("creating the admin account")?
         .into_inner();
     let key = client
-        .create_key(reg::CreateKeyRequest { account_id: account.account_id.clone() })
+        .create_key(reg::CreateKeyRequest {
+            account_id: account.account_id.clone(),
+        })
         .await
         .context("creating the admin key")?
         .into_inner();
-    let key = KeyFile { key_id: key.key_id, secret: key.secret, account_id: key.account_id };
+    let key = KeyFile {
+        key_id: key.key_id,
+        secret: key.secret,
+        account_id: key.account_id,
+    };
     key.write_new(path)?;
     Ok(key)
 }
@@ -178,7 +240,9 @@ impl Running {
         for (name, task) in self.tasks {
             match task.await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(service = name, error = %e, "service stopped with an error"),
+                Ok(Err(e)) => {
+                    tracing::warn!(service = name, error = %e, "service stopped with an error")
+                }
                 Err(e) => tracing::warn!(service = name, error = %e, "service task failed"),
             }
         }

@@ -47,7 +47,11 @@ pub fn test_models() -> &'static Path {
 /// Path of one generated test model file, e.g. `test_model("digits_mlp.onnx")`.
 pub fn test_model(name: &str) -> PathBuf {
     let path = test_models().join(name);
-    assert!(path.exists(), "test model {} was not generated", path.display());
+    assert!(
+        path.exists(),
+        "test model {} was not generated",
+        path.display()
+    );
     path
 }
 
@@ -64,7 +68,10 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> O
         if let Some(v) = check() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -80,7 +87,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -15,7 +15,12 @@ async fn credits_are_charged_once_per_success_and_never_on_failure() {
 
     let mut receipts = Vec::new();
     for case in 0..3 {
-        let answer = user.predict(model_id, digits_input(case)).await.unwrap().ok().unwrap();
+        let answer = user
+            .predict(model_id, digits_input(case))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
         assert_eq!(answer["receipt"]["credits_charged"], 3);
         receipts.push(answer["receipt"]["id"].as_str().unwrap().to_string());
     }
@@ -27,7 +32,10 @@ async fn credits_are_charged_once_per_success_and_never_on_failure() {
 
     // Failures charge nothing: a bad tensor, and then a balance too small for the price.
     let bad = user
-        .predict(model_id, json!([{ "name": "X", "shape": [1, 63], "datatype": "FP32", "data": vec![0.0; 63] }]))
+        .predict(
+            model_id,
+            json!([{ "name": "X", "shape": [1, 63], "datatype": "FP32", "data": vec![0.0; 63] }]),
+        )
         .await
         .unwrap();
     assert_error(&bad, 400, "bad_request", "shape");
@@ -64,7 +72,10 @@ async fn concurrent_predictions_never_overspend() {
             s => panic!("unexpected status {s}: {:?}", answer.body),
         }
     }
-    assert_eq!(ok, 10, "20 credits at 2 per call buy exactly 10 predictions");
+    assert_eq!(
+        ok, 10,
+        "20 credits at 2 per call buy exactly 10 predictions"
+    );
     assert_eq!(account(&user).await["credits"], 0);
     assert_eq!(account(&creator).await["earnings"], 20);
     cluster.stop().await;

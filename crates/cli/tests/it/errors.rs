@@ -11,12 +11,18 @@ async fn bad_uploads_are_rejected_and_store_nothing() {
     let creator = cluster.user("creator", 0).await;
 
     let not_onnx = std::fs::read(modelhub_testkit::test_model("not_onnx.bin")).unwrap();
-    let answer = creator.upload(&ModelUpload::new("junk", "1", 1), not_onnx).await.unwrap();
+    let answer = creator
+        .upload(&ModelUpload::new("junk", "1", 1), not_onnx)
+        .await
+        .unwrap();
     assert_error(&answer, 422, "unprocessable", "ONNX");
 
     let mut truncated = digits_bytes();
     truncated.truncate(truncated.len() / 2);
-    let answer = creator.upload(&ModelUpload::new("half", "1", 1), truncated).await.unwrap();
+    let answer = creator
+        .upload(&ModelUpload::new("half", "1", 1), truncated)
+        .await
+        .unwrap();
     assert_error(&answer, 422, "unprocessable", "ONNX");
 
     let models = creator.get("/v1/models").await.unwrap().ok().unwrap();
@@ -26,14 +32,23 @@ async fn bad_uploads_are_rejected_and_store_nothing() {
     assert_eq!(stored, 0, "nothing was stored");
 
     // Missing or bad query parameters.
-    let answer = creator.call(reqwest::Method::POST, "/v1/models?name=x&version=1", None).await.unwrap();
+    let answer = creator
+        .call(reqwest::Method::POST, "/v1/models?name=x&version=1", None)
+        .await
+        .unwrap();
     assert_error(&answer, 400, "bad_request", "price");
-    let answer = creator.upload(&ModelUpload::new("bad name!", "1", 1), digits_bytes()).await.unwrap();
+    let answer = creator
+        .upload(&ModelUpload::new("bad name!", "1", 1), digits_bytes())
+        .await
+        .unwrap();
     assert_error(&answer, 400, "bad_request", "name");
 
     // A name and version can be registered once.
     upload_digits(&creator, "digits", 1).await;
-    let again = creator.upload(&ModelUpload::new("digits", "1", 1), digits_bytes()).await.unwrap();
+    let again = creator
+        .upload(&ModelUpload::new("digits", "1", 1), digits_bytes())
+        .await
+        .unwrap();
     assert_error(&again, 409, "conflict", "digits");
     cluster.stop().await;
 }
@@ -46,31 +61,65 @@ async fn bad_predictions_say_what_is_wrong() {
     let record = upload_digits(&creator, "digits", 1).await;
     let model_id = record["model_id"].as_str().unwrap();
 
-    let answer = user.predict("mdl_00000000000000000000000000000000", digits_input(0)).await.unwrap();
+    let answer = user
+        .predict("mdl_00000000000000000000000000000000", digits_input(0))
+        .await
+        .unwrap();
     assert_error(&answer, 404, "not_found", "model");
 
     let row = vec![0.0; 64];
     let cases = [
-        (json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": row }]), "unknown input \"input\""),
-        (json!([{ "name": "X", "shape": [1, 32], "datatype": "FP32", "data": vec![0.0; 32] }]), "expected shape"),
-        (json!([{ "name": "X", "shape": [1, 64], "datatype": "FP64", "data": row }]), "expected datatype FP32, got FP64"),
-        (json!([{ "name": "X", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 3] }]), "needs 64 values, got 3"),
-        (json!([{ "name": "X", "shape": [1, 64], "datatype": "FP99", "data": row }]), "datatype"),
+        (
+            json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": row }]),
+            "unknown input \"input\"",
+        ),
+        (
+            json!([{ "name": "X", "shape": [1, 32], "datatype": "FP32", "data": vec![0.0; 32] }]),
+            "expected shape",
+        ),
+        (
+            json!([{ "name": "X", "shape": [1, 64], "datatype": "FP64", "data": row }]),
+            "expected datatype FP32, got FP64",
+        ),
+        (
+            json!([{ "name": "X", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 3] }]),
+            "needs 64 values, got 3",
+        ),
+        (
+            json!([{ "name": "X", "shape": [1, 64], "datatype": "FP99", "data": row }]),
+            "datatype",
+        ),
         (json!([]), "missing input \"X\""),
     ];
     for (inputs, why) in cases {
         let answer = user.predict(model_id, inputs).await.unwrap();
         assert_error(&answer, 400, "bad_request", why);
     }
-    let answer = user.post(&format!("/v1/models/{model_id}/predict"), &json!({ "inputs": "nope" })).await.unwrap();
+    let answer = user
+        .post(
+            &format!("/v1/models/{model_id}/predict"),
+            &json!({ "inputs": "nope" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(answer.status, 400);
     assert_eq!(answer.error_code(), Some("bad_request"));
 
-    let raw = user.prepare(reqwest::Method::POST, &format!("/v1/models/{model_id}/predict"), "{not json").unwrap();
+    let raw = user
+        .prepare(
+            reqwest::Method::POST,
+            &format!("/v1/models/{model_id}/predict"),
+            "{not json",
+        )
+        .unwrap();
     let answer = user.send(raw).await.unwrap();
     assert_eq!(answer.status, 400);
     assert_eq!(answer.error_code(), Some("bad_request"));
-    assert_eq!(account(&user).await["credits"], 100, "no failed request was charged");
+    assert_eq!(
+        account(&user).await["credits"],
+        100,
+        "no failed request was charged"
+    );
 
     let answer = user.get("/v1/no-such-route").await.unwrap();
     assert_eq!(answer.status, 404);
@@ -84,21 +133,47 @@ async fn admin_routes_need_an_admin_and_keys_belong_to_their_account() {
     let alice = cluster.user("alice", 0).await;
     let bob = cluster.user("bob", 0).await;
 
-    let answer = alice.post("/v1/credits/grant", &json!({ "account_id": alice.key().account_id, "amount": 5 })).await.unwrap();
+    let answer = alice
+        .post(
+            "/v1/credits/grant",
+            &json!({ "account_id": alice.key().account_id, "amount": 5 }),
+        )
+        .await
+        .unwrap();
     assert_error(&answer, 403, "forbidden", "admin");
-    let answer = alice.post("/v1/accounts", &json!({ "name": "mallory" })).await.unwrap();
+    let answer = alice
+        .post("/v1/accounts", &json!({ "name": "mallory" }))
+        .await
+        .unwrap();
     assert_error(&answer, 403, "forbidden", "admin");
-    let answer = alice.post("/v1/keys", &json!({ "account_id": bob.key().account_id })).await.unwrap();
+    let answer = alice
+        .post("/v1/keys", &json!({ "account_id": bob.key().account_id }))
+        .await
+        .unwrap();
     assert_error(&answer, 403, "forbidden", "");
-    let answer = alice.delete(&format!("/v1/keys/{}", bob.key().key_id)).await.unwrap();
+    let answer = alice
+        .delete(&format!("/v1/keys/{}", bob.key().key_id))
+        .await
+        .unwrap();
     assert_error(&answer, 403, "forbidden", "");
 
     // A user makes a second key for itself, and revokes it.
-    let second = alice.post("/v1/keys", &json!({})).await.unwrap().ok().unwrap();
+    let second = alice
+        .post("/v1/keys", &json!({}))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
     assert_eq!(second["account_id"], alice.key().account_id.as_str());
     let second = alice.with_key(serde_json::from_value(second).unwrap());
-    assert_eq!(account(&second).await["account_id"], alice.key().account_id.as_str());
-    let answer = alice.delete(&format!("/v1/keys/{}", second.key().key_id)).await.unwrap();
+    assert_eq!(
+        account(&second).await["account_id"],
+        alice.key().account_id.as_str()
+    );
+    let answer = alice
+        .delete(&format!("/v1/keys/{}", second.key().key_id))
+        .await
+        .unwrap();
     assert_eq!(answer.status, 204);
     let answer = second.get("/v1/account").await.unwrap();
     assert_error(&answer, 401, "unauthenticated", "revoked");

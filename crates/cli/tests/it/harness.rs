@@ -19,9 +19,15 @@ impl Cluster {
     }
 
     async fn start_in(dir: tempfile::TempDir) -> Cluster {
-        let running = up::start(UpSettings::for_test(dir.path())).await.expect("start the marketplace");
+        let running = up::start(UpSettings::for_test(dir.path()))
+            .await
+            .expect("start the marketplace");
         let admin = Client::new(&running.gateway_url, running.admin_key.clone()).expect("client");
-        Cluster { running: Some(running), dir, admin }
+        Cluster {
+            running: Some(running),
+            dir,
+            admin,
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -42,15 +48,30 @@ impl Cluster {
 
     /// A new account with its own key and `credits` granted by the admin.
     pub async fn user(&self, name: &str, credits: u64) -> Client {
-        let account = self.admin.post("/v1/accounts", &json!({ "name": name })).await.unwrap().ok().unwrap();
+        let account = self
+            .admin
+            .post("/v1/accounts", &json!({ "name": name }))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
         let account_id = account["account_id"].as_str().unwrap().to_string();
-        let key = self.admin.post("/v1/keys", &json!({ "account_id": account_id })).await.unwrap().ok().unwrap();
+        let key = self
+            .admin
+            .post("/v1/keys", &json!({ "account_id": account_id }))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
         let key: KeyFile = serde_json::from_value(key).unwrap();
         assert_eq!(key.account_id, account_id);
         if credits > 0 {
             let granted = self
                 .admin
-                .post("/v1/credits/grant", &json!({ "account_id": account_id, "amount": credits }))
+                .post(
+                    "/v1/credits/grant",
+                    &json!({ "account_id": account_id, "amount": credits }),
+                )
                 .await
                 .unwrap()
                 .ok()
@@ -76,7 +97,10 @@ pub fn digits_bytes() -> Vec<u8> {
 
 /// Uploads the digits model as `owner` and returns its record.
 pub async fn upload_digits(owner: &Client, name: &str, price: u64) -> Value {
-    let answer = owner.upload(&ModelUpload::new(name, "1", price), digits_bytes()).await.unwrap();
+    let answer = owner
+        .upload(&ModelUpload::new(name, "1", price), digits_bytes())
+        .await
+        .unwrap();
     assert_eq!(answer.status, 201, "{:?}", answer.body);
     answer.body
 }
@@ -106,15 +130,34 @@ pub fn assert_error(answer: &Answer, status: u16, code: &str, message_part: &str
 pub fn assert_matches_onnxruntime(answer: &Value, case: usize) {
     let expected = &modelhub_testkit::digits_expected()["cases"][case];
     let outputs = answer["outputs"].as_array().expect("outputs");
-    let label = outputs.iter().find(|o| o["name"] == "label").expect("label output");
+    let label = outputs
+        .iter()
+        .find(|o| o["name"] == "label")
+        .expect("label output");
     assert_eq!(label["datatype"], "INT64");
     assert_eq!(label["data"][0], expected["label"]);
-    let probs = outputs.iter().find(|o| o["name"] == "probabilities").expect("probabilities");
+    let probs = outputs
+        .iter()
+        .find(|o| o["name"] == "probabilities")
+        .expect("probabilities");
     assert_eq!(probs["shape"], json!([1, 10]));
-    let got: Vec<f64> = probs["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-    let want: Vec<f64> = expected["probabilities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let got: Vec<f64> = probs["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let want: Vec<f64> = expected["probabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     assert_eq!(got.len(), 10);
     for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() < 1e-5, "probabilities {got:?} vs onnxruntime {want:?}");
+        assert!(
+            (g - w).abs() < 1e-5,
+            "probabilities {got:?} vs onnxruntime {want:?}"
+        );
     }
 }

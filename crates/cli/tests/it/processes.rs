@@ -36,7 +36,9 @@ fn serve(svc: &str, args: &[&str]) -> Service {
         .expect("spawn modelhub serve");
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the listening line");
     let addr = line
         .trim()
         .strip_prefix(&format!("modelhub {svc} listening on "))
@@ -68,15 +70,28 @@ fn four_separate_processes_serve_an_upload_and_a_signed_predict() {
     let kek = d("kek");
     modelhub_core::crypto::Kek::load_or_generate(Path::new(&kek)).unwrap();
 
-    let registry = serve("registry", &["--data-dir", &d("registry"), "--kek-file", &kek]);
-    let storage = serve("storage", &["--data-dir", &d("storage"), "--kek-file", &kek]);
+    let registry = serve(
+        "registry",
+        &["--data-dir", &d("registry"), "--kek-file", &kek],
+    );
+    let storage = serve(
+        "storage",
+        &["--data-dir", &d("storage"), "--kek-file", &kek],
+    );
     let storage_url = format!("http://{}", storage.addr);
     let inference = serve("inference", &["--storage", &storage_url]);
     let registry_url = format!("http://{}", registry.addr);
     let inference_url = format!("http://{}", inference.addr);
     let gateway = serve(
         "gateway",
-        &["--registry", &registry_url, "--storage", &storage_url, "--inference", &inference_url],
+        &[
+            "--registry",
+            &registry_url,
+            "--storage",
+            &storage_url,
+            "--inference",
+            &inference_url,
+        ],
     );
     let url = format!("http://{}", gateway.addr);
 
@@ -86,12 +101,27 @@ fn four_separate_processes_serve_an_upload_and_a_signed_predict() {
         .arg(&admin_file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let account = client(&url, &admin_file, &["accounts", "create", "carol"]);
     let account_id = account["account_id"].as_str().unwrap();
     let carol_file = dir.path().join("carol.json");
-    let key = client(&url, &admin_file, &["keys", "create", "--account", account_id, "--out", &carol_file.to_string_lossy()]);
+    let key = client(
+        &url,
+        &admin_file,
+        &[
+            "keys",
+            "create",
+            "--account",
+            account_id,
+            "--out",
+            &carol_file.to_string_lossy(),
+        ],
+    );
     assert_eq!(key["account_id"], account_id);
     let granted = client(&url, &admin_file, &["credits", "grant", account_id, "7"]);
     assert_eq!(granted["credits"], 7);
@@ -100,7 +130,17 @@ fn four_separate_processes_serve_an_upload_and_a_signed_predict() {
     let record = client(
         &url,
         &carol_file,
-        &["models", "upload", &model.to_string_lossy(), "--name", "digits", "--version", "1", "--price", "2"],
+        &[
+            "models",
+            "upload",
+            &model.to_string_lossy(),
+            "--name",
+            "digits",
+            "--version",
+            "1",
+            "--price",
+            "2",
+        ],
     );
     let model_id = record["model_id"].as_str().unwrap();
     let listed = client(&url, &carol_file, &["models", "list"]);
@@ -110,8 +150,22 @@ fn four_separate_processes_serve_an_upload_and_a_signed_predict() {
     let input = serde_json::json!([{ "name": "X", "shape": [1, 64], "datatype": "FP32", "data": expected["cases"][3]["input"] }]);
     let input_file = dir.path().join("input.json");
     std::fs::write(&input_file, input.to_string()).unwrap();
-    let answer = client(&url, &carol_file, &["predict", model_id, "--input", &format!("@{}", input_file.display())]);
-    let label = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "label").unwrap();
+    let answer = client(
+        &url,
+        &carol_file,
+        &[
+            "predict",
+            model_id,
+            "--input",
+            &format!("@{}", input_file.display()),
+        ],
+    );
+    let label = answer["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "label")
+        .unwrap();
     assert_eq!(label["data"][0], expected["cases"][3]["label"]);
     assert_eq!(answer["receipt"]["credits_charged"], 2);
 

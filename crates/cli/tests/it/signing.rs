@@ -8,16 +8,36 @@ use reqwest::Method;
 use crate::harness::*;
 
 /// A request signed with an explicit date and nonce.
-fn signed_at(client: &Client, method: Method, path: &str, body: &[u8], date: i64, nonce: &str) -> SignedRequest {
+fn signed_at(
+    client: &Client,
+    method: Method,
+    path: &str,
+    body: &[u8],
+    date: i64,
+    nonce: &str,
+) -> SignedRequest {
     let url = reqwest::Url::parse(client.base_url()).unwrap();
     let host = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
     let (p, q) = path.split_once('?').unwrap_or((path, ""));
     let secret = decode_secret(&client.key().secret).unwrap();
-    let headers = signing::sign(&client.key().key_id, &secret, method.as_str(), p, q, &host, &sha256_hex(body), date, nonce);
+    let headers = signing::sign(
+        &client.key().key_id,
+        &secret,
+        method.as_str(),
+        p,
+        q,
+        &host,
+        &sha256_hex(body),
+        date,
+        nonce,
+    );
     SignedRequest {
         method,
         url: format!("{}{path}", client.base_url()),
-        headers: headers.into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+        headers: headers
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .collect(),
         body: body.to_vec().into(),
     }
 }
@@ -37,11 +57,26 @@ async fn every_signing_rejection() {
 
     // The baseline passes, with a query string too.
     assert_eq!(user.send(get(now, &nonce())).await.unwrap().status, 200);
-    let listed = user.send(signed_at(&user, Method::GET, "/v1/models?b=2&a=x+y", b"", now, &nonce())).await.unwrap();
+    let listed = user
+        .send(signed_at(
+            &user,
+            Method::GET,
+            "/v1/models?b=2&a=x+y",
+            b"",
+            now,
+            &nonce(),
+        ))
+        .await
+        .unwrap();
     assert_eq!(listed.status, 200, "{:?}", listed.body);
 
     // Missing or malformed headers.
-    for header in ["authorization", "x-mh-date", "x-mh-nonce", "x-mh-content-sha256"] {
+    for header in [
+        "authorization",
+        "x-mh-date",
+        "x-mh-nonce",
+        "x-mh-content-sha256",
+    ] {
         let mut req = get(now, &nonce());
         req.set_header(header, None);
         expect_401(&user, req, header_word(header)).await;
@@ -59,14 +94,20 @@ async fn every_signing_rejection() {
 
     // Unknown key.
     let mut req = get(now, &nonce());
-    let auth = req.header("authorization").unwrap().replace(&user.key().key_id, "mhk_00000000000000000000000000000000");
+    let auth = req
+        .header("authorization")
+        .unwrap()
+        .replace(&user.key().key_id, "mhk_00000000000000000000000000000000");
     req.set_header("authorization", Some(&auth));
     expect_401(&user, req, "unknown key").await;
 
     // Dates more than 300 s away, either side; 299 s is still fine.
     expect_401(&user, get(now - 301, &nonce()), "date").await;
     expect_401(&user, get(now + 301, &nonce()), "date").await;
-    assert_eq!(user.send(get(now - 299, &nonce())).await.unwrap().status, 200);
+    assert_eq!(
+        user.send(get(now - 299, &nonce())).await.unwrap().status,
+        200
+    );
 
     // Nonces: bad form, and replay (the same signed request sent twice).
     expect_401(&user, get(now, "short"), "nonce").await;
@@ -93,15 +134,23 @@ async fn every_signing_rejection() {
 
     // Messages never carry the expected signature.
     let mut req = get(now, &nonce());
-    req.set_header("authorization", Some(&flip_last_hex(req.header("authorization").unwrap())));
+    req.set_header(
+        "authorization",
+        Some(&flip_last_hex(req.header("authorization").unwrap())),
+    );
     let answer = user.send(req.clone()).await.unwrap();
     let good_sig = &sig[sig.len() - 64..];
     assert!(!answer.body.to_string().contains(good_sig));
 
     // Health is the one unsigned route.
-    let health = reqwest::get(format!("{}/v1/health", user.base_url())).await.unwrap();
+    let health = reqwest::get(format!("{}/v1/health", user.base_url()))
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
-    assert_eq!(health.json::<serde_json::Value>().await.unwrap(), serde_json::json!({ "status": "ok" }));
+    assert_eq!(
+        health.json::<serde_json::Value>().await.unwrap(),
+        serde_json::json!({ "status": "ok" })
+    );
     cluster.stop().await;
 }
 

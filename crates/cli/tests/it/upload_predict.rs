@@ -18,9 +18,16 @@ async fn upload_then_predict_matches_onnxruntime() {
     assert_eq!(record["price"], 2);
     assert_eq!(record["size"], bytes.len());
     assert_eq!(record["sha256"], modelhub_core::signing::sha256_hex(&bytes));
-    assert!(record["cid"].as_str().unwrap().starts_with("bafk"), "CIDv1 of the ciphertext: {}", record["cid"]);
+    assert!(
+        record["cid"].as_str().unwrap().starts_with("bafk"),
+        "CIDv1 of the ciphertext: {}",
+        record["cid"]
+    );
     assert_eq!(record["commitment"], serde_json::Value::Null);
-    assert_eq!(record["inputs"], json!([{ "name": "X", "datatype": "FP32", "shape": [-1, 64] }]));
+    assert_eq!(
+        record["inputs"],
+        json!([{ "name": "X", "datatype": "FP32", "shape": [-1, 64] }])
+    );
     assert_eq!(
         record["outputs"],
         json!([
@@ -28,16 +35,35 @@ async fn upload_then_predict_matches_onnxruntime() {
             { "name": "probabilities", "datatype": "FP32", "shape": [-1, 10] }
         ])
     );
-    assert!(record.get("wrapped_dek").is_none(), "the wrapped key never leaves the services");
+    assert!(
+        record.get("wrapped_dek").is_none(),
+        "the wrapped key never leaves the services"
+    );
 
     let model_id = record["model_id"].as_str().unwrap();
     let listed = user.get("/v1/models").await.unwrap().ok().unwrap();
-    assert!(listed.as_array().unwrap().iter().any(|m| m["model_id"] == model_id));
-    let fetched = user.get(&format!("/v1/models/{model_id}")).await.unwrap().ok().unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["model_id"] == model_id)
+    );
+    let fetched = user
+        .get(&format!("/v1/models/{model_id}"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
     assert_eq!(fetched, record);
 
     for case in 0..8 {
-        let answer = user.predict(model_id, digits_input(case)).await.unwrap().ok().unwrap();
+        let answer = user
+            .predict(model_id, digits_input(case))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
         assert_matches_onnxruntime(&answer, case);
         assert_eq!(answer["receipt"]["credits_charged"], 2);
         assert_eq!(answer["proof_job"], serde_json::Value::Null);
@@ -52,7 +78,12 @@ async fn upload_then_predict_matches_onnxruntime() {
         .unwrap()
         .ok()
         .unwrap();
-    let label = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "label").unwrap();
+    let label = answer["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "label")
+        .unwrap();
     assert_eq!(label["data"], batch["label"]);
     assert_eq!(label["shape"], json!([8]));
     cluster.stop().await;
@@ -69,7 +100,9 @@ async fn the_ciphertext_is_stored_not_the_model() {
     for entry in walk(&cluster.data_dir()) {
         let bytes = std::fs::read(&entry).unwrap();
         assert!(
-            !bytes.windows(64).any(|w| w == &plain[plain.len() / 2..plain.len() / 2 + 64]),
+            !bytes
+                .windows(64)
+                .any(|w| w == &plain[plain.len() / 2..plain.len() / 2 + 64]),
             "plaintext model bytes found on disk in {}",
             entry.display()
         );
