@@ -1,5 +1,6 @@
 //! The inference service's errors, each mapped to a public [`ErrorCode`].
 
+use modelhub_core::pool::PoolError;
 use modelhub_core::{ApiError, ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
@@ -13,8 +14,8 @@ pub enum InferenceError {
     Onnx(#[from] modelhub_onnx::OnnxError),
     #[error("model bytes from storage do not match the model reference: {reason}")]
     Integrity { reason: String },
-    #[error("the compute pool is shut down")]
-    PoolClosed,
+    #[error(transparent)]
+    Pool(#[from] modelhub_core::pool::PoolError),
     #[error("background task failed: {reason}")]
     Task { reason: String },
 }
@@ -31,8 +32,10 @@ impl InferenceError {
             InferenceError::BadRequest { .. } => ErrorCode::BadRequest,
             InferenceError::Storage { error } => error.code,
             InferenceError::Onnx(e) => e.code(),
-            InferenceError::PoolClosed => ErrorCode::Unavailable,
-            InferenceError::Integrity { .. } | InferenceError::Task { .. } => ErrorCode::Internal,
+            InferenceError::Pool(PoolError::Closed) => ErrorCode::Unavailable,
+            InferenceError::Pool(PoolError::Panicked)
+            | InferenceError::Integrity { .. }
+            | InferenceError::Task { .. } => ErrorCode::Internal,
         }
     }
 
@@ -46,10 +49,12 @@ impl InferenceError {
                 _ => error.clone(),
             },
             InferenceError::Onnx(e) => e.to_api(),
-            InferenceError::PoolClosed => {
+            InferenceError::Pool(PoolError::Closed) => {
                 ApiError::unavailable("the inference service is stopping")
             }
-            InferenceError::Integrity { .. } | InferenceError::Task { .. } => ApiError::internal(),
+            InferenceError::Pool(PoolError::Panicked)
+            | InferenceError::Integrity { .. }
+            | InferenceError::Task { .. } => ApiError::internal(),
         }
     }
 

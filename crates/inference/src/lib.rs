@@ -7,7 +7,6 @@
 //! pool of sessions), [`pool`] (compute threads), [`error`].
 
 pub mod error;
-pub mod pool;
 pub mod service;
 pub mod sessions;
 

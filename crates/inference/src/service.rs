@@ -8,19 +8,15 @@ use modelhub_core::tensor::validate_inputs;
 use modelhub_core::{ApiError, Tensor};
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::inference::v1 as pb;
-use modelhub_proto::storage::v1::GetModelRequest;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
-use sha2::{Digest, Sha256};
+use modelhub_storage::client::{FetchError, fetch_model};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::Settings;
 use crate::error::InferenceError;
-use crate::pool::ComputePool;
 use crate::sessions::Loaded;
-
-/// Largest model fetched from storage, whatever the reference claims.
-pub const MAX_MODEL_BYTES: u64 = 4 << 30;
+use modelhub_core::pool::ComputePool;
 
 /// Counters of the session cache.
 #[derive(Debug, Default)]
@@ -71,12 +67,8 @@ impl InferenceService {
     pub fn new(settings: &Settings) -> anyhow::Result<InferenceService> {
         settings.validate()?;
         modelhub_onnx::init()?;
-        let channel = Channel::from_shared(settings.storage.clone())
-            .map_err(|e| anyhow::anyhow!("MODELHUB_INFERENCE_STORAGE is not a valid URI: {e}"))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let storage = StorageClient::new(channel).max_decoding_message_size(16 << 20);
+        let storage = modelhub_storage::client::connect_lazy(&settings.storage)
+            .map_err(|e| anyhow::anyhow!("MODELHUB_INFERENCE_STORAGE: {e}"))?;
         let cache = moka::future::Cache::builder()
             .max_capacity(settings.session_cache_bytes)
             .weigher(|_key: &String, loaded: &Arc<Loaded>| {
@@ -87,7 +79,7 @@ impl InferenceService {
             inner: Arc::new(Inner {
                 storage,
                 cache,
-                pool: ComputePool::new(settings.compute_threads)?,
+                pool: ComputePool::new("modelhub-compute", settings.compute_threads)?,
                 intra_op_threads: settings.intra_op_threads,
                 sessions_per_model: settings.sessions_per_model.min(settings.compute_threads),
                 stats: CacheStats::default(),
@@ -154,42 +146,24 @@ impl InferenceService {
         }
     }
 
-    /// Streams the model from storage into memory, checks its hash and opens it.
+    /// Streams the model from storage into memory (hash checked) and opens it.
     async fn load(&self, model: ModelRef) -> Result<Loaded, InferenceError> {
         let model_id = model.model_id.clone();
-        let want = model.sha256.clone();
-        let capacity = usize::try_from(model.size.min(64 << 20)).unwrap_or(0);
         let mut storage = self.inner.storage.clone();
         let started = std::time::Instant::now();
-        let mut stream = storage
-            .get_model(GetModelRequest { model: Some(model) })
+        let bytes = fetch_model(&mut storage, model)
             .await
-            .map_err(storage_error)?
-            .into_inner();
-        let mut bytes = Vec::with_capacity(capacity);
-        while let Some(chunk) = stream.message().await.map_err(storage_error)? {
-            if (bytes.len() + chunk.data.len()) as u64 > MAX_MODEL_BYTES {
-                return Err(InferenceError::Integrity {
-                    reason: "model is larger than the fetch limit".into(),
-                });
-            }
-            bytes.extend_from_slice(&chunk.data);
-        }
+            .map_err(|e| match e {
+                FetchError::Storage(error) => InferenceError::Storage { error },
+                FetchError::Integrity(reason) => InferenceError::Integrity { reason },
+            })?;
         let intra = self.inner.intra_op_threads;
         let sessions = self.inner.sessions_per_model;
-        let loaded = tokio::task::spawn_blocking(move || {
-            let got = hex::encode(Sha256::digest(&bytes));
-            if !got.eq_ignore_ascii_case(&want) {
-                return Err(InferenceError::Integrity {
-                    reason: format!("sha256 {got}"),
-                });
-            }
-            Ok(Loaded::open(bytes, intra, sessions)?)
-        })
-        .await
-        .map_err(|e| InferenceError::Task {
-            reason: e.to_string(),
-        })??;
+        let loaded = tokio::task::spawn_blocking(move || Loaded::open(bytes, intra, sessions))
+            .await
+            .map_err(|e| InferenceError::Task {
+                reason: e.to_string(),
+            })??;
         self.inner.stats.loads.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             model_id = %model_id,
@@ -198,12 +172,6 @@ impl InferenceService {
             "model session loaded"
         );
         Ok(loaded)
-    }
-}
-
-fn storage_error(status: Status) -> InferenceError {
-    InferenceError::Storage {
-        error: ApiError::from_status(&status),
     }
 }
 

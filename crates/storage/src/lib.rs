@@ -7,6 +7,7 @@
 //! disk store), [`service`] (the gRPC service), [`error`].
 
 pub mod blob;
+pub mod client;
 pub mod error;
 pub mod service;
 pub mod unixfs;

@@ -1,13 +1,21 @@
-//! A fixed set of OS threads for model runs, fed by a bounded queue: CPU work never runs on the
-//! async reactor, and a full queue makes callers wait instead of piling up work.
+//! A fixed set of OS threads for CPU-heavy work (model runs, proofs), fed by a bounded queue:
+//! such work never runs on the async reactor, and a full queue makes callers wait instead of
+//! piling up work.
 
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::InferenceError;
-
 type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Why a job did not produce its result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    #[error("the compute pool is shut down")]
+    Closed,
+    #[error("a compute job panicked")]
+    Panicked,
+}
 
 /// Jobs queued per thread before submitters wait.
 pub const QUEUE_PER_THREAD: usize = 64;
@@ -21,14 +29,14 @@ pub struct ComputePool {
 
 impl ComputePool {
     /// Starts `threads` (at least one) worker threads.
-    pub fn new(threads: usize) -> std::io::Result<ComputePool> {
+    pub fn new(name: &str, threads: usize) -> std::io::Result<ComputePool> {
         let threads = threads.max(1);
         let (tx, rx) = mpsc::channel::<Job>(threads * QUEUE_PER_THREAD);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads {
             let rx = rx.clone();
             std::thread::Builder::new()
-                .name(format!("modelhub-compute-{i}"))
+                .name(format!("{name}-{i}"))
                 .spawn(move || {
                     loop {
                         // One idle worker waits on the queue, the others on the lock.
@@ -48,7 +56,7 @@ impl ComputePool {
     }
 
     /// Runs `f` on a pool thread and waits (asynchronously) for its result.
-    pub async fn run<T, F>(&self, f: F) -> Result<T, InferenceError>
+    pub async fn run<T, F>(&self, f: F) -> Result<T, PoolError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
@@ -58,16 +66,11 @@ impl ComputePool {
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
             let _ = done.send(out);
         });
-        self.tx
-            .send(job)
-            .await
-            .map_err(|_| InferenceError::PoolClosed)?;
+        self.tx.send(job).await.map_err(|_| PoolError::Closed)?;
         match result.await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(_)) => Err(InferenceError::Task {
-                reason: "a compute job panicked".into(),
-            }),
-            Err(_) => Err(InferenceError::PoolClosed),
+            Ok(Err(_)) => Err(PoolError::Panicked),
+            Err(_) => Err(PoolError::Closed),
         }
     }
 }
@@ -76,9 +79,9 @@ impl ComputePool {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn jobs_run_off_the_reactor_and_panics_are_errors() {
-        let pool = ComputePool::new(2).unwrap();
+        let pool = ComputePool::new("modelhub-compute", 2).unwrap();
         let name = pool
             .run(|| std::thread::current().name().map(str::to_owned))
             .await
@@ -90,7 +93,7 @@ mod tests {
             2 * (0..200).sum::<i32>()
         );
         let e = pool.run(|| -> i32 { panic!("boom") }).await.unwrap_err();
-        assert!(matches!(e, InferenceError::Task { .. }));
+        assert_eq!(e, PoolError::Panicked);
         assert_eq!(
             pool.run(|| 1).await.unwrap(),
             1,
