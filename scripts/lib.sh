@@ -51,3 +51,81 @@ ensure_test_models() {
   "$ROOT/.venv/bin/python" "$ROOT/scripts/models/make_test_models.py" --out "$out" 2>/dev/null
   echo "$want" > "$stamp"
 }
+
+# A MongoDB-wire server for tests: nx-27017 (a MongoDB wire-protocol server on SQLite, from
+# PyPI) in its own virtualenv, .cache/mongo-venv (sets MONGO_VENV). Real MongoDB cannot be
+# installed here. Concurrent callers (parallel tests) wait on a lock for one install.
+ensure_mongo() {
+  MONGO_VENV="$ROOT/.cache/mongo-venv"
+  local reqs="nx-27017==0.8.1 neosqlite==1.17.2"
+  local stamp="$MONGO_VENV/.modelhub-reqs"
+  if [ -x "$MONGO_VENV/bin/nx-27017" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$reqs" ]; then
+    return 0
+  fi
+  mkdir -p "$ROOT/.cache"
+  (
+    flock 9
+    if [ -x "$MONGO_VENV/bin/nx-27017" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$reqs" ]; then
+      exit 0
+    fi
+    log "creating .cache/mongo-venv (nx-27017 MongoDB-wire server from PyPI)"
+    rm -rf "$MONGO_VENV"
+    python3 -m venv "$MONGO_VENV"
+    # shellcheck disable=SC2086
+    "$MONGO_VENV/bin/pip" install -q --disable-pip-version-check $reqs >&2
+    echo "$reqs" > "$stamp"
+  ) 9>"$ROOT/.cache/mongo-venv.lock"
+}
+
+# An IPFS node for tests and local runs, in .cache/ipfs-node: kubo can't be installed here (its
+# npm package downloads the binary), so this is the JavaScript node, npm ipfs@0.66.1, which
+# serves the same RPC API offline. Fixes (docs TOOLING.md, "IPFS"): mortice pinned to 3.0.6
+# (newer needs Node 22); wrtc and electron-webrtc replaced by an empty local package (else npm
+# fetches a tarball from a code host); the RPC answers of add and pin patched to print CIDv1 in
+# base32 and add's Size as a string, as kubo does. scripts/ipfs writes the node's config.
+# Concurrent callers (parallel tests) wait on a lock for one install.
+IPFS_NODE="$ROOT/.cache/ipfs-node"
+IPFS_RECIPE="ipfs@0.66.1 mortice@3.0.6 stub-webrtc kubo-answers-v1"
+ipfs_installed() {
+  [ -x "$IPFS_NODE/node_modules/.bin/jsipfs" ] && [ -f "$IPFS_NODE/.modelhub-recipe" ] \
+    && [ "$(cat "$IPFS_NODE/.modelhub-recipe")" = "$IPFS_RECIPE" ]
+}
+ensure_ipfs() {
+  ipfs_installed && return 0
+  command -v npm >/dev/null || { log "npm is needed to install the IPFS node"; return 1; }
+  mkdir -p "$ROOT/.cache"
+  (
+    flock 9
+    ipfs_installed && exit 0
+    log "installing the IPFS node into .cache/ipfs-node (npm ipfs@0.66.1, about a minute)"
+    mkdir -p "$IPFS_NODE/stub-empty"
+    cat > "$IPFS_NODE/stub-empty/package.json" <<'JSON'
+{"name": "stub-empty", "version": "1.0.0", "description": "empty stand-in for optional WebRTC packages", "license": "MIT"}
+JSON
+    cat > "$IPFS_NODE/package.json" <<'JSON'
+{
+  "name": "modelhub-ipfs-node",
+  "private": true,
+  "dependencies": { "ipfs": "0.66.1" },
+  "overrides": {
+    "mortice": "3.0.6",
+    "wrtc": "file:./stub-empty",
+    "electron-webrtc": "file:./stub-empty"
+  }
+}
+JSON
+    (cd "$IPFS_NODE" && npm install --no-audit --no-fund --loglevel=error >&2)
+    local res="$IPFS_NODE/node_modules/ipfs-http-server/src/api/resources" f
+    for f in files-regular.js pin.js; do
+      grep -q 'modelhub-patched' "$res/$f" && continue
+      # CIDv1 in base32 unless a base is asked for (CIDv0 stays base58btc); add's Size a string.
+      perl -0pi -e '
+        s/cidBase: Joi\.string\(\)\.default\(\x27base58btc\x27\)/cidBase: Joi.string().default(\x27base32\x27)/g;
+        s/\b([a-z]+(?:\.cid)?)\.toString\(base\.encoder\)/($1.version === 0 ? $1.toString() : $1.toString(base.encoder))/g;
+        s/Size: file\.size,/Size: String(file.size),/g;
+        $_ = "// modelhub-patched: kubo-style answers\n" . $_;
+      ' "$res/$f"
+    done
+    echo "$IPFS_RECIPE" > "$IPFS_NODE/.modelhub-recipe"
+  ) 9>"$ROOT/.cache/ipfs-node.lock"
+}

@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "modelhub/registry/v1/registry.proto",
         "modelhub/storage/v1/storage.proto",
         "modelhub/inference/v1/inference.proto",
+        "modelhub/prover/v1/prover.proto",
     ];
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = tonic_prost_build::Config::new();

@@ -85,6 +85,12 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Check and move model blobs (operators).
+    #[command(subcommand)]
+    Storage(Storage),
+    /// Fetch and verify zero-knowledge proofs of predictions.
+    #[command(subcommand)]
+    Proofs(Proofs),
     /// Show the key's account: credits and earnings.
     Account {
         #[command(flatten)]
@@ -124,6 +130,16 @@ pub enum Serve {
         #[command(flatten)]
         settings: modelhub_inference::Settings,
     },
+    Prover {
+        #[arg(
+            long,
+            env = "MODELHUB_PROVER_LISTEN",
+            default_value = "127.0.0.1:50054"
+        )]
+        listen: SocketAddr,
+        #[command(flatten)]
+        settings: modelhub_prover::Settings,
+    },
     Gateway {
         #[arg(
             long,
@@ -133,6 +149,74 @@ pub enum Serve {
         listen: SocketAddr,
         #[command(flatten)]
         settings: modelhub_gateway::Settings,
+    },
+}
+
+/// Which blob store a storage command looks at.
+#[derive(Debug, Clone, Args)]
+pub struct BlobArgs {
+    /// An IPFS node's RPC API (e.g. http://127.0.0.1:5001).
+    #[arg(
+        long,
+        env = "MODELHUB_STORAGE_IPFS_API",
+        conflicts_with = "storage_dir"
+    )]
+    pub ipfs_api: Option<String>,
+    /// The embedded store: the storage service's data folder (holding `blobs/`).
+    #[arg(long, default_value = "./modelhub-data/storage")]
+    pub storage_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Storage {
+    /// Reconcile the blob store with the registry (the models listed through the gateway with
+    /// an admin key): reports blobs missing, unpinned, unreadable (--contents) or unexpected.
+    /// Exits non-zero unless every model's blob is there.
+    Verify {
+        #[command(flatten)]
+        blobs: BlobArgs,
+        /// Also read every blob back and check its CID.
+        #[arg(long)]
+        contents: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Copy every blob of an embedded store into an IPFS node, checking each CID is unchanged
+    /// (so no registry record needs to change).
+    Export {
+        /// The IPFS node's RPC API.
+        #[arg(long)]
+        to_ipfs: String,
+        /// The embedded store's data folder (holding `blobs/`).
+        #[arg(long, default_value = "./modelhub-data/storage")]
+        storage_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Proofs {
+    /// Fetch the proof of a prediction (`proof_job` of a predict answer).
+    Get {
+        job: String,
+        /// Seconds to wait for the proof to finish.
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+        /// Write the proof file here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Verify a proof file offline, from its public parts alone (no weights, no server).
+    Verify {
+        file: PathBuf,
+        /// Where proving params are cached (made on first use).
+        #[arg(
+            long,
+            env = "MODELHUB_PARAMS_DIR",
+            default_value = "./modelhub-data/params"
+        )]
+        params_dir: PathBuf,
     },
 }
 
@@ -364,11 +448,114 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&v);
             Ok(())
         }
+        Command::Storage(Storage::Verify {
+            blobs,
+            contents,
+            client,
+        }) => {
+            let models = client.client()?.get("/v1/models").await?.ok()?;
+            let expected: Vec<String> = models
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["cid"].as_str().map(str::to_string))
+                .collect();
+            let store: Box<dyn modelhub_storage::BlobStore> = match &blobs.ipfs_api {
+                Some(api) => Box::new(modelhub_storage::IpfsBlobStore::new(
+                    api,
+                    Default::default(),
+                )?),
+                None => Box::new(modelhub_storage::LocalBlobStore::open(&blobs.storage_dir)?),
+            };
+            let report = if contents {
+                modelhub_storage::reconcile::verify_contents(store.as_ref(), &expected).await?
+            } else {
+                modelhub_storage::reconcile::verify(store.as_ref(), &expected).await?
+            };
+            print_json(&json!({
+                "clean": report.is_clean(),
+                "ok": report.ok.len(),
+                "missing": report.missing,
+                "unreadable": report.unreadable,
+                "unexpected": report.unexpected,
+            }));
+            anyhow::ensure!(
+                report.is_clean(),
+                "the blob store is missing or cannot read some models' blobs"
+            );
+            Ok(())
+        }
+        Command::Storage(Storage::Export {
+            to_ipfs,
+            storage_dir,
+        }) => {
+            let from = modelhub_storage::LocalBlobStore::open(&storage_dir)?;
+            let to = modelhub_storage::IpfsBlobStore::new(&to_ipfs, Default::default())?;
+            let report = modelhub_storage::reconcile::export(&from, &to).await?;
+            print_json(
+                &json!({ "copied": report.copied, "bytes": report.bytes, "failed": report.failed }),
+            );
+            anyhow::ensure!(report.failed.is_empty(), "some blobs could not be exported");
+            Ok(())
+        }
+        Command::Proofs(Proofs::Get {
+            job,
+            wait,
+            out,
+            client,
+        }) => {
+            let v = client
+                .client()?
+                .get(&format!("/v1/proofs/{job}?wait={wait}"))
+                .await?
+                .ok()?;
+            if let Some(out) = out {
+                anyhow::ensure!(
+                    v["status"] == "done",
+                    "the proof is {} (not written)",
+                    v["status"]
+                );
+                std::fs::write(&out, serde_json::to_vec_pretty(&v["proof"])?)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                eprintln!("proof written to {}", out.display());
+            }
+            print_json(&v);
+            Ok(())
+        }
+        Command::Proofs(Proofs::Verify { file, params_dir }) => {
+            let bundle = verify_proof_file(&file, &params_dir).await?;
+            print_json(&json!({
+                "valid": true,
+                "job_id": bundle.public.job_id,
+                "commitment": bundle.public.commitment,
+                "output": bundle.public.output,
+                "output_dequantized": modelhub_zk::dequantize_output(&bundle.spec, &bundle.public.output),
+            }));
+            Ok(())
+        }
         Command::Account { client } => {
             print_json(&client.client()?.get("/v1/account").await?.ok()?);
             Ok(())
         }
     }
+}
+
+/// Verifies a proof file offline; params are made on first use and cached in `params_dir`.
+pub async fn verify_proof_file(
+    file: &Path,
+    params_dir: &Path,
+) -> anyhow::Result<modelhub_zk::ProofBundle> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let bundle: modelhub_zk::ProofBundle = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a proof file", file.display()))?;
+    let params_dir = params_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let params = modelhub_zk::Params::load_or_create(&params_dir, bundle.spec.k)?;
+        modelhub_zk::verify(&params, &bundle)?;
+        Ok::<_, anyhow::Error>(bundle)
+    })
+    .await?
+    .context("the proof does not verify")
 }
 
 /// A model id as given, or the id of the model named `NAME@VERSION`.
@@ -484,6 +671,11 @@ async fn run_service(serve: Serve) -> anyhow::Result<()> {
             let l = bind(listen).await?;
             announce("inference", l.local_addr()?);
             modelhub_inference::run(settings, l, shutdown_signal()).await
+        }
+        Serve::Prover { listen, settings } => {
+            let l = bind(listen).await?;
+            announce("prover", l.local_addr()?);
+            modelhub_prover::run(settings, l, shutdown_signal()).await
         }
         Serve::Gateway { listen, settings } => {
             let l =

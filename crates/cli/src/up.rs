@@ -5,6 +5,7 @@
 //! <data-dir>/kek              key-encryption key (0600), shared by registry and storage
 //! <data-dir>/registry/        embedded metadata store and credits ledger (redb)
 //! <data-dir>/storage/blobs/   content-addressed ciphertext, named by IPFS CIDv1
+//! <data-dir>/prover/          proofs, compiled-model records, cached proving params
 //! <data-dir>/admin-key.json   the admin's API key (0600), written on first start
 //! ```
 //! Tests start the same thing on `127.0.0.1:0`.
@@ -13,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use futures::future::BoxFuture;
 use modelhub_proto::registry::v1 as reg;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -29,6 +31,12 @@ pub struct UpSettings {
     /// Address of the public HTTP gateway.
     #[arg(long, env = "MODELHUB_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
+    /// Keep the registry's metadata in this MongoDB instead of the embedded store.
+    #[arg(long, env = "MODELHUB_REGISTRY_MONGODB_URI")]
+    pub mongodb_uri: Option<String>,
+    /// Keep model blobs on this IPFS node (kubo RPC API) instead of the local blob store.
+    #[arg(long, env = "MODELHUB_STORAGE_IPFS_API")]
+    pub ipfs_api: Option<String>,
 }
 
 impl UpSettings {
@@ -36,6 +44,8 @@ impl UpSettings {
         UpSettings {
             data_dir: data_dir.to_path_buf(),
             http: "127.0.0.1:0".parse().expect("addr"),
+            mongodb_uri: None,
+            ipfs_api: None,
         }
     }
 }
@@ -46,6 +56,7 @@ pub struct Endpoints {
     pub registry: String,
     pub storage: String,
     pub inference: String,
+    pub prover: String,
 }
 
 /// A running marketplace; [`Running::stop`] shuts it down gracefully.
@@ -77,68 +88,74 @@ pub async fn start(settings: UpSettings) -> anyhow::Result<Running> {
     let (registry_l, registry) = loopback().await?;
     let (storage_l, storage) = loopback().await?;
     let (inference_l, inference) = loopback().await?;
+    let (prover_l, prover) = loopback().await?;
 
     let registry_settings = modelhub_registry::Settings {
-        data_dir: data.join("registry"),
         kek_file: Some(kek_file.clone()),
+        mongodb_uri: settings.mongodb_uri.clone(),
+        ..modelhub_registry::Settings::for_test(data.join("registry"))
     };
     let storage_settings = modelhub_storage::Settings {
         data_dir: data.join("storage"),
         kek_file: Some(kek_file.clone()),
+        ipfs_api: settings.ipfs_api.clone(),
         ..modelhub_storage::Settings::for_test(&data.join("storage"))
     };
     let inference_settings = modelhub_inference::Settings {
-        storage: storage.clone(),
+        prover: Some(prover.clone()),
         ..modelhub_inference::Settings::for_test(&storage)
     };
-    let gateway_settings =
-        modelhub_gateway::Settings::for_test(registry.clone(), storage.clone(), inference.clone());
+    let prover_settings = modelhub_prover::Settings {
+        kek_file: Some(kek_file.clone()),
+        ..modelhub_prover::Settings::for_test(&data.join("prover"), &storage)
+    };
+    let gateway_settings = modelhub_gateway::Settings {
+        prover: Some(prover.clone()),
+        ..modelhub_gateway::Settings::for_test(registry.clone(), storage.clone(), inference.clone())
+    };
 
-    let c = cancel.clone();
-    tasks.push((
+    let stop = || cancel.clone().cancelled_owned();
+    let mut spawn = |name, service: BoxFuture<'static, anyhow::Result<()>>| {
+        tasks.push((name, tokio::spawn(service)));
+    };
+    spawn(
         "registry",
-        tokio::spawn(modelhub_registry::run(
+        Box::pin(modelhub_registry::run(
             registry_settings,
             registry_l,
-            c.cancelled_owned(),
+            stop(),
         )),
-    ));
-    let c = cancel.clone();
-    tasks.push((
+    );
+    spawn(
         "storage",
-        tokio::spawn(modelhub_storage::run(
-            storage_settings,
-            storage_l,
-            c.cancelled_owned(),
-        )),
-    ));
-    let c = cancel.clone();
-    tasks.push((
+        Box::pin(modelhub_storage::run(storage_settings, storage_l, stop())),
+    );
+    spawn(
         "inference",
-        tokio::spawn(modelhub_inference::run(
+        Box::pin(modelhub_inference::run(
             inference_settings,
             inference_l,
-            c.cancelled_owned(),
+            stop(),
         )),
-    ));
+    );
+    spawn(
+        "prover",
+        Box::pin(modelhub_prover::run(prover_settings, prover_l, stop())),
+    );
 
     let http = std::net::TcpListener::bind(settings.http)
         .with_context(|| format!("binding the gateway to {}", settings.http))?;
     let gateway_url = format!("http://{}", http.local_addr()?);
-    let c = cancel.clone();
-    tasks.push((
+    spawn(
         "gateway",
-        tokio::spawn(modelhub_gateway::run(
-            gateway_settings,
-            http,
-            c.cancelled_owned(),
-        )),
-    ));
+        Box::pin(modelhub_gateway::run(gateway_settings, http, stop())),
+    );
 
     let endpoints = Endpoints {
         registry,
         storage,
         inference,
+        prover,
     };
     let admin_key_path = data.join("admin-key.json");
     let admin_key = match bootstrap_admin(&endpoints.registry, &admin_key_path).await {

@@ -20,6 +20,7 @@ use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use modelhub_proto::inference::v1::inference_client::InferenceClient;
+use modelhub_proto::prover::v1::prover_client::ProverClient;
 use modelhub_proto::registry::v1::Model as ModelPb;
 use modelhub_proto::registry::v1::registry_client::RegistryClient;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
@@ -54,6 +55,10 @@ pub struct Settings {
     )]
     pub inference: String,
     /// Largest model upload accepted, in bytes.
+    /// gRPC endpoint of the prover. Without it uploads get no circuit (commitment null) and
+    /// predictions can't ask for proofs.
+    #[arg(long, env = "MODELHUB_GATEWAY_PROVER")]
+    pub prover: Option<String>,
     #[arg(long, env = "MODELHUB_GATEWAY_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
     pub max_upload_bytes: u64,
     /// Largest JSON request body accepted, in bytes.
@@ -71,6 +76,7 @@ impl Settings {
             registry,
             storage,
             inference,
+            prover: None,
             max_upload_bytes: 1 << 30,
             max_json_bytes: 64 << 20,
             workers: 2,
@@ -82,6 +88,9 @@ impl Settings {
         endpoint("registry", &self.registry)?;
         endpoint("storage", &self.storage)?;
         endpoint("inference", &self.inference)?;
+        if let Some(prover) = &self.prover {
+            endpoint("prover", prover)?;
+        }
         anyhow::ensure!(self.workers >= 1, "workers must be at least 1");
         anyhow::ensure!(
             self.max_upload_bytes >= 1,
@@ -106,6 +115,7 @@ pub(crate) struct Limits {
 const INFERENCE_MAX_MESSAGE: usize = 512 << 20;
 /// Largest gRPC message accepted from the registry (model lists).
 const REGISTRY_MAX_MESSAGE: usize = 64 << 20;
+const PROVER_MAX_MESSAGE: usize = 64 << 20;
 
 /// How long a model record read for a prediction is reused. Records never change once
 /// created (the registry has no update), so this only bounds memory and staleness of deletes.
@@ -131,6 +141,7 @@ pub(crate) struct AppState {
     registry: RegistryClient<Channel>,
     storage: StorageClient<Channel>,
     inference: InferenceClient<Channel>,
+    prover: Option<ProverClient<Channel>>,
     models: ModelCache,
     pub auth: Authenticator,
     pub limits: Limits,
@@ -147,6 +158,11 @@ impl AppState {
 
     pub fn inference(&self) -> InferenceClient<Channel> {
         self.inference.clone()
+    }
+
+    /// The prover client, when this gateway has a prover.
+    pub fn prover(&self) -> Option<ProverClient<Channel>> {
+        self.prover.clone()
     }
 
     /// A model record, from the cache or the registry (`GetModel`; unknown → 404).
@@ -172,6 +188,7 @@ struct Shared {
     registry: Endpoint,
     storage: Endpoint,
     inference: Endpoint,
+    prover: Option<Endpoint>,
     keys: KeyCache,
     nonces: NonceCache,
     models: ModelCache,
@@ -192,6 +209,11 @@ impl Shared {
             registry: endpoint("registry", &settings.registry)?,
             storage: endpoint("storage", &settings.storage)?,
             inference: endpoint("inference", &settings.inference)?,
+            prover: settings
+                .prover
+                .as_deref()
+                .map(|p| endpoint("prover", p))
+                .transpose()?,
             keys: KeyCache::new(),
             nonces: NonceCache::new(),
             models: ModelCache::new(),
@@ -212,6 +234,9 @@ impl Shared {
             storage: StorageClient::new(self.storage.connect_lazy()),
             inference: InferenceClient::new(self.inference.connect_lazy())
                 .max_decoding_message_size(INFERENCE_MAX_MESSAGE),
+            prover: self.prover.as_ref().map(|p| {
+                ProverClient::new(p.connect_lazy()).max_decoding_message_size(PROVER_MAX_MESSAGE)
+            }),
             registry,
             models: self.models.clone(),
             auth: Authenticator::new(keys, self.nonces.clone()),

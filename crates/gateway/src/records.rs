@@ -21,6 +21,10 @@ pub struct ModelRecord {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
     pub commitment: Option<String>,
+    /// The public circuit spec the commitment belongs to (docs/ZK.md), when there is one.
+    pub circuit_spec: Option<serde_json::Value>,
+    /// Why the model has no circuit, when the prover could not compile it.
+    pub zk_note: Option<String>,
     /// Unix seconds.
     pub created_at: i64,
 }
@@ -59,6 +63,15 @@ impl TryFrom<pb::Model> for ModelRecord {
             sha256: m.sha256,
             size: m.size,
             commitment: m.commitment,
+            circuit_spec: m
+                .circuit_spec
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| {
+                    GatewayError::internal(format!("registry returned a bad circuit spec: {e}"))
+                })?,
+            zk_note: m.zk_note,
             created_at: m.created_at,
         })
     }
@@ -94,6 +107,8 @@ mod tests {
             }],
             commitment: None,
             created_at: 1_767_225_600,
+            circuit_spec: None,
+            zk_note: Some("op Softmax is not supported".into()),
         };
         let json = serde_json::to_value(ModelRecord::try_from(model).unwrap()).unwrap();
         assert_eq!(
@@ -103,7 +118,8 @@ mod tests {
                 "price": 3, "cid": "bafy", "sha256": "ab".repeat(32), "size": 1234,
                 "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 64]}],
                 "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}],
-                "commitment": null, "created_at": 1_767_225_600,
+                "commitment": null, "circuit_spec": null,
+                "zk_note": "op Softmax is not supported", "created_at": 1_767_225_600,
             })
         );
     }

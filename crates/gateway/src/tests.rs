@@ -234,7 +234,7 @@ async fn predict_rejects_bad_requests_before_any_backing_call() {
         &call(s.request()).await,
         400,
         "bad_request",
-        "proofs are not available yet on this gateway",
+        "proofs are not enabled on this gateway",
     );
 
     let bad = r#"{"inputs":[{"name":"X","shape":[1,3],"datatype":"FP32","data":[1,2]}]}"#;

@@ -7,6 +7,7 @@
 //! pool of sessions), [`pool`] (compute threads), [`error`].
 
 pub mod error;
+pub mod proofs;
 pub mod service;
 pub mod sessions;
 
@@ -59,6 +60,9 @@ pub struct Settings {
         default_value_t = 1 << 30
     )]
     pub session_cache_bytes: u64,
+    /// gRPC endpoint of the prover; without it, predictions that ask for a proof are refused.
+    #[arg(long = "prover", env = "MODELHUB_INFERENCE_PROVER")]
+    pub prover: Option<String>,
 }
 
 impl Settings {
@@ -71,6 +75,7 @@ impl Settings {
             intra_op_threads: 1,
             sessions_per_model: 2,
             session_cache_bytes: 1 << 30,
+            prover: None,
         }
     }
 

@@ -8,6 +8,7 @@ use modelhub_core::tensor::validate_inputs;
 use modelhub_core::{ApiError, Tensor};
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::inference::v1 as pb;
+use modelhub_proto::prover::v1::ProofJob;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
 use modelhub_storage::client::{FetchError, fetch_model};
 use tonic::transport::Channel;
@@ -15,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::Settings;
 use crate::error::InferenceError;
+use crate::proofs::ProofSink;
 use crate::sessions::Loaded;
 use modelhub_core::pool::ComputePool;
 
@@ -45,6 +47,7 @@ struct Inner {
     intra_op_threads: usize,
     sessions_per_model: usize,
     stats: CacheStats,
+    proofs: Option<ProofSink>,
 }
 
 /// The inference service; cheap to clone (tests keep a clone to read the cache counters).
@@ -83,6 +86,13 @@ impl InferenceService {
                 intra_op_threads: settings.intra_op_threads,
                 sessions_per_model: settings.sessions_per_model.min(settings.compute_threads),
                 stats: CacheStats::default(),
+                proofs: match &settings.prover {
+                    Some(endpoint) => Some(
+                        ProofSink::connect(endpoint)
+                            .map_err(|e| anyhow::anyhow!("MODELHUB_INFERENCE_PROVER: {e}"))?,
+                    ),
+                    None => None,
+                },
             }),
         })
     }
@@ -186,19 +196,43 @@ impl pb::inference_server::Inference for InferenceService {
             return Err(ApiError::bad_request("Predict needs a model reference").to_status());
         };
         let model_id = model.model_id.clone();
+        let sink = match (req.prove, &self.inner.proofs) {
+            (false, _) => None,
+            (true, Some(sink)) => Some(sink),
+            (true, None) => {
+                return Err(
+                    ApiError::unavailable("no prover is configured for this worker").to_status(),
+                );
+            }
+        };
+        // Kept for the proof job: the input as received.
+        let proof_inputs = sink.map(|_| req.inputs.clone());
         let inputs = req
             .inputs
             .into_iter()
             .map(Tensor::try_from)
             .collect::<Result<Vec<_>, ApiError>>()
             .map_err(|e| InferenceError::from(e).into_status(&model_id))?;
-        let outputs = self
+        let proof_model = sink.map(|_| model.clone());
+        let outputs: Vec<_> = self
             .predict(model, inputs)
             .await
-            .map_err(|e| e.into_status(&model_id))?;
-        tracing::debug!(model_id = %model_id, job_id = %req.job_id, "predict done");
-        Ok(Response::new(pb::PredictResponse {
-            outputs: outputs.into_iter().map(Tensor::into_proto).collect(),
-        }))
+            .map_err(|e| e.into_status(&model_id))?
+            .into_iter()
+            .map(Tensor::into_proto)
+            .collect();
+        if let Some(sink) = sink {
+            let job = ProofJob {
+                job_id: req.job_id.clone(),
+                account_id: req.account_id,
+                model: proof_model,
+                inputs: proof_inputs.unwrap_or_default(),
+                outputs: outputs.clone(),
+            };
+            sink.submit(job)
+                .map_err(|why| ApiError::unavailable(why).to_status())?;
+        }
+        tracing::debug!(model_id = %model_id, job_id = %req.job_id, prove = req.prove, "predict done");
+        Ok(Response::new(pb::PredictResponse { outputs }))
     }
 }

@@ -42,5 +42,15 @@ pub mod inference {
     }
 }
 
+/// `modelhub.prover.v1`: zero-knowledge proofs of predictions.
+#[cfg(feature = "prover")]
+pub mod prover {
+    #[rustfmt::skip]
+    #[allow(clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        tonic::include_proto!("modelhub.prover.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every Model Hub proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("modelhub_descriptor");

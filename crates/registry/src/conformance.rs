@@ -59,6 +59,8 @@ pub fn new_model(owner: &str, price: u64) -> Model {
             shape: vec![-1],
         }],
         commitment: Some("0x1234".to_owned()),
+        circuit_spec: Some(r#"{"version":1}"#.to_owned()),
+        zk_note: None,
         created_at: id::unix_now(),
     }
 }
@@ -76,6 +78,7 @@ where
     models(store.clone()).await;
     ledger(store.clone()).await;
     idempotency(store.clone()).await;
+    concurrent_idempotent_reserve(store.clone()).await;
     receipts_are_unique(store.clone()).await;
     concurrent_reserve(store.clone()).await;
     drop(store);
@@ -480,6 +483,60 @@ pub async fn idempotency(store: Store) {
     assert_eq!(after.state, ReservationState::Committed);
     assert_eq!(store.commit(&after.reservation_id).await.unwrap(), receipt);
     assert_eq!(store.get_account(&a.account_id).await.unwrap().credits, 4);
+}
+
+/// Retries of one request racing each other (same idempotency key): one reservation, one
+/// charge; racing commits of it give one receipt and pay the owner once.
+pub async fn concurrent_idempotent_reserve(store: Store) {
+    let owner = store
+        .create_account(new_account("seller", 0))
+        .await
+        .unwrap();
+    let buyer = store
+        .create_account(new_account("buyer", 10))
+        .await
+        .unwrap();
+    let model = store
+        .create_model(new_model(&owner.account_id, 3))
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let store = store.clone();
+        let (a, m) = (buyer.account_id.clone(), model.model_id.clone());
+        tasks.spawn(async move { store.reserve(&a, &m, Some("same-request")).await });
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        let r = joined.expect("reserve task panicked").unwrap();
+        assert_eq!(r.idempotency_key.as_deref(), Some("same-request"));
+        ids.insert(r.reservation_id);
+    }
+    assert_eq!(ids.len(), 1, "one request, one reservation");
+    assert_eq!(
+        store.get_account(&buyer.account_id).await.unwrap().credits,
+        7
+    );
+    let rid = ids.into_iter().next().unwrap_or_default();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let store = store.clone();
+        let id = rid.clone();
+        tasks.spawn(async move { store.commit(&id).await });
+    }
+    let mut receipts = std::collections::BTreeSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        receipts.insert(joined.expect("commit task panicked").unwrap().receipt_id);
+    }
+    assert_eq!(receipts.len(), 1, "one commit, one receipt");
+    assert_eq!(
+        store.get_account(&owner.account_id).await.unwrap().earnings,
+        3
+    );
+    assert_eq!(
+        store.get_account(&buyer.account_id).await.unwrap().credits,
+        7
+    );
 }
 
 /// Every commit writes its own receipt under a distinct id.

@@ -22,6 +22,13 @@ pub enum RegistryError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    /// The metadata store can't be reached right now (server down, connection lost, no
+    /// primary); the request may be retried.
+    #[error("metadata store unavailable: {source}")]
+    Unavailable {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// A sealed secret could not be opened (wrong KEK or tampered record).
     #[error("sealed secret of key {key_id:?} could not be opened")]
     Unseal { key_id: String },
@@ -54,12 +61,22 @@ impl RegistryError {
         }
     }
 
+    /// Wraps a back-end error that means the store is unreachable (503 `unavailable`).
+    pub fn unavailable(
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        RegistryError::Unavailable {
+            source: source.into(),
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             RegistryError::BadRequest { .. } => ErrorCode::BadRequest,
             RegistryError::NotFound { .. } => ErrorCode::NotFound,
             RegistryError::Conflict { .. } => ErrorCode::Conflict,
             RegistryError::PaymentRequired { .. } => ErrorCode::PaymentRequired,
+            RegistryError::Unavailable { .. } => ErrorCode::Unavailable,
             RegistryError::Store { .. } | RegistryError::Unseal { .. } => ErrorCode::Internal,
         }
     }
@@ -73,6 +90,10 @@ impl RegistryError {
             RegistryError::NotFound { .. } | RegistryError::PaymentRequired { .. } => {
                 ApiError::new(self.code(), self.to_string())
             }
+            RegistryError::Unavailable { .. } => ApiError::new(
+                ErrorCode::Unavailable,
+                "the metadata store is unavailable; retry later",
+            ),
             RegistryError::Store { .. } | RegistryError::Unseal { .. } => ApiError::internal(),
         }
     }
@@ -106,6 +127,9 @@ mod tests {
         let api = RegistryError::not_found("model", "mdl_1").to_api();
         assert_eq!(api.code, ErrorCode::NotFound);
         assert_eq!(api.message, "model \"mdl_1\" not found");
+        let api = RegistryError::unavailable("connection to 10.0.0.1:27017 refused").to_api();
+        assert_eq!(api.code, ErrorCode::Unavailable);
+        assert!(!api.message.contains("10.0.0.1"));
         assert_eq!(
             RegistryError::conflict("taken").to_api().code,
             ErrorCode::Conflict

@@ -3,8 +3,9 @@
 //! (`proto/modelhub/registry/v1/registry.proto`).
 //!
 //! The records live behind the [`MetadataStore`] trait; [`RedbStore`] is the embedded
-//! implementation (`<data_dir>/registry.redb`). [`conformance`] holds the store test suite
-//! every implementation must pass.
+//! implementation (`<data_dir>/registry.redb`), [`MongoStore`] the MongoDB one, used when
+//! `--mongodb-uri` is set. [`conformance`] holds the store test suite every implementation
+//! must pass.
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -16,6 +17,7 @@ pub mod store;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use modelhub_core::crypto::Kek;
@@ -25,10 +27,10 @@ use tonic::transport::server::TcpIncoming;
 
 pub use error::{RegistryError, Result};
 pub use service::RegistryService;
-pub use store::{MetadataStore, RedbStore};
+pub use store::{MetadataStore, MongoStore, RedbStore};
 
 /// Registry settings (the listen address belongs to the binary).
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct Settings {
     /// Folder of the embedded database (`registry.redb`) and, by default, the KEK file.
     #[arg(
@@ -41,6 +43,34 @@ pub struct Settings {
     /// missing.
     #[arg(long, env = "MODELHUB_REGISTRY_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
+    /// MongoDB connection string, e.g. `mongodb://db1,db2,db3/modelhub?replicaSet=rs0`: when
+    /// set, the metadata lives there (database from the URI, else `modelhub`) instead of the
+    /// embedded database. The KEK file stays local.
+    #[arg(long, env = "MODELHUB_REGISTRY_MONGODB_URI")]
+    pub mongodb_uri: Option<String>,
+    /// How long a request waits for a reachable MongoDB server before failing with
+    /// `unavailable` (milliseconds).
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_MONGODB_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub mongodb_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for Settings {
+    /// The MongoDB URI may hold a password: only whether it is set is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("data_dir", &self.data_dir)
+            .field("kek_file", &self.kek_file)
+            .field(
+                "mongodb_uri",
+                &self.mongodb_uri.as_ref().map(|_| "<redacted>"),
+            )
+            .field("mongodb_timeout_ms", &self.mongodb_timeout_ms)
+            .finish()
+    }
 }
 
 impl Settings {
@@ -49,6 +79,16 @@ impl Settings {
         Settings {
             data_dir: data_dir.into(),
             kek_file: None,
+            mongodb_uri: None,
+            mongodb_timeout_ms: 2000,
+        }
+    }
+
+    /// Settings for tests with the metadata in MongoDB at `uri`.
+    pub fn for_test_mongodb(data_dir: impl Into<PathBuf>, uri: impl Into<String>) -> Settings {
+        Settings {
+            mongodb_uri: Some(uri.into()),
+            ..Settings::for_test(data_dir)
         }
     }
 
@@ -61,21 +101,35 @@ impl Settings {
 }
 
 impl RegistryService {
-    /// Opens the embedded store and the KEK named by `settings`.
+    /// Opens the store (MongoDB when `mongodb_uri` is set, else the embedded one) and the KEK
+    /// named by `settings`.
     pub async fn open(settings: &Settings) -> anyhow::Result<RegistryService> {
+        let mongo = match &settings.mongodb_uri {
+            Some(uri) => {
+                let timeout = Duration::from_millis(settings.mongodb_timeout_ms.max(1));
+                let store = MongoStore::connect(uri, timeout)
+                    .await
+                    .context("connecting to MongoDB")?;
+                Some(Arc::new(store) as Arc<dyn MetadataStore>)
+            }
+            None => None,
+        };
         let settings = settings.clone();
         let (store, kek) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let store = RedbStore::open_in(&settings.data_dir).with_context(|| {
-                format!(
-                    "opening the registry database in {}",
-                    settings.data_dir.display()
-                )
-            })?;
+            let store = match mongo {
+                Some(store) => store,
+                None => Arc::new(RedbStore::open_in(&settings.data_dir).with_context(|| {
+                    format!(
+                        "opening the registry database in {}",
+                        settings.data_dir.display()
+                    )
+                })?),
+            };
             let kek = Kek::load_or_generate(&settings.kek_path()).context("loading the KEK")?;
             Ok((store, kek))
         })
         .await??;
-        Ok(RegistryService::new(Arc::new(store), kek))
+        Ok(RegistryService::new(store, kek))
     }
 }
 

@@ -52,6 +52,12 @@ pub struct Model {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
     pub commitment: Option<String>,
+    /// The public circuit spec (JSON) of the commitment.
+    #[serde(default)]
+    pub circuit_spec: Option<String>,
+    /// Why there is no circuit, when the prover could not compile the graph.
+    #[serde(default)]
+    pub zk_note: Option<String>,
     pub created_at: i64,
 }
 

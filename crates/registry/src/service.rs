@@ -35,6 +35,9 @@ impl std::fmt::Debug for RegistryService {
 fn status(op: &'static str, e: RegistryError) -> Status {
     match e.code() {
         modelhub_core::ErrorCode::Internal => error!(op, error = %e, "registry operation failed"),
+        modelhub_core::ErrorCode::Unavailable => {
+            tracing::warn!(op, error = %e, "metadata store unavailable")
+        }
         code => tracing::debug!(op, %code, error = %e, "registry request refused"),
     }
     e.into()
@@ -115,6 +118,8 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
         inputs: specs("inputs", req.inputs)?,
         outputs: specs("outputs", req.outputs)?,
         commitment: req.commitment,
+        circuit_spec: req.circuit_spec,
+        zk_note: req.zk_note,
         created_at: id::unix_now(),
     })
 }
@@ -145,6 +150,8 @@ fn model_pb(m: Model) -> pb::Model {
         outputs: m.outputs.iter().map(TensorSpec::to_proto).collect(),
         commitment: m.commitment,
         created_at: m.created_at,
+        circuit_spec: m.circuit_spec,
+        zk_note: m.zk_note,
     }
 }
 

@@ -1,7 +1,8 @@
-//! Content-addressed blob stores: the [`BlobStore`] trait and its local-disk implementation.
+//! Content-addressed blob stores: the [`BlobStore`] trait, its local-disk implementation and
+//! (from [`crate::ipfs`]) the IPFS node one.
 //!
 //! A blob is named by the IPFS CIDv1 of its bytes ([`crate::unixfs`]), so the same bytes are
-//! one blob and a later IPFS-backed store returns the same names.
+//! one blob in either store and blobs move between them without renaming.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,24 +11,40 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::{Result, StorageError};
 use crate::unixfs::CidBuilder;
 
+pub use crate::ipfs::{IpfsBlobStore, IpfsOptions};
+
 /// Bytes per chunk when a blob is streamed back.
 pub const READ_CHUNK: usize = 256 * 1024;
+
+/// A blob's bytes as a stream of pieces of any size.
+pub type ByteStream = BoxStream<'static, Result<Bytes>>;
 
 /// Where encrypted model blobs live.
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// Stores `bytes` and returns their CID; storing the same bytes twice is harmless.
     async fn put(&self, bytes: Bytes) -> Result<String>;
+    /// Stores a blob arriving in pieces and returns its CID, holding only bounded buffers.
+    /// An error from `data` aborts the put and stores nothing.
+    async fn put_stream(&self, mut data: ByteStream) -> Result<String> {
+        let mut all = BytesMut::new();
+        while let Some(piece) = data.next().await {
+            all.extend_from_slice(&piece?);
+        }
+        self.put(all.freeze()).await
+    }
     /// Streams a blob back; an unknown CID is [`StorageError::NotFound`].
-    async fn get(&self, cid: &str) -> Result<BoxStream<'static, Result<Bytes>>>;
+    async fn get(&self, cid: &str) -> Result<ByteStream>;
     async fn contains(&self, cid: &str) -> Result<bool>;
-    /// Removes a blob; `false` when there was none.
+    /// Removes a blob; `false` when there was none. (On IPFS: unpins it.)
     async fn remove(&self, cid: &str) -> Result<bool>;
+    /// The CIDs of every blob held (on IPFS: every recursive pin), in no particular order.
+    async fn list(&self) -> Result<Vec<String>>;
 }
 
 /// Blobs as files `<data_dir>/blobs/<cid>`, written atomically (temporary file, fsync, rename).
@@ -93,12 +110,57 @@ impl BlobStore for LocalBlobStore {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || write_blob(&dir, &bytes))
             .await
-            .map_err(|e| StorageError::Task {
-                reason: e.to_string(),
-            })?
+            .map_err(task_failed)?
     }
 
-    async fn get(&self, cid: &str) -> Result<BoxStream<'static, Result<Bytes>>> {
+    async fn put_stream(&self, mut data: ByteStream) -> Result<String> {
+        let dir = self.dir.clone();
+        let tmp = tokio::task::spawn_blocking(move || {
+            tempfile::Builder::new()
+                .prefix(".tmp-")
+                .tempfile_in(&*dir)
+                .map_err(StorageError::io("creating temporary blob file"))
+        })
+        .await
+        .map_err(task_failed)??;
+        let file = tmp
+            .as_file()
+            .try_clone()
+            .map_err(StorageError::io("opening temporary blob file"))?;
+        let mut file = tokio::fs::File::from_std(file);
+        let mut builder = CidBuilder::new();
+        while let Some(piece) = data.next().await {
+            let piece = piece?;
+            builder.update(&piece);
+            file.write_all(&piece)
+                .await
+                .map_err(StorageError::io("writing blob"))?;
+        }
+        file.sync_all()
+            .await
+            .map_err(StorageError::io("syncing blob"))?;
+        drop(file);
+        let cid = builder.finish().to_string();
+        let dir = self.dir.clone();
+        let name = cid.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let path = dir.join(&name);
+            if path.exists() {
+                return Ok(()); // the temporary file goes away on drop
+            }
+            tmp.persist(&path)
+                .map_err(|e| StorageError::io("renaming blob into place")(e.error))?;
+            if let Ok(d) = std::fs::File::open(&*dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })
+        .await
+        .map_err(task_failed)??;
+        Ok(cid)
+    }
+
+    async fn get(&self, cid: &str) -> Result<ByteStream> {
         let path = self.path_of(cid)?;
         let file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
@@ -144,6 +206,33 @@ impl BlobStore for LocalBlobStore {
             Err(e) => Err(StorageError::io("removing blob")(e)),
         }
     }
+
+    async fn list(&self) -> Result<Vec<String>> {
+        let mut entries = tokio::fs::read_dir(&*self.dir)
+            .await
+            .map_err(StorageError::io("listing blobs"))?;
+        let mut cids = Vec::new();
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(StorageError::io("listing blobs"))?
+        {
+            let name = entry.file_name();
+            // Temporary files and anything else that is not named by a CID are not blobs.
+            if let Some(name) = name.to_str()
+                && cid::Cid::try_from(name).is_ok_and(|c| c.to_string() == name)
+            {
+                cids.push(name.to_owned());
+            }
+        }
+        Ok(cids)
+    }
+}
+
+fn task_failed(e: tokio::task::JoinError) -> StorageError {
+    StorageError::Task {
+        reason: e.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -168,8 +257,38 @@ mod tests {
         let chunks: Vec<Bytes> = store.get(&cid).await.unwrap().try_collect().await.unwrap();
         assert!(chunks.len() > 1 && chunks.iter().all(|c| c.len() <= READ_CHUNK));
         assert_eq!(chunks.concat(), data);
+        assert_eq!(store.list().await.unwrap(), std::slice::from_ref(&cid));
+
+        // Streamed in uneven pieces: the same CID, still one file.
+        let pieces: Vec<Result<Bytes>> = data
+            .chunks(100_003)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let streamed = store
+            .put_stream(futures::stream::iter(pieces).boxed())
+            .await
+            .unwrap();
+        assert_eq!(streamed, cid);
+        assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 1);
+        let other = store
+            .put_stream(futures::stream::iter(vec![Ok(Bytes::from_static(b"abc"))]).boxed())
+            .await
+            .unwrap();
+        assert_eq!(other, crate::unixfs::cid_of_bytes(b"abc").to_string());
+        assert_eq!(std::fs::read(store.dir().join(&other)).unwrap(), b"abc");
+        assert!(store.remove(&other).await.unwrap());
+
+        // A failing source stores nothing.
+        let failing = futures::stream::iter(vec![
+            Ok(Bytes::from_static(b"partial")),
+            Err(StorageError::invalid("source failed")),
+        ]);
+        assert!(store.put_stream(failing.boxed()).await.is_err());
+        assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 1);
+
         assert!(store.remove(&cid).await.unwrap());
         assert!(!store.remove(&cid).await.unwrap());
+        assert!(store.list().await.unwrap().is_empty());
         assert!(!store.contains(&cid).await.unwrap());
         assert!(matches!(
             store.get(&cid).await.err(),

@@ -33,6 +33,9 @@ pub enum StorageError {
     },
     #[error("background task failed: {reason}")]
     Task { reason: String },
+    /// The IPFS node could not be reached, failed, or did not answer in time.
+    #[error("IPFS node unavailable: {reason}")]
+    Unavailable { reason: String },
 }
 
 impl StorageError {
@@ -47,12 +50,20 @@ impl StorageError {
         }
     }
 
+    /// An IPFS node problem; `reason` is logged, never shown to clients.
+    pub fn unavailable(reason: impl Into<String>) -> StorageError {
+        StorageError::Unavailable {
+            reason: reason.into(),
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             StorageError::InvalidArgument { .. } => ErrorCode::BadRequest,
             StorageError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             StorageError::Onnx(e) => e.code(),
             StorageError::NotFound { .. } => ErrorCode::NotFound,
+            StorageError::Unavailable { .. } => ErrorCode::Unavailable,
             StorageError::KeyUnwrap { .. }
             | StorageError::Integrity { .. }
             | StorageError::Crypto { .. }
@@ -72,6 +83,9 @@ impl StorageError {
                 ErrorCode::Internal,
                 "stored model failed its integrity check",
             ),
+            StorageError::Unavailable { .. } => {
+                ApiError::new(ErrorCode::Unavailable, "IPFS node unavailable")
+            }
             _ if self.code() == ErrorCode::Internal => ApiError::internal(),
             _ => ApiError::new(self.code(), self.to_string()),
         }
@@ -79,7 +93,7 @@ impl StorageError {
 
     /// Logs the error (internal ones loudly) and turns it into the status a client receives.
     pub fn into_status(self, op: &'static str) -> tonic::Status {
-        if self.code() == ErrorCode::Internal {
+        if matches!(self.code(), ErrorCode::Internal | ErrorCode::Unavailable) {
             tracing::error!(op, error = %self, "request failed");
         } else {
             tracing::info!(op, error = %self, "request rejected");
@@ -107,5 +121,10 @@ mod tests {
         assert_eq!(e.to_api().message, "model key could not be unwrapped");
         let e = StorageError::PayloadTooLarge { limit: 10 };
         assert_eq!(e.to_api().code, ErrorCode::PayloadTooLarge);
+        let e = StorageError::unavailable("connecting to http://10.0.0.7:5001: refused");
+        assert_eq!(
+            e.to_api(),
+            ApiError::new(ErrorCode::Unavailable, "IPFS node unavailable")
+        );
     }
 }

@@ -34,11 +34,10 @@ impl std::fmt::Debug for StorageService {
     }
 }
 
-/// What a finished upload produced.
-struct Sealed {
-    ciphertext: Vec<u8>,
+/// An upload that passed the checks, not yet encrypted.
+struct Checked {
+    plaintext: Vec<u8>,
     sha256: String,
-    wrapped_dek: Vec<u8>,
     inputs: Vec<modelhub_core::TensorSpec>,
     outputs: Vec<modelhub_core::TensorSpec>,
 }
@@ -105,15 +104,22 @@ impl StorageService {
             ));
         }
         let size = plaintext.len() as u64;
-        let kek = self.kek.clone();
-        let (model_id, version) = (header.model_id.clone(), header.version.clone());
-        let sealed =
-            tokio::task::spawn_blocking(move || seal(&kek, &model_id, &version, plaintext))
-                .await
-                .map_err(|e| StorageError::Task {
-                    reason: e.to_string(),
-                })??;
-        let cid = self.blobs.put(Bytes::from(sealed.ciphertext)).await?;
+        let checked = tokio::task::spawn_blocking(move || check(plaintext))
+            .await
+            .map_err(task_failed)??;
+        let dek = SecretKey::generate();
+        let wrapped_dek = self.kek.wrap_dek(&dek, &header.model_id, &header.version);
+        let aad = crypto::model_aad(&header.model_id, &header.version);
+        // The ciphertext streams into the blob store as it is made: memory holds the
+        // plaintext and a few pieces, never a second copy of the model.
+        let (tx, rx) = mpsc::channel::<Result<Bytes>>(4);
+        let plaintext = checked.plaintext;
+        let encrypting =
+            tokio::task::spawn_blocking(move || encrypt_into(&dek, aad, plaintext, &tx));
+        let stored = self.blobs.put_stream(ReceiverStream::new(rx).boxed()).await;
+        let encrypted = encrypting.await.map_err(task_failed)?;
+        let cid = stored?;
+        encrypted?;
         tracing::info!(
             model_id = %header.model_id,
             version = %header.version,
@@ -123,11 +129,11 @@ impl StorageService {
         );
         Ok(pb::PutModelResponse {
             cid,
-            sha256: sealed.sha256,
+            sha256: checked.sha256,
             size,
-            wrapped_dek: sealed.wrapped_dek,
-            inputs: sealed.inputs.iter().map(|s| s.to_proto()).collect(),
-            outputs: sealed.outputs.iter().map(|s| s.to_proto()).collect(),
+            wrapped_dek,
+            inputs: checked.inputs.iter().map(|s| s.to_proto()).collect(),
+            outputs: checked.outputs.iter().map(|s| s.to_proto()).collect(),
         })
     }
 
@@ -170,33 +176,65 @@ impl StorageService {
     }
 }
 
-/// Hashes, validates and encrypts one uploaded model (runs on a blocking thread).
-fn seal(kek: &Kek, model_id: &str, version: &str, mut plaintext: Vec<u8>) -> Result<Sealed> {
+/// Hashes and validates one uploaded model (runs on a blocking thread).
+fn check(mut plaintext: Vec<u8>) -> Result<Checked> {
     let sha256 = hex::encode(Sha256::digest(&plaintext));
-    let checked = modelhub_onnx::inspect(&plaintext);
-    let (inputs, outputs) = match checked {
-        Ok(sig) => sig,
+    match modelhub_onnx::inspect(&plaintext) {
+        Ok((inputs, outputs)) => Ok(Checked {
+            plaintext,
+            sha256,
+            inputs,
+            outputs,
+        }),
         Err(e) => {
             wipe(&mut plaintext);
-            return Err(e.into());
+            Err(e.into())
         }
-    };
-    let dek = SecretKey::generate();
-    let (mut enc, mut ciphertext) =
-        SegmentEncryptor::new(&dek, crypto::model_aad(model_id, version));
-    ciphertext.reserve(plaintext.len() + plaintext.len() / crypto::SEGMENT_SIZE * 16 + 32);
-    let encrypted = enc
-        .update(&plaintext, &mut ciphertext)
-        .and_then(|()| enc.finish(&mut ciphertext));
+    }
+}
+
+/// Bytes of ciphertext per piece handed to the blob store.
+const PUT_PIECE: usize = 1024 * 1024;
+
+/// Encrypts `plaintext` into pieces sent to `tx` (runs on a blocking thread), then wipes it.
+/// A failure is also sent, so the blob store aborts the put; a closed channel (the store gave
+/// up) just stops.
+fn encrypt_into(
+    dek: &SecretKey,
+    aad: Vec<u8>,
+    mut plaintext: Vec<u8>,
+    tx: &mpsc::Sender<Result<Bytes>>,
+) -> Result<()> {
+    let result = (|| {
+        let (mut enc, mut out) = SegmentEncryptor::new(dek, aad);
+        let crypto_err = |source| StorageError::Crypto { source };
+        for piece in plaintext.chunks(PUT_PIECE) {
+            enc.update(piece, &mut out).map_err(crypto_err)?;
+            if out.len() >= PUT_PIECE {
+                let full = std::mem::replace(&mut out, Vec::with_capacity(PUT_PIECE + 4096));
+                if tx.blocking_send(Ok(Bytes::from(full))).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        enc.finish(&mut out).map_err(crypto_err)?;
+        let _ = tx.blocking_send(Ok(Bytes::from(out)));
+        Ok(())
+    })();
     wipe(&mut plaintext);
-    encrypted.map_err(|source| StorageError::Crypto { source })?;
-    Ok(Sealed {
-        ciphertext,
-        sha256,
-        wrapped_dek: kek.wrap_dek(&dek, model_id, version),
-        inputs,
-        outputs,
-    })
+    if result.is_err() {
+        // The store only needs to know the put must not complete.
+        let _ = tx.blocking_send(Err(StorageError::Crypto {
+            source: crypto::CryptoError::Encrypt,
+        }));
+    }
+    result
+}
+
+fn task_failed(e: tokio::task::JoinError) -> StorageError {
+    StorageError::Task {
+        reason: e.to_string(),
+    }
 }
 
 /// Overwrites a plaintext buffer before it is freed.

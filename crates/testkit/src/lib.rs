@@ -94,3 +94,53 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A real server started by one of the project's scripts (`scripts/mongo`, `scripts/ipfs`:
+/// `start DIR` prints its address, `stop DIR` stops it), stopped when dropped.
+#[derive(Debug)]
+pub struct ScriptServer {
+    script: &'static str,
+    dir: tempfile::TempDir,
+    /// What `start` printed: the server's URI.
+    pub uri: String,
+}
+
+impl ScriptServer {
+    /// Starts the server in a fresh folder. A server that can't start fails the test: under
+    /// `CI=true` that is the rule; elsewhere too, with the reason, since the scripts install
+    /// what they need from the package registries.
+    pub fn start(script: &'static str) -> ScriptServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = workspace_root().join("scripts").join(script);
+        let out = Command::new("bash")
+            .arg(&path)
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", path.display()));
+        assert!(
+            out.status.success(),
+            "scripts/{script} start failed (CI={}):\n{}",
+            is_ci(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let uri = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        assert!(!uri.is_empty(), "scripts/{script} start printed no address");
+        ScriptServer { script, dir, uri }
+    }
+}
+
+impl Drop for ScriptServer {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(workspace_root().join("scripts").join(self.script))
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}

@@ -5,9 +5,8 @@ use serde_json::json;
 
 use crate::harness::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credits_are_charged_once_per_success_and_never_on_failure() {
-    let cluster = Cluster::start().await;
+async fn credits_are_charged_once_per_success_and_never_on_failure(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
     let creator = cluster.user("creator", 0).await;
     let user = cluster.user("user", 10).await;
     let record = upload_digits(&creator, "digits", 3).await;
@@ -48,9 +47,53 @@ async fn credits_are_charged_once_per_success_and_never_on_failure() {
     cluster.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_predictions_never_overspend() {
-    let cluster = Cluster::start().await;
+async fn a_retried_predict_with_an_idempotency_key_is_charged_once(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 10).await;
+    let record = upload_digits(&creator, "digits", 3).await;
+    let model_id = record["model_id"].as_str().unwrap();
+    let path = format!("/v1/models/{model_id}/predict");
+    let body = serde_json::to_vec(&json!({ "inputs": digits_input(0) })).unwrap();
+
+    let send = |key: &'static str| {
+        let mut req = user
+            .prepare(reqwest::Method::POST, &path, body.clone())
+            .unwrap();
+        req.set_header("idempotency-key", Some(key));
+        user.send(req)
+    };
+    let first = send("retry-me-1").await.unwrap().ok().unwrap();
+    let second = send("retry-me-1").await.unwrap().ok().unwrap();
+    assert_eq!(
+        second["receipt"], first["receipt"],
+        "the retry gets the first receipt"
+    );
+    assert_eq!(second["outputs"], first["outputs"]);
+    assert_eq!(account(&user).await["credits"], 7, "charged once");
+    let third = send("retry-me-2").await.unwrap().ok().unwrap();
+    assert_ne!(third["receipt"]["id"], first["receipt"]["id"]);
+    assert_eq!(
+        account(&user).await["credits"],
+        4,
+        "a new key is a new charge"
+    );
+
+    let mut bad = user
+        .prepare(reqwest::Method::POST, &path, body.clone())
+        .unwrap();
+    bad.set_header("idempotency-key", Some("no spaces allowed"));
+    assert_error(
+        &user.send(bad).await.unwrap(),
+        400,
+        "bad_request",
+        "idempotency-key",
+    );
+    cluster.stop().await;
+}
+
+async fn concurrent_predictions_never_overspend(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
     let creator = cluster.user("creator", 0).await;
     let user = cluster.user("user", 20).await;
     let record = upload_digits(&creator, "digits", 2).await;
@@ -80,3 +123,9 @@ async fn concurrent_predictions_never_overspend() {
     assert_eq!(account(&creator).await["earnings"], 20);
     cluster.stop().await;
 }
+
+crate::on_every_backend!(
+    credits_are_charged_once_per_success_and_never_on_failure,
+    a_retried_predict_with_an_idempotency_key_is_charged_once,
+    concurrent_predictions_never_overspend
+);

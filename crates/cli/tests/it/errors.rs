@@ -5,9 +5,8 @@ use serde_json::json;
 
 use crate::harness::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_uploads_are_rejected_and_store_nothing() {
-    let cluster = Cluster::start().await;
+async fn bad_uploads_are_rejected_and_store_nothing(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
     let creator = cluster.user("creator", 0).await;
 
     let not_onnx = std::fs::read(modelhub_testkit::test_model("not_onnx.bin")).unwrap();
@@ -43,19 +42,35 @@ async fn bad_uploads_are_rejected_and_store_nothing() {
         .unwrap();
     assert_error(&answer, 400, "bad_request", "name");
 
-    // A name and version can be registered once.
-    upload_digits(&creator, "digits", 1).await;
-    let again = creator
+    // A name and version can be registered once: by another account, or with other bytes,
+    // it is a conflict; the same upload retried answers with the first record.
+    let first = upload_digits(&creator, "digits", 1).await;
+    let rival = cluster.user("rival", 0).await;
+    let again = rival
         .upload(&ModelUpload::new("digits", "1", 1), digits_bytes())
         .await
         .unwrap();
     assert_error(&again, 409, "conflict", "digits");
+    let other_bytes =
+        std::fs::read(modelhub_testkit::test_model("digits_mlp_logits.onnx")).unwrap();
+    let again = creator
+        .upload(&ModelUpload::new("digits", "1", 1), other_bytes)
+        .await
+        .unwrap();
+    assert_error(&again, 409, "conflict", "digits");
+    let retried = creator
+        .upload(&ModelUpload::new("digits", "1", 1), digits_bytes())
+        .await
+        .unwrap();
+    assert_eq!(retried.status, 200, "{:?}", retried.body);
+    assert_eq!(retried.body, first);
+    let models = creator.get("/v1/models").await.unwrap().ok().unwrap();
+    assert_eq!(models.as_array().unwrap().len(), 1);
     cluster.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_predictions_say_what_is_wrong() {
-    let cluster = Cluster::start().await;
+async fn bad_predictions_say_what_is_wrong(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
     let creator = cluster.user("creator", 0).await;
     let user = cluster.user("user", 100).await;
     let record = upload_digits(&creator, "digits", 1).await;
@@ -127,9 +142,8 @@ async fn bad_predictions_say_what_is_wrong() {
     cluster.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_routes_need_an_admin_and_keys_belong_to_their_account() {
-    let cluster = Cluster::start().await;
+async fn admin_routes_need_an_admin_and_keys_belong_to_their_account(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
     let alice = cluster.user("alice", 0).await;
     let bob = cluster.user("bob", 0).await;
 
@@ -179,3 +193,9 @@ async fn admin_routes_need_an_admin_and_keys_belong_to_their_account() {
     assert_error(&answer, 401, "unauthenticated", "revoked");
     cluster.stop().await;
 }
+
+crate::on_every_backend!(
+    bad_uploads_are_rejected_and_store_nothing,
+    bad_predictions_say_what_is_wrong,
+    admin_routes_need_an_admin_and_keys_belong_to_their_account
+);

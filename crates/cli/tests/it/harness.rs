@@ -6,20 +6,81 @@ use modelhub_cli::client::{Answer, Client, KeyFile, ModelUpload};
 use modelhub_cli::up::{self, Running, UpSettings};
 use serde_json::{Value, json};
 
+/// Where the marketplace keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `modelhub up`'s defaults: redb metadata, local blobs.
+    Embedded,
+    /// The registry's metadata in a real MongoDB-wire server (`scripts/mongo`).
+    MongoDb,
+    /// Model blobs on a real IPFS node (`scripts/ipfs`).
+    Ipfs,
+}
+
+/// Runs a scenario `async fn name(backend: Backend)` once per back end, as tests
+/// `name::embedded`, `name::mongodb` and `name::ipfs`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name($crate::harness::Backend::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mongodb() {
+                super::$name($crate::harness::Backend::MongoDb).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ipfs() {
+                super::$name($crate::harness::Backend::Ipfs).await
+            }
+        }
+    )*};
+}
+
 pub struct Cluster {
     pub running: Option<Running>,
     pub dir: tempfile::TempDir,
     pub admin: Client,
+    pub backend: Backend,
+    settings: UpSettings,
+    /// Real servers this cluster uses; they outlive restarts of the marketplace.
+    _servers: Vec<modelhub_testkit::ScriptServer>,
 }
 
 impl Cluster {
     pub async fn start() -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        Cluster::start_in(dir).await
+        Cluster::start_on(Backend::Embedded).await
     }
 
-    async fn start_in(dir: tempfile::TempDir) -> Cluster {
-        let running = up::start(UpSettings::for_test(dir.path()))
+    pub async fn start_on(backend: Backend) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut settings = UpSettings::for_test(dir.path());
+        let mut servers = Vec::new();
+        match backend {
+            Backend::Embedded => {}
+            Backend::MongoDb => {
+                let server = modelhub_testkit::ScriptServer::start("mongo");
+                settings.mongodb_uri = Some(format!("{}/modelhub_e2e", server.uri));
+                servers.push(server);
+            }
+            Backend::Ipfs => {
+                let server = modelhub_testkit::ScriptServer::start("ipfs");
+                settings.ipfs_api = Some(server.uri.clone());
+                servers.push(server);
+            }
+        }
+        Cluster::start_in(dir, backend, settings, servers).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        backend: Backend,
+        settings: UpSettings,
+        servers: Vec<modelhub_testkit::ScriptServer>,
+    ) -> Cluster {
+        let running = up::start(settings.clone())
             .await
             .expect("start the marketplace");
         let admin = Client::new(&running.gateway_url, running.admin_key.clone()).expect("client");
@@ -27,7 +88,15 @@ impl Cluster {
             running: Some(running),
             dir,
             admin,
+            backend,
+            settings,
+            _servers: servers,
         }
+    }
+
+    /// The IPFS node's API URL, when blobs live there.
+    pub fn ipfs_api(&self) -> Option<&str> {
+        self.settings.ipfs_api.as_deref()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -38,7 +107,8 @@ impl Cluster {
     pub async fn restart(mut self) -> Cluster {
         self.running.take().expect("running").stop().await;
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
-        Cluster::start_in(dir).await
+        let servers = std::mem::take(&mut self._servers);
+        Cluster::start_in(dir, self.backend, self.settings.clone(), servers).await
     }
 
     pub async fn stop(mut self) -> tempfile::TempDir {

@@ -5,6 +5,7 @@ mod accounting;
 mod errors;
 mod harness;
 mod processes;
+mod proofs;
 mod restart;
 mod signing;
 mod upload_predict;

@@ -1,4 +1,4 @@
-//! The four services as separate `modelhub serve` processes on free ports, driven by the
+//! The five services as separate `modelhub serve` processes on free ports, driven by the
 //! `modelhub` client commands: the split into services is real, not only in-process.
 
 use std::io::{BufRead, BufReader};
@@ -64,7 +64,7 @@ fn client(url: &str, key_file: &Path, args: &[&str]) -> Value {
 }
 
 #[test]
-fn four_separate_processes_serve_an_upload_and_a_signed_predict() {
+fn separate_service_processes_serve_an_upload_and_a_signed_predict() {
     let dir = tempfile::tempdir().unwrap();
     let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
     let kek = d("kek");

@@ -2,9 +2,8 @@
 
 use crate::harness::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_keeps_models_keys_and_balances() {
-    let cluster = Cluster::start().await;
+async fn a_restart_keeps_models_keys_and_balances(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
     let creator = cluster.user("creator", 0).await;
     let user = cluster.user("user", 10).await;
     let record = upload_digits(&creator, "digits", 4).await;
@@ -84,3 +83,5 @@ async fn a_tampered_ciphertext_segment_fails_to_decrypt_and_charges_nothing() {
     );
     running.stop().await;
 }
+
+crate::on_every_backend!(a_restart_keeps_models_keys_and_balances);

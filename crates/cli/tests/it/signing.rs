@@ -47,9 +47,8 @@ async fn expect_401(client: &Client, req: SignedRequest, why: &str) {
     assert_error(&answer, 401, "unauthenticated", why);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_signing_rejection() {
-    let cluster = Cluster::start().await;
+async fn every_signing_rejection(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
     let user = cluster.user("user", 0).await;
     let now = unix_now();
     let nonce = || signing::new_nonce();
@@ -167,3 +166,5 @@ fn flip_last_hex(auth: &str) -> String {
     s.push(if last == '0' { '1' } else { '0' });
     s
 }
+
+crate::on_every_backend!(every_signing_rejection);

@@ -4,9 +4,8 @@ use serde_json::json;
 
 use crate::harness::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upload_then_predict_matches_onnxruntime() {
-    let cluster = Cluster::start().await;
+async fn upload_then_predict_matches_onnxruntime(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
     let creator = cluster.user("creator", 0).await;
     let user = cluster.user("user", 1000).await;
 
@@ -23,7 +22,13 @@ async fn upload_then_predict_matches_onnxruntime() {
         "CIDv1 of the ciphertext: {}",
         record["cid"]
     );
-    assert_eq!(record["commitment"], serde_json::Value::Null);
+    // Its MLP compiles into a circuit (the proof covers the logits under the Softmax head).
+    assert!(
+        record["commitment"].as_str().is_some_and(|c| !c.is_empty()),
+        "{record}"
+    );
+    assert!(record["circuit_spec"]["k"].is_u64(), "{record}");
+    assert_eq!(record["zk_note"], serde_json::Value::Null);
     assert_eq!(
         record["inputs"],
         json!([{ "name": "X", "datatype": "FP32", "shape": [-1, 64] }])
@@ -89,20 +94,18 @@ async fn upload_then_predict_matches_onnxruntime() {
     cluster.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ciphertext_is_stored_not_the_model() {
-    let cluster = Cluster::start().await;
+async fn the_ciphertext_is_stored_not_the_model(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
     let creator = cluster.user("creator", 0).await;
     let record = upload_digits(&creator, "digits", 1).await;
     let cid = record["cid"].as_str().unwrap();
     let plain = digits_bytes();
+    let probe = &plain[plain.len() / 2..plain.len() / 2 + 64];
     let mut found = false;
     for entry in walk(&cluster.data_dir()) {
         let bytes = std::fs::read(&entry).unwrap();
         assert!(
-            !bytes
-                .windows(64)
-                .any(|w| w == &plain[plain.len() / 2..plain.len() / 2 + 64]),
+            !bytes.windows(64).any(|w| w == probe),
             "plaintext model bytes found on disk in {}",
             entry.display()
         );
@@ -111,7 +114,25 @@ async fn the_ciphertext_is_stored_not_the_model() {
             assert!(bytes.starts_with(b"MHE1"), "blob is in the envelope format");
         }
     }
-    assert!(found, "a blob named by its CID exists");
+    if let Some(api) = cluster.ipfs_api() {
+        use futures::TryStreamExt;
+        use modelhub_storage::BlobStore;
+        assert!(!found, "with IPFS nothing is stored locally");
+        let node = modelhub_storage::IpfsBlobStore::new(api, Default::default()).unwrap();
+        assert!(
+            node.pins().await.unwrap().contains(cid),
+            "the blob is pinned on the node"
+        );
+        let chunks: Vec<bytes::Bytes> = node.get(cid).await.unwrap().try_collect().await.unwrap();
+        let bytes = chunks.concat();
+        assert!(
+            bytes.starts_with(b"MHE1"),
+            "the node holds the envelope, not the model"
+        );
+        assert!(!bytes.windows(64).any(|w| w == probe));
+    } else {
+        assert!(found, "a blob named by its CID exists");
+    }
     cluster.stop().await;
 }
 
@@ -127,3 +148,8 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+crate::on_every_backend!(
+    upload_then_predict_matches_onnxruntime,
+    the_ciphertext_is_stored_not_the_model
+);

@@ -3,6 +3,7 @@
 mod accounts;
 mod models;
 mod predict;
+mod proofs;
 mod upload;
 
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -32,7 +33,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/v1/models/{model_id}/predict",
             web::post().to(predict::predict),
-        );
+        )
+        .route("/v1/proofs/{job_id}", web::get().to(proofs::get));
 }
 
 /// The answer of routes that don't exist.
@@ -93,6 +95,28 @@ async fn signed(
     let body = read_body(req, payload, state.limits.max_json_bytes).await?;
     let caller = state.auth.verify(req, &body).await?;
     Ok((caller, body))
+}
+
+/// The optional `idempotency-key` header: a retried write with the same key (from the same
+/// account) takes effect once. 1 to 128 characters of `[A-Za-z0-9_.:-]`.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, GatewayError> {
+    let Some(value) = req.headers().get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value.to_str().unwrap_or_default().trim();
+    let ok = (1..=128).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+    if !ok {
+        return Err(ApiError::bad_request(
+            "idempotency-key must be 1 to 128 characters of A-Z a-z 0-9 _ . : -",
+        )
+        .into());
+    }
+    Ok(Some(key.to_owned()))
 }
 
 /// Parses a JSON body; a parse error is a 400 with serde's message.

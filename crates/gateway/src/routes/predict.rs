@@ -34,10 +34,12 @@ pub async fn predict(
     path: web::Path<String>,
 ) -> Result<HttpResponse, GatewayError> {
     let (caller, body) = signed(&state, &req, payload).await?;
+    let idempotency_key = super::idempotency_key(&req)?;
     let asked: PredictBody = parse_json(&body)?;
     drop(body);
-    if asked.proof {
-        return Err(ApiError::bad_request("proofs are not available yet on this gateway").into());
+    let prove = asked.proof;
+    if prove && state.prover().is_none() {
+        return Err(ApiError::bad_request("proofs are not enabled on this gateway").into());
     }
     let inputs = asked
         .inputs
@@ -49,11 +51,26 @@ pub async fn predict(
     let model = state.model(&path.into_inner()).await?;
     let specs = records::specs(&model.model_id, &model.inputs)?;
     validate_inputs(&specs, &inputs)?;
+    if prove && model.commitment.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "model {} has no circuit, so its predictions can't be proved",
+            model.model_id
+        ))
+        .into());
+    }
 
+    let job_id = id::new_id(id::JOB);
+    // A retried request with the same key reuses the first reservation: it is charged once.
+    let reservation_key = match idempotency_key {
+        Some(key) => format!("predict:{}:{key}", model.model_id),
+        None => job_id.clone(),
+    };
     let charge = Charge {
+        reservation_key,
         registry: state.registry(),
         inference: state.inference(),
         account_id: caller.account_id,
+        prove,
         model_ref: common::ModelRef {
             model_id: model.model_id.clone(),
             version: model.version.clone(),
@@ -63,17 +80,18 @@ pub async fn predict(
             size: model.size,
         },
         inputs: inputs.into_iter().map(Tensor::into_proto).collect(),
-        job_id: id::new_id(id::JOB),
+        job_id,
     };
     // A task of its own: if the client goes away, the handler is dropped but the charge still
     // ends in a commit or a release.
+    let job_id = charge.job_id.clone();
     let (outputs, receipt) = actix_web::rt::spawn(charge.run())
         .await
         .map_err(|e| GatewayError::internal(format!("predict task failed: {e}")))??;
     Ok(HttpResponse::Ok().json(json!({
         "outputs": outputs.iter().map(Tensor::to_json).collect::<Vec<_>>(),
         "receipt": { "id": receipt.receipt_id, "credits_charged": receipt.credits_charged },
-        "proof_job": null,
+        "proof_job": prove.then_some(job_id),
     })))
 }
 
@@ -82,6 +100,8 @@ struct Charge {
     registry: RegistryClient<Channel>,
     inference: InferenceClient<Channel>,
     account_id: String,
+    reservation_key: String,
+    prove: bool,
     model_ref: common::ModelRef,
     inputs: Vec<common::Tensor>,
     job_id: String,
@@ -94,7 +114,7 @@ impl Charge {
             .reserve(pb::ReserveRequest {
                 account_id: self.account_id.clone(),
                 model_id: self.model_ref.model_id.clone(),
-                idempotency_key: self.job_id.clone(),
+                idempotency_key: self.reservation_key.clone(),
             })
             .await
             .map_err(GatewayError::upstream("registry", "Reserve"))?
@@ -129,6 +149,8 @@ impl Charge {
                 model: Some(self.model_ref.clone()),
                 inputs: std::mem::take(&mut self.inputs),
                 job_id: self.job_id.clone(),
+                prove: self.prove,
+                account_id: self.account_id.clone(),
             })
             .await
             .map_err(GatewayError::upstream("inference", "Predict"))?

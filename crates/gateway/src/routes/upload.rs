@@ -55,14 +55,25 @@ pub async fn upload(
     if content_length(&req).is_some_and(|n| n > limit) {
         return Err(payload_too_large(limit));
     }
-    state
+    let checked = state
         .registry()
         .check_model_name(pb::CheckModelNameRequest {
             name: query.name.clone(),
             version: query.version.clone(),
         })
-        .await
-        .map_err(GatewayError::upstream("registry", "CheckModelName"))?;
+        .await;
+    if let Err(status) = checked {
+        // A retried upload (same owner, same bytes) answers with the model it made the first
+        // time instead of a conflict: uploads are idempotent.
+        if status.code() == tonic::Code::AlreadyExists
+            && let Some(existing) =
+                existing_upload(&state, &query, &caller.account_id, &verified.content_sha256)
+                    .await?
+        {
+            return Ok(HttpResponse::Ok().json(ModelRecord::try_from(existing)?));
+        }
+        return Err(GatewayError::upstream("registry", "CheckModelName")(status));
+    }
 
     let model_id = id::new_id(id::MODEL);
     let stored = put_model(
@@ -77,6 +88,7 @@ pub async fn upload(
     )
     .await?;
 
+    let circuit = compile(&state, &model_id, &query.version, &stored).await?;
     let model = state
         .registry()
         .create_model(pb::CreateModelRequest {
@@ -91,13 +103,82 @@ pub async fn upload(
             wrapped_dek: stored.wrapped_dek,
             inputs: stored.inputs,
             outputs: stored.outputs,
-            commitment: None,
+            commitment: circuit.commitment,
+            circuit_spec: circuit.spec,
+            zk_note: circuit.note,
         })
         .await
         .map_err(GatewayError::upstream("registry", "CreateModel"))?
         .into_inner();
     tracing::info!(model_id = %model_id, owner = %caller.account_id, size = model.size, "model uploaded");
     Ok(HttpResponse::Created().json(ModelRecord::try_from(model)?))
+}
+
+/// The model `query` names, when `owner` uploaded it with exactly these bytes.
+async fn existing_upload(
+    state: &AppState,
+    query: &UploadQuery,
+    owner: &str,
+    sha256: &str,
+) -> Result<Option<pb::Model>, GatewayError> {
+    let models = state
+        .registry()
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .map_err(GatewayError::upstream("registry", "ListModels"))?
+        .into_inner()
+        .models;
+    Ok(models.into_iter().find(|m| {
+        m.name == query.name && m.version == query.version && m.owner == owner && m.sha256 == sha256
+    }))
+}
+
+/// What the prover made of a new model.
+#[derive(Debug, Default)]
+struct Circuit {
+    commitment: Option<String>,
+    spec: Option<String>,
+    note: Option<String>,
+}
+
+/// Asks the prover (when there is one) to compile the stored model and commit to its weights.
+/// An unsupported graph is not an error: the model just has no commitment.
+async fn compile(
+    state: &AppState,
+    model_id: &str,
+    version: &str,
+    stored: &storage::PutModelResponse,
+) -> Result<Circuit, GatewayError> {
+    let Some(mut prover) = state.prover() else {
+        return Ok(Circuit::default());
+    };
+    let answer = prover
+        .compile(modelhub_proto::prover::v1::CompileRequest {
+            model: Some(modelhub_proto::common::v1::ModelRef {
+                model_id: model_id.to_owned(),
+                version: version.to_owned(),
+                cid: stored.cid.clone(),
+                wrapped_dek: stored.wrapped_dek.clone(),
+                sha256: stored.sha256.clone(),
+                size: stored.size,
+            }),
+            inputs: stored.inputs.clone(),
+        })
+        .await
+        .map_err(GatewayError::upstream("prover", "Compile"))?
+        .into_inner();
+    if !answer.supported {
+        tracing::info!(model_id, reason = %answer.reason, "model has no circuit");
+        return Ok(Circuit {
+            note: Some(answer.reason),
+            ..Circuit::default()
+        });
+    }
+    Ok(Circuit {
+        commitment: Some(answer.commitment),
+        spec: Some(answer.circuit_spec),
+        note: None,
+    })
 }
 
 /// Why feeding the body to storage stopped early.

@@ -129,6 +129,7 @@ pub async fn predict(
             model: Some(model.clone()),
             inputs: inputs.into_iter().map(Tensor::into_proto).collect(),
             job_id: "job_test".into(),
+            ..Default::default()
         })
         .await
         .map(|r| {

@@ -142,7 +142,7 @@ async fn bad_inputs_are_bad_requests_that_name_the_problem() {
         .predict(modelhub_proto::inference::v1::PredictRequest {
             model: Some(model.clone()),
             inputs: vec![raw],
-            job_id: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -1,12 +1,14 @@
 //! The metadata store behind the registry: one trait, [`MetadataStore`], with every record the
-//! service keeps, and its embedded implementation [`RedbStore`].
+//! service keeps, its embedded implementation [`RedbStore`] and the MongoDB one [`MongoStore`].
 //!
 //! Every balance change is one atomic operation of the trait (`reserve`, `commit`, `release`,
 //! `grant`), so an implementation on a document database can do each with a single atomic
 //! update (or one transaction) and never needs isolation between concurrent transactions.
 
+pub mod mongo;
 mod redb;
 
+pub use self::mongo::MongoStore;
 pub use self::redb::RedbStore;
 
 use async_trait::async_trait;
@@ -19,7 +21,8 @@ use crate::model::{Account, ApiKey, Model, Receipt, Reservation};
 /// Errors: unknown ids give [`RegistryError::NotFound`](crate::RegistryError::NotFound),
 /// duplicates [`RegistryError::Conflict`](crate::RegistryError::Conflict), a short balance
 /// [`RegistryError::PaymentRequired`](crate::RegistryError::PaymentRequired), back-end
-/// failures [`RegistryError::Store`](crate::RegistryError::Store).
+/// failures [`RegistryError::Store`](crate::RegistryError::Store), an unreachable back end
+/// [`RegistryError::Unavailable`](crate::RegistryError::Unavailable).
 #[async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
     /// Inserts a new account; `Conflict` when the id exists.

@@ -21,6 +21,10 @@ fn help_lists_the_settings_and_their_env_vars() {
         "MODELHUB_REGISTRY_DATA_DIR",
         "--kek-file",
         "MODELHUB_REGISTRY_KEK_FILE",
+        "--mongodb-uri",
+        "MODELHUB_REGISTRY_MONGODB_URI",
+        "--mongodb-timeout-ms",
+        "MODELHUB_REGISTRY_MONGODB_TIMEOUT_MS",
         "127.0.0.1:50051",
     ] {
         assert!(text.contains(want), "--help lacks {want}:\n{text}");

@@ -75,6 +75,8 @@ fn model_request(owner: &str, name: &str, version: &str, price: u64) -> pb::Crea
         sha256: "ab".repeat(32),
         size: 4096,
         wrapped_dek: vec![1; 61],
+        circuit_spec: None,
+        zk_note: None,
         inputs: vec![common::TensorSpec {
             name: "X".into(),
             datatype: common::DataType::Fp32 as i32,

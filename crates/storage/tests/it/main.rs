@@ -1,4 +1,5 @@
 //! Integration tests of the storage service over real gRPC on 127.0.0.1:0.
 
 mod harness;
+mod ipfs;
 mod put_get;

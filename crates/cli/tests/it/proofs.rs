@@ -1,0 +1,196 @@
+//! Verifiable predictions: a proof for a predict, fetched through the gateway and verified
+//! offline by `modelhub proofs verify`; tampered proofs fail; unsupported graphs still upload.
+
+use std::process::Command;
+
+use modelhub_cli::client::ModelUpload;
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+fn logits_model() -> Vec<u8> {
+    std::fs::read(modelhub_testkit::test_model("digits_mlp_logits.onnx")).unwrap()
+}
+
+fn logits_case(case: usize) -> Value {
+    let text = std::fs::read_to_string(modelhub_testkit::test_model("digits_logits_expected.json"))
+        .unwrap();
+    let expected: Value = serde_json::from_str(&text).unwrap();
+    expected["cases"][case].clone()
+}
+
+fn verify_file(path: &std::path::Path, params: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_modelhub"))
+        .args(["proofs", "verify"])
+        .arg(path)
+        .arg("--params-dir")
+        .arg(params)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proved_prediction_verifies_offline_and_tampering_fails() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 10).await;
+    let other = cluster.user("other", 0).await;
+
+    let answer = creator
+        .upload(&ModelUpload::new("digits-logits", "1", 1), logits_model())
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 201, "{:?}", answer.body);
+    let commitment = answer.body["commitment"]
+        .as_str()
+        .expect("a supported graph gets a commitment");
+    assert!(!commitment.is_empty());
+    let model_id = answer.body["model_id"].as_str().unwrap();
+
+    let case = logits_case(0);
+    let inputs =
+        json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": case["input"] }]);
+    let predicted = user
+        .post(
+            &format!("/v1/models/{model_id}/predict"),
+            &json!({ "inputs": inputs, "proof": true }),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let job = predicted["proof_job"].as_str().expect("a proof job id");
+    let logits = predicted["outputs"][0]["data"].as_array().unwrap();
+    for (got, want) in logits.iter().zip(case["logits"].as_array().unwrap()) {
+        assert!((got.as_f64().unwrap() - want.as_f64().unwrap()).abs() < 1e-4);
+    }
+
+    let proof = user
+        .get(&format!("/v1/proofs/{job}?wait=60"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(proof["status"], "done", "{proof}");
+    assert_eq!(proof["public"]["commitment"], commitment);
+    assert_eq!(proof["public"]["job_id"], job);
+    assert_eq!(
+        proof["float_outputs"][0]["data"],
+        predicted["outputs"][0]["data"]
+    );
+    // The proved quantized output agrees with the float output on the class.
+    let proved: Vec<f64> = proof["public"]["output_dequantized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let float: Vec<f64> = logits.iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(argmax(&proved), argmax(&float));
+
+    // Only the account that asked can read it.
+    let answer = other.get(&format!("/v1/proofs/{job}")).await.unwrap();
+    assert_error(&answer, 404, "not_found", "");
+
+    // Offline verification from the file alone.
+    let dir = tempfile::tempdir().unwrap();
+    let params = dir.path().join("params");
+    let file = dir.path().join("proof.json");
+    std::fs::write(&file, serde_json::to_vec(&proof["proof"]).unwrap()).unwrap();
+    let out = verify_file(&file, &params);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verdict["valid"], true);
+
+    // Any change to the public instance breaks it.
+    let tampers: Vec<(&str, Tamper)> = vec![
+        (
+            "output",
+            Box::new(|p: &mut Value| {
+                let o = p["public"]["output"][0].as_i64().unwrap();
+                p["public"]["output"][0] = json!(o + 1);
+            }),
+        ),
+        (
+            "input",
+            Box::new(|p: &mut Value| {
+                let i = p["public"]["input"][10].as_i64().unwrap();
+                p["public"]["input"][10] = json!(i + 1);
+            }),
+        ),
+        (
+            "job id",
+            Box::new(|p: &mut Value| p["public"]["job_id"] = json!("job_someone_else")),
+        ),
+    ];
+    for (what, tamper) in tampers {
+        let mut bad = proof["proof"].clone();
+        tamper(&mut bad);
+        std::fs::write(&file, serde_json::to_vec(&bad).unwrap()).unwrap();
+        let out = verify_file(&file, &params);
+        assert!(
+            !out.status.success(),
+            "a proof with a changed {what} must not verify"
+        );
+    }
+
+    // The prover service verifies the same way (gRPC), and rejects the tampered file.
+    assert_eq!(account(&user).await["credits"], 9, "one charged prediction");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_graphs_upload_without_a_commitment_and_refuse_proofs() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 10).await;
+    let exp = std::fs::read(modelhub_testkit::test_model("exp.onnx")).unwrap();
+    let answer = creator
+        .upload(&ModelUpload::new("exp", "1", 1), exp)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 201, "{:?}", answer.body);
+    let record = answer.body;
+    assert_eq!(record["commitment"], Value::Null);
+    assert_eq!(record["circuit_spec"], Value::Null);
+    assert!(
+        record["zk_note"].as_str().unwrap().contains("Exp"),
+        "the reason names the op: {record}"
+    );
+    let model_id = record["model_id"].as_str().unwrap();
+    let inputs = json!([{ "name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.0, 1.0, 2.0, -1.0] }]);
+    let answer = user
+        .post(
+            &format!("/v1/models/{model_id}/predict"),
+            &json!({ "inputs": inputs, "proof": true }),
+        )
+        .await
+        .unwrap();
+    assert_error(&answer, 400, "bad_request", "no circuit");
+    assert_eq!(
+        account(&user).await["credits"],
+        10,
+        "a refused proof request is not charged"
+    );
+    // Without a proof it predicts as usual.
+    let out = user.predict(model_id, inputs).await.unwrap().ok().unwrap();
+    let y = out["outputs"][0]["data"][1].as_f64().unwrap();
+    assert!((y - std::f64::consts::E).abs() < 1e-5);
+    cluster.stop().await;
+}
+
+/// A change to a proof file.
+type Tamper = Box<dyn Fn(&mut Value)>;
+
+fn argmax(v: &[f64]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap()
+}

@@ -1,0 +1,73 @@
+//! `GET /v1/proofs/{job_id}[?wait=SECONDS]`: the proof of a prediction, for the account that
+//! asked for it.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use modelhub_core::ApiError;
+use modelhub_proto::prover::v1 as pb;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::GatewayError;
+
+/// Longest `wait` honoured, in seconds.
+pub const MAX_WAIT_SECS: u64 = 60;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProofQuery {
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+pub async fn get(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+    path: web::Path<String>,
+) -> Result<HttpResponse, GatewayError> {
+    let (caller, _) = super::signed(&state, &req, payload).await?;
+    let query = web::Query::<ProofQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::bad_request(format!("query must be ?wait=SECONDS: {e}")))?;
+    let Some(mut prover) = state.prover() else {
+        return Err(ApiError::bad_request("proofs are not enabled on this gateway").into());
+    };
+    let job_id = path.into_inner();
+    let wait_ms = query.wait.unwrap_or(0).min(MAX_WAIT_SECS) * 1000;
+    let state = prover
+        .get_proof(pb::GetProofRequest {
+            job_id: job_id.clone(),
+            wait_ms,
+        })
+        .await
+        .map_err(GatewayError::upstream("prover", "GetProof"))?
+        .into_inner();
+    // Someone else's job looks exactly like a missing one.
+    if state.account_id != caller.account_id && !caller.admin {
+        return Err(ApiError::not_found(format!("no proof job {job_id}")).into());
+    }
+    let float_outputs: Value = serde_json::from_str(&state.float_outputs).unwrap_or(Value::Null);
+    let mut answer = json!({ "job_id": job_id, "float_outputs": float_outputs });
+    use pb::proof_state::Status;
+    match Status::try_from(state.status).unwrap_or(Status::Unspecified) {
+        Status::Done => {
+            let proof: Value = serde_json::from_slice(&state.proof).map_err(|e| {
+                GatewayError::internal(format!("prover sent a bad proof file: {e}"))
+            })?;
+            let proved: Value = serde_json::from_str(&state.proved_output).unwrap_or(Value::Null);
+            let mut public = proof.get("public").cloned().unwrap_or(Value::Null);
+            if let Some(p) = public.as_object_mut() {
+                p.insert("output_dequantized".into(), proved);
+            }
+            answer["status"] = json!("done");
+            answer["public"] = public;
+            answer["proof"] = proof;
+        }
+        Status::Failed => {
+            answer["status"] = json!("failed");
+            answer["error"] = json!(state.error);
+        }
+        _ => answer["status"] = json!("pending"),
+    }
+    Ok(HttpResponse::Ok().json(answer))
+}

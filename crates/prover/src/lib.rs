@@ -1,0 +1,118 @@
+//! The prover service: compiles supported ONNX graphs into halo2 circuits (`modelhub-zk`),
+//! commits to their weights at upload, proves predictions streamed to it by the inference
+//! workers on a bounded pool, stores the proofs, and verifies proof files.
+
+pub mod error;
+pub mod jobs;
+pub mod models;
+pub mod service;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use modelhub_core::crypto::Kek;
+use modelhub_core::pool::ComputePool;
+use modelhub_proto::prover::v1::prover_server::ProverServer;
+use tokio::net::TcpListener;
+
+pub use error::ProverError;
+pub use service::ProverService;
+
+/// Settings of the prover service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Folder for proofs, compiled-model records and cached proving params.
+    #[arg(
+        long,
+        env = "MODELHUB_PROVER_DATA_DIR",
+        default_value = "./modelhub-data/prover"
+    )]
+    pub data_dir: PathBuf,
+    /// Key-encryption key file (seals commitment openings). Default: `<data_dir>/kek`.
+    #[arg(long, env = "MODELHUB_PROVER_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+    /// Storage service endpoint (models are fetched to compile them).
+    #[arg(
+        long,
+        env = "MODELHUB_PROVER_STORAGE",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub storage: String,
+    /// Proving threads.
+    #[arg(long, env = "MODELHUB_PROVER_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Where proving params are cached. Default: `<data_dir>/params`.
+    #[arg(long, env = "MODELHUB_PROVER_PARAMS_DIR")]
+    pub params_dir: Option<PathBuf>,
+}
+
+impl Settings {
+    pub fn for_test(data_dir: &Path, storage: impl Into<String>) -> Settings {
+        Settings {
+            data_dir: data_dir.to_path_buf(),
+            kek_file: None,
+            storage: storage.into(),
+            workers: 1,
+            params_dir: None,
+        }
+    }
+
+    pub fn kek_path(&self) -> PathBuf {
+        self.kek_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("kek"))
+    }
+
+    pub fn params_path(&self) -> PathBuf {
+        self.params_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("params"))
+    }
+}
+
+/// Builds the service from its settings.
+pub fn build(settings: &Settings) -> anyhow::Result<ProverService> {
+    anyhow::ensure!(
+        settings.workers >= 1,
+        "MODELHUB_PROVER_WORKERS must be at least 1"
+    );
+    let kek = Kek::load_or_generate(&settings.kek_path()).context("loading the KEK")?;
+    let storage = modelhub_storage::client::connect_lazy(&settings.storage)
+        .map_err(|e| anyhow::anyhow!("MODELHUB_PROVER_STORAGE: {e}"))?;
+    let pool = ComputePool::new("modelhub-prover", settings.workers)?;
+    let models = models::Models::new(
+        settings.data_dir.join("models"),
+        settings.params_path(),
+        kek,
+        storage,
+        pool.clone(),
+    )?;
+    let jobs = jobs::Jobs::open(&settings.data_dir.join("proofs"))?;
+    Ok(ProverService::new(Arc::new(models), Arc::new(jobs), pool))
+}
+
+/// Serves the prover (and `grpc.health.v1`) on `listener` until `shutdown`.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let service = build(&settings)?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<ProverServer<ProverService>>().await;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %settings.data_dir.display(), "prover listening");
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(
+            ProverServer::new(service)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

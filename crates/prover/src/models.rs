@@ -1,0 +1,353 @@
+//! Compiled models: circuit, weight commitment and the commitment's private opening.
+//!
+//! At upload the prover compiles the model and commits to its weights; the opening (the
+//! blinding factors) is stored sealed by the KEK in `<data_dir>/models/<model_id>.json`, beside
+//! the public spec and commitment. The quantized weights themselves are never written: after a
+//! restart the model is fetched from storage again and recompiled (compilation is
+//! deterministic), and the result must give the stored spec.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use modelhub_core::crypto::Kek;
+use modelhub_core::pool::ComputePool;
+use modelhub_core::{DataType, TensorSpec};
+use modelhub_proto::common::v1::ModelRef;
+use modelhub_proto::storage::v1::storage_client::StorageClient;
+use modelhub_zk::{CircuitSpec, Commitment, Keys, Opening, Params, QuantizedModel};
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
+
+use crate::error::ProverError;
+
+/// Calibration inputs: this many pseudo-random samples in `[0, 1]`, plus all-zeros and all-ones.
+/// Model inputs are expected in `[0, 1]` (docs/ZK.md); others fail cleanly at proving time.
+const CALIBRATION_SAMPLES: usize = 64;
+
+/// Largest circuit size the prover accepts (params for larger k are too slow to make here).
+pub const MAX_K: u32 = 18;
+
+/// A model ready to prove.
+pub struct Compiled {
+    pub model: QuantizedModel,
+    pub commitment: Commitment,
+    pub opening: Opening,
+    pub params: Arc<Params>,
+    pub keys: Keys,
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiled")
+            .field("commitment", &self.commitment)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What compiling a model gave.
+#[derive(Debug)]
+pub enum Outcome {
+    Supported {
+        commitment: Commitment,
+        spec: CircuitSpec,
+    },
+    Unsupported {
+        reason: String,
+    },
+}
+
+/// The stored record of a compiled model.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    spec: CircuitSpec,
+    commitment: Commitment,
+    input_len: usize,
+    /// The opening, JSON sealed by the KEK (AAD: model id), base64.
+    sealed_opening: String,
+}
+
+/// Params per circuit size, made once and cached on disk.
+#[derive(Debug)]
+pub struct ParamsCache {
+    dir: PathBuf,
+    loaded: Mutex<HashMap<u32, Arc<Params>>>,
+}
+
+impl ParamsCache {
+    pub fn new(dir: PathBuf) -> ParamsCache {
+        ParamsCache {
+            dir,
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Blocking: loads or makes the params for `k`.
+    pub fn get(&self, k: u32) -> Result<Arc<Params>, ProverError> {
+        if k > MAX_K {
+            return Err(ProverError::BadRequest(format!(
+                "circuit size k={k} is above the limit {MAX_K}"
+            )));
+        }
+        // Holding the lock while making params keeps two callers from making the same file.
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = loaded.get(&k) {
+            return Ok(p.clone());
+        }
+        let params = Arc::new(Params::load_or_create(&self.dir, k)?);
+        loaded.insert(k, params.clone());
+        Ok(params)
+    }
+}
+
+/// The compiled models of this prover.
+pub struct Models {
+    dir: PathBuf,
+    kek: Kek,
+    storage: StorageClient<Channel>,
+    pub params: Arc<ParamsCache>,
+    pool: ComputePool,
+    cache: tokio::sync::Mutex<HashMap<String, Arc<Compiled>>>,
+}
+
+impl std::fmt::Debug for Models {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Models")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn state_err(path: &Path, e: impl std::fmt::Display) -> ProverError {
+    ProverError::State(format!("{}: {e}", path.display()))
+}
+
+/// Deterministic calibration inputs for a model with `len` input values.
+pub fn calibration_inputs(len: usize) -> Vec<Vec<f32>> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let mut samples = vec![vec![0.0; len], vec![1.0; len]];
+    samples.extend((0..CALIBRATION_SAMPLES).map(|_| (0..len).map(|_| next()).collect()));
+    samples
+}
+
+/// Number of values of the model's one input, from its declared signature.
+pub fn input_len(inputs: &[TensorSpec]) -> Result<usize, String> {
+    let [input] = inputs else {
+        return Err(format!(
+            "proofs support models with one input; this one has {}",
+            inputs.len()
+        ));
+    };
+    if input.datatype != DataType::Fp32 {
+        return Err(format!(
+            "proofs support FP32 inputs; input {:?} is {}",
+            input.name, input.datatype
+        ));
+    }
+    let dims: Vec<i64> = input
+        .shape
+        .iter()
+        .skip(usize::from(input.shape.first() == Some(&-1)))
+        .copied()
+        .collect();
+    if dims.iter().any(|&d| d < 1) {
+        return Err(format!(
+            "proofs need a fixed input shape (batch aside); input {:?} is {:?}",
+            input.name, input.shape
+        ));
+    }
+    Ok(dims.iter().product::<i64>() as usize)
+}
+
+impl Models {
+    pub fn new(
+        dir: PathBuf,
+        params_dir: PathBuf,
+        kek: Kek,
+        storage: StorageClient<Channel>,
+        pool: ComputePool,
+    ) -> Result<Models, ProverError> {
+        std::fs::create_dir_all(&dir).map_err(|e| state_err(&dir, e))?;
+        Ok(Models {
+            dir,
+            kek,
+            storage,
+            params: Arc::new(ParamsCache::new(params_dir)),
+            pool,
+            cache: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn record_path(&self, model_id: &str) -> PathBuf {
+        self.dir.join(format!("{model_id}.json"))
+    }
+
+    async fn fetch(&self, model: &ModelRef) -> Result<Vec<u8>, ProverError> {
+        let mut storage = self.storage.clone();
+        Ok(modelhub_storage::client::fetch_model(&mut storage, model.clone()).await?)
+    }
+
+    /// Compiles a newly stored model and commits to its weights.
+    pub async fn compile(
+        &self,
+        model: ModelRef,
+        inputs: &[TensorSpec],
+    ) -> Result<Outcome, ProverError> {
+        if !crate::jobs::valid_job_id(&model.model_id) {
+            return Err(ProverError::BadRequest("a model id is required".into()));
+        }
+        let input_len = match input_len(inputs) {
+            Ok(n) => n,
+            Err(reason) => return Ok(Outcome::Unsupported { reason }),
+        };
+        let bytes = self.fetch(&model).await?;
+        let params_cache = self.params.clone();
+        let built = self
+            .pool
+            .run(move || -> Result<Result<Compiled, String>, ProverError> {
+                let quantized = match modelhub_zk::compile(&bytes, &calibration_inputs(input_len)) {
+                    Ok(q) => q,
+                    Err(e @ modelhub_zk::ZkError::Unsupported { .. }) => {
+                        return Ok(Err(e.to_string()));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let params = params_cache.get(quantized.spec.k)?;
+                let (commitment, opening) = modelhub_zk::commit(&quantized, &params)?;
+                let keys = Keys::new(&params, &quantized.spec)?;
+                Ok(Ok(Compiled {
+                    model: quantized,
+                    commitment,
+                    opening,
+                    params,
+                    keys,
+                }))
+            })
+            .await??;
+        let compiled = match built {
+            Ok(c) => c,
+            Err(reason) => return Ok(Outcome::Unsupported { reason }),
+        };
+        let opening_json =
+            serde_json::to_vec(&compiled.opening).map_err(|e| ProverError::State(e.to_string()))?;
+        let record = Record {
+            spec: compiled.model.spec.clone(),
+            commitment: compiled.commitment.clone(),
+            input_len,
+            sealed_opening: STANDARD
+                .encode(self.kek.wrap(&opening_json, model.model_id.as_bytes())),
+        };
+        let path = self.record_path(&model.model_id);
+        let tmp = self.dir.join(format!(".{}.tmp", model.model_id));
+        let bytes =
+            serde_json::to_vec_pretty(&record).map_err(|e| ProverError::State(e.to_string()))?;
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| state_err(&path, e))?;
+        let outcome = Outcome::Supported {
+            commitment: compiled.commitment.clone(),
+            spec: compiled.model.spec.clone(),
+        };
+        self.cache
+            .lock()
+            .await
+            .insert(model.model_id.clone(), Arc::new(compiled));
+        Ok(outcome)
+    }
+
+    /// The compiled model, from memory or rebuilt from storage and its stored record.
+    pub async fn get(&self, model: &ModelRef) -> Result<Arc<Compiled>, ProverError> {
+        let mut cache = self.cache.lock().await;
+        if let Some(c) = cache.get(&model.model_id) {
+            return Ok(c.clone());
+        }
+        let path = self.record_path(&model.model_id);
+        let record: Record = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| state_err(&path, e))?,
+            Err(_) => return Err(ProverError::NoCircuit(model.model_id.clone())),
+        };
+        let sealed = STANDARD
+            .decode(&record.sealed_opening)
+            .map_err(|e| state_err(&path, e))?;
+        let opening_json = self
+            .kek
+            .unwrap(&sealed, model.model_id.as_bytes())
+            .map_err(|e| state_err(&path, e))?;
+        let opening: Opening =
+            serde_json::from_slice(&opening_json).map_err(|e| state_err(&path, e))?;
+        let bytes = self.fetch(model).await?;
+        let params_cache = self.params.clone();
+        let compiled = self
+            .pool
+            .run(move || -> Result<Compiled, ProverError> {
+                let quantized =
+                    modelhub_zk::compile(&bytes, &calibration_inputs(record.input_len))?;
+                if quantized.spec != record.spec {
+                    return Err(ProverError::State(
+                        "recompiled circuit differs from the stored spec".into(),
+                    ));
+                }
+                let params = params_cache.get(quantized.spec.k)?;
+                let keys = Keys::new(&params, &quantized.spec)?;
+                Ok(Compiled {
+                    model: quantized,
+                    commitment: record.commitment,
+                    opening,
+                    params,
+                    keys,
+                })
+            })
+            .await??;
+        let compiled = Arc::new(compiled);
+        cache.insert(model.model_id.clone(), compiled.clone());
+        Ok(compiled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibration_inputs_are_deterministic_and_in_range() {
+        let a = calibration_inputs(64);
+        assert_eq!(a, calibration_inputs(64));
+        assert_eq!(a.len(), CALIBRATION_SAMPLES + 2);
+        assert!(a.iter().flatten().all(|v| (0.0..=1.0).contains(v)));
+        assert!(
+            a[2..].iter().flatten().any(|v| *v > 0.5) && a[2..].iter().flatten().any(|v| *v < 0.5)
+        );
+    }
+
+    #[test]
+    fn input_len_reads_the_signature() {
+        let spec = |shape: Vec<i64>, datatype| {
+            vec![TensorSpec {
+                name: "X".into(),
+                datatype,
+                shape,
+            }]
+        };
+        assert_eq!(input_len(&spec(vec![-1, 64], DataType::Fp32)), Ok(64));
+        assert_eq!(input_len(&spec(vec![1, 1, 8, 8], DataType::Fp32)), Ok(64));
+        assert!(
+            input_len(&spec(vec![-1, -1], DataType::Fp32))
+                .unwrap_err()
+                .contains("fixed input shape")
+        );
+        assert!(
+            input_len(&spec(vec![-1, 64], DataType::Int64))
+                .unwrap_err()
+                .contains("FP32")
+        );
+        assert!(input_len(&[]).unwrap_err().contains("one input"));
+    }
+}

@@ -1,0 +1,250 @@
+//! The `modelhub.prover.v1.Prover` gRPC service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use modelhub_core::pool::ComputePool;
+use modelhub_core::{ApiError, Tensor, TensorSpec};
+use modelhub_proto::prover::v1 as pb;
+use modelhub_zk::ProofBundle;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ProverError;
+use crate::jobs::{Job, JobStatus, Jobs, valid_job_id};
+use crate::models::{Models, Outcome};
+
+/// Longest a `GetProof` may wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(120);
+
+/// The prover; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ProverService {
+    models: Arc<Models>,
+    jobs: Arc<Jobs>,
+    pool: ComputePool,
+}
+
+impl ProverService {
+    pub fn new(models: Arc<Models>, jobs: Arc<Jobs>, pool: ComputePool) -> ProverService {
+        ProverService { models, jobs, pool }
+    }
+
+    /// Proves one job and records the outcome.
+    async fn run_job(&self, job: pb::ProofJob) {
+        let job_id = job.job_id.clone();
+        let status = match self.prove(job).await {
+            Ok((bundle, proved_output)) => match serde_json::to_value(&bundle) {
+                Ok(proof) => JobStatus::Done {
+                    proof,
+                    proved_output,
+                },
+                Err(e) => JobStatus::Failed {
+                    error: ProverError::State(e.to_string()).to_api().message,
+                },
+            },
+            Err(e) => {
+                tracing::info!(job_id = %job_id, error = %e, "proof failed");
+                JobStatus::Failed {
+                    error: e.to_api().message,
+                }
+            }
+        };
+        if let Err(e) = self.jobs.finish(&job_id, status) {
+            tracing::warn!(job_id = %job_id, error = %e, "recording a proof failed");
+        }
+    }
+
+    async fn prove(&self, job: pb::ProofJob) -> Result<(ProofBundle, Vec<f32>), ProverError> {
+        let model = job
+            .model
+            .ok_or_else(|| ProverError::BadRequest("a proof job needs a model".into()))?;
+        let [input] = <[_; 1]>::try_from(job.inputs).map_err(|v: Vec<_>| {
+            ProverError::BadRequest(format!("proofs take one input tensor, got {}", v.len()))
+        })?;
+        let input = Tensor::try_from(input).map_err(|e| ProverError::BadRequest(e.message))?;
+        let values = input.as_f32().ok_or_else(|| {
+            ProverError::BadRequest(format!("proofs take an FP32 input, got {}", input.datatype))
+        })?;
+        let compiled = self.models.get(&model).await?;
+        let job_id = job.job_id;
+        self.pool
+            .run(move || -> Result<(ProofBundle, Vec<f32>), ProverError> {
+                let c = &compiled;
+                let bundle = modelhub_zk::prove(
+                    &c.params,
+                    &c.keys,
+                    &c.model,
+                    &c.commitment,
+                    &c.opening,
+                    &values,
+                    &job_id,
+                )?;
+                let proved = modelhub_zk::dequantize_output(&bundle.spec, &bundle.public.output);
+                Ok((bundle, proved))
+            })
+            .await?
+    }
+}
+
+fn proof_state(job: Job) -> pb::ProofState {
+    use pb::proof_state::Status as S;
+    let mut state = pb::ProofState {
+        job_id: job.job_id,
+        account_id: job.account_id,
+        float_outputs: job.float_outputs.to_string(),
+        ..Default::default()
+    };
+    match job.status {
+        JobStatus::Pending => state.status = S::Pending as i32,
+        JobStatus::Done {
+            proof,
+            proved_output,
+        } => {
+            state.status = S::Done as i32;
+            state.proof = proof.to_string().into_bytes();
+            state.proved_output = serde_json::Value::from(proved_output).to_string();
+        }
+        JobStatus::Failed { error } => {
+            state.status = S::Failed as i32;
+            state.error = error;
+        }
+    }
+    state
+}
+
+#[tonic::async_trait]
+impl pb::prover_server::Prover for ProverService {
+    async fn compile(
+        &self,
+        request: Request<pb::CompileRequest>,
+    ) -> Result<Response<pb::CompileResponse>, Status> {
+        let req = request.into_inner();
+        let model = req
+            .model
+            .ok_or_else(|| ApiError::bad_request("Compile needs a model reference").to_status())?;
+        let inputs = req
+            .inputs
+            .into_iter()
+            .map(TensorSpec::try_from)
+            .collect::<Result<Vec<_>, ApiError>>()
+            .map_err(|e| e.to_status())?;
+        let model_id = model.model_id.clone();
+        let outcome = self
+            .models
+            .compile(model, &inputs)
+            .await
+            .map_err(ProverError::into_status)?;
+        Ok(Response::new(match outcome {
+            Outcome::Supported { commitment, spec } => {
+                tracing::info!(model_id = %model_id, k = spec.k, "model compiled to a circuit");
+                pb::CompileResponse {
+                    supported: true,
+                    reason: String::new(),
+                    commitment: commitment.to_hex(),
+                    circuit_spec: serde_json::to_string(&spec)
+                        .map_err(|_| ApiError::internal().to_status())?,
+                }
+            }
+            Outcome::Unsupported { reason } => {
+                tracing::info!(model_id = %model_id, reason = %reason, "model has no circuit");
+                pb::CompileResponse {
+                    supported: false,
+                    reason,
+                    ..Default::default()
+                }
+            }
+        }))
+    }
+
+    async fn submit(
+        &self,
+        request: Request<Streaming<pb::ProofJob>>,
+    ) -> Result<Response<pb::SubmitSummary>, Status> {
+        let mut stream = request.into_inner();
+        let mut accepted = 0;
+        while let Some(job) = stream.message().await? {
+            if !valid_job_id(&job.job_id) {
+                tracing::warn!(job_id = %job.job_id, "proof job with a bad id dropped");
+                continue;
+            }
+            let float_outputs = job
+                .outputs
+                .iter()
+                .cloned()
+                .map(|t| Tensor::try_from(t).map(|t| t.to_json()))
+                .collect::<Result<Vec<_>, _>>()
+                .map(serde_json::Value::from)
+                .unwrap_or(serde_json::Value::Null);
+            let record = Job {
+                job_id: job.job_id.clone(),
+                account_id: job.account_id.clone(),
+                model_id: job
+                    .model
+                    .as_ref()
+                    .map(|m| m.model_id.clone())
+                    .unwrap_or_default(),
+                float_outputs,
+                status: JobStatus::Pending,
+            };
+            if !self.jobs.start(record) {
+                tracing::warn!(job_id = %job.job_id, "duplicate proof job dropped");
+                continue;
+            }
+            accepted += 1;
+            let this = self.clone();
+            tokio::spawn(async move { this.run_job(job).await });
+        }
+        Ok(Response::new(pb::SubmitSummary { accepted }))
+    }
+
+    async fn get_proof(
+        &self,
+        request: Request<pb::GetProofRequest>,
+    ) -> Result<Response<pb::ProofState>, Status> {
+        let req = request.into_inner();
+        if !valid_job_id(&req.job_id) {
+            return Err(ApiError::bad_request("malformed job id").to_status());
+        }
+        let wait = Duration::from_millis(req.wait_ms).min(MAX_WAIT);
+        match self.jobs.wait(&req.job_id, wait).await {
+            Some(job) => Ok(Response::new(proof_state(job))),
+            None => Err(ProverError::UnknownJob(req.job_id).into_status()),
+        }
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let bundle: ProofBundle = match serde_json::from_slice(&request.into_inner().proof) {
+            Ok(b) => b,
+            Err(e) => {
+                return Ok(Response::new(pb::VerifyResponse {
+                    valid: false,
+                    reason: format!("not a proof file: {e}"),
+                }));
+            }
+        };
+        let params = self.models.params.clone();
+        let result = self
+            .pool
+            .run(move || -> Result<(), ProverError> {
+                let params = params.get(bundle.spec.k)?;
+                modelhub_zk::verify(&params, &bundle)?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| ProverError::from(e).into_status())?;
+        Ok(Response::new(match result {
+            Ok(()) => pb::VerifyResponse {
+                valid: true,
+                reason: String::new(),
+            },
+            Err(e) if e.code() != modelhub_core::ErrorCode::Internal => pb::VerifyResponse {
+                valid: false,
+                reason: e.to_string(),
+            },
+            Err(e) => return Err(e.into_status()),
+        }))
+    }
+}

@@ -1,0 +1,1269 @@
+//! [`MongoStore`]: the registry's metadata in MongoDB (6 or later; a replica set in
+//! production), through the official `mongodb` driver.
+//!
+//! # Collections
+//! - `accounts` `{_id, name, admin, credits, earnings, created_at, pending?}`
+//! - `keys` `{_id, account_id, sealed_secret: binary, revoked, created_at}`
+//! - `models` `{_id, owner, name, version, price, …}`, unique index `(name, version)`
+//! - `reservations` `{_id, account_id, model_id, owner, amount, state, receipt_id?,
+//!   idempotency_key?, created_at, settled_at?}`, unique index `(account_id, idempotency_key)`
+//!   restricted to documents that have a key (a partial index)
+//! - `receipts` `{_id, reservation_id, …}`
+//!
+//! Ids are the `_id` of their documents, so key, model, reservation and receipt ids are unique
+//! by MongoDB's own `_id` index; indexes are created at start (`createIndexes` is idempotent).
+//! Money is stored as `Int64`; amounts above `i64::MAX` are refused.
+//!
+//! # Balances without multi-document transactions
+//! Every balance change is one single-document atomic update of an account whose filter holds
+//! the condition (`credits >= price` for a hold), so concurrent registries can never overspend.
+//! An operation that touches two documents (the account and the reservation) leaves a *marker*
+//! in the account in the same atomic update as the `$inc`: `pending.<reservation id>_<op>`
+//! (`op` = `debit`, `earn` or `refund`). The `$inc` of `earn`/`refund` is conditional on the
+//! marker being absent, so it applies at most once; the marker is removed only once the
+//! reservation document shows the operation complete. A crash in between leaves the marker,
+//! and recovery ([`MongoStore::recover_stale`], run at start and every minute for markers older
+//! than a grace period) finishes or undoes the operation.
+//!
+//! - **reserve**: with an idempotency key the reservation id is derived from (account, key),
+//!   so every retry of one request works on one id; without a key it is random.
+//!   (1) An existing reservation under that id is returned (a `Conflict` when it was for
+//!   another model). (2) The account is debited: `{_id, credits: {$gte: price},
+//!   pending.<rid>_debit: {$exists: false}}` → `$inc credits: -price,
+//!   $set pending.<rid>_debit: {amount, at, token}` with a random token naming this debit;
+//!   the marker condition lets only one retry at a time debit for the id. (3) The reservation
+//!   is inserted as `held` with `debit_token` = the token of the debit that paid for it.
+//!   (4) The marker is removed (conditional on the token). When (2) matches nothing: a marker
+//!   for the id means a concurrent retry is between (2) and (3), so the reservation is
+//!   inserted on its behalf with its token (a duplicate is fine) and returned; otherwise an
+//!   existing reservation is returned, else `PaymentRequired` (or `NotFound`). When (3) hits
+//!   a duplicate: a stored `debit_token` equal to ours means a retry inserted it for us;
+//!   anything else (an earlier retry's reservation whose marker was already gone, a
+//!   tombstone) means our debit paid for nothing and is refunded, conditional on our token:
+//!   `{_id, pending.<rid>_debit.token: token}` → `$inc credits: +price, $unset marker`, so
+//!   at most once. A crash between (2) and (3) leaves the marker: recovery first inserts a
+//!   `void` tombstone under the id (so a slow original's late insert fails on `_id`), then
+//!   keeps the debit if the stored reservation carries its token and refunds it otherwise.
+//!   The unique index on (account, key) guards the same rule once more.
+//! - **commit**: the transition `{_id, state: "held"}` → `committing` (with the receipt id,
+//!   derived from the reservation id, and the settlement time) is won by exactly one caller;
+//!   a retry or a concurrent commit sees `committing`/`committed` and returns the same receipt
+//!   (it is a pure function of the reservation), a released reservation is a `Conflict`. Only
+//!   the winner goes on: insert the receipt (a duplicate is fine: same id, same content),
+//!   credit the owner `{_id, marker absent}` → `$inc earnings, $set marker`, set `committed`,
+//!   remove the marker.
+//! - **release**: the same with `held` → `releasing` → `released` and a `refund` of the
+//!   buyer's credits; releasing anything that is not `held` changes nothing.
+//! - **recovery**: a reservation stuck in `committing`/`releasing` longer than the grace
+//!   period is claimed by a conditional update of its `settled_at` (a lease: one recoverer per
+//!   period) and finished as above; its `$inc` is still guarded by the marker. Markers whose
+//!   reservation shows the operation done are removed. The grace period (5 minutes) is far
+//!   longer than any operation may run (each is bounded by the operation timeout), so recovery
+//!   never races a live operation.
+//!
+//! To clients, `committing` already reads as `Committed` (the charge is final) and `releasing`
+//! as `Released`; `void` tombstones read as not found. Nothing half-written is visible: a
+//! failed operation either left no reservation, or a reservation whose state says what it is.
+//!
+//! # Failures
+//! Server selection is bounded by the configured timeout (2 s by default) and every store call
+//! by an operation timeout; an unreachable server, a dropped connection or a stepping-down
+//! primary gives [`RegistryError::Unavailable`] (503 `unavailable` at the gateway). The driver
+//! reconnects by itself: the same store works again once the server is back.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use modelhub_core::{TensorSpec, id};
+use mongodb::bson::spec::BinarySubtype;
+use mongodb::bson::{Binary, Bson, Document, doc};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
+use mongodb::{Client, Collection, IndexModel};
+use sha2::{Digest, Sha256};
+use tracing::{debug, info, warn};
+
+use super::MetadataStore;
+use crate::error::{RegistryError, Result};
+use crate::model::{Account, ApiKey, Model, Receipt, Reservation, ReservationState};
+
+/// Database used when the URI names none.
+pub const DEFAULT_DATABASE: &str = "modelhub";
+/// How long a marker or a settling reservation may stay before recovery takes it over.
+pub const RECOVERY_GRACE: Duration = Duration::from_secs(300);
+const RECOVERY_EVERY: Duration = Duration::from_secs(60);
+
+const HELD: &str = "held";
+const COMMITTING: &str = "committing";
+const COMMITTED: &str = "committed";
+const RELEASING: &str = "releasing";
+const RELEASED: &str = "released";
+const VOID: &str = "void";
+
+const DEBIT: &str = "debit";
+const EARN: &str = "earn";
+const REFUND: &str = "refund";
+
+/// The MongoDB metadata store. Cheap to clone; clones share the connection pool.
+#[derive(Clone)]
+pub struct MongoStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    accounts: Collection<Document>,
+    keys: Collection<Document>,
+    models: Collection<Document>,
+    reservations: Collection<Document>,
+    receipts: Collection<Document>,
+    op_timeout: Duration,
+}
+
+impl std::fmt::Debug for MongoStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoStore").finish_non_exhaustive()
+    }
+}
+
+/// What one recovery pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Debits whose reservation was never written, refunded.
+    pub refunded_debits: usize,
+    /// Commits and releases finished.
+    pub finished: usize,
+    /// Markers removed whose operation was already complete.
+    pub cleared: usize,
+}
+
+// ---- errors ---------------------------------------------------------------------------------
+
+/// Server error codes that mean "not reachable or not primary right now".
+const UNAVAILABLE_CODES: &[i32] = &[
+    6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
+];
+
+fn error_code(e: &mongodb::error::Error) -> Option<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(w.code),
+        _ => None,
+    }
+}
+
+fn is_duplicate(e: &mongodb::error::Error) -> bool {
+    error_code(e) == Some(11000)
+}
+
+/// Whether the error means the server could not be reached (as opposed to a refused request).
+pub fn is_unavailable(e: &mongodb::error::Error) -> bool {
+    matches!(
+        e.kind.as_ref(),
+        ErrorKind::ServerSelection { .. }
+            | ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+    ) || e.contains_label("RetryableWriteError")
+        || error_code(e).is_some_and(|c| UNAVAILABLE_CODES.contains(&c))
+}
+
+impl From<mongodb::error::Error> for RegistryError {
+    fn from(e: mongodb::error::Error) -> Self {
+        if is_unavailable(&e) {
+            RegistryError::unavailable(e)
+        } else {
+            RegistryError::store(e)
+        }
+    }
+}
+
+fn malformed(what: &str, field: &str) -> RegistryError {
+    RegistryError::store(format!("malformed {what} document: field {field}"))
+}
+
+fn to_i64(value: u64, what: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| RegistryError::bad_request(format!("{what} is too large")))
+}
+
+// ---- document field access (lenient about integer widths) ----------------------------------
+
+fn get_str(d: &Document, what: &str, field: &str) -> Result<String> {
+    match d.get(field) {
+        Some(Bson::String(s)) => Ok(s.clone()),
+        _ => Err(malformed(what, field)),
+    }
+}
+
+fn get_opt_str(d: &Document, what: &str, field: &str) -> Result<Option<String>> {
+    match d.get(field) {
+        None | Some(Bson::Null) => Ok(None),
+        Some(Bson::String(s)) => Ok(Some(s.clone())),
+        _ => Err(malformed(what, field)),
+    }
+}
+
+fn get_i64(d: &Document, what: &str, field: &str) -> Result<i64> {
+    match d.get(field) {
+        Some(Bson::Int64(v)) => Ok(*v),
+        Some(Bson::Int32(v)) => Ok(i64::from(*v)),
+        Some(Bson::Double(v)) if v.fract() == 0.0 && v.abs() < 9.0e15 => Ok(*v as i64),
+        _ => Err(malformed(what, field)),
+    }
+}
+
+fn get_u64(d: &Document, what: &str, field: &str) -> Result<u64> {
+    u64::try_from(get_i64(d, what, field)?).map_err(|_| malformed(what, field))
+}
+
+fn get_bool(d: &Document, what: &str, field: &str) -> Result<bool> {
+    match d.get(field) {
+        Some(Bson::Boolean(b)) => Ok(*b),
+        Some(Bson::Int32(v)) => Ok(*v != 0),
+        Some(Bson::Int64(v)) => Ok(*v != 0),
+        _ => Err(malformed(what, field)),
+    }
+}
+
+fn get_bytes(d: &Document, what: &str, field: &str) -> Result<Vec<u8>> {
+    match d.get(field) {
+        Some(Bson::Binary(b)) => Ok(b.bytes.clone()),
+        _ => Err(malformed(what, field)),
+    }
+}
+
+fn binary(bytes: &[u8]) -> Bson {
+    Bson::Binary(Binary {
+        subtype: BinarySubtype::Generic,
+        bytes: bytes.to_vec(),
+    })
+}
+
+fn specs_to_bson(specs: &[TensorSpec]) -> Result<Bson> {
+    mongodb::bson::serialize_to_bson(specs).map_err(RegistryError::store)
+}
+
+fn specs_from(d: &Document, field: &str) -> Result<Vec<TensorSpec>> {
+    match d.get(field) {
+        None | Some(Bson::Null) => Ok(Vec::new()),
+        Some(v) => {
+            mongodb::bson::deserialize_from_bson(v.clone()).map_err(|_| malformed("model", field))
+        }
+    }
+}
+
+// ---- records ↔ documents -------------------------------------------------------------------
+
+fn account_doc(a: &Account) -> Result<Document> {
+    Ok(doc! {
+        "_id": &a.account_id,
+        "name": &a.name,
+        "admin": a.admin,
+        "credits": to_i64(a.credits, "credits")?,
+        "earnings": to_i64(a.earnings, "earnings")?,
+        "created_at": a.created_at,
+    })
+}
+
+fn account_from(d: &Document) -> Result<Account> {
+    const W: &str = "account";
+    Ok(Account {
+        account_id: get_str(d, W, "_id")?,
+        name: get_str(d, W, "name")?,
+        admin: get_bool(d, W, "admin")?,
+        credits: get_u64(d, W, "credits")?,
+        earnings: get_u64(d, W, "earnings")?,
+        created_at: get_i64(d, W, "created_at")?,
+    })
+}
+
+fn key_doc(k: &ApiKey) -> Document {
+    doc! {
+        "_id": &k.key_id,
+        "account_id": &k.account_id,
+        "sealed_secret": binary(&k.sealed_secret),
+        "revoked": k.revoked,
+        "created_at": k.created_at,
+    }
+}
+
+fn key_from(d: &Document) -> Result<ApiKey> {
+    const W: &str = "key";
+    Ok(ApiKey {
+        key_id: get_str(d, W, "_id")?,
+        account_id: get_str(d, W, "account_id")?,
+        sealed_secret: get_bytes(d, W, "sealed_secret")?,
+        revoked: get_bool(d, W, "revoked")?,
+        created_at: get_i64(d, W, "created_at")?,
+    })
+}
+
+fn model_doc(m: &Model) -> Result<Document> {
+    Ok(doc! {
+        "_id": &m.model_id,
+        "owner": &m.owner,
+        "name": &m.name,
+        "version": &m.version,
+        "price": to_i64(m.price, "price")?,
+        "cid": &m.cid,
+        "sha256": &m.sha256,
+        "size": to_i64(m.size, "size")?,
+        "wrapped_dek": binary(&m.wrapped_dek),
+        "inputs": specs_to_bson(&m.inputs)?,
+        "outputs": specs_to_bson(&m.outputs)?,
+        "commitment": opt_str(&m.commitment),
+        "circuit_spec": opt_str(&m.circuit_spec),
+        "zk_note": opt_str(&m.zk_note),
+        "created_at": m.created_at,
+    })
+}
+
+fn opt_str(v: &Option<String>) -> Bson {
+    v.as_deref()
+        .map_or(Bson::Null, |c| Bson::String(c.to_owned()))
+}
+
+fn model_from(d: &Document) -> Result<Model> {
+    const W: &str = "model";
+    Ok(Model {
+        model_id: get_str(d, W, "_id")?,
+        owner: get_str(d, W, "owner")?,
+        name: get_str(d, W, "name")?,
+        version: get_str(d, W, "version")?,
+        price: get_u64(d, W, "price")?,
+        cid: get_str(d, W, "cid")?,
+        sha256: get_str(d, W, "sha256")?,
+        size: get_u64(d, W, "size")?,
+        wrapped_dek: get_bytes(d, W, "wrapped_dek")?,
+        inputs: specs_from(d, "inputs")?,
+        outputs: specs_from(d, "outputs")?,
+        commitment: get_opt_str(d, W, "commitment")?,
+        circuit_spec: get_opt_str(d, W, "circuit_spec")?,
+        zk_note: get_opt_str(d, W, "zk_note")?,
+        created_at: get_i64(d, W, "created_at")?,
+    })
+}
+
+/// A reservation as stored, with its internal state.
+#[derive(Debug, Clone)]
+struct StoredReservation {
+    r: Reservation,
+    state: String,
+    settled_at: Option<i64>,
+}
+
+/// The stored reservation; `debit_token` names the debit that paid for it.
+fn reservation_doc(r: &Reservation, debit_token: &str) -> Result<Document> {
+    let mut d = doc! {
+        "_id": &r.reservation_id,
+        "account_id": &r.account_id,
+        "model_id": &r.model_id,
+        "owner": &r.owner,
+        "amount": to_i64(r.amount, "price")?,
+        "state": HELD,
+        "created_at": r.created_at,
+        "debit_token": debit_token,
+    };
+    // Absent (not null) without a key, so the partial unique index ignores the document.
+    if let Some(k) = &r.idempotency_key {
+        d.insert("idempotency_key", k);
+    }
+    Ok(d)
+}
+
+fn reservation_from(d: &Document) -> Result<StoredReservation> {
+    const W: &str = "reservation";
+    let state = get_str(d, W, "state")?;
+    let public = match state.as_str() {
+        HELD => ReservationState::Held,
+        COMMITTING | COMMITTED => ReservationState::Committed,
+        RELEASING | RELEASED => ReservationState::Released,
+        VOID => ReservationState::Released,
+        _ => return Err(malformed(W, "state")),
+    };
+    Ok(StoredReservation {
+        r: Reservation {
+            reservation_id: get_str(d, W, "_id")?,
+            account_id: get_str(d, W, "account_id")?,
+            model_id: get_opt_str(d, W, "model_id")?.unwrap_or_default(),
+            owner: get_opt_str(d, W, "owner")?.unwrap_or_default(),
+            amount: get_u64(d, W, "amount")?,
+            state: public,
+            receipt_id: get_opt_str(d, W, "receipt_id")?,
+            idempotency_key: get_opt_str(d, W, "idempotency_key")?,
+            created_at: get_i64(d, W, "created_at")?,
+        },
+        settled_at: match d.get("settled_at") {
+            None | Some(Bson::Null) => None,
+            Some(_) => Some(get_i64(d, W, "settled_at")?),
+        },
+        state,
+    })
+}
+
+/// The receipt of a reservation: its id is derived from the reservation id, its time is the
+/// settlement time, so every caller computes the same receipt.
+fn receipt_of(s: &StoredReservation) -> Receipt {
+    let r = &s.r;
+    Receipt {
+        receipt_id: r
+            .receipt_id
+            .clone()
+            .unwrap_or_else(|| receipt_id_for(&r.reservation_id)),
+        reservation_id: r.reservation_id.clone(),
+        account_id: r.account_id.clone(),
+        model_id: r.model_id.clone(),
+        owner: r.owner.clone(),
+        credits_charged: r.amount,
+        created_at: s.settled_at.unwrap_or(r.created_at),
+    }
+}
+
+/// The reservation id of the request with idempotency key `key` of `account_id`: every retry
+/// of that request works on this one id.
+pub fn reservation_id_for(account_id: &str, key: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"modelhub reservation\0")
+        .chain_update(account_id.as_bytes())
+        .chain_update(b"\0")
+        .chain_update(key.as_bytes())
+        .finalize();
+    format!("{}_{}", id::RESERVATION, hex::encode(&digest[..16]))
+}
+
+fn receipt_id_for(reservation_id: &str) -> String {
+    let tail = reservation_id
+        .strip_prefix(id::RESERVATION)
+        .and_then(|t| t.strip_prefix('_'))
+        .unwrap_or(reservation_id);
+    format!("{}_{tail}", id::RECEIPT)
+}
+
+fn receipt_doc(r: &Receipt) -> Result<Document> {
+    Ok(doc! {
+        "_id": &r.receipt_id,
+        "reservation_id": &r.reservation_id,
+        "account_id": &r.account_id,
+        "model_id": &r.model_id,
+        "owner": &r.owner,
+        "credits_charged": to_i64(r.credits_charged, "price")?,
+        "created_at": r.created_at,
+    })
+}
+
+fn receipt_from(d: &Document) -> Result<Receipt> {
+    const W: &str = "receipt";
+    Ok(Receipt {
+        receipt_id: get_str(d, W, "_id")?,
+        reservation_id: get_str(d, W, "reservation_id")?,
+        account_id: get_str(d, W, "account_id")?,
+        model_id: get_str(d, W, "model_id")?,
+        owner: get_str(d, W, "owner")?,
+        credits_charged: get_u64(d, W, "credits_charged")?,
+        created_at: get_i64(d, W, "created_at")?,
+    })
+}
+
+/// The account field that marks operation `op` of reservation `rid` as applied but not yet
+/// acknowledged. Reservation ids are generated here (`rsv_` + hex), so the path is safe.
+fn marker(rid: &str, op: &str) -> String {
+    format!("pending.{rid}_{op}")
+}
+
+// ---- the store ------------------------------------------------------------------------------
+
+impl MongoStore {
+    /// Connects to `uri` (database from the URI, else [`DEFAULT_DATABASE`]), creates the
+    /// collections' indexes, runs one recovery pass and starts the periodic one.
+    /// `timeout` bounds server selection and connecting; each store call is bounded by five
+    /// times that.
+    pub async fn connect(uri: &str, timeout: Duration) -> Result<MongoStore> {
+        let mut options = ClientOptions::parse(uri)
+            .await
+            .map_err(|e| RegistryError::bad_request(format!("invalid MongoDB URI: {e}")))?;
+        options.server_selection_timeout = Some(timeout);
+        options.connect_timeout = Some(timeout);
+        options
+            .app_name
+            .get_or_insert_with(|| "modelhub-registry".to_owned());
+        let database = options
+            .default_database
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+        let hosts: Vec<String> = options.hosts.iter().map(ToString::to_string).collect();
+        let client = Client::with_options(options).map_err(RegistryError::store)?;
+        let db = client.database(&database);
+        let store = MongoStore {
+            inner: Arc::new(Inner {
+                accounts: db.collection("accounts"),
+                keys: db.collection("keys"),
+                models: db.collection("models"),
+                reservations: db.collection("reservations"),
+                receipts: db.collection("receipts"),
+                op_timeout: timeout.saturating_mul(5).max(Duration::from_secs(1)),
+            }),
+        };
+        store.timed(store.create_indexes()).await?;
+        match store.recover_stale(RECOVERY_GRACE).await {
+            Ok(r) if r != Recovery::default() => info!(?r, "recovered interrupted operations"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "recovery pass failed"),
+        }
+        tokio::spawn(periodic_recovery(Arc::downgrade(&store.inner)));
+        info!(?hosts, %database, "metadata store: MongoDB");
+        Ok(store)
+    }
+
+    async fn create_indexes(&self) -> Result<()> {
+        let i = &self.inner;
+        let unique = || IndexOptions::builder().unique(true).build();
+        i.models
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "name": 1, "version": 1 })
+                    .options(unique())
+                    .build(),
+            )
+            .await?;
+        i.reservations
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "account_id": 1, "idempotency_key": 1 })
+                    .options(
+                        IndexOptions::builder()
+                            .unique(true)
+                            .partial_filter_expression(
+                                doc! { "idempotency_key": { "$type": "string" } },
+                            )
+                            .build(),
+                    )
+                    .build(),
+            )
+            .await?;
+        i.reservations
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "state": 1, "settled_at": 1 })
+                    .build(),
+            )
+            .await?;
+        i.keys
+            .create_index(IndexModel::builder().keys(doc! { "account_id": 1 }).build())
+            .await?;
+        i.receipts
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "reservation_id": 1 })
+                    .options(unique())
+                    .build(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Bounds one store call by the operation timeout (a hung server gives `Unavailable`).
+    async fn timed<T>(&self, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.inner.op_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(RegistryError::unavailable(
+                "metadata store operation timed out",
+            )),
+        }
+    }
+
+    async fn find_one(coll: &Collection<Document>, filter: Document) -> Result<Option<Document>> {
+        Ok(coll.find_one(filter).await?)
+    }
+
+    async fn load_reservation(&self, rid: &str) -> Result<StoredReservation> {
+        match Self::find_one(&self.inner.reservations, doc! { "_id": rid }).await? {
+            Some(d) => {
+                let s = reservation_from(&d)?;
+                if s.state == VOID {
+                    return Err(RegistryError::not_found("reservation", rid));
+                }
+                Ok(s)
+            }
+            None => Err(RegistryError::not_found("reservation", rid)),
+        }
+    }
+
+    /// A reservation as stored, `None` when missing; `Conflict` when it was for another model
+    /// or abandoned (a void tombstone).
+    async fn existing_reservation(&self, rid: &str, model_id: &str) -> Result<Option<Reservation>> {
+        let Some(d) = Self::find_one(&self.inner.reservations, doc! { "_id": rid }).await? else {
+            return Ok(None);
+        };
+        let s = reservation_from(&d)?;
+        if s.state == VOID {
+            return Err(RegistryError::conflict(
+                "the request with this idempotency key was abandoned; retry with a new key",
+            ));
+        }
+        if s.r.model_id != model_id {
+            return Err(RegistryError::conflict(
+                "idempotency key was already used for another model",
+            ));
+        }
+        Ok(Some(s.r))
+    }
+
+    /// Undoes the debit of reservation `rid` made with `token` if its marker is still there
+    /// (at most once).
+    async fn refund_debit(
+        &self,
+        account_id: &str,
+        rid: &str,
+        token: &str,
+        amount: i64,
+    ) -> Result<bool> {
+        let m = marker(rid, DEBIT);
+        let r = self
+            .inner
+            .accounts
+            .update_one(
+                doc! { "_id": account_id, format!("{m}.token"): token },
+                doc! { "$inc": { "credits": amount }, "$unset": { &m: "" } },
+            )
+            .await?;
+        Ok(r.matched_count == 1)
+    }
+
+    /// Removes the debit marker of `rid` if it is the one made with `token`.
+    async fn clear_debit(&self, account_id: &str, rid: &str, token: &str) -> Result<()> {
+        let m = marker(rid, DEBIT);
+        self.inner
+            .accounts
+            .update_one(
+                doc! { "_id": account_id, format!("{m}.token"): token },
+                doc! { "$unset": { &m: "" } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn clear_marker(&self, account_id: &str, rid: &str, op: &str) -> Result<()> {
+        self.inner
+            .accounts
+            .update_one(
+                doc! { "_id": account_id },
+                doc! { "$unset": { marker(rid, op): "" } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn reserve_inner(
+        &self,
+        account_id: &str,
+        model_id: &str,
+        key: Option<&str>,
+    ) -> Result<Reservation> {
+        // With a key, every retry of the request works on the same reservation id.
+        let rid = match key {
+            Some(k) => reservation_id_for(account_id, k),
+            None => id::new_id(id::RESERVATION),
+        };
+        if key.is_some()
+            && let Some(first) = self.existing_reservation(&rid, model_id).await?
+        {
+            return Ok(first);
+        }
+        let model = self.get_model_inner(model_id).await?;
+        let price = to_i64(model.price, "price")?;
+        let token = id::new_id("dbt");
+        let reservation = Reservation {
+            reservation_id: rid.clone(),
+            account_id: account_id.to_owned(),
+            model_id: model_id.to_owned(),
+            owner: model.owner,
+            amount: model.price,
+            state: ReservationState::Held,
+            receipt_id: None,
+            idempotency_key: key.map(str::to_owned),
+            created_at: id::unix_now(),
+        };
+        let debit = marker(&rid, DEBIT);
+        let debited = self
+            .inner
+            .accounts
+            .find_one_and_update(
+                doc! {
+                    "_id": account_id,
+                    "credits": { "$gte": price },
+                    &debit: { "$exists": false },
+                },
+                doc! {
+                    "$inc": { "credits": -price },
+                    "$set": { &debit: {
+                        "amount": price, "at": reservation.created_at, "token": &token,
+                    } },
+                },
+            )
+            .await?;
+        if debited.is_none() {
+            // Short of credits, or a retry of the same request is between its debit and its
+            // insert: then write the reservation for that debit (same content, its token).
+            let Some(account) =
+                Self::find_one(&self.inner.accounts, doc! { "_id": account_id }).await?
+            else {
+                return Err(RegistryError::not_found("account", account_id));
+            };
+            let in_flight = account
+                .get_document("pending")
+                .ok()
+                .and_then(|p| p.get_document(format!("{rid}_{DEBIT}")).ok())
+                .and_then(|m| get_str(m, "marker", "token").ok());
+            if let Some(their_token) = in_flight {
+                match self
+                    .inner
+                    .reservations
+                    .insert_one(reservation_doc(&reservation, &their_token)?)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if is_duplicate(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if let Some(first) = self.existing_reservation(&rid, model_id).await? {
+                return Ok(first);
+            }
+            return Err(RegistryError::PaymentRequired {
+                balance: account_from(&account)?.credits,
+                price: model.price,
+            });
+        }
+        match self
+            .inner
+            .reservations
+            .insert_one(reservation_doc(&reservation, &token)?)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_duplicate(&e) => {
+                // Written for this very debit by a concurrent retry: ours. Anything else (an
+                // earlier retry's reservation, or a tombstone left by recovery): undo our debit.
+                let stored = Self::find_one(&self.inner.reservations, doc! { "_id": &rid }).await?;
+                let ours = stored
+                    .as_ref()
+                    .is_some_and(|d| d.get_str("debit_token").ok() == Some(token.as_str()));
+                if !ours {
+                    self.refund_debit(account_id, &rid, &token, price).await?;
+                }
+                if let Some(first) = self.existing_reservation(&rid, model_id).await? {
+                    if ours {
+                        self.clear_debit(account_id, &rid, &token).await?;
+                    }
+                    return Ok(first);
+                }
+                return Err(RegistryError::unavailable(
+                    "reservation was abandoned; retry",
+                ));
+            }
+            // The debit stays marked: recovery refunds it unless the insert did land.
+            Err(e) => return Err(e.into()),
+        }
+        if let Err(e) = self.clear_debit(account_id, &rid, &token).await {
+            // Harmless: recovery removes it once it sees the reservation.
+            debug!(reservation_id = %rid, error = %e, "debit marker left for recovery");
+        }
+        Ok(reservation)
+    }
+
+    async fn get_account_inner(&self, account_id: &str) -> Result<Account> {
+        match Self::find_one(&self.inner.accounts, doc! { "_id": account_id }).await? {
+            Some(d) => account_from(&d),
+            None => Err(RegistryError::not_found("account", account_id)),
+        }
+    }
+
+    async fn get_model_inner(&self, model_id: &str) -> Result<Model> {
+        match Self::find_one(&self.inner.models, doc! { "_id": model_id }).await? {
+            Some(d) => model_from(&d),
+            None => Err(RegistryError::not_found("model", model_id)),
+        }
+    }
+
+    /// Moves a held reservation to `to` (`committing` or `releasing`); `None` when it was not
+    /// held any more.
+    async fn settle(&self, rid: &str, to: &str) -> Result<Option<StoredReservation>> {
+        let mut set = doc! { "state": to, "settled_at": id::unix_now() };
+        if to == COMMITTING {
+            set.insert("receipt_id", receipt_id_for(rid));
+        }
+        let won = self
+            .inner
+            .reservations
+            .find_one_and_update(doc! { "_id": rid, "state": HELD }, doc! { "$set": set })
+            .return_document(ReturnDocument::After)
+            .await?;
+        won.as_ref().map(reservation_from).transpose()
+    }
+
+    /// Second half of a commit, run only by whoever moved the reservation to `committing`.
+    async fn finish_commit(&self, s: &StoredReservation) -> Result<Receipt> {
+        let receipt = receipt_of(s);
+        match self.inner.receipts.insert_one(receipt_doc(&receipt)?).await {
+            Ok(_) => {}
+            Err(e) if is_duplicate(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let r = &s.r;
+        let amount = to_i64(r.amount, "price")?;
+        let m = marker(&r.reservation_id, EARN);
+        self.inner
+            .accounts
+            .update_one(
+                doc! { "_id": &r.owner, &m: { "$exists": false } },
+                doc! {
+                    "$inc": { "earnings": amount },
+                    "$set": { &m: { "amount": amount, "at": id::unix_now() } },
+                },
+            )
+            .await?;
+        self.inner
+            .reservations
+            .update_one(
+                doc! { "_id": &r.reservation_id, "state": COMMITTING },
+                doc! { "$set": { "state": COMMITTED } },
+            )
+            .await?;
+        self.clear_marker(&r.owner, &r.reservation_id, EARN).await?;
+        Ok(receipt)
+    }
+
+    /// Second half of a release, run only by whoever moved the reservation to `releasing`.
+    async fn finish_release(&self, s: &StoredReservation) -> Result<Reservation> {
+        let r = &s.r;
+        let amount = to_i64(r.amount, "price")?;
+        let m = marker(&r.reservation_id, REFUND);
+        self.inner
+            .accounts
+            .update_one(
+                doc! { "_id": &r.account_id, &m: { "$exists": false } },
+                doc! {
+                    "$inc": { "credits": amount },
+                    "$set": { &m: { "amount": amount, "at": id::unix_now() } },
+                },
+            )
+            .await?;
+        self.inner
+            .reservations
+            .update_one(
+                doc! { "_id": &r.reservation_id, "state": RELEASING },
+                doc! { "$set": { "state": RELEASED } },
+            )
+            .await?;
+        self.clear_marker(&r.account_id, &r.reservation_id, REFUND)
+            .await?;
+        Ok(r.clone())
+    }
+
+    async fn commit_inner(&self, rid: &str) -> Result<Receipt> {
+        let current = self.load_reservation(rid).await?;
+        let current = match current.state.as_str() {
+            HELD => match self.settle(rid, COMMITTING).await? {
+                Some(won) => return self.finish_commit(&won).await,
+                None => self.load_reservation(rid).await?,
+            },
+            _ => current,
+        };
+        match current.state.as_str() {
+            COMMITTED => {
+                let receipt_id = receipt_of(&current).receipt_id;
+                match Self::find_one(&self.inner.receipts, doc! { "_id": &receipt_id }).await? {
+                    Some(d) => receipt_from(&d),
+                    None => Ok(receipt_of(&current)),
+                }
+            }
+            // Another caller is finishing it (or recovery will): the receipt is determined.
+            COMMITTING => Ok(receipt_of(&current)),
+            _ => Err(RegistryError::conflict(format!(
+                "reservation {rid:?} was released and cannot be committed"
+            ))),
+        }
+    }
+
+    async fn release_inner(&self, rid: &str) -> Result<Reservation> {
+        let current = self.load_reservation(rid).await?;
+        if current.state == HELD {
+            if let Some(won) = self.settle(rid, RELEASING).await? {
+                return self.finish_release(&won).await;
+            }
+            return Ok(self.load_reservation(rid).await?.r);
+        }
+        Ok(current.r)
+    }
+
+    /// Finishes or undoes operations interrupted more than `older_than` ago (a crashed
+    /// registry, a lost connection): refunds debits whose reservation was never written,
+    /// finishes commits and releases, and removes markers of completed operations. Safe to
+    /// run from several registries at once. Runs at start and every minute with
+    /// [`RECOVERY_GRACE`]; tests call it with zero.
+    pub async fn recover_stale(&self, older_than: Duration) -> Result<Recovery> {
+        self.timed(self.recover_inner(older_than)).await
+    }
+
+    async fn recover_inner(&self, older_than: Duration) -> Result<Recovery> {
+        let cutoff = id::unix_now() - i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX);
+        let mut out = Recovery::default();
+        let i = &self.inner;
+
+        // Reservations stuck half-way through a commit or a release.
+        for state in [COMMITTING, RELEASING] {
+            let stuck: Vec<Document> = i
+                .reservations
+                .find(doc! { "state": state, "settled_at": { "$lte": cutoff } })
+                .await?
+                .try_collect()
+                .await?;
+            for d in stuck {
+                let s = reservation_from(&d)?;
+                // Claim it: one recoverer per grace period.
+                let claimed = i
+                    .reservations
+                    .find_one_and_update(
+                        doc! {
+                            "_id": &s.r.reservation_id,
+                            "state": state,
+                            "settled_at": s.settled_at,
+                        },
+                        doc! { "$set": { "settled_at": id::unix_now() } },
+                    )
+                    .return_document(ReturnDocument::After)
+                    .await?;
+                let Some(claimed) = claimed else { continue };
+                let claimed = reservation_from(&claimed)?;
+                if state == COMMITTING {
+                    self.finish_commit(&claimed).await?;
+                } else {
+                    self.finish_release(&claimed).await?;
+                }
+                out.finished += 1;
+            }
+        }
+
+        // Markers left in accounts.
+        // (`pending` stays as `{}` once emptied; real MongoDB could also filter with
+        // `$ne: {}`, which the test server lacks, so the filter stays portable.)
+        let marked: Vec<Document> = i
+            .accounts
+            .find(doc! { "pending": { "$exists": true } })
+            .projection(doc! { "pending": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        for account in marked {
+            let account_id = get_str(&account, "account", "_id")?;
+            let Ok(pending) = account.get_document("pending") else {
+                continue;
+            };
+            for (name, entry) in pending {
+                let Some((rid, op)) = name.rsplit_once('_') else {
+                    continue;
+                };
+                let Bson::Document(entry) = entry else {
+                    continue;
+                };
+                let at = get_i64(entry, "marker", "at")?;
+                if at > cutoff {
+                    continue;
+                }
+                let amount = get_i64(entry, "marker", "amount")?;
+                if op == DEBIT {
+                    let token = get_str(entry, "marker", "token")?;
+                    // Make sure no slow original can still write the reservation; then the
+                    // debit paid for the stored reservation (keep it) or for none (refund it).
+                    let tombstone = doc! {
+                        "_id": rid, "account_id": &account_id, "amount": amount,
+                        "state": VOID, "created_at": at,
+                    };
+                    let paid = match i.reservations.insert_one(tombstone).await {
+                        Ok(_) => false,
+                        Err(e) if is_duplicate(&e) => {
+                            Self::find_one(&i.reservations, doc! { "_id": rid })
+                                .await?
+                                .is_some_and(|d| d.get_str("debit_token").ok() == Some(&token))
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    if paid {
+                        self.clear_debit(&account_id, rid, &token).await?;
+                        out.cleared += 1;
+                    } else if self.refund_debit(&account_id, rid, &token, amount).await? {
+                        warn!(reservation_id = rid, %account_id, amount, "refunded an orphaned debit");
+                        out.refunded_debits += 1;
+                    }
+                } else {
+                    let done = match Self::find_one(&i.reservations, doc! { "_id": rid }).await? {
+                        Some(d) => {
+                            let state = get_str(&d, "reservation", "state")?;
+                            state == COMMITTED || state == RELEASED
+                        }
+                        None => true,
+                    };
+                    // Not done: the reservation is settling and the pass above finishes it.
+                    if done {
+                        self.clear_marker(&account_id, rid, op).await?;
+                        out.cleared += 1;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn periodic_recovery(store: Weak<Inner>) {
+    let mut tick = tokio::time::interval(RECOVERY_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = store.upgrade() else { return };
+        let store = MongoStore { inner };
+        match store.recover_stale(RECOVERY_GRACE).await {
+            Ok(r) if r != Recovery::default() => info!(?r, "recovered interrupted operations"),
+            Ok(_) => {}
+            Err(e) => debug!(error = %e, "recovery pass failed"),
+        }
+    }
+}
+
+#[async_trait]
+impl MetadataStore for MongoStore {
+    async fn create_account(&self, account: Account) -> Result<Account> {
+        self.timed(async {
+            match self.inner.accounts.insert_one(account_doc(&account)?).await {
+                Ok(_) => Ok(account),
+                Err(e) if is_duplicate(&e) => Err(RegistryError::conflict(format!(
+                    "account {:?} already exists",
+                    account.account_id
+                ))),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    async fn get_account(&self, account_id: &str) -> Result<Account> {
+        self.timed(self.get_account_inner(account_id)).await
+    }
+
+    async fn grant(&self, account_id: &str, amount: u64) -> Result<Account> {
+        self.timed(async {
+            let overflow = || {
+                RegistryError::bad_request(format!(
+                    "granting {amount} credits would overflow the balance"
+                ))
+            };
+            let amount = i64::try_from(amount).map_err(|_| overflow())?;
+            let updated = self
+                .inner
+                .accounts
+                .find_one_and_update(
+                    doc! { "_id": account_id, "credits": { "$lte": i64::MAX - amount } },
+                    doc! { "$inc": { "credits": amount } },
+                )
+                .return_document(ReturnDocument::After)
+                .await?;
+            match updated {
+                Some(d) => account_from(&d),
+                None => {
+                    self.get_account_inner(account_id).await?;
+                    Err(overflow())
+                }
+            }
+        })
+        .await
+    }
+
+    async fn create_key(&self, key: ApiKey) -> Result<ApiKey> {
+        self.timed(async {
+            self.get_account_inner(&key.account_id).await?;
+            match self.inner.keys.insert_one(key_doc(&key)).await {
+                Ok(_) => Ok(key),
+                Err(e) if is_duplicate(&e) => Err(RegistryError::conflict(format!(
+                    "key {:?} already exists",
+                    key.key_id
+                ))),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    async fn get_key(&self, key_id: &str) -> Result<ApiKey> {
+        self.timed(async {
+            match Self::find_one(&self.inner.keys, doc! { "_id": key_id }).await? {
+                Some(d) => key_from(&d),
+                None => Err(RegistryError::not_found("key", key_id)),
+            }
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> Result<ApiKey> {
+        self.timed(async {
+            let updated = self
+                .inner
+                .keys
+                .find_one_and_update(doc! { "_id": key_id }, doc! { "$set": { "revoked": true } })
+                .return_document(ReturnDocument::After)
+                .await?;
+            match updated {
+                Some(d) => key_from(&d),
+                None => Err(RegistryError::not_found("key", key_id)),
+            }
+        })
+        .await
+    }
+
+    async fn create_model(&self, model: Model) -> Result<Model> {
+        self.timed(async {
+            self.get_account_inner(&model.owner).await?;
+            match self.inner.models.insert_one(model_doc(&model)?).await {
+                Ok(_) => Ok(model),
+                Err(e) if is_duplicate(&e) => Err(RegistryError::conflict(format!(
+                    "model {} version {} (or id {:?}) already exists",
+                    model.name, model.version, model.model_id
+                ))),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    async fn get_model(&self, model_id: &str) -> Result<Model> {
+        self.timed(self.get_model_inner(model_id)).await
+    }
+
+    async fn find_model(&self, name: &str, version: &str) -> Result<Option<Model>> {
+        self.timed(async {
+            Self::find_one(
+                &self.inner.models,
+                doc! { "name": name, "version": version },
+            )
+            .await?
+            .as_ref()
+            .map(model_from)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn list_models(&self) -> Result<Vec<Model>> {
+        self.timed(async {
+            let docs: Vec<Document> = self
+                .inner
+                .models
+                .find(doc! {})
+                .sort(doc! { "name": 1, "version": 1 })
+                .await?
+                .try_collect()
+                .await?;
+            let mut models = docs.iter().map(model_from).collect::<Result<Vec<_>>>()?;
+            // Byte order, whatever the server's collation.
+            models.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+            Ok(models)
+        })
+        .await
+    }
+
+    async fn reserve(
+        &self,
+        account_id: &str,
+        model_id: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Reservation> {
+        let key = idempotency_key.filter(|k| !k.is_empty());
+        self.timed(self.reserve_inner(account_id, model_id, key))
+            .await
+    }
+
+    async fn get_reservation(&self, reservation_id: &str) -> Result<Reservation> {
+        self.timed(async { Ok(self.load_reservation(reservation_id).await?.r) })
+            .await
+    }
+
+    async fn commit(&self, reservation_id: &str) -> Result<Receipt> {
+        self.timed(self.commit_inner(reservation_id)).await
+    }
+
+    async fn release(&self, reservation_id: &str) -> Result<Reservation> {
+        self.timed(self.release_inner(reservation_id)).await
+    }
+
+    async fn get_receipt(&self, receipt_id: &str) -> Result<Receipt> {
+        self.timed(async {
+            match Self::find_one(&self.inner.receipts, doc! { "_id": receipt_id }).await? {
+                Some(d) => receipt_from(&d),
+                None => Err(RegistryError::not_found("receipt", receipt_id)),
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipt_ids_derive_from_reservation_ids() {
+        assert_eq!(receipt_id_for("rsv_00ff"), "rcpt_00ff");
+        assert_eq!(marker("rsv_00ff", EARN), "pending.rsv_00ff_earn");
+        assert_eq!("rsv_00ff_earn".rsplit_once('_'), Some(("rsv_00ff", "earn")));
+        let a = reservation_id_for("acct_1", "req-1");
+        assert_eq!(a, reservation_id_for("acct_1", "req-1"));
+        assert_ne!(a, reservation_id_for("acct_2", "req-1"));
+        assert_ne!(a, reservation_id_for("acct_1", "req-2"));
+        assert!(a.starts_with("rsv_") && a.len() == 36, "{a}");
+    }
+
+    #[test]
+    fn reservation_documents_round_trip() {
+        let r = Reservation {
+            reservation_id: id::new_id(id::RESERVATION),
+            account_id: "acct_1".into(),
+            model_id: "mdl_1".into(),
+            owner: "acct_2".into(),
+            amount: 7,
+            state: ReservationState::Held,
+            receipt_id: None,
+            idempotency_key: None,
+            created_at: 5,
+        };
+        let d = reservation_doc(&r, "dbt_1").unwrap();
+        assert!(!d.contains_key("idempotency_key"));
+        assert_eq!(reservation_from(&d).unwrap().r, r);
+        let mut big = r.clone();
+        big.amount = u64::MAX;
+        assert_eq!(
+            reservation_doc(&big, "dbt_1").unwrap_err().code(),
+            modelhub_core::ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn settling_states_read_as_final() {
+        let mut d = doc! {
+            "_id": "rsv_1", "account_id": "a", "model_id": "m", "owner": "o",
+            "amount": 3_i64, "state": COMMITTING, "created_at": 1_i64, "settled_at": 2_i64,
+            "receipt_id": "rcpt_1",
+        };
+        let s = reservation_from(&d).unwrap();
+        assert_eq!(s.r.state, ReservationState::Committed);
+        let receipt = receipt_of(&s);
+        assert_eq!(receipt.receipt_id, "rcpt_1");
+        assert_eq!(receipt.created_at, 2);
+        d.insert("state", RELEASING);
+        assert_eq!(
+            reservation_from(&d).unwrap().r.state,
+            ReservationState::Released
+        );
+        d.insert("state", "bogus");
+        assert!(reservation_from(&d).is_err());
+    }
+}

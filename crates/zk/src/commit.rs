@@ -1,0 +1,565 @@
+//! Weight commitments and the link proof that binds each proof's weight columns to them.
+//!
+//! # Design
+//!
+//! The weights (and biases) sit in the dedicated advice columns `W_0..W_7` at rows fixed by the
+//! public spec, zero in every other usable row (`weight_columns`). At upload the hub makes,
+//! per column, a blinded Pedersen vector commitment with the same bases halo2 uses for advice
+//! columns: `C_j = Σ_i w_{j,i}·L_i + b0_j·H`, where `L_i` are the Lagrange-basis points of the
+//! IPA parameters and `H` their blinding generator (`commit_lagrange(column, Blind(b0_j))`,
+//! `b0_j` random). The public commitment is the list of compressed `C_j`.
+//!
+//! Every halo2 proof starts with its advice commitments in column order, so its first eight
+//! points are `A_j = Σ_{usable i} W_{j,i}·L_i + Σ_{r ∈ R} v_{j,r}·L_r + b_j·H`, with `R` the
+//! last `UNUSABLE_ROWS` rows that halo2 fills with random values and `b_j` a random blind,
+//! all drawn from the rng passed to `create_proof`. The prover drives that rng from a seed it
+//! keeps, replays the draws in halo2's order (per column the unusable-row values, then one blind
+//! per column) and recomputes `A_j`; a mismatch with the proof bytes is an error, so a change of
+//! halo2's layout cannot silently break the binding.
+//!
+//! The link proof is a Fiat–Shamir Okamoto proof of knowledge of `(v_{j,r})_r, δ_j` with
+//! `A_j − C_j = Σ_{r∈R} v_{j,r}·L_r + δ_j·H` for all `j` at once (one challenge from a
+//! domain-separated BLAKE2b hash of the spec hash, the commitment, all `A_j` and nonces `T_j`,
+//! the job id and the public input and output).
+//!
+//! Wire format of `link` (all scalars 32-byte little-endian canonical, points 32-byte
+//! compressed): for each column `j = 0..8`: `T_j`, `z_{j,r}` for the `R = 7` last rows in order,
+//! `z_{j,H}` — 8 × 9 × 32 = 2304 bytes. Challenge `e = Fp::from_uniform_bytes(BLAKE2b-512,
+//! personal "modelhub-zk-link", over "modelhub-zk/link/v1" ‖ SHA-256(spec JSON) ‖ C_0..C_7 ‖
+//! A_0..A_7 ‖ T_0..T_7 ‖ u64le(len job id) ‖ job id ‖ u64le(len input) ‖ input as i64le ‖
+//! u64le(len output) ‖ output as i64le)`. The verifier checks
+//! `Σ_r z_{j,r}·L_r + z_{j,H}·H = T_j + e·(A_j − C_j)` for every `j` (batched with weights
+//! `ρ_j = Fp::from_uniform_bytes(BLAKE2b-512, personal "modelhub-zk-lnkb", e ‖ u64le(j)))`),
+//! where `L_r = commit_lagrange(unit vector at row 2^k − 7 + i, Blind(0))` and
+//! `H = commit_lagrange(0, Blind(1))`.
+//!
+//! Binding: halo2 is an argument of knowledge, so a prover that convinces the verifier knows
+//! the opening `(W_j, b_j)` of `A_j`; the link proof (special sound) yields `(v, δ)`; with the
+//! opening `(w_j, b0_j)` of `C_j` (whoever made `C_j` knows it), `A_j` then has the openings
+//! `W_j` and `w_j + v` on the bases `{L_i} ∪ {H}`. Unless they are equal — i.e. the usable rows
+//! of the proved column are exactly the committed weights — that is a non-trivial discrete-log
+//! relation among independent Pallas/Vesta generators, which is infeasible. Hiding: `C_j` has a
+//! uniform blind; each proof uses fresh `v`, `b_j` (halo2's own zero knowledge needs exactly
+//! these) and the link proof is honest-verifier zero knowledge, so proofs for many jobs under
+//! the same commitment reveal nothing about the weights beyond the public outputs. Cost: one
+//! multi-scalar multiplication of `2^k` points per column at upload, and per proof eight
+//! recomputed commitments plus `8·(|R|+1)` scalar multiplications — no hashing of weights in
+//! the circuit.
+
+use std::fs;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::Path;
+use std::sync::OnceLock;
+
+use ff::{Field, FromUniformBytes, PrimeField};
+use group::{Curve, Group, GroupEncoding};
+use halo2_proofs::poly::{EvaluationDomain, commitment::Blind};
+use pasta_curves::{Eq, EqAffine, Fp};
+use rand_core::Rng;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::ZkError;
+use crate::field::fe;
+use crate::quant::{LANES, Layout, MAX_K, MIN_K, QuantizedModel, UNUSABLE_ROWS};
+
+/// halo2's IPA parameters for one `k` (plus the cached link-proof bases).
+pub struct Params {
+    pub(crate) inner: halo2_proofs::poly::commitment::Params<EqAffine>,
+    basis: OnceLock<Basis>,
+}
+
+impl std::fmt::Debug for Params {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Params").field("k", &self.k()).finish()
+    }
+}
+
+/// `L_r` for the unusable rows and the blinding generator `H`.
+pub(crate) struct Basis {
+    pub rows: Vec<EqAffine>,
+    pub h: EqAffine,
+}
+
+impl Params {
+    /// Generates parameters (slow: seconds at k = 14; prefer [`Params::load_or_create`]).
+    pub fn new(k: u32) -> Result<Params, ZkError> {
+        if !(MIN_K..=MAX_K).contains(&k) {
+            return Err(ZkError::Internal(format!("k = {k} is not supported")));
+        }
+        Ok(Params::wrap(halo2_proofs::poly::commitment::Params::new(k)))
+    }
+
+    fn wrap(inner: halo2_proofs::poly::commitment::Params<EqAffine>) -> Params {
+        Params {
+            inner,
+            basis: OnceLock::new(),
+        }
+    }
+
+    /// Reads `dir/params-k{k}.bin`, or generates it and writes it (temp file, then rename).
+    pub fn load_or_create(dir: &Path, k: u32) -> Result<Params, ZkError> {
+        let path = dir.join(format!("params-k{k}.bin"));
+        if path.exists() {
+            let file = fs::File::open(&path)?;
+            let inner = halo2_proofs::poly::commitment::Params::<EqAffine>::read(
+                &mut BufReader::new(file),
+            )?;
+            if inner.k() != k {
+                return Err(ZkError::Internal(format!(
+                    "cached params have k = {}, expected {k}",
+                    inner.k()
+                )));
+            }
+            return Ok(Params::wrap(inner));
+        }
+        let params = Params::new(k)?;
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".params-k{k}.bin.{}.tmp", std::process::id()));
+        {
+            let mut w = BufWriter::new(fs::File::create(&tmp)?);
+            params.inner.write(&mut w)?;
+            w.flush()?;
+            w.get_ref().sync_all()?;
+        }
+        fs::rename(&tmp, &path)?;
+        Ok(params)
+    }
+
+    pub fn k(&self) -> u32 {
+        self.inner.k()
+    }
+
+    pub(crate) fn n(&self) -> usize {
+        1usize << self.k()
+    }
+
+    /// Pedersen commitment to a column of `2^k` values (the halo2 advice commitment).
+    pub(crate) fn commit_column(&self, values: Vec<Fp>, blind: Fp) -> EqAffine {
+        let domain = EvaluationDomain::<Fp>::new(1, self.k());
+        let poly = domain.lagrange_from_vec(values);
+        self.inner.commit_lagrange(&poly, Blind(blind)).to_affine()
+    }
+
+    pub(crate) fn basis(&self) -> &Basis {
+        self.basis.get_or_init(|| {
+            let n = self.n();
+            let rows = (n - UNUSABLE_ROWS..n)
+                .map(|r| {
+                    let mut v = vec![Fp::ZERO; n];
+                    v[r] = Fp::ONE;
+                    self.commit_column(v, Fp::ZERO)
+                })
+                .collect();
+            let h = self.commit_column(vec![Fp::ZERO; n], Fp::ONE);
+            Basis { rows, h }
+        })
+    }
+}
+
+/// The public weight commitment: one compressed point per weight column; hex in JSON.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Commitment {
+    points: Vec<[u8; 32]>,
+}
+
+impl Commitment {
+    pub fn to_hex(&self) -> String {
+        self.points.iter().map(hex::encode).collect()
+    }
+
+    pub fn from_hex(s: &str) -> Result<Commitment, ZkError> {
+        let bytes =
+            hex::decode(s).map_err(|_| ZkError::Verification("commitment is not hex".into()))?;
+        if bytes.len() != 32 * LANES {
+            return Err(ZkError::Verification(format!(
+                "commitment must be {} bytes",
+                32 * LANES
+            )));
+        }
+        let points = bytes
+            .chunks_exact(32)
+            .map(|c| {
+                let mut p = [0u8; 32];
+                p.copy_from_slice(c);
+                p
+            })
+            .collect();
+        Ok(Commitment { points })
+    }
+
+    pub(crate) fn bytes(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.points.iter()
+    }
+
+    pub(crate) fn decode(&self) -> Result<Vec<EqAffine>, ZkError> {
+        if self.points.len() != LANES {
+            return Err(ZkError::Verification(
+                "commitment has the wrong size".into(),
+            ));
+        }
+        self.points.iter().map(decode_point).collect()
+    }
+}
+
+impl std::fmt::Debug for Commitment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Commitment({})", self.to_hex())
+    }
+}
+
+impl std::fmt::Display for Commitment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for Commitment {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Commitment {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Commitment::from_hex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The private opening of a [`Commitment`]: the blind of each column (hex scalars).
+/// Keep it sealed: with it and the weights, anyone can prove for this commitment.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opening {
+    blinds: Vec<String>,
+}
+
+impl std::fmt::Debug for Opening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Opening(..)")
+    }
+}
+
+impl Opening {
+    pub(crate) fn blinds(&self) -> Result<Vec<Fp>, ZkError> {
+        if self.blinds.len() != LANES {
+            return Err(ZkError::Internal("opening has the wrong size".into()));
+        }
+        self.blinds
+            .iter()
+            .map(|h| {
+                let bytes: [u8; 32] = hex::decode(h)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| ZkError::Internal("malformed opening".into()))?;
+                decode_scalar(&bytes).map_err(|_| ZkError::Internal("malformed opening".into()))
+            })
+            .collect()
+    }
+}
+
+pub(crate) fn decode_point(bytes: &[u8; 32]) -> Result<EqAffine, ZkError> {
+    Option::from(EqAffine::from_bytes(bytes))
+        .ok_or_else(|| ZkError::Verification("invalid curve point".into()))
+}
+
+pub(crate) fn decode_scalar(bytes: &[u8; 32]) -> Result<Fp, ZkError> {
+    Option::from(Fp::from_repr(*bytes))
+        .ok_or_else(|| ZkError::Verification("invalid scalar".into()))
+}
+
+/// The weight columns `W_0..W_7` of `2^k` rows: biases and weights at the spec's rows.
+pub(crate) fn weight_columns(model: &QuantizedModel, n: usize) -> Vec<Vec<Fp>> {
+    let mut cols = vec![vec![Fp::ZERO; n]; LANES];
+    let layout = Layout::new(&model.spec);
+    for (ll, q) in layout.layers.iter().zip(&model.layers) {
+        for blk in &ll.blocks {
+            for (l, col) in cols.iter_mut().enumerate() {
+                let Some(&o) = blk.outputs.get(l) else {
+                    continue;
+                };
+                col[blk.row] = fe(q.bias[o]);
+                for (t, w) in blk.weights.iter().enumerate() {
+                    if let Some(w) = w[l] {
+                        col[blk.row + 1 + t] = fe(q.weights[w]);
+                    }
+                }
+            }
+        }
+    }
+    cols
+}
+
+pub(crate) fn sys_rng() -> rand_core::UnwrapErr<rand::rngs::SysRng> {
+    rand_core::UnwrapErr(rand::rngs::SysRng)
+}
+
+/// Commits to a model's weights with fresh blinds (at upload).
+pub fn commit(model: &QuantizedModel, params: &Params) -> Result<(Commitment, Opening), ZkError> {
+    if params.k() != model.spec.k {
+        return Err(ZkError::Internal(format!(
+            "params have k = {}, the model needs k = {}",
+            params.k(),
+            model.spec.k
+        )));
+    }
+    let mut rng = sys_rng();
+    let mut points = Vec::with_capacity(LANES);
+    let mut blinds = Vec::with_capacity(LANES);
+    for col in weight_columns(model, params.n()) {
+        let blind = Fp::random(&mut rng);
+        points.push(params.commit_column(col, blind).to_bytes());
+        blinds.push(hex::encode(blind.to_repr()));
+    }
+    Ok((Commitment { points }, Opening { blinds }))
+}
+
+/// The secrets of one column's link: `A_j − C_j = Σ v_r·L_r + δ·H`.
+pub(crate) struct LinkSecret {
+    pub rows: Vec<Fp>,
+    pub delta: Fp,
+}
+
+/// The advice commitment a proof must contain for column `j`:
+/// `C_j + Σ v_r·L_r + δ·H` (cheap: `|R| + 1` scalar multiplications).
+pub(crate) fn linked_point(params: &Params, c: &EqAffine, secret: &LinkSecret) -> [u8; 32] {
+    let basis = params.basis();
+    (Eq::from(*c) + msm(&basis.rows, &secret.rows) + basis.h * secret.delta)
+        .to_affine()
+        .to_bytes()
+}
+
+/// Everything the link challenge commits to besides the nonces.
+pub(crate) struct LinkStatement<'a> {
+    pub spec_hash: [u8; 32],
+    pub commitment: &'a Commitment,
+    pub advice: &'a [[u8; 32]],
+    pub job_id: &'a str,
+    pub input: &'a [i64],
+    pub output: &'a [i64],
+}
+
+fn challenge(st: &LinkStatement<'_>, nonces: &[[u8; 32]]) -> Fp {
+    let mut h = blake2b_simd::Params::new()
+        .hash_length(64)
+        .personal(b"modelhub-zk-link")
+        .to_state();
+    h.update(b"modelhub-zk/link/v1");
+    h.update(&st.spec_hash);
+    for p in st.commitment.bytes() {
+        h.update(p);
+    }
+    for p in st.advice.iter().chain(nonces) {
+        h.update(p);
+    }
+    h.update(&(st.job_id.len() as u64).to_le_bytes());
+    h.update(st.job_id.as_bytes());
+    for list in [st.input, st.output] {
+        h.update(&(list.len() as u64).to_le_bytes());
+        for v in list {
+            h.update(&v.to_le_bytes());
+        }
+    }
+    let mut wide = [0u8; 64];
+    wide.copy_from_slice(h.finalize().as_bytes());
+    Fp::from_uniform_bytes(&wide)
+}
+
+const LINK_LANE_BYTES: usize = 32 * (UNUSABLE_ROWS + 2);
+
+/// Proves the link for all columns: bytes `(T_j, z_{j,r}.., z_{j,H})` per column.
+pub(crate) fn link_prove(
+    params: &Params,
+    st: &LinkStatement<'_>,
+    secrets: &[LinkSecret],
+    rng: &mut impl Rng,
+) -> Vec<u8> {
+    let basis = params.basis();
+    let mut nonces = Vec::with_capacity(secrets.len());
+    let mut tees = Vec::with_capacity(secrets.len());
+    for _ in secrets {
+        let rho: Vec<Fp> = (0..UNUSABLE_ROWS).map(|_| Fp::random(&mut *rng)).collect();
+        let sigma = Fp::random(&mut *rng);
+        let t = msm(&basis.rows, &rho) + basis.h * sigma;
+        tees.push(t.to_affine().to_bytes());
+        nonces.push((rho, sigma));
+    }
+    let e = challenge(st, &tees);
+    let mut out = Vec::with_capacity(secrets.len() * LINK_LANE_BYTES);
+    for ((s, (rho, sigma)), t) in secrets.iter().zip(nonces).zip(&tees) {
+        out.extend_from_slice(t);
+        for (r, v) in rho.iter().zip(&s.rows) {
+            out.extend_from_slice(&(*r + e * v).to_repr());
+        }
+        out.extend_from_slice(&(sigma + e * s.delta).to_repr());
+    }
+    out
+}
+
+/// Checks the link proof against the commitment and the proof's advice commitments.
+pub(crate) fn link_verify(
+    params: &Params,
+    st: &LinkStatement<'_>,
+    link: &[u8],
+) -> Result<(), ZkError> {
+    let fail = |m: &str| Err(ZkError::Verification(format!("weight link: {m}")));
+    if link.len() != LANES * LINK_LANE_BYTES || st.advice.len() != LANES {
+        return fail("wrong length");
+    }
+    let basis = params.basis();
+    let commitments = st.commitment.decode()?;
+    let mut tees = Vec::with_capacity(LANES);
+    let mut parsed = Vec::with_capacity(LANES);
+    for chunk in link.chunks_exact(LINK_LANE_BYTES) {
+        let words: Vec<[u8; 32]> = chunk
+            .chunks_exact(32)
+            .map(|c| {
+                let mut w = [0u8; 32];
+                w.copy_from_slice(c);
+                w
+            })
+            .collect();
+        let t = decode_point(&words[0])?;
+        let z: Vec<Fp> = words[1..]
+            .iter()
+            .map(decode_scalar)
+            .collect::<Result<_, _>>()?;
+        tees.push(words[0]);
+        parsed.push((t, z));
+    }
+    let e = challenge(st, &tees);
+    // All columns at once: Σ_j ρ_j·(Σ_r z_{j,r}·L_r + z_{j,H}·H − T_j − e·(A_j − C_j)) = 0 with
+    // per-column weights ρ_j derived from the challenge (a random linear combination), as one
+    // multi-scalar multiplication.
+    let mut scalars = vec![Fp::ZERO; UNUSABLE_ROWS + 1];
+    let mut bases: Vec<EqAffine> = basis.rows.clone();
+    bases.push(basis.h);
+    for (j, ((t, z), (a, c))) in parsed
+        .iter()
+        .zip(st.advice.iter().zip(&commitments))
+        .enumerate()
+    {
+        let rho = batch_weight(&e, j);
+        for (acc, zi) in scalars.iter_mut().zip(z) {
+            *acc += rho * zi;
+        }
+        scalars.push(-rho);
+        bases.push(*t);
+        scalars.push(-(rho * e));
+        bases.push(decode_point(a)?);
+        scalars.push(rho * e);
+        bases.push(*c);
+    }
+    if !bool::from(halo2_proofs::arithmetic::best_multiexp(&scalars, &bases).is_identity()) {
+        return fail("the proof's weight columns do not match the commitment");
+    }
+    Ok(())
+}
+
+/// The weight of column `j` in the batched link check.
+fn batch_weight(e: &Fp, j: usize) -> Fp {
+    let mut h = blake2b_simd::Params::new()
+        .hash_length(64)
+        .personal(b"modelhub-zk-lnkb")
+        .to_state();
+    h.update(&e.to_repr());
+    h.update(&(j as u64).to_le_bytes());
+    let mut wide = [0u8; 64];
+    wide.copy_from_slice(h.finalize().as_bytes());
+    Fp::from_uniform_bytes(&wide)
+}
+
+fn msm(bases: &[EqAffine], scalars: &[Fp]) -> Eq {
+    bases
+        .iter()
+        .zip(scalars)
+        .fold(Eq::identity(), |acc, (b, s)| acc + *b * s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_are_cached_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Params::load_or_create(dir.path(), MIN_K).unwrap();
+        assert!(dir.path().join(format!("params-k{MIN_K}.bin")).exists());
+        let b = Params::load_or_create(dir.path(), MIN_K).unwrap();
+        let (mut wa, mut wb) = (Vec::new(), Vec::new());
+        a.inner.write(&mut wa).unwrap();
+        b.inner.write(&mut wb).unwrap();
+        assert_eq!(wa, wb);
+        assert_eq!(b.k(), MIN_K);
+        assert!(Params::load_or_create(dir.path(), 40).is_err());
+    }
+
+    #[test]
+    fn commitment_hex_round_trip() {
+        let c = Commitment {
+            points: vec![Eq::generator().to_affine().to_bytes(); LANES],
+        };
+        let json = serde_json::to_string(&c).unwrap();
+        let back: Commitment = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+        assert!(Commitment::from_hex("zz").is_err());
+        assert!(Commitment::from_hex("00").is_err());
+    }
+
+    #[test]
+    fn link_proof_accepts_the_witness_and_rejects_others() {
+        let params = Params::new(MIN_K).unwrap();
+        let n = params.n();
+        let mut rng = sys_rng();
+        let mut commitment = Commitment { points: vec![] };
+        let mut advice = vec![];
+        let mut secrets = vec![];
+        for _ in 0..LANES {
+            let w: Vec<Fp> = (0..n).map(|i| fe(i as i64 % 7 - 3)).collect();
+            let mut w0 = w.clone();
+            w0[n - UNUSABLE_ROWS..]
+                .iter_mut()
+                .for_each(|v| *v = Fp::ZERO);
+            let (b0, b) = (Fp::random(&mut rng), Fp::random(&mut rng));
+            let mut wa = w0.clone();
+            let rows: Vec<Fp> = (0..UNUSABLE_ROWS).map(|_| Fp::random(&mut rng)).collect();
+            wa[n - UNUSABLE_ROWS..].copy_from_slice(&rows);
+            commitment
+                .points
+                .push(params.commit_column(w0, b0).to_bytes());
+            advice.push(params.commit_column(wa, b).to_bytes());
+            secrets.push(LinkSecret {
+                rows,
+                delta: b - b0,
+            });
+        }
+        let st = LinkStatement {
+            spec_hash: [1; 32],
+            commitment: &commitment,
+            advice: &advice,
+            job_id: "job",
+            input: &[1, 2],
+            output: &[3],
+        };
+        let link = link_prove(&params, &st, &secrets, &mut rng);
+        link_verify(&params, &st, &link).unwrap();
+        let other_job = LinkStatement {
+            job_id: "job2",
+            ..st
+        };
+        assert!(link_verify(&params, &other_job, &link).is_err());
+        let mut bad = link.clone();
+        bad[40] ^= 1;
+        assert!(link_verify(&params, &st, &bad).is_err());
+        // An advice column whose usable rows differ from the committed weights.
+        let mut wrong = advice.clone();
+        let mut w: Vec<Fp> = (0..n).map(|i| fe(i as i64 % 7 - 3)).collect();
+        w[5] += Fp::ONE;
+        wrong[0] = params.commit_column(w, Fp::ONE).to_bytes();
+        let st2 = LinkStatement {
+            advice: &wrong,
+            ..st
+        };
+        let link2 = link_prove(&params, &st2, &secrets, &mut rng);
+        assert!(link_verify(&params, &st2, &link2).is_err());
+    }
+}

@@ -1,0 +1,39 @@
+//! Zero-knowledge proofs of predictions for Model Hub.
+//!
+//! An ONNX model (dense and convolution layers with ReLU and average pooling, see [`onnx`]) is
+//! compiled ([`compile`]) into a fixed-point [`QuantizedModel`] whose public
+//! [`CircuitSpec`] fixes a halo2 circuit (IPA over the Pasta curves, no trusted setup). The
+//! weights are private witnesses bound to a public [`Commitment`] made once at upload
+//! ([`commit()`]); [`prove`] proves that the quantized output is the model applied to the
+//! quantized input for one job id; [`verify`] checks a [`ProofBundle`] from the spec alone.
+//!
+//! ```text
+//! compile(onnx, samples) -> QuantizedModel { spec, weights }
+//! commit(model, params)  -> (Commitment, Opening)        at upload
+//! prove(params, keys, model, commitment, opening, input, job_id) -> ProofBundle
+//! verify(params, bundle)                                   anyone, from bundle.spec
+//! ```
+
+mod circuit;
+pub mod commit;
+mod error;
+pub mod field;
+pub mod onnx;
+mod proof;
+pub mod quant;
+pub mod shape;
+
+pub use commit::{Commitment, Opening, Params, commit};
+pub use error::ZkError;
+pub use proof::{Keys, PROOF_FORMAT, ProofBundle, PublicInstance, prove, verify};
+pub use quant::{
+    CircuitSpec, LayerSpec, QuantizedModel, calibrate, dequantize_output, quantize_input, reference,
+};
+pub use shape::{ConvShape, LayerKind};
+
+/// Compiles an ONNX model into a quantized model, calibrating scales on `calibration` inputs
+/// (float input vectors; if empty, pseudo-random values in `[0, 1]` are used).
+pub fn compile(onnx: &[u8], calibration: &[Vec<f32>]) -> Result<QuantizedModel, ZkError> {
+    let model = onnx::parse(onnx)?;
+    calibrate(&model, calibration)
+}

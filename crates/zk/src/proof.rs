@@ -1,0 +1,349 @@
+//! Keys, proving and verifying, and the proof file format (`modelhub-proof/1`).
+//!
+//! A [`ProofBundle`] is JSON:
+//!
+//! ```text
+//! { "format": "modelhub-proof/1",
+//!   "spec":   CircuitSpec (public circuit description; see quant::CircuitSpec),
+//!   "public": { "input":  [i64]  quantized input,  x_q = round(x · 2^spec.input_scale),
+//!               "output": [i64]  quantized output, y = y_q · 2^-(last layer output_scale),
+//!               "commitment": hex, 8 compressed Vesta points (32 bytes each) = the model's
+//!                             weight commitment recorded at upload,
+//!               "job_id": string },
+//!   "proof": base64, "link": base64 }
+//! ```
+//!
+//! To verify: check `format`; validate the spec; check `input` ⊂ `activation_range` and
+//! `output` ⊂ `output_range`; rebuild the verifying key with `keygen_vk` (halo2_proofs 0.4,
+//! `Params::new(spec.k)`) from the witness-free circuit of the spec; check the link proof
+//! ([`crate::commit`]) against the first 8 advice commitments of `proof`; and run
+//! `verify_proof` (Blake2b transcript, `Challenge255`, IPA over Vesta, `SingleVerifier`) with
+//! one instance column `[J, input.., output..]`, where `J` is the job id element (the first 31
+//! bytes of SHA-256(job_id) read little-endian). The proof starts with the 20 advice
+//! commitments in column order (32-byte compressed points); the first 8 are the weight columns.
+//! A verifier must also check that `spec` and `commitment` are the ones registered for the model.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use ff::Field;
+use halo2_proofs::{
+    plonk::{self, ProvingKey, SingleVerifier, VerifyingKey},
+    transcript::{Blake2bRead, Blake2bWrite, Challenge255},
+};
+use pasta_curves::{EqAffine, Fp};
+use rand::SeedableRng;
+use rand::rngs::ChaCha20Rng;
+use rand_core::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::ZkError;
+use crate::circuit::{ModelCircuit, NUM_ADVICE, Witness, instance};
+use crate::commit::{
+    Commitment, LinkSecret, LinkStatement, Opening, Params, link_prove, link_verify, linked_point,
+    sys_rng,
+};
+use crate::quant::{ACT_MAX, ACT_MIN, CircuitSpec, LANES, QuantizedModel, UNUSABLE_ROWS};
+
+/// The value of [`ProofBundle::format`].
+pub const PROOF_FORMAT: &str = "modelhub-proof/1";
+
+/// Proving and verifying keys for one spec.
+pub struct Keys {
+    spec: CircuitSpec,
+    pk: ProvingKey<EqAffine>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys").field("k", &self.spec.k).finish()
+    }
+}
+
+fn shape(spec: &CircuitSpec) -> ModelCircuit {
+    ModelCircuit {
+        spec: spec.clone(),
+        witness: None,
+    }
+}
+
+fn internal(what: &str) -> impl Fn(plonk::Error) -> ZkError + '_ {
+    move |e| ZkError::Internal(format!("{what}: {e}"))
+}
+
+impl Keys {
+    pub fn new(params: &Params, spec: &CircuitSpec) -> Result<Keys, ZkError> {
+        spec.validate()?;
+        if params.k() != spec.k {
+            return Err(ZkError::Internal(format!(
+                "params have k = {}, the spec needs k = {}",
+                params.k(),
+                spec.k
+            )));
+        }
+        let circuit = shape(spec);
+        let vk = plonk::keygen_vk(&params.inner, &circuit).map_err(internal("keygen_vk"))?;
+        let pk = plonk::keygen_pk(&params.inner, vk, &circuit).map_err(internal("keygen_pk"))?;
+        Ok(Keys {
+            spec: spec.clone(),
+            pk,
+        })
+    }
+
+    pub fn spec(&self) -> &CircuitSpec {
+        &self.spec
+    }
+
+    pub fn vk(&self) -> &VerifyingKey<EqAffine> {
+        self.pk.get_vk()
+    }
+
+    /// SHA-256 (hex) of the verifying key's pinned description: changes iff the circuit does.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(
+            format!("{:?}", self.vk().pinned()).as_bytes(),
+        ))
+    }
+}
+
+/// The public instance of a proof.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicInstance {
+    /// Quantized input (scale `spec.input_scale`).
+    pub input: Vec<i64>,
+    /// Quantized output (scale of the last layer's `output_scale`).
+    pub output: Vec<i64>,
+    pub commitment: Commitment,
+    pub job_id: String,
+}
+
+/// A proof with everything needed to verify it (the proof file).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProofBundle {
+    pub format: String,
+    pub spec: CircuitSpec,
+    pub public: PublicInstance,
+    #[serde(with = "b64")]
+    pub proof: Vec<u8>,
+    #[serde(with = "b64")]
+    pub link: Vec<u8>,
+}
+
+impl std::fmt::Debug for ProofBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProofBundle")
+            .field("format", &self.format)
+            .field("spec", &self.spec)
+            .field("public", &self.public)
+            .field("proof_bytes", &self.proof.len())
+            .field("link_bytes", &self.link.len())
+            .finish()
+    }
+}
+
+mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Proves one prediction: quantizes `input`, runs the integer model and proves it.
+pub fn prove(
+    params: &Params,
+    keys: &Keys,
+    model: &QuantizedModel,
+    commitment: &Commitment,
+    opening: &Opening,
+    input: &[f32],
+    job_id: &str,
+) -> Result<ProofBundle, ZkError> {
+    let spec = &model.spec;
+    if keys.spec != *spec || params.k() != spec.k {
+        return Err(ZkError::Internal(
+            "keys or params do not match the model".into(),
+        ));
+    }
+    let input_q = crate::quantize_input(spec, input)?;
+    let output_q = crate::reference(model, &input_q)?;
+    let inst = instance(job_id, &input_q, &output_q);
+    let circuit = ModelCircuit {
+        spec: spec.clone(),
+        witness: Some(Witness {
+            layers: model.layers.clone(),
+            input: input_q.clone(),
+        }),
+    };
+
+    // halo2 draws the unusable-row values and blinds of the advice columns from this rng;
+    // the seed lets us replay them for the link proof.
+    let mut seed = [0u8; 32];
+    sys_rng().fill_bytes(&mut seed);
+    let mut transcript = Blake2bWrite::<_, EqAffine, Challenge255<_>>::init(vec![]);
+    plonk::create_proof(
+        &params.inner,
+        &keys.pk,
+        &[circuit],
+        &[&[&inst]],
+        ChaCha20Rng::from_seed(seed),
+        &mut transcript,
+    )
+    .map_err(internal("create_proof"))?;
+    let proof = transcript.finalize();
+
+    let mut replay = ChaCha20Rng::from_seed(seed);
+    let mut rows: Vec<Vec<Fp>> = Vec::with_capacity(LANES);
+    for col in 0..NUM_ADVICE {
+        let values: Vec<Fp> = (0..UNUSABLE_ROWS)
+            .map(|_| Fp::random(&mut replay))
+            .collect();
+        if col < LANES {
+            rows.push(values);
+        }
+    }
+    let blinds: Vec<Fp> = (0..NUM_ADVICE).map(|_| Fp::random(&mut replay)).collect();
+    let advice = advice_points(&proof)?;
+    let committed = opening.blinds()?;
+    let commitment_points = commitment.decode()?;
+    let mut secrets = Vec::with_capacity(LANES);
+    for j in 0..LANES {
+        let secret = LinkSecret {
+            rows: rows[j].clone(),
+            delta: blinds[j] - committed[j],
+        };
+        // The proof's weight column must be the committed column plus the replayed
+        // unusable-row values and blind; otherwise the weights differ from the commitment
+        // or halo2 changed how it draws them: either way, no proof.
+        if linked_point(params, &commitment_points[j], &secret) != advice[j] {
+            return Err(ZkError::Internal(
+                "the proof's weight columns do not match the commitment (other weights, or a \
+                 changed halo2 prover layout)"
+                    .into(),
+            ));
+        }
+        secrets.push(secret);
+    }
+    let public = PublicInstance {
+        input: input_q,
+        output: output_q,
+        commitment: commitment.clone(),
+        job_id: job_id.to_string(),
+    };
+    let st = statement(spec.hash(), &public, &advice);
+    let link = link_prove(params, &st, &secrets, &mut sys_rng());
+    Ok(ProofBundle {
+        format: PROOF_FORMAT.into(),
+        spec: spec.clone(),
+        public,
+        proof,
+        link,
+    })
+}
+
+fn statement<'a>(
+    spec_hash: [u8; 32],
+    public: &'a PublicInstance,
+    advice: &'a [[u8; 32]],
+) -> LinkStatement<'a> {
+    LinkStatement {
+        spec_hash,
+        commitment: &public.commitment,
+        advice,
+        job_id: &public.job_id,
+        input: &public.input,
+        output: &public.output,
+    }
+}
+
+/// The weight-column commitments at the start of a proof.
+fn advice_points(proof: &[u8]) -> Result<Vec<[u8; 32]>, ZkError> {
+    if proof.len() < 32 * NUM_ADVICE {
+        return Err(ZkError::Verification("proof too short".into()));
+    }
+    Ok(proof[..32 * LANES]
+        .chunks_exact(32)
+        .map(|c| {
+            let mut p = [0u8; 32];
+            p.copy_from_slice(c);
+            p
+        })
+        .collect())
+}
+
+/// Verifying keys by spec hash (keygen is deterministic in the spec and `k`).
+fn cached_vk(params: &Params, spec: &CircuitSpec) -> Result<Arc<VerifyingKey<EqAffine>>, ZkError> {
+    type Cache = Mutex<HashMap<[u8; 32], Arc<VerifyingKey<EqAffine>>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = spec.hash();
+    if let Some(vk) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(vk);
+    }
+    let vk =
+        Arc::new(plonk::keygen_vk(&params.inner, &shape(spec)).map_err(internal("keygen_vk"))?);
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= 64 {
+            c.clear();
+        }
+        c.insert(key, vk.clone());
+    }
+    Ok(vk)
+}
+
+/// Verifies a proof bundle against the verifying key rebuilt from `bundle.spec`.
+pub fn verify(params: &Params, bundle: &ProofBundle) -> Result<(), ZkError> {
+    if bundle.format != PROOF_FORMAT {
+        return Err(ZkError::Verification(format!(
+            "unknown proof format (expected {PROOF_FORMAT})"
+        )));
+    }
+    let spec = &bundle.spec;
+    spec.validate()?;
+    if params.k() != spec.k {
+        return Err(ZkError::Verification(format!(
+            "the proof needs parameters for k = {}",
+            spec.k
+        )));
+    }
+    let public = &bundle.public;
+    if public.input.len() != spec.input_len() || public.output.len() != spec.output_len() {
+        return Err(ZkError::Verification(
+            "public input or output has the wrong length".into(),
+        ));
+    }
+    let [min, max] = spec.output_range;
+    if public
+        .input
+        .iter()
+        .any(|v| !(ACT_MIN..=ACT_MAX).contains(v))
+        || public.output.iter().any(|v| !(min..=max).contains(v))
+    {
+        return Err(ZkError::Verification("public value out of range".into()));
+    }
+    let advice = advice_points(&bundle.proof)?;
+    link_verify(
+        params,
+        &statement(spec.hash(), public, &advice),
+        &bundle.link,
+    )?;
+    let vk = cached_vk(params, spec)?;
+    let inst = instance(&public.job_id, &public.input, &public.output);
+    let mut transcript = Blake2bRead::<_, EqAffine, Challenge255<_>>::init(&bundle.proof[..]);
+    plonk::verify_proof(
+        &params.inner,
+        &vk,
+        SingleVerifier::new(&params.inner),
+        &[&[&inst]],
+        &mut transcript,
+    )
+    .map_err(|_| ZkError::Verification("the proof does not verify".into()))
+}

@@ -1,0 +1,90 @@
+//! Shared fixtures: the digits data, the compiled digits model and its keys (made once).
+
+use std::sync::OnceLock;
+
+use modelhub_zk::{Commitment, Keys, Opening, Params, QuantizedModel};
+
+pub struct Digits {
+    pub train: Vec<Vec<f32>>,
+    pub test: Vec<Vec<f32>>,
+    pub test_labels: Vec<u8>,
+}
+
+fn decode(rows: &serde_json::Value) -> Vec<Vec<f32>> {
+    rows.as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            r.as_str()
+                .expect("row string")
+                .bytes()
+                .map(|b| f32::from(b - b'a') / 16.0)
+                .collect()
+        })
+        .collect()
+}
+
+/// The bundled scikit-learn digits, split as digits_mlp.onnx was trained (tests/data/gen_digits.py).
+pub fn digits() -> &'static Digits {
+    static D: OnceLock<Digits> = OnceLock::new();
+    D.get_or_init(|| {
+        let text = include_str!("../data/digits.json");
+        let v: serde_json::Value = serde_json::from_str(text).expect("digits.json");
+        Digits {
+            train: decode(&v["train"]),
+            test: decode(&v["test"]),
+            test_labels: v["test_labels"]
+                .as_array()
+                .expect("labels")
+                .iter()
+                .map(|l| l.as_u64().expect("label") as u8)
+                .collect(),
+        }
+    })
+}
+
+pub struct Fixture {
+    pub onnx: Vec<u8>,
+    pub model: QuantizedModel,
+    pub params: Params,
+    pub keys: Keys,
+    pub commitment: Commitment,
+    pub opening: Opening,
+}
+
+/// The digits MLP of the test models (64 → 16 → 10, sklearn, Softmax head), compiled,
+/// committed and keyed.
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let onnx =
+            std::fs::read(modelhub_testkit::test_model("digits_mlp.onnx")).expect("read model");
+        let model = modelhub_zk::compile(&onnx, &digits().train).expect("compile");
+        let params = Params::load_or_create(&params_dir(), model.spec.k).expect("params");
+        let keys = Keys::new(&params, &model.spec).expect("keys");
+        let (commitment, opening) = modelhub_zk::commit(&model, &params).expect("commit");
+        Fixture {
+            onnx,
+            model,
+            params,
+            keys,
+            commitment,
+            opening,
+        }
+    })
+}
+
+/// A params cache shared by test runs (under the target directory).
+pub fn params_dir() -> std::path::PathBuf {
+    modelhub_testkit::workspace_root().join("target/zk-params")
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}

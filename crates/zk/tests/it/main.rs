@@ -1,0 +1,7 @@
+//! Integration tests of modelhub-zk: the digits MLP end to end, tampering, the pinned circuit.
+
+mod cnn;
+mod common;
+mod digits;
+mod mnist;
+mod pinned;
