@@ -4,6 +4,8 @@
 //! The in-process cluster itself lives in `modelhub_cli::up`, which is what `modelhub up` runs;
 //! tests start it on `127.0.0.1:0` listeners.
 
+pub mod grpc;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -135,12 +137,19 @@ impl ScriptServer {
     }
 }
 
-impl Drop for ScriptServer {
-    fn drop(&mut self) {
+impl ScriptServer {
+    /// Stops the server now (it stays stopped; dropping it later is harmless).
+    pub fn stop(&self) {
         let _ = Command::new("bash")
             .arg(workspace_root().join("scripts").join(self.script))
             .arg("stop")
             .arg(self.dir.path())
             .output();
+    }
+}
+
+impl Drop for ScriptServer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -4,6 +4,14 @@
 //! digits; mnist: a random-weight 784 → 128 → 10 MLP built in Rust. Prints one JSON line per
 //! model: k, params load, keygen, commit, prove, verify (first, with VK rebuild, and cached),
 //! proof and link sizes.
+//!
+//! `bench file NAME MODEL.onnx DATA.json [PROVES]` (used by scripts/bench/prover) does the same
+//! for any ONNX file, with the data from DATA.json: `{"calibration": [[f32]], "test_inputs":
+//! [[f32]], "float_argmax": [usize]}` (the float argmax from ONNX Runtime). It also times a
+//! fresh params generation, proves the first PROVES (default 5) test rows for real (checking
+//! each proved output against the native reference), reports the share of all test rows whose
+//! quantized argmax (native reference, bit-exact with the circuit) equals the float argmax, and
+//! the process's peak resident memory (`VmHWM`).
 
 use std::time::Instant;
 
@@ -101,8 +109,131 @@ fn run(name: &str, onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// First index of the largest value (numpy's argmax).
+fn argmax<T: PartialOrd>(v: &[T]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Peak resident set size of this process in KiB (Linux `VmHWM`), if readable.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn rows(v: &serde_json::Value, key: &str) -> anyhow::Result<Vec<Vec<f32>>> {
+    let rows: Vec<Vec<f32>> = serde_json::from_value(v[key].clone())
+        .map_err(|e| anyhow::anyhow!("data file: {key}: {e}"))?;
+    Ok(rows)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `bench file NAME MODEL.onnx DATA.json [PROVES]`: see the module docs.
+fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyhow::Result<()> {
+    let onnx = std::fs::read(onnx_path)?;
+    let data: serde_json::Value = serde_json::from_slice(&std::fs::read(data_path)?)?;
+    let calibration = rows(&data, "calibration")?;
+    let test = rows(&data, "test_inputs")?;
+    let float_argmax: Vec<usize> = serde_json::from_value(data["float_argmax"].clone())?;
+    anyhow::ensure!(
+        test.len() == float_argmax.len() && test.len() >= proves.max(1),
+        "data file: test_inputs and float_argmax must have the same length, at least PROVES"
+    );
+
+    let t = Instant::now();
+    let model = compile(&onnx, &calibration)?;
+    let compile_ms = ms(t);
+    let k = model.spec.k;
+
+    // Accuracy over the whole test set, from the native reference (bit-exact with the circuit).
+    let mut agree = 0;
+    let mut reference_out = Vec::with_capacity(test.len());
+    for (x, &want) in test.iter().zip(&float_argmax) {
+        let q = modelhub_zk::reference(&model, &modelhub_zk::quantize_input(&model.spec, x)?)?;
+        agree += usize::from(argmax(&q) == want);
+        reference_out.push(q);
+    }
+
+    let t = Instant::now();
+    drop(Params::new(k)?);
+    let params_new_ms = ms(t);
+    let dir = modelhub_testkit::workspace_root().join("target/zk-params");
+    let t = Instant::now();
+    let params = Params::load_or_create(&dir, k)?;
+    let params_load_ms = ms(t);
+    let t = Instant::now();
+    let keys = Keys::new(&params, &model.spec)?;
+    let keygen_ms = ms(t);
+    let t = Instant::now();
+    let (c, o) = commit(&model, &params)?;
+    let commit_ms = ms(t);
+
+    let mut prove_ms = Vec::new();
+    let mut proved_agree = 0;
+    let mut bundle = None;
+    for (i, x) in test.iter().enumerate().take(proves) {
+        let t = Instant::now();
+        let b = prove(&params, &keys, &model, &c, &o, x, &format!("bench-{i}"))?;
+        prove_ms.push(ms(t));
+        anyhow::ensure!(
+            b.public.output == reference_out[i],
+            "row {i}: proved output differs from the native reference"
+        );
+        proved_agree += usize::from(argmax(&b.public.output) == float_argmax[i]);
+        bundle = Some(b);
+    }
+    let bundle = bundle.ok_or_else(|| anyhow::anyhow!("nothing proved"))?;
+    let t = Instant::now();
+    verify(&params, &bundle)?;
+    let verify_first_ms = ms(t);
+    let mut verify_ms = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        verify(&params, &bundle)?;
+        verify_ms.push(ms(t));
+    }
+    let prove_all = prove_ms.clone();
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": name, "onnx": onnx_path, "k": k, "compile_ms": compile_ms,
+            "params_new_ms": params_new_ms, "params_load_ms": params_load_ms,
+            "keygen_ms": keygen_ms, "commit_ms": commit_ms,
+            "prove_ms": prove_all, "prove_ms_median": median(&mut prove_ms),
+            "verify_first_ms": verify_first_ms, "verify_ms_median": median(&mut verify_ms),
+            "proof_bytes": bundle.proof.len(), "link_bytes": bundle.link.len(),
+            "bundle_json_bytes": serde_json::to_vec(&bundle)?.len(),
+            "accuracy": {
+                "rows": test.len(), "agree": agree, "share": agree as f64 / test.len() as f64,
+                "proved_rows": proves, "proved_agree": proved_agree,
+            },
+            "peak_rss_kib": peak_rss_kib(),
+        })
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("file") {
+        let [name, onnx, data] = [2, 3, 4].map(|i| args.get(i).cloned());
+        let (Some(name), Some(onnx), Some(data)) = (name, onnx, data) else {
+            anyhow::bail!("usage: bench file NAME MODEL.onnx DATA.json [PROVES]");
+        };
+        let proves = args.get(5).map_or(Ok(5), |p| p.parse())?;
+        return run_file(&name, &onnx, &data, proves);
+    }
+    let which = args.get(1).cloned().unwrap_or_else(|| "all".into());
     if which == "digits" || which == "all" {
         let onnx = std::fs::read(modelhub_testkit::test_model("digits_mlp.onnx"))?;
         run("digits 64-16-10", &onnx, &digits_samples())?;

@@ -94,6 +94,13 @@ impl Cluster {
         }
     }
 
+    /// Stops the real servers (MongoDB, IPFS) under the running marketplace.
+    pub fn stop_servers(&self) {
+        self._servers
+            .iter()
+            .for_each(modelhub_testkit::ScriptServer::stop);
+    }
+
     /// The IPFS node's API URL, when blobs live there.
     pub fn ipfs_api(&self) -> Option<&str> {
         self.settings.ipfs_api.as_deref()

@@ -8,4 +8,5 @@ mod processes;
 mod proofs;
 mod restart;
 mod signing;
+mod storage;
 mod upload_predict;

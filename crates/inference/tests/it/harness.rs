@@ -5,8 +5,6 @@ use modelhub_inference::InferenceService;
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::inference::v1 as pb;
 use modelhub_proto::inference::v1::inference_client::InferenceClient;
-use modelhub_proto::storage::v1 as spb;
-use modelhub_proto::storage::v1::put_model_request::Part;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -92,31 +90,10 @@ pub async fn upload(
     model_id: &str,
     bytes: &[u8],
 ) -> ModelRef {
-    let mut msgs = vec![spb::PutModelRequest {
-        part: Some(Part::Header(spb::PutHeader {
-            model_id: model_id.into(),
-            version: "1".into(),
-        })),
-    }];
-    msgs.extend(bytes.chunks(1000).map(|c| spb::PutModelRequest {
-        part: Some(Part::Chunk(c.to_vec())),
-    }));
-    msgs.push(spb::PutModelRequest {
-        part: Some(Part::Finish(spb::PutFinish {})),
-    });
-    let put = storage
-        .put_model(tokio_stream::iter(msgs))
+    modelhub_testkit::grpc::put_model(storage, model_id, bytes)
         .await
         .unwrap()
-        .into_inner();
-    ModelRef {
-        model_id: model_id.into(),
-        version: "1".into(),
-        cid: put.cid,
-        wrapped_dek: put.wrapped_dek,
-        sha256: put.sha256,
-        size: put.size,
-    }
+        .0
 }
 
 pub async fn predict(

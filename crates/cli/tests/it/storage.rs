@@ -1,0 +1,130 @@
+//! Model blobs on IPFS: a node that goes away makes uploads fail cleanly while cached models
+//! keep answering; `modelhub storage export --to-ipfs` and `storage verify` reconcile stores.
+
+use std::process::Command;
+
+use modelhub_cli::client::ModelUpload;
+use serde_json::Value;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipfs_down_fails_uploads_with_503_and_cached_models_keep_answering() {
+    let cluster = Cluster::start_on(Backend::Ipfs).await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 10).await;
+    let record = upload_digits(&creator, "digits", 1).await;
+    let model_id = record["model_id"].as_str().unwrap();
+    user.predict(model_id, digits_input(0))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+
+    cluster.stop_servers();
+    let answer = creator
+        .upload(&ModelUpload::new("digits", "2", 1), digits_bytes())
+        .await
+        .unwrap();
+    assert_error(&answer, 503, "unavailable", "IPFS");
+    let models = creator.get("/v1/models").await.unwrap().ok().unwrap();
+    assert_eq!(
+        models.as_array().unwrap().len(),
+        1,
+        "a failed upload leaves no registry record"
+    );
+
+    let answer = user
+        .predict(model_id, digits_input(1))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_matches_onnxruntime(&answer, 1);
+    assert_eq!(account(&user).await["credits"], 8);
+    cluster.stop().await;
+}
+
+fn modelhub(args: &[&str]) -> (bool, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_modelhub"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_store_exports_to_ipfs_with_the_same_cids() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let record = upload_digits(&creator, "digits", 1).await;
+    let cid = record["cid"].as_str().unwrap().to_string();
+    let url = cluster.admin.base_url().to_string();
+    let admin_key = cluster.data_dir().join("admin-key.json");
+    let storage_dir = cluster.data_dir().join("storage");
+    let (url, key, dir) = (
+        url.as_str(),
+        admin_key.to_str().unwrap(),
+        storage_dir.to_str().unwrap(),
+    );
+
+    let (ok, report) = modelhub(&[
+        "storage",
+        "verify",
+        "--storage-dir",
+        dir,
+        "--url",
+        url,
+        "--key-file",
+        key,
+    ]);
+    assert!(ok, "{report}");
+    assert_eq!(report["clean"], true);
+    assert_eq!(report["ok"], 1);
+
+    let node = modelhub_testkit::ScriptServer::start("ipfs");
+    let (ok, report) = modelhub(&[
+        "storage",
+        "verify",
+        "--ipfs-api",
+        &node.uri,
+        "--url",
+        url,
+        "--key-file",
+        key,
+    ]);
+    assert!(!ok, "the node does not hold the blob yet: {report}");
+    assert_eq!(report["missing"], serde_json::json!([cid]));
+
+    let (ok, report) = modelhub(&[
+        "storage",
+        "export",
+        "--to-ipfs",
+        &node.uri,
+        "--storage-dir",
+        dir,
+    ]);
+    assert!(ok, "{report}");
+    assert_eq!(
+        report["copied"],
+        serde_json::json!([cid]),
+        "the node names the blob by the same CID"
+    );
+
+    let (ok, report) = modelhub(&[
+        "storage",
+        "verify",
+        "--contents",
+        "--ipfs-api",
+        &node.uri,
+        "--url",
+        url,
+        "--key-file",
+        key,
+    ]);
+    assert!(ok, "{report}");
+    assert_eq!(report["clean"], true);
+    cluster.stop().await;
+}

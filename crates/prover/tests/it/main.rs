@@ -1,0 +1,283 @@
+//! The prover service over real gRPC, with a real storage service: compile at upload, proofs
+//! streamed in, fetched, verified; state that survives a restart.
+
+use modelhub_core::{ApiError, ErrorCode, Tensor, TensorSpec};
+use modelhub_proto::common::v1::ModelRef;
+use modelhub_proto::prover::v1 as pb;
+use modelhub_proto::prover::v1::proof_state::Status;
+use modelhub_proto::prover::v1::prover_client::ProverClient;
+use modelhub_proto::storage::v1::storage_client::StorageClient;
+use modelhub_testkit::grpc::{Server, put_model};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+struct Setup {
+    storage: Server,
+    prover: Server,
+    client: ProverClient<Channel>,
+    model: ModelRef,
+    inputs: Vec<modelhub_proto::common::v1::TensorSpec>,
+    dir: tempfile::TempDir,
+}
+
+async fn start_prover(dir: &std::path::Path, storage_url: &str) -> (Server, ProverClient<Channel>) {
+    let settings = modelhub_prover::Settings {
+        kek_file: Some(dir.join("kek")),
+        ..modelhub_prover::Settings::for_test(&dir.join("prover"), storage_url)
+    };
+    let server = Server::start(|l, stop| modelhub_prover::run(settings, l, stop)).await;
+    let client = ProverClient::new(server.channel());
+    (server, client)
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let storage_settings = modelhub_storage::Settings {
+        kek_file: Some(dir.path().join("kek")),
+        ..modelhub_storage::Settings::for_test(&dir.path().join("storage"))
+    };
+    let storage = Server::start(|l, stop| modelhub_storage::run(storage_settings, l, stop)).await;
+    let mut storage_client = StorageClient::new(storage.channel());
+    let bytes = std::fs::read(modelhub_testkit::test_model("digits_mlp_logits.onnx")).unwrap();
+    let (model, put) = put_model(&mut storage_client, "mdl_logits", &bytes)
+        .await
+        .unwrap();
+    let (prover, client) = start_prover(dir.path(), &storage.url).await;
+    Setup {
+        storage,
+        prover,
+        client,
+        model,
+        inputs: put.inputs,
+        dir,
+    }
+}
+
+fn digits_row(case: usize) -> Vec<f32> {
+    let text = std::fs::read_to_string(modelhub_testkit::test_model("digits_logits_expected.json"))
+        .unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"][case]["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn job(id: &str, model: &ModelRef, row: &[f32]) -> pb::ProofJob {
+    pb::ProofJob {
+        job_id: id.into(),
+        account_id: "acct_test".into(),
+        model: Some(model.clone()),
+        inputs: vec![
+            Tensor::from_f32("input", vec![1, row.len() as i64], row)
+                .unwrap()
+                .into_proto(),
+        ],
+        outputs: vec![
+            Tensor::from_f32("logits", vec![1, 2], &[0.5, 1.5])
+                .unwrap()
+                .into_proto(),
+        ],
+    }
+}
+
+async fn submit(client: &mut ProverClient<Channel>, jobs: Vec<pb::ProofJob>) -> u64 {
+    client
+        .submit(tokio_stream::iter(jobs))
+        .await
+        .unwrap()
+        .into_inner()
+        .accepted
+}
+
+async fn wait(client: &mut ProverClient<Channel>, id: &str) -> pb::ProofState {
+    client
+        .get_proof(pb::GetProofRequest {
+            job_id: id.into(),
+            wait_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compile_prove_fetch_verify_and_survive_a_restart() {
+    let mut s = setup().await;
+    let compiled = s
+        .client
+        .compile(pb::CompileRequest {
+            model: Some(s.model.clone()),
+            inputs: s.inputs.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(compiled.supported, "{}", compiled.reason);
+    let spec: Value = serde_json::from_str(&compiled.circuit_spec).unwrap();
+    assert!(spec["k"].as_u64().unwrap() >= 4);
+
+    let row = digits_row(0);
+    let mut bad_row = row.clone();
+    bad_row[3] = 1.0e6;
+    let accepted = submit(
+        &mut s.client,
+        vec![
+            job("job_ok", &s.model, &row),
+            job("job_range", &s.model, &bad_row),
+            job("bad id!", &s.model, &row),
+        ],
+    )
+    .await;
+    assert_eq!(accepted, 2, "a job with a malformed id is dropped");
+
+    let done = wait(&mut s.client, "job_ok").await;
+    assert_eq!(done.status, Status::Done as i32, "{}", done.error);
+    assert_eq!(done.account_id, "acct_test");
+    let proof: Value = serde_json::from_slice(&done.proof).unwrap();
+    assert_eq!(proof["format"], "modelhub-proof/1");
+    assert_eq!(proof["public"]["commitment"], compiled.commitment.as_str());
+    assert_eq!(proof["public"]["job_id"], "job_ok");
+    let proved: Vec<f64> = serde_json::from_str(&done.proved_output).unwrap();
+    assert_eq!(proved.len(), 10);
+    let floats: Value = serde_json::from_str(&done.float_outputs).unwrap();
+    assert_eq!(
+        floats[0]["data"],
+        serde_json::json!([0.5, 1.5]),
+        "the float output is kept beside the proof"
+    );
+
+    let failed = wait(&mut s.client, "job_range").await;
+    assert_eq!(failed.status, Status::Failed as i32);
+    assert!(failed.error.contains("range"), "{}", failed.error);
+
+    // Verify over gRPC: the proof, a tampered one, garbage.
+    let verify = |bytes: Vec<u8>| {
+        let mut c = s.client.clone();
+        async move {
+            c.verify(pb::VerifyRequest { proof: bytes })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert!(verify(done.proof.clone()).await.valid);
+    let mut tampered = proof.clone();
+    tampered["public"]["job_id"] = "job_other".into();
+    let answer = verify(serde_json::to_vec(&tampered).unwrap()).await;
+    assert!(!answer.valid && !answer.reason.is_empty());
+    assert!(!verify(b"not json".to_vec()).await.valid);
+    let mut huge = proof.clone();
+    huge["spec"]["k"] = 40.into();
+    assert!(
+        !verify(serde_json::to_vec(&huge).unwrap()).await.valid,
+        "a circuit size over the limit is refused"
+    );
+
+    // Unknown and malformed job ids.
+    let err = s
+        .client
+        .get_proof(pb::GetProofRequest {
+            job_id: "job_none".into(),
+            wait_ms: 10,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(ApiError::from_status(&err).code, ErrorCode::NotFound);
+    let err = s
+        .client
+        .get_proof(pb::GetProofRequest {
+            job_id: "../x".into(),
+            wait_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(ApiError::from_status(&err).code, ErrorCode::BadRequest);
+
+    // A restart keeps finished proofs, and proves new jobs with the same commitment (the model
+    // is recompiled from storage; the opening comes sealed from disk).
+    s.prover.stop().await;
+    let (prover, mut client) = start_prover(s.dir.path(), &s.storage.url).await;
+    s.prover = prover;
+    assert_eq!(
+        wait(&mut client, "job_ok").await.status,
+        Status::Done as i32
+    );
+    assert_eq!(
+        submit(
+            &mut client,
+            vec![job("job_after", &s.model, &digits_row(1))]
+        )
+        .await,
+        1
+    );
+    let after = wait(&mut client, "job_after").await;
+    assert_eq!(after.status, Status::Done as i32, "{}", after.error);
+    let after: Value = serde_json::from_slice(&after.proof).unwrap();
+    assert_eq!(after["public"]["commitment"], compiled.commitment.as_str());
+    let mut c = client.clone();
+    assert!(
+        c.verify(pb::VerifyRequest {
+            proof: serde_json::to_vec(&after).unwrap()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .valid
+    );
+
+    // The opening on disk is sealed: no raw blinds in the record.
+    let record =
+        std::fs::read_to_string(s.dir.path().join("prover/models/mdl_logits.json")).unwrap();
+    assert!(
+        record.contains("sealed_opening") && !record.contains("blinds"),
+        "{record}"
+    );
+    s.prover.stop().await;
+    s.storage.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_models_and_models_without_a_circuit() {
+    let mut s = setup().await;
+    // A model with two inputs can't be proved: compile says why instead of failing.
+    let two = vec![
+        TensorSpec {
+            name: "a".into(),
+            datatype: modelhub_core::DataType::Fp32,
+            shape: vec![-1, 4],
+        }
+        .to_proto(),
+        TensorSpec {
+            name: "b".into(),
+            datatype: modelhub_core::DataType::Fp32,
+            shape: vec![-1, 4],
+        }
+        .to_proto(),
+    ];
+    let answer = s
+        .client
+        .compile(pb::CompileRequest {
+            model: Some(s.model.clone()),
+            inputs: two,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!answer.supported);
+    assert!(answer.reason.contains("one input"), "{}", answer.reason);
+
+    // A proof job for a model the prover never compiled fails with a clear message.
+    submit(
+        &mut s.client,
+        vec![job("job_nocircuit", &s.model, &digits_row(0))],
+    )
+    .await;
+    let state = wait(&mut s.client, "job_nocircuit").await;
+    assert_eq!(state.status, Status::Failed as i32);
+    assert!(state.error.contains("no circuit"), "{}", state.error);
+    s.prover.stop().await;
+    s.storage.stop().await;
+}
