@@ -25,9 +25,12 @@ CALIBRATION_ROWS = 32
 
 def call(f, *args, **kwargs):
     """Calls an ezkl function (some are async in some versions) and returns its result."""
+    async def wait(a):
+        return await a
+
     r = f(*args, **kwargs)
     if inspect.isawaitable(r):
-        r = asyncio.run(r) if not asyncio.iscoroutine(r) else asyncio.run(r)
+        r = asyncio.run(wait(r))
     return r
 
 

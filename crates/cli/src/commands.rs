@@ -1,7 +1,6 @@
 //! The `modelhub` command line: running the marketplace (`up`, `serve`) and using it as a
 //! client (`keys`, `models`, `predict`, ...).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -9,7 +8,6 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use futures::TryStreamExt;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 use crate::client::{Client, KeyFile, ModelUpload};
 use crate::up::{self, UpSettings};
@@ -100,56 +98,11 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum Serve {
-    Registry {
-        #[arg(
-            long,
-            env = "MODELHUB_REGISTRY_LISTEN",
-            default_value = "127.0.0.1:50051"
-        )]
-        listen: SocketAddr,
-        #[command(flatten)]
-        settings: modelhub_registry::Settings,
-    },
-    Storage {
-        #[arg(
-            long,
-            env = "MODELHUB_STORAGE_LISTEN",
-            default_value = "127.0.0.1:50052"
-        )]
-        listen: SocketAddr,
-        #[command(flatten)]
-        settings: modelhub_storage::Settings,
-    },
-    Inference {
-        #[arg(
-            long,
-            env = "MODELHUB_INFERENCE_LISTEN",
-            default_value = "127.0.0.1:50053"
-        )]
-        listen: SocketAddr,
-        #[command(flatten)]
-        settings: modelhub_inference::Settings,
-    },
-    Prover {
-        #[arg(
-            long,
-            env = "MODELHUB_PROVER_LISTEN",
-            default_value = "127.0.0.1:50054"
-        )]
-        listen: SocketAddr,
-        #[command(flatten)]
-        settings: modelhub_prover::Settings,
-    },
-    Gateway {
-        #[arg(
-            long,
-            env = "MODELHUB_GATEWAY_LISTEN",
-            default_value = "127.0.0.1:8080"
-        )]
-        listen: SocketAddr,
-        #[command(flatten)]
-        settings: modelhub_gateway::Settings,
-    },
+    Registry(modelhub_registry::ServeArgs),
+    Storage(modelhub_storage::ServeArgs),
+    Inference(modelhub_inference::ServeArgs),
+    Prover(modelhub_prover::ServeArgs),
+    Gateway(modelhub_gateway::ServeArgs),
 }
 
 /// Which blob store a storage command looks at.
@@ -637,51 +590,14 @@ pub async fn upload_file(
     answer?.ok()
 }
 
-async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
-    let l = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    Ok(l)
-}
-
-async fn shutdown_signal() {
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-/// Runs one service until ctrl-c. Prints `<service> listening on <addr>` once bound (with port
-/// 0, the port the system chose).
+/// Runs one service until ctrl-c.
 async fn run_service(serve: Serve) -> anyhow::Result<()> {
-    let announce = |svc: &str, addr: SocketAddr| {
-        use std::io::Write;
-        println!("modelhub {svc} listening on {addr}");
-        let _ = std::io::stdout().flush();
-    };
+    let stop = modelhub_core::serve::ctrl_c();
     match serve {
-        Serve::Registry { listen, settings } => {
-            let l = bind(listen).await?;
-            announce("registry", l.local_addr()?);
-            modelhub_registry::run(settings, l, shutdown_signal()).await
-        }
-        Serve::Storage { listen, settings } => {
-            let l = bind(listen).await?;
-            announce("storage", l.local_addr()?);
-            modelhub_storage::run(settings, l, shutdown_signal()).await
-        }
-        Serve::Inference { listen, settings } => {
-            let l = bind(listen).await?;
-            announce("inference", l.local_addr()?);
-            modelhub_inference::run(settings, l, shutdown_signal()).await
-        }
-        Serve::Prover { listen, settings } => {
-            let l = bind(listen).await?;
-            announce("prover", l.local_addr()?);
-            modelhub_prover::run(settings, l, shutdown_signal()).await
-        }
-        Serve::Gateway { listen, settings } => {
-            let l =
-                std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
-            announce("gateway", l.local_addr()?);
-            modelhub_gateway::run(settings, l, shutdown_signal()).await
-        }
+        Serve::Registry(args) => args.serve(stop).await,
+        Serve::Storage(args) => args.serve(stop).await,
+        Serve::Inference(args) => args.serve(stop).await,
+        Serve::Prover(args) => args.serve(stop).await,
+        Serve::Gateway(args) => args.serve(stop).await,
     }
 }

@@ -5,6 +5,7 @@ pub mod crypto;
 pub mod error;
 pub mod id;
 pub mod pool;
+pub mod serve;
 pub mod signing;
 pub mod telemetry;
 pub mod tensor;

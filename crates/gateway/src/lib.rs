@@ -294,3 +294,32 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests;
+
+/// What the `modelhub-gateway` binary and `modelhub serve gateway` take: where to listen, and the
+/// settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0: any free port, printed once bound).
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+impl ServeArgs {
+    /// Binds, announces the bound address on stdout, and serves until `shutdown`.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        self.settings.validate()?;
+        let listener = std::net::TcpListener::bind(self.listen)
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", self.listen))?;
+        modelhub_core::serve::announce("gateway", listener.local_addr()?);
+        run(self.settings, listener, shutdown).await
+    }
+}

@@ -116,3 +116,32 @@ pub async fn run(
         .await?;
     Ok(())
 }
+
+/// What the `modelhub-prover` binary and `modelhub serve prover` take: where to listen, and the
+/// settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0: any free port, printed once bound).
+    #[arg(
+        long,
+        env = "MODELHUB_PROVER_LISTEN",
+        default_value = "127.0.0.1:50054"
+    )]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+impl ServeArgs {
+    /// Binds, announces the bound address on stdout, and serves until `shutdown`.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", self.listen))?;
+        modelhub_core::serve::announce("prover", listener.local_addr()?);
+        run(self.settings, listener, shutdown).await
+    }
+}

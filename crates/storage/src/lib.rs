@@ -175,3 +175,32 @@ pub async fn run(
     tracing::info!("storage stopped");
     Ok(())
 }
+
+/// What the `modelhub-storage` binary and `modelhub serve storage` take: where to listen, and the
+/// settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0: any free port, printed once bound).
+    #[arg(
+        long,
+        env = "MODELHUB_STORAGE_LISTEN",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+impl ServeArgs {
+    /// Binds, announces the bound address on stdout, and serves until `shutdown`.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", self.listen))?;
+        modelhub_core::serve::announce("storage", listener.local_addr()?);
+        run(self.settings, listener, shutdown).await
+    }
+}

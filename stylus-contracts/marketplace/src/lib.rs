@@ -15,7 +15,7 @@
 
 extern crate alloc;
 
-use alloc::vec::Vec;
+use alloc::{vec, vec::Vec};
 
 use alloy_primitives::{Address, FixedBytes, U256};
 use alloy_sol_types::sol;
@@ -65,7 +65,7 @@ sol! {
 }
 
 /// Every way a Marketplace call can revert; each is a Solidity custom error.
-#[derive(SolidityError, Debug, PartialEq)]
+#[derive(SolidityError, Debug, Clone, PartialEq)]
 pub enum MarketplaceError {
     /// The caller lacks the role (admin, operator, model owner) the call needs.
     Unauthorized(Unauthorized),

@@ -1,0 +1,18 @@
+//! What every service binary does around `run`: announce the bound address, stop on ctrl-c.
+
+use std::net::SocketAddr;
+
+/// Prints `modelhub <service> listening on <addr>` on stdout (with `--listen ...:0`, the port the
+/// system chose), so scripts and tests can find a service they started.
+pub fn announce(service: &str, addr: SocketAddr) {
+    use std::io::Write;
+    println!("modelhub {service} listening on {addr}");
+    let _ = std::io::stdout().flush();
+}
+
+/// Resolves on ctrl-c (SIGINT): the graceful-shutdown signal of the binaries.
+pub async fn ctrl_c() {
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        tracing::error!(error = %e, "waiting for ctrl-c failed");
+    }
+}
