@@ -259,6 +259,13 @@ pub enum Models {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Delete a model version you own (admin: any), and its blob.
+    Delete {
+        /// The model: its id, or NAME@VERSION.
+        model: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// Runs one command.
@@ -384,6 +391,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = client.client()?;
             let model_id = resolve_model(&client, &model).await?;
             print_json(&client.get(&format!("/v1/models/{model_id}")).await?.ok()?);
+            Ok(())
+        }
+        Command::Models(Models::Delete { model, client }) => {
+            let client = client.client()?;
+            let model_id = resolve_model(&client, &model).await?;
+            client
+                .delete(&format!("/v1/models/{model_id}"))
+                .await?
+                .ok()?;
+            eprintln!("deleted {model_id}");
             Ok(())
         }
         Command::Predict {

@@ -166,6 +166,11 @@ impl AppState {
     }
 
     /// A model record, from the cache or the registry (`GetModel`; unknown → 404).
+    /// Drops a model record from this gateway's cache (after a delete).
+    pub async fn forget_model(&self, model_id: &str) {
+        self.models.0.invalidate(model_id).await;
+    }
+
     pub async fn model(&self, model_id: &str) -> Result<Arc<ModelPb>, GatewayError> {
         let fetch = async {
             let request = modelhub_proto::registry::v1::GetModelRequest {

@@ -65,6 +65,48 @@ pub fn new_model(owner: &str, price: u64) -> Model {
     }
 }
 
+/// Deleting a model frees its name and version; a second delete finds nothing.
+pub async fn delete_model(store: Store) {
+    let owner = store.create_account(new_account("owner", 0)).await.unwrap();
+    let model = store
+        .create_model(new_model(&owner.account_id, 2))
+        .await
+        .unwrap();
+    let removed = store.delete_model(&model.model_id).await.unwrap();
+    assert_eq!(removed, model);
+    assert_eq!(
+        code(store.get_model(&model.model_id).await),
+        ErrorCode::NotFound
+    );
+    assert!(
+        store
+            .find_model(&model.name, &model.version)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        !store
+            .list_models()
+            .await
+            .unwrap()
+            .iter()
+            .any(|m| m.model_id == model.model_id)
+    );
+    assert_eq!(
+        code(store.delete_model(&model.model_id).await),
+        ErrorCode::NotFound
+    );
+    let again = Model {
+        model_id: id::new_id(id::MODEL),
+        ..model
+    };
+    store
+        .create_model(again)
+        .await
+        .expect("the name and version are free again");
+}
+
 /// Runs every check: `open` must return a store over the same data each time it is called
 /// (the durability check drops the store and opens it again).
 pub async fn run_all<F, Fut>(open: F)
@@ -80,6 +122,7 @@ where
     idempotency(store.clone()).await;
     concurrent_idempotent_reserve(store.clone()).await;
     receipts_are_unique(store.clone()).await;
+    delete_model(store.clone()).await;
     concurrent_reserve(store.clone()).await;
     drop(store);
     restart_durability(open).await;

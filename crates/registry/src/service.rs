@@ -396,6 +396,18 @@ impl Registry for RegistryService {
             .map_err(|e| status("list_models", e))
     }
 
+    async fn delete_model(
+        &self,
+        request: Request<pb::DeleteModelRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        let model_id = request.into_inner().model_id;
+        self.store
+            .delete_model(&model_id)
+            .await
+            .map(|m| Response::new(model_pb(m)))
+            .map_err(|e| status("delete_model", e))
+    }
+
     async fn reserve(
         &self,
         request: Request<pb::ReserveRequest>,

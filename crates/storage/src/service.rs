@@ -335,4 +335,18 @@ impl pb::storage_server::Storage for StorageService {
             .map(Response::new)
             .map_err(|e| e.into_status("get_model"))
     }
+
+    async fn delete_model(
+        &self,
+        request: Request<pb::DeleteModelRequest>,
+    ) -> Result<Response<pb::DeleteModelResponse>, Status> {
+        let cid = request.into_inner().cid;
+        let removed = self
+            .blobs
+            .remove(&cid)
+            .await
+            .map_err(|e| e.into_status("delete_model"))?;
+        tracing::info!(cid = %cid, removed, "blob deleted");
+        Ok(Response::new(pb::DeleteModelResponse { removed }))
+    }
 }

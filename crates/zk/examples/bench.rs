@@ -127,6 +127,19 @@ fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// CPU time (user + system, all threads) of this process in ms, from `/proc/self/stat`
+/// (clock ticks of 10 ms, the Linux default `CLK_TCK` of 100).
+fn cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) * 10.0
+}
+
 fn rows(v: &serde_json::Value, key: &str) -> anyhow::Result<Vec<Vec<f32>>> {
     let rows: Vec<Vec<f32>> = serde_json::from_value(v[key].clone())
         .map_err(|e| anyhow::anyhow!("data file: {key}: {e}"))?;
@@ -179,12 +192,14 @@ fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyh
     let commit_ms = ms(t);
 
     let mut prove_ms = Vec::new();
+    let mut prove_cpu_ms = Vec::new();
     let mut proved_agree = 0;
     let mut bundle = None;
     for (i, x) in test.iter().enumerate().take(proves) {
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), cpu_ms());
         let b = prove(&params, &keys, &model, &c, &o, x, &format!("bench-{i}"))?;
         prove_ms.push(ms(t));
+        prove_cpu_ms.push(cpu_ms() - cpu);
         anyhow::ensure!(
             b.public.output == reference_out[i],
             "row {i}: proved output differs from the native reference"
@@ -210,6 +225,7 @@ fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyh
             "params_new_ms": params_new_ms, "params_load_ms": params_load_ms,
             "keygen_ms": keygen_ms, "commit_ms": commit_ms,
             "prove_ms": prove_all, "prove_ms_median": median(&mut prove_ms),
+            "prove_cpu_ms_median": median(&mut prove_cpu_ms), "process_cpu_ms": cpu_ms(),
             "verify_first_ms": verify_first_ms, "verify_ms_median": median(&mut verify_ms),
             "proof_bytes": bundle.proof.len(), "link_bytes": bundle.link.len(),
             "bundle_json_bytes": serde_json::to_vec(&bundle)?.len(),

@@ -11,7 +11,6 @@
 //! TestVM tests see the same state a chain would after a revert.
 
 #![cfg_attr(not(any(test, feature = "export-abi")), no_main)]
-#![cfg_attr(not(any(test, feature = "export-abi")), no_std)]
 
 extern crate alloc;
 
@@ -154,7 +153,9 @@ impl Marketplace {
     fn registered_owner(&self, model_id: FixedBytes<32>) -> Result<Address> {
         let owner = self.models.get(model_id).owner.get();
         if owner.is_zero() {
-            return Err(MarketplaceError::UnknownModel(UnknownModel { modelId: model_id }));
+            return Err(MarketplaceError::UnknownModel(UnknownModel {
+                modelId: model_id,
+            }));
         }
         Ok(owner)
     }
@@ -167,7 +168,9 @@ impl Marketplace {
             return Err(unauthorized(caller));
         }
         if !self.models.get(model_id).active.get() {
-            return Err(MarketplaceError::ModelInactive(ModelInactive { modelId: model_id }));
+            return Err(MarketplaceError::ModelInactive(ModelInactive {
+                modelId: model_id,
+            }));
         }
         Ok(owner)
     }
@@ -187,7 +190,10 @@ impl Marketplace {
         }
         self.admin.set(admin);
         self.wei_per_credit.set(wei_per_credit);
-        self.vm().log(AdminChanged { previousAdmin: Address::ZERO, newAdmin: admin });
+        self.vm().log(AdminChanged {
+            previousAdmin: Address::ZERO,
+            newAdmin: admin,
+        });
         Ok(())
     }
 
@@ -202,9 +208,9 @@ impl Marketplace {
         let caller = self.vm().msg_sender();
         let mut model = self.models.setter(model_id);
         if !model.owner.get().is_zero() {
-            return Err(MarketplaceError::ModelAlreadyRegistered(ModelAlreadyRegistered {
-                modelId: model_id,
-            }));
+            return Err(MarketplaceError::ModelAlreadyRegistered(
+                ModelAlreadyRegistered { modelId: model_id },
+            ));
         }
         model.owner.set(caller);
         model.cid_hash.set(cid_hash);
@@ -227,7 +233,11 @@ impl Marketplace {
         let mut model = self.models.setter(model_id);
         let old_price = model.price_per_call.get();
         model.price_per_call.set(new_price);
-        self.vm().log(PriceUpdated { modelId: model_id, oldPrice: old_price, newPrice: new_price });
+        self.vm().log(PriceUpdated {
+            modelId: model_id,
+            oldPrice: old_price,
+            newPrice: new_price,
+        });
         Ok(())
     }
 
@@ -235,7 +245,10 @@ impl Marketplace {
     pub fn deactivate(&mut self, model_id: FixedBytes<32>) -> Result<()> {
         let owner = self.owned_active_model(model_id)?;
         self.models.setter(model_id).active.set(false);
-        self.vm().log(ModelDeactivated { modelId: model_id, owner });
+        self.vm().log(ModelDeactivated {
+            modelId: model_id,
+            owner,
+        });
         Ok(())
     }
 
@@ -266,9 +279,17 @@ impl Marketplace {
         }
         let bought = value / rate;
         let buyer = self.vm().msg_sender();
-        let balance = self.credits.get(buyer).checked_add(bought).ok_or_else(overflow)?;
+        let balance = self
+            .credits
+            .get(buyer)
+            .checked_add(bought)
+            .ok_or_else(overflow)?;
         self.credits.setter(buyer).set(balance);
-        self.vm().log(CreditsBought { buyer, amountWei: value, credits: bought });
+        self.vm().log(CreditsBought {
+            buyer,
+            amountWei: value,
+            credits: bought,
+        });
         Ok(bought)
     }
 
@@ -393,16 +414,27 @@ impl Marketplace {
         let owner = self.vm().msg_sender();
         let earned = self.earnings.get(owner);
         if earned.is_zero() {
-            return Err(MarketplaceError::NothingToWithdraw(NothingToWithdraw { owner }));
+            return Err(MarketplaceError::NothingToWithdraw(NothingToWithdraw {
+                owner,
+            }));
         }
-        let amount = earned.checked_mul(self.wei_per_credit.get()).ok_or_else(overflow)?;
+        let amount = earned
+            .checked_mul(self.wei_per_credit.get())
+            .ok_or_else(overflow)?;
         self.earnings.setter(owner).set(U256::ZERO);
         if transfer_eth(self.vm(), owner, amount).is_err() {
             // The revert undoes this on chain; restoring keeps native tests faithful.
             self.earnings.setter(owner).set(earned);
-            return Err(MarketplaceError::TransferFailed(TransferFailed { to: owner, amount }));
+            return Err(MarketplaceError::TransferFailed(TransferFailed {
+                to: owner,
+                amount,
+            }));
         }
-        self.vm().log(Withdrawn { owner, credits: earned, amountWei: amount });
+        self.vm().log(Withdrawn {
+            owner,
+            credits: earned,
+            amountWei: amount,
+        });
         Ok(amount)
     }
 
@@ -424,7 +456,10 @@ impl Marketplace {
             return Err(MarketplaceError::ZeroAddress(ZeroAddress {}));
         }
         self.admin.set(new_admin);
-        self.vm().log(AdminChanged { previousAdmin: previous, newAdmin: new_admin });
+        self.vm().log(AdminChanged {
+            previousAdmin: previous,
+            newAdmin: new_admin,
+        });
         Ok(())
     }
 }

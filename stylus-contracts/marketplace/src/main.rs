@@ -1,12 +1,8 @@
 //! `cargo run --features export-abi` prints the contract's Solidity interface (the SDK's export:
-//! functions and errors, not events; see abi/MarketplaceEvents.sol).
-#![cfg_attr(not(any(test, feature = "export-abi")), no_main)]
+//! functions and errors; not events nor argument-only structs: see abi/MarketplaceEvents.sol);
+//! `cargo run --features export-abi -- constructor` prints the constructor's signature. The
+//! contract itself is the library (the cdylib that `cargo stylus` builds for wasm32).
 
-#[cfg(not(any(test, feature = "export-abi")))]
-#[no_mangle]
-pub extern "C" fn main() {}
-
-#[cfg(feature = "export-abi")]
 fn main() {
     stylus_marketplace::print_from_args();
 }

@@ -67,7 +67,10 @@ impl Env {
 
     /// CREATOR registers model `n` at `price` credits per call.
     fn register(&mut self, n: u8, owner: Address, price: u64) {
-        self.as_(owner).c.register_model(id(n), id(0xc0 + n), id(0xe0 + n), u(price)).unwrap();
+        self.as_(owner)
+            .c
+            .register_model(id(n), id(0xc0 + n), id(0xe0 + n), u(price))
+            .unwrap();
     }
 
     fn buy(&mut self, who: Address, credits: u64) {
@@ -96,7 +99,12 @@ impl Env {
 }
 
 fn rec(user: Address, model: u8, calls: u64) -> UsageRecord {
-    UsageRecord { user, modelId: id(model), calls, receiptBatchHash: id(0x70 + model) }
+    UsageRecord {
+        user,
+        modelId: id(model),
+        calls,
+        receiptBatchHash: id(0x70 + model),
+    }
 }
 
 /// Decodes every log as `E`, failing on any other kind.
@@ -127,7 +135,13 @@ fn constructor_sets_admin_and_rate_and_logs_admin_change() {
     assert_eq!(env.c.admin().unwrap(), ADMIN);
     assert_eq!(env.c.wei_per_credit().unwrap(), u(RATE));
     let ev: AdminChanged = one(&env.take_logs());
-    assert_eq!(ev, AdminChanged { previousAdmin: Address::ZERO, newAdmin: ADMIN });
+    assert_eq!(
+        ev,
+        AdminChanged {
+            previousAdmin: Address::ZERO,
+            newAdmin: ADMIN
+        }
+    );
 }
 
 #[test]
@@ -138,7 +152,10 @@ fn constructor_rejects_zero_admin_and_zero_rate() {
         c.constructor(Address::ZERO, u(1)),
         Err(MarketplaceError::ZeroAddress(ZeroAddress {}))
     );
-    assert_eq!(c.constructor(ADMIN, U256::ZERO), Err(MarketplaceError::InvalidRate(InvalidRate {})));
+    assert_eq!(
+        c.constructor(ADMIN, U256::ZERO),
+        Err(MarketplaceError::InvalidRate(InvalidRate {}))
+    );
     assert!(vm.get_emitted_logs().is_empty());
     assert_eq!(c.admin().unwrap(), Address::ZERO);
 }
@@ -150,17 +167,32 @@ fn set_operator_grants_and_revokes_with_events() {
     assert!(!env.c.is_operator(OPERATOR).unwrap());
     env.as_(ADMIN).c.set_operator(OPERATOR, true).unwrap();
     assert!(env.c.is_operator(OPERATOR).unwrap());
-    assert_eq!(one::<OperatorSet>(&env.take_logs()), OperatorSet { operator: OPERATOR, enabled: true });
+    assert_eq!(
+        one::<OperatorSet>(&env.take_logs()),
+        OperatorSet {
+            operator: OPERATOR,
+            enabled: true
+        }
+    );
     env.as_(ADMIN).c.set_operator(OPERATOR, false).unwrap();
     assert!(!env.c.is_operator(OPERATOR).unwrap());
-    assert_eq!(one::<OperatorSet>(&env.take_logs()), OperatorSet { operator: OPERATOR, enabled: false });
+    assert_eq!(
+        one::<OperatorSet>(&env.take_logs()),
+        OperatorSet {
+            operator: OPERATOR,
+            enabled: false
+        }
+    );
 }
 
 #[test]
 fn set_operator_is_admin_only_and_refuses_zero() {
     let mut env = Env::new();
     for who in [STRANGER, OPERATOR, CREATOR, DEPLOYER] {
-        assert_eq!(env.as_(who).c.set_operator(STRANGER, true), Err(unauthorized_err(who)));
+        assert_eq!(
+            env.as_(who).c.set_operator(STRANGER, true),
+            Err(unauthorized_err(who))
+        );
     }
     assert!(!env.c.is_operator(STRANGER).unwrap());
     assert_eq!(
@@ -177,11 +209,20 @@ fn set_admin_hands_over_the_role() {
     assert_eq!(env.c.admin().unwrap(), ADMIN2);
     assert_eq!(
         one::<AdminChanged>(&env.take_logs()),
-        AdminChanged { previousAdmin: ADMIN, newAdmin: ADMIN2 }
+        AdminChanged {
+            previousAdmin: ADMIN,
+            newAdmin: ADMIN2
+        }
     );
     // The old admin lost its powers, the new one has them.
-    assert_eq!(env.as_(ADMIN).c.set_operator(BOB, true), Err(unauthorized_err(ADMIN)));
-    assert_eq!(env.as_(ADMIN).c.set_admin(ADMIN), Err(unauthorized_err(ADMIN)));
+    assert_eq!(
+        env.as_(ADMIN).c.set_operator(BOB, true),
+        Err(unauthorized_err(ADMIN))
+    );
+    assert_eq!(
+        env.as_(ADMIN).c.set_admin(ADMIN),
+        Err(unauthorized_err(ADMIN))
+    );
     env.as_(ADMIN2).c.set_operator(BOB, true).unwrap();
     assert!(env.c.is_operator(BOB).unwrap());
 }
@@ -189,8 +230,14 @@ fn set_admin_hands_over_the_role() {
 #[test]
 fn set_admin_is_admin_only_and_refuses_zero() {
     let mut env = Env::new();
-    assert_eq!(env.as_(STRANGER).c.set_admin(STRANGER), Err(unauthorized_err(STRANGER)));
-    assert_eq!(env.as_(OPERATOR).c.set_admin(OPERATOR), Err(unauthorized_err(OPERATOR)));
+    assert_eq!(
+        env.as_(STRANGER).c.set_admin(STRANGER),
+        Err(unauthorized_err(STRANGER))
+    );
+    assert_eq!(
+        env.as_(OPERATOR).c.set_admin(OPERATOR),
+        Err(unauthorized_err(OPERATOR))
+    );
     assert_eq!(
         env.as_(ADMIN).c.set_admin(Address::ZERO),
         Err(MarketplaceError::ZeroAddress(ZeroAddress {}))
@@ -204,8 +251,14 @@ fn set_admin_is_admin_only_and_refuses_zero() {
 #[test]
 fn register_model_makes_the_caller_owner() {
     let mut env = Env::new();
-    env.as_(CREATOR).c.register_model(id(1), id(2), id(3), u(7)).unwrap();
-    assert_eq!(env.c.get_model(id(1)).unwrap(), (CREATOR, id(2), id(3), u(7), true));
+    env.as_(CREATOR)
+        .c
+        .register_model(id(1), id(2), id(3), u(7))
+        .unwrap();
+    assert_eq!(
+        env.c.get_model(id(1)).unwrap(),
+        (CREATOR, id(2), id(3), u(7), true)
+    );
     assert_eq!(
         one::<ModelRegistered>(&env.take_logs()),
         ModelRegistered {
@@ -224,9 +277,20 @@ fn register_model_twice_reverts_even_for_the_owner() {
     env.register(1, CREATOR, 7);
     env.take_logs();
     let dup = MarketplaceError::ModelAlreadyRegistered(ModelAlreadyRegistered { modelId: id(1) });
-    assert_eq!(env.as_(CREATOR2).c.register_model(id(1), id(9), id(9), u(1)), Err(dup.clone()));
-    assert_eq!(env.as_(CREATOR).c.register_model(id(1), id(9), id(9), u(1)), Err(dup));
-    assert_eq!(env.c.get_model(id(1)).unwrap(), (CREATOR, id(0xc1), id(0xe1), u(7), true));
+    assert_eq!(
+        env.as_(CREATOR2)
+            .c
+            .register_model(id(1), id(9), id(9), u(1)),
+        Err(dup.clone())
+    );
+    assert_eq!(
+        env.as_(CREATOR).c.register_model(id(1), id(9), id(9), u(1)),
+        Err(dup)
+    );
+    assert_eq!(
+        env.c.get_model(id(1)).unwrap(),
+        (CREATOR, id(0xc1), id(0xe1), u(7), true)
+    );
     assert!(env.take_logs().is_empty());
 }
 
@@ -235,7 +299,9 @@ fn get_model_of_unknown_id_reverts() {
     let env = Env::new();
     assert_eq!(
         env.c.get_model(id(42)),
-        Err(MarketplaceError::UnknownModel(UnknownModel { modelId: id(42) }))
+        Err(MarketplaceError::UnknownModel(UnknownModel {
+            modelId: id(42)
+        }))
     );
 }
 
@@ -248,7 +314,11 @@ fn update_price_by_owner() {
     assert_eq!(env.c.get_model(id(1)).unwrap().3, u(11));
     assert_eq!(
         one::<PriceUpdated>(&env.take_logs()),
-        PriceUpdated { modelId: id(1), oldPrice: u(7), newPrice: u(11) }
+        PriceUpdated {
+            modelId: id(1),
+            oldPrice: u(7),
+            newPrice: u(11)
+        }
     );
 }
 
@@ -257,20 +327,30 @@ fn update_price_access_unknown_and_inactive() {
     let mut env = Env::new();
     env.register(1, CREATOR, 7);
     for who in [CREATOR2, ADMIN, OPERATOR] {
-        assert_eq!(env.as_(who).c.update_price(id(1), u(1)), Err(unauthorized_err(who)));
+        assert_eq!(
+            env.as_(who).c.update_price(id(1), u(1)),
+            Err(unauthorized_err(who))
+        );
     }
     assert_eq!(
         env.as_(CREATOR).c.update_price(id(2), u(1)),
-        Err(MarketplaceError::UnknownModel(UnknownModel { modelId: id(2) }))
+        Err(MarketplaceError::UnknownModel(UnknownModel {
+            modelId: id(2)
+        }))
     );
     env.as_(CREATOR).c.deactivate(id(1)).unwrap();
     env.take_logs();
     assert_eq!(
         env.as_(CREATOR).c.update_price(id(1), u(1)),
-        Err(MarketplaceError::ModelInactive(ModelInactive { modelId: id(1) }))
+        Err(MarketplaceError::ModelInactive(ModelInactive {
+            modelId: id(1)
+        }))
     );
     // Ownership is checked before activity.
-    assert_eq!(env.as_(CREATOR2).c.update_price(id(1), u(1)), Err(unauthorized_err(CREATOR2)));
+    assert_eq!(
+        env.as_(CREATOR2).c.update_price(id(1), u(1)),
+        Err(unauthorized_err(CREATOR2))
+    );
     assert_eq!(env.c.get_model(id(1)).unwrap().3, u(7));
     assert!(env.take_logs().is_empty());
 }
@@ -280,27 +360,42 @@ fn deactivate_by_owner_once() {
     let mut env = Env::new();
     env.register(1, CREATOR, 7);
     env.take_logs();
-    assert_eq!(env.as_(CREATOR2).c.deactivate(id(1)), Err(unauthorized_err(CREATOR2)));
-    assert_eq!(env.as_(ADMIN).c.deactivate(id(1)), Err(unauthorized_err(ADMIN)));
+    assert_eq!(
+        env.as_(CREATOR2).c.deactivate(id(1)),
+        Err(unauthorized_err(CREATOR2))
+    );
+    assert_eq!(
+        env.as_(ADMIN).c.deactivate(id(1)),
+        Err(unauthorized_err(ADMIN))
+    );
     assert_eq!(
         env.as_(CREATOR).c.deactivate(id(9)),
-        Err(MarketplaceError::UnknownModel(UnknownModel { modelId: id(9) }))
+        Err(MarketplaceError::UnknownModel(UnknownModel {
+            modelId: id(9)
+        }))
     );
     assert!(env.take_logs().is_empty());
     env.as_(CREATOR).c.deactivate(id(1)).unwrap();
     assert!(!env.c.get_model(id(1)).unwrap().4);
     assert_eq!(
         one::<ModelDeactivated>(&env.take_logs()),
-        ModelDeactivated { modelId: id(1), owner: CREATOR }
+        ModelDeactivated {
+            modelId: id(1),
+            owner: CREATOR
+        }
     );
     assert_eq!(
         env.as_(CREATOR).c.deactivate(id(1)),
-        Err(MarketplaceError::ModelInactive(ModelInactive { modelId: id(1) }))
+        Err(MarketplaceError::ModelInactive(ModelInactive {
+            modelId: id(1)
+        }))
     );
     // A deactivated id stays taken.
     assert_eq!(
         env.as_(CREATOR).c.register_model(id(1), id(1), id(1), u(1)),
-        Err(MarketplaceError::ModelAlreadyRegistered(ModelAlreadyRegistered { modelId: id(1) }))
+        Err(MarketplaceError::ModelAlreadyRegistered(
+            ModelAlreadyRegistered { modelId: id(1) }
+        ))
     );
 }
 
@@ -313,7 +408,11 @@ fn buy_credits_at_the_deploy_rate_accumulates() {
     assert_eq!(env.pay(ALICE, u(5 * RATE)).c.buy_credits().unwrap(), u(5));
     assert_eq!(
         one::<CreditsBought>(&env.take_logs()),
-        CreditsBought { buyer: ALICE, amountWei: u(5 * RATE), credits: u(5) }
+        CreditsBought {
+            buyer: ALICE,
+            amountWei: u(5 * RATE),
+            credits: u(5)
+        }
     );
     env.buy(ALICE, 3);
     assert_eq!(env.credits(ALICE), u(8));
@@ -326,7 +425,9 @@ fn buy_credits_refuses_zero_and_non_multiples() {
     for wei in [0, 1, RATE - 1, RATE + 1, 7 * RATE + 999] {
         assert_eq!(
             env.pay(ALICE, u(wei)).c.buy_credits(),
-            Err(MarketplaceError::InvalidPayment(InvalidPayment { value: u(wei) }))
+            Err(MarketplaceError::InvalidPayment(InvalidPayment {
+                value: u(wei)
+            }))
         );
     }
     assert_eq!(env.credits(ALICE), U256::ZERO);
@@ -357,8 +458,16 @@ fn consume_credits_debits_users_and_credits_owners() {
     env.buy(ALICE, 100);
     env.buy(BOB, 10);
     env.take_logs();
-    env.settle(7, vec![rec(ALICE, 1, 4), rec(BOB, 2, 2), rec(ALICE, 2, 1), rec(BOB, 1, 0)])
-        .unwrap();
+    env.settle(
+        7,
+        vec![
+            rec(ALICE, 1, 4),
+            rec(BOB, 2, 2),
+            rec(ALICE, 2, 1),
+            rec(BOB, 1, 0),
+        ],
+    )
+    .unwrap();
     assert_eq!(env.credits(ALICE), u(100 - 12 - 5));
     assert_eq!(env.credits(BOB), u(10 - 10));
     assert_eq!(env.earnings(CREATOR), u(12));
@@ -369,7 +478,12 @@ fn consume_credits_debits_users_and_credits_owners() {
     let logs = env.take_logs();
     assert_eq!(logs.len(), 5);
     let usage = decode::<UsageSettled>(&logs[..4]);
-    let want = [(ALICE, 1, 4, 12), (BOB, 2, 2, 10), (ALICE, 2, 1, 5), (BOB, 1, 0, 0)];
+    let want = [
+        (ALICE, 1, 4, 12),
+        (BOB, 2, 2, 10),
+        (ALICE, 2, 1, 5),
+        (BOB, 1, 0, 0),
+    ];
     for (ev, (user, model, calls, cost)) in usage.iter().zip(want) {
         assert_eq!(
             *ev,
@@ -385,7 +499,12 @@ fn consume_credits_debits_users_and_credits_owners() {
     }
     assert_eq!(
         one::<BatchSettled>(&logs[4..]),
-        BatchSettled { batchId: id(7), operator: OPERATOR, records: u(4), totalCredits: u(27) }
+        BatchSettled {
+            batchId: id(7),
+            operator: OPERATOR,
+            records: u(4),
+            totalCredits: u(27)
+        }
     );
 }
 
@@ -396,14 +515,19 @@ fn consume_credits_is_operator_only() {
     env.buy(ALICE, 10);
     for who in [STRANGER, ADMIN, CREATOR, ALICE] {
         assert_eq!(
-            env.as_(who).c.consume_credits(id(1), vec![rec(ALICE, 1, 1)]),
+            env.as_(who)
+                .c
+                .consume_credits(id(1), vec![rec(ALICE, 1, 1)]),
             Err(unauthorized_err(who))
         );
     }
     // A revoked operator is refused too.
     env.as_(ADMIN).c.set_operator(OPERATOR, false).unwrap();
     env.take_logs();
-    assert_eq!(env.settle(1, vec![rec(ALICE, 1, 1)]), Err(unauthorized_err(OPERATOR)));
+    assert_eq!(
+        env.settle(1, vec![rec(ALICE, 1, 1)]),
+        Err(unauthorized_err(OPERATOR))
+    );
     assert_eq!(env.credits(ALICE), u(10));
     assert!(!env.c.is_batch_settled(id(1)).unwrap());
     assert!(env.take_logs().is_empty());
@@ -431,7 +555,10 @@ fn replayed_batch_is_refused() {
 #[test]
 fn empty_batch_is_refused_and_not_burned() {
     let mut env = Env::new();
-    assert_eq!(env.settle(1, vec![]), Err(MarketplaceError::EmptyBatch(EmptyBatch {})));
+    assert_eq!(
+        env.settle(1, vec![]),
+        Err(MarketplaceError::EmptyBatch(EmptyBatch {}))
+    );
     assert!(!env.c.is_batch_settled(id(1)).unwrap());
 }
 
@@ -467,7 +594,10 @@ fn a_user_overspending_across_records_of_one_batch_is_caught() {
     let mut env = Env::new();
     env.register(1, CREATOR, 3);
     env.buy(ALICE, 10);
-    let err = env.settle(1, vec![rec(ALICE, 1, 2), rec(ALICE, 1, 1), rec(ALICE, 1, 1)]);
+    let err = env.settle(
+        1,
+        vec![rec(ALICE, 1, 2), rec(ALICE, 1, 1), rec(ALICE, 1, 1)],
+    );
     assert_eq!(
         err,
         Err(MarketplaceError::InsufficientCredits(InsufficientCredits {
@@ -496,7 +626,9 @@ fn unknown_model_in_batch_reverts() {
     env.take_logs();
     assert_eq!(
         env.settle(1, vec![rec(ALICE, 1, 1), rec(ALICE, 9, 1)]),
-        Err(MarketplaceError::UnknownModel(UnknownModel { modelId: id(9) }))
+        Err(MarketplaceError::UnknownModel(UnknownModel {
+            modelId: id(9)
+        }))
     );
     assert_eq!(env.credits(ALICE), u(10));
     assert!(!env.c.is_batch_settled(id(1)).unwrap());
@@ -514,7 +646,9 @@ fn inactive_model_in_batch_reverts() {
     env.take_logs();
     assert_eq!(
         env.settle(2, vec![rec(ALICE, 1, 1), rec(ALICE, 2, 1)]),
-        Err(MarketplaceError::ModelInactive(ModelInactive { modelId: id(2) }))
+        Err(MarketplaceError::ModelInactive(ModelInactive {
+            modelId: id(2)
+        }))
     );
     assert_eq!(env.credits(ALICE), u(7));
     assert!(env.take_logs().is_empty());
@@ -540,7 +674,10 @@ fn errors_are_reported_in_record_order() {
 #[test]
 fn price_times_calls_overflow_reverts() {
     let mut env = Env::new();
-    env.as_(CREATOR).c.register_model(id(1), id(1), id(1), U256::MAX).unwrap();
+    env.as_(CREATOR)
+        .c
+        .register_model(id(1), id(1), id(1), U256::MAX)
+        .unwrap();
     env.buy(ALICE, 10);
     env.take_logs();
     assert_eq!(
@@ -555,25 +692,39 @@ fn earnings_and_batch_total_overflow_revert() {
     // Earnings: CREATOR already has MAX - 1; one more credit fits, two do not.
     let mut env = Env::deployed(u(1));
     env.as_(ADMIN).c.set_operator(OPERATOR, true).unwrap();
-    env.as_(CREATOR).c.register_model(id(1), id(1), id(1), u(1)).unwrap();
+    env.as_(CREATOR)
+        .c
+        .register_model(id(1), id(1), id(1), u(1))
+        .unwrap();
     env.pay(ALICE, U256::MAX).c.buy_credits().unwrap();
     env.as_(OPERATOR)
         .c
-        .consume_credits(id(1), vec![UsageRecord {
-            user: ALICE,
-            modelId: id(1),
-            calls: u64::MAX,
-            receiptBatchHash: id(0),
-        }])
+        .consume_credits(
+            id(1),
+            vec![UsageRecord {
+                user: ALICE,
+                modelId: id(1),
+                calls: u64::MAX,
+                receiptBatchHash: id(0),
+            }],
+        )
         .unwrap();
-    env.as_(CREATOR).c.update_price(id(1), U256::MAX - u(u64::MAX) - u(1)).unwrap();
-    env.as_(OPERATOR).c.consume_credits(id(2), vec![rec(ALICE, 1, 1)]).unwrap();
+    env.as_(CREATOR)
+        .c
+        .update_price(id(1), U256::MAX - u(u64::MAX) - u(1))
+        .unwrap();
+    env.as_(OPERATOR)
+        .c
+        .consume_credits(id(2), vec![rec(ALICE, 1, 1)])
+        .unwrap();
     assert_eq!(env.earnings(CREATOR), U256::MAX - u(1));
     env.pay(BOB, u(10)).c.buy_credits().unwrap();
     env.as_(CREATOR).c.update_price(id(1), u(1)).unwrap();
     env.take_logs();
     assert_eq!(
-        env.as_(OPERATOR).c.consume_credits(id(3), vec![rec(BOB, 1, 1), rec(BOB, 1, 1)]),
+        env.as_(OPERATOR)
+            .c
+            .consume_credits(id(3), vec![rec(BOB, 1, 1), rec(BOB, 1, 1)]),
         Err(MarketplaceError::ArithmeticOverflow(ArithmeticOverflow {}))
     );
     assert_eq!(env.credits(BOB), u(10));
@@ -583,12 +734,20 @@ fn earnings_and_batch_total_overflow_revert() {
     let mut env = Env::deployed(u(1));
     env.as_(ADMIN).c.set_operator(OPERATOR, true).unwrap();
     let half = U256::MAX / u(2) + u(1);
-    env.as_(CREATOR).c.register_model(id(1), id(1), id(1), half).unwrap();
-    env.as_(CREATOR2).c.register_model(id(2), id(2), id(2), half).unwrap();
+    env.as_(CREATOR)
+        .c
+        .register_model(id(1), id(1), id(1), half)
+        .unwrap();
+    env.as_(CREATOR2)
+        .c
+        .register_model(id(2), id(2), id(2), half)
+        .unwrap();
     env.pay(ALICE, U256::MAX).c.buy_credits().unwrap();
     env.pay(BOB, U256::MAX).c.buy_credits().unwrap();
     assert_eq!(
-        env.as_(OPERATOR).c.consume_credits(id(1), vec![rec(ALICE, 1, 1), rec(BOB, 2, 1)]),
+        env.as_(OPERATOR)
+            .c
+            .consume_credits(id(1), vec![rec(ALICE, 1, 1), rec(BOB, 2, 1)]),
         Err(MarketplaceError::ArithmeticOverflow(ArithmeticOverflow {}))
     );
     assert_eq!(env.earnings(CREATOR), U256::ZERO);
@@ -607,11 +766,17 @@ fn withdraw_pays_earnings_at_the_rate_and_zeroes_them() {
     assert_eq!(env.earnings(CREATOR), U256::ZERO);
     assert_eq!(
         one::<Withdrawn>(&env.take_logs()),
-        Withdrawn { owner: CREATOR, credits: u(9), amountWei: u(9 * RATE) }
+        Withdrawn {
+            owner: CREATOR,
+            credits: u(9),
+            amountWei: u(9 * RATE)
+        }
     );
     assert_eq!(
         env.as_(CREATOR).c.withdraw(),
-        Err(MarketplaceError::NothingToWithdraw(NothingToWithdraw { owner: CREATOR }))
+        Err(MarketplaceError::NothingToWithdraw(NothingToWithdraw {
+            owner: CREATOR
+        }))
     );
 }
 
@@ -620,7 +785,9 @@ fn withdraw_without_earnings_reverts() {
     let mut env = Env::new();
     assert_eq!(
         env.as_(STRANGER).c.withdraw(),
-        Err(MarketplaceError::NothingToWithdraw(NothingToWithdraw { owner: STRANGER }))
+        Err(MarketplaceError::NothingToWithdraw(NothingToWithdraw {
+            owner: STRANGER
+        }))
     );
     assert!(env.take_logs().is_empty());
 }
@@ -632,10 +799,14 @@ fn failed_payout_reverts_with_transfer_failed_and_keeps_earnings() {
     env.buy(ALICE, 10);
     env.settle(1, vec![rec(ALICE, 1, 1)]).unwrap();
     env.take_logs();
-    env.vm.mock_call(CREATOR, vec![], u(3 * RATE), Err(b"nope".to_vec()));
+    env.vm
+        .mock_call(CREATOR, vec![], u(3 * RATE), Err(b"nope".to_vec()));
     assert_eq!(
         env.as_(CREATOR).c.withdraw(),
-        Err(MarketplaceError::TransferFailed(TransferFailed { to: CREATOR, amount: u(3 * RATE) }))
+        Err(MarketplaceError::TransferFailed(TransferFailed {
+            to: CREATOR,
+            amount: u(3 * RATE)
+        }))
     );
     assert_eq!(env.earnings(CREATOR), u(3));
     assert!(env.take_logs().is_empty());
@@ -647,13 +818,19 @@ fn withdraw_overflow_reverts() {
     let mut env = Env::deployed(u(2));
     env.as_(ADMIN).c.set_operator(OPERATOR, true).unwrap();
     let big = U256::MAX / u(2) - u(1);
-    env.as_(CREATOR).c.register_model(id(1), id(1), id(1), big / u(2)).unwrap();
+    env.as_(CREATOR)
+        .c
+        .register_model(id(1), id(1), id(1), big / u(2))
+        .unwrap();
     for who in [ALICE, BOB, STRANGER] {
         env.pay(who, big).c.buy_credits().unwrap();
     }
     env.as_(OPERATOR)
         .c
-        .consume_credits(id(1), vec![rec(ALICE, 1, 1), rec(BOB, 1, 1), rec(STRANGER, 1, 1)])
+        .consume_credits(
+            id(1),
+            vec![rec(ALICE, 1, 1), rec(BOB, 1, 1), rec(STRANGER, 1, 1)],
+        )
         .unwrap();
     env.take_logs();
     assert_eq!(
@@ -680,7 +857,8 @@ fn errors_encode_as_solidity_custom_errors() {
     );
     let back = InsufficientCredits::abi_decode(&bytes).unwrap();
     assert_eq!((back.user, back.needed, back.available), (BOB, u(6), u(5)));
-    let bytes: Vec<u8> = MarketplaceError::BatchAlreadySettled(BatchAlreadySettled { batchId: id(1) }).into();
+    let bytes: Vec<u8> =
+        MarketplaceError::BatchAlreadySettled(BatchAlreadySettled { batchId: id(1) }).into();
     assert_eq!(bytes[..4], keccak256("BatchAlreadySettled(bytes32)")[..4]);
 }
 
@@ -709,7 +887,10 @@ fn events_in_hand_list() -> Vec<(String, usize)> {
 
 fn event_of<E: SolEvent>() -> (String, usize) {
     // topic 0 is the signature hash
-    (E::SIGNATURE.to_string(), <E::TopicList as alloy_sol_types::TopicList>::COUNT - 1)
+    (
+        E::SIGNATURE.to_string(),
+        <E::TopicList as alloy_sol_types::TopicList>::COUNT - 1,
+    )
 }
 
 #[test]

@@ -45,6 +45,55 @@ async fn ipfs_down_fails_uploads_with_503_and_cached_models_keep_answering() {
     cluster.stop().await;
 }
 
+/// Deleting a model removes its record and its blob (on IPFS: the pin).
+async fn deleting_a_model_removes_its_blob(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
+    let creator = cluster.user("creator", 0).await;
+    let other = cluster.user("other", 0).await;
+    let record = upload_digits(&creator, "digits", 1).await;
+    let model_id = record["model_id"].as_str().unwrap();
+    let cid = record["cid"].as_str().unwrap();
+    let held = || async {
+        match cluster.ipfs_api() {
+            Some(api) => {
+                let node = modelhub_storage::IpfsBlobStore::new(api, Default::default()).unwrap();
+                node.pins().await.unwrap().contains(cid)
+            }
+            None => cluster.data_dir().join("storage/blobs").join(cid).exists(),
+        }
+    };
+    assert!(held().await);
+
+    let answer = other
+        .delete(&format!("/v1/models/{model_id}"))
+        .await
+        .unwrap();
+    assert_error(&answer, 403, "forbidden", "owner");
+    assert!(held().await);
+
+    let answer = creator
+        .delete(&format!("/v1/models/{model_id}"))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 204, "{:?}", answer.body);
+    assert!(!held().await, "the blob is gone (unpinned on IPFS)");
+    let answer = creator
+        .get(&format!("/v1/models/{model_id}"))
+        .await
+        .unwrap();
+    assert_error(&answer, 404, "not_found", "");
+    let answer = creator
+        .delete(&format!("/v1/models/{model_id}"))
+        .await
+        .unwrap();
+    assert_error(&answer, 404, "not_found", "");
+    // The name and version can be used again.
+    upload_digits(&creator, "digits", 1).await;
+    cluster.stop().await;
+}
+
+crate::on_every_backend!(deleting_a_model_removes_its_blob);
+
 fn modelhub(args: &[&str]) -> (bool, Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_modelhub"))
         .args(args)

@@ -29,7 +29,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(models::list))
                 .route(web::post().to(upload::upload)),
         )
-        .route("/v1/models/{model_id}", web::get().to(models::get))
+        .service(
+            web::resource("/v1/models/{model_id}")
+                .route(web::get().to(models::get))
+                .route(web::delete().to(models::delete)),
+        )
         .route(
             "/v1/models/{model_id}/predict",
             web::post().to(predict::predict),

@@ -53,6 +53,10 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Every model, sorted by (name, version).
     async fn list_models(&self) -> Result<Vec<Model>>;
 
+    /// Removes a model version (its name and version become free); returns what was removed.
+    /// Reservations and receipts that name it stay.
+    async fn delete_model(&self, model_id: &str) -> Result<Model>;
+
     /// Holds the model's price from the account's credits, atomically with the balance check
     /// (`PaymentRequired` when short). With an idempotency key the account used before, returns
     /// the first reservation (`Conflict` if that one was for another model).

@@ -1139,6 +1139,22 @@ impl MetadataStore for MongoStore {
         self.timed(self.get_model_inner(model_id)).await
     }
 
+    async fn delete_model(&self, model_id: &str) -> Result<Model> {
+        self.timed(async {
+            // One atomic delete: a concurrent second delete finds nothing.
+            match self
+                .inner
+                .models
+                .find_one_and_delete(doc! { "_id": model_id })
+                .await?
+            {
+                Some(d) => model_from(&d),
+                None => Err(RegistryError::not_found("model", model_id)),
+            }
+        })
+        .await
+    }
+
     async fn find_model(&self, name: &str, version: &str) -> Result<Option<Model>> {
         self.timed(async {
             Self::find_one(

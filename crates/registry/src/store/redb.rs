@@ -258,6 +258,21 @@ impl MetadataStore for RedbStore {
         .await
     }
 
+    async fn delete_model(&self, model_id: &str) -> Result<Model> {
+        let model_id = model_id.to_owned();
+        self.write(move |txn| {
+            let mut t = txn.open_table(MODELS)?;
+            let Some(model) = get_json::<Model>(&t, &model_id)? else {
+                return Err(RegistryError::not_found("model", &model_id));
+            };
+            t.remove(model_id.as_str())?;
+            let mut names = txn.open_table(MODEL_NAMES)?;
+            names.remove(pair(&model.name, &model.version).as_str())?;
+            Ok(model)
+        })
+        .await
+    }
+
     async fn get_model(&self, model_id: &str) -> Result<Model> {
         self.read(MODELS, model_id, "model").await
     }
