@@ -6,26 +6,8 @@ use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::inference::v1 as pb;
 use modelhub_proto::inference::v1::inference_client::InferenceClient;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use modelhub_testkit::grpc::Server;
 use tonic::transport::Channel;
-
-pub struct Server {
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Server {
-    /// Stops the server and waits until it has returned.
-    pub async fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
-        }
-    }
-}
 
 pub struct Cluster {
     pub storage: StorageClient<Channel>,
@@ -36,44 +18,21 @@ pub struct Cluster {
     _data: tempfile::TempDir,
 }
 
-async fn listener() -> (tokio::net::TcpListener, String) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    (l, url)
-}
-
 pub async fn start() -> Cluster {
     let data = tempfile::tempdir().unwrap();
-    let (sl, storage_url) = listener().await;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(modelhub_storage::run(
-        modelhub_storage::Settings::for_test(data.path()),
-        sl,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let storage_server = Server {
-        stop: Some(stop),
-        task: Some(task),
-    };
-
+    let storage_settings = modelhub_storage::Settings::for_test(data.path());
+    let storage_server =
+        Server::start(|l, stop| modelhub_storage::run(storage_settings, l, stop)).await;
     let service =
-        InferenceService::new(&modelhub_inference::Settings::for_test(&storage_url)).unwrap();
-    let (il, inference_url) = listener().await;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(modelhub_inference::serve(service.clone(), il, async {
-        let _ = stopped.await;
-    }));
-    let inference_server = Server {
-        stop: Some(stop),
-        task: Some(task),
-    };
-    let channel = |url: String| Channel::from_shared(url).unwrap().connect_lazy();
+        InferenceService::new(&modelhub_inference::Settings::for_test(&storage_server.url))
+            .unwrap();
+    let serving = service.clone();
+    let inference_server =
+        Server::start(|l, stop| modelhub_inference::serve(serving, l, stop)).await;
     Cluster {
-        storage: StorageClient::new(channel(storage_url)),
+        storage: StorageClient::new(storage_server.channel()),
         storage_server,
-        inference: InferenceClient::new(channel(inference_url)),
+        inference: InferenceClient::new(inference_server.channel()),
         inference_server,
         service,
         _data: data,
