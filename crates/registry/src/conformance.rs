@@ -65,6 +65,65 @@ pub fn new_model(owner: &str, price: u64) -> Model {
     }
 }
 
+/// A grant with an id takes effect once, whatever the retries; another amount under the same
+/// id is a conflict.
+pub async fn grant_once(store: Store) {
+    let a = store
+        .create_account(new_account("granted", 0))
+        .await
+        .unwrap();
+    let grant_id = id::new_id("grant");
+    assert_eq!(
+        store
+            .grant_once(&a.account_id, 30, &grant_id)
+            .await
+            .unwrap()
+            .credits,
+        30
+    );
+    assert_eq!(
+        store
+            .grant_once(&a.account_id, 30, &grant_id)
+            .await
+            .unwrap()
+            .credits,
+        30
+    );
+    assert_eq!(
+        code(store.grant_once(&a.account_id, 31, &grant_id).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        store
+            .grant_once(&a.account_id, 5, "another")
+            .await
+            .unwrap()
+            .credits,
+        35
+    );
+    assert_eq!(
+        code(store.grant_once("acct_missing", 1, "x").await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(store.grant_once(&a.account_id, u64::MAX, "big").await),
+        ErrorCode::BadRequest
+    );
+    let racing = (0..20).map(|_| {
+        let store = store.clone();
+        let (account, gid) = (a.account_id.clone(), grant_id.clone() + "-race");
+        tokio::spawn(async move { store.grant_once(&account, 7, &gid).await })
+    });
+    for r in futures::future::join_all(racing).await {
+        r.unwrap().unwrap();
+    }
+    assert_eq!(
+        store.get_account(&a.account_id).await.unwrap().credits,
+        42,
+        "racing retries grant once"
+    );
+}
+
 /// Deleting a model frees its name and version; a second delete finds nothing.
 pub async fn delete_model(store: Store) {
     let owner = store.create_account(new_account("owner", 0)).await.unwrap();
@@ -123,6 +182,7 @@ where
     concurrent_idempotent_reserve(store.clone()).await;
     receipts_are_unique(store.clone()).await;
     delete_model(store.clone()).await;
+    grant_once(store.clone()).await;
     concurrent_reserve(store.clone()).await;
     drop(store);
     restart_durability(open).await;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use modelhub_core::crypto::Kek;
-use modelhub_core::{TensorSpec, id, signing};
+use modelhub_core::{ErrorCode, TensorSpec, id, signing};
 use modelhub_proto::registry::v1 as pb;
 use modelhub_proto::registry::v1::registry_server::Registry;
 use tonic::{Request, Response, Status};
@@ -124,6 +124,26 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
     })
 }
 
+/// gRPC metadata entry that makes a write idempotent: a retry with the same value (scoped by
+/// the caller, e.g. `<account>:<client key>`) takes effect once.
+pub const IDEMPOTENCY_METADATA: &str = "mh-idempotency-key";
+
+fn idempotency_key<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get(IDEMPOTENCY_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+/// The id a keyed create uses, so that a retry names the same record.
+fn keyed_id(prefix: &str, key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{prefix}\0{key}").as_bytes());
+    format!("{prefix}_{}", hex::encode(&digest[..16]))
+}
+
 fn account_pb(a: Account) -> pb::Account {
     pb::Account {
         account_id: a.account_id,
@@ -190,39 +210,81 @@ impl RegistryService {
         &self.store
     }
 
-    async fn create_account(&self, req: pb::CreateAccountRequest) -> Result<Account> {
+    async fn create_account(
+        &self,
+        req: pb::CreateAccountRequest,
+        idem: Option<String>,
+    ) -> Result<Account> {
         let chars = req.name.chars().count();
         if !(1..=MAX_ACCOUNT_NAME).contains(&chars) || req.name.chars().any(char::is_control) {
             return Err(RegistryError::bad_request(format!(
                 "account name must be 1 to {MAX_ACCOUNT_NAME} printable characters"
             )));
         }
-        self.store
-            .create_account(Account {
-                account_id: id::new_id(id::ACCOUNT),
-                name: req.name,
-                admin: req.admin,
-                credits: 0,
-                earnings: 0,
-                created_at: id::unix_now(),
-            })
-            .await
+        let account = Account {
+            account_id: idem
+                .as_deref()
+                .map_or_else(|| id::new_id(id::ACCOUNT), |k| keyed_id(id::ACCOUNT, k)),
+            name: req.name,
+            admin: req.admin,
+            credits: 0,
+            earnings: 0,
+            created_at: id::unix_now(),
+        };
+        match self.store.create_account(account.clone()).await {
+            // A retry of the same request: the account it made the first time.
+            Err(e) if idem.is_some() && e.code() == ErrorCode::Conflict => {
+                let first = self.store.get_account(&account.account_id).await?;
+                if first.name != account.name || first.admin != account.admin {
+                    return Err(RegistryError::conflict(
+                        "this idempotency key was used for another account",
+                    ));
+                }
+                Ok(first)
+            }
+            other => other,
+        }
     }
 
-    async fn create_key(&self, req: pb::CreateKeyRequest) -> Result<pb::CreateKeyResponse> {
+    async fn create_key(
+        &self,
+        req: pb::CreateKeyRequest,
+        idem: Option<String>,
+    ) -> Result<pb::CreateKeyResponse> {
         let account_id = required("account_id", &req.account_id)?;
-        let secret = id::random_bytes::<32>();
-        let key_id = id::new_id(id::KEY);
-        let key = self
+        let mut secret = id::random_bytes::<32>().to_vec();
+        let key_id = idem
+            .as_deref()
+            .map_or_else(|| id::new_id(id::KEY), |k| keyed_id(id::KEY, k));
+        let created = self
             .store
             .create_key(ApiKey {
                 sealed_secret: self.kek.wrap(&secret, key_id.as_bytes()),
-                key_id,
+                key_id: key_id.clone(),
                 account_id: account_id.to_owned(),
                 revoked: false,
                 created_at: id::unix_now(),
             })
-            .await?;
+            .await;
+        let key = match created {
+            // A retry of the same request: the key (and secret) it made the first time.
+            Err(e) if idem.is_some() && e.code() == ErrorCode::Conflict => {
+                let first = self.store.get_key(&key_id).await?;
+                if first.account_id != account_id || first.revoked {
+                    return Err(RegistryError::conflict(
+                        "this idempotency key was used for another key",
+                    ));
+                }
+                secret = self
+                    .kek
+                    .unwrap(&first.sealed_secret, first.key_id.as_bytes())
+                    .map_err(|_| RegistryError::Unseal {
+                        key_id: first.key_id.clone(),
+                    })?;
+                first
+            }
+            other => other?,
+        };
         Ok(pb::CreateKeyResponse {
             key_id: key.key_id,
             secret: signing::encode_secret(&secret),
@@ -275,7 +337,8 @@ impl Registry for RegistryService {
         &self,
         request: Request<pb::CreateAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
-        RegistryService::create_account(self, request.into_inner())
+        let idem = idempotency_key(&request);
+        RegistryService::create_account(self, request.into_inner(), idem)
             .await
             .map(|a| Response::new(account_pb(a)))
             .map_err(|e| status("create_account", e))
@@ -299,7 +362,8 @@ impl Registry for RegistryService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        RegistryService::create_key(self, request.into_inner())
+        let idem = idempotency_key(&request);
+        RegistryService::create_key(self, request.into_inner(), idem)
             .await
             .map(Response::new)
             .map_err(|e| status("create_key", e))
@@ -337,10 +401,14 @@ impl Registry for RegistryService {
         &self,
         request: Request<pb::GrantCreditsRequest>,
     ) -> Result<Response<pb::Account>, Status> {
+        let idem = idempotency_key(&request);
         let req = request.into_inner();
         async {
             let id = required("account_id", &req.account_id)?;
-            self.store.grant(id, req.amount).await
+            match &idem {
+                Some(key) => self.store.grant_once(id, req.amount, key).await,
+                None => self.store.grant(id, req.amount).await,
+            }
         }
         .await
         .map(|a| Response::new(account_pb(a)))

@@ -6,9 +6,12 @@
 //! back at the same rate, so the contract always holds `(credits + earnings) * weiPerCredit` wei.
 //!
 //! The ABI (functions, events, errors) is mirrored exactly by `solidity/Marketplace.sol`, and
-//! `scripts/contracts abi-check` proves it. Every failing call leaves storage and logs untouched
+//! `scripts/contracts abi-check` proves it; `tests/twin.rs` runs both on the same calls and
+//! compares the bytes they return, revert with and log. Every failing call leaves storage and logs untouched
 //! even without a revert (settlement validates the whole batch before writing anything), so the
-//! TestVM tests see the same state a chain would after a revert.
+//! TestVM tests see the same state a chain would after a revert. One difference no test here
+//! covers: Stylus refuses reentrant calls by default, the twin allows them (withdraw is
+//! checks-effects-interactions on both).
 
 #![cfg_attr(not(any(test, feature = "export-abi")), no_main)]
 

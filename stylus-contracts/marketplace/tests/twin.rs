@@ -72,9 +72,17 @@ impl Stylus {
         let logs = vm.get_emitted_logs();
         vm.clear_mocks();
         match res {
-            Ok(data) => Outcome { ok: true, data, logs },
+            Ok(data) => Outcome {
+                ok: true,
+                data,
+                logs,
+            },
             // A reverted call leaves no logs on chain.
-            Err(data) => Outcome { ok: false, data, logs: Vec::new() },
+            Err(data) => Outcome {
+                ok: false,
+                data,
+                logs: Vec::new(),
+            },
         }
     }
 
@@ -100,14 +108,29 @@ impl Twin {
             serde_json::from_str(include_str!("../../abi/Marketplace.json")).unwrap();
         let code = artifact["bytecode"].as_str().unwrap();
         let mut init = alloy_primitives::hex::decode(code).unwrap();
-        init.extend(constructorCall { admin, weiPerCredit: rate }.abi_encode());
+        init.extend(
+            constructorCall {
+                admin,
+                weiPerCredit: rate,
+            }
+            .abi_encode(),
+        );
 
         let mut db = CacheDB::<EmptyDB>::default();
-        for who in [DEPLOYER, ADMIN, ADMIN2, OPERATOR, CREATOR, CREATOR2, ALICE, BOB] {
-            db.insert_account_info(who, AccountInfo::from_balance(U256::from(10).pow(U256::from(30))));
+        for who in [
+            DEPLOYER, ADMIN, ADMIN2, OPERATOR, CREATOR, CREATOR2, ALICE, BOB,
+        ] {
+            db.insert_account_info(
+                who,
+                AccountInfo::from_balance(U256::from(10).pow(U256::from(30))),
+            );
         }
         let evm = Context::mainnet().with_db(db).build_mainnet();
-        let mut twin = Twin { evm, nonces: HashMap::new(), contract: Address::ZERO };
+        let mut twin = Twin {
+            evm,
+            nonces: HashMap::new(),
+            contract: Address::ZERO,
+        };
         let (out, created) = twin.transact(DEPLOYER, None, U256::ZERO, init);
         twin.contract = created.unwrap_or_default();
         (twin, out)
@@ -145,17 +168,30 @@ impl Twin {
                     Output::Call(b) => (b.to_vec(), None),
                     Output::Create(_, addr) => (Vec::new(), addr),
                 };
-                (Outcome { ok: true, data, logs }, created)
+                (
+                    Outcome {
+                        ok: true,
+                        data,
+                        logs,
+                    },
+                    created,
+                )
             }
-            ExecutionResult::Revert { output, .. } => {
-                (Outcome { ok: false, data: output.to_vec(), logs: Vec::new() }, None)
-            }
+            ExecutionResult::Revert { output, .. } => (
+                Outcome {
+                    ok: false,
+                    data: output.to_vec(),
+                    logs: Vec::new(),
+                },
+                None,
+            ),
             ExecutionResult::Halt { reason, .. } => panic!("the twin halted: {reason:?}"),
         }
     }
 
     fn call(&mut self, from: Address, value: U256, data: &[u8]) -> Outcome {
-        self.transact(from, Some(self.contract), value, data.to_vec()).0
+        self.transact(from, Some(self.contract), value, data.to_vec())
+            .0
     }
 }
 
@@ -168,7 +204,12 @@ fn u(n: u64) -> U256 {
 }
 
 fn rec(user: Address, model: u8, calls: u64) -> UsageRecord {
-    UsageRecord { user, modelId: id(model), calls, receiptBatchHash: id(0x70 + model) }
+    UsageRecord {
+        user,
+        modelId: id(model),
+        calls,
+        receiptBatchHash: id(0x70 + model),
+    }
 }
 
 /// Runs `steps` on both contracts; every outcome must be the same, and `true` steps must succeed.
@@ -197,22 +238,130 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
     let any = false;
     let steps = vec![
         // Admin and operators.
-        (ALICE, z, setOperatorCall { operator: OPERATOR, enabled: true }.abi_encode(), any),
-        (ADMIN, z, setOperatorCall { operator: Address::ZERO, enabled: true }.abi_encode(), any),
-        (ADMIN, z, setOperatorCall { operator: OPERATOR, enabled: true }.abi_encode(), ok),
-        (ADMIN, z, isOperatorCall { account: OPERATOR }.abi_encode(), ok),
+        (
+            ALICE,
+            z,
+            setOperatorCall {
+                operator: OPERATOR,
+                enabled: true,
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            ADMIN,
+            z,
+            setOperatorCall {
+                operator: Address::ZERO,
+                enabled: true,
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            ADMIN,
+            z,
+            setOperatorCall {
+                operator: OPERATOR,
+                enabled: true,
+            }
+            .abi_encode(),
+            ok,
+        ),
+        (
+            ADMIN,
+            z,
+            isOperatorCall { account: OPERATOR }.abi_encode(),
+            ok,
+        ),
         (ADMIN, z, adminCall {}.abi_encode(), ok),
         (ADMIN, z, weiPerCreditCall {}.abi_encode(), ok),
         // Models.
-        (CREATOR, z, registerModelCall { modelId: id(1), cidHash: id(2), commitment: id(3), pricePerCall: u(3) }.abi_encode(), ok),
-        (CREATOR2, z, registerModelCall { modelId: id(1), cidHash: id(2), commitment: id(3), pricePerCall: u(3) }.abi_encode(), any),
-        (CREATOR2, z, registerModelCall { modelId: id(2), cidHash: id(4), commitment: id(5), pricePerCall: u(5) }.abi_encode(), ok),
-        (CREATOR2, z, registerModelCall { modelId: id(9), cidHash: id(4), commitment: id(5), pricePerCall: U256::MAX }.abi_encode(), ok),
+        (
+            CREATOR,
+            z,
+            registerModelCall {
+                modelId: id(1),
+                cidHash: id(2),
+                commitment: id(3),
+                pricePerCall: u(3),
+            }
+            .abi_encode(),
+            ok,
+        ),
+        (
+            CREATOR2,
+            z,
+            registerModelCall {
+                modelId: id(1),
+                cidHash: id(2),
+                commitment: id(3),
+                pricePerCall: u(3),
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            CREATOR2,
+            z,
+            registerModelCall {
+                modelId: id(2),
+                cidHash: id(4),
+                commitment: id(5),
+                pricePerCall: u(5),
+            }
+            .abi_encode(),
+            ok,
+        ),
+        (
+            CREATOR2,
+            z,
+            registerModelCall {
+                modelId: id(9),
+                cidHash: id(4),
+                commitment: id(5),
+                pricePerCall: U256::MAX,
+            }
+            .abi_encode(),
+            ok,
+        ),
         (CREATOR, z, getModelCall { modelId: id(1) }.abi_encode(), ok),
-        (CREATOR, z, getModelCall { modelId: id(7) }.abi_encode(), any),
-        (CREATOR2, z, updatePriceCall { modelId: id(1), newPrice: u(1) }.abi_encode(), any),
-        (CREATOR, z, updatePriceCall { modelId: id(7), newPrice: u(1) }.abi_encode(), any),
-        (CREATOR, z, updatePriceCall { modelId: id(1), newPrice: u(4) }.abi_encode(), ok),
+        (
+            CREATOR,
+            z,
+            getModelCall { modelId: id(7) }.abi_encode(),
+            any,
+        ),
+        (
+            CREATOR2,
+            z,
+            updatePriceCall {
+                modelId: id(1),
+                newPrice: u(1),
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            CREATOR,
+            z,
+            updatePriceCall {
+                modelId: id(7),
+                newPrice: u(1),
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            CREATOR,
+            z,
+            updatePriceCall {
+                modelId: id(1),
+                newPrice: u(4),
+            }
+            .abi_encode(),
+            ok,
+        ),
         // Credits.
         (ALICE, u(100 * RATE), buyCreditsCall {}.abi_encode(), ok),
         (BOB, u(10 * RATE), buyCreditsCall {}.abi_encode(), ok),
@@ -220,41 +369,213 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
         (BOB, z, buyCreditsCall {}.abi_encode(), any),
         (ALICE, z, creditsOfCall { user: ALICE }.abi_encode(), ok),
         // Settlement.
-        (ALICE, z, consumeCreditsCall { batchId: id(1), records: vec![rec(ALICE, 1, 1)] }.abi_encode(), any),
-        (OPERATOR, z, consumeCreditsCall { batchId: id(1), records: vec![] }.abi_encode(), any),
-        (OPERATOR, z, consumeCreditsCall { batchId: id(1), records: vec![rec(ALICE, 1, 2), rec(BOB, 2, 3)] }.abi_encode(), any),
-        (OPERATOR, z, consumeCreditsCall { batchId: id(1), records: vec![rec(ALICE, 1, 2), rec(ALICE, 7, 1)] }.abi_encode(), any),
-        (OPERATOR, z, consumeCreditsCall { batchId: id(1), records: vec![rec(ALICE, 9, 2)] }.abi_encode(), any),
-        (OPERATOR, z, consumeCreditsCall { batchId: id(1), records: vec![rec(ALICE, 1, 2), rec(BOB, 2, 1), rec(ALICE, 2, 3), rec(BOB, 1, 0)] }.abi_encode(), ok),
-        (OPERATOR, z, consumeCreditsCall { batchId: id(1), records: vec![rec(ALICE, 1, 1)] }.abi_encode(), any),
-        (OPERATOR, z, isBatchSettledCall { batchId: id(1) }.abi_encode(), ok),
-        (OPERATOR, z, consumeCreditsCall { batchId: id(2), records: vec![rec(BOB, 1, 1)] }.abi_encode(), ok),
-        (OPERATOR, z, consumeCreditsCall { batchId: id(3), records: vec![rec(BOB, 1, 1)] }.abi_encode(), any),
+        (
+            ALICE,
+            z,
+            consumeCreditsCall {
+                batchId: id(1),
+                records: vec![rec(ALICE, 1, 1)],
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            OPERATOR,
+            z,
+            consumeCreditsCall {
+                batchId: id(1),
+                records: vec![],
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            OPERATOR,
+            z,
+            consumeCreditsCall {
+                batchId: id(1),
+                records: vec![rec(ALICE, 1, 2), rec(BOB, 2, 3)],
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            OPERATOR,
+            z,
+            consumeCreditsCall {
+                batchId: id(1),
+                records: vec![rec(ALICE, 1, 2), rec(ALICE, 7, 1)],
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            OPERATOR,
+            z,
+            consumeCreditsCall {
+                batchId: id(1),
+                records: vec![rec(ALICE, 9, 2)],
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            OPERATOR,
+            z,
+            consumeCreditsCall {
+                batchId: id(1),
+                records: vec![
+                    rec(ALICE, 1, 2),
+                    rec(BOB, 2, 1),
+                    rec(ALICE, 2, 3),
+                    rec(BOB, 1, 0),
+                ],
+            }
+            .abi_encode(),
+            ok,
+        ),
+        (
+            OPERATOR,
+            z,
+            consumeCreditsCall {
+                batchId: id(1),
+                records: vec![rec(ALICE, 1, 1)],
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            OPERATOR,
+            z,
+            isBatchSettledCall { batchId: id(1) }.abi_encode(),
+            ok,
+        ),
+        (
+            OPERATOR,
+            z,
+            consumeCreditsCall {
+                batchId: id(2),
+                records: vec![rec(BOB, 1, 1)],
+            }
+            .abi_encode(),
+            ok,
+        ),
+        (
+            OPERATOR,
+            z,
+            consumeCreditsCall {
+                batchId: id(3),
+                records: vec![rec(BOB, 1, 1)],
+            }
+            .abi_encode(),
+            any,
+        ),
         (BOB, z, creditsOfCall { user: BOB }.abi_encode(), ok),
-        (CREATOR, z, earningsOfCall { owner: CREATOR }.abi_encode(), ok),
+        (
+            CREATOR,
+            z,
+            earningsOfCall { owner: CREATOR }.abi_encode(),
+            ok,
+        ),
         // Deactivation.
-        (CREATOR, z, deactivateCall { modelId: id(2) }.abi_encode(), any),
-        (CREATOR2, z, deactivateCall { modelId: id(2) }.abi_encode(), ok),
-        (CREATOR2, z, deactivateCall { modelId: id(2) }.abi_encode(), any),
-        (CREATOR2, z, updatePriceCall { modelId: id(2), newPrice: u(1) }.abi_encode(), any),
-        (OPERATOR, z, consumeCreditsCall { batchId: id(4), records: vec![rec(ALICE, 2, 1)] }.abi_encode(), any),
+        (
+            CREATOR,
+            z,
+            deactivateCall { modelId: id(2) }.abi_encode(),
+            any,
+        ),
+        (
+            CREATOR2,
+            z,
+            deactivateCall { modelId: id(2) }.abi_encode(),
+            ok,
+        ),
+        (
+            CREATOR2,
+            z,
+            deactivateCall { modelId: id(2) }.abi_encode(),
+            any,
+        ),
+        (
+            CREATOR2,
+            z,
+            updatePriceCall {
+                modelId: id(2),
+                newPrice: u(1),
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            OPERATOR,
+            z,
+            consumeCreditsCall {
+                batchId: id(4),
+                records: vec![rec(ALICE, 2, 1)],
+            }
+            .abi_encode(),
+            any,
+        ),
         // Payouts.
         (CREATOR, z, withdrawCall {}.abi_encode(), ok),
         (CREATOR, z, withdrawCall {}.abi_encode(), any),
         (CREATOR2, z, withdrawCall {}.abi_encode(), ok),
         (ALICE, z, withdrawCall {}.abi_encode(), any),
         // Admin hand-over; the operator role is revoked.
-        (ADMIN2, z, setAdminCall { newAdmin: ADMIN2 }.abi_encode(), any),
-        (ADMIN, z, setAdminCall { newAdmin: Address::ZERO }.abi_encode(), any),
+        (
+            ADMIN2,
+            z,
+            setAdminCall { newAdmin: ADMIN2 }.abi_encode(),
+            any,
+        ),
+        (
+            ADMIN,
+            z,
+            setAdminCall {
+                newAdmin: Address::ZERO,
+            }
+            .abi_encode(),
+            any,
+        ),
         (ADMIN, z, setAdminCall { newAdmin: ADMIN2 }.abi_encode(), ok),
-        (ADMIN, z, setOperatorCall { operator: OPERATOR, enabled: false }.abi_encode(), any),
-        (ADMIN2, z, setOperatorCall { operator: OPERATOR, enabled: false }.abi_encode(), ok),
-        (OPERATOR, z, consumeCreditsCall { batchId: id(5), records: vec![rec(ALICE, 1, 1)] }.abi_encode(), any),
+        (
+            ADMIN,
+            z,
+            setOperatorCall {
+                operator: OPERATOR,
+                enabled: false,
+            }
+            .abi_encode(),
+            any,
+        ),
+        (
+            ADMIN2,
+            z,
+            setOperatorCall {
+                operator: OPERATOR,
+                enabled: false,
+            }
+            .abi_encode(),
+            ok,
+        ),
+        (
+            OPERATOR,
+            z,
+            consumeCreditsCall {
+                batchId: id(5),
+                records: vec![rec(ALICE, 1, 1)],
+            }
+            .abi_encode(),
+            any,
+        ),
     ];
     let n = steps.len();
     let reverts = differential(u(RATE), steps);
     // The scenario exercises both paths.
-    assert!(reverts > 20 && reverts < n - 15, "{reverts} of {n} steps reverted");
+    assert!(
+        reverts > 20 && reverts < n - 15,
+        "{reverts} of {n} steps reverted"
+    );
 }
 
 #[test]
@@ -265,4 +586,43 @@ fn deploy_errors_are_the_same() {
         assert!(!s.ok);
         assert_eq!(s, t);
     }
+}
+
+#[test]
+fn malformed_calls_revert_on_both() {
+    let (mut stylus, _) = Stylus::deploy(ADMIN, u(RATE));
+    let (mut twin, _) = Twin::deploy(ADMIN, u(RATE));
+    let set_op = setOperatorCall {
+        operator: OPERATOR,
+        enabled: true,
+    }
+    .abi_encode();
+    let cases: Vec<(&str, U256, Vec<u8>)> = vec![
+        (
+            "value sent to a non-payable function",
+            u(RATE),
+            set_op.clone(),
+        ),
+        ("unknown selector", U256::ZERO, vec![0xde, 0xad, 0xbe, 0xef]),
+        ("truncated arguments", U256::ZERO, set_op[..20].to_vec()),
+        ("bool out of range", U256::ZERO, {
+            let mut bad = set_op.clone();
+            bad[4 + 63] = 2;
+            bad
+        }),
+    ];
+    for (what, value, data) in cases {
+        // Revert data may differ here (the SDK and solc word their decoding errors differently).
+        let s = stylus.call(ADMIN, value, &data);
+        let t = twin.call(ADMIN, value, &data);
+        assert!(!s.ok && !t.ok, "{what}: Stylus {s:?}, twin {t:?}");
+        assert!(s.logs.is_empty() && t.logs.is_empty());
+    }
+    // Both still work afterwards, and nothing was set.
+    let is_op = isOperatorCall { account: OPERATOR }.abi_encode();
+    assert_eq!(
+        stylus.call(ADMIN, U256::ZERO, &is_op),
+        twin.call(ADMIN, U256::ZERO, &is_op)
+    );
+    assert_eq!(stylus.call(ADMIN, U256::ZERO, &is_op).data, vec![0u8; 32]);
 }

@@ -92,6 +92,73 @@ async fn a_retried_predict_with_an_idempotency_key_is_charged_once(backend: Back
     cluster.stop().await;
 }
 
+/// Admin writes with an `idempotency-key` take effect once: the retry answers as the first.
+async fn retried_admin_writes_take_effect_once(backend: Backend) {
+    let cluster = Cluster::start_on(backend).await;
+    let admin = &cluster.admin;
+    let keyed = |path: &str, body: serde_json::Value, key: &'static str| {
+        let mut req = admin
+            .prepare(
+                reqwest::Method::POST,
+                path,
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .unwrap();
+        req.set_header("idempotency-key", Some(key));
+        admin.send(req)
+    };
+    let first = keyed("/v1/accounts", json!({ "name": "bob" }), "acct-bob")
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let again = keyed("/v1/accounts", json!({ "name": "bob" }), "acct-bob")
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(first["account_id"], again["account_id"]);
+    let other = keyed("/v1/accounts", json!({ "name": "carol" }), "acct-bob")
+        .await
+        .unwrap();
+    assert_error(&other, 409, "conflict", "idempotency key");
+    let account_id = first["account_id"].as_str().unwrap();
+
+    let key = keyed("/v1/keys", json!({ "account_id": account_id }), "key-1")
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let key_again = keyed("/v1/keys", json!({ "account_id": account_id }), "key-1")
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(key, key_again, "the retry returns the same key and secret");
+
+    let grant = json!({ "account_id": account_id, "amount": 25 });
+    keyed("/v1/credits/grant", grant.clone(), "grant-1")
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let again = keyed("/v1/credits/grant", grant.clone(), "grant-1")
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(again["credits"], 25, "granted once");
+    let more = keyed("/v1/credits/grant", grant, "grant-2")
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(more["credits"], 50);
+    let bob = admin.with_key(serde_json::from_value(key).unwrap());
+    assert_eq!(account(&bob).await["credits"], 50);
+    cluster.stop().await;
+}
+
 async fn concurrent_predictions_never_overspend(backend: Backend) {
     let cluster = Cluster::start_on(backend).await;
     let creator = cluster.user("creator", 0).await;
@@ -125,6 +192,7 @@ async fn concurrent_predictions_never_overspend(backend: Backend) {
 }
 
 crate::on_every_backend!(
+    retried_admin_writes_take_effect_once,
     credits_are_charged_once_per_success_and_never_on_failure,
     a_retried_predict_with_an_idempotency_key_is_charged_once,
     concurrent_predictions_never_overspend

@@ -25,9 +25,14 @@ pub async fn create_account(
     let (caller, body) = signed(&state, &req, payload).await?;
     caller.require_admin()?;
     let CreateAccount { name } = parse_json(&body)?;
+    let request = keyed(
+        &req,
+        &caller,
+        pb::CreateAccountRequest { name, admin: false },
+    )?;
     let account = state
         .registry()
-        .create_account(pb::CreateAccountRequest { name, admin: false })
+        .create_account(request)
         .await
         .map_err(GatewayError::upstream("registry", "CreateAccount"))?
         .into_inner();
@@ -65,9 +70,10 @@ pub async fn create_key(
         Some(id) => id,
         None => caller.account_id.clone(),
     };
+    let request = keyed(&req, &caller, pb::CreateKeyRequest { account_id })?;
     let key = state
         .registry()
-        .create_key(pb::CreateKeyRequest { account_id })
+        .create_key(request)
         .await
         .map_err(GatewayError::upstream("registry", "CreateKey"))?
         .into_inner();
@@ -153,12 +159,34 @@ pub async fn grant_credits(
     let (caller, body) = signed(&state, &req, payload).await?;
     caller.require_admin()?;
     let Grant { account_id, amount } = parse_json(&body)?;
+    let request = keyed(
+        &req,
+        &caller,
+        pb::GrantCreditsRequest { account_id, amount },
+    )?;
     let account = state
         .registry()
-        .grant_credits(pb::GrantCreditsRequest { account_id, amount })
+        .grant_credits(request)
         .await
         .map_err(GatewayError::upstream("registry", "GrantCredits"))?
         .into_inner();
     tracing::info!(account_id = %account.account_id, amount, by = %caller.account_id, "credits granted");
     Ok(HttpResponse::Ok().json(json!({ "credits": account.credits })))
+}
+
+/// A registry request carrying the HTTP request's `idempotency-key` (scoped by the caller's
+/// account), so that a retried write takes effect once.
+fn keyed<T>(
+    req: &HttpRequest,
+    caller: &crate::auth::Caller,
+    message: T,
+) -> Result<tonic::Request<T>, GatewayError> {
+    let mut request = tonic::Request::new(message);
+    if let Some(key) = super::idempotency_key(req)? {
+        let scoped = format!("{}:{key}", caller.account_id);
+        let value = tonic::metadata::MetadataValue::try_from(scoped.as_str())
+            .map_err(|_| ApiError::bad_request("idempotency-key is not a valid header value"))?;
+        request.metadata_mut().insert("mh-idempotency-key", value);
+    }
+    Ok(request)
 }

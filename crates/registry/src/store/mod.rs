@@ -33,6 +33,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Adds `amount` to the account's credits atomically; `BadRequest` on overflow.
     async fn grant(&self, account_id: &str, amount: u64) -> Result<Account>;
 
+    /// [`grant`](Self::grant) at most once per `grant_id`: a retry with the same id (and
+    /// amount) changes nothing and returns the account; another amount is a conflict. The
+    /// check and the credit are one atomic operation.
+    async fn grant_once(&self, account_id: &str, amount: u64, grant_id: &str) -> Result<Account>;
+
     /// Inserts a new key; `NotFound` when its account is unknown, `Conflict` when the id exists.
     async fn create_key(&self, key: ApiKey) -> Result<ApiKey>;
 

@@ -1079,6 +1079,58 @@ impl MetadataStore for MongoStore {
         .await
     }
 
+    async fn grant_once(&self, account_id: &str, amount: u64, grant_id: &str) -> Result<Account> {
+        self.timed(async {
+            let overflow = || {
+                RegistryError::bad_request(format!(
+                    "granting {amount} credits would overflow the balance"
+                ))
+            };
+            let amount = i64::try_from(amount).map_err(|_| overflow())?;
+            // The grant id becomes a field name: hash it to a safe one.
+            let field = format!(
+                "grants.g{}",
+                hex::encode(sha2::Sha256::digest(grant_id.as_bytes()))
+            );
+            // One single-document update: credit and remember the grant, only if it was not
+            // remembered before.
+            let updated = self
+                .inner
+                .accounts
+                .find_one_and_update(
+                    doc! {
+                        "_id": account_id,
+                        &field: { "$exists": false },
+                        "credits": { "$lte": i64::MAX - amount },
+                    },
+                    doc! { "$inc": { "credits": amount }, "$set": { &field: amount } },
+                )
+                .return_document(ReturnDocument::After)
+                .await?;
+            if let Some(d) = updated {
+                return account_from(&d);
+            }
+            let Some(d) = Self::find_one(&self.inner.accounts, doc! { "_id": account_id }).await?
+            else {
+                return Err(RegistryError::not_found("account", account_id));
+            };
+            let key = field.trim_start_matches("grants.");
+            match d.get_document("grants").ok().and_then(|g| g.get(key)) {
+                Some(done)
+                    if done.as_i64() == Some(amount)
+                        || done.as_i32().map(i64::from) == Some(amount) =>
+                {
+                    account_from(&d)
+                }
+                Some(_) => Err(RegistryError::conflict(
+                    "this idempotency key was used for another amount",
+                )),
+                None => Err(overflow()),
+            }
+        })
+        .await
+    }
+
     async fn create_key(&self, key: ApiKey) -> Result<ApiKey> {
         self.timed(async {
             self.get_account_inner(&key.account_id).await?;

@@ -30,6 +30,8 @@ const RECEIPTS: Json = TableDefinition::new("receipts");
 const MODEL_NAMES: Index = TableDefinition::new("model_names");
 /// `account id \0 idempotency key` → reservation id.
 const IDEMPOTENCY: Index = TableDefinition::new("idempotency");
+/// `account \0 grant id` → the amount granted under that id (decimal).
+const GRANTS: Index = TableDefinition::new("grants");
 
 /// The embedded metadata store.
 #[derive(Clone)]
@@ -188,6 +190,35 @@ impl MetadataStore for RedbStore {
                     account.credits
                 ))
             })?;
+            put_json(&mut t, &account_id, &account)?;
+            Ok(account)
+        })
+        .await
+    }
+
+    async fn grant_once(&self, account_id: &str, amount: u64, grant_id: &str) -> Result<Account> {
+        let (account_id, grant_key) = (account_id.to_owned(), pair(account_id, grant_id));
+        self.write(move |txn| {
+            let mut t = txn.open_table(ACCOUNTS)?;
+            let mut account: Account = get_json(&t, &account_id)?
+                .ok_or_else(|| RegistryError::not_found("account", &account_id))?;
+            let mut grants = txn.open_table(GRANTS)?;
+            if let Some(done) = get_index(&grants, &grant_key)? {
+                return if done == amount.to_string() {
+                    Ok(account)
+                } else {
+                    Err(RegistryError::conflict(
+                        "this idempotency key was used for another amount",
+                    ))
+                };
+            }
+            account.credits = account.credits.checked_add(amount).ok_or_else(|| {
+                RegistryError::bad_request(format!(
+                    "granting {amount} credits would overflow the balance of {}",
+                    account.credits
+                ))
+            })?;
+            grants.insert(grant_key.as_str(), amount.to_string().as_str())?;
             put_json(&mut t, &account_id, &account)?;
             Ok(account)
         })
