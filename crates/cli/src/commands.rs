@@ -544,11 +544,11 @@ async fn resolve_model(client: &Client, model: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no model named {name} version {version}"))
 }
 
+/// Prints JSON on stdout; a closed stdout (`modelhub ... | head`) is not an error.
 fn print_json(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-    );
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
 
 /// Reads `--input`: inline JSON or `@file`; a bare list of tensors is wrapped as `{"inputs": [...]}`.

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 /// system chose), so scripts and tests can find a service they started.
 pub fn announce(service: &str, addr: SocketAddr) {
     use std::io::Write;
-    println!("modelhub {service} listening on {addr}");
-    let _ = std::io::stdout().flush();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "modelhub {service} listening on {addr}");
+    let _ = out.flush();
 }
 
 /// Resolves on ctrl-c (SIGINT): the graceful-shutdown signal of the binaries.
