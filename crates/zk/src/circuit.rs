@@ -1,15 +1,21 @@
 //! The model circuit: one [`dense`] chip, one [`requant`] chip and the lookup [`table`],
-//! composed by [`ModelCircuit`]. The shape comes from the [`CircuitSpec`] carried in the
-//! circuit (halo2 0.4's `Circuit` has no params): `configure` is the same for every spec (a
-//! fixed set of columns), everything spec-dependent happens in `synthesize`, and
-//! `without_witnesses` keeps the spec, so the verifying key is a function of the spec alone.
+//! composed by [`ModelCircuit`]; from spec version 2 also the [`maxpool`] and [`activation`]
+//! chips. The shape comes from the [`CircuitSpec`] carried in the circuit (halo2 0.4's
+//! `Circuit` has no params): `configure` is the same for every spec of a version (a fixed set
+//! of columns), everything spec-dependent happens in `synthesize`, and `without_witnesses`
+//! keeps the spec, so the verifying key is a function of the spec alone.
 //!
 //! Columns, in allocation order (the order fixes the proof layout): advice `W_0..W_7`
 //! (weights, committed; they must stay the first advice columns), `A_0..A_7` (accumulators;
 //! `A_0`/`A_1` double as the rescale's input and output), `X`, `Q`, `H`, `R` (limbs); one
-//! instance column `[job id, input.., output..]`.
+//! instance column `[job id, input.., output..]`. Version 2 ([`ModelCircuit<true>`]) adds no
+//! advice column (max pooling and activations use `X`, `A_0` and `R` on their own rows): only
+//! selectors, the activation tag (fixed) and the activation table, configured after all of
+//! version 1's, so version 1 circuits are unchanged.
 
+pub mod activation;
 pub mod dense;
+pub mod maxpool;
 pub mod requant;
 pub mod table;
 
@@ -19,11 +25,14 @@ use halo2_proofs::{
 };
 use pasta_curves::Fp;
 
+use self::activation::ActConfig;
 use self::dense::{DenseConfig, DenseInput};
+use self::maxpool::MaxPoolConfig;
 use self::requant::RequantConfig;
 use self::table::ActTableConfig;
 use crate::field::{fe, job_id_element};
 use crate::quant::{CircuitSpec, JOB_ROW, LANES, Layout, QLayer};
+use crate::shape::LayerKind;
 
 /// Number of advice columns (the proof starts with this many advice commitments).
 pub const NUM_ADVICE: usize = 2 * LANES + 4;
@@ -34,6 +43,15 @@ pub struct ModelConfig {
     requant: RequantConfig,
     table: ActTableConfig,
     instance: Column<Instance>,
+    /// Version 2 only.
+    ext: Option<ExtConfig>,
+}
+
+/// The chips of spec version 2.
+#[derive(Debug, Clone)]
+pub struct ExtConfig {
+    maxpool: MaxPoolConfig,
+    act: ActConfig,
 }
 
 /// The private witness: quantized layers and the quantized input.
@@ -43,8 +61,9 @@ pub(crate) struct Witness {
     pub input: Vec<i64>,
 }
 
+/// The circuit of a spec: `EXT = false` for version 1 (linear layers), `true` for version 2.
 #[derive(Debug, Clone)]
-pub(crate) struct ModelCircuit {
+pub(crate) struct ModelCircuit<const EXT: bool> {
     pub spec: CircuitSpec,
     pub witness: Option<Witness>,
 }
@@ -58,7 +77,7 @@ pub(crate) fn instance(job_id: &str, input: &[i64], output: &[i64]) -> Vec<Fp> {
     v
 }
 
-impl Circuit<Fp> for ModelCircuit {
+impl<const EXT: bool> Circuit<Fp> for ModelCircuit<EXT> {
     type Config = ModelConfig;
     type FloorPlanner = SimpleFloorPlanner;
 
@@ -81,11 +100,17 @@ impl Circuit<Fp> for ModelCircuit {
         let table = ActTableConfig::configure(meta);
         let dense = DenseConfig::configure(meta, w, acc, x);
         let requant = RequantConfig::configure(meta, acc[0], acc[1], q, h, limbs, &table);
+        // Version 2: everything after version 1's columns, gates and lookups.
+        let ext = EXT.then(|| ExtConfig {
+            maxpool: MaxPoolConfig::configure(meta, x, acc[0], limbs),
+            act: ActConfig::configure(meta, x, acc[0]),
+        });
         ModelConfig {
             dense,
             requant,
             table,
             instance,
+            ext,
         }
     }
 
@@ -95,6 +120,19 @@ impl Circuit<Fp> for ModelCircuit {
         mut layouter: impl Layouter<Fp>,
     ) -> Result<(), Error> {
         config.table.load(&mut layouter)?;
+        if self.spec.extended() != EXT {
+            return Err(Error::Synthesis);
+        }
+        let tables: Vec<&[i64]> = self
+            .spec
+            .layers
+            .iter()
+            .filter(|l| l.kind.is_table())
+            .map(|l| l.table.as_slice())
+            .collect();
+        if let Some(ext) = &config.ext {
+            ext.act.load(&mut layouter, &tables)?;
+        }
         let layout = Layout::new(&self.spec);
         let n_in = self.spec.input_len();
         let outputs = layouter.assign_region(
@@ -112,6 +150,7 @@ impl Circuit<Fp> for ModelCircuit {
                     None => vec![Value::unknown(); n_in],
                 };
                 let mut cells = Vec::new();
+                let mut tag = 0u64;
                 for (li, (ls, ll)) in self.spec.layers.iter().zip(&layout.layers).enumerate() {
                     let input = if li == 0 {
                         DenseInput::Instance {
@@ -121,6 +160,33 @@ impl Circuit<Fp> for ModelCircuit {
                     } else {
                         DenseInput::Cells(&cells)
                     };
+                    if !ls.kind.is_linear() {
+                        let ext = config.ext.as_ref().ok_or(Error::Synthesis)?;
+                        let out = if let LayerKind::MaxPool(_) = ls.kind {
+                            ext.maxpool.assign(
+                                &mut region,
+                                &ls.kind,
+                                ls.inputs as usize,
+                                &ll.elem,
+                                &input,
+                                &xs,
+                                &|_, _, s| s,
+                            )?
+                        } else {
+                            tag += 1;
+                            ext.act.assign(
+                                &mut region,
+                                &ll.elem,
+                                tag,
+                                &ls.table,
+                                &input,
+                                &xs,
+                                &|_, y| y,
+                            )?
+                        };
+                        (cells, xs) = out.into_iter().unzip();
+                        continue;
+                    }
                     let accs = config.dense.assign(
                         &mut region,
                         &ll.blocks,
@@ -167,7 +233,7 @@ mod tests {
     use super::*;
     use crate::onnx::{FloatLayer, FloatModel};
     use crate::quant::{QuantizedModel, UNUSABLE_ROWS, calibrate, reference};
-    use crate::shape::LayerKind;
+    use crate::shape::{ConvShape, LayerKind};
 
     fn model(sizes: &[usize], seed: u32) -> QuantizedModel {
         let mut s = seed as f32;
@@ -207,25 +273,142 @@ mod tests {
         x: &[i64],
         y: &[i64],
     ) -> Result<(), Vec<halo2_proofs::dev::VerifyFailure>> {
-        let circuit = ModelCircuit {
-            spec: m.spec.clone(),
-            witness: Some(Witness {
-                layers: m.layers.clone(),
-                input: x.to_vec(),
-            }),
-        };
-        MockProver::run(m.spec.k, &circuit, vec![instance("job", x, y)])
-            .unwrap()
-            .verify()
+        let witness = Some(Witness {
+            layers: m.layers.clone(),
+            input: x.to_vec(),
+        });
+        let inst = vec![instance("job", x, y)];
+        let spec = m.spec.clone();
+        if m.spec.extended() {
+            MockProver::run(m.spec.k, &ModelCircuit::<true> { spec, witness }, inst)
+        } else {
+            MockProver::run(m.spec.k, &ModelCircuit::<false> { spec, witness }, inst)
+        }
+        .unwrap()
+        .verify()
     }
 
     #[test]
     fn unusable_rows_match_halo2() {
         let mut cs = ConstraintSystem::<Fp>::default();
-        ModelCircuit::configure(&mut cs);
+        ModelCircuit::<false>::configure(&mut cs);
         assert_eq!(cs.blinding_factors() + 1, UNUSABLE_ROWS);
         // Lookups need degree 4 (extended domain 4·2^k); no gate goes above it.
         assert_eq!(cs.degree(), 4);
+        // (the next advice column's index is the number of advice columns)
+        let advice = format!("{:?}", cs.advice_column());
+        assert!(
+            advice.contains(&format!("index: {NUM_ADVICE},")),
+            "{advice}"
+        );
+        // Version 2: the same advice columns (the proof layout and the weight link are
+        // unchanged) and the same blinding rows; the selector-gated activation lookup has
+        // degree 5, which needs the same extended domain (4·2^k ≥ (5 − 1)·2^k).
+        let mut cs = ConstraintSystem::<Fp>::default();
+        ModelCircuit::<true>::configure(&mut cs);
+        assert_eq!(cs.blinding_factors() + 1, UNUSABLE_ROWS);
+        assert_eq!(cs.degree(), 5);
+        assert_eq!(format!("{:?}", cs.advice_column()), advice);
+    }
+
+    /// Conv 3×3 (pads 1) + ReLU → MaxPool 3×3 stride 2 (pads on the top and left) → Dense →
+    /// Sigmoid → Dense → Tanh, on a 1×6×6 input; or (`pool_first`) Tanh → MaxPool 2×2 →
+    /// Dense on a 1×4×4 input (both new chips reading the instance).
+    fn pool_model(seed: u32, pool_first: bool) -> QuantizedModel {
+        let mut s = seed as f32;
+        let mut next = move || {
+            s += 1.0;
+            (s * 43.758).sin() * 0.9
+        };
+        let mut dense = |i: usize, o: usize| FloatLayer {
+            kind: LayerKind::Dense,
+            inputs: i,
+            outputs: o,
+            weights: (0..i * o).map(|_| next()).collect(),
+            bias: (0..o).map(|k| k as f32 * 0.05 - 0.1).collect(),
+            relu: false,
+        };
+        let fixed = |kind: LayerKind, n: usize, m: usize| FloatLayer {
+            kind,
+            inputs: n,
+            outputs: m,
+            weights: vec![],
+            bias: vec![],
+            relu: false,
+        };
+        let pool = |c: u32, h: u32, k: u32, stride: u32, pads: [u32; 4]| {
+            let shape = ConvShape {
+                in_channels: c,
+                in_h: h,
+                in_w: h,
+                out_channels: c,
+                kernel: [k, k],
+                stride: [stride, stride],
+                pads,
+                depthwise: true,
+            };
+            let (n, m) = (shape.inputs(), shape.outputs());
+            fixed(LayerKind::MaxPool(shape), n, m)
+        };
+        let (n_in, layers) = if pool_first {
+            (
+                16,
+                vec![
+                    fixed(LayerKind::Tanh, 16, 16),
+                    pool(1, 4, 2, 2, [0; 4]),
+                    dense(4, 3),
+                ],
+            )
+        } else {
+            let shape = ConvShape {
+                in_channels: 1,
+                in_h: 6,
+                in_w: 6,
+                out_channels: 2,
+                kernel: [3, 3],
+                stride: [1, 1],
+                pads: [1, 1, 1, 1],
+                depthwise: false,
+            };
+            let mut s2 = seed as f32;
+            let conv = FloatLayer {
+                inputs: 36,
+                outputs: 72,
+                weights: (0..18)
+                    .map(|_| {
+                        s2 += 1.0;
+                        (s2 * 12.9898).sin()
+                    })
+                    .collect(),
+                bias: (0..72).map(|o| (o / 36) as f32 * 0.1).collect(),
+                relu: true,
+                kind: LayerKind::Conv(shape),
+            };
+            (
+                36,
+                vec![
+                    conv,
+                    pool(2, 6, 3, 2, [1, 1, 0, 0]),
+                    dense(18, 6),
+                    fixed(LayerKind::Sigmoid, 6, 6),
+                    dense(6, 3),
+                    fixed(LayerKind::Tanh, 3, 3),
+                ],
+            )
+        };
+        let fm = FloatModel {
+            input_name: "input".into(),
+            output_name: "output".into(),
+            layers,
+        };
+        let samples: Vec<Vec<f32>> = (0..32)
+            .map(|i| {
+                (0..n_in)
+                    .map(|j| (((i * 5 + j * 3) % 13) as f32) / 12.0 - 0.3)
+                    .collect()
+            })
+            .collect();
+        calibrate(&fm, &samples).unwrap()
     }
 
     #[test]
@@ -320,6 +503,49 @@ mod tests {
             let mut bad = y.clone();
             bad[0] += 1;
             prop_assert!(run(&m, &x, &bad).is_err());
+        }
+    }
+
+    #[test]
+    fn pool_and_table_models_satisfy_the_circuit() {
+        // Not left to prop_assume: these in-distribution inputs must prove.
+        for (seed, first) in [(0, false), (5, false), (0, true), (77, true)] {
+            let m = pool_model(seed, first);
+            assert_eq!(m.spec.version, crate::quant::SPEC_VERSION);
+            assert_eq!(
+                m.spec.k,
+                if first { 9 } else { 10 },
+                "two tables need 513 rows"
+            );
+            let x: Vec<i64> = (0..m.spec.input_len() as i64)
+                .map(|i| (i * 13) % 127 - 38)
+                .collect();
+            let y = reference(&m, &x).unwrap();
+            run(&m, &x, &y).unwrap();
+            m.spec.validate().unwrap();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(6))]
+        #[test]
+        fn pool_and_table_reference_equals_circuit(
+            seed in 0u32..1000,
+            pool_first in any::<bool>(),
+            x in proptest::collection::vec(-38i64..=89, 36),
+        ) {
+            let m = pool_model(seed, pool_first);
+            prop_assert_eq!(m.spec.version, crate::quant::SPEC_VERSION);
+            let x = &x[..m.spec.input_len()];
+            let y = reference(&m, x);
+            prop_assume!(y.is_ok());
+            let y = y.unwrap();
+            prop_assert!(run(&m, x, &y).is_ok());
+            for o in 0..y.len() {
+                let mut bad = y.clone();
+                bad[o] += 1;
+                prop_assert!(run(&m, x, &bad).is_err());
+            }
         }
     }
 }

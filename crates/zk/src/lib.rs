@@ -1,10 +1,10 @@
 //! Zero-knowledge proofs of predictions for Model Hub.
 //!
-//! An ONNX model (dense and convolution layers with ReLU and average pooling, see [`onnx`]) is
-//! compiled ([`compile`]) into a fixed-point [`QuantizedModel`] whose public
-//! [`CircuitSpec`] fixes a halo2 circuit (IPA over the Pasta curves, no trusted setup). The
-//! weights are private witnesses bound to a public [`Commitment`] made once at upload
-//! ([`commit()`]); [`prove`] proves that the quantized output is the model applied to the
+//! An ONNX model (dense and convolution layers with ReLU, average and max pooling, sigmoid and
+//! tanh by lookup table; see [`onnx`]) is compiled ([`compile`]) into a fixed-point
+//! [`QuantizedModel`] whose public [`CircuitSpec`] fixes a halo2 circuit (IPA over the Pasta
+//! curves, no trusted setup). The weights are private witnesses bound to a public
+//! [`Commitment`] made once at upload ([`commit()`]); [`prove`] proves that the quantized output is the model applied to the
 //! quantized input for one job id; [`verify`] checks a [`ProofBundle`] from the spec alone.
 //!
 //! ```text

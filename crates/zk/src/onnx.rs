@@ -1,12 +1,14 @@
 //! ONNX → float model: a minimal hand-written prost subset of `onnx.proto` and the graph walk
-//! that turns a chain of supported ops into linear layers (dense or convolution), each
-//! optionally followed by a ReLU.
+//! that turns a chain of supported ops into layers: linear (dense or convolution, each
+//! optionally followed by a ReLU), max pooling, and elementwise sigmoid / tanh.
 //!
 //! Supported: `Gemm` (transA = 0, alpha = beta = 1, either transB), `MatMul` with a constant
 //! right operand, `Add` of a constant bias, `Relu`, `Conv` (2-d, group 1, no dilation, explicit
 //! pads), `AveragePool` (no ceil mode; pads only with count_include_pad) and
-//! `GlobalAveragePool` (as depthwise convolutions), and the shape ops `Flatten`, `Reshape` (to a
-//! constant shape), `Identity`, `Cast` (to float). Batch dimension 1; convolutions need the
+//! `GlobalAveragePool` (as depthwise convolutions), `MaxPool` (2-d, explicit pads smaller than
+//! the kernel, no dilation, no ceil mode, storage order 0, no `Indices` output; a `Relu` right
+//! after it is moved before it, as they commute), `Sigmoid`, `Tanh`, and the shape ops
+//! `Flatten`, `Reshape` (to a constant shape), `Identity`, `Cast` (to float). Batch dimension 1; convolutions need the
 //! input's `[1, C, H, W]` shape (from the graph input or a `Reshape`). A classifier head that
 //! starts with `Softmax` (then only `Identity`, `ArgMax`, `ArrayFeatureExtractor`, `Reshape`,
 //! `Cast`, `ZipMap`) is not proved: the proof covers the logits that feed the `Softmax` (same
@@ -176,7 +178,8 @@ pub struct TensorProto {
 /// `TensorProto.DataType.FLOAT`.
 pub const DATA_TYPE_FLOAT: i32 = 1;
 
-/// One linear layer in float: `y = W x + b`, then ReLU if `relu`.
+/// One layer in float: linear `y = W x + b`, then ReLU if `relu`; or, with no weights, a max
+/// pooling or an elementwise sigmoid / tanh ([`LayerKind`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FloatLayer {
     pub kind: LayerKind,
@@ -203,6 +206,21 @@ impl FloatModel {
     pub fn forward(&self, input: &[f32]) -> Vec<f32> {
         let mut x = input.to_vec();
         for layer in &self.layers {
+            if !layer.kind.is_linear() {
+                x = (0..layer.outputs)
+                    .map(|o| match layer.kind {
+                        LayerKind::Sigmoid => 1.0 / (1.0 + (-x[o]).exp()),
+                        LayerKind::Tanh => x[o].tanh(),
+                        _ => layer
+                            .kind
+                            .connections(layer.inputs, o)
+                            .iter()
+                            .map(|&(i, _)| x[i])
+                            .fold(f32::NEG_INFINITY, f32::max),
+                    })
+                    .collect();
+                continue;
+            }
             let mut y = layer.bias.clone();
             for (o, yo) in y.iter_mut().enumerate() {
                 *yo += layer
@@ -393,6 +411,48 @@ pub fn parse(bytes: &[u8]) -> Result<FloatModel, ZkError> {
                 last_is_open = true;
                 current = out;
             }
+            "MaxPool" if on_current => {
+                let Some(&[c, h, w]) = shape.as_deref() else {
+                    return Err(ZkError::unsupported(
+                        op,
+                        "needs a known [1, C, H, W] input shape",
+                    ));
+                };
+                let layer = max_pool_layer(node, [c, h, w])?;
+                let LayerKind::MaxPool(ps) = &layer.kind else {
+                    return Err(ZkError::Internal("max pool layer".into()));
+                };
+                shape = Some(vec![c, ps.out_h() as usize, ps.out_w() as usize]);
+                layers.push(layer);
+                last_is_open = false;
+                current = out;
+            }
+            "Sigmoid" | "Tanh" if on_current => {
+                let width = match (&shape, layers.last()) {
+                    (Some(s), _) => s.iter().product::<usize>(),
+                    (None, Some(l)) => l.outputs,
+                    (None, None) => {
+                        return Err(ZkError::unsupported(op, "needs a known input size"));
+                    }
+                };
+                if width == 0 {
+                    return Err(ZkError::unsupported(op, "needs a known input size"));
+                }
+                layers.push(FloatLayer {
+                    kind: if op == "Sigmoid" {
+                        LayerKind::Sigmoid
+                    } else {
+                        LayerKind::Tanh
+                    },
+                    inputs: width,
+                    outputs: width,
+                    weights: Vec::new(),
+                    bias: Vec::new(),
+                    relu: false,
+                });
+                last_is_open = false;
+                current = out;
+            }
             "Identity" | "Cast" if on_current => {
                 if op == "Cast" && attr(node, "to").is_some_and(|a| a.i != DATA_TYPE_FLOAT as i64) {
                     return Err(ZkError::unsupported(
@@ -465,14 +525,27 @@ pub fn parse(bytes: &[u8]) -> Result<FloatModel, ZkError> {
                 current = out;
             }
             "Relu" if on_current => {
-                match layers.last_mut() {
-                    Some(l) if last_is_open => l.relu = true,
-                    _ => return Err(ZkError::unsupported(op, "Relu must follow a dense layer")),
+                let n = layers.len();
+                match layers.as_mut_slice() {
+                    [.., l] if last_is_open => l.relu = true,
+                    // max(relu(x)) = relu(max(x)): apply the ReLU before the pooling.
+                    [.., l, pool]
+                        if matches!(pool.kind, LayerKind::MaxPool(_)) && l.kind.is_linear() =>
+                    {
+                        l.relu = true;
+                    }
+                    _ => {
+                        return Err(ZkError::unsupported(
+                            op,
+                            format!("Relu must follow a dense layer (layer {n})"),
+                        ));
+                    }
                 }
                 current = out;
             }
             "Identity" | "Flatten" | "Reshape" | "Cast" | "Softmax" | "Gemm" | "MatMul"
-            | "Relu" | "Conv" | "AveragePool" | "GlobalAveragePool" => {
+            | "Relu" | "Conv" | "AveragePool" | "GlobalAveragePool" | "MaxPool" | "Sigmoid"
+            | "Tanh" => {
                 return Err(ZkError::unsupported(
                     op,
                     "the graph must be a single chain from its input",
@@ -481,7 +554,7 @@ pub fn parse(bytes: &[u8]) -> Result<FloatModel, ZkError> {
             other => {
                 return Err(ZkError::unsupported(
                     other,
-                    "not supported in proofs yet (supported: Gemm, MatMul, Add, Relu, Conv, AveragePool, GlobalAveragePool, Flatten, Reshape, Identity)",
+                    "not supported in proofs yet (supported: Gemm, MatMul, Add, Relu, Sigmoid, Tanh, Conv, AveragePool, GlobalAveragePool, MaxPool, Flatten, Reshape, Identity)",
                 ));
             }
         }
@@ -698,6 +771,76 @@ fn conv_layer(
     })
 }
 
+/// `MaxPool` as a max over depthwise windows (in-bounds elements only: ONNX pads with -inf).
+fn max_pool_layer(node: &NodeProto, [c, h, w]: [usize; 3]) -> Result<FloatLayer, ZkError> {
+    let op = node.op_type.as_str();
+    if node.output.iter().skip(1).any(|o| !o.is_empty()) {
+        return Err(ZkError::unsupported(
+            op,
+            "the Indices output is not supported",
+        ));
+    }
+    if attr(node, "auto_pad").is_some_and(|a| !a.s.is_empty() && a.s != b"NOTSET") {
+        return Err(ZkError::unsupported(
+            op,
+            "auto_pad is not supported (use pads)",
+        ));
+    }
+    if ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
+        return Err(ZkError::unsupported(op, "dilations are not supported"));
+    }
+    if attr(node, "ceil_mode").is_some_and(|a| a.i != 0) {
+        return Err(ZkError::unsupported(op, "ceil_mode is not supported"));
+    }
+    if attr(node, "storage_order").is_some_and(|a| a.i != 0) {
+        return Err(ZkError::unsupported(op, "storage_order 1 is not supported"));
+    }
+    let kernel = match ints(node, "kernel_shape") {
+        Some(k) if k.len() == 2 => [k[0], k[1]],
+        _ => {
+            return Err(ZkError::unsupported(
+                op,
+                "only 2-d pooling is supported (kernel_shape must have 2 values)",
+            ));
+        }
+    };
+    let pads = match ints(node, "pads") {
+        Some(p) if p.len() == 4 => [p[0], p[1], p[2], p[3]],
+        Some(_) => return Err(ZkError::unsupported(op, "pads must have 4 values")),
+        None => [0; 4],
+    };
+    let stride = match ints(node, "strides") {
+        Some(s) if s.len() == 2 => [s[0], s[1]],
+        Some(_) => return Err(ZkError::unsupported(op, "strides must have 2 values")),
+        None => [1, 1],
+    };
+    let dim = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    let shape = ConvShape {
+        in_channels: dim(c),
+        in_h: dim(h),
+        in_w: dim(w),
+        out_channels: dim(c),
+        kernel,
+        stride,
+        pads,
+        depthwise: true,
+    };
+    if !shape.is_valid() || !shape.pads_within_kernel() {
+        return Err(ZkError::unsupported(
+            op,
+            "unsupported kernel, stride or padding (pads must be smaller than the kernel)",
+        ));
+    }
+    Ok(FloatLayer {
+        inputs: shape.inputs(),
+        outputs: shape.outputs(),
+        kind: LayerKind::MaxPool(shape),
+        weights: Vec::new(),
+        bias: Vec::new(),
+        relu: false,
+    })
+}
+
 fn dense(op: &str, b: &Constant, trans_b: bool) -> Result<FloatLayer, ZkError> {
     let [d0, d1] = b.dims.as_slice() else {
         return Err(ZkError::unsupported(op, "the weight must be a 2-d matrix"));
@@ -863,14 +1006,120 @@ mod tests {
             NodeProto {
                 input: vec!["gemm0".into()],
                 output: vec!["sig".into()],
-                op_type: "Sigmoid".into(),
+                op_type: "LeakyRelu".into(),
                 ..Default::default()
             },
         );
         graph.node[2].input[0] = "sig".into();
         match parse(&model.encode_to_vec()).unwrap_err() {
-            ZkError::Unsupported { op, .. } => assert_eq!(op, "Sigmoid"),
+            ZkError::Unsupported { op, .. } => assert_eq!(op, "LeakyRelu"),
             other => panic!("{other}"),
         }
+        // Sigmoid and Tanh are supported now: the same graph parses into a table layer.
+        for (op, kind) in [("Sigmoid", LayerKind::Sigmoid), ("Tanh", LayerKind::Tanh)] {
+            let graph = model.graph.as_mut().unwrap();
+            graph.node[1].op_type = op.into();
+            let m = parse(&model.encode_to_vec()).unwrap();
+            assert_eq!(m.layers.len(), 2);
+            assert_eq!((m.layers[1].kind.clone(), m.layers[1].outputs), (kind, 2));
+            let y = m.forward(&[0.3, -0.2]);
+            assert!(y.iter().all(|v| v.abs() <= 1.0));
+        }
+    }
+
+    fn pool_model(attrs: Vec<AttributeProto>, extra_output: bool) -> Vec<u8> {
+        let mut model = ModelProto::decode(mlp_onnx(&[layer(8, 2, false)]).as_slice()).unwrap();
+        let graph = model.graph.as_mut().unwrap();
+        graph.input[0].r#type = Some(TypeProto {
+            tensor_type: Some(TensorTypeProto {
+                elem_type: 1,
+                shape: Some(TensorShapeProto {
+                    dim: [1, 2, 3, 3]
+                        .iter()
+                        .map(|&d| Dimension {
+                            dim_value: d,
+                            dim_param: String::new(),
+                        })
+                        .collect(),
+                }),
+            }),
+        });
+        let mut output = vec!["pool".to_string()];
+        if extra_output {
+            output.push("indices".into());
+        }
+        graph.node.insert(
+            0,
+            NodeProto {
+                input: vec!["input".into()],
+                output,
+                op_type: "MaxPool".into(),
+                attribute: attrs,
+                ..Default::default()
+            },
+        );
+        graph.node[1].input[0] = "pool".into();
+        model.encode_to_vec()
+    }
+
+    fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            ints: v.to_vec(),
+            r#type: 7,
+            ..Default::default()
+        }
+    }
+
+    fn int_attr(name: &str, i: i64) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            i,
+            r#type: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn max_pool_parses_and_refuses_what_it_does_not_support() {
+        let k = || ints_attr("kernel_shape", &[2, 2]);
+        let m = parse(&pool_model(vec![k()], false)).unwrap();
+        let LayerKind::MaxPool(s) = &m.layers[0].kind else {
+            panic!("{:?}", m.layers[0].kind)
+        };
+        assert_eq!((s.out_h(), s.out_w(), m.layers[0].outputs), (2, 2, 8));
+        let x: Vec<f32> = (0..18).map(|i| (i as f32 * 1.7).sin()).collect();
+        let pooled: Vec<f32> = (0..8)
+            .map(|o| {
+                m.layers[0]
+                    .kind
+                    .connections(18, o)
+                    .iter()
+                    .map(|c| x[c.0])
+                    .fold(f32::MIN, f32::max)
+            })
+            .collect();
+        assert!((pooled[0] - x[0].max(x[1]).max(x[3]).max(x[4])).abs() < 1e-6);
+        assert_eq!(m.forward(&x).len(), 2);
+        let with_pads = vec![
+            k(),
+            ints_attr("pads", &[1, 1, 1, 1]),
+            ints_attr("strides", &[2, 2]),
+        ];
+        assert!(parse(&pool_model(with_pads, false)).is_ok());
+        let reason =
+            |attrs: Vec<AttributeProto>, extra: bool| match parse(&pool_model(attrs, extra)) {
+                Err(ZkError::Unsupported { op, reason }) => {
+                    assert_eq!(op, "MaxPool");
+                    reason
+                }
+                other => panic!("{other:?}"),
+            };
+        assert!(reason(vec![k(), ints_attr("dilations", &[2, 2])], false).contains("dilations"));
+        assert!(reason(vec![k(), int_attr("ceil_mode", 1)], false).contains("ceil_mode"));
+        assert!(reason(vec![k(), int_attr("storage_order", 1)], false).contains("storage_order"));
+        assert!(reason(vec![k()], true).contains("Indices"));
+        assert!(reason(vec![ints_attr("kernel_shape", &[2])], false).contains("2-d"));
+        assert!(reason(vec![k(), ints_attr("pads", &[2, 0, 0, 0])], false).contains("pads"));
     }
 }

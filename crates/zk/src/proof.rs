@@ -60,11 +60,21 @@ impl std::fmt::Debug for Keys {
     }
 }
 
-fn shape(spec: &CircuitSpec) -> ModelCircuit {
+fn shape<const EXT: bool>(spec: &CircuitSpec) -> ModelCircuit<EXT> {
     ModelCircuit {
         spec: spec.clone(),
         witness: None,
     }
+}
+
+/// The verifying key of a spec (the circuit of its version).
+fn keygen_vk(params: &Params, spec: &CircuitSpec) -> Result<VerifyingKey<EqAffine>, ZkError> {
+    if spec.extended() {
+        plonk::keygen_vk(&params.inner, &shape::<true>(spec))
+    } else {
+        plonk::keygen_vk(&params.inner, &shape::<false>(spec))
+    }
+    .map_err(internal("keygen_vk"))
 }
 
 fn internal(what: &str) -> impl Fn(plonk::Error) -> ZkError + '_ {
@@ -81,9 +91,13 @@ impl Keys {
                 spec.k
             )));
         }
-        let circuit = shape(spec);
-        let vk = plonk::keygen_vk(&params.inner, &circuit).map_err(internal("keygen_vk"))?;
-        let pk = plonk::keygen_pk(&params.inner, vk, &circuit).map_err(internal("keygen_pk"))?;
+        let vk = keygen_vk(params, spec)?;
+        let pk = if spec.extended() {
+            plonk::keygen_pk(&params.inner, vk, &shape::<true>(spec))
+        } else {
+            plonk::keygen_pk(&params.inner, vk, &shape::<false>(spec))
+        }
+        .map_err(internal("keygen_pk"))?;
         Ok(Keys {
             spec: spec.clone(),
             pk,
@@ -176,12 +190,9 @@ pub fn prove(
     let input_q = crate::quantize_input(spec, input)?;
     let output_q = crate::reference(model, &input_q)?;
     let inst = instance(job_id, &input_q, &output_q);
-    let circuit = ModelCircuit {
-        spec: spec.clone(),
-        witness: Some(Witness {
-            layers: model.layers.clone(),
-            input: input_q.clone(),
-        }),
+    let witness = Witness {
+        layers: model.layers.clone(),
+        input: input_q.clone(),
     };
 
     // halo2 draws the unusable-row values and blinds of the advice columns from this rng;
@@ -189,14 +200,34 @@ pub fn prove(
     let mut seed = [0u8; 32];
     sys_rng().fill_bytes(&mut seed);
     let mut transcript = Blake2bWrite::<_, EqAffine, Challenge255<_>>::init(vec![]);
-    plonk::create_proof(
-        &params.inner,
-        &keys.pk,
-        &[circuit],
-        &[&[&inst]],
-        ChaCha20Rng::from_seed(seed),
-        &mut transcript,
-    )
+    let rng = ChaCha20Rng::from_seed(seed);
+    if spec.extended() {
+        let circuit = ModelCircuit::<true> {
+            spec: spec.clone(),
+            witness: Some(witness),
+        };
+        plonk::create_proof(
+            &params.inner,
+            &keys.pk,
+            &[circuit],
+            &[&[&inst]],
+            rng,
+            &mut transcript,
+        )
+    } else {
+        let circuit = ModelCircuit::<false> {
+            spec: spec.clone(),
+            witness: Some(witness),
+        };
+        plonk::create_proof(
+            &params.inner,
+            &keys.pk,
+            &[circuit],
+            &[&[&inst]],
+            rng,
+            &mut transcript,
+        )
+    }
     .map_err(internal("create_proof"))?;
     let proof = transcript.finalize();
 
@@ -288,8 +319,7 @@ fn cached_vk(params: &Params, spec: &CircuitSpec) -> Result<Arc<VerifyingKey<EqA
     if let Some(vk) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
         return Ok(vk);
     }
-    let vk =
-        Arc::new(plonk::keygen_vk(&params.inner, &shape(spec)).map_err(internal("keygen_vk"))?);
+    let vk = Arc::new(keygen_vk(params, spec)?);
     if let Ok(mut c) = cache.lock() {
         if c.len() >= 64 {
             c.clear();

@@ -12,6 +12,15 @@
 //! before the ReLU) and the layer output is `max(q, 0)` or `q`. Calibration picks the scales so
 //! that the calibration samples use at most `1 / (1 + MARGIN)` of each range; an input that
 //! still leaves a range at proving time is [`ZkError::OutOfRange`].
+//!
+//! Layers without weights (spec version 2): a max pooling outputs the max of the in-bounds
+//! values of each window (same scale, so still 8-bit); a `Sigmoid`/`Tanh` layer maps each 8-bit
+//! input `x` at its input scale `s` to `table[x + 128] = clamp(round(f(x·2^-s)·2^7), -128, 127)`
+//! at scale [`TABLE_OUTPUT_SCALE`]. The table covers the whole activation range, which is the
+//! calibrated range of the pre-activation (calibration fits it there); a pre-activation outside
+//! it fails the previous layer's range check with [`ZkError::OutOfRange`]. The table is stored in
+//! the spec and recomputed by [`CircuitSpec::validate`] with IEEE basic operations only (no
+//! libm), so every machine derives the same table and verifying key.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -21,7 +30,19 @@ use crate::onnx::{FloatLayer, FloatModel};
 use crate::shape::{Block, LayerKind, plan};
 
 /// Version of the circuit layout; bump on any change that alters the verifying key.
-pub const SPEC_VERSION: u32 = 1;
+///
+/// Version 1 is the original circuit (linear layers only); version 2 adds the max-pooling and
+/// table-activation chips (more gates, selectors and a lookup table; the same advice columns).
+/// [`calibrate`] emits version 1 for a model of linear layers only, so such models keep their
+/// spec, verifying key and proofs; version 2 only when a layer needs the new chips.
+pub const SPEC_VERSION: u32 = 2;
+/// The original circuit: linear layers only.
+pub const SPEC_VERSION_LINEAR: u32 = 1;
+/// Scale of the output of a table activation (`Sigmoid`, `Tanh`): values in `[-1, 1]` use the
+/// 8-bit range.
+pub const TABLE_OUTPUT_SCALE: i32 = 7;
+/// Entries of an activation table: one per 8-bit input.
+pub const TABLE_LEN: usize = 256;
 /// Neuron lanes per row (weight columns).
 pub const LANES: usize = 8;
 /// Range of inputs and layer outputs.
@@ -45,10 +66,12 @@ pub const UNUSABLE_ROWS: usize = 7;
 const MAX_SCALE: i32 = 30;
 const MIN_SCALE: i32 = -30;
 
-/// One linear layer of the circuit: `y = act(⌊(W x + b) / 2^shift⌋)`.
+/// One layer of the circuit: a linear layer `y = act(⌊(W x + b) / 2^shift⌋)`, or (version 2) a
+/// max pooling or a table activation (`weight_scale = shift = 0`, no ReLU).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LayerSpec {
-    /// Dense (the default, omitted in JSON) or a convolution shape.
+    /// Dense (the default, omitted in JSON), a convolution shape, a max pooling shape,
+    /// `sigmoid` or `tanh`.
     #[serde(default, skip_serializing_if = "LayerKind::is_dense")]
     pub kind: LayerKind,
     pub inputs: u32,
@@ -58,9 +81,14 @@ pub struct LayerSpec {
     pub input_scale: i32,
     /// Scale of the int8 weights.
     pub weight_scale: i32,
-    /// `output_scale = input_scale + weight_scale - shift`.
+    /// `output_scale = input_scale + weight_scale - shift` (linear layers); `input_scale`
+    /// (max pooling); [`TABLE_OUTPUT_SCALE`] (table activations).
     pub output_scale: i32,
     pub shift: u32,
+    /// Table activations only: output for each input `x ∈ [-128, 127]` at `x + 128` (omitted
+    /// in JSON when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub table: Vec<i64>,
 }
 
 /// The public description of a circuit: everything the verifying key depends on.
@@ -97,10 +125,25 @@ impl CircuitSpec {
         self.layers.last().map_or(0, |l| l.output_scale)
     }
 
-    /// Whether layer `li`'s quotients are range-checked by lookup (all but a last layer
-    /// without ReLU, whose outputs the verifier checks against `output_range`).
+    /// Whether layer `li`'s quotients are range-checked by lookup (all but a last linear layer
+    /// without ReLU, whose outputs the verifier checks against `output_range`). Layers without
+    /// weights always output 8-bit values.
     pub fn checked(&self, li: usize) -> bool {
-        li + 1 < self.layers.len() || self.layers.get(li).is_some_and(|l| l.relu)
+        li + 1 < self.layers.len()
+            || self
+                .layers
+                .get(li)
+                .is_some_and(|l| l.relu || !l.kind.is_linear())
+    }
+
+    /// Whether the spec needs the version-2 circuit (max pooling or table activations).
+    pub fn extended(&self) -> bool {
+        self.version != SPEC_VERSION_LINEAR
+    }
+
+    /// Rows of the activation lookup table: a zero row and [`TABLE_LEN`] per table layer.
+    pub(crate) fn act_table_rows(&self) -> usize {
+        1 + TABLE_LEN * self.layers.iter().filter(|l| l.kind.is_table()).count()
     }
 
     fn expected_output_range(&self) -> [i64; 2] {
@@ -120,9 +163,9 @@ impl CircuitSpec {
     /// Checks that the spec describes a circuit this version builds (bundles come from clients).
     pub fn validate(&self) -> Result<(), ZkError> {
         let bad = |m: String| Err(ZkError::Verification(format!("invalid circuit spec: {m}")));
-        if self.version != SPEC_VERSION {
+        if !(SPEC_VERSION_LINEAR..=SPEC_VERSION).contains(&self.version) {
             return bad(format!(
-                "version {} (supported: {SPEC_VERSION})",
+                "version {} (supported: {SPEC_VERSION_LINEAR} to {SPEC_VERSION})",
                 self.version
             ));
         }
@@ -141,25 +184,69 @@ impl CircuitSpec {
         if self.output_range != self.expected_output_range() {
             return bad("output range".into());
         }
+        // The activation tables must fit (checked before recomputing any of them).
+        let tables = self.layers.iter().filter(|l| l.kind.is_table()).count();
+        if tables > (1usize << self.k) / TABLE_LEN {
+            return bad(format!(
+                "{tables} activation tables do not fit k = {}",
+                self.k
+            ));
+        }
         let mut scale = self.input_scale;
         let mut width = self.layers[0].inputs;
         for (i, l) in self.layers.iter().enumerate() {
             if l.inputs == 0 || l.outputs == 0 || l.inputs != width {
                 return bad(format!("layer {i} sizes"));
             }
-            if let LayerKind::Conv(c) = &l.kind
+            if !l.kind.is_linear() && !self.extended() {
+                return bad(format!("layer {i} needs spec version {SPEC_VERSION}"));
+            }
+            if let LayerKind::Conv(c) | LayerKind::MaxPool(c) = &l.kind
                 && (!c.is_valid()
                     || c.inputs() != l.inputs as usize
                     || c.outputs() != l.outputs as usize)
             {
                 return bad(format!("layer {i} convolution shape"));
             }
-            if l.input_scale != scale
-                || l.shift > MAX_SHIFT
-                || i64::from(l.input_scale) + i64::from(l.weight_scale) - i64::from(l.shift)
-                    != i64::from(l.output_scale)
+            if let LayerKind::MaxPool(c) = &l.kind
+                && (!c.depthwise || !c.pads_within_kernel())
             {
+                return bad(format!("layer {i} max pooling shape"));
+            }
+            if l.input_scale != scale || l.shift > MAX_SHIFT {
                 return bad(format!("layer {i} scales"));
+            }
+            let scales_ok = match &l.kind {
+                LayerKind::Dense | LayerKind::Conv(_) => {
+                    i64::from(l.input_scale) + i64::from(l.weight_scale) - i64::from(l.shift)
+                        == i64::from(l.output_scale)
+                        && l.table.is_empty()
+                }
+                LayerKind::MaxPool(_) => {
+                    l.output_scale == l.input_scale
+                        && l.weight_scale == 0
+                        && l.shift == 0
+                        && !l.relu
+                        && l.table.is_empty()
+                }
+                LayerKind::Sigmoid | LayerKind::Tanh => {
+                    l.inputs == l.outputs
+                        && l.output_scale == TABLE_OUTPUT_SCALE
+                        && l.weight_scale == 0
+                        && l.shift == 0
+                        && !l.relu
+                }
+            };
+            if !scales_ok {
+                return bad(format!("layer {i} scales"));
+            }
+            if l.kind.is_table() && !(MIN_SCALE..=MAX_SCALE).contains(&l.input_scale) {
+                return bad(format!("layer {i} scales"));
+            }
+            if l.kind.is_table()
+                && activation_table(&l.kind, l.input_scale, l.output_scale) != l.table
+            {
+                return bad(format!("layer {i} activation table"));
             }
             scale = l.output_scale;
             width = l.outputs;
@@ -170,7 +257,7 @@ impl CircuitSpec {
         if bound > 1usize << (MAX_K + 2) {
             return bad("too large".into());
         }
-        let rows = Layout::new(self).rows;
+        let rows = Layout::new(self).rows.max(self.act_table_rows());
         if rows + UNUSABLE_ROWS > 1usize << self.k {
             return bad(format!("{rows} rows do not fit k = {}", self.k));
         }
@@ -187,11 +274,14 @@ pub(crate) struct Layout {
 
 #[derive(Debug, Clone)]
 pub(crate) struct LayerLayout {
-    /// Blocks of up to `LANES` output neurons: a bias row, one multiply-accumulate row per
-    /// input, and a result row that is the next block's bias row.
+    /// Linear layers: blocks of up to `LANES` output neurons: a bias row, one
+    /// multiply-accumulate row per input, and a result row that is the next block's bias row.
     pub blocks: Vec<Block>,
-    /// Row of each output neuron's rescale (4 rows each).
+    /// Linear layers: row of each output neuron's rescale (4 rows each).
     pub requant: Vec<usize>,
+    /// Layers without weights: first row of each output (a max pooling uses 2 rows per window
+    /// element, a table activation 1 row).
+    pub elem: Vec<usize>,
 }
 
 /// Row of the job-id cell.
@@ -203,11 +293,9 @@ impl Layout {
         let mut layers = Vec::with_capacity(spec.layers.len());
         for l in &spec.layers {
             let (n, m) = (l.inputs as usize, l.outputs as usize);
-            let (blocks, next) = plan(&l.kind, n, m, row);
+            let (layer, next) = layer_layout(&l.kind, n, m, row);
             row = next;
-            let requant = (0..m).map(|o| row + 4 * o).collect();
-            row += 4 * m;
-            layers.push(LayerLayout { blocks, requant });
+            layers.push(layer);
         }
         Layout { layers, rows: row }
     }
@@ -218,6 +306,18 @@ impl Layout {
         for l in &spec.layers {
             let (mut n, m) = (l.inputs as usize, l.outputs as usize);
             let mut nb = m.div_ceil(LANES);
+            match &l.kind {
+                LayerKind::MaxPool(c) => {
+                    let window = (c.kernel[0] as usize).checked_mul(c.kernel[1] as usize)?;
+                    row = row.checked_add(m.checked_mul(window)?.checked_mul(2)?)?;
+                    continue;
+                }
+                LayerKind::Sigmoid | LayerKind::Tanh => {
+                    row = row.checked_add(m)?;
+                    continue;
+                }
+                LayerKind::Dense | LayerKind::Conv(_) => {}
+            }
             if let LayerKind::Conv(c) = &l.kind {
                 n = (c.in_channels as usize)
                     .checked_mul(c.kernel[0] as usize)?
@@ -233,6 +333,89 @@ impl Layout {
         }
         Some(row)
     }
+}
+
+/// The rows of one layer starting at `row`; returns the layout and the next free row.
+pub(crate) fn layer_layout(
+    kind: &LayerKind,
+    n: usize,
+    m: usize,
+    mut row: usize,
+) -> (LayerLayout, usize) {
+    let mut layer = LayerLayout {
+        blocks: Vec::new(),
+        requant: Vec::new(),
+        elem: Vec::new(),
+    };
+    match kind {
+        LayerKind::Dense | LayerKind::Conv(_) => {
+            let (blocks, next) = plan(kind, n, m, row);
+            row = next;
+            layer.blocks = blocks;
+            layer.requant = (0..m).map(|o| row + 4 * o).collect();
+            row += 4 * m;
+        }
+        LayerKind::MaxPool(_) => {
+            for o in 0..m {
+                layer.elem.push(row);
+                row += 2 * kind.connections(n, o).len();
+            }
+        }
+        LayerKind::Sigmoid | LayerKind::Tanh => {
+            layer.elem = (row..row + m).collect();
+            row += m;
+        }
+    }
+    (layer, row)
+}
+
+/// `e^x` with IEEE basic operations only (`+ − × ÷`, exact scaling by powers of two), so the
+/// result is the same on every machine (libm's `exp` may differ in the last bit, and the
+/// activation tables fix the verifying key). `|x| ≤ 100`.
+fn exp_det(x: f64) -> f64 {
+    const LN2: f64 = std::f64::consts::LN_2;
+    let n = (x / LN2).round();
+    let r = x - n * LN2;
+    // Taylor series of e^r, |r| ≤ 0.35: 24 terms are far below f64 precision.
+    let mut term = 1.0;
+    let mut sum = 1.0;
+    for i in 1..24 {
+        term = term * r / f64::from(i);
+        sum += term;
+    }
+    // 2^n exactly, |n| ≤ 145 (split so each factor is a normal number).
+    let n = n as i64;
+    let pow2 = |e: i64| f64::from_bits(((e + 1023) as u64) << 52);
+    sum * pow2(n / 2) * pow2(n - n / 2)
+}
+
+/// The table of an activation layer: the output at scale `output_scale` of each 8-bit input at
+/// scale `input_scale`, `table[x + 128] = clamp(round(f(x·2^-input_scale)·2^output_scale))`.
+pub(crate) fn activation_table(kind: &LayerKind, input_scale: i32, output_scale: i32) -> Vec<i64> {
+    let f = |x: f64| -> f64 {
+        // Both functions are saturated far below |x| = 40 at 8-bit output precision.
+        let x = x.clamp(-40.0, 40.0);
+        match kind {
+            LayerKind::Sigmoid => 1.0 / (1.0 + exp_det(-x)),
+            _ => {
+                let e = exp_det(-2.0 * x.abs());
+                let t = (1.0 - e) / (1.0 + e);
+                if x < 0.0 { -t } else { t }
+            }
+        }
+    };
+    let (to_real, to_out) = (pow2f(-input_scale), pow2f(output_scale));
+    (ACT_MIN..=ACT_MAX)
+        .map(|x| {
+            let y = (f(x as f64 * to_real) * to_out).round();
+            (y.clamp(ACT_MIN as f64, ACT_MAX as f64)) as i64
+        })
+        .collect()
+}
+
+/// `2^e` exactly (`|e| ≤ 60`).
+fn pow2f(e: i32) -> f64 {
+    f64::from_bits(((i64::from(e) + 1023) as u64) << 52)
 }
 
 /// A quantized layer: int8 weights (ordered as [`LayerKind`] says) and the accumulator-scale
@@ -313,8 +496,8 @@ pub fn calibrate(model: &FloatModel, samples: &[Vec<f32>]) -> Result<QuantizedMo
     // Fail fast on models too large for the circuit, before calibrating.
     let mut rows = JOB_ROW + 1;
     for l in &model.layers {
-        let (_, next) = plan(&l.kind, l.inputs, l.outputs, rows);
-        rows = next + 4 * l.outputs;
+        let (_, next) = layer_layout(&l.kind, l.inputs, l.outputs, rows);
+        rows = next;
         if rows > 1usize << MAX_K {
             return Err(ZkError::unsupported(
                 "model",
@@ -348,12 +531,16 @@ pub fn calibrate(model: &FloatModel, samples: &[Vec<f32>]) -> Result<QuantizedMo
     let mut layers = Vec::new();
     let last = model.layers.len() - 1;
     for (li, fl) in model.layers.iter().enumerate() {
-        let range = if li == last && !fl.relu {
+        let range = if li == last && !fl.relu && fl.kind.is_linear() {
             [WIDE_MIN, WIDE_MAX]
         } else {
             [ACT_MIN, ACT_MAX]
         };
-        let (spec, q) = calibrate_layer(li, fl, scale, &xs, range)?;
+        let (spec, q) = if fl.kind.is_linear() {
+            calibrate_layer(li, fl, scale, &xs, range)?
+        } else {
+            fixed_layer(fl, scale)
+        };
         xs = xs
             .iter()
             .map(|x| layer_forward(li, &spec, &q, x, range).map(|(_, out)| out))
@@ -362,8 +549,13 @@ pub fn calibrate(model: &FloatModel, samples: &[Vec<f32>]) -> Result<QuantizedMo
         specs.push(spec);
         layers.push(q);
     }
+    let version = if specs.iter().all(|l| l.kind.is_linear()) {
+        SPEC_VERSION_LINEAR
+    } else {
+        SPEC_VERSION
+    };
     let mut spec = CircuitSpec {
-        version: SPEC_VERSION,
+        version,
         k: MIN_K,
         lanes: LANES as u32,
         input_name: model.input_name.clone(),
@@ -376,7 +568,7 @@ pub fn calibrate(model: &FloatModel, samples: &[Vec<f32>]) -> Result<QuantizedMo
     };
     spec.output_range = spec.expected_output_range();
     let rows = Layout::new(&spec).rows + UNUSABLE_ROWS;
-    let table = (1usize << LIMB_BITS) + UNUSABLE_ROWS;
+    let table = (1usize << LIMB_BITS).max(spec.act_table_rows()) + UNUSABLE_ROWS;
     let k = (MIN_K..=MAX_K).find(|k| (1usize << k) >= rows.max(table));
     spec.k = k.ok_or_else(|| {
         ZkError::unsupported(
@@ -384,7 +576,44 @@ pub fn calibrate(model: &FloatModel, samples: &[Vec<f32>]) -> Result<QuantizedMo
             format!("needs {rows} circuit rows, more than the supported 2^{MAX_K}"),
         )
     })?;
+    // Never emit a spec that verifiers would refuse (e.g. an activation table at a scale
+    // outside the supported range).
+    if let Err(e) = spec.validate() {
+        let reason = match e {
+            ZkError::Verification(m) => m,
+            other => other.to_string(),
+        };
+        return Err(ZkError::unsupported("model", reason));
+    }
     Ok(QuantizedModel { spec, layers })
+}
+
+/// The spec of a layer without weights (max pooling, table activation) at `input_scale`.
+fn fixed_layer(fl: &FloatLayer, input_scale: i32) -> (LayerSpec, QLayer) {
+    let (output_scale, table) = if fl.kind.is_table() {
+        (
+            TABLE_OUTPUT_SCALE,
+            activation_table(&fl.kind, input_scale, TABLE_OUTPUT_SCALE),
+        )
+    } else {
+        (input_scale, Vec::new())
+    };
+    let spec = LayerSpec {
+        kind: fl.kind.clone(),
+        inputs: fl.inputs as u32,
+        outputs: fl.outputs as u32,
+        relu: false,
+        input_scale,
+        weight_scale: 0,
+        output_scale,
+        shift: 0,
+        table,
+    };
+    let q = QLayer {
+        weights: Vec::new(),
+        bias: Vec::new(),
+    };
+    (spec, q)
 }
 
 fn calibrate_layer(
@@ -443,6 +672,7 @@ fn calibrate_layer(
             weight_scale,
             output_scale,
             shift,
+            table: Vec::new(),
         };
         let q = QLayer { weights, bias };
         if xs
@@ -468,6 +698,9 @@ pub(crate) fn layer_forward(
     [min, max]: [i64; 2],
 ) -> Result<(Vec<i64>, Vec<i64>), ZkError> {
     let (n, m) = (spec.inputs as usize, spec.outputs as usize);
+    if !spec.kind.is_linear() {
+        return Ok((Vec::new(), fixed_forward(li, spec, x)?));
+    }
     let mut accs = Vec::with_capacity(m);
     let mut outs = Vec::with_capacity(m);
     for o in 0..m {
@@ -491,6 +724,35 @@ pub(crate) fn layer_forward(
         outs.push(rq.out);
     }
     Ok((accs, outs))
+}
+
+/// A layer without weights in integers: the max of each window, or the table of each input
+/// (an input outside the table, i.e. outside the activation range, is `OutOfRange`).
+fn fixed_forward(li: usize, spec: &LayerSpec, x: &[i64]) -> Result<Vec<i64>, ZkError> {
+    let (n, m) = (spec.inputs as usize, spec.outputs as usize);
+    (0..m)
+        .map(|o| {
+            let conns = spec.kind.connections(n, o);
+            if spec.kind.is_table() {
+                let v = x[o];
+                let idx = usize::try_from(v - ACT_MIN)
+                    .ok()
+                    .filter(|&i| i < spec.table.len());
+                idx.map(|i| spec.table[i]).ok_or(ZkError::OutOfRange {
+                    at: format!("layer {li} neuron {o} (activation table input)"),
+                    value: v,
+                    min: ACT_MIN,
+                    max: ACT_MAX,
+                })
+            } else {
+                conns
+                    .iter()
+                    .map(|&(i, _)| x[i])
+                    .max()
+                    .ok_or_else(|| ZkError::Internal(format!("layer {li}: empty pooling window")))
+            }
+        })
+        .collect()
 }
 
 /// The witness of one rescale: `acc = q·2^shift + r0 + 2^8·r1`, `u = r0·f0`, `v = r1·f1`
@@ -640,6 +902,33 @@ mod tests {
         }
         assert_eq!(requant(-5, 1, true).out, 0);
         assert_eq!(requant(-5, 1, false).out, -3);
+    }
+
+    #[test]
+    fn deterministic_exp_and_tables_match_libm() {
+        for i in -1000..=1000 {
+            let x = f64::from(i) * 0.1;
+            let (a, b) = (exp_det(x), x.exp());
+            assert!(((a - b) / b).abs() < 1e-13, "exp({x}): {a} vs {b}");
+        }
+        for kind in [LayerKind::Sigmoid, LayerKind::Tanh] {
+            for s in [-3, 0, 2, 5, 9, 30, -30] {
+                let t = activation_table(&kind, s, TABLE_OUTPUT_SCALE);
+                assert_eq!(t.len(), TABLE_LEN);
+                for (i, &y) in t.iter().enumerate() {
+                    let x = (i as f64 + ACT_MIN as f64) * 2f64.powi(-s);
+                    let f = match kind {
+                        LayerKind::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+                        _ => x.tanh(),
+                    };
+                    let want = (f * 128.0).clamp(ACT_MIN as f64, ACT_MAX as f64);
+                    assert!(
+                        (y as f64 - want).abs() <= 0.5 + 1e-9,
+                        "{kind:?} s={s} x={x}: {y} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

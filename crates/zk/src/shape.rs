@@ -1,5 +1,6 @@
 //! Layer shapes: which inputs and which weight each output neuron uses (dense, convolution,
-//! depthwise convolution for average pooling), and how neurons are grouped into circuit blocks.
+//! depthwise convolution for average pooling; the window of a max pooling; the one input of an
+//! elementwise table activation), and how neurons are grouped into circuit blocks.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +19,7 @@ pub struct ConvShape {
     pub stride: [u32; 2],
     /// `[top, left, bottom, right]`, zero padding.
     pub pads: [u32; 4],
-    /// Each output channel reads only its own input channel (average pooling).
+    /// Each output channel reads only its own input channel (average and max pooling).
     pub depthwise: bool,
 }
 
@@ -52,6 +53,15 @@ impl ConvShape {
         }
     }
 
+    /// Whether every padding is smaller than the kernel along its axis (as ONNX requires): then
+    /// every window has at least one in-bounds element (needed by max pooling).
+    pub fn pads_within_kernel(&self) -> bool {
+        self.pads[0] < self.kernel[0]
+            && self.pads[2] < self.kernel[0]
+            && self.pads[1] < self.kernel[1]
+            && self.pads[3] < self.kernel[1]
+    }
+
     /// Whether the shape is well formed (and small enough to plan without overflow).
     pub fn is_valid(&self) -> bool {
         let dims = [
@@ -75,7 +85,8 @@ impl ConvShape {
     }
 }
 
-/// The kind of a linear layer.
+/// The kind of a layer: linear (dense or convolution, with weights and a rescale) or, from spec
+/// version 2, a max pooling or an elementwise table activation (no weights, no rescale).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LayerKind {
@@ -84,6 +95,13 @@ pub enum LayerKind {
     Dense,
     /// Convolution; weights `[out_c][in_c][kh][kw]` (`[c][kh][kw]` when depthwise).
     Conv(ConvShape),
+    /// Max pooling over the in-bounds part of each window (`depthwise`, padding ignored as ONNX
+    /// pads with `-inf`); output `o` is the max of [`LayerKind::connections`]`(n, o)`.
+    MaxPool(ConvShape),
+    /// Elementwise logistic sigmoid by table lookup.
+    Sigmoid,
+    /// Elementwise hyperbolic tangent by table lookup.
+    Tanh,
 }
 
 impl LayerKind {
@@ -91,19 +109,32 @@ impl LayerKind {
         matches!(self, LayerKind::Dense)
     }
 
+    /// Dense and convolution layers: weights, accumulation and a rescale.
+    pub fn is_linear(&self) -> bool {
+        matches!(self, LayerKind::Dense | LayerKind::Conv(_))
+    }
+
+    /// Elementwise activations computed by a lookup table.
+    pub fn is_table(&self) -> bool {
+        matches!(self, LayerKind::Sigmoid | LayerKind::Tanh)
+    }
+
     /// Number of weights of a layer with `n` inputs and `m` outputs.
     pub fn weight_count(&self, n: usize, m: usize) -> usize {
         match self {
             LayerKind::Dense => n * m,
             LayerKind::Conv(c) => c.weight_count(),
+            LayerKind::MaxPool(_) | LayerKind::Sigmoid | LayerKind::Tanh => 0,
         }
     }
 
-    /// `(input index, weight index)` of every term of output `o`'s sum.
+    /// `(input index, weight index)` of every term of output `o`'s sum (for a max pooling,
+    /// the window of `o`; for a table activation, input `o`).
     pub fn connections(&self, n: usize, o: usize) -> Vec<(usize, usize)> {
         match self {
             LayerKind::Dense => (0..n).map(|i| (i, o * n + i)).collect(),
-            LayerKind::Conv(c) => {
+            LayerKind::Sigmoid | LayerKind::Tanh => vec![(o, 0)],
+            LayerKind::Conv(c) | LayerKind::MaxPool(c) => {
                 let (oh, ow) = (c.out_h() as usize, c.out_w() as usize);
                 let (h, w) = (c.in_h as usize, c.in_w as usize);
                 let (kh, kw) = (c.kernel[0] as usize, c.kernel[1] as usize);
@@ -143,10 +174,12 @@ impl LayerKind {
     }
 
     /// Groups of at most `LANES` outputs that share one block: consecutive outputs for dense
-    /// layers; for convolutions, the channels at one output position (same input patch).
+    /// layers (and, unused, for the layers without weights); for convolutions, the channels at
+    /// one output position (same input patch).
     pub fn groups(&self, m: usize) -> Vec<Vec<usize>> {
         match self {
-            LayerKind::Dense => (0..m)
+            LayerKind::Dense | LayerKind::MaxPool(_) | LayerKind::Sigmoid | LayerKind::Tanh => (0
+                ..m)
                 .collect::<Vec<_>>()
                 .chunks(LANES)
                 .map(<[usize]>::to_vec)
@@ -237,11 +270,41 @@ mod tests {
         assert_eq!(groups.len(), 16);
         assert_eq!(groups[1], vec![1, 17, 33]);
         let (blocks, end) = plan(&k, 32, 48, 10);
+        assert!(!k.is_dense() && k.is_linear() && !k.is_table());
         assert_eq!(blocks[0].row, 10);
         assert_eq!(blocks[0].inputs.len(), 8);
         assert_eq!(
             end,
             10 + blocks.iter().map(|b| b.inputs.len() + 1).sum::<usize>() + 1
         );
+    }
+
+    #[test]
+    fn max_pool_windows_skip_padding() {
+        let c = ConvShape {
+            in_channels: 2,
+            in_h: 3,
+            in_w: 3,
+            out_channels: 2,
+            kernel: [2, 2],
+            stride: [2, 2],
+            pads: [1, 1, 0, 0],
+            depthwise: true,
+        };
+        assert!(c.pads_within_kernel() && c.is_valid());
+        assert_eq!((c.out_h(), c.out_w()), (2, 2));
+        let k = LayerKind::MaxPool(c.clone());
+        assert!(!k.is_linear() && k.weight_count(18, 8) == 0);
+        // Top-left window: only input (0, 0) is in bounds.
+        let w: Vec<usize> = k.connections(18, 0).iter().map(|c| c.0).collect();
+        assert_eq!(w, vec![0]);
+        // Second channel, bottom-right window: rows 1..3, columns 1..3.
+        let w: Vec<usize> = k.connections(18, 7).iter().map(|c| c.0).collect();
+        assert_eq!(w, vec![13, 14, 16, 17]);
+        let mut bad = c;
+        bad.kernel = [1, 3];
+        bad.pads = [1, 0, 0, 0];
+        assert!(!bad.pads_within_kernel());
+        assert_eq!(LayerKind::Tanh.connections(5, 3), vec![(3, 0)]);
     }
 }

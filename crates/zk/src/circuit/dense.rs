@@ -43,6 +43,29 @@ pub enum DenseInput<'a> {
     Cells(&'a [AssignedCell<Fp, Fp>]),
 }
 
+impl DenseInput<'_> {
+    /// Copies input `idx` into `column` at `row` (copy constraint to its source cell).
+    pub fn copy(
+        &self,
+        region: &mut Region<'_, Fp>,
+        idx: usize,
+        column: Column<Advice>,
+        row: usize,
+    ) -> Result<AssignedCell<Fp, Fp>, Error> {
+        match self {
+            DenseInput::Cells(prev) => {
+                prev.get(idx)
+                    .ok_or(Error::Synthesis)?
+                    .copy_advice(|| "x", region, column, row)
+            }
+            DenseInput::Instance {
+                column: inst,
+                first_row,
+            } => region.assign_advice_from_instance(|| "x", *inst, first_row + idx, column, row),
+        }
+    }
+}
+
 /// A result cell with its integer value.
 pub type IntCell = (AssignedCell<Fp, Fp>, Value<i64>);
 

@@ -13,7 +13,7 @@ use prost::Message;
 
 use crate::common::{argmax, digits, params_dir};
 
-fn floats(name: &str, dims: &[i64], seed: u64, scale: f32) -> TensorProto {
+pub fn floats(name: &str, dims: &[i64], seed: u64, scale: f32) -> TensorProto {
     let n: i64 = dims.iter().product();
     let mut s = seed;
     let data = (0..n)
@@ -33,7 +33,7 @@ fn floats(name: &str, dims: &[i64], seed: u64, scale: f32) -> TensorProto {
     }
 }
 
-fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
+pub fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         ints: v.to_vec(),
@@ -42,7 +42,7 @@ fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
     }
 }
 
-fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
+pub fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
     NodeProto {
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: vec![output.into()],
@@ -55,6 +55,36 @@ fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>)
 
 /// The CNN as ONNX bytes (input "X" `[1, 64]`, output "logits" `[1, 10]`).
 pub fn cnn_onnx() -> Vec<u8> {
+    cnn_onnx_with("AveragePool", [0; 4], false)
+}
+
+/// The CNN with `pool` ("AveragePool" or "MaxPool") as its pooling (with `pads`: a 6×6 map
+/// padded `[1, 1, 0, 0]` still pools to 3×3), and the `Relu` after the pooling instead of
+/// before it if `relu_after_pool`.
+pub fn cnn_onnx_with(pool: &str, pads: [i64; 4], relu_after_pool: bool) -> Vec<u8> {
+    let pool_node = |input: &str, output: &str| {
+        node(
+            pool,
+            &[input],
+            output,
+            vec![
+                ints_attr("kernel_shape", &[2, 2]),
+                ints_attr("strides", &[2, 2]),
+                ints_attr("pads", &pads),
+            ],
+        )
+    };
+    let body = if relu_after_pool {
+        [
+            pool_node("conv", "pooled"),
+            node("Relu", &["pooled"], "pool", vec![]),
+        ]
+    } else {
+        [
+            node("Relu", &["conv"], "relu", vec![]),
+            pool_node("relu", "pool"),
+        ]
+    };
     let shape = TensorProto {
         dims: vec![4],
         data_type: 7,
@@ -74,16 +104,8 @@ pub fn cnn_onnx() -> Vec<u8> {
                     ints_attr("pads", &[0, 0, 0, 0]),
                 ],
             ),
-            node("Relu", &["conv"], "relu", vec![]),
-            node(
-                "AveragePool",
-                &["relu"],
-                "pool",
-                vec![
-                    ints_attr("kernel_shape", &[2, 2]),
-                    ints_attr("strides", &[2, 2]),
-                ],
-            ),
+            body[0].clone(),
+            body[1].clone(),
             node("Flatten", &["pool"], "flat", vec![]),
             node(
                 "Gemm",
@@ -196,17 +218,30 @@ fn cnn_compiles_proves_and_verifies() {
     assert!(verify(&params, &b).is_err());
 }
 
-/// Writes the CNN for a cross-check against onnxruntime (see tests/data/check_cnn.py).
+/// Writes the test models for a cross-check of the float forward pass against onnxruntime
+/// (see tests/data/check_cnn.py): the CNN, the CNN with a padded MaxPool, and the Sigmoid and
+/// Tanh MLPs of the `pool` tests.
 #[test]
-#[ignore = "writes target/zk-cnn.onnx and its float outputs for a manual cross-check"]
+#[ignore = "writes target/zk-*.onnx and their float outputs for a manual cross-check"]
 fn write_cnn_for_onnxruntime() {
     let root = modelhub_testkit::workspace_root();
-    std::fs::write(root.join("target/zk-cnn.onnx"), cnn_onnx()).unwrap();
-    let float = onnx::parse(&cnn_onnx()).unwrap();
-    let out: Vec<Vec<f32>> = digits().test[..5]
-        .iter()
-        .map(|x| float.forward(x))
-        .collect();
-    let json = serde_json::json!({"inputs": &digits().test[..5], "outputs": out});
-    std::fs::write(root.join("target/zk-cnn.json"), json.to_string()).unwrap();
+    let models = [
+        ("zk-cnn", cnn_onnx()),
+        (
+            "zk-cnn-maxpool",
+            cnn_onnx_with("MaxPool", [1, 1, 0, 0], false),
+        ),
+        ("zk-mlp-sigmoid", crate::pool::act_mlp("Sigmoid")),
+        ("zk-mlp-tanh", crate::pool::act_mlp("Tanh")),
+    ];
+    for (name, bytes) in models {
+        std::fs::write(root.join(format!("target/{name}.onnx")), &bytes).unwrap();
+        let float = onnx::parse(&bytes).unwrap();
+        let out: Vec<Vec<f32>> = digits().test[..5]
+            .iter()
+            .map(|x| float.forward(x))
+            .collect();
+        let json = serde_json::json!({"inputs": &digits().test[..5], "outputs": out});
+        std::fs::write(root.join(format!("target/{name}.json")), json.to_string()).unwrap();
+    }
 }

@@ -15,6 +15,8 @@ fn compiles_the_sklearn_model_and_keeps_the_argmax() {
     );
     assert_eq!((spec.input_len(), spec.output_len()), (64, 10));
     assert_eq!(spec.k, 9);
+    // Linear layers only: still the original circuit (spec version 1, same keys and proofs).
+    assert_eq!(spec.version, modelhub_zk::quant::SPEC_VERSION_LINEAR);
     let float = onnx::parse(&f.onnx).unwrap();
     let d = digits();
     let (mut same, mut correct) = (0, 0);

@@ -5,3 +5,4 @@ mod common;
 mod digits;
 mod mnist;
 mod pinned;
+mod pool;
