@@ -45,7 +45,7 @@ pub struct ClientArgs {
 }
 
 impl ClientArgs {
-    fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         Client::new(&self.url, KeyFile::read(&self.key_file)?)
     }
 }
@@ -89,6 +89,9 @@ pub enum Command {
     /// Fetch and verify zero-knowledge proofs of predictions.
     #[command(subcommand)]
     Proofs(Proofs),
+    /// The marketplace contract: deploy, register models, buy credits, withdraw earnings.
+    #[command(subcommand)]
+    Chain(crate::chain::Chain),
     /// Show the key's account: credits and earnings.
     Account {
         #[command(flatten)]
@@ -194,7 +197,11 @@ pub enum Accounts {
     /// Create an account (admin); optionally grant it credits and write a first key for it.
     Create {
         name: String,
-        /// Credits to grant the new account.
+        /// EVM address whose confirmed purchases (`buyCredits()`) credit the account, with the
+        /// chain ledger.
+        #[arg(long)]
+        wallet: Option<String>,
+        /// Credits to grant the new account (embedded ledger).
         #[arg(long)]
         credits: Option<u64>,
         /// Create a key for the new account and write it to this file (mode 0600).
@@ -289,13 +296,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Accounts(Accounts::Create {
             name,
+            wallet,
             credits,
             key_out,
             client,
         }) => {
             let client = client.client()?;
             let mut v = client
-                .post("/v1/accounts", &json!({ "name": name }))
+                .post("/v1/accounts", &json!({ "name": name, "wallet": wallet }))
                 .await?
                 .ok()?;
             let account_id = v["account_id"]
@@ -503,6 +511,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }));
             Ok(())
         }
+        Command::Chain(chain) => crate::chain::run(chain).await,
         Command::Account { client } => {
             print_json(&client.client()?.get("/v1/account").await?.ok()?);
             Ok(())
@@ -529,7 +538,7 @@ pub async fn verify_proof_file(
 }
 
 /// A model id as given, or the id of the model named `NAME@VERSION`.
-async fn resolve_model(client: &Client, model: &str) -> anyhow::Result<String> {
+pub(crate) async fn resolve_model(client: &Client, model: &str) -> anyhow::Result<String> {
     let Some((name, version)) = model.split_once('@') else {
         return Ok(model.to_string());
     };
@@ -545,7 +554,7 @@ async fn resolve_model(client: &Client, model: &str) -> anyhow::Result<String> {
 }
 
 /// Prints JSON on stdout; a closed stdout (`modelhub ... | head`) is not an error.
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     use std::io::Write;
     let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
     let _ = writeln!(std::io::stdout().lock(), "{text}");

@@ -37,6 +37,10 @@ pub struct UpSettings {
     /// Keep model blobs on this IPFS node (kubo RPC API) instead of the local blob store.
     #[arg(long, env = "MODELHUB_STORAGE_IPFS_API")]
     pub ipfs_api: Option<String>,
+    /// Credits on a marketplace contract (`--chain-rpc URL --marketplace ADDR
+    /// --operator-key-file F`) instead of the embedded ledger.
+    #[command(flatten)]
+    pub chain: modelhub_registry::ChainArgs,
 }
 
 impl UpSettings {
@@ -46,6 +50,7 @@ impl UpSettings {
             http: "127.0.0.1:0".parse().expect("addr"),
             mongodb_uri: None,
             ipfs_api: None,
+            chain: modelhub_registry::ChainArgs::default(),
         }
     }
 }
@@ -93,6 +98,7 @@ pub async fn start(settings: UpSettings) -> anyhow::Result<Running> {
     let registry_settings = modelhub_registry::Settings {
         kek_file: Some(kek_file.clone()),
         mongodb_uri: settings.mongodb_uri.clone(),
+        chain: settings.chain.clone(),
         ..modelhub_registry::Settings::for_test(data.join("registry"))
     };
     let storage_settings = modelhub_storage::Settings {
@@ -204,6 +210,7 @@ pub async fn bootstrap_admin(registry: &str, path: &Path) -> anyhow::Result<KeyF
         .create_account(reg::CreateAccountRequest {
             name: "admin".into(),
             admin: true,
+            ..Default::default()
         })
         .await
         .context("creating the admin account")?

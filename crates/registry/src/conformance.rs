@@ -11,7 +11,9 @@ use std::sync::Arc;
 use modelhub_core::{DataType, ErrorCode, TensorSpec, id};
 
 use crate::error::RegistryError;
-use crate::model::{Account, ApiKey, Model, ReservationState};
+use crate::model::{
+    Account, ApiKey, BatchState, Model, Receipt, ReservationState, SettlementBatch,
+};
 use crate::store::MetadataStore;
 
 /// The store under test, shared by tasks.
@@ -33,7 +35,13 @@ pub fn new_account(name: &str, credits: u64) -> Account {
         credits,
         earnings: 0,
         created_at: id::unix_now(),
+        wallet: None,
     }
+}
+
+/// A fresh random wallet address (`0x` + 40 lowercase hex).
+pub fn new_wallet() -> String {
+    format!("0x{}", hex::encode(id::random_bytes::<20>()))
 }
 
 /// A fresh model record owned by `owner`, with a unique name.
@@ -184,6 +192,12 @@ where
     delete_model(store.clone()).await;
     grant_once(store.clone()).await;
     concurrent_reserve(store.clone()).await;
+    wallets(store.clone()).await;
+    unsettled_receipts(store.clone()).await;
+    batches(store.clone()).await;
+    batch_order(store.clone()).await;
+    racing_batches(store.clone()).await;
+    cursors(store.clone()).await;
     drop(store);
     restart_durability(open).await;
 }
@@ -779,6 +793,460 @@ pub async fn concurrent_reserve(store: Store) {
     assert_eq!(totals().await, (20, 30));
 }
 
+/// `n` committed receipts (price 2 each) of a fresh buyer, seller and model.
+pub async fn committed_receipts(store: &Store, n: u64) -> Vec<Receipt> {
+    let owner = store
+        .create_account(new_account("seller", 0))
+        .await
+        .unwrap();
+    let buyer = store
+        .create_account(new_account("buyer", 2 * n))
+        .await
+        .unwrap();
+    let model = store
+        .create_model(new_model(&owner.account_id, 2))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = store
+            .reserve(&buyer.account_id, &model.model_id, None)
+            .await
+            .unwrap();
+        out.push(store.commit(&r.reservation_id).await.unwrap());
+    }
+    out
+}
+
+/// A new pending batch of `receipts` (random `0x` + 64 hex id).
+pub fn new_batch(receipts: &[Receipt]) -> SettlementBatch {
+    let now = id::unix_now();
+    SettlementBatch {
+        batch_id: format!("0x{}", hex::encode(id::random_bytes::<32>())),
+        receipt_ids: receipts.iter().map(|r| r.receipt_id.clone()).collect(),
+        credits: receipts.iter().map(|r| r.credits_charged).sum(),
+        state: BatchState::Pending,
+        tx_hash: None,
+        error: None,
+        attempts: 0,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+/// Every unsettled receipt, oldest first.
+async fn all_unsettled(store: &Store) -> Vec<Receipt> {
+    store.unsettled_receipts(1_000_000).await.unwrap()
+}
+
+/// Wallets: unique across accounts, found by address; accounts without one are unaffected.
+pub async fn wallets(store: Store) {
+    let wallet = new_wallet();
+    let mut a = new_account("wallet-a", 0);
+    a.wallet = Some(wallet.clone());
+    assert_eq!(store.create_account(a.clone()).await.unwrap(), a);
+    assert_eq!(store.get_account(&a.account_id).await.unwrap(), a);
+    assert_eq!(
+        store.find_account_by_wallet(&wallet).await.unwrap(),
+        Some(a.clone())
+    );
+
+    // The same wallet on another account: refused, and nothing is written.
+    let mut b = new_account("wallet-b", 0);
+    b.wallet = Some(wallet.clone());
+    assert_eq!(
+        code(store.create_account(b.clone()).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        code(store.get_account(&b.account_id).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        store.find_account_by_wallet(&wallet).await.unwrap(),
+        Some(a.clone())
+    );
+    // With a wallet of its own it is fine.
+    let other_wallet = new_wallet();
+    b.wallet = Some(other_wallet.clone());
+    store.create_account(b.clone()).await.unwrap();
+    assert_eq!(
+        store.find_account_by_wallet(&other_wallet).await.unwrap(),
+        Some(b.clone())
+    );
+
+    // An existing account id with a fresh wallet: refused, and the wallet stays free.
+    let fresh = new_wallet();
+    let mut dup = a.clone();
+    dup.wallet = Some(fresh.clone());
+    assert_eq!(code(store.create_account(dup).await), ErrorCode::Conflict);
+    assert_eq!(store.find_account_by_wallet(&fresh).await.unwrap(), None);
+    let mut c = new_account("wallet-c", 0);
+    c.wallet = Some(fresh.clone());
+    store.create_account(c.clone()).await.unwrap();
+    assert_eq!(store.find_account_by_wallet(&fresh).await.unwrap(), Some(c));
+
+    // Many accounts without a wallet.
+    for _ in 0..5 {
+        let none = store
+            .create_account(new_account("no-wallet", 1))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get_account(&none.account_id).await.unwrap().wallet,
+            None
+        );
+    }
+    assert_eq!(
+        store.find_account_by_wallet(&new_wallet()).await.unwrap(),
+        None
+    );
+    assert_eq!(store.find_account_by_wallet("").await.unwrap(), None);
+}
+
+/// Committed receipts in no batch are listed oldest first, limited, and counted.
+pub async fn unsettled_receipts(store: Store) {
+    let made = committed_receipts(&store, 4).await;
+    for r in &made {
+        assert_eq!(r.batch_id, None);
+        assert_eq!(store.get_receipt(&r.receipt_id).await.unwrap(), *r);
+    }
+    let all = all_unsettled(&store).await;
+    assert!(
+        all.windows(2)
+            .all(|w| (w[0].created_at, &w[0].receipt_id) < (w[1].created_at, &w[1].receipt_id)),
+        "unsettled receipts must be sorted by (created_at, receipt_id)"
+    );
+    assert!(all.iter().all(|r| r.batch_id.is_none()));
+    for r in &made {
+        assert!(all.contains(r), "{r:?} is unsettled");
+    }
+    assert_eq!(
+        store.count_unsettled_receipts().await.unwrap(),
+        all.len() as u64
+    );
+    assert_eq!(store.unsettled_receipts(2).await.unwrap(), all[..2]);
+    assert_eq!(
+        store.unsettled_receipts(all.len()).await.unwrap(),
+        all,
+        "a limit of exactly the count"
+    );
+    assert!(store.unsettled_receipts(0).await.unwrap().is_empty());
+
+    // Held and released reservations have no receipt: the count doesn't move.
+    let owner = store
+        .create_account(new_account("seller", 0))
+        .await
+        .unwrap();
+    let buyer = store.create_account(new_account("buyer", 9)).await.unwrap();
+    let model = store
+        .create_model(new_model(&owner.account_id, 3))
+        .await
+        .unwrap();
+    let held = store
+        .reserve(&buyer.account_id, &model.model_id, None)
+        .await
+        .unwrap();
+    let released = store
+        .reserve(&buyer.account_id, &model.model_id, None)
+        .await
+        .unwrap();
+    store.release(&released.reservation_id).await.unwrap();
+    assert_eq!(
+        store.count_unsettled_receipts().await.unwrap(),
+        all.len() as u64
+    );
+    let receipt = store.commit(&held.reservation_id).await.unwrap();
+    assert_eq!(
+        store.count_unsettled_receipts().await.unwrap(),
+        all.len() as u64 + 1
+    );
+    assert!(all_unsettled(&store).await.contains(&receipt));
+}
+
+/// create_batch assigns receipts once and all at once; update_batch moves a batch out of
+/// `Pending` once.
+pub async fn batches(store: Store) {
+    let made = committed_receipts(&store, 5).await;
+    let before = store.count_unsettled_receipts().await.unwrap();
+    let count = || {
+        let store = store.clone();
+        async move { store.count_unsettled_receipts().await.unwrap() }
+    };
+    let batch_of = |id: String| {
+        let store = store.clone();
+        async move { store.get_receipt(&id).await.unwrap().batch_id }
+    };
+
+    let b1 = new_batch(&made[..2]);
+    assert_eq!(b1.credits, 4);
+    assert_eq!(store.create_batch(b1.clone()).await.unwrap(), b1);
+    assert_eq!(store.get_batch(&b1.batch_id).await.unwrap(), b1);
+    for r in &made[..2] {
+        assert_eq!(
+            batch_of(r.receipt_id.clone()).await.as_deref(),
+            Some(b1.batch_id.as_str())
+        );
+    }
+    let unsettled = all_unsettled(&store).await;
+    assert!(
+        !unsettled
+            .iter()
+            .any(|u| b1.receipt_ids.contains(&u.receipt_id))
+    );
+    for r in &made[2..] {
+        assert!(unsettled.contains(r));
+    }
+    assert_eq!(count().await, before - 2);
+
+    // A retry returns the stored batch and changes nothing.
+    let mut retry = b1.clone();
+    retry.created_at += 5;
+    retry.updated_at += 5;
+    assert_eq!(store.create_batch(retry).await.unwrap(), b1);
+    assert_eq!(store.get_batch(&b1.batch_id).await.unwrap(), b1);
+    assert_eq!(count().await, before - 2);
+
+    // The same batch id with other receipts.
+    let mut taken = new_batch(&made[2..3]);
+    taken.batch_id = b1.batch_id.clone();
+    assert_eq!(code(store.create_batch(taken).await), ErrorCode::Conflict);
+    assert_eq!(batch_of(made[2].receipt_id.clone()).await, None);
+
+    // A receipt already in another batch: refused, nothing written.
+    let b2 = new_batch(&[made[2].clone(), made[1].clone()]);
+    assert_eq!(
+        code(store.create_batch(b2.clone()).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        code(store.get_batch(&b2.batch_id).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(batch_of(made[2].receipt_id.clone()).await, None);
+    assert_eq!(
+        batch_of(made[1].receipt_id.clone()).await.as_deref(),
+        Some(b1.batch_id.as_str())
+    );
+
+    // An unknown receipt: not found, nothing written.
+    let mut b3 = new_batch(&made[2..4]);
+    b3.receipt_ids.push("rcpt_missing".to_owned());
+    assert_eq!(
+        code(store.create_batch(b3.clone()).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(store.get_batch(&b3.batch_id).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(batch_of(made[2].receipt_id.clone()).await, None);
+    assert_eq!(batch_of(made[3].receipt_id.clone()).await, None);
+
+    // A receipt twice, or credits that are not the receipts' sum: bad request.
+    let mut twice = new_batch(&made[2..3]);
+    twice.receipt_ids.push(made[2].receipt_id.clone());
+    twice.credits *= 2;
+    assert_eq!(code(store.create_batch(twice).await), ErrorCode::BadRequest);
+    let mut wrong = new_batch(&made[2..4]);
+    wrong.credits += 1;
+    assert_eq!(
+        code(store.create_batch(wrong.clone()).await),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        code(store.get_batch(&wrong.batch_id).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(count().await, before - 2);
+
+    // The rest in a second batch.
+    let b4 = new_batch(&made[2..]);
+    assert_eq!(store.create_batch(b4.clone()).await.unwrap(), b4);
+    assert_eq!(count().await, before - 5);
+
+    // update_batch: pending → pending (one more attempt) → settled; then final.
+    let mut update = b1.clone();
+    update.attempts = 1;
+    update.updated_at = b1.updated_at + 1;
+    update.tx_hash = Some(format!("0x{}", "ab".repeat(32)));
+    update.receipt_ids = Vec::new(); // never replaced
+    update.credits = 99;
+    let expected = SettlementBatch {
+        attempts: 1,
+        updated_at: b1.updated_at + 1,
+        tx_hash: update.tx_hash.clone(),
+        ..b1.clone()
+    };
+    assert_eq!(store.update_batch(&update).await.unwrap(), expected);
+    assert_eq!(store.get_batch(&b1.batch_id).await.unwrap(), expected);
+    update.state = BatchState::Settled;
+    update.attempts = 2;
+    let settled = SettlementBatch {
+        state: BatchState::Settled,
+        attempts: 2,
+        ..expected
+    };
+    assert_eq!(store.update_batch(&update).await.unwrap(), settled);
+    assert_eq!(store.get_batch(&b1.batch_id).await.unwrap(), settled);
+    update.state = BatchState::Failed;
+    update.error = Some("late".to_owned());
+    assert_eq!(code(store.update_batch(&update).await), ErrorCode::Conflict);
+    assert_eq!(store.get_batch(&b1.batch_id).await.unwrap(), settled);
+    // A settled batch's receipts stay settled; a retry of its creation still returns it.
+    assert_eq!(store.create_batch(b1.clone()).await.unwrap(), settled);
+    assert_eq!(count().await, before - 5);
+
+    // Failed is final too.
+    let mut failed = b4.clone();
+    failed.state = BatchState::Failed;
+    failed.error = Some("model deactivated".to_owned());
+    failed.attempts = 1;
+    assert_eq!(store.update_batch(&failed).await.unwrap(), failed);
+    failed.state = BatchState::Settled;
+    assert_eq!(code(store.update_batch(&failed).await), ErrorCode::Conflict);
+
+    let mut unknown = new_batch(&[]);
+    unknown.state = BatchState::Settled;
+    assert_eq!(
+        code(store.update_batch(&unknown).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(store.get_batch(&unknown.batch_id).await),
+        ErrorCode::NotFound
+    );
+}
+
+/// pending_batches is oldest first, recent_batches newest first, both by (created_at, id).
+pub async fn batch_order(store: Store) {
+    let made = committed_receipts(&store, 4).await;
+    // Later than any other batch of the suite, so these are the most recent ones.
+    let base = id::unix_now() + 1_000_000;
+    let mut made_batches = Vec::new();
+    for (r, at) in made.iter().zip([base + 2, base, base + 2, base + 1]) {
+        let mut b = new_batch(std::slice::from_ref(r));
+        b.created_at = at;
+        b.updated_at = at;
+        made_batches.push(store.create_batch(b).await.unwrap());
+    }
+    let by_key = |b: &SettlementBatch| (b.created_at, b.batch_id.clone());
+    // The last one is settled: it leaves the pending list but stays among the recent.
+    let mut settled = made_batches[3].clone();
+    settled.state = BatchState::Settled;
+    store.update_batch(&settled).await.unwrap();
+    made_batches[3] = settled;
+
+    let pending = store.pending_batches().await.unwrap();
+    assert!(pending.iter().all(|b| b.state == BatchState::Pending));
+    assert!(
+        pending.windows(2).all(|w| by_key(&w[0]) < by_key(&w[1])),
+        "pending batches oldest first"
+    );
+    let ours: Vec<SettlementBatch> = pending
+        .into_iter()
+        .filter(|b| made_batches.iter().any(|m| m.batch_id == b.batch_id))
+        .collect();
+    let mut expected: Vec<SettlementBatch> = made_batches[..3].to_vec();
+    expected.sort_by_key(by_key);
+    assert_eq!(ours, expected);
+
+    let recent = store.recent_batches(4).await.unwrap();
+    let mut expected = made_batches.clone();
+    expected.sort_by_key(|b| std::cmp::Reverse(by_key(b)));
+    assert_eq!(recent, expected);
+    assert_eq!(store.recent_batches(2).await.unwrap(), expected[..2]);
+    assert!(store.recent_batches(0).await.unwrap().is_empty());
+    let all = store.recent_batches(100_000).await.unwrap();
+    assert!(all.len() > 4);
+    assert!(
+        all.windows(2).all(|w| by_key(&w[0]) > by_key(&w[1])),
+        "recent batches newest first"
+    );
+}
+
+/// Batches racing for the same receipts: exactly one gets them all, the others are refused
+/// and leave nothing; racing retries of one batch all get it.
+pub async fn racing_batches(store: Store) {
+    let made = committed_receipts(&store, 5).await;
+    let before = store.count_unsettled_receipts().await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..10 {
+        let mut receipts = made.clone();
+        receipts.rotate_left(k % made.len());
+        let batch = new_batch(&receipts);
+        let store = store.clone();
+        tasks.spawn(async move { (batch.clone(), store.create_batch(batch).await) });
+    }
+    let mut winners = Vec::new();
+    let mut losers = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined.expect("create_batch task panicked") {
+            (b, Ok(stored)) => {
+                assert_eq!(stored, b);
+                winners.push(b);
+            }
+            (b, Err(e)) => {
+                assert_eq!(e.code(), ErrorCode::Conflict, "{e:?}");
+                losers.push(b);
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1, "one batch gets the receipts");
+    let winner = &winners[0];
+    for r in &made {
+        assert_eq!(
+            store
+                .get_receipt(&r.receipt_id)
+                .await
+                .unwrap()
+                .batch_id
+                .as_ref(),
+            Some(&winner.batch_id)
+        );
+    }
+    for b in &losers {
+        assert_eq!(
+            code(store.get_batch(&b.batch_id).await),
+            ErrorCode::NotFound
+        );
+    }
+    assert_eq!(store.count_unsettled_receipts().await.unwrap(), before - 5);
+
+    let made = committed_receipts(&store, 3).await;
+    let batch = new_batch(&made);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let (store, batch) = (store.clone(), batch.clone());
+        tasks.spawn(async move { store.create_batch(batch).await });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        assert_eq!(joined.expect("create_batch task panicked").unwrap(), batch);
+    }
+    assert_eq!(store.get_batch(&batch.batch_id).await.unwrap(), batch);
+}
+
+/// Named cursors: unset until set, then the last value set.
+pub async fn cursors(store: Store) {
+    let name = id::new_id("cursor");
+    let other = id::new_id("cursor");
+    assert_eq!(store.get_cursor(&name).await.unwrap(), None);
+    store.set_cursor(&name, 5).await.unwrap();
+    assert_eq!(store.get_cursor(&name).await.unwrap(), Some(5));
+    store.set_cursor(&name, 1 << 40).await.unwrap();
+    assert_eq!(store.get_cursor(&name).await.unwrap(), Some(1 << 40));
+    store.set_cursor(&name, 3).await.unwrap();
+    assert_eq!(
+        store.get_cursor(&name).await.unwrap(),
+        Some(3),
+        "may go back"
+    );
+    assert_eq!(store.get_cursor(&other).await.unwrap(), None);
+    store.set_cursor(&other, 0).await.unwrap();
+    assert_eq!(store.get_cursor(&other).await.unwrap(), Some(0));
+    assert_eq!(store.get_cursor(&name).await.unwrap(), Some(3));
+}
+
 /// Drops the store, opens it again and finds every record.
 pub async fn restart_durability<F, Fut>(open: F)
 where
@@ -812,6 +1280,21 @@ where
         .reserve(&buyer.account_id, &model.model_id, None)
         .await
         .unwrap();
+    // Chain-ledger records: a wallet, a batch holding the receipt, an unsettled receipt, a
+    // cursor.
+    let mut holder = new_account("holder", 0);
+    holder.wallet = Some(new_wallet());
+    let holder = store.create_account(holder).await.unwrap();
+    let batch = store
+        .create_batch(new_batch(std::slice::from_ref(&receipt)))
+        .await
+        .unwrap();
+    let receipt = store.get_receipt(&receipt.receipt_id).await.unwrap();
+    assert_eq!(receipt.batch_id.as_ref(), Some(&batch.batch_id));
+    let unsettled = committed_receipts(&store, 1).await.remove(0);
+    let cursor = id::new_id("cursor");
+    store.set_cursor(&cursor, 77).await.unwrap();
+    let unsettled_count = store.count_unsettled_receipts().await.unwrap();
     let buyer_now = store.get_account(&buyer.account_id).await.unwrap();
     let owner_now = store.get_account(&owner.account_id).await.unwrap();
     let committed_now = store
@@ -852,7 +1335,44 @@ where
         store.get_receipt(&receipt.receipt_id).await.unwrap(),
         receipt
     );
+    let wallet = holder.wallet.clone().unwrap_or_default();
+    assert_eq!(
+        store.find_account_by_wallet(&wallet).await.unwrap(),
+        Some(holder)
+    );
+    assert_eq!(store.get_batch(&batch.batch_id).await.unwrap(), batch);
+    assert!(store.pending_batches().await.unwrap().contains(&batch));
+    assert!(store.recent_batches(1000).await.unwrap().contains(&batch));
+    assert_eq!(
+        store.count_unsettled_receipts().await.unwrap(),
+        unsettled_count
+    );
+    let listed = all_unsettled(&store).await;
+    assert!(listed.contains(&unsettled));
+    assert!(!listed.iter().any(|r| r.receipt_id == receipt.receipt_id));
+    assert_eq!(store.get_cursor(&cursor).await.unwrap(), Some(77));
     // The indexes survived too.
+    let mut other_holder = new_account("holder-2", 0);
+    other_holder.wallet = Some(wallet);
+    assert_eq!(
+        code(store.create_account(other_holder).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        code(
+            store
+                .create_batch(new_batch(std::slice::from_ref(&receipt)))
+                .await
+        ),
+        ErrorCode::Conflict
+    );
+    let mut settled = batch.clone();
+    settled.state = BatchState::Settled;
+    store.update_batch(&settled).await.unwrap();
+    assert_eq!(
+        code(store.update_batch(&settled).await),
+        ErrorCode::Conflict
+    );
     let mut twin = model.clone();
     twin.model_id = id::new_id(id::MODEL);
     assert_eq!(code(store.create_model(twin).await), ErrorCode::Conflict);

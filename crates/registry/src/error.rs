@@ -29,6 +29,9 @@ pub enum RegistryError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    /// The chain ledger's JSON-RPC node can't be reached or answered badly; retry later.
+    #[error("chain node unavailable: {message}")]
+    ChainUnavailable { message: String },
     /// A sealed secret could not be opened (wrong KEK or tampered record).
     #[error("sealed secret of key {key_id:?} could not be opened")]
     Unseal { key_id: String },
@@ -76,7 +79,9 @@ impl RegistryError {
             RegistryError::NotFound { .. } => ErrorCode::NotFound,
             RegistryError::Conflict { .. } => ErrorCode::Conflict,
             RegistryError::PaymentRequired { .. } => ErrorCode::PaymentRequired,
-            RegistryError::Unavailable { .. } => ErrorCode::Unavailable,
+            RegistryError::Unavailable { .. } | RegistryError::ChainUnavailable { .. } => {
+                ErrorCode::Unavailable
+            }
             RegistryError::Store { .. } | RegistryError::Unseal { .. } => ErrorCode::Internal,
         }
     }
@@ -93,6 +98,10 @@ impl RegistryError {
             RegistryError::Unavailable { .. } => ApiError::new(
                 ErrorCode::Unavailable,
                 "the metadata store is unavailable; retry later",
+            ),
+            RegistryError::ChainUnavailable { .. } => ApiError::new(
+                ErrorCode::Unavailable,
+                "the chain node is unavailable; retry later",
             ),
             RegistryError::Store { .. } | RegistryError::Unseal { .. } => ApiError::internal(),
         }

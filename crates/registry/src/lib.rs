@@ -10,6 +10,7 @@
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod error;
+pub mod ledger;
 pub mod model;
 pub mod service;
 pub mod store;
@@ -26,6 +27,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 pub use error::{RegistryError, Result};
+pub use ledger::{ChainArgs, ChainLedger, EmbeddedLedger, Ledger};
 pub use service::RegistryService;
 pub use store::{MetadataStore, MongoStore, RedbStore};
 
@@ -56,6 +58,9 @@ pub struct Settings {
         default_value_t = 2000
     )]
     pub mongodb_timeout_ms: u64,
+    /// The chain ledger (credits on the marketplace contract), when `--chain-rpc` is set.
+    #[command(flatten)]
+    pub chain: ChainArgs,
 }
 
 impl std::fmt::Debug for Settings {
@@ -69,6 +74,7 @@ impl std::fmt::Debug for Settings {
                 &self.mongodb_uri.as_ref().map(|_| "<redacted>"),
             )
             .field("mongodb_timeout_ms", &self.mongodb_timeout_ms)
+            .field("chain", &self.chain)
             .finish()
     }
 }
@@ -81,6 +87,7 @@ impl Settings {
             kek_file: None,
             mongodb_uri: None,
             mongodb_timeout_ms: 2000,
+            chain: ChainArgs::default(),
         }
     }
 
@@ -101,8 +108,8 @@ impl Settings {
 }
 
 impl RegistryService {
-    /// Opens the store (MongoDB when `mongodb_uri` is set, else the embedded one) and the KEK
-    /// named by `settings`.
+    /// Opens the store (MongoDB when `mongodb_uri` is set, else the embedded one), the KEK
+    /// and the ledger (the chain one when `chain.chain_rpc` is set) named by `settings`.
     pub async fn open(settings: &Settings) -> anyhow::Result<RegistryService> {
         let mongo = match &settings.mongodb_uri {
             Some(uri) => {
@@ -114,6 +121,7 @@ impl RegistryService {
             }
             None => None,
         };
+        let chain = settings.chain.clone();
         let settings = settings.clone();
         let (store, kek) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let store = match mongo {
@@ -129,7 +137,16 @@ impl RegistryService {
             Ok((store, kek))
         })
         .await??;
-        Ok(RegistryService::new(store, kek))
+        let service = RegistryService::new(store.clone(), kek);
+        Ok(match chain.chain_rpc {
+            Some(_) => {
+                let ledger = ChainLedger::connect(chain, store)
+                    .await
+                    .context("starting the chain ledger")?;
+                service.with_ledger(Arc::new(ledger))
+            }
+            None => service,
+        })
     }
 }
 
@@ -150,12 +167,15 @@ pub async fn run(
         Err(e) => tracing::warn!(error = %e, "registry listening on an unknown address"),
     }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    let ledger = service.ledger().clone();
+    let background = tokio::spawn(async move { ledger.run().await });
+    let served = Server::builder()
         .add_service(health_service)
         .add_service(RegistryServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("serving the registry")?;
+        .await;
+    background.abort();
+    served.context("serving the registry")?;
     tracing::info!("registry stopped");
     Ok(())
 }

@@ -14,6 +14,11 @@ pub struct Account {
     pub credits: u64,
     pub earnings: u64,
     pub created_at: i64,
+    /// The account's EVM address (`0x` + 40 lowercase hex), unique across accounts: with the
+    /// chain ledger, confirmed `CreditsBought` deposits from it credit this account and its
+    /// usage is settled against it.
+    #[serde(default)]
+    pub wallet: Option<String>,
 }
 
 /// An API key; the secret is sealed by the KEK (AAD = key id) and never stored in the clear.
@@ -96,4 +101,47 @@ pub struct Receipt {
     pub owner: String,
     pub credits_charged: u64,
     pub created_at: i64,
+    /// The settlement batch the receipt belongs to, once the chain ledger has put it in one
+    /// (`None`: not yet settled, or an embedded ledger).
+    #[serde(default)]
+    pub batch_id: Option<String>,
+}
+
+/// Where a settlement batch stands. `Pending` moves to `Settled` or `Failed`, never back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchState {
+    /// Written, not yet known to be settled on chain: sent again (same batch id) until it is.
+    Pending,
+    Settled,
+    /// The contract refused it for good (e.g. a deactivated model); `error` says why.
+    Failed,
+}
+
+impl BatchState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchState::Pending => "pending",
+            BatchState::Settled => "settled",
+            BatchState::Failed => "failed",
+        }
+    }
+}
+
+/// Committed receipts settled on chain together by one `consumeCredits(batch_id, records)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettlementBatch {
+    /// `0x` + 64 hex: the contract's batch id (it refuses a batch id twice).
+    pub batch_id: String,
+    /// The receipts it settles, each in exactly one batch.
+    pub receipt_ids: Vec<String>,
+    /// Sum of the receipts' `credits_charged`.
+    pub credits: u64,
+    pub state: BatchState,
+    pub tx_hash: Option<String>,
+    pub error: Option<String>,
+    /// How many times it was sent.
+    pub attempts: u32,
+    pub created_at: i64,
+    pub updated_at: i64,
 }

@@ -11,7 +11,8 @@ use tonic::{Request, Response, Status};
 use tracing::{error, warn};
 
 use crate::error::{RegistryError, Result};
-use crate::model::{Account, ApiKey, Model, Receipt, Reservation};
+use crate::ledger::{EmbeddedLedger, Ledger, LedgerStatus};
+use crate::model::{Account, ApiKey, Model, Receipt, Reservation, SettlementBatch};
 use crate::store::MetadataStore;
 
 /// Longest account name, in characters.
@@ -23,6 +24,7 @@ pub const MAX_ACCOUNT_NAME: usize = 64;
 pub struct RegistryService {
     store: Arc<dyn MetadataStore>,
     kek: Arc<Kek>,
+    ledger: Arc<dyn Ledger>,
 }
 
 impl std::fmt::Debug for RegistryService {
@@ -152,6 +154,49 @@ fn account_pb(a: Account) -> pb::Account {
         credits: a.credits,
         earnings: a.earnings,
         created_at: a.created_at,
+        wallet: a.wallet.unwrap_or_default(),
+    }
+}
+
+fn batch_pb(b: SettlementBatch) -> pb::SettlementBatch {
+    pb::SettlementBatch {
+        batch_id: b.batch_id,
+        state: b.state.as_str().to_owned(),
+        receipts: u32::try_from(b.receipt_ids.len()).unwrap_or(u32::MAX),
+        credits: b.credits,
+        tx_hash: b.tx_hash.unwrap_or_default(),
+        error: b.error.unwrap_or_default(),
+        attempts: b.attempts,
+        created_at: b.created_at,
+    }
+}
+
+fn ledger_pb(s: LedgerStatus) -> pb::LedgerInfo {
+    pb::LedgerInfo {
+        kind: s.kind.to_owned(),
+        chain_id: s.chain_id,
+        marketplace: s.marketplace,
+        operator: s.operator,
+        wei_per_credit: s.wei_per_credit,
+        followed_block: s.followed_block,
+        confirmations: s.confirmations,
+        unsettled_receipts: s.unsettled_receipts,
+        batches: s.batches.into_iter().map(batch_pb).collect(),
+    }
+}
+
+/// A wallet as accounts store it: `0x` + 40 lowercase hex.
+fn normalize_wallet(wallet: &str) -> Result<String> {
+    match wallet
+        .strip_prefix("0x")
+        .or_else(|| wallet.strip_prefix("0X"))
+    {
+        Some(hex) if hex.len() == 40 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(format!("0x{}", hex.to_ascii_lowercase()))
+        }
+        _ => Err(RegistryError::bad_request(
+            "wallet must be an EVM address: 0x and 40 hex digits",
+        )),
     }
 }
 
@@ -198,11 +243,23 @@ fn receipt_pb(r: Receipt) -> pb::Receipt {
 
 impl RegistryService {
     /// A service over `store`, sealing key secrets with `kek`.
+    /// A service over `store`, sealing key secrets with `kek`, with the embedded ledger.
     pub fn new(store: Arc<dyn MetadataStore>, kek: Kek) -> RegistryService {
         RegistryService {
             store,
             kek: Arc::new(kek),
+            ledger: Arc::new(EmbeddedLedger),
         }
+    }
+
+    /// The same service with `ledger` instead of the embedded one.
+    pub fn with_ledger(self, ledger: Arc<dyn Ledger>) -> RegistryService {
+        RegistryService { ledger, ..self }
+    }
+
+    /// The ledger behind the service.
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.ledger
     }
 
     /// The store behind the service.
@@ -221,10 +278,26 @@ impl RegistryService {
                 "account name must be 1 to {MAX_ACCOUNT_NAME} printable characters"
             )));
         }
+        let wallet = match req.wallet.as_str() {
+            "" => None,
+            w => Some(normalize_wallet(w)?),
+        };
+        let account_id = idem
+            .as_deref()
+            .map_or_else(|| id::new_id(id::ACCOUNT), |k| keyed_id(id::ACCOUNT, k));
+        // A wallet belongs to one account; a retry of this very creation is not a clash.
+        if let Some(wallet) = &wallet
+            && let Some(owner) = self.store.find_account_by_wallet(wallet).await?
+            && owner.account_id != account_id
+        {
+            return Err(RegistryError::conflict(format!(
+                "wallet {wallet} already belongs to account {}",
+                owner.account_id
+            )));
+        }
         let account = Account {
-            account_id: idem
-                .as_deref()
-                .map_or_else(|| id::new_id(id::ACCOUNT), |k| keyed_id(id::ACCOUNT, k)),
+            wallet,
+            account_id,
             name: req.name,
             admin: req.admin,
             credits: 0,
@@ -235,7 +308,10 @@ impl RegistryService {
             // A retry of the same request: the account it made the first time.
             Err(e) if idem.is_some() && e.code() == ErrorCode::Conflict => {
                 let first = self.store.get_account(&account.account_id).await?;
-                if first.name != account.name || first.admin != account.admin {
+                if first.name != account.name
+                    || first.admin != account.admin
+                    || first.wallet != account.wallet
+                {
                     return Err(RegistryError::conflict(
                         "this idempotency key was used for another account",
                     ));
@@ -405,6 +481,12 @@ impl Registry for RegistryService {
         let req = request.into_inner();
         async {
             let id = required("account_id", &req.account_id)?;
+            if !self.ledger.grants_allowed() {
+                return Err(RegistryError::conflict(
+                    "credits come from the chain ledger: buy them with buyCredits() on the \
+                     marketplace contract",
+                ));
+            }
             match &idem {
                 Some(key) => self.store.grant_once(id, req.amount, key).await,
                 None => self.store.grant(id, req.amount).await,
@@ -490,6 +572,7 @@ impl Registry for RegistryService {
                 ));
             }
             let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
+            self.ledger.check_chargeable(model_id).await?;
             self.store.reserve(account_id, model_id, key).await
         }
         .await
@@ -523,6 +606,30 @@ impl Registry for RegistryService {
         .await
         .map(|_| Response::new(pb::ReleaseResponse {}))
         .map_err(|e| status("release", e))
+    }
+
+    async fn get_ledger(
+        &self,
+        _request: Request<pb::GetLedgerRequest>,
+    ) -> Result<Response<pb::LedgerInfo>, Status> {
+        self.ledger
+            .status()
+            .await
+            .map(|s| Response::new(ledger_pb(s)))
+            .map_err(|e| status("get_ledger", e))
+    }
+
+    async fn settle_now(
+        &self,
+        _request: Request<pb::SettleNowRequest>,
+    ) -> Result<Response<pb::LedgerInfo>, Status> {
+        async {
+            self.ledger.sync().await?;
+            self.ledger.status().await
+        }
+        .await
+        .map(|s| Response::new(ledger_pb(s)))
+        .map_err(|e| status("settle_now", e))
     }
 }
 

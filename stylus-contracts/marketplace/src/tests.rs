@@ -916,3 +916,54 @@ fn hand_kept_event_list_matches_the_contract() {
         "(address,bytes32,uint64,bytes32)"
     );
 }
+
+// ---------------------------------------------------------------- the ledger scenario suite
+
+/// The contract's half of the ledger scenario suite (`crates/cli/tests/it/ledger.rs` tells the
+/// same stories through the gateway, on the embedded ledger and on the twin on anvil): a model
+/// at 3 credits, a user who buys 10, three calls settled (1 left, 9 earned), the fourth call
+/// refused; a settlement sent by a key that isn't an operator, then by the operator; the same
+/// batch sent again; the creator withdrawing.
+#[test]
+fn ledger_scenario_buy_settle_withdraw() {
+    let mut env = Env::new();
+    env.register(1, CREATOR, 3);
+    env.buy(ALICE, 10);
+
+    // An operator key that isn't an operator changes nothing.
+    assert_eq!(
+        env.as_(STRANGER)
+            .c
+            .consume_credits(id(1), vec![rec(ALICE, 1, 3)]),
+        Err(unauthorized_err(STRANGER))
+    );
+    assert_eq!(env.credits(ALICE), u(10));
+
+    // Three calls settle: 1 credit left, 9 earned.
+    env.settle(1, vec![rec(ALICE, 1, 3)]).unwrap();
+    assert_eq!(env.credits(ALICE), u(1));
+    assert_eq!(env.earnings(CREATOR), u(9));
+
+    // The same batch again (a retry after a lost answer) is refused and charges nothing.
+    assert_eq!(
+        env.settle(1, vec![rec(ALICE, 1, 3)]),
+        Err(MarketplaceError::BatchAlreadySettled(BatchAlreadySettled {
+            batchId: id(1)
+        }))
+    );
+    assert_eq!(env.credits(ALICE), u(1));
+
+    // A fourth call the gateway would have refused can't be settled either.
+    assert_eq!(
+        env.settle(2, vec![rec(ALICE, 1, 1)]),
+        Err(MarketplaceError::InsufficientCredits(InsufficientCredits {
+            user: ALICE,
+            needed: u(3),
+            available: u(1)
+        }))
+    );
+
+    // The creator is paid 9 credits' worth of wei, once.
+    assert_eq!(env.as_(CREATOR).c.withdraw().unwrap(), u(9 * RATE));
+    assert_eq!(env.earnings(CREATOR), U256::ZERO);
+}

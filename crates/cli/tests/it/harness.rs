@@ -74,6 +74,15 @@ impl Cluster {
         Cluster::start_in(dir, backend, settings, servers).await
     }
 
+    /// A marketplace with these settings (and these real servers kept alive beside it).
+    pub async fn start_with(
+        dir: tempfile::TempDir,
+        settings: UpSettings,
+        servers: Vec<modelhub_testkit::ScriptServer>,
+    ) -> Cluster {
+        Cluster::start_in(dir, Backend::Embedded, settings, servers).await
+    }
+
     async fn start_in(
         dir: tempfile::TempDir,
         backend: Backend,

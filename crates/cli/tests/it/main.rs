@@ -4,6 +4,7 @@
 mod accounting;
 mod errors;
 mod harness;
+mod ledger;
 mod processes;
 mod proofs;
 mod restart;

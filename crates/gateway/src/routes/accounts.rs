@@ -14,9 +14,12 @@ use crate::error::GatewayError;
 #[serde(deny_unknown_fields)]
 struct CreateAccount {
     name: String,
+    /// EVM address whose confirmed purchases credit the account (chain ledger).
+    #[serde(default)]
+    wallet: Option<String>,
 }
 
-/// `POST /v1/accounts` (admin): `{"name"}` → 201 `{"account_id"}`.
+/// `POST /v1/accounts` (admin): `{"name", "wallet"?}` → 201 `{"account_id", "wallet"}`.
 pub async fn create_account(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -24,11 +27,15 @@ pub async fn create_account(
 ) -> Result<HttpResponse, GatewayError> {
     let (caller, body) = signed(&state, &req, payload).await?;
     caller.require_admin()?;
-    let CreateAccount { name } = parse_json(&body)?;
+    let CreateAccount { name, wallet } = parse_json(&body)?;
     let request = keyed(
         &req,
         &caller,
-        pb::CreateAccountRequest { name, admin: false },
+        pb::CreateAccountRequest {
+            name,
+            admin: false,
+            wallet: wallet.unwrap_or_default(),
+        },
     )?;
     let account = state
         .registry()
@@ -37,7 +44,10 @@ pub async fn create_account(
         .map_err(GatewayError::upstream("registry", "CreateAccount"))?
         .into_inner();
     tracing::info!(account_id = %account.account_id, by = %caller.account_id, "account created");
-    Ok(HttpResponse::Created().json(json!({ "account_id": account.account_id })))
+    Ok(HttpResponse::Created().json(json!({
+        "account_id": account.account_id,
+        "wallet": wallet_json(&account.wallet),
+    })))
 }
 
 #[derive(Deserialize, Default)]
@@ -121,7 +131,15 @@ pub async fn revoke_key(
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// `GET /v1/account` → `{"account_id","credits","earnings"}` of the caller.
+/// An account's wallet in JSON: the address, or `null` when it has none.
+fn wallet_json(wallet: &str) -> serde_json::Value {
+    match wallet {
+        "" => serde_json::Value::Null,
+        w => w.into(),
+    }
+}
+
+/// `GET /v1/account` → `{"account_id","credits","earnings","wallet"}` of the caller.
 pub async fn get_account(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -140,6 +158,7 @@ pub async fn get_account(
         "account_id": account.account_id,
         "credits": account.credits,
         "earnings": account.earnings,
+        "wallet": wallet_json(&account.wallet),
     })))
 }
 
@@ -189,4 +208,73 @@ fn keyed<T>(
         request.metadata_mut().insert("mh-idempotency-key", value);
     }
     Ok(request)
+}
+
+fn ledger_json(l: pb::LedgerInfo) -> serde_json::Value {
+    let batches: Vec<_> = l
+        .batches
+        .into_iter()
+        .map(|b| {
+            json!({
+                "batch_id": b.batch_id,
+                "state": b.state,
+                "receipts": b.receipts,
+                "credits": b.credits,
+                "tx_hash": Some(b.tx_hash).filter(|t| !t.is_empty()),
+                "error": Some(b.error).filter(|e| !e.is_empty()),
+                "attempts": b.attempts,
+                "created_at": b.created_at,
+            })
+        })
+        .collect();
+    if l.kind != "chain" {
+        return json!({ "kind": l.kind });
+    }
+    json!({
+        "kind": l.kind,
+        "chain_id": l.chain_id,
+        "marketplace": l.marketplace,
+        "operator": l.operator,
+        "wei_per_credit": l.wei_per_credit,
+        "followed_block": l.followed_block,
+        "confirmations": l.confirmations,
+        "unsettled_receipts": l.unsettled_receipts,
+        "batches": batches,
+    })
+}
+
+/// `GET /v1/ledger` → which ledger holds the credits; for the chain ledger the contract, the
+/// operator, the followed block and the recent settlement batches.
+pub async fn get_ledger(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, GatewayError> {
+    signed(&state, &req, payload).await?;
+    let ledger = state
+        .registry()
+        .get_ledger(pb::GetLedgerRequest {})
+        .await
+        .map_err(GatewayError::upstream("registry", "GetLedger"))?
+        .into_inner();
+    Ok(HttpResponse::Ok().json(ledger_json(ledger)))
+}
+
+/// `POST /v1/ledger/settle` (admin): counts confirmed deposits and settles committed usage now
+/// → the ledger as `GET /v1/ledger` shows it.
+pub async fn settle(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, GatewayError> {
+    let (caller, _) = signed(&state, &req, payload).await?;
+    caller.require_admin()?;
+    let ledger = state
+        .registry()
+        .settle_now(pb::SettleNowRequest {})
+        .await
+        .map_err(GatewayError::upstream("registry", "SettleNow"))?
+        .into_inner();
+    tracing::info!(by = %caller.account_id, "settlement run on request");
+    Ok(HttpResponse::Ok().json(ledger_json(ledger)))
 }

@@ -24,6 +24,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/keys/{key_id}", web::delete().to(accounts::revoke_key))
         .route("/v1/account", web::get().to(accounts::get_account))
         .route("/v1/credits/grant", web::post().to(accounts::grant_credits))
+        .route("/v1/ledger", web::get().to(accounts::get_ledger))
+        .route("/v1/ledger/settle", web::post().to(accounts::settle))
         .service(
             web::resource("/v1/models")
                 .route(web::get().to(models::list))

@@ -70,6 +70,7 @@ impl Stack {
             .create_account(pb::CreateAccountRequest {
                 name: "admin".into(),
                 admin: true,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -14,7 +14,7 @@ pub use self::redb::RedbStore;
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::model::{Account, ApiKey, Model, Receipt, Reservation};
+use crate::model::{Account, ApiKey, Model, Receipt, Reservation, SettlementBatch};
 
 /// Where the registry keeps accounts, keys, models, reservations and receipts.
 ///
@@ -82,4 +82,48 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn release(&self, reservation_id: &str) -> Result<Reservation>;
 
     async fn get_receipt(&self, receipt_id: &str) -> Result<Receipt>;
+
+    // ---- chain ledger: wallets, settlement batches, cursors ----
+
+    /// The account whose `wallet` is `wallet` (lowercase `0x` hex), if any. `create_account`
+    /// refuses a wallet another account has (`Conflict`). Addresses are compared exactly, as
+    /// stored: callers normalise them (lowercase) before storing and looking up.
+    async fn find_account_by_wallet(&self, wallet: &str) -> Result<Option<Account>>;
+
+    /// Up to `limit` committed receipts not in any batch (`batch_id == None`), oldest first
+    /// (by `created_at`, then `receipt_id`). A `limit` of 0 gives none.
+    async fn unsettled_receipts(&self, limit: usize) -> Result<Vec<Receipt>>;
+
+    /// How many committed receipts are in no batch.
+    async fn count_unsettled_receipts(&self) -> Result<u64>;
+
+    /// Records a new batch and sets `batch_id` on each of its receipts. Every receipt must
+    /// exist (`NotFound`) and be in no batch or already in this one (`Conflict` otherwise);
+    /// calling it again with the same batch finishes a call a crash interrupted and returns the
+    /// stored batch. A batch id that exists with other receipts is a `Conflict`. A receipt
+    /// listed twice, or `credits` other than the sum of the receipts' `credits_charged`, is a
+    /// `BadRequest`. When it fails, no receipt is left in the batch and the batch is not
+    /// stored (an implementation without transactions keeps a half-written batch invisible
+    /// until it is finished or undone).
+    async fn create_batch(&self, batch: SettlementBatch) -> Result<SettlementBatch>;
+
+    async fn get_batch(&self, batch_id: &str) -> Result<SettlementBatch>;
+
+    /// Replaces a batch's `state`, `tx_hash`, `error`, `attempts` and `updated_at` (never its
+    /// receipts or credits); `Conflict` when the stored batch is no longer `Pending`.
+    async fn update_batch(&self, batch: &SettlementBatch) -> Result<SettlementBatch>;
+
+    /// Batches still `Pending`, oldest first.
+    async fn pending_batches(&self) -> Result<Vec<SettlementBatch>>;
+
+    /// The `limit` most recent batches, newest first (by `created_at`, then `batch_id`). A
+    /// `limit` of 0 gives none.
+    async fn recent_batches(&self, limit: usize) -> Result<Vec<SettlementBatch>>;
+
+    /// A named `u64` cursor (e.g. the last block whose deposits were counted), if set.
+    async fn get_cursor(&self, name: &str) -> Result<Option<u64>>;
+
+    /// Sets a named cursor (overwrites it, also with a smaller value). The MongoDB store
+    /// refuses values above `i64::MAX` (`BadRequest`).
+    async fn set_cursor(&self, name: &str, value: u64) -> Result<()>;
 }

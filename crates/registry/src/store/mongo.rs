@@ -2,13 +2,19 @@
 //! production), through the official `mongodb` driver.
 //!
 //! # Collections
-//! - `accounts` `{_id, name, admin, credits, earnings, created_at, pending?}`
+//! - `accounts` `{_id, name, admin, credits, earnings, created_at, wallet?, pending?}`, unique
+//!   index `wallet` restricted to documents that have one (a partial index; `wallet` is absent,
+//!   not null, on accounts without a wallet)
 //! - `keys` `{_id, account_id, sealed_secret: binary, revoked, created_at}`
 //! - `models` `{_id, owner, name, version, price, …}`, unique index `(name, version)`
 //! - `reservations` `{_id, account_id, model_id, owner, amount, state, receipt_id?,
 //!   idempotency_key?, created_at, settled_at?}`, unique index `(account_id, idempotency_key)`
 //!   restricted to documents that have a key (a partial index)
-//! - `receipts` `{_id, reservation_id, …}`
+//! - `receipts` `{_id, reservation_id, …, batch_id}`, index `(batch_id, created_at)` for the
+//!   unsettled ones (`batch_id` null, or absent in receipts written before the chain ledger)
+//! - `batches` `{_id, receipt_ids, credits, state, tx_hash, error, attempts, created_at,
+//!   updated_at, complete, opened_at}`, indexes `(state, created_at)` and `created_at`
+//! - `cursors` `{_id: name, value}`
 //!
 //! Ids are the `_id` of their documents, so key, model, reservation and receipt ids are unique
 //! by MongoDB's own `_id` index; indexes are created at start (`createIndexes` is idempotent).
@@ -61,6 +67,17 @@
 //!   longer than any operation may run (each is bounded by the operation timeout), so recovery
 //!   never races a live operation.
 //!
+//! - **create_batch**: the receipts are checked first (all exist, none in another batch), then
+//!   the batch is inserted with `complete: false` (a retry finds the same one), then each
+//!   receipt is claimed by `{_id, batch_id: {$in: [null, <batch>]}}` → `$set batch_id`, then
+//!   the batch is marked `complete`. Until then it is invisible (`get_batch`, `pending_batches`
+//!   and `recent_batches` read complete batches only, and only those can be updated), so a
+//!   batch is never sent on chain while some of its receipts could still go to another one.
+//!   A receipt claimed by another batch in between undoes the batch (its document is deleted,
+//!   then its claims are cleared) and gives `Conflict`. A call interrupted by a crash is
+//!   finished by a retry of the same batch, or by recovery after the grace period (which
+//!   undoes it instead when a receipt went to another batch meanwhile).
+//!
 //! To clients, `committing` already reads as `Committed` (the charge is final) and `releasing`
 //! as `Released`; `void` tombstones read as not found. Nothing half-written is visible: a
 //! failed operation either left no reservation, or a reservation whose state says what it is.
@@ -86,8 +103,11 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use super::MetadataStore;
+use super::redb::{batch_final, batch_taken, check_batch, check_credits, in_other_batch};
 use crate::error::{RegistryError, Result};
-use crate::model::{Account, ApiKey, Model, Receipt, Reservation, ReservationState};
+use crate::model::{
+    Account, ApiKey, BatchState, Model, Receipt, Reservation, ReservationState, SettlementBatch,
+};
 
 /// Database used when the URI names none.
 pub const DEFAULT_DATABASE: &str = "modelhub";
@@ -118,6 +138,8 @@ struct Inner {
     models: Collection<Document>,
     reservations: Collection<Document>,
     receipts: Collection<Document>,
+    batches: Collection<Document>,
+    cursors: Collection<Document>,
     op_timeout: Duration,
 }
 
@@ -132,7 +154,8 @@ impl std::fmt::Debug for MongoStore {
 pub struct Recovery {
     /// Debits whose reservation was never written, refunded.
     pub refunded_debits: usize,
-    /// Commits and releases finished.
+    /// Commits, releases and batch creations finished (a batch creation is undone instead when
+    /// one of its receipts went to another batch meanwhile).
     pub finished: usize,
     /// Markers removed whose operation was already complete.
     pub cleared: usize,
@@ -256,14 +279,19 @@ fn specs_from(d: &Document, field: &str) -> Result<Vec<TensorSpec>> {
 // ---- records ↔ documents -------------------------------------------------------------------
 
 fn account_doc(a: &Account) -> Result<Document> {
-    Ok(doc! {
+    let mut d = doc! {
         "_id": &a.account_id,
         "name": &a.name,
         "admin": a.admin,
         "credits": to_i64(a.credits, "credits")?,
         "earnings": to_i64(a.earnings, "earnings")?,
         "created_at": a.created_at,
-    })
+    };
+    // Absent (not null) without a wallet, so the partial unique index ignores the document.
+    if let Some(w) = &a.wallet {
+        d.insert("wallet", w);
+    }
+    Ok(d)
 }
 
 fn account_from(d: &Document) -> Result<Account> {
@@ -275,6 +303,7 @@ fn account_from(d: &Document) -> Result<Account> {
         credits: get_u64(d, W, "credits")?,
         earnings: get_u64(d, W, "earnings")?,
         created_at: get_i64(d, W, "created_at")?,
+        wallet: get_opt_str(d, W, "wallet")?,
     })
 }
 
@@ -417,6 +446,7 @@ fn receipt_of(s: &StoredReservation) -> Receipt {
         owner: r.owner.clone(),
         credits_charged: r.amount,
         created_at: s.settled_at.unwrap_or(r.created_at),
+        batch_id: None,
     }
 }
 
@@ -449,6 +479,7 @@ fn receipt_doc(r: &Receipt) -> Result<Document> {
         "owner": &r.owner,
         "credits_charged": to_i64(r.credits_charged, "price")?,
         "created_at": r.created_at,
+        "batch_id": opt_str(&r.batch_id),
     })
 }
 
@@ -462,7 +493,70 @@ fn receipt_from(d: &Document) -> Result<Receipt> {
         owner: get_str(d, W, "owner")?,
         credits_charged: get_u64(d, W, "credits_charged")?,
         created_at: get_i64(d, W, "created_at")?,
+        batch_id: get_opt_str(d, W, "batch_id")?,
     })
+}
+
+/// Receipts in no batch: `batch_id` null or absent. (`$in: [null]` rather than `null`: the
+/// test server counts `{batch_id: null}` wrongly; on MongoDB both match null and absent.)
+fn unsettled_filter() -> Document {
+    doc! { "batch_id": { "$in": [Bson::Null] } }
+}
+
+/// A batch as stored; `complete` is false until all its receipts carry its id.
+fn batch_doc(b: &SettlementBatch) -> Result<Document> {
+    Ok(doc! {
+        "_id": &b.batch_id,
+        "receipt_ids": &b.receipt_ids,
+        "credits": to_i64(b.credits, "credits")?,
+        "state": b.state.as_str(),
+        "tx_hash": opt_str(&b.tx_hash),
+        "error": opt_str(&b.error),
+        "attempts": i64::from(b.attempts),
+        "created_at": b.created_at,
+        "updated_at": b.updated_at,
+        "complete": false,
+        "opened_at": id::unix_now(),
+    })
+}
+
+fn batch_state(s: &str) -> Result<BatchState> {
+    match s {
+        "pending" => Ok(BatchState::Pending),
+        "settled" => Ok(BatchState::Settled),
+        "failed" => Ok(BatchState::Failed),
+        _ => Err(malformed("batch", "state")),
+    }
+}
+
+fn batch_from(d: &Document) -> Result<SettlementBatch> {
+    const W: &str = "batch";
+    let receipt_ids = match d.get("receipt_ids") {
+        Some(Bson::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                Bson::String(s) => Ok(s.clone()),
+                _ => Err(malformed(W, "receipt_ids")),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        _ => return Err(malformed(W, "receipt_ids")),
+    };
+    Ok(SettlementBatch {
+        batch_id: get_str(d, W, "_id")?,
+        receipt_ids,
+        credits: get_u64(d, W, "credits")?,
+        state: batch_state(&get_str(d, W, "state")?)?,
+        tx_hash: get_opt_str(d, W, "tx_hash")?,
+        error: get_opt_str(d, W, "error")?,
+        attempts: u32::try_from(get_i64(d, W, "attempts")?)
+            .map_err(|_| malformed(W, "attempts"))?,
+        created_at: get_i64(d, W, "created_at")?,
+        updated_at: get_i64(d, W, "updated_at")?,
+    })
+}
+
+fn is_complete(d: &Document) -> bool {
+    d.get_bool("complete").unwrap_or(false)
 }
 
 /// The account field that marks operation `op` of reservation `rid` as applied but not yet
@@ -501,6 +595,8 @@ impl MongoStore {
                 models: db.collection("models"),
                 reservations: db.collection("reservations"),
                 receipts: db.collection("receipts"),
+                batches: db.collection("batches"),
+                cursors: db.collection("cursors"),
                 op_timeout: timeout.saturating_mul(5).max(Duration::from_secs(1)),
             }),
         };
@@ -556,6 +652,44 @@ impl MongoStore {
                 IndexModel::builder()
                     .keys(doc! { "reservation_id": 1 })
                     .options(unique())
+                    .build(),
+            )
+            .await?;
+        i.accounts
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "wallet": 1 })
+                    .options(
+                        IndexOptions::builder()
+                            .unique(true)
+                            .partial_filter_expression(doc! { "wallet": { "$type": "string" } })
+                            .build(),
+                    )
+                    .build(),
+            )
+            .await?;
+        // (No `_id` in compound keys: the test server breaks on them.)
+        i.receipts
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "batch_id": 1, "created_at": 1 })
+                    .build(),
+            )
+            .await?;
+        i.batches
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "state": 1, "created_at": 1 })
+                    .build(),
+            )
+            .await?;
+        i.batches
+            .create_index(IndexModel::builder().keys(doc! { "created_at": 1 }).build())
+            .await?;
+        i.batches
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "complete": 1, "opened_at": 1 })
                     .build(),
             )
             .await?;
@@ -897,6 +1031,152 @@ impl MongoStore {
         Ok(current.r)
     }
 
+    async fn create_batch_inner(&self, batch: SettlementBatch) -> Result<SettlementBatch> {
+        check_batch(&batch)?;
+        let i = &self.inner;
+        let bid = batch.batch_id.as_str();
+        // Check first, so the usual refusals write nothing.
+        let found: Vec<Document> = i
+            .receipts
+            .find(doc! { "_id": { "$in": &batch.receipt_ids } })
+            .await?
+            .try_collect()
+            .await?;
+        let found = found
+            .iter()
+            .map(|d| receipt_from(d).map(|r| (r.receipt_id.clone(), r)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        let mut credits = 0_u64;
+        for receipt_id in &batch.receipt_ids {
+            let receipt = found
+                .get(receipt_id)
+                .ok_or_else(|| RegistryError::not_found("receipt", receipt_id))?;
+            if let Some(other) = receipt.batch_id.as_deref().filter(|b| *b != bid) {
+                return Err(in_other_batch(receipt_id, other));
+            }
+            credits = credits.saturating_add(receipt.credits_charged);
+        }
+        let stored = match i.batches.insert_one(batch_doc(&batch)?).await {
+            Ok(_) => batch,
+            Err(e) if is_duplicate(&e) => {
+                let Some(d) = Self::find_one(&i.batches, doc! { "_id": bid }).await? else {
+                    return Err(RegistryError::unavailable(
+                        "the batch was undone meanwhile; retry",
+                    ));
+                };
+                let stored = batch_from(&d)?;
+                if stored.receipt_ids != batch.receipt_ids {
+                    return Err(batch_taken(bid));
+                }
+                if is_complete(&d) {
+                    return Ok(stored);
+                }
+                stored
+            }
+            Err(e) => return Err(e.into()),
+        };
+        check_credits(&stored, credits)?;
+        self.claim_receipts(&stored).await?;
+        Ok(stored)
+    }
+
+    /// Sets the batch id on each receipt of an inserted batch and marks it complete; undoes the
+    /// batch (`Conflict`) when a receipt is in another batch.
+    async fn claim_receipts(&self, batch: &SettlementBatch) -> Result<()> {
+        let i = &self.inner;
+        let bid = batch.batch_id.as_str();
+        // In id order, so of two batches racing for the same receipts one gets them all.
+        let mut ids: Vec<&String> = batch.receipt_ids.iter().collect();
+        ids.sort();
+        for receipt_id in ids {
+            let claimed = i
+                .receipts
+                .update_one(
+                    doc! { "_id": receipt_id, "batch_id": { "$in": [Bson::Null, bid] } },
+                    doc! { "$set": { "batch_id": bid } },
+                )
+                .await?;
+            if claimed.matched_count == 0 {
+                let other = Self::find_one(&i.receipts, doc! { "_id": receipt_id })
+                    .await?
+                    .and_then(|d| d.get_str("batch_id").ok().map(str::to_owned))
+                    .unwrap_or_default();
+                self.undo_batch(bid).await?;
+                warn!(batch_id = bid, %receipt_id, other_batch = %other, "batch undone: receipt taken");
+                return Err(in_other_batch(receipt_id, &other));
+            }
+        }
+        let completed = i
+            .batches
+            .update_one(doc! { "_id": bid }, doc! { "$set": { "complete": true } })
+            .await?;
+        if completed.matched_count == 0 {
+            // Undone meanwhile by a racing call that lost a receipt: drop our claims too.
+            self.undo_batch(bid).await?;
+            return Err(RegistryError::unavailable(
+                "the batch was undone meanwhile; retry",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Removes an incomplete batch, then clears its claims on receipts.
+    async fn undo_batch(&self, bid: &str) -> Result<()> {
+        let i = &self.inner;
+        i.batches
+            .delete_one(doc! { "_id": bid, "complete": false })
+            .await?;
+        if Self::find_one(&i.batches, doc! { "_id": bid })
+            .await?
+            .is_none()
+        {
+            i.receipts
+                .update_many(
+                    doc! { "batch_id": bid },
+                    doc! { "$set": { "batch_id": Bson::Null } },
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes (or undoes) batch creations interrupted before `cutoff`.
+    async fn recover_batches(&self, cutoff: i64) -> Result<usize> {
+        let i = &self.inner;
+        let stuck: Vec<Document> = i
+            .batches
+            .find(doc! { "complete": false, "opened_at": { "$lte": cutoff } })
+            .await?
+            .try_collect()
+            .await?;
+        let mut finished = 0;
+        for d in stuck {
+            let batch = batch_from(&d)?;
+            // Claim it: one recoverer per grace period.
+            let claimed = i
+                .batches
+                .find_one_and_update(
+                    doc! {
+                        "_id": &batch.batch_id,
+                        "complete": false,
+                        "opened_at": d.get("opened_at").cloned().unwrap_or(Bson::Null),
+                    },
+                    doc! { "$set": { "opened_at": id::unix_now() } },
+                )
+                .await?;
+            if claimed.is_none() {
+                continue;
+            }
+            match self.claim_receipts(&batch).await {
+                Ok(()) => info!(batch_id = %batch.batch_id, "finished an interrupted batch"),
+                Err(RegistryError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            finished += 1;
+        }
+        Ok(finished)
+    }
+
     /// Finishes or undoes operations interrupted more than `older_than` ago (a crashed
     /// registry, a lost connection): refunds debits whose reservation was never written,
     /// finishes commits and releases, and removes markers of completed operations. Safe to
@@ -910,6 +1190,7 @@ impl MongoStore {
         let cutoff = id::unix_now() - i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX);
         let mut out = Recovery::default();
         let i = &self.inner;
+        out.finished += self.recover_batches(cutoff).await?;
 
         // Reservations stuck half-way through a commit or a release.
         for state in [COMMITTING, RELEASING] {
@@ -1037,10 +1318,21 @@ impl MetadataStore for MongoStore {
         self.timed(async {
             match self.inner.accounts.insert_one(account_doc(&account)?).await {
                 Ok(_) => Ok(account),
-                Err(e) if is_duplicate(&e) => Err(RegistryError::conflict(format!(
-                    "account {:?} already exists",
-                    account.account_id
-                ))),
+                Err(e) if is_duplicate(&e) => {
+                    let same_id =
+                        Self::find_one(&self.inner.accounts, doc! { "_id": &account.account_id })
+                            .await?
+                            .is_some();
+                    Err(match (&account.wallet, same_id) {
+                        (Some(wallet), false) => RegistryError::conflict(format!(
+                            "wallet {wallet} belongs to another account"
+                        )),
+                        _ => RegistryError::conflict(format!(
+                            "account {:?} already exists",
+                            account.account_id
+                        )),
+                    })
+                }
                 Err(e) => Err(e.into()),
             }
         })
@@ -1269,6 +1561,157 @@ impl MetadataStore for MongoStore {
                 Some(d) => receipt_from(&d),
                 None => Err(RegistryError::not_found("receipt", receipt_id)),
             }
+        })
+        .await
+    }
+
+    async fn find_account_by_wallet(&self, wallet: &str) -> Result<Option<Account>> {
+        self.timed(async {
+            Self::find_one(&self.inner.accounts, doc! { "wallet": wallet })
+                .await?
+                .as_ref()
+                .map(account_from)
+                .transpose()
+        })
+        .await
+    }
+
+    async fn unsettled_receipts(&self, limit: usize) -> Result<Vec<Receipt>> {
+        if limit == 0 {
+            return Ok(Vec::new()); // A limit of 0 means "no limit" to MongoDB.
+        }
+        self.timed(async {
+            let docs: Vec<Document> = self
+                .inner
+                .receipts
+                .find(unsettled_filter())
+                .sort(doc! { "created_at": 1, "_id": 1 })
+                .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                .await?
+                .try_collect()
+                .await?;
+            docs.iter().map(receipt_from).collect()
+        })
+        .await
+    }
+
+    async fn count_unsettled_receipts(&self) -> Result<u64> {
+        self.timed(async {
+            Ok(self
+                .inner
+                .receipts
+                .count_documents(unsettled_filter())
+                .await?)
+        })
+        .await
+    }
+
+    async fn create_batch(&self, batch: SettlementBatch) -> Result<SettlementBatch> {
+        self.timed(self.create_batch_inner(batch)).await
+    }
+
+    async fn get_batch(&self, batch_id: &str) -> Result<SettlementBatch> {
+        self.timed(async {
+            match Self::find_one(
+                &self.inner.batches,
+                doc! { "_id": batch_id, "complete": true },
+            )
+            .await?
+            {
+                Some(d) => batch_from(&d),
+                None => Err(RegistryError::not_found("batch", batch_id)),
+            }
+        })
+        .await
+    }
+
+    async fn update_batch(&self, batch: &SettlementBatch) -> Result<SettlementBatch> {
+        self.timed(async {
+            let bid = batch.batch_id.as_str();
+            let updated = self
+                .inner
+                .batches
+                .find_one_and_update(
+                    doc! {
+                        "_id": bid,
+                        "complete": true,
+                        "state": BatchState::Pending.as_str(),
+                    },
+                    doc! { "$set": {
+                        "state": batch.state.as_str(),
+                        "tx_hash": opt_str(&batch.tx_hash),
+                        "error": opt_str(&batch.error),
+                        "attempts": i64::from(batch.attempts),
+                        "updated_at": batch.updated_at,
+                    } },
+                )
+                .return_document(ReturnDocument::After)
+                .await?;
+            if let Some(d) = updated {
+                return batch_from(&d);
+            }
+            match Self::find_one(&self.inner.batches, doc! { "_id": bid, "complete": true }).await?
+            {
+                Some(d) => Err(batch_final(&batch_from(&d)?)),
+                None => Err(RegistryError::not_found("batch", bid)),
+            }
+        })
+        .await
+    }
+
+    async fn pending_batches(&self) -> Result<Vec<SettlementBatch>> {
+        self.timed(async {
+            let docs: Vec<Document> = self
+                .inner
+                .batches
+                .find(doc! { "state": BatchState::Pending.as_str(), "complete": true })
+                .sort(doc! { "created_at": 1, "_id": 1 })
+                .await?
+                .try_collect()
+                .await?;
+            docs.iter().map(batch_from).collect()
+        })
+        .await
+    }
+
+    async fn recent_batches(&self, limit: usize) -> Result<Vec<SettlementBatch>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.timed(async {
+            let docs: Vec<Document> = self
+                .inner
+                .batches
+                .find(doc! { "complete": true })
+                .sort(doc! { "created_at": -1, "_id": -1 })
+                .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                .await?
+                .try_collect()
+                .await?;
+            docs.iter().map(batch_from).collect()
+        })
+        .await
+    }
+
+    async fn get_cursor(&self, name: &str) -> Result<Option<u64>> {
+        self.timed(async {
+            Self::find_one(&self.inner.cursors, doc! { "_id": name })
+                .await?
+                .map(|d| get_u64(&d, "cursor", "value"))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn set_cursor(&self, name: &str, value: u64) -> Result<()> {
+        let value = to_i64(value, "cursor value")?;
+        self.timed(async {
+            self.inner
+                .cursors
+                .update_one(doc! { "_id": name }, doc! { "$set": { "value": value } })
+                .upsert(true)
+                .await?;
+            Ok(())
         })
         .await
     }

@@ -1,25 +1,38 @@
 //! [`RedbStore`]: the embedded metadata store, one redb file (`<data_dir>/registry.redb`).
 //!
-//! Records are JSON values keyed by id; two index tables map (name, version) to a model id and
-//! (account, idempotency key) to a reservation id. Every operation is one durable write
-//! transaction (redb admits one writer at a time, so a check and the update it guards can never
-//! interleave with another), run on tokio's blocking pool.
+//! Records are JSON values keyed by id; index tables map (name, version) to a model id,
+//! (account, idempotency key) to a reservation id and a wallet to its account. Receipts in no
+//! settlement batch are listed in `unsettled`, keyed by (created_at, receipt id), so the oldest
+//! are read without scanning every receipt; batches are ordered by `batches_by_time` and, while
+//! pending, by `pending_batches`. Every operation is one durable write transaction (redb admits
+//! one writer at a time, so a check and the update it guards can never interleave with
+//! another), run on tokio's blocking pool.
+//!
+//! Databases written before the chain ledger open as they are: the new tables are created on
+//! open and `unsettled` is filled once from the existing receipts (flagged in `meta`).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use modelhub_core::id;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::MetadataStore;
 use crate::error::{RegistryError, Result};
-use crate::model::{Account, ApiKey, Model, Receipt, Reservation, ReservationState};
+use crate::model::{
+    Account, ApiKey, BatchState, Model, Receipt, Reservation, ReservationState, SettlementBatch,
+};
 
 type Json = TableDefinition<'static, &'static str, &'static [u8]>;
 type Index = TableDefinition<'static, &'static str, &'static str>;
+/// A set ordered by (created_at, id).
+type TimeIndex = TableDefinition<'static, (i64, &'static str), ()>;
 
 const ACCOUNTS: Json = TableDefinition::new("accounts");
 const KEYS: Json = TableDefinition::new("keys");
@@ -32,6 +45,21 @@ const MODEL_NAMES: Index = TableDefinition::new("model_names");
 const IDEMPOTENCY: Index = TableDefinition::new("idempotency");
 /// `account \0 grant id` → the amount granted under that id (decimal).
 const GRANTS: Index = TableDefinition::new("grants");
+/// Wallet → account id.
+const WALLETS: Index = TableDefinition::new("wallets");
+/// (created_at, receipt id) of every committed receipt in no batch.
+const UNSETTLED: TimeIndex = TableDefinition::new("unsettled");
+/// Batch id → batch.
+const BATCHES: Json = TableDefinition::new("batches");
+/// (created_at, batch id) of every batch.
+const BATCHES_BY_TIME: TimeIndex = TableDefinition::new("batches_by_time");
+/// (created_at, batch id) of the batches still pending.
+const PENDING_BATCHES: TimeIndex = TableDefinition::new("pending_batches");
+/// Cursor name → value.
+const CURSORS: TableDefinition<'static, &'static str, u64> = TableDefinition::new("cursors");
+/// Store-level flags (`unsettled_index`: the unsettled table was filled from old receipts).
+const META: Index = TableDefinition::new("meta");
+const UNSETTLED_FLAG: &str = "unsettled_index";
 
 /// The embedded metadata store.
 #[derive(Clone)]
@@ -109,9 +137,29 @@ impl RedbStore {
         for t in [ACCOUNTS, KEYS, MODELS, RESERVATIONS, RECEIPTS] {
             txn.open_table(t)?;
         }
-        for t in [MODEL_NAMES, IDEMPOTENCY] {
+        for t in [MODEL_NAMES, IDEMPOTENCY, GRANTS, WALLETS] {
             txn.open_table(t)?;
         }
+        for t in [UNSETTLED, BATCHES_BY_TIME, PENDING_BATCHES] {
+            txn.open_table(t)?;
+        }
+        txn.open_table(BATCHES)?;
+        txn.open_table(CURSORS)?;
+        let mut meta = txn.open_table(META)?;
+        if meta.get(UNSETTLED_FLAG)?.is_none() {
+            // A database from before the chain ledger: index its unbatched receipts once.
+            let receipts = txn.open_table(RECEIPTS)?;
+            let mut unsettled = txn.open_table(UNSETTLED)?;
+            for entry in receipts.iter()? {
+                let (_, v) = entry?;
+                let receipt: Receipt = decode(v.value())?;
+                if receipt.batch_id.is_none() {
+                    unsettled.insert((receipt.created_at, receipt.receipt_id.as_str()), ())?;
+                }
+            }
+            meta.insert(UNSETTLED_FLAG, "1")?;
+        }
+        drop(meta);
         txn.commit()?;
         Ok(RedbStore { db: Arc::new(db) })
     }
@@ -138,6 +186,18 @@ impl RedbStore {
         })
         .await
         .map_err(RegistryError::store)?
+    }
+
+    /// Runs `f` in one read transaction on the blocking pool.
+    async fn view<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::ReadTransaction) -> Result<T> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db.begin_read()?))
+            .await
+            .map_err(RegistryError::store)?
     }
 
     /// Reads one JSON record in a read transaction on the blocking pool.
@@ -167,6 +227,15 @@ impl MetadataStore for RedbStore {
                     "account {:?} already exists",
                     account.account_id
                 )));
+            }
+            if let Some(wallet) = &account.wallet {
+                let mut wallets = txn.open_table(WALLETS)?;
+                if get_index(&wallets, wallet)?.is_some() {
+                    return Err(RegistryError::conflict(format!(
+                        "wallet {wallet} belongs to another account"
+                    )));
+                }
+                wallets.insert(wallet.as_str(), account.account_id.as_str())?;
             }
             put_json(&mut t, &account.account_id, &account)?;
             Ok(account)
@@ -452,11 +521,14 @@ impl MetadataStore for RedbStore {
                 owner: r.owner.clone(),
                 credits_charged: r.amount,
                 created_at: id::unix_now(),
+                batch_id: None,
             };
             r.state = ReservationState::Committed;
             r.receipt_id = Some(receipt_id.clone());
             put_json(&mut accounts, &owner.account_id.clone(), &owner)?;
             put_json(&mut receipts, &receipt_id, &receipt)?;
+            txn.open_table(UNSETTLED)?
+                .insert((receipt.created_at, receipt_id.as_str()), ())?;
             put_json(&mut reservations, &reservation_id, &r)?;
             Ok(receipt)
         })
@@ -489,6 +561,206 @@ impl MetadataStore for RedbStore {
     async fn get_receipt(&self, receipt_id: &str) -> Result<Receipt> {
         self.read(RECEIPTS, receipt_id, "receipt").await
     }
+
+    async fn find_account_by_wallet(&self, wallet: &str) -> Result<Option<Account>> {
+        let wallet = wallet.to_owned();
+        self.view(move |txn| {
+            let Some(account_id) = get_index(&txn.open_table(WALLETS)?, &wallet)? else {
+                return Ok(None);
+            };
+            get_json(&txn.open_table(ACCOUNTS)?, &account_id)
+        })
+        .await
+    }
+
+    async fn unsettled_receipts(&self, limit: usize) -> Result<Vec<Receipt>> {
+        self.view(move |txn| {
+            let unsettled = txn.open_table(UNSETTLED)?;
+            let receipts = txn.open_table(RECEIPTS)?;
+            let mut out = Vec::new();
+            for entry in unsettled.iter()?.take(limit) {
+                let (k, _) = entry?;
+                let (_, receipt_id) = k.value();
+                out.push(
+                    get_json(&receipts, receipt_id)?
+                        .ok_or_else(|| RegistryError::store("unsettled index names no receipt"))?,
+                );
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn count_unsettled_receipts(&self) -> Result<u64> {
+        self.view(|txn| Ok(txn.open_table(UNSETTLED)?.len()?)).await
+    }
+
+    async fn create_batch(&self, batch: SettlementBatch) -> Result<SettlementBatch> {
+        check_batch(&batch)?;
+        self.write(move |txn| {
+            let mut batches = txn.open_table(BATCHES)?;
+            if let Some(stored) = get_json::<SettlementBatch>(&batches, &batch.batch_id)? {
+                // A retry: every write happened in the first call's transaction.
+                return if stored.receipt_ids == batch.receipt_ids {
+                    Ok(stored)
+                } else {
+                    Err(batch_taken(&batch.batch_id))
+                };
+            }
+            let mut receipts = txn.open_table(RECEIPTS)?;
+            let mut unsettled = txn.open_table(UNSETTLED)?;
+            let mut credits = 0_u64;
+            for receipt_id in &batch.receipt_ids {
+                let mut receipt: Receipt = get_json(&receipts, receipt_id)?
+                    .ok_or_else(|| RegistryError::not_found("receipt", receipt_id))?;
+                if let Some(other) = &receipt.batch_id {
+                    return Err(in_other_batch(receipt_id, other));
+                }
+                credits = credits.saturating_add(receipt.credits_charged);
+                receipt.batch_id = Some(batch.batch_id.clone());
+                unsettled.remove((receipt.created_at, receipt_id.as_str()))?;
+                put_json(&mut receipts, receipt_id, &receipt)?;
+            }
+            check_credits(&batch, credits)?;
+            put_json(&mut batches, &batch.batch_id, &batch)?;
+            let key = (batch.created_at, batch.batch_id.as_str());
+            txn.open_table(BATCHES_BY_TIME)?.insert(key, ())?;
+            if batch.state == BatchState::Pending {
+                txn.open_table(PENDING_BATCHES)?.insert(key, ())?;
+            }
+            Ok(batch)
+        })
+        .await
+    }
+
+    async fn get_batch(&self, batch_id: &str) -> Result<SettlementBatch> {
+        self.read(BATCHES, batch_id, "batch").await
+    }
+
+    async fn update_batch(&self, batch: &SettlementBatch) -> Result<SettlementBatch> {
+        let update = batch.clone();
+        self.write(move |txn| {
+            let mut batches = txn.open_table(BATCHES)?;
+            let mut stored: SettlementBatch = get_json(&batches, &update.batch_id)?
+                .ok_or_else(|| RegistryError::not_found("batch", &update.batch_id))?;
+            if stored.state != BatchState::Pending {
+                return Err(batch_final(&stored));
+            }
+            stored.state = update.state;
+            stored.tx_hash = update.tx_hash;
+            stored.error = update.error;
+            stored.attempts = update.attempts;
+            stored.updated_at = update.updated_at;
+            put_json(&mut batches, &stored.batch_id, &stored)?;
+            if stored.state != BatchState::Pending {
+                txn.open_table(PENDING_BATCHES)?
+                    .remove((stored.created_at, stored.batch_id.as_str()))?;
+            }
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn pending_batches(&self) -> Result<Vec<SettlementBatch>> {
+        self.view(|txn| {
+            let order = txn.open_table(PENDING_BATCHES)?;
+            let batches = txn.open_table(BATCHES)?;
+            let mut out = Vec::new();
+            for entry in order.iter()? {
+                let (k, _) = entry?;
+                out.push(batch_at(&batches, k.value().1)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn recent_batches(&self, limit: usize) -> Result<Vec<SettlementBatch>> {
+        self.view(move |txn| {
+            let order = txn.open_table(BATCHES_BY_TIME)?;
+            let batches = txn.open_table(BATCHES)?;
+            let mut out = Vec::new();
+            for entry in order.iter()?.rev().take(limit) {
+                let (k, _) = entry?;
+                out.push(batch_at(&batches, k.value().1)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_cursor(&self, name: &str) -> Result<Option<u64>> {
+        let name = name.to_owned();
+        self.view(move |txn| {
+            Ok(txn
+                .open_table(CURSORS)?
+                .get(name.as_str())?
+                .map(|v| v.value()))
+        })
+        .await
+    }
+
+    async fn set_cursor(&self, name: &str, value: u64) -> Result<()> {
+        let name = name.to_owned();
+        self.write(move |txn| {
+            txn.open_table(CURSORS)?.insert(name.as_str(), value)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn batch_at(
+    batches: &impl ReadableTable<&'static str, &'static [u8]>,
+    batch_id: &str,
+) -> Result<SettlementBatch> {
+    get_json(batches, batch_id)?.ok_or_else(|| RegistryError::store("batch index names no batch"))
+}
+
+/// Checks a new batch before anything is written: no receipt twice (a receipt is settled once).
+pub(super) fn check_batch(batch: &SettlementBatch) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for receipt_id in &batch.receipt_ids {
+        if !seen.insert(receipt_id.as_str()) {
+            return Err(RegistryError::bad_request(format!(
+                "receipt {receipt_id:?} appears twice in batch {}",
+                batch.batch_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The batch's `credits` must be the sum of its receipts' charges.
+pub(super) fn check_credits(batch: &SettlementBatch, sum: u64) -> Result<()> {
+    if batch.credits == sum {
+        Ok(())
+    } else {
+        Err(RegistryError::bad_request(format!(
+            "batch {} claims {} credits but its receipts charged {sum}",
+            batch.batch_id, batch.credits
+        )))
+    }
+}
+
+pub(super) fn batch_taken(batch_id: &str) -> RegistryError {
+    RegistryError::conflict(format!(
+        "batch {batch_id} already exists with other receipts"
+    ))
+}
+
+pub(super) fn in_other_batch(receipt_id: &str, other: &str) -> RegistryError {
+    RegistryError::conflict(format!(
+        "receipt {receipt_id:?} is already in batch {other}"
+    ))
+}
+
+pub(super) fn batch_final(stored: &SettlementBatch) -> RegistryError {
+    RegistryError::conflict(format!(
+        "batch {} is already {}",
+        stored.batch_id,
+        stored.state.as_str()
+    ))
 }
 
 #[cfg(test)]
@@ -517,6 +789,59 @@ mod tests {
         let store: Store = Arc::new(RedbStore::open_in(dir.path()).unwrap());
         conformance::concurrent_reserve(store).await;
         assert!(dir.path().join("registry.redb").exists());
+    }
+
+    /// A database written before the chain ledger (no wallet, batch or cursor tables; records
+    /// without `wallet` and `batch_id`) opens and works: its receipts are unsettled.
+    #[tokio::test]
+    async fn a_database_from_before_the_chain_ledger_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.redb");
+        let old_account = serde_json::json!({
+            "account_id": "acct_old", "name": "old", "admin": false, "credits": 3,
+            "earnings": 2, "created_at": 10,
+        });
+        let old_receipts = [("rcpt_b", 20), ("rcpt_a", 20), ("rcpt_c", 5)].map(|(id, at)| {
+            serde_json::json!({
+                "receipt_id": id, "reservation_id": "rsv_x", "account_id": "acct_old",
+                "model_id": "mdl_x", "owner": "acct_old", "credits_charged": 1, "created_at": at,
+            })
+        });
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            for t in [ACCOUNTS, KEYS, MODELS, RESERVATIONS] {
+                txn.open_table(t).unwrap();
+            }
+            let mut accounts = txn.open_table(ACCOUNTS).unwrap();
+            put_json(&mut accounts, "acct_old", &old_account).unwrap();
+            let mut receipts = txn.open_table(RECEIPTS).unwrap();
+            for r in &old_receipts {
+                put_json(&mut receipts, r["receipt_id"].as_str().unwrap(), r).unwrap();
+            }
+            drop((accounts, receipts));
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        let account = store.get_account("acct_old").await.unwrap();
+        assert_eq!((account.credits, account.wallet), (3, None));
+        let unsettled = store.unsettled_receipts(10).await.unwrap();
+        let ids: Vec<&str> = unsettled.iter().map(|r| r.receipt_id.as_str()).collect();
+        assert_eq!(ids, ["rcpt_c", "rcpt_a", "rcpt_b"]);
+        assert!(unsettled.iter().all(|r| r.batch_id.is_none()));
+        assert_eq!(store.count_unsettled_receipts().await.unwrap(), 3);
+        assert_eq!(store.get_cursor("blocks").await.unwrap(), None);
+        assert!(store.pending_batches().await.unwrap().is_empty());
+        let batch = crate::conformance::new_batch(&unsettled[..1]);
+        store.create_batch(batch.clone()).await.unwrap();
+        drop(store);
+        // Filled once: reopening does not list the batched receipt again.
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.count_unsettled_receipts().await.unwrap(), 2);
+        assert_eq!(
+            store.get_receipt("rcpt_c").await.unwrap().batch_id,
+            Some(batch.batch_id)
+        );
     }
 
     #[tokio::test]

@@ -72,6 +72,7 @@ async fn binary_serves_and_stops_on_sigint() {
         .create_account(pb::CreateAccountRequest {
             name: "bin".into(),
             admin: false,
+            ..Default::default()
         })
         .await
         .unwrap()

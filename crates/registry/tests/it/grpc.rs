@@ -95,6 +95,7 @@ async fn account(c: &mut RegistryClient<Channel>, name: &str, admin: bool) -> pb
     c.create_account(pb::CreateAccountRequest {
         name: name.into(),
         admin,
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -232,6 +233,7 @@ async fn error_codes_cross_the_wire() {
             .create_account(pb::CreateAccountRequest {
                 name: name.to_owned(),
                 admin: false,
+                ..Default::default()
             })
             .await);
         assert_eq!(e.code, ErrorCode::BadRequest, "{name:?}");

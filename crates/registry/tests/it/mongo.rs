@@ -493,6 +493,7 @@ async fn registry_service_runs_on_mongodb() {
         .create_account(pb::CreateAccountRequest {
             name: "mongo-user".into(),
             admin: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -543,4 +544,150 @@ async fn a_bad_mongodb_uri_fails_at_start() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), ErrorCode::BadRequest, "{err:?}");
+}
+
+/// A batch creation interrupted after its document was written stays invisible until a retry
+/// or recovery finishes it; recovery undoes it instead when one of its receipts went to another
+/// batch meanwhile. Receipts written before the chain ledger (no `batch_id`) are unsettled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_batches_are_finished_or_undone() {
+    use modelhub_registry::model::SettlementBatch;
+
+    let Some(server) = MongoServer::start_or_skip("interrupted_batches_are_finished_or_undone")
+    else {
+        return;
+    };
+    let uri = server.db_uri("batches");
+    let store = connect(&uri).await;
+    let shared: Store = Arc::new(store.clone());
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let db = client.database("batches");
+    let receipts = db.collection::<Document>("receipts");
+    let batches = db.collection::<Document>("batches");
+    // A batch document as `create_batch` writes it before claiming its receipts.
+    let interrupted = |b: &SettlementBatch, opened_at: i64| {
+        doc! {
+            "_id": &b.batch_id, "receipt_ids": &b.receipt_ids, "credits": b.credits as i64,
+            "state": "pending", "tx_hash": null, "error": null, "attempts": 0_i64,
+            "created_at": b.created_at, "updated_at": b.updated_at,
+            "complete": false, "opened_at": opened_at,
+        }
+    };
+    let batch_of = |id: String| {
+        let store = store.clone();
+        async move { store.get_receipt(&id).await.unwrap().batch_id }
+    };
+
+    let made = conformance::committed_receipts(&shared, 4).await;
+    // A receipt from before the chain ledger.
+    receipts
+        .update_one(
+            doc! { "_id": &made[3].receipt_id },
+            doc! { "$unset": { "batch_id": "" } },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.count_unsettled_receipts().await.unwrap(), 4);
+    assert!(
+        store
+            .unsettled_receipts(10)
+            .await
+            .unwrap()
+            .contains(&made[3])
+    );
+
+    // Interrupted after claiming the first receipt: invisible, its receipt out of the
+    // unsettled ones, the other still in.
+    let b1 = conformance::new_batch(&made[..2]);
+    batches.insert_one(interrupted(&b1, 0)).await.unwrap();
+    receipts
+        .update_one(
+            doc! { "_id": &made[0].receipt_id },
+            doc! { "$set": { "batch_id": &b1.batch_id } },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_batch(&b1.batch_id).await.unwrap_err().code(),
+        ErrorCode::NotFound
+    );
+    assert!(store.pending_batches().await.unwrap().is_empty());
+    assert!(store.recent_batches(10).await.unwrap().is_empty());
+    assert_eq!(
+        store.update_batch(&b1).await.unwrap_err().code(),
+        ErrorCode::NotFound
+    );
+    assert_eq!(store.count_unsettled_receipts().await.unwrap(), 3);
+    // A retry finishes it.
+    assert_eq!(store.create_batch(b1.clone()).await.unwrap(), b1);
+    assert_eq!(store.get_batch(&b1.batch_id).await.unwrap(), b1);
+    assert_eq!(store.pending_batches().await.unwrap(), vec![b1.clone()]);
+    assert_eq!(
+        batch_of(made[1].receipt_id.clone()).await.as_deref(),
+        Some(b1.batch_id.as_str())
+    );
+    assert_eq!(store.count_unsettled_receipts().await.unwrap(), 2);
+
+    // Interrupted before claiming anything: recovery finishes it.
+    let b2 = conformance::new_batch(&made[2..3]);
+    batches.insert_one(interrupted(&b2, 0)).await.unwrap();
+    // Inside the grace period it is left alone.
+    let b_recent = conformance::new_batch(&made[3..4]);
+    batches
+        .insert_one(interrupted(&b_recent, modelhub_core::id::unix_now()))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .recover_stale(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        Recovery {
+            finished: 1,
+            ..Recovery::default()
+        }
+    );
+    assert_eq!(store.get_batch(&b2.batch_id).await.unwrap(), b2);
+    assert_eq!(
+        batch_of(made[2].receipt_id.clone()).await.as_deref(),
+        Some(b2.batch_id.as_str())
+    );
+    assert_eq!(
+        store
+            .get_batch(&b_recent.batch_id)
+            .await
+            .unwrap_err()
+            .code(),
+        ErrorCode::NotFound
+    );
+
+    // Meanwhile its receipt went to another batch: recovery undoes it.
+    let b4 = conformance::new_batch(&made[3..4]);
+    assert_eq!(store.create_batch(b4.clone()).await.unwrap(), b4);
+    assert_eq!(
+        store.recover_stale(Duration::ZERO).await.unwrap(),
+        Recovery {
+            finished: 1,
+            ..Recovery::default()
+        }
+    );
+    assert!(
+        batches
+            .find_one(doc! { "_id": &b_recent.batch_id })
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        batch_of(made[3].receipt_id.clone()).await.as_deref(),
+        Some(b4.batch_id.as_str())
+    );
+    assert_eq!(store.count_unsettled_receipts().await.unwrap(), 0);
+    let mut pending = vec![b1, b2, b4];
+    pending.sort_by(|a, b| (a.created_at, &a.batch_id).cmp(&(b.created_at, &b.batch_id)));
+    assert_eq!(store.pending_batches().await.unwrap(), pending);
+    assert_eq!(
+        store.recover_stale(Duration::ZERO).await.unwrap(),
+        Recovery::default()
+    );
 }

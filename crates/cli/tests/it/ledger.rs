@@ -1,0 +1,600 @@
+//! The ledger scenario suite: the same stories told on the embedded ledger and on the chain
+//! ledger, the latter with the marketplace's Solidity twin on a real anvil (`scripts/anvil`),
+//! the registry's chain ledger talking JSON-RPC to it, and users and creators acting with the
+//! `modelhub` binary as they would (`chain register`, `chain buy`, `chain withdraw`). The Stylus
+//! contract itself runs the contract-level half of these stories under the TestVM
+//! (`stylus-contracts/marketplace/tests`).
+//!
+//! Buy, predict through the gateway, settle, withdraw; an operator key that isn't an operator;
+//! a batch the chain already settled; a user who overspends between settlements; a deposit that
+//! arrives before its account.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use modelhub_chain::{Address, Marketplace, U256};
+use modelhub_cli::client::{Answer, Client, KeyFile};
+use modelhub_cli::up::UpSettings;
+use modelhub_testkit::ScriptServer;
+use serde_json::{Value, json};
+
+use crate::harness::{Cluster, account, assert_error, digits_input, upload_digits};
+
+/// anvil's well-known development keys (mnemonic "test test ... junk"), by role.
+const ADMIN_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+const OPERATOR_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+const CREATOR_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+const USER_KEY: &str = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6";
+const LATE_USER_KEY: &str = "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a";
+
+/// Wei per credit of the test deployments.
+const RATE: u64 = 1_000_000_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Embedded,
+    Anvil,
+}
+
+/// Runs `async fn name(kind: Kind)` as tests `name::embedded` and `name::anvil`.
+macro_rules! on_every_ledger {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(super::Kind::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn anvil() {
+                super::$name(super::Kind::Anvil).await
+            }
+        }
+    )*};
+}
+
+/// The chain side of a world: anvil, the deployed twin, the files the binary reads.
+struct Chain {
+    anvil: ScriptServer,
+    /// The contract as its admin sees it.
+    admin: Marketplace,
+    keys: PathBuf,
+}
+
+impl Chain {
+    async fn start(dir: &Path, authorise_operator: bool) -> Chain {
+        let anvil = ScriptServer::start("anvil");
+        let admin_signer = modelhub_chain::signer_from_hex(ADMIN_KEY).unwrap();
+        let admin_address = admin_signer.address();
+        let admin = Marketplace::deploy(&anvil.uri, admin_signer, admin_address, U256::from(RATE))
+            .await
+            .expect("deploy the marketplace on anvil");
+        if authorise_operator {
+            admin
+                .set_operator(address_of(OPERATOR_KEY), true)
+                .await
+                .unwrap();
+        }
+        let keys = dir.join("wallets");
+        std::fs::create_dir_all(&keys).unwrap();
+        for (name, key) in [
+            ("operator", OPERATOR_KEY),
+            ("creator", CREATOR_KEY),
+            ("user", USER_KEY),
+            ("late", LATE_USER_KEY),
+        ] {
+            std::fs::write(keys.join(format!("{name}.key")), format!("{key}\n")).unwrap();
+        }
+        Chain { anvil, admin, keys }
+    }
+
+    fn key_file(&self, name: &str) -> String {
+        self.keys.join(format!("{name}.key")).display().to_string()
+    }
+
+    fn marketplace(&self) -> String {
+        modelhub_chain::wallet_string(self.admin.address())
+    }
+
+    /// Mines `n` empty blocks (anvil's `anvil_mine`), so deposits get confirmations.
+    async fn mine(&self, n: u64) {
+        let answer: Value = reqwest::Client::new()
+            .post(&self.anvil.uri)
+            .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "anvil_mine", "params": [format!("{n:#x}")]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(answer.get("error").is_none(), "{answer}");
+    }
+
+    async fn credits_of(&self, key: &str) -> u64 {
+        let credits = self.admin.credits_of(address_of(key)).await.unwrap();
+        u64::try_from(credits).unwrap()
+    }
+
+    async fn earnings_of(&self, key: &str) -> u64 {
+        let earnings = self.admin.earnings_of(address_of(key)).await.unwrap();
+        u64::try_from(earnings).unwrap()
+    }
+
+    /// Runs `modelhub chain ARGS... --chain-rpc URL` and returns its JSON answer.
+    fn cli(&self, args: &[&str]) -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_modelhub"))
+            .arg("chain")
+            .args(args)
+            .args(["--chain-rpc", &self.anvil.uri])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "modelhub chain {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+fn address_of(key: &str) -> Address {
+    modelhub_chain::signer_from_hex(key).unwrap().address()
+}
+
+fn wallet_of(key: &str) -> String {
+    modelhub_chain::wallet_string(address_of(key))
+}
+
+struct World {
+    kind: Kind,
+    cluster: Cluster,
+    chain: Option<Chain>,
+}
+
+impl World {
+    async fn start(kind: Kind) -> World {
+        World::start_with(kind, true).await
+    }
+
+    async fn start_with(kind: Kind, authorise_operator: bool) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = UpSettings::for_test(dir.path());
+        let chain = match kind {
+            Kind::Embedded => None,
+            Kind::Anvil => {
+                let chain = Chain::start(dir.path(), authorise_operator).await;
+                settings.chain.chain_rpc = Some(chain.anvil.uri.clone());
+                settings.chain.marketplace = Some(chain.marketplace());
+                settings.chain.operator_key_file = Some(chain.key_file("operator").into());
+                settings.chain.chain_confirmations = 1;
+                // Settlement only when a test asks for it.
+                settings.chain.settle_interval_secs = 3600;
+                settings.chain.settle_batch_size = 1000;
+                settings.chain.chain_poll_ms = 200;
+                Some(chain)
+            }
+        };
+        let cluster = Cluster::start_with(dir, settings, Vec::new()).await;
+        World {
+            kind,
+            cluster,
+            chain,
+        }
+    }
+
+    fn chain(&self) -> &Chain {
+        self.chain.as_ref().expect("a chain world")
+    }
+
+    /// An account with a key; with a chain, its wallet is `wallet_key`'s address.
+    async fn account(&self, name: &str, wallet_key: &str) -> Client {
+        let body = match self.kind {
+            Kind::Embedded => json!({ "name": name }),
+            Kind::Anvil => json!({ "name": name, "wallet": wallet_of(wallet_key) }),
+        };
+        let created = self
+            .cluster
+            .admin
+            .post("/v1/accounts", &body)
+            .await
+            .unwrap();
+        assert_eq!(created.status, 201, "{:?}", created.body);
+        self.key_for(created.body["account_id"].as_str().unwrap())
+            .await
+    }
+
+    async fn key_for(&self, account_id: &str) -> Client {
+        let key = self
+            .cluster
+            .admin
+            .post("/v1/keys", &json!({ "account_id": account_id }))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        self.cluster
+            .admin
+            .with_key(serde_json::from_value::<KeyFile>(key).unwrap())
+    }
+
+    /// `user` gets `credits`: granted by the admin, or bought on chain with `wallet`'s key and
+    /// counted once confirmed.
+    async fn buy(&self, user: &Client, wallet: &str, credits: u64) {
+        let before = account(user).await["credits"].as_u64().unwrap();
+        match self.kind {
+            Kind::Embedded => {
+                let granted = self
+                    .cluster
+                    .admin
+                    .post(
+                        "/v1/credits/grant",
+                        &json!({ "account_id": user.key().account_id, "amount": credits }),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(granted.status, 200, "{:?}", granted.body);
+            }
+            Kind::Anvil => {
+                let chain = self.chain();
+                let bought = chain.cli(&[
+                    "buy",
+                    "--credits",
+                    &credits.to_string(),
+                    "--wallet-key-file",
+                    &chain.key_file(wallet),
+                    "--marketplace",
+                    &chain.marketplace(),
+                ]);
+                assert_eq!(bought["credits"], credits);
+                // Not confirmed yet (1 confirmation needed): not counted.
+                self.settle().await;
+                assert_eq!(account(user).await["credits"].as_u64().unwrap(), before);
+                chain.mine(1).await;
+                self.settle().await;
+            }
+        }
+        assert_eq!(
+            account(user).await["credits"].as_u64().unwrap(),
+            before + credits
+        );
+    }
+
+    /// Uploads the digits model as `creator` at `price`; with a chain, registers it on chain
+    /// with the binary from the creator's wallet (after checking it can't be used before).
+    async fn list_model(&self, creator: &Client, creator_key_name: &str, price: u64) -> String {
+        let record = upload_digits(creator, "digits", price).await;
+        let model_id = record["model_id"].as_str().unwrap().to_owned();
+        if self.kind == Kind::Anvil {
+            let chain = self.chain();
+            let key_path = self
+                .cluster
+                .data_dir()
+                .join(format!("{creator_key_name}-api-key.json"));
+            creator.key().write_new(&key_path).unwrap();
+            let registered = chain.cli(&[
+                "register",
+                &model_id,
+                "--wallet-key-file",
+                &chain.key_file(creator_key_name),
+                "--url",
+                creator.base_url(),
+                "--key-file",
+                key_path.to_str().unwrap(),
+            ]);
+            assert_eq!(registered["model_id"], model_id.as_str());
+            let on_chain = chain
+                .admin
+                .get_model(modelhub_chain::model_key(&model_id))
+                .await
+                .unwrap()
+                .expect("registered");
+            assert_eq!(on_chain.owner, address_of(CREATOR_KEY));
+            assert_eq!(on_chain.price_per_call, U256::from(price));
+            assert!(on_chain.active);
+        }
+        model_id
+    }
+
+    async fn settle(&self) -> Value {
+        let answer = self
+            .cluster
+            .admin
+            .post("/v1/ledger/settle", &json!({}))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        answer.body
+    }
+
+    async fn stop(self) {
+        self.cluster.stop().await;
+    }
+}
+
+async fn predict(user: &Client, model_id: &str) -> Answer {
+    user.post(
+        &format!("/v1/models/{model_id}/predict"),
+        &json!({ "inputs": digits_input(0) }),
+    )
+    .await
+    .unwrap()
+}
+
+async fn buy_predict_settle_withdraw(kind: Kind) {
+    let world = World::start(kind).await;
+    let creator = world.account("creator", CREATOR_KEY).await;
+    let user = world.account("user", USER_KEY).await;
+    if kind == Kind::Anvil {
+        // Credits come from the chain only.
+        let grant = world
+            .cluster
+            .admin
+            .post(
+                "/v1/credits/grant",
+                &json!({ "account_id": user.key().account_id, "amount": 5 }),
+            )
+            .await
+            .unwrap();
+        assert_error(&grant, 409, "conflict", "chain ledger");
+        // A model not registered on chain can't be charged for.
+        let record = upload_digits(&creator, "unlisted", 1).await;
+        let answer = predict(&user, record["model_id"].as_str().unwrap()).await;
+        assert_error(&answer, 409, "conflict", "not registered on chain");
+    }
+    let model_id = world.list_model(&creator, "creator", 3).await;
+    world.buy(&user, "user", 10).await;
+
+    // Three predictions fit in 10 credits at 3 each; the fourth is refused by the gateway
+    // before anything reaches the chain.
+    let mut receipts = Vec::new();
+    for _ in 0..3 {
+        let answer = predict(&user, &model_id).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        assert_eq!(answer.body["receipt"]["credits_charged"], 3);
+        receipts.push(answer.body["receipt"]["id"].as_str().unwrap().to_owned());
+    }
+    let answer = predict(&user, &model_id).await;
+    assert_error(&answer, 402, "payment_required", "insufficient credits");
+    assert_eq!(account(&user).await["credits"], 1);
+    assert_eq!(account(&creator).await["earnings"], 9);
+
+    if let Some(chain) = &world.chain {
+        // Nothing settled yet: the chain still holds the whole deposit.
+        assert_eq!(chain.credits_of(USER_KEY).await, 10);
+        assert_eq!(chain.earnings_of(CREATOR_KEY).await, 0);
+    }
+    let ledger = world.settle().await;
+    match kind {
+        Kind::Embedded => assert_eq!(ledger, json!({ "kind": "embedded" })),
+        Kind::Anvil => {
+            let chain = world.chain();
+            assert_eq!(ledger["kind"], "chain");
+            assert_eq!(ledger["marketplace"], chain.marketplace());
+            assert_eq!(ledger["operator"], wallet_of(OPERATOR_KEY));
+            assert_eq!(ledger["unsettled_receipts"], 0);
+            let batches = ledger["batches"].as_array().unwrap();
+            assert_eq!(batches.len(), 1, "{ledger}");
+            assert_eq!(batches[0]["state"], "settled", "{ledger}");
+            assert_eq!(batches[0]["receipts"], 3);
+            assert_eq!(batches[0]["credits"], 9);
+            let batch_id = batches[0]["batch_id"].as_str().unwrap();
+            assert_eq!(
+                batch_id,
+                format!(
+                    "{:#x}",
+                    modelhub_registry::ledger::chain::batch_id(&receipts)
+                )
+            );
+            assert!(
+                chain
+                    .admin
+                    .is_batch_settled(batch_id.parse().unwrap())
+                    .await
+                    .unwrap()
+            );
+            assert_eq!(chain.credits_of(USER_KEY).await, 1);
+            assert_eq!(chain.earnings_of(CREATOR_KEY).await, 9);
+
+            // Settling again settles nothing twice.
+            let again = world.settle().await;
+            assert_eq!(again["batches"].as_array().unwrap().len(), 1);
+            assert_eq!(chain.credits_of(USER_KEY).await, 1);
+
+            // The creator is paid by the contract.
+            let paid = chain.cli(&[
+                "withdraw",
+                "--wallet-key-file",
+                &chain.key_file("creator"),
+                "--marketplace",
+                &chain.marketplace(),
+            ]);
+            assert_eq!(paid["credits"], "9");
+            assert_eq!(paid["wei"], (9 * RATE).to_string());
+            assert_eq!(chain.earnings_of(CREATOR_KEY).await, 0);
+        }
+    }
+    // The off-chain view is unchanged by settlement.
+    assert_eq!(account(&user).await["credits"], 1);
+    world.stop().await;
+}
+
+on_every_ledger!(buy_predict_settle_withdraw);
+
+/// Two users race past their balance between settlements: each is stopped by the gateway at
+/// their own balance, and what settles is exactly what was charged.
+async fn overspending_between_settlements(kind: Kind) {
+    let world = World::start(kind).await;
+    let creator = world.account("creator", CREATOR_KEY).await;
+    let user = world.account("user", USER_KEY).await;
+    let model_id = world.list_model(&creator, "creator", 2).await;
+    world.buy(&user, "user", 7).await;
+    let attempts = futures::future::join_all((0..8).map(|_| predict(&user, &model_id))).await;
+    let ok = attempts.iter().filter(|a| a.status == 200).count();
+    let refused = attempts.iter().filter(|a| a.status == 402).count();
+    assert_eq!(
+        (ok, refused),
+        (3, 5),
+        "{:?}",
+        attempts.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    assert_eq!(account(&user).await["credits"], 1);
+    world.settle().await;
+    if let Some(chain) = &world.chain {
+        assert_eq!(chain.credits_of(USER_KEY).await, 1);
+        assert_eq!(chain.earnings_of(CREATOR_KEY).await, 6);
+    } else {
+        assert_eq!(account(&creator).await["earnings"], 6);
+    }
+    world.stop().await;
+}
+
+on_every_ledger!(overspending_between_settlements);
+
+/// The registry's operator key is not (yet) an operator: predictions go on, settlement stays
+/// pending with the reason, and goes through once the admin authorises the operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_key_that_is_not_an_operator() {
+    let world = World::start_with(Kind::Anvil, false).await;
+    let chain = world.chain();
+    let creator = world.account("creator", CREATOR_KEY).await;
+    let user = world.account("user", USER_KEY).await;
+    let model_id = world.list_model(&creator, "creator", 2).await;
+    world.buy(&user, "user", 10).await;
+    for _ in 0..2 {
+        assert_eq!(predict(&user, &model_id).await.status, 200);
+    }
+    let ledger = world.settle().await;
+    let batch = &ledger["batches"][0];
+    assert_eq!(batch["state"], "pending", "{ledger}");
+    assert!(
+        batch["error"].as_str().unwrap().contains("Unauthorized"),
+        "{ledger}"
+    );
+    assert_eq!(chain.credits_of(USER_KEY).await, 10);
+
+    chain
+        .admin
+        .set_operator(address_of(OPERATOR_KEY), true)
+        .await
+        .unwrap();
+    let ledger = world.settle().await;
+    let batch = &ledger["batches"][0];
+    assert_eq!(batch["state"], "settled", "{ledger}");
+    assert_eq!(batch["attempts"], 2);
+    assert_eq!(chain.credits_of(USER_KEY).await, 6);
+    assert_eq!(chain.earnings_of(CREATOR_KEY).await, 4);
+    world.stop().await;
+}
+
+/// A batch that reached the chain although the registry never heard back (it crashed, or the
+/// answer was lost) is recognised when it is sent again: settled once, not twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_chain_already_settled() {
+    let world = World::start(Kind::Anvil).await;
+    let chain = world.chain();
+    let creator = world.account("creator", CREATOR_KEY).await;
+    let user = world.account("user", USER_KEY).await;
+    let model_id = world.list_model(&creator, "creator", 2).await;
+    world.buy(&user, "user", 10).await;
+    let mut receipts = Vec::new();
+    for _ in 0..2 {
+        let answer = predict(&user, &model_id).await;
+        receipts.push(answer.body["receipt"]["id"].as_str().unwrap().to_owned());
+    }
+    // The same batch the registry will send, sent first by the operator.
+    let operator = Marketplace::connect(
+        &chain.anvil.uri,
+        chain.admin.address(),
+        Some(modelhub_chain::signer_from_hex(OPERATOR_KEY).unwrap()),
+    )
+    .await
+    .unwrap();
+    let batch_id = modelhub_registry::ledger::chain::batch_id(&receipts);
+    operator
+        .consume_credits(
+            batch_id,
+            vec![modelhub_chain::UsageRecord {
+                user: address_of(USER_KEY),
+                modelId: modelhub_chain::model_key(&model_id),
+                calls: 2,
+                receiptBatchHash: batch_id,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(chain.credits_of(USER_KEY).await, 6);
+
+    let ledger = world.settle().await;
+    let batch = &ledger["batches"][0];
+    assert_eq!(batch["batch_id"], format!("{batch_id:#x}"));
+    assert_eq!(batch["state"], "settled", "{ledger}");
+    assert_eq!(chain.credits_of(USER_KEY).await, 6, "charged once");
+    assert_eq!(chain.earnings_of(CREATOR_KEY).await, 4);
+    world.stop().await;
+}
+
+/// Credits bought from a wallet no account has yet are kept on an account made for it, which
+/// an admin can then hand keys to; the wallet can't be claimed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposit_before_its_account() {
+    let world = World::start(Kind::Anvil).await;
+    let chain = world.chain();
+    let creator = world.account("creator", CREATOR_KEY).await;
+    let model_id = world.list_model(&creator, "creator", 1).await;
+    chain.cli(&[
+        "buy",
+        "--credits",
+        "4",
+        "--wallet-key-file",
+        &chain.key_file("late"),
+        "--marketplace",
+        &chain.marketplace(),
+    ]);
+    chain.mine(1).await;
+    world.settle().await;
+
+    let claim = world
+        .cluster
+        .admin
+        .post(
+            "/v1/accounts",
+            &json!({ "name": "late", "wallet": wallet_of(LATE_USER_KEY).to_uppercase().replace("0X", "0x") }),
+        )
+        .await
+        .unwrap();
+    assert_error(&claim, 409, "conflict", "already belongs to account");
+    let account_id = claim.error_message().rsplit(' ').next().unwrap().to_owned();
+    let late = world.key_for(&account_id).await;
+    let me = account(&late).await;
+    assert_eq!(me["credits"], 4);
+    assert_eq!(me["wallet"], wallet_of(LATE_USER_KEY));
+    assert_eq!(predict(&late, &model_id).await.status, 200);
+    world.stop().await;
+}
+
+/// Bad wallets are refused with a clear 400, before anything is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_wallets_are_refused() {
+    let world = World::start(Kind::Embedded).await;
+    for wallet in [
+        "",
+        "0x12",
+        "0xZZ00000000000000000000000000000000000000",
+        "not an address",
+    ] {
+        let answer = world
+            .cluster
+            .admin
+            .post("/v1/accounts", &json!({ "name": "w", "wallet": wallet }))
+            .await
+            .unwrap();
+        if wallet.is_empty() {
+            // An empty wallet is no wallet.
+            assert_eq!(answer.status, 201, "{:?}", answer.body);
+            assert_eq!(answer.body["wallet"], Value::Null);
+        } else {
+            assert_error(&answer, 400, "bad_request", "wallet must be an EVM address");
+        }
+    }
+    world.stop().await;
+}

@@ -1,0 +1,576 @@
+//! The chain ledger: the marketplace contract on an EVM JSON-RPC node, through
+//! [`modelhub_chain::Marketplace`].
+//!
+//! **Deposits.** Every poll reads the `CreditsBought` logs from the block after the stored
+//! cursor up to `head - confirmations` and credits each buyer's account with
+//! `grant_once(.., "chain:<tx>:<log index>")`, then moves the cursor. A deposit counts only
+//! once it is `confirmations` blocks deep (reorg safety), and counting it again after a crash
+//! between the grant and the cursor is a no-op. A deposit from a wallet no account has yet
+//! creates an account for that wallet (id derived from the address), so nothing bought is lost;
+//! an admin then gives it keys.
+//!
+//! **Settlement.** Committed receipts are gathered, oldest first, into batches of at most
+//! `settle_batch_size`; each batch is written to the store (its receipts marked) *before* it is
+//! sent, and its id is a hash of its receipt ids. A send that fails for a transient reason
+//! (node down, timeout, operator not yet authorised) leaves the batch pending and is retried
+//! with the same id; the contract refuses a batch id twice (`BatchAlreadySettled`), which the
+//! ledger takes as "settled", so usage is never settled twice — not after a crash, not with two
+//! registry replicas racing. A batch the contract refuses for good (a model deactivated after
+//! it was used) is marked failed with the decoded error, for an operator to look at.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use modelhub_chain::{Address, B256, ChainError, Marketplace, Revert, U256, UsageRecord};
+use modelhub_core::id;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::{Ledger, LedgerStatus};
+use crate::error::{RegistryError, Result};
+use crate::model::{Account, BatchState, Model, Receipt, SettlementBatch};
+use crate::store::MetadataStore;
+
+/// Chain-ledger settings: given `--chain-rpc`, the registry uses the chain ledger.
+#[derive(Clone, clap::Args)]
+pub struct ChainArgs {
+    /// EVM JSON-RPC endpoint of the chain the marketplace contract lives on (e.g. Arbitrum, or
+    /// anvil for a local run). When set, credits come from the chain ledger.
+    #[arg(long, env = "MODELHUB_REGISTRY_CHAIN_RPC")]
+    pub chain_rpc: Option<String>,
+    /// Address of the marketplace contract (`modelhub chain deploy` prints it).
+    #[arg(long, env = "MODELHUB_REGISTRY_MARKETPLACE", requires = "chain_rpc")]
+    pub marketplace: Option<String>,
+    /// File holding the operator account's private key (0x hex), which settles usage with
+    /// `consumeCredits`; the marketplace admin must have made it an operator (`setOperator`).
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_OPERATOR_KEY_FILE",
+        requires = "chain_rpc"
+    )]
+    pub operator_key_file: Option<std::path::PathBuf>,
+    /// A deposit counts once it is this many blocks deep.
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_CHAIN_CONFIRMATIONS",
+        default_value_t = 12
+    )]
+    pub chain_confirmations: u32,
+    /// First block to read deposits from (the contract's deployment block).
+    #[arg(long, env = "MODELHUB_REGISTRY_CHAIN_FROM_BLOCK", default_value_t = 0)]
+    pub chain_from_block: u64,
+    /// How often new deposits are looked for (milliseconds).
+    #[arg(long, env = "MODELHUB_REGISTRY_CHAIN_POLL_MS", default_value_t = 2000)]
+    pub chain_poll_ms: u64,
+    /// Usage is settled at least this often (seconds)...
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_SETTLE_INTERVAL_SECS",
+        default_value_t = 60
+    )]
+    pub settle_interval_secs: u64,
+    /// ...or as soon as this many receipts wait; also the most receipts in one batch.
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_SETTLE_BATCH_SIZE",
+        default_value_t = 200
+    )]
+    pub settle_batch_size: usize,
+}
+
+impl std::fmt::Debug for ChainArgs {
+    /// An RPC URL may carry an API key: only whether it is set is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainArgs")
+            .field("chain_rpc", &self.chain_rpc.as_ref().map(|_| "<redacted>"))
+            .field("marketplace", &self.marketplace)
+            .field("operator_key_file", &self.operator_key_file)
+            .field("chain_confirmations", &self.chain_confirmations)
+            .field("chain_from_block", &self.chain_from_block)
+            .field("chain_poll_ms", &self.chain_poll_ms)
+            .field("settle_interval_secs", &self.settle_interval_secs)
+            .field("settle_batch_size", &self.settle_batch_size)
+            .finish()
+    }
+}
+
+impl Default for ChainArgs {
+    fn default() -> Self {
+        ChainArgs {
+            chain_rpc: None,
+            marketplace: None,
+            operator_key_file: None,
+            chain_confirmations: 12,
+            chain_from_block: 0,
+            chain_poll_ms: 2000,
+            settle_interval_secs: 60,
+            settle_batch_size: 200,
+        }
+    }
+}
+
+/// How long a model's on-chain check is trusted before it is read again.
+const CHARGEABLE_TTL: Duration = Duration::from_secs(5);
+
+/// The ledger on the marketplace contract; see the module documentation.
+pub struct ChainLedger {
+    market: Marketplace,
+    store: Arc<dyn MetadataStore>,
+    args: ChainArgs,
+    chain_id: u64,
+    wei_per_credit: U256,
+    operator: Address,
+    cursor: String,
+    /// One sync at a time in this process.
+    sync_lock: Mutex<()>,
+    /// model id → when its on-chain check last passed, and the result.
+    checks: moka::future::Cache<String, std::result::Result<(), String>>,
+}
+
+impl std::fmt::Debug for ChainLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainLedger")
+            .field("marketplace", &self.market.address())
+            .field("chain_id", &self.chain_id)
+            .field("operator", &self.operator)
+            .finish_non_exhaustive()
+    }
+}
+
+fn chain_error(e: ChainError) -> RegistryError {
+    match e {
+        ChainError::Rpc(message) => RegistryError::ChainUnavailable { message },
+        ChainError::Reverted(revert) => {
+            RegistryError::conflict(format!("the contract refused: {revert}"))
+        }
+        ChainError::Invalid(message) => RegistryError::bad_request(message),
+    }
+}
+
+fn b256_hex(b: B256) -> String {
+    format!("{b:#x}")
+}
+
+/// The id of a batch: keccak-256 over its sorted receipt ids, so the same receipts always make
+/// the same batch id.
+pub fn batch_id(receipt_ids: &[String]) -> B256 {
+    let mut ids: Vec<&str> = receipt_ids.iter().map(String::as_str).collect();
+    ids.sort_unstable();
+    alloy_keccak(&format!("modelhub/settlement/v1\n{}", ids.join("\n")))
+}
+
+fn alloy_keccak(s: &str) -> B256 {
+    modelhub_chain::keccak256(s.as_bytes())
+}
+
+impl ChainLedger {
+    /// Connects to the node and the contract named by `args` (which must have `chain_rpc`,
+    /// `marketplace` and `operator_key_file`).
+    pub async fn connect(
+        args: ChainArgs,
+        store: Arc<dyn MetadataStore>,
+    ) -> anyhow::Result<ChainLedger> {
+        use anyhow::Context;
+        let rpc = args
+            .chain_rpc
+            .as_deref()
+            .context("--chain-rpc is required")?;
+        let address = args
+            .marketplace
+            .as_deref()
+            .context("--marketplace is required with --chain-rpc")?;
+        let address = modelhub_chain::parse_address(address).context("--marketplace")?;
+        let key_file = args
+            .operator_key_file
+            .as_deref()
+            .context("--operator-key-file is required with --chain-rpc")?;
+        let signer = modelhub_chain::load_signer(key_file).context("--operator-key-file")?;
+        let market = Marketplace::connect(rpc, address, Some(signer))
+            .await
+            .context("connecting to the marketplace contract")?;
+        let operator = market
+            .sender()
+            .context("the operator key gave no address")?;
+        let chain_id = market.chain_id().await.context("reading the chain id")?;
+        let wei_per_credit = market
+            .wei_per_credit()
+            .await
+            .context("reading weiPerCredit")?;
+        match market.is_operator(operator).await {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                %operator,
+                "the operator key is not an operator of the marketplace yet: usage stays pending \
+                 until the admin calls setOperator"
+            ),
+            Err(e) => warn!(error = %e, "could not check the operator"),
+        }
+        info!(%address, chain_id, %operator, "chain ledger connected");
+        Ok(ChainLedger {
+            cursor: format!(
+                "chain:{chain_id}:{}:deposits",
+                modelhub_chain::wallet_string(address)
+            ),
+            market,
+            store,
+            chain_id,
+            wei_per_credit,
+            operator,
+            sync_lock: Mutex::new(()),
+            checks: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(CHARGEABLE_TTL)
+                .build(),
+            args,
+        })
+    }
+
+    /// The follow and settle loop, forever.
+    async fn run_loop(&self) {
+        let poll = Duration::from_millis(self.args.chain_poll_ms.max(10));
+        let settle_every = Duration::from_secs(self.args.settle_interval_secs);
+        let mut last_settle = Instant::now();
+        let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let _guard = self.sync_lock.lock().await;
+            if let Err(e) = self.follow().await {
+                warn!(error = %e, "following deposits failed; retrying at the next poll");
+            }
+            let due = last_settle.elapsed() >= settle_every
+                || self
+                    .store
+                    .count_unsettled_receipts()
+                    .await
+                    .is_ok_and(|n| n >= self.args.settle_batch_size.max(1) as u64);
+            if due {
+                last_settle = Instant::now();
+                if let Err(e) = self.settle().await {
+                    warn!(error = %e, "settlement failed; retrying at the next interval");
+                }
+            }
+        }
+    }
+
+    /// Counts the deposits confirmed since the cursor.
+    async fn follow(&self) -> Result<()> {
+        let head = self.market.block_number().await.map_err(chain_error)?;
+        let safe = head.saturating_sub(u64::from(self.args.chain_confirmations));
+        let from = match self.store.get_cursor(&self.cursor).await? {
+            Some(done) => done + 1,
+            None => self.args.chain_from_block,
+        };
+        if from > safe {
+            return Ok(());
+        }
+        let deposits = self
+            .market
+            .deposits(from, safe)
+            .await
+            .map_err(chain_error)?;
+        for d in deposits {
+            let wallet = modelhub_chain::wallet_string(d.buyer);
+            let Ok(credits) = u64::try_from(d.credits) else {
+                warn!(%wallet, credits = %d.credits, "deposit too large to count; skipped");
+                continue;
+            };
+            let account = self.account_for_wallet(&wallet).await?;
+            let grant_id = format!("chain:{}:{}", b256_hex(d.tx_hash), d.log_index);
+            self.store
+                .grant_once(&account.account_id, credits, &grant_id)
+                .await?;
+            info!(%wallet, account = %account.account_id, credits, block = d.block, "deposit counted");
+        }
+        self.store.set_cursor(&self.cursor, safe).await
+    }
+
+    /// The account of `wallet`, created when a deposit arrives before any account claims it.
+    async fn account_for_wallet(&self, wallet: &str) -> Result<Account> {
+        if let Some(account) = self.store.find_account_by_wallet(wallet).await? {
+            return Ok(account);
+        }
+        let account = Account {
+            account_id: wallet_account_id(wallet),
+            name: wallet.to_owned(),
+            admin: false,
+            credits: 0,
+            earnings: 0,
+            created_at: id::unix_now(),
+            wallet: Some(wallet.to_owned()),
+        };
+        match self.store.create_account(account).await {
+            Ok(account) => Ok(account),
+            // Created meanwhile (another replica, or a retry): read it back.
+            Err(e) if e.code() == modelhub_core::ErrorCode::Conflict => self
+                .store
+                .find_account_by_wallet(wallet)
+                .await?
+                .ok_or_else(|| RegistryError::conflict(format!("wallet {wallet} is taken"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends pending batches again, then batches and sends new receipts.
+    async fn settle(&self) -> Result<()> {
+        for batch in self.store.pending_batches().await? {
+            if !self.send(batch).await? {
+                return Ok(());
+            }
+        }
+        loop {
+            let receipts = self
+                .store
+                .unsettled_receipts(self.args.settle_batch_size.max(1))
+                .await?;
+            if receipts.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<String> = receipts.iter().map(|r| r.receipt_id.clone()).collect();
+            let now = id::unix_now();
+            let batch = self
+                .store
+                .create_batch(SettlementBatch {
+                    batch_id: b256_hex(batch_id(&ids)),
+                    credits: receipts.iter().map(|r| r.credits_charged).sum(),
+                    receipt_ids: ids,
+                    state: BatchState::Pending,
+                    tx_hash: None,
+                    error: None,
+                    attempts: 0,
+                    created_at: now,
+                    updated_at: now,
+                })
+                .await?;
+            if !self.send(batch).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The usage records of a batch: one per (user, model), its calls, and the hash of its
+    /// receipt ids. Receipts of accounts without a wallet (credits granted before the chain
+    /// ledger was configured) have nothing to settle on chain and are left out.
+    async fn records(&self, batch: &SettlementBatch) -> Result<Vec<UsageRecord>> {
+        let mut groups: std::collections::BTreeMap<(String, String), Vec<Receipt>> =
+            Default::default();
+        for id in &batch.receipt_ids {
+            let receipt = self.store.get_receipt(id).await?;
+            groups
+                .entry((receipt.account_id.clone(), receipt.model_id.clone()))
+                .or_default()
+                .push(receipt);
+        }
+        let mut wallets = std::collections::HashMap::new();
+        let mut records = Vec::with_capacity(groups.len());
+        for ((account_id, model_id), receipts) in groups {
+            if !wallets.contains_key(&account_id) {
+                let account = self.store.get_account(&account_id).await?;
+                wallets.insert(account_id.clone(), account.wallet);
+            }
+            let Some(Some(wallet)) = wallets.get(&account_id) else {
+                warn!(account = %account_id, receipts = receipts.len(), "usage of an account without a wallet is not settled on chain");
+                continue;
+            };
+            let user = modelhub_chain::parse_address(wallet)
+                .map_err(|e| RegistryError::store(format!("stored wallet: {e}")))?;
+            let ids: Vec<String> = receipts.iter().map(|r| r.receipt_id.clone()).collect();
+            records.push(UsageRecord {
+                user,
+                modelId: modelhub_chain::model_key(&model_id),
+                calls: receipts.len() as u64,
+                receiptBatchHash: batch_id(&ids),
+            });
+        }
+        Ok(records)
+    }
+
+    /// Sends one batch and records the outcome; `false` when it stays pending (a transient
+    /// failure: later batches would fail the same way, so the round stops).
+    async fn send(&self, mut batch: SettlementBatch) -> Result<bool> {
+        let id: B256 = batch
+            .batch_id
+            .parse()
+            .map_err(|_| RegistryError::store(format!("stored batch id {:?}", batch.batch_id)))?;
+        let records = self.records(&batch).await?;
+        batch.attempts += 1;
+        batch.updated_at = id::unix_now();
+        let outcome = if records.is_empty() {
+            Ok(None)
+        } else {
+            self.market.consume_credits(id, records).await.map(Some)
+        };
+        match outcome {
+            Ok(tx) => {
+                batch.state = BatchState::Settled;
+                batch.tx_hash = tx.map(b256_hex);
+                batch.error = None;
+                info!(batch = %batch.batch_id, receipts = batch.receipt_ids.len(), credits = batch.credits, "usage settled on chain");
+            }
+            Err(ChainError::Reverted(Revert::BatchAlreadySettled(_))) => {
+                // An earlier attempt (or another replica) got through.
+                batch.state = BatchState::Settled;
+                batch.error = None;
+                info!(batch = %batch.batch_id, "batch was already settled on chain");
+            }
+            Err(ChainError::Reverted(revert @ Revert::Unauthorized(_))) => {
+                batch.error = Some(format!(
+                    "{revert}: the operator account is not an operator of the marketplace \
+                     (the admin must call setOperator); will retry"
+                ));
+                warn!(batch = %batch.batch_id, error = %revert, "settlement refused: operator not authorised");
+            }
+            Err(ChainError::Reverted(revert)) => {
+                batch.state = BatchState::Failed;
+                batch.error = Some(revert.to_string());
+                warn!(batch = %batch.batch_id, error = %revert, "settlement refused by the contract; batch marked failed");
+            }
+            Err(e) => {
+                batch.error = Some(e.to_string());
+                warn!(batch = %batch.batch_id, error = %e, "settlement not sent; will retry");
+            }
+        }
+        let done = batch.state != BatchState::Pending;
+        self.store.update_batch(&batch).await?;
+        Ok(done)
+    }
+
+    async fn check_on_chain(&self, model: &Model) -> std::result::Result<(), String> {
+        let owner = self
+            .store
+            .get_account(&model.owner)
+            .await
+            .map_err(|e| format!("reading the model's owner: {e}"))?;
+        let Some(wallet) = owner.wallet else {
+            return Err(
+                "the model's owner has no wallet, so the model can't be registered on chain".into(),
+            );
+        };
+        let key = modelhub_chain::model_key(&model.model_id);
+        let on_chain = match self.market.get_model(key).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err(format!(
+                    "model {} is not registered on chain yet: its owner runs `modelhub chain register {}`",
+                    model.model_id, model.model_id
+                ));
+            }
+            Err(e) => return Err(format!("unavailable: {e}")),
+        };
+        if modelhub_chain::wallet_string(on_chain.owner) != wallet {
+            return Err(format!(
+                "model {} is registered on chain by {}, not by its owner's wallet {wallet}",
+                model.model_id,
+                modelhub_chain::wallet_string(on_chain.owner)
+            ));
+        }
+        if !on_chain.active {
+            return Err(format!("model {} is deactivated on chain", model.model_id));
+        }
+        if on_chain.price_per_call != U256::from(model.price) {
+            return Err(format!(
+                "model {}'s on-chain price {} differs from its registered price {}",
+                model.model_id, on_chain.price_per_call, model.price
+            ));
+        }
+        if on_chain.cid_hash != modelhub_chain::cid_hash(&model.cid) {
+            return Err(format!(
+                "model {}'s on-chain CID hash differs",
+                model.model_id
+            ));
+        }
+        let commitment = match &model.commitment {
+            Some(c) => modelhub_chain::commitment_word(c).map_err(|e| e.to_string())?,
+            None => B256::ZERO,
+        };
+        if on_chain.commitment != commitment {
+            return Err(format!(
+                "model {}'s on-chain commitment differs from its weight commitment",
+                model.model_id
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The id of the account a deposit creates for a wallet no account has claimed.
+pub fn wallet_account_id(wallet: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{}\0wallet\0{wallet}", id::ACCOUNT).as_bytes());
+    format!("{}_{}", id::ACCOUNT, hex::encode(&digest[..16]))
+}
+
+#[async_trait]
+impl Ledger for ChainLedger {
+    fn grants_allowed(&self) -> bool {
+        false
+    }
+
+    async fn check_chargeable(&self, model_id: &str) -> Result<()> {
+        let result = match self.checks.get(model_id).await {
+            Some(cached) => cached,
+            None => {
+                let model = self.store.get_model(model_id).await?;
+                let result = self.check_on_chain(&model).await;
+                // A node outage is not cached: the next request asks again.
+                if !matches!(&result, Err(m) if m.starts_with("unavailable: ")) {
+                    self.checks.insert(model.model_id, result.clone()).await;
+                }
+                result
+            }
+        };
+        result.map_err(|message| match message.strip_prefix("unavailable: ") {
+            Some(rest) => RegistryError::ChainUnavailable {
+                message: rest.to_owned(),
+            },
+            None => RegistryError::conflict(message),
+        })
+    }
+
+    async fn sync(&self) -> Result<()> {
+        let _guard = self.sync_lock.lock().await;
+        self.follow().await?;
+        self.settle().await
+    }
+
+    async fn run(&self) {
+        self.run_loop().await;
+    }
+
+    async fn status(&self) -> Result<LedgerStatus> {
+        Ok(LedgerStatus {
+            kind: "chain",
+            chain_id: self.chain_id,
+            marketplace: modelhub_chain::wallet_string(self.market.address()),
+            operator: modelhub_chain::wallet_string(self.operator),
+            wei_per_credit: self.wei_per_credit.to_string(),
+            followed_block: self.store.get_cursor(&self.cursor).await?.unwrap_or(0),
+            confirmations: self.args.chain_confirmations,
+            unsettled_receipts: self.store.count_unsettled_receipts().await?,
+            batches: self.store.recent_batches(20).await?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_ids_depend_on_the_set_of_receipts_only() {
+        let a = batch_id(&["rcp_1".into(), "rcp_2".into()]);
+        assert_eq!(a, batch_id(&["rcp_2".into(), "rcp_1".into()]));
+        assert_ne!(a, batch_id(&["rcp_1".into()]));
+        assert_ne!(a, batch_id(&["rcp_1".into(), "rcp_3".into()]));
+    }
+
+    #[test]
+    fn wallet_accounts_have_stable_distinct_ids() {
+        let w1 = "0x00000000000000000000000000000000000000a1";
+        let w2 = "0x00000000000000000000000000000000000000a2";
+        assert_eq!(wallet_account_id(w1), wallet_account_id(w1));
+        assert_ne!(wallet_account_id(w1), wallet_account_id(w2));
+        assert!(wallet_account_id(w1).starts_with("acct_"));
+    }
+}
