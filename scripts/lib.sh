@@ -129,3 +129,33 @@ JSON
     echo "$IPFS_RECIPE" > "$IPFS_NODE/.modelhub-recipe"
   ) 9>"$ROOT/.cache/ipfs-node.lock"
 }
+
+# An EVM dev node for tests and local runs: anvil from npm @foundry-rs/anvil-linux-amd64 (the
+# npm package ships the binary itself; foundryup downloads from a code host and fails here),
+# installed into .cache/anvil. Concurrent callers (parallel tests) wait on a lock for one install.
+ANVIL_VERSION=1.7.1
+ANVIL_HOME="$ROOT/.cache/anvil"
+ANVIL_BIN="$ANVIL_HOME/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+anvil_installed() {
+  [ -x "$ANVIL_BIN" ] && [ "$(cat "$ANVIL_HOME/.modelhub-version" 2>/dev/null)" = "$ANVIL_VERSION" ]
+}
+ensure_anvil() {
+  anvil_installed && return 0
+  command -v npm >/dev/null || { log "npm is needed to install anvil"; return 1; }
+  mkdir -p "$ROOT/.cache"
+  (
+    flock 9
+    anvil_installed && exit 0
+    log "installing anvil $ANVIL_VERSION into .cache/anvil (npm @foundry-rs/anvil-linux-amd64)"
+    rm -rf "$ANVIL_HOME"
+    mkdir -p "$ANVIL_HOME"
+    cat > "$ANVIL_HOME/package.json" <<'JSON'
+{"name": "modelhub-anvil", "private": true}
+JSON
+    (cd "$ANVIL_HOME" && npm install --no-audit --no-fund --loglevel=error \
+      "@foundry-rs/anvil-linux-amd64@$ANVIL_VERSION" >&2)
+    chmod +x "$ANVIL_BIN"
+    "$ANVIL_BIN" --version >&2
+    echo "$ANVIL_VERSION" > "$ANVIL_HOME/.modelhub-version"
+  ) 9>"$ROOT/.cache/anvil.lock"
+}

@@ -1,0 +1,576 @@
+//! [`Marketplace`]: typed reads and writes of one deployed Marketplace contract over HTTP
+//! JSON-RPC, with a deadline on every node call and decoded reverts.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::contract::{CallBuilder, CallDecoder};
+use alloy::primitives::{Address, B256, U256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::types::{Filter, TransactionReceipt};
+use alloy::sol_types::SolEvent;
+use alloy::transports::http::reqwest;
+use tokio::sync::{Mutex, OnceCell};
+use tracing::debug;
+
+use crate::Signer;
+use crate::bindings::Marketplace::UsageRecord;
+use crate::bindings::Marketplace::{self as Contract, MarketplaceInstance};
+use crate::error::{self, ChainError, Result, Revert};
+
+/// Default deadline of one node call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default deadline for a sent transaction's receipt.
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default of the most blocks asked for in one `eth_getLogs` (nodes limit the range).
+const LOG_RANGE: u64 = 10_000;
+/// Receipt polling interval: at most this, less when the client polls faster (loopback).
+const MAX_RECEIPT_POLL: Duration = Duration::from_millis(500);
+
+/// A model as the contract holds it (`getModel`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnChainModel {
+    pub owner: Address,
+    pub cid_hash: B256,
+    pub commitment: B256,
+    pub price_per_call: U256,
+    pub active: bool,
+}
+
+/// One `CreditsBought` event: `buyer` paid `amount_wei` for `credits`, in transaction `tx_hash`
+/// of block `block`, as log `log_index` of that block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deposit {
+    pub buyer: Address,
+    pub credits: U256,
+    pub amount_wei: U256,
+    pub block: u64,
+    pub tx_hash: B256,
+    pub log_index: u64,
+}
+
+/// A deployed Marketplace contract, reached through one node. Cheap to clone; clones share the
+/// connection and the send lock (one transaction of this sender in flight to the node at a
+/// time, so nonces don't collide).
+#[derive(Clone)]
+pub struct Marketplace {
+    contract: MarketplaceInstance<DynProvider>,
+    sender: Option<Address>,
+    /// Forms of the RPC URL removed from error messages (it may carry an API key).
+    redact: Arc<[String]>,
+    call_timeout: Duration,
+    receipt_timeout: Duration,
+    log_range: u64,
+    send_lock: Arc<Mutex<()>>,
+    wei_per_credit: Arc<OnceCell<U256>>,
+}
+
+impl std::fmt::Debug for Marketplace {
+    /// The RPC URL may carry an API key: it is not shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Marketplace")
+            .field("address", self.contract.address())
+            .field("sender", &self.sender)
+            .field("call_timeout", &self.call_timeout)
+            .field("receipt_timeout", &self.receipt_timeout)
+            .field("log_range", &self.log_range)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A provider for `rpc_url`, with a wallet when a signer is given: gas estimation, nonces read
+/// from the node for each transaction (`pending` count, robust to failed sends), chain id.
+fn provider(
+    rpc_url: &str,
+    signer: Option<Signer>,
+    connect_timeout: Duration,
+) -> Result<(DynProvider, Arc<[String]>)> {
+    let trimmed = rpc_url.trim();
+    let url: reqwest::Url = trimmed
+        .parse()
+        .map_err(|e| ChainError::Invalid(format!("the RPC URL is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ChainError::Invalid(format!(
+            "the RPC URL must be http or https, not {:?}",
+            url.scheme()
+        )));
+    }
+    let client = reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .build()
+        .map_err(|e| ChainError::Invalid(format!("building the HTTP client: {e}")))?;
+    let mut redact: Vec<String> = vec![
+        url.as_str().to_owned(),
+        url.as_str().trim_end_matches('/').to_owned(),
+        trimmed.to_owned(),
+    ];
+    redact.retain(|s| !s.is_empty());
+    redact.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let builder = ProviderBuilder::new()
+        .disable_recommended_fillers()
+        .with_gas_estimation()
+        .with_simple_nonce_management()
+        .fetch_chain_id();
+    let provider = match signer {
+        Some(signer) => builder.wallet(signer).connect_reqwest(client, url).erased(),
+        None => builder.connect_reqwest(client, url).erased(),
+    };
+    Ok((provider, redact.into()))
+}
+
+impl Marketplace {
+    /// Connects to the contract at `address` through the node at `rpc_url` (http or https).
+    /// Checks that the node answers (else [`ChainError::Rpc`]) and that code exists at
+    /// `address` (else [`ChainError::Invalid`] "no contract at ..."). Writes need `signer`.
+    pub async fn connect(
+        rpc_url: &str,
+        address: Address,
+        signer: Option<Signer>,
+    ) -> Result<Marketplace> {
+        Marketplace::connect_with_timeouts(rpc_url, address, signer, CALL_TIMEOUT, RECEIPT_TIMEOUT)
+            .await
+    }
+
+    /// [`Marketplace::connect`] with the deadlines of [`Marketplace::with_timeouts`] applied from
+    /// the first call on.
+    pub async fn connect_with_timeouts(
+        rpc_url: &str,
+        address: Address,
+        signer: Option<Signer>,
+        call_timeout: Duration,
+        receipt_timeout: Duration,
+    ) -> Result<Marketplace> {
+        let sender = signer.as_ref().map(|s| s.address());
+        let (provider, redact) = provider(rpc_url, signer, call_timeout)?;
+        let market = Marketplace::new(provider, redact, address, sender)
+            .with_timeouts(call_timeout, receipt_timeout);
+        market.chain_id().await?;
+        let code = market
+            .timed(
+                "eth_getCode",
+                market.provider().get_code_at(address).into_future(),
+            )
+            .await?
+            .map_err(|e| market.transport_error(&e))?;
+        if code.is_empty() {
+            return Err(ChainError::Invalid(format!("no contract at {address}")));
+        }
+        Ok(market)
+    }
+
+    /// Deploys the Solidity twin's bytecode (from `Marketplace.json`) with constructor
+    /// `(admin, wei_per_credit)`, paid and signed by `deployer`, and connects to it with the
+    /// deployer as sender. A zero admin or rate is refused by the constructor
+    /// ([`Revert::ZeroAddress`], [`Revert::InvalidRate`]).
+    pub async fn deploy(
+        rpc_url: &str,
+        deployer: Signer,
+        admin: Address,
+        wei_per_credit: U256,
+    ) -> Result<Marketplace> {
+        let sender = deployer.address();
+        let (provider, redact) = provider(rpc_url, Some(deployer), CALL_TIMEOUT)?;
+        // Not yet at an address: the instance is only used for its error helpers until then.
+        let market = Marketplace::new(
+            provider.clone(),
+            redact.clone(),
+            Address::ZERO,
+            Some(sender),
+        );
+        let call = Contract::deploy_builder(provider.clone(), admin, wei_per_credit).from(sender);
+        let receipt = market.send_and_wait("deploy", &call).await?;
+        let address = receipt.contract_address.ok_or_else(|| {
+            ChainError::Rpc("the deployment receipt names no contract address".into())
+        })?;
+        debug!(%address, "marketplace deployed");
+        Ok(Marketplace::new(provider, redact, address, Some(sender)))
+    }
+
+    fn new(
+        provider: DynProvider,
+        redact: Arc<[String]>,
+        address: Address,
+        sender: Option<Address>,
+    ) -> Marketplace {
+        Marketplace {
+            contract: MarketplaceInstance::new(address, provider),
+            sender,
+            redact,
+            call_timeout: CALL_TIMEOUT,
+            receipt_timeout: RECEIPT_TIMEOUT,
+            log_range: LOG_RANGE,
+            send_lock: Arc::new(Mutex::new(())),
+            wei_per_credit: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// Sets the deadline of one node call (default 15 s) and of waiting for a transaction's
+    /// receipt (default 120 s).
+    pub fn with_timeouts(mut self, call: Duration, receipt: Duration) -> Marketplace {
+        self.call_timeout = call;
+        self.receipt_timeout = receipt;
+        self
+    }
+
+    /// Sets the most blocks [`Marketplace::deposits`] asks the node for in one `eth_getLogs`
+    /// (default 10 000; some hosted nodes allow fewer). At least 1.
+    pub fn with_log_range(mut self, blocks: u64) -> Marketplace {
+        self.log_range = blocks.max(1);
+        self
+    }
+
+    /// The contract's address.
+    pub fn address(&self) -> Address {
+        *self.contract.address()
+    }
+
+    /// The address that signs writes, when a signer was given.
+    pub fn sender(&self) -> Option<Address> {
+        self.sender
+    }
+
+    fn provider(&self) -> &DynProvider {
+        self.contract.provider()
+    }
+
+    /// The node's chain id (31337 for anvil).
+    pub async fn chain_id(&self) -> Result<u64> {
+        self.timed("eth_chainId", self.provider().get_chain_id().into_future())
+            .await?
+            .map_err(|e| self.transport_error(&e))
+    }
+
+    /// The node's latest block number.
+    pub async fn block_number(&self) -> Result<u64> {
+        self.timed(
+            "eth_blockNumber",
+            self.provider().get_block_number().into_future(),
+        )
+        .await?
+        .map_err(|e| self.transport_error(&e))
+    }
+
+    // ----- reads -----
+
+    /// Prepaid credits of `user`.
+    pub async fn credits_of(&self, user: Address) -> Result<U256> {
+        self.read("creditsOf", self.contract.creditsOf(user)).await
+    }
+
+    /// Unwithdrawn earnings (in credits) of model owner `owner`.
+    pub async fn earnings_of(&self, owner: Address) -> Result<U256> {
+        self.read("earningsOf", self.contract.earningsOf(owner))
+            .await
+    }
+
+    /// Wei per credit (fixed at deployment; read once, then remembered).
+    pub async fn wei_per_credit(&self) -> Result<U256> {
+        self.wei_per_credit
+            .get_or_try_init(|| self.read("weiPerCredit", self.contract.weiPerCredit()))
+            .await
+            .copied()
+    }
+
+    /// The admin (who names operators).
+    pub async fn admin(&self) -> Result<Address> {
+        self.read("admin", self.contract.admin()).await
+    }
+
+    /// Whether `account` may settle usage (`consumeCredits`).
+    pub async fn is_operator(&self, account: Address) -> Result<bool> {
+        self.read("isOperator", self.contract.isOperator(account))
+            .await
+    }
+
+    /// Whether batch `batch_id` was settled.
+    pub async fn is_batch_settled(&self, batch_id: B256) -> Result<bool> {
+        self.read("isBatchSettled", self.contract.isBatchSettled(batch_id))
+            .await
+    }
+
+    /// The model registered under `model` (see [`crate::model_key`]), `None` when unknown.
+    pub async fn get_model(&self, model: B256) -> Result<Option<OnChainModel>> {
+        match self.read("getModel", self.contract.getModel(model)).await {
+            Ok(m) => Ok(Some(OnChainModel {
+                owner: m._0,
+                cid_hash: m._1,
+                commitment: m._2,
+                price_per_call: m._3,
+                active: m._4,
+            })),
+            Err(ChainError::Reverted(Revert::UnknownModel(_))) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The `CreditsBought` events of blocks `from_block..=to_block`, in chain order. Asks the
+    /// node for at most [`Marketplace::with_log_range`] blocks at a time. An empty range (`from > to`) has none.
+    pub async fn deposits(&self, from_block: u64, to_block: u64) -> Result<Vec<Deposit>> {
+        let mut out = Vec::new();
+        let mut start = from_block;
+        while start <= to_block {
+            let end = start.saturating_add(self.log_range - 1).min(to_block);
+            let filter = Filter::new()
+                .address(self.address())
+                .event_signature(Contract::CreditsBought::SIGNATURE_HASH)
+                .from_block(start)
+                .to_block(end);
+            let logs = self
+                .timed("eth_getLogs", self.provider().get_logs(&filter))
+                .await?
+                .map_err(|e| self.transport_error(&e))?;
+            for log in logs {
+                if log.removed {
+                    continue;
+                }
+                let (Some(block), Some(tx_hash), Some(log_index)) =
+                    (log.block_number, log.transaction_hash, log.log_index)
+                else {
+                    return Err(ChainError::Rpc(
+                        "the node returned a CreditsBought log without its position".into(),
+                    ));
+                };
+                let event = log
+                    .log_decode::<Contract::CreditsBought>()
+                    .map_err(|e| ChainError::Rpc(format!("undecodable CreditsBought log: {e}")))?;
+                out.push(Deposit {
+                    buyer: event.inner.buyer,
+                    credits: event.inner.credits,
+                    amount_wei: event.inner.amountWei,
+                    block,
+                    tx_hash,
+                    log_index,
+                });
+            }
+            if end == to_block {
+                break;
+            }
+            start = end + 1;
+        }
+        out.sort_by_key(|d| (d.block, d.log_index));
+        Ok(out)
+    }
+
+    // ----- writes -----
+
+    /// Registers a model owned by the sender: `registerModel(model, cid_hash, commitment,
+    /// price)` (prices are in credits per call). Returns the transaction hash.
+    pub async fn register_model(
+        &self,
+        model: B256,
+        cid_hash: B256,
+        commitment: B256,
+        price: U256,
+    ) -> Result<B256> {
+        let call = self
+            .contract
+            .registerModel(model, cid_hash, commitment, price);
+        self.write("registerModel", call).await
+    }
+
+    /// Sets a new price for a model of the sender.
+    pub async fn update_price(&self, model: B256, price: U256) -> Result<B256> {
+        self.write("updatePrice", self.contract.updatePrice(model, price))
+            .await
+    }
+
+    /// Deactivates a model of the sender, for good.
+    pub async fn deactivate(&self, model: B256) -> Result<B256> {
+        self.write("deactivate", self.contract.deactivate(model))
+            .await
+    }
+
+    /// Buys `credits` credits for the sender, paying `credits * weiPerCredit` wei.
+    pub async fn buy_credits(&self, credits: U256) -> Result<B256> {
+        let rate = self.wei_per_credit().await?;
+        let value = credits.checked_mul(rate).ok_or_else(|| {
+            ChainError::Invalid(format!("{credits} credits cost more wei than exist"))
+        })?;
+        self.write("buyCredits", self.contract.buyCredits().value(value))
+            .await
+    }
+
+    /// Settles a batch of usage (operators only); `batch_id` is accepted once.
+    pub async fn consume_credits(&self, batch_id: B256, records: Vec<UsageRecord>) -> Result<B256> {
+        self.write(
+            "consumeCredits",
+            self.contract.consumeCredits(batch_id, records),
+        )
+        .await
+    }
+
+    /// Pays the sender's earnings out, in wei.
+    pub async fn withdraw(&self) -> Result<B256> {
+        self.write("withdraw", self.contract.withdraw()).await
+    }
+
+    /// Makes `operator` an operator, or not (admin only).
+    pub async fn set_operator(&self, operator: Address, enabled: bool) -> Result<B256> {
+        self.write("setOperator", self.contract.setOperator(operator, enabled))
+            .await
+    }
+
+    /// Hands the admin role to `admin` (admin only).
+    pub async fn set_admin(&self, admin: Address) -> Result<B256> {
+        self.write("setAdmin", self.contract.setAdmin(admin)).await
+    }
+
+    // ----- plumbing -----
+
+    fn redact(&self, mut s: String) -> String {
+        for u in self.redact.iter() {
+            if s.contains(u.as_str()) {
+                s = s.replace(u.as_str(), "<rpc url>");
+            }
+        }
+        s
+    }
+
+    fn transport_error(&self, e: &alloy::transports::TransportError) -> ChainError {
+        error::from_transport(e, &|s| self.redact(s))
+    }
+
+    fn contract_error(&self, e: &alloy::contract::Error) -> ChainError {
+        error::from_contract(e, &|s| self.redact(s))
+    }
+
+    /// Runs `fut` with the call deadline.
+    async fn timed<F: IntoFuture>(&self, what: &str, fut: F) -> Result<F::Output> {
+        tokio::time::timeout(self.call_timeout, fut)
+            .await
+            .map_err(|_| {
+                ChainError::Rpc(format!(
+                    "{what}: no answer from the node within {:?}",
+                    self.call_timeout
+                ))
+            })
+    }
+
+    /// An `eth_call` of a view, decoded.
+    async fn read<D: CallDecoder>(
+        &self,
+        what: &str,
+        call: CallBuilder<&DynProvider, D>,
+    ) -> Result<D::CallOutput> {
+        self.timed(what, call.call())
+            .await?
+            .map_err(|e| self.contract_error(&e))
+    }
+
+    /// Simulates, sends and waits for a call of the sender; returns the transaction hash.
+    async fn write<D: CallDecoder>(
+        &self,
+        what: &str,
+        call: CallBuilder<&DynProvider, D>,
+    ) -> Result<B256> {
+        let sender = self.sender.ok_or_else(|| {
+            ChainError::Invalid(format!("{what} needs a signing key, and none was given"))
+        })?;
+        let receipt = self.send_and_wait(what, &call.from(sender)).await?;
+        Ok(receipt.transaction_hash)
+    }
+
+    /// Simulates `call` with `eth_call` (so a refusal is decoded), sends it, and waits for a
+    /// successful receipt.
+    async fn send_and_wait<P: Provider, D: CallDecoder>(
+        &self,
+        what: &str,
+        call: &CallBuilder<P, D>,
+    ) -> Result<TransactionReceipt> {
+        let tx_hash = {
+            let _one_at_a_time = self.send_lock.lock().await;
+            self.timed(what, call.call_raw())
+                .await?
+                .map_err(|e| self.contract_error(&e))?;
+            let pending = self
+                .timed(what, call.send())
+                .await?
+                .map_err(|e| self.contract_error(&e))?;
+            *pending.tx_hash()
+        };
+        debug!(call = what, tx = %tx_hash, "transaction sent");
+        let receipt = self.wait_receipt(what, tx_hash).await?;
+        if !receipt.status() {
+            return Err(ChainError::Reverted(Revert::Other(format!(
+                "{what} transaction {tx_hash} failed in block {}",
+                receipt
+                    .block_number
+                    .map_or_else(|| "?".to_owned(), |b| b.to_string())
+            ))));
+        }
+        Ok(receipt)
+    }
+
+    /// Polls for the receipt of `tx_hash` until the receipt deadline.
+    async fn wait_receipt(&self, what: &str, tx_hash: B256) -> Result<TransactionReceipt> {
+        let deadline = Instant::now() + self.receipt_timeout;
+        let every = self
+            .provider()
+            .client()
+            .poll_interval()
+            .min(MAX_RECEIPT_POLL);
+        loop {
+            let receipt = self
+                .timed(
+                    "eth_getTransactionReceipt",
+                    self.provider()
+                        .get_transaction_receipt(tx_hash)
+                        .into_future(),
+                )
+                .await?
+                .map_err(|e| self.transport_error(&e))?;
+            if let Some(receipt) = receipt {
+                return Ok(receipt);
+            }
+            if Instant::now() >= deadline {
+                return Err(ChainError::Rpc(format!(
+                    "{what} transaction {tx_hash} was not mined within {:?}",
+                    self.receipt_timeout
+                )));
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send<T: Send>(_: T) {}
+
+    /// Callers hold these futures across awaits in `Send` tasks (the registry's ledger runs
+    /// under `async_trait`): they must stay `Send`.
+    #[allow(dead_code, clippy::let_underscore_future)]
+    fn futures_are_send(m: &Marketplace, s: Signer) {
+        let (a, b) = (Address::ZERO, B256::ZERO);
+        send(Marketplace::connect("", a, None));
+        send(Marketplace::deploy("", s, a, U256::ZERO));
+        send(m.chain_id());
+        send(m.block_number());
+        send(m.credits_of(a));
+        send(m.earnings_of(a));
+        send(m.wei_per_credit());
+        send(m.admin());
+        send(m.is_operator(a));
+        send(m.is_batch_settled(b));
+        send(m.get_model(b));
+        send(m.deposits(0, 1));
+        send(m.register_model(b, b, b, U256::ZERO));
+        send(m.update_price(b, U256::ZERO));
+        send(m.deactivate(b));
+        send(m.buy_credits(U256::ZERO));
+        send(m.consume_credits(b, vec![]));
+        send(m.withdraw());
+        send(m.set_operator(a, true));
+        send(m.set_admin(a));
+    }
+
+    #[test]
+    fn marketplace_is_send_sync_clone() {
+        fn check<T: Send + Sync + Clone + 'static>() {}
+        check::<Marketplace>();
+        check::<ChainError>();
+    }
+}

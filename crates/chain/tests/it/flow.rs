@@ -1,0 +1,305 @@
+//! The marketplace's life on a real node: deploy, register, buy (read back as deposits),
+//! settle, refusals decoded with their arguments, withdraw.
+
+use alloy::providers::Provider;
+use modelhub_chain::{
+    B256, ChainError, Marketplace, Revert, U256, UsageRecord, cid_hash, commitment_word, model_key,
+};
+
+use crate::{Chain, WEI_PER_CREDIT};
+
+const OPERATOR: usize = 1;
+const OWNER: usize = 2;
+const BUYER: usize = 3;
+
+fn usage(user: usize, model: B256, calls: u64) -> UsageRecord {
+    UsageRecord {
+        user: Chain::address(user),
+        modelId: model,
+        calls,
+        receiptBatchHash: B256::repeat_byte(0x42),
+    }
+}
+
+#[tokio::test]
+async fn deploy_register_buy_settle_and_withdraw() {
+    let chain = Chain::start().await;
+    let admin = &chain.admin;
+    assert_eq!(admin.chain_id().await.unwrap(), 31337);
+    assert_eq!(admin.admin().await.unwrap(), Chain::address(0));
+    assert_eq!(admin.sender(), Some(Chain::address(0)));
+    assert_eq!(
+        admin.wei_per_credit().await.unwrap(),
+        U256::from(WEI_PER_CREDIT)
+    );
+
+    // The admin names an operator.
+    assert!(!admin.is_operator(Chain::address(OPERATOR)).await.unwrap());
+    admin
+        .set_operator(Chain::address(OPERATOR), true)
+        .await
+        .unwrap();
+    assert!(admin.is_operator(Chain::address(OPERATOR)).await.unwrap());
+
+    // An owner registers a model at 3 credits per call.
+    let owner = chain.as_account(OWNER).await;
+    let model = model_key("acme/digits");
+    let commitment = commitment_word("0x0102").unwrap();
+    owner
+        .register_model(model, cid_hash("bafymodel"), commitment, U256::from(3))
+        .await
+        .unwrap();
+    let on_chain = owner.get_model(model).await.unwrap().expect("registered");
+    assert_eq!(on_chain.owner, Chain::address(OWNER));
+    assert_eq!(on_chain.cid_hash, cid_hash("bafymodel"));
+    assert_eq!(on_chain.commitment, commitment);
+    assert_eq!(on_chain.price_per_call, U256::from(3));
+    assert!(on_chain.active);
+    assert_eq!(
+        owner.get_model(model_key("nobody/nothing")).await.unwrap(),
+        None
+    );
+    match owner
+        .register_model(model, B256::ZERO, B256::ZERO, U256::from(1))
+        .await
+    {
+        Err(ChainError::Reverted(Revert::ModelAlreadyRegistered(id))) => assert_eq!(id, model),
+        other => panic!("expected ModelAlreadyRegistered, got {other:?}"),
+    }
+
+    // A buyer buys 10 credits; the deposit is read back from the logs.
+    let buyer = chain.as_account(BUYER).await;
+    let before = buyer.block_number().await.unwrap();
+    let tx = buyer.buy_credits(U256::from(10)).await.unwrap();
+    assert_eq!(
+        buyer.credits_of(Chain::address(BUYER)).await.unwrap(),
+        U256::from(10)
+    );
+    let head = buyer.block_number().await.unwrap();
+    let deposits = buyer.deposits(before + 1, head).await.unwrap();
+    assert_eq!(deposits.len(), 1, "{deposits:?}");
+    let d = &deposits[0];
+    assert_eq!(d.buyer, Chain::address(BUYER));
+    assert_eq!(d.credits, U256::from(10));
+    assert_eq!(d.amount_wei, U256::from(10 * WEI_PER_CREDIT));
+    assert_eq!(d.tx_hash, tx);
+    assert_eq!(d.block, head);
+    // The only log of its block (anvil mines one block per transaction).
+    assert_eq!(d.log_index, 0);
+    assert!(buyer.deposits(head + 1, head).await.unwrap().is_empty());
+    assert!(buyer.deposits(0, before).await.unwrap().is_empty());
+
+    // The operator settles 2 calls: 6 credits move from the buyer to the owner's earnings.
+    let operator = chain.as_account(OPERATOR).await;
+    let batch = B256::repeat_byte(1);
+    assert!(!operator.is_batch_settled(batch).await.unwrap());
+    operator
+        .consume_credits(batch, vec![usage(BUYER, model, 2)])
+        .await
+        .unwrap();
+    assert!(operator.is_batch_settled(batch).await.unwrap());
+    assert_eq!(
+        operator.credits_of(Chain::address(BUYER)).await.unwrap(),
+        U256::from(4)
+    );
+    assert_eq!(
+        operator.earnings_of(Chain::address(OWNER)).await.unwrap(),
+        U256::from(6)
+    );
+
+    // Refusals come back decoded, with their arguments, and change nothing.
+    match buyer
+        .consume_credits(B256::repeat_byte(2), vec![usage(BUYER, model, 1)])
+        .await
+    {
+        Err(ChainError::Reverted(Revert::Unauthorized(who))) => {
+            assert_eq!(who, Chain::address(BUYER))
+        }
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    match operator
+        .consume_credits(batch, vec![usage(BUYER, model, 1)])
+        .await
+    {
+        Err(ChainError::Reverted(Revert::BatchAlreadySettled(id))) => assert_eq!(id, batch),
+        other => panic!("expected BatchAlreadySettled, got {other:?}"),
+    }
+    let overspend = operator
+        .consume_credits(B256::repeat_byte(3), vec![usage(BUYER, model, 5)])
+        .await
+        .unwrap_err();
+    match &overspend {
+        ChainError::Reverted(Revert::InsufficientCredits {
+            user,
+            needed,
+            available,
+        }) => {
+            assert_eq!(*user, Chain::address(BUYER));
+            assert_eq!(*needed, U256::from(15));
+            assert_eq!(*available, U256::from(4));
+        }
+        other => panic!("expected InsufficientCredits, got {other:?}"),
+    }
+    let text = overspend.to_string();
+    assert!(
+        text.contains(&Chain::address(BUYER).to_string()) && text.contains("needed 15"),
+        "{text}"
+    );
+    assert!(
+        !operator
+            .is_batch_settled(B256::repeat_byte(3))
+            .await
+            .unwrap()
+    );
+    match operator.consume_credits(B256::repeat_byte(4), vec![]).await {
+        Err(ChainError::Reverted(Revert::EmptyBatch)) => {}
+        other => panic!("expected EmptyBatch, got {other:?}"),
+    }
+    assert_eq!(
+        operator.credits_of(Chain::address(BUYER)).await.unwrap(),
+        U256::from(4)
+    );
+
+    // The owner withdraws: its balance rises by 6 credits' worth, less the gas it paid.
+    let provider =
+        alloy::providers::ProviderBuilder::new().connect_http(chain.node.uri.parse().unwrap());
+    let owner_addr = Chain::address(OWNER);
+    let balance_before = provider.get_balance(owner_addr).await.unwrap();
+    let tx = owner.withdraw().await.unwrap();
+    let receipt = provider
+        .get_transaction_receipt(tx)
+        .await
+        .unwrap()
+        .expect("receipt");
+    let gas = U256::from(receipt.gas_used) * U256::from(receipt.effective_gas_price);
+    let balance_after = provider.get_balance(owner_addr).await.unwrap();
+    assert!(balance_after > balance_before);
+    assert_eq!(
+        balance_after + gas - balance_before,
+        U256::from(6 * WEI_PER_CREDIT)
+    );
+    assert_eq!(owner.earnings_of(owner_addr).await.unwrap(), U256::ZERO);
+    match owner.withdraw().await {
+        Err(ChainError::Reverted(Revert::NothingToWithdraw(who))) => assert_eq!(who, owner_addr),
+        other => panic!("expected NothingToWithdraw, got {other:?}"),
+    }
+
+    // Price changes and deactivation are the owner's; usage of a deactivated model is refused.
+    owner.update_price(model, U256::from(1)).await.unwrap();
+    match buyer.deactivate(model).await {
+        Err(ChainError::Reverted(Revert::Unauthorized(who))) => {
+            assert_eq!(who, Chain::address(BUYER))
+        }
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    owner.deactivate(model).await.unwrap();
+    let on_chain = owner.get_model(model).await.unwrap().expect("still known");
+    assert!(!on_chain.active);
+    assert_eq!(on_chain.price_per_call, U256::from(1));
+    match operator
+        .consume_credits(B256::repeat_byte(5), vec![usage(BUYER, model, 1)])
+        .await
+    {
+        Err(ChainError::Reverted(Revert::ModelInactive(id))) => assert_eq!(id, model),
+        other => panic!("expected ModelInactive, got {other:?}"),
+    }
+
+    // The admin role moves on; the old admin can no longer name operators.
+    admin.set_admin(Chain::address(OWNER)).await.unwrap();
+    assert_eq!(admin.admin().await.unwrap(), Chain::address(OWNER));
+    match admin.set_operator(Chain::address(BUYER), true).await {
+        Err(ChainError::Reverted(Revert::Unauthorized(who))) => {
+            assert_eq!(who, Chain::address(0))
+        }
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    match owner
+        .set_operator(modelhub_chain::Address::ZERO, true)
+        .await
+    {
+        Err(ChainError::Reverted(Revert::ZeroAddress)) => {}
+        other => panic!("expected ZeroAddress, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn deposits_come_in_chain_order_whatever_the_log_range() {
+    let chain = Chain::start().await;
+    let buyer = chain.as_account(BUYER).await;
+    let other = chain.as_account(OWNER).await;
+    let first = buyer.buy_credits(U256::from(1)).await.unwrap();
+
+    // Some blocks without deposits in between (anvil mines one per transaction).
+    for _ in 0..3 {
+        chain
+            .admin
+            .set_operator(Chain::address(1), true)
+            .await
+            .unwrap();
+    }
+    let second = other.buy_credits(U256::from(2)).await.unwrap();
+    // Two clones sending at once from the same key don't collide on nonces.
+    let a = buyer.clone();
+    let b = buyer.clone();
+    let (third, fourth) = tokio::join!(a.buy_credits(U256::from(3)), b.buy_credits(U256::from(4)));
+    let (third, fourth) = (third.unwrap(), fourth.unwrap());
+
+    let head = buyer.block_number().await.unwrap();
+    assert!(head >= 7, "{head}");
+    let deposits = buyer.deposits(0, head).await.unwrap();
+    // The same, asked for two blocks at a time.
+    assert_eq!(
+        buyer
+            .clone()
+            .with_log_range(2)
+            .deposits(0, head)
+            .await
+            .unwrap(),
+        deposits
+    );
+    let got: Vec<_> = deposits
+        .iter()
+        .map(|d| (d.tx_hash, d.credits.to::<u64>()))
+        .collect();
+    assert_eq!(got.len(), 4, "{deposits:?}");
+    assert_eq!(got[0], (first, 1));
+    assert_eq!(got[1], (second, 2));
+    let mut last_two = vec![got[2], got[3]];
+    last_two.sort_by_key(|(_, c)| *c);
+    assert_eq!(last_two, vec![(third, 3), (fourth, 4)]);
+    assert!(
+        deposits
+            .windows(2)
+            .all(|w| (w[0].block, w[0].log_index) < (w[1].block, w[1].log_index))
+    );
+    assert_eq!(deposits[1].buyer, Chain::address(OWNER));
+    assert_eq!(
+        buyer.credits_of(Chain::address(BUYER)).await.unwrap(),
+        U256::from(8)
+    );
+    // A range in the middle sees only what it covers.
+    let middle = buyer
+        .deposits(deposits[0].block + 1, deposits[1].block)
+        .await
+        .unwrap();
+    assert_eq!(middle.len(), 1);
+    assert_eq!(middle[0].tx_hash, second);
+}
+
+#[tokio::test]
+async fn reads_work_without_a_signer_and_writes_need_one() {
+    let chain = Chain::start().await;
+    let reader = Marketplace::connect(&chain.node.uri, chain.admin.address(), None)
+        .await
+        .unwrap();
+    assert_eq!(reader.sender(), None);
+    assert_eq!(reader.admin().await.unwrap(), Chain::address(0));
+    match reader.buy_credits(U256::from(1)).await {
+        Err(ChainError::Invalid(m)) => assert!(m.contains("signing key"), "{m}"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    match reader.withdraw().await {
+        Err(ChainError::Invalid(_)) => {}
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
