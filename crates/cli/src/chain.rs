@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 
 use crate::commands::{ClientArgs, print_json, resolve_model};
 
-/// Where the chain is, and the wallet that signs.
+/// Where the chain is.
 #[derive(Debug, Clone, Args)]
-pub struct WalletArgs {
+pub struct RpcArgs {
     /// EVM JSON-RPC endpoint.
     #[arg(
         long,
@@ -22,6 +22,13 @@ pub struct WalletArgs {
         default_value = "http://127.0.0.1:8545"
     )]
     pub chain_rpc: String,
+}
+
+/// Where the chain is, and the wallet that signs.
+#[derive(Debug, Clone, Args)]
+pub struct WalletArgs {
+    #[command(flatten)]
+    pub rpc: RpcArgs,
     /// File holding the wallet's private key (0x hex; keep it 0600).
     #[arg(long, env = "MODELHUB_WALLET_KEY_FILE")]
     pub wallet_key_file: PathBuf,
@@ -48,7 +55,7 @@ async fn connect(wallet: &WalletArgs, marketplace: &str) -> anyhow::Result<Marke
     let signer = modelhub_chain::load_signer(&wallet.wallet_key_file)
         .with_context(|| format!("reading {}", wallet.wallet_key_file.display()))?;
     let address = modelhub_chain::parse_address(marketplace).context("--marketplace")?;
-    Ok(Marketplace::connect(&wallet.chain_rpc, address, Some(signer)).await?)
+    Ok(Marketplace::connect(&wallet.rpc.chain_rpc, address, Some(signer)).await?)
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,12 +112,8 @@ pub enum Chain {
     /// Credits and earnings of an address on chain.
     Balance {
         address: String,
-        #[arg(
-            long,
-            env = "MODELHUB_CHAIN_RPC",
-            default_value = "http://127.0.0.1:8545"
-        )]
-        chain_rpc: String,
+        #[command(flatten)]
+        rpc: RpcArgs,
         #[arg(long, env = "MODELHUB_MARKETPLACE")]
         marketplace: String,
     },
@@ -149,7 +152,7 @@ pub async fn run(command: Chain) -> anyhow::Result<()> {
             let rate: U256 = wei_per_credit
                 .parse()
                 .context("--wei-per-credit must be a whole number of wei")?;
-            let market = Marketplace::deploy(&wallet.chain_rpc, signer, admin, rate).await?;
+            let market = Marketplace::deploy(&wallet.rpc.chain_rpc, signer, admin, rate).await?;
             let mut operators = Vec::new();
             for op in operator {
                 let op: Address = modelhub_chain::parse_address(&op).context("--operator")?;
@@ -257,12 +260,12 @@ pub async fn run(command: Chain) -> anyhow::Result<()> {
         }
         Chain::Balance {
             address,
-            chain_rpc,
+            rpc,
             marketplace,
         } => {
             let who = modelhub_chain::parse_address(&address).context("address")?;
             let contract = modelhub_chain::parse_address(&marketplace).context("--marketplace")?;
-            let market = Marketplace::connect(&chain_rpc, contract, None).await?;
+            let market = Marketplace::connect(&rpc.chain_rpc, contract, None).await?;
             print_json(&json!({
                 "address": modelhub_chain::wallet_string(who),
                 "credits": market.credits_of(who).await?.to_string(),

@@ -77,6 +77,30 @@ fn keygen_vk(params: &Params, spec: &CircuitSpec) -> Result<VerifyingKey<EqAffin
     .map_err(internal("keygen_vk"))
 }
 
+/// `plonk::create_proof` with the circuit of version `EXT` (the two versions are distinct types).
+fn create_proof<const EXT: bool>(
+    params: &Params,
+    keys: &Keys,
+    spec: &CircuitSpec,
+    witness: Witness,
+    inst: &[Fp],
+    rng: ChaCha20Rng,
+    transcript: &mut Blake2bWrite<Vec<u8>, EqAffine, Challenge255<EqAffine>>,
+) -> Result<(), plonk::Error> {
+    let circuit = ModelCircuit::<EXT> {
+        spec: spec.clone(),
+        witness: Some(witness),
+    };
+    plonk::create_proof(
+        &params.inner,
+        &keys.pk,
+        &[circuit],
+        &[&[inst]],
+        rng,
+        transcript,
+    )
+}
+
 fn internal(what: &str) -> impl Fn(plonk::Error) -> ZkError + '_ {
     move |e| ZkError::Internal(format!("{what}: {e}"))
 }
@@ -202,31 +226,9 @@ pub fn prove(
     let mut transcript = Blake2bWrite::<_, EqAffine, Challenge255<_>>::init(vec![]);
     let rng = ChaCha20Rng::from_seed(seed);
     if spec.extended() {
-        let circuit = ModelCircuit::<true> {
-            spec: spec.clone(),
-            witness: Some(witness),
-        };
-        plonk::create_proof(
-            &params.inner,
-            &keys.pk,
-            &[circuit],
-            &[&[&inst]],
-            rng,
-            &mut transcript,
-        )
+        create_proof::<true>(params, keys, spec, witness, &inst, rng, &mut transcript)
     } else {
-        let circuit = ModelCircuit::<false> {
-            spec: spec.clone(),
-            witness: Some(witness),
-        };
-        plonk::create_proof(
-            &params.inner,
-            &keys.pk,
-            &[circuit],
-            &[&[&inst]],
-            rng,
-            &mut transcript,
-        )
+        create_proof::<false>(params, keys, spec, witness, &inst, rng, &mut transcript)
     }
     .map_err(internal("create_proof"))?;
     let proof = transcript.finalize();
