@@ -43,8 +43,12 @@ pub const SPEC_VERSION_LINEAR: u32 = 1;
 pub const TABLE_OUTPUT_SCALE: i32 = 7;
 /// Entries of an activation table: one per 8-bit input.
 pub const TABLE_LEN: usize = 256;
-/// Neuron lanes per row (weight columns).
+/// Neuron lanes per row (weight columns) of the original layout: a spec with `"lanes": 8`
+/// (every spec made before wider layouts existed) keeps its circuit, verifying key and proofs.
 pub const LANES: usize = 8;
+/// The lane counts a spec may use (`spec.lanes`), narrowest first. [`calibrate`] picks the one
+/// with the cheapest verification ([`choose_lanes`]).
+pub const LANE_CHOICES: [u32; 3] = [8, 16, 32];
 /// Range of inputs and layer outputs.
 pub const ACT_MIN: i64 = -128;
 pub const ACT_MAX: i64 = 127;
@@ -97,6 +101,10 @@ pub struct CircuitSpec {
     pub version: u32,
     /// The circuit has `2^k` rows.
     pub k: u32,
+    /// Neuron lanes per row: one of [`LANE_CHOICES`] (8 when absent from the JSON). Each lane
+    /// is one weight column and one accumulator column; the weight commitment has one point
+    /// per lane.
+    #[serde(default = "default_lanes")]
     pub lanes: u32,
     /// ONNX input tensor name.
     pub input_name: String,
@@ -112,7 +120,16 @@ pub struct CircuitSpec {
     pub layers: Vec<LayerSpec>,
 }
 
+fn default_lanes() -> u32 {
+    LANES as u32
+}
+
 impl CircuitSpec {
+    /// Lanes as a count (validated specs hold one of [`LANE_CHOICES`]).
+    pub fn lane_count(&self) -> usize {
+        self.lanes as usize
+    }
+
     pub fn input_len(&self) -> usize {
         self.layers.first().map_or(0, |l| l.inputs as usize)
     }
@@ -169,7 +186,7 @@ impl CircuitSpec {
                 self.version
             ));
         }
-        if self.lanes as usize != LANES
+        if !LANE_CHOICES.contains(&self.lanes)
             || self.activation_range != [ACT_MIN, ACT_MAX]
             || self.limb_bits != LIMB_BITS
         {
@@ -293,7 +310,7 @@ impl Layout {
         let mut layers = Vec::with_capacity(spec.layers.len());
         for l in &spec.layers {
             let (n, m) = (l.inputs as usize, l.outputs as usize);
-            let (layer, next) = layer_layout(&l.kind, n, m, row);
+            let (layer, next) = layer_layout(&l.kind, n, m, row, spec.lane_count());
             row = next;
             layers.push(layer);
         }
@@ -302,10 +319,11 @@ impl Layout {
 
     /// An upper bound of the rows, computed without overflow.
     fn rows_bound(spec: &CircuitSpec) -> Option<usize> {
+        let lanes = spec.lane_count().max(1);
         let mut row = JOB_ROW + 1;
         for l in &spec.layers {
             let (mut n, m) = (l.inputs as usize, l.outputs as usize);
-            let mut nb = m.div_ceil(LANES);
+            let mut nb = m.div_ceil(lanes);
             match &l.kind {
                 LayerKind::MaxPool(c) => {
                     let window = (c.kernel[0] as usize).checked_mul(c.kernel[1] as usize)?;
@@ -324,7 +342,7 @@ impl Layout {
                     .checked_mul(c.kernel[1] as usize)?;
                 nb = (c.out_h() as usize)
                     .checked_mul(c.out_w() as usize)?
-                    .checked_mul((c.out_channels as usize).div_ceil(LANES))?;
+                    .checked_mul((c.out_channels as usize).div_ceil(lanes))?;
             }
             row = row
                 .checked_add(nb.checked_mul(n.checked_add(1)?)?)?
@@ -335,12 +353,14 @@ impl Layout {
     }
 }
 
-/// The rows of one layer starting at `row`; returns the layout and the next free row.
+/// The rows of one layer starting at `row` with `lanes` neuron lanes; returns the layout and the
+/// next free row.
 pub(crate) fn layer_layout(
     kind: &LayerKind,
     n: usize,
     m: usize,
     mut row: usize,
+    lanes: usize,
 ) -> (LayerLayout, usize) {
     let mut layer = LayerLayout {
         blocks: Vec::new(),
@@ -349,7 +369,7 @@ pub(crate) fn layer_layout(
     };
     match kind {
         LayerKind::Dense | LayerKind::Conv(_) => {
-            let (blocks, next) = plan(kind, n, m, row);
+            let (blocks, next) = plan(kind, n, m, row, lanes);
             row = next;
             layer.blocks = blocks;
             layer.requant = (0..m).map(|o| row + 4 * o).collect();

@@ -32,11 +32,22 @@ const RATE: u64 = 1_000_000_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// The embedded ledger (and metadata store).
     Embedded,
+    /// The chain ledger on anvil, metadata in the embedded store.
     Anvil,
+    /// The chain ledger on anvil, metadata in a real MongoDB-wire server (`scripts/mongo`).
+    AnvilMongoDb,
 }
 
-/// Runs `async fn name(kind: Kind)` as tests `name::embedded` and `name::anvil`.
+impl Kind {
+    fn on_chain(self) -> bool {
+        self != Kind::Embedded
+    }
+}
+
+/// Runs `async fn name(kind: Kind)` as tests `name::embedded`, `name::anvil` and
+/// `name::anvil_mongodb`.
 macro_rules! on_every_ledger {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -47,6 +58,10 @@ macro_rules! on_every_ledger {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn anvil() {
                 super::$name(super::Kind::Anvil).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn anvil_mongodb() {
+                super::$name(super::Kind::AnvilMongoDb).await
             }
         }
     )*};
@@ -159,9 +174,15 @@ impl World {
     async fn start_with(kind: Kind, authorise_operator: bool) -> World {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = UpSettings::for_test(dir.path());
+        let mut servers = Vec::new();
+        if kind == Kind::AnvilMongoDb {
+            let mongo = ScriptServer::start("mongo");
+            settings.mongodb_uri = Some(format!("{}/modelhub_ledger", mongo.uri));
+            servers.push(mongo);
+        }
         let chain = match kind {
             Kind::Embedded => None,
-            Kind::Anvil => {
+            Kind::Anvil | Kind::AnvilMongoDb => {
                 let chain = Chain::start(dir.path(), authorise_operator).await;
                 settings.chain.chain_rpc = Some(chain.anvil.uri.clone());
                 settings.chain.marketplace = Some(chain.marketplace());
@@ -174,7 +195,7 @@ impl World {
                 Some(chain)
             }
         };
-        let cluster = Cluster::start_with(dir, settings, Vec::new()).await;
+        let cluster = Cluster::start_with(dir, settings, servers).await;
         World {
             kind,
             cluster,
@@ -186,11 +207,20 @@ impl World {
         self.chain.as_ref().expect("a chain world")
     }
 
+    /// Stops every service and starts them again on the same state (and the same chain).
+    async fn restart(self) -> World {
+        World {
+            cluster: self.cluster.restart().await,
+            ..self
+        }
+    }
+
     /// An account with a key; with a chain, its wallet is `wallet_key`'s address.
     async fn account(&self, name: &str, wallet_key: &str) -> Client {
-        let body = match self.kind {
-            Kind::Embedded => json!({ "name": name }),
-            Kind::Anvil => json!({ "name": name, "wallet": wallet_of(wallet_key) }),
+        let body = if self.kind.on_chain() {
+            json!({ "name": name, "wallet": wallet_of(wallet_key) })
+        } else {
+            json!({ "name": name })
         };
         let created = self
             .cluster
@@ -221,37 +251,33 @@ impl World {
     /// counted once confirmed.
     async fn buy(&self, user: &Client, wallet: &str, credits: u64) {
         let before = account(user).await["credits"].as_u64().unwrap();
-        match self.kind {
-            Kind::Embedded => {
-                let granted = self
-                    .cluster
-                    .admin
-                    .post(
-                        "/v1/credits/grant",
-                        &json!({ "account_id": user.key().account_id, "amount": credits }),
-                    )
-                    .await
-                    .unwrap();
-                assert_eq!(granted.status, 200, "{:?}", granted.body);
-            }
-            Kind::Anvil => {
-                let chain = self.chain();
-                let bought = chain.cli(&[
-                    "buy",
-                    "--credits",
-                    &credits.to_string(),
-                    "--wallet-key-file",
-                    &chain.key_file(wallet),
-                    "--marketplace",
-                    &chain.marketplace(),
-                ]);
-                assert_eq!(bought["credits"], credits);
-                // Not confirmed yet (1 confirmation needed): not counted.
-                self.settle().await;
-                assert_eq!(account(user).await["credits"].as_u64().unwrap(), before);
-                chain.mine(1).await;
-                self.settle().await;
-            }
+        if let Some(chain) = &self.chain {
+            let bought = chain.cli(&[
+                "buy",
+                "--credits",
+                &credits.to_string(),
+                "--wallet-key-file",
+                &chain.key_file(wallet),
+                "--marketplace",
+                &chain.marketplace(),
+            ]);
+            assert_eq!(bought["credits"], credits);
+            // Not confirmed yet (1 confirmation needed): not counted.
+            self.settle().await;
+            assert_eq!(account(user).await["credits"].as_u64().unwrap(), before);
+            chain.mine(1).await;
+            self.settle().await;
+        } else {
+            let granted = self
+                .cluster
+                .admin
+                .post(
+                    "/v1/credits/grant",
+                    &json!({ "account_id": user.key().account_id, "amount": credits }),
+                )
+                .await
+                .unwrap();
+            assert_eq!(granted.status, 200, "{:?}", granted.body);
         }
         assert_eq!(
             account(user).await["credits"].as_u64().unwrap(),
@@ -264,7 +290,7 @@ impl World {
     async fn list_model(&self, creator: &Client, creator_key_name: &str, price: u64) -> String {
         let record = upload_digits(creator, "digits", price).await;
         let model_id = record["model_id"].as_str().unwrap().to_owned();
-        if self.kind == Kind::Anvil {
+        if self.kind.on_chain() {
             let chain = self.chain();
             let key_path = self
                 .cluster
@@ -324,7 +350,7 @@ async fn buy_predict_settle_withdraw(kind: Kind) {
     let world = World::start(kind).await;
     let creator = world.account("creator", CREATOR_KEY).await;
     let user = world.account("user", USER_KEY).await;
-    if kind == Kind::Anvil {
+    if kind.on_chain() {
         // Credits come from the chain only.
         let grant = world
             .cluster
@@ -366,7 +392,7 @@ async fn buy_predict_settle_withdraw(kind: Kind) {
     let ledger = world.settle().await;
     match kind {
         Kind::Embedded => assert_eq!(ledger, json!({ "kind": "embedded" })),
-        Kind::Anvil => {
+        Kind::Anvil | Kind::AnvilMongoDb => {
             let chain = world.chain();
             assert_eq!(ledger["kind"], "chain");
             assert_eq!(ledger["marketplace"], chain.marketplace());
@@ -472,12 +498,18 @@ async fn an_operator_key_that_is_not_an_operator() {
     );
     assert_eq!(chain.credits_of(USER_KEY).await, 10);
 
+    // The pending batch survives a restart of the marketplace and is sent again, same id.
+    let batch_id = batch["batch_id"].clone();
+    let world = world.restart().await;
+    let chain = world.chain();
     chain
         .admin
         .set_operator(address_of(OPERATOR_KEY), true)
         .await
         .unwrap();
     let ledger = world.settle().await;
+    assert_eq!(ledger["batches"].as_array().unwrap().len(), 1, "{ledger}");
+    assert_eq!(ledger["batches"][0]["batch_id"], batch_id);
     let batch = &ledger["batches"][0];
     assert_eq!(batch["state"], "settled", "{ledger}");
     assert_eq!(batch["attempts"], 2);
