@@ -5,13 +5,18 @@
 //! of columns), everything spec-dependent happens in `synthesize`, and `without_witnesses`
 //! keeps the spec, so the verifying key is a function of the spec alone.
 //!
-//! Columns, in allocation order (the order fixes the proof layout): advice `W_0..W_7`
-//! (weights, committed; they must stay the first advice columns), `A_0..A_7` (accumulators;
-//! `A_0`/`A_1` double as the rescale's input and output), `X`, `Q`, `H`, `R` (limbs); one
-//! instance column `[job id, input.., output..]`. Version 2 ([`ModelCircuit<true>`]) adds no
-//! advice column (max pooling and activations use `X`, `A_0` and `R` on their own rows): only
-//! selectors, the activation tag (fixed) and the activation table, configured after all of
-//! version 1's, so version 1 circuits are unchanged.
+//! Columns, in allocation order (the order fixes the proof layout), for `L = spec.lanes` lanes:
+//! advice `W_0..W_{L-1}` (weights, committed; they must stay the first advice columns),
+//! `A_0..A_{L-1}` (accumulators; `A_0`/`A_1` double as the rescale's input and output), `X`,
+//! `Q`, `H`, `R` (limbs); one instance column `[job id, input.., output..]`. Version 2
+//! ([`ModelCircuit<true, L>`]) adds no advice column (max pooling and activations use `X`, `A_0`
+//! and `R` on their own rows): only selectors, the activation tag (fixed) and the activation
+//! table, configured after all of version 1's, so version 1 circuits are unchanged.
+//!
+//! The lane count `L` is a const parameter (one circuit type per entry of
+//! [`crate::quant::LANE_CHOICES`]): with `L = 8` the columns, gates and lookups are exactly
+//! those of the original circuit, so 8-lane specs keep their verifying keys. Wider layouts
+//! only add lanes (columns and gate terms) in the same order.
 
 pub mod activation;
 pub mod dense;
@@ -31,11 +36,14 @@ use self::maxpool::MaxPoolConfig;
 use self::requant::RequantConfig;
 use self::table::ActTableConfig;
 use crate::field::{fe, job_id_element};
-use crate::quant::{CircuitSpec, JOB_ROW, LANES, Layout, QLayer};
+use crate::quant::{CircuitSpec, JOB_ROW, Layout, QLayer};
 use crate::shape::LayerKind;
 
-/// Number of advice columns (the proof starts with this many advice commitments).
-pub const NUM_ADVICE: usize = 2 * LANES + 4;
+/// Number of advice columns of a circuit with `lanes` lanes (the proof starts with this many
+/// advice commitments): 20 for 8 lanes, 36 for 16, 68 for 32.
+pub const fn num_advice(lanes: usize) -> usize {
+    2 * lanes + 4
+}
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -61,9 +69,10 @@ pub(crate) struct Witness {
     pub input: Vec<i64>,
 }
 
-/// The circuit of a spec: `EXT = false` for version 1 (linear layers), `true` for version 2.
+/// The circuit of a spec: `EXT = false` for version 1 (linear layers), `true` for version 2;
+/// `L` lanes (`spec.lanes`).
 #[derive(Debug, Clone)]
-pub(crate) struct ModelCircuit<const EXT: bool> {
+pub(crate) struct ModelCircuit<const EXT: bool, const L: usize> {
     pub spec: CircuitSpec,
     pub witness: Option<Witness>,
 }
@@ -77,7 +86,45 @@ pub(crate) fn instance(job_id: &str, input: &[i64], output: &[i64]) -> Vec<Fp> {
     v
 }
 
-impl<const EXT: bool> Circuit<Fp> for ModelCircuit<EXT> {
+/// Runs `$body` with `$C` the circuit type of `$spec` (its version and lane count); a spec
+/// with another lane count is an internal error (specs are validated before this).
+macro_rules! with_circuit {
+    ($spec:expr, $C:ident => $body:expr) => {{
+        let spec: &$crate::quant::CircuitSpec = $spec;
+        match (spec.extended(), spec.lanes) {
+            (false, 8) => {
+                type $C = $crate::circuit::ModelCircuit<false, 8>;
+                Ok($body)
+            }
+            (false, 16) => {
+                type $C = $crate::circuit::ModelCircuit<false, 16>;
+                Ok($body)
+            }
+            (false, 32) => {
+                type $C = $crate::circuit::ModelCircuit<false, 32>;
+                Ok($body)
+            }
+            (true, 8) => {
+                type $C = $crate::circuit::ModelCircuit<true, 8>;
+                Ok($body)
+            }
+            (true, 16) => {
+                type $C = $crate::circuit::ModelCircuit<true, 16>;
+                Ok($body)
+            }
+            (true, 32) => {
+                type $C = $crate::circuit::ModelCircuit<true, 32>;
+                Ok($body)
+            }
+            (_, lanes) => Err($crate::ZkError::Internal(format!(
+                "no circuit for {lanes} lanes"
+            ))),
+        }
+    }};
+}
+pub(crate) use with_circuit;
+
+impl<const EXT: bool, const L: usize> Circuit<Fp> for ModelCircuit<EXT, L> {
     type Config = ModelConfig;
     type FloorPlanner = SimpleFloorPlanner;
 
@@ -89,8 +136,9 @@ impl<const EXT: bool> Circuit<Fp> for ModelCircuit<EXT> {
     }
 
     fn configure(meta: &mut ConstraintSystem<Fp>) -> ModelConfig {
-        let w = [(); LANES].map(|_| meta.advice_column());
-        let acc = [(); LANES].map(|_| meta.advice_column());
+        let w: Vec<_> = (0..L).map(|_| meta.advice_column()).collect();
+        let acc: Vec<_> = (0..L).map(|_| meta.advice_column()).collect();
+        let (acc0, acc1) = (acc[0], acc[1]);
         let x = meta.advice_column();
         let q = meta.advice_column();
         let h = meta.advice_column();
@@ -99,11 +147,11 @@ impl<const EXT: bool> Circuit<Fp> for ModelCircuit<EXT> {
         meta.enable_equality(instance);
         let table = ActTableConfig::configure(meta);
         let dense = DenseConfig::configure(meta, w, acc, x);
-        let requant = RequantConfig::configure(meta, acc[0], acc[1], q, h, limbs, &table);
+        let requant = RequantConfig::configure(meta, acc0, acc1, q, h, limbs, &table);
         // Version 2: everything after version 1's columns, gates and lookups.
         let ext = EXT.then(|| ExtConfig {
-            maxpool: MaxPoolConfig::configure(meta, x, acc[0], limbs),
-            act: ActConfig::configure(meta, x, acc[0]),
+            maxpool: MaxPoolConfig::configure(meta, x, acc0, limbs),
+            act: ActConfig::configure(meta, x, acc0),
         });
         ModelConfig {
             dense,
@@ -120,7 +168,7 @@ impl<const EXT: bool> Circuit<Fp> for ModelCircuit<EXT> {
         mut layouter: impl Layouter<Fp>,
     ) -> Result<(), Error> {
         config.table.load(&mut layouter)?;
-        if self.spec.extended() != EXT {
+        if self.spec.extended() != EXT || self.spec.lane_count() != L {
             return Err(Error::Synthesis);
         }
         let tables: Vec<&[i64]> = self
@@ -279,36 +327,50 @@ mod tests {
         });
         let inst = vec![instance("job", x, y)];
         let spec = m.spec.clone();
-        if m.spec.extended() {
-            MockProver::run(m.spec.k, &ModelCircuit::<true> { spec, witness }, inst)
-        } else {
-            MockProver::run(m.spec.k, &ModelCircuit::<false> { spec, witness }, inst)
-        }
-        .unwrap()
-        .verify()
+        with_circuit!(&m.spec, C => MockProver::run(m.spec.k, &C { spec, witness }, inst))
+            .unwrap()
+            .unwrap()
+            .verify()
     }
 
     #[test]
     fn unusable_rows_match_halo2() {
         let mut cs = ConstraintSystem::<Fp>::default();
-        ModelCircuit::<false>::configure(&mut cs);
+        ModelCircuit::<false, 8>::configure(&mut cs);
         assert_eq!(cs.blinding_factors() + 1, UNUSABLE_ROWS);
         // Lookups need degree 4 (extended domain 4·2^k); no gate goes above it.
         assert_eq!(cs.degree(), 4);
         // (the next advice column's index is the number of advice columns)
         let advice = format!("{:?}", cs.advice_column());
         assert!(
-            advice.contains(&format!("index: {NUM_ADVICE},")),
+            advice.contains(&format!("index: {},", num_advice(8))),
             "{advice}"
         );
+        assert_eq!(num_advice(8), 20);
         // Version 2: the same advice columns (the proof layout and the weight link are
         // unchanged) and the same blinding rows; the selector-gated activation lookup has
         // degree 5, which needs the same extended domain (4·2^k ≥ (5 − 1)·2^k).
         let mut cs = ConstraintSystem::<Fp>::default();
-        ModelCircuit::<true>::configure(&mut cs);
+        ModelCircuit::<true, 8>::configure(&mut cs);
         assert_eq!(cs.blinding_factors() + 1, UNUSABLE_ROWS);
         assert_eq!(cs.degree(), 5);
         assert_eq!(format!("{:?}", cs.advice_column()), advice);
+        // Wider layouts: more columns, the same blinding rows (the link proof's `R`) and degrees.
+        fn wide<const EXT: bool, const L: usize>(degree: usize) {
+            let mut cs = ConstraintSystem::<Fp>::default();
+            ModelCircuit::<EXT, L>::configure(&mut cs);
+            assert_eq!(cs.blinding_factors() + 1, UNUSABLE_ROWS);
+            assert_eq!(cs.degree(), degree);
+            let advice = format!("{:?}", cs.advice_column());
+            assert!(
+                advice.contains(&format!("index: {},", num_advice(L))),
+                "{advice}"
+            );
+        }
+        wide::<false, 16>(4);
+        wide::<false, 32>(4);
+        wide::<true, 16>(5);
+        wide::<true, 32>(5);
     }
 
     /// Conv 3×3 (pads 1) + ReLU → MaxPool 3×3 stride 2 (pads on the top and left) → Dense →

@@ -60,7 +60,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ZkError;
 use crate::field::fe;
-use crate::quant::{LANES, Layout, MAX_K, MIN_K, QuantizedModel, UNUSABLE_ROWS};
+use crate::quant::{LANE_CHOICES, Layout, MAX_K, MIN_K, QuantizedModel, UNUSABLE_ROWS};
 
 /// halo2's IPA parameters for one `k` (plus the cached link-proof bases).
 pub struct Params {
@@ -156,7 +156,8 @@ impl Params {
     }
 }
 
-/// The public weight commitment: one compressed point per weight column; hex in JSON.
+/// The public weight commitment: one compressed point per weight column (`spec.lanes` of them:
+/// 8, 16 or 32); hex in JSON.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Commitment {
     points: Vec<[u8; 32]>,
@@ -170,10 +171,9 @@ impl Commitment {
     pub fn from_hex(s: &str) -> Result<Commitment, ZkError> {
         let bytes =
             hex::decode(s).map_err(|_| ZkError::Verification("commitment is not hex".into()))?;
-        if bytes.len() != 32 * LANES {
+        if !LANE_CHOICES.iter().any(|&l| bytes.len() == 32 * l as usize) {
             return Err(ZkError::Verification(format!(
-                "commitment must be {} bytes",
-                32 * LANES
+                "commitment must be 32 bytes per lane ({LANE_CHOICES:?} lanes)"
             )));
         }
         let points = bytes
@@ -187,12 +187,18 @@ impl Commitment {
         Ok(Commitment { points })
     }
 
+    /// Number of weight columns committed (the spec's lanes).
+    pub fn lanes(&self) -> usize {
+        self.points.len()
+    }
+
     pub(crate) fn bytes(&self) -> impl Iterator<Item = &[u8; 32]> {
         self.points.iter()
     }
 
-    pub(crate) fn decode(&self) -> Result<Vec<EqAffine>, ZkError> {
-        if self.points.len() != LANES {
+    /// The points, which must be one per lane of a spec with `lanes` lanes.
+    pub(crate) fn decode(&self, lanes: usize) -> Result<Vec<EqAffine>, ZkError> {
+        if self.points.len() != lanes {
             return Err(ZkError::Verification(
                 "commitment has the wrong size".into(),
             ));
@@ -240,8 +246,9 @@ impl std::fmt::Debug for Opening {
 }
 
 impl Opening {
-    pub(crate) fn blinds(&self) -> Result<Vec<Fp>, ZkError> {
-        if self.blinds.len() != LANES {
+    /// The blinds, which must be one per lane of a spec with `lanes` lanes.
+    pub(crate) fn blinds(&self, lanes: usize) -> Result<Vec<Fp>, ZkError> {
+        if self.blinds.len() != lanes {
             return Err(ZkError::Internal("opening has the wrong size".into()));
         }
         self.blinds
@@ -267,9 +274,10 @@ pub(crate) fn decode_scalar(bytes: &[u8; 32]) -> Result<Fp, ZkError> {
         .ok_or_else(|| ZkError::Verification("invalid scalar".into()))
 }
 
-/// The weight columns `W_0..W_7` of `2^k` rows: biases and weights at the spec's rows.
+/// The weight columns `W_0..W_{L-1}` (`L = spec.lanes`) of `2^k` rows: biases and weights at
+/// the spec's rows.
 pub(crate) fn weight_columns(model: &QuantizedModel, n: usize) -> Vec<Vec<Fp>> {
-    let mut cols = vec![vec![Fp::ZERO; n]; LANES];
+    let mut cols = vec![vec![Fp::ZERO; n]; model.spec.lane_count()];
     let layout = Layout::new(&model.spec);
     for (ll, q) in layout.layers.iter().zip(&model.layers) {
         for blk in &ll.blocks {
@@ -303,8 +311,9 @@ pub fn commit(model: &QuantizedModel, params: &Params) -> Result<(Commitment, Op
         )));
     }
     let mut rng = sys_rng();
-    let mut points = Vec::with_capacity(LANES);
-    let mut blinds = Vec::with_capacity(LANES);
+    let lanes = model.spec.lane_count();
+    let mut points = Vec::with_capacity(lanes);
+    let mut blinds = Vec::with_capacity(lanes);
     for col in weight_columns(model, params.n()) {
         let blind = Fp::random(&mut rng);
         points.push(params.commit_column(col, blind).to_bytes());
@@ -402,13 +411,17 @@ pub(crate) fn link_verify(
     link: &[u8],
 ) -> Result<(), ZkError> {
     let fail = |m: &str| Err(ZkError::Verification(format!("weight link: {m}")));
-    if link.len() != LANES * LINK_LANE_BYTES || st.advice.len() != LANES {
+    // One link per weight column: `st.advice` holds the proof's first `spec.lanes` advice
+    // commitments, and the commitment must have as many points.
+    let lanes = st.advice.len();
+    if !LANE_CHOICES.iter().any(|&l| l as usize == lanes) || link.len() != lanes * LINK_LANE_BYTES
+    {
         return fail("wrong length");
     }
     let basis = params.basis();
-    let commitments = st.commitment.decode()?;
-    let mut tees = Vec::with_capacity(LANES);
-    let mut parsed = Vec::with_capacity(LANES);
+    let commitments = st.commitment.decode(lanes)?;
+    let mut tees = Vec::with_capacity(lanes);
+    let mut parsed = Vec::with_capacity(lanes);
     for chunk in link.chunks_exact(LINK_LANE_BYTES) {
         let words: Vec<[u8; 32]> = chunk
             .chunks_exact(32)
@@ -495,25 +508,39 @@ mod tests {
 
     #[test]
     fn commitment_hex_round_trip() {
-        let c = Commitment {
-            points: vec![Eq::generator().to_affine().to_bytes(); LANES],
-        };
-        let json = serde_json::to_string(&c).unwrap();
-        let back: Commitment = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, c);
+        for lanes in LANE_CHOICES {
+            let c = Commitment {
+                points: vec![Eq::generator().to_affine().to_bytes(); lanes as usize],
+            };
+            let json = serde_json::to_string(&c).unwrap();
+            let back: Commitment = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, c);
+            assert_eq!(back.lanes(), lanes as usize);
+            assert_eq!(back.decode(lanes as usize).unwrap().len(), lanes as usize);
+            // A commitment for another lane count is refused where a spec's is expected.
+            assert!(back.decode(lanes as usize * 2).is_err());
+        }
         assert!(Commitment::from_hex("zz").is_err());
         assert!(Commitment::from_hex("00").is_err());
+        // 12 points: no layout has 12 lanes.
+        assert!(Commitment::from_hex(&"00".repeat(32 * 12)).is_err());
     }
 
     #[test]
     fn link_proof_accepts_the_witness_and_rejects_others() {
         let params = Params::new(MIN_K).unwrap();
+        for lanes in [8, 16] {
+            link_case(&params, lanes);
+        }
+    }
+
+    fn link_case(params: &Params, lanes: usize) {
         let n = params.n();
         let mut rng = sys_rng();
         let mut commitment = Commitment { points: vec![] };
         let mut advice = vec![];
         let mut secrets = vec![];
-        for _ in 0..LANES {
+        for _ in 0..lanes {
             let w: Vec<Fp> = (0..n).map(|i| fe(i as i64 % 7 - 3)).collect();
             let mut w0 = w.clone();
             w0[n - UNUSABLE_ROWS..]
@@ -540,26 +567,38 @@ mod tests {
             input: &[1, 2],
             output: &[3],
         };
-        let link = link_prove(&params, &st, &secrets, &mut rng);
-        link_verify(&params, &st, &link).unwrap();
+        let link = link_prove(params, &st, &secrets, &mut rng);
+        assert_eq!(link.len(), lanes * LINK_LANE_BYTES);
+        link_verify(params, &st, &link).unwrap();
+        // Dropping lanes (the statement of a narrower layout) is refused.
+        let fewer = LinkStatement {
+            advice: &advice[..lanes / 2],
+            ..st
+        };
+        assert!(link_verify(params, &fewer, &link[..link.len() / 2]).is_err());
         let other_job = LinkStatement {
             job_id: "job2",
             ..st
         };
-        assert!(link_verify(&params, &other_job, &link).is_err());
+        assert!(link_verify(params, &other_job, &link).is_err());
         let mut bad = link.clone();
         bad[40] ^= 1;
-        assert!(link_verify(&params, &st, &bad).is_err());
+        assert!(link_verify(params, &st, &bad).is_err());
+        // The last lane's response.
+        let mut bad = link.clone();
+        let last = link.len() - 32;
+        bad[last] ^= 1;
+        assert!(link_verify(params, &st, &bad).is_err());
         // An advice column whose usable rows differ from the committed weights.
         let mut wrong = advice.clone();
         let mut w: Vec<Fp> = (0..n).map(|i| fe(i as i64 % 7 - 3)).collect();
         w[5] += Fp::ONE;
-        wrong[0] = params.commit_column(w, Fp::ONE).to_bytes();
+        wrong[lanes - 1] = params.commit_column(w, Fp::ONE).to_bytes();
         let st2 = LinkStatement {
             advice: &wrong,
             ..st
         };
-        let link2 = link_prove(&params, &st2, &secrets, &mut rng);
-        assert!(link_verify(&params, &st2, &link2).is_err());
+        let link2 = link_prove(params, &st2, &secrets, &mut rng);
+        assert!(link_verify(params, &st2, &link2).is_err());
     }
 }

@@ -463,6 +463,30 @@ impl std::fmt::Debug for QuantizedModel {
 }
 
 impl QuantizedModel {
+    /// The same model laid out with `lanes` lanes (one of [`LANE_CHOICES`]) at the smallest
+    /// `k` that fits: e.g. to rebuild a model stored with a layout that [`calibrate`] no longer
+    /// picks. The weights and the quantization are unchanged; the spec (hence the verifying key
+    /// and the weight commitment) is that layout's.
+    pub fn with_lanes(&self, lanes: u32) -> Result<QuantizedModel, ZkError> {
+        if !LANE_CHOICES.contains(&lanes) {
+            return Err(ZkError::unsupported(
+                "model",
+                format!("{lanes} lanes (supported: {LANE_CHOICES:?})"),
+            ));
+        }
+        let k = min_k(&self.spec, lanes).ok_or_else(|| {
+            ZkError::unsupported(
+                "model",
+                format!("needs more than the supported 2^{MAX_K} circuit rows with {lanes} lanes"),
+            )
+        })?;
+        let mut model = self.clone();
+        model.spec.lanes = lanes;
+        model.spec.k = k;
+        model.spec.validate()?;
+        Ok(model)
+    }
+
     /// Number of weights and biases (the private witness).
     pub fn parameter_count(&self) -> usize {
         self.layers
@@ -513,10 +537,12 @@ pub fn calibrate(model: &FloatModel, samples: &[Vec<f32>]) -> Result<QuantizedMo
     } else {
         samples
     };
-    // Fail fast on models too large for the circuit, before calibrating.
+    // Fail fast on models too large for the circuit (even in the widest layout, which has the
+    // fewest rows), before calibrating.
+    let widest = LANE_CHOICES[LANE_CHOICES.len() - 1] as usize;
     let mut rows = JOB_ROW + 1;
     for l in &model.layers {
-        let (_, next) = layer_layout(&l.kind, l.inputs, l.outputs, rows);
+        let (_, next) = layer_layout(&l.kind, l.inputs, l.outputs, rows, widest);
         rows = next;
         if rows > 1usize << MAX_K {
             return Err(ZkError::unsupported(
@@ -587,13 +613,10 @@ pub fn calibrate(model: &FloatModel, samples: &[Vec<f32>]) -> Result<QuantizedMo
         layers: specs,
     };
     spec.output_range = spec.expected_output_range();
-    let rows = Layout::new(&spec).rows + UNUSABLE_ROWS;
-    let table = (1usize << LIMB_BITS).max(spec.act_table_rows()) + UNUSABLE_ROWS;
-    let k = (MIN_K..=MAX_K).find(|k| (1usize << k) >= rows.max(table));
-    spec.k = k.ok_or_else(|| {
+    (spec.lanes, spec.k) = choose_lanes(&spec).ok_or_else(|| {
         ZkError::unsupported(
             "model",
-            format!("needs {rows} circuit rows, more than the supported 2^{MAX_K}"),
+            format!("needs more than the supported 2^{MAX_K} circuit rows"),
         )
     })?;
     // Never emit a spec that verifiers would refuse (e.g. an activation table at a scale
@@ -606,6 +629,31 @@ pub fn calibrate(model: &FloatModel, samples: &[Vec<f32>]) -> Result<QuantizedMo
         return Err(ZkError::unsupported("model", reason));
     }
     Ok(QuantizedModel { spec, layers })
+}
+
+/// The smallest `k` whose `2^k` rows hold the spec's layout at `lanes` lanes (and the lookup
+/// tables), if any up to [`MAX_K`].
+pub(crate) fn min_k(spec: &CircuitSpec, lanes: u32) -> Option<u32> {
+    let spec = CircuitSpec {
+        lanes,
+        ..spec.clone()
+    };
+    let rows = Layout::new(&spec).rows + UNUSABLE_ROWS;
+    let table = (1usize << LIMB_BITS).max(spec.act_table_rows()) + UNUSABLE_ROWS;
+    (MIN_K..=MAX_K).find(|k| (1usize << k) >= rows.max(table))
+}
+
+/// The layout rule: `(lanes, k)` for a spec's layers, from its shapes alone. Verification
+/// costs a multi-scalar multiplication of `2^k` points (plus a few per column), so the rule
+/// takes the lane count of [`LANE_CHOICES`] with the smallest `k`, and on a tie the fewest
+/// lanes (fewer columns: a smaller proof and link, cheaper proving). Small models therefore
+/// keep 8 lanes (and their circuits); only models whose rows a wider layout fits into a smaller
+/// power of two get 16 or 32. `None` if no layout fits `2^MAX_K` rows.
+pub fn choose_lanes(spec: &CircuitSpec) -> Option<(u32, u32)> {
+    LANE_CHOICES
+        .iter()
+        .filter_map(|&lanes| min_k(spec, lanes).map(|k| (lanes, k)))
+        .min_by_key(|&(lanes, k)| (k, lanes))
 }
 
 /// The spec of a layer without weights (max pooling, table activation) at `input_scale`.

@@ -4,8 +4,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::quant::LANES;
-
 /// A 2-d convolution over a `[channels, h, w]` input (batch 1, NCHW order, no dilation).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ConvShape {
@@ -173,15 +171,16 @@ impl LayerKind {
         }
     }
 
-    /// Groups of at most `LANES` outputs that share one block: consecutive outputs for dense
+    /// Groups of at most `lanes` outputs that share one block: consecutive outputs for dense
     /// layers (and, unused, for the layers without weights); for convolutions, the channels at
     /// one output position (same input patch).
-    pub fn groups(&self, m: usize) -> Vec<Vec<usize>> {
+    pub fn groups(&self, m: usize, lanes: usize) -> Vec<Vec<usize>> {
+        let lanes = lanes.max(1);
         match self {
             LayerKind::Dense | LayerKind::MaxPool(_) | LayerKind::Sigmoid | LayerKind::Tanh => (0
                 ..m)
                 .collect::<Vec<_>>()
-                .chunks(LANES)
+                .chunks(lanes)
                 .map(<[usize]>::to_vec)
                 .collect(),
             LayerKind::Conv(c) => {
@@ -190,7 +189,7 @@ impl LayerKind {
                 (0..p)
                     .flat_map(|pos| {
                         chans
-                            .chunks(LANES)
+                            .chunks(lanes)
                             .map(move |g| g.iter().map(|ch| ch * p + pos).collect())
                             .collect::<Vec<Vec<usize>>>()
                     })
@@ -200,7 +199,7 @@ impl LayerKind {
     }
 }
 
-/// One block: up to `LANES` outputs over a list of inputs (one row each), with the weight
+/// One block: up to `lanes` outputs over a list of inputs (one row each), with the weight
 /// index of every (row, lane) that is connected.
 #[derive(Debug, Clone)]
 pub(crate) struct Block {
@@ -211,10 +210,17 @@ pub(crate) struct Block {
     pub weights: Vec<Vec<Option<usize>>>,
 }
 
-/// Plans the blocks of a layer starting at `row`; returns the blocks and the next free row.
-pub(crate) fn plan(kind: &LayerKind, n: usize, m: usize, mut row: usize) -> (Vec<Block>, usize) {
+/// Plans the blocks of a layer of `lanes` lanes starting at `row`; returns the blocks and the
+/// next free row.
+pub(crate) fn plan(
+    kind: &LayerKind,
+    n: usize,
+    m: usize,
+    mut row: usize,
+    lanes: usize,
+) -> (Vec<Block>, usize) {
     let mut blocks = Vec::new();
-    for outputs in kind.groups(m) {
+    for outputs in kind.groups(m, lanes) {
         let conns: Vec<Vec<(usize, usize)>> =
             outputs.iter().map(|&o| kind.connections(n, o)).collect();
         let mut inputs: Vec<usize> = conns.iter().flatten().map(|c| c.0).collect();
@@ -266,10 +272,10 @@ mod tests {
         // Corner output: only the 2x2 in-bounds part of the kernel, per input channel.
         assert_eq!(k.connections(32, 0).len(), 8);
         assert_eq!(k.connections(32, 5).len(), 18);
-        let groups = k.groups(48);
+        let groups = k.groups(48, 8);
         assert_eq!(groups.len(), 16);
         assert_eq!(groups[1], vec![1, 17, 33]);
-        let (blocks, end) = plan(&k, 32, 48, 10);
+        let (blocks, end) = plan(&k, 32, 48, 10, 8);
         assert!(!k.is_dense() && k.is_linear() && !k.is_table());
         assert_eq!(blocks[0].row, 10);
         assert_eq!(blocks[0].inputs.len(), 8);

@@ -192,6 +192,8 @@ impl World {
                 settings.chain.settle_interval_secs = 3600;
                 settings.chain.settle_batch_size = 1000;
                 settings.chain.chain_poll_ms = 200;
+                // Ask the chain about models on every predict.
+                settings.chain.chain_check_ttl_ms = 1;
                 Some(chain)
             }
         };
@@ -628,5 +630,36 @@ async fn bad_wallets_are_refused() {
             assert_error(&answer, 400, "bad_request", "wallet must be an EVM address");
         }
     }
+    world.stop().await;
+}
+
+/// The chain node goes away: a model the chain accepted stays chargeable (its usage waits to be
+/// settled), a model the ledger never checked waits for the node (503), and settling says the
+/// node is unavailable. Nothing panics, nothing is charged twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_node_goes_away() {
+    let world = World::start(Kind::Anvil).await;
+    let chain = world.chain();
+    let creator = world.account("creator", CREATOR_KEY).await;
+    let user = world.account("user", USER_KEY).await;
+    let model_id = world.list_model(&creator, "creator", 1).await;
+    let unchecked = upload_digits(&creator, "unchecked", 1).await;
+    world.buy(&user, "user", 5).await;
+    assert_eq!(predict(&user, &model_id).await.status, 200);
+
+    chain.anvil.stop();
+    let answer = predict(&user, &model_id).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let answer = predict(&user, unchecked["model_id"].as_str().unwrap()).await;
+    assert_error(&answer, 503, "unavailable", "chain node is unavailable");
+    let settle = world
+        .cluster
+        .admin
+        .post("/v1/ledger/settle", &json!({}))
+        .await
+        .unwrap();
+    assert_error(&settle, 503, "unavailable", "chain node is unavailable");
+    // Charged off chain for the two predictions, exactly.
+    assert_eq!(account(&user).await["credits"], 3);
     world.stop().await;
 }

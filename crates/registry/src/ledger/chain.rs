@@ -77,6 +77,14 @@ pub struct ChainArgs {
         default_value_t = 200
     )]
     pub settle_batch_size: usize,
+    /// How long what the chain said about a model (registered, active, same price) is trusted
+    /// before it is read again (milliseconds).
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_CHAIN_CHECK_TTL_MS",
+        default_value_t = 5000
+    )]
+    pub chain_check_ttl_ms: u64,
 }
 
 impl std::fmt::Debug for ChainArgs {
@@ -91,6 +99,7 @@ impl std::fmt::Debug for ChainArgs {
             .field("chain_poll_ms", &self.chain_poll_ms)
             .field("settle_interval_secs", &self.settle_interval_secs)
             .field("settle_batch_size", &self.settle_batch_size)
+            .field("chain_check_ttl_ms", &self.chain_check_ttl_ms)
             .finish()
     }
 }
@@ -106,12 +115,13 @@ impl Default for ChainArgs {
             chain_poll_ms: 2000,
             settle_interval_secs: 60,
             settle_batch_size: 200,
+            chain_check_ttl_ms: 5000,
         }
     }
 }
 
-/// How long a model's on-chain check is trusted before it is read again.
-const CHARGEABLE_TTL: Duration = Duration::from_secs(5);
+/// How long a model the chain accepted stays chargeable while the node can't be reached.
+const LAST_GOOD_TTL: Duration = Duration::from_secs(3600);
 
 /// The ledger on the marketplace contract; see the module documentation.
 pub struct ChainLedger {
@@ -124,8 +134,11 @@ pub struct ChainLedger {
     cursor: String,
     /// One sync at a time in this process.
     sync_lock: Mutex<()>,
-    /// model id → when its on-chain check last passed, and the result.
-    checks: moka::future::Cache<String, std::result::Result<(), String>>,
+    /// model id → what the chain said, for `chain_check_ttl_ms`.
+    checks: moka::future::Cache<String, Check>,
+    /// Models the chain accepted within `LAST_GOOD_TTL`: still charged for while the node is
+    /// unreachable.
+    chargeable: moka::future::Cache<String, ()>,
 }
 
 impl std::fmt::Debug for ChainLedger {
@@ -220,7 +233,11 @@ impl ChainLedger {
             sync_lock: Mutex::new(()),
             checks: moka::future::Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(CHARGEABLE_TTL)
+                .time_to_live(Duration::from_millis(args.chain_check_ttl_ms.max(1)))
+                .build(),
+            chargeable: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(LAST_GOOD_TTL)
                 .build(),
             args,
         })
@@ -436,61 +453,66 @@ impl ChainLedger {
         Ok(done)
     }
 
-    async fn check_on_chain(&self, model: &Model) -> std::result::Result<(), String> {
-        let owner = self
-            .store
-            .get_account(&model.owner)
-            .await
-            .map_err(|e| format!("reading the model's owner: {e}"))?;
+    /// Whether the chain lets `model` be charged for; `Err` only when the node or the store
+    /// can't answer.
+    async fn check_on_chain(&self, model: &Model) -> Result<Check> {
+        let owner = self.store.get_account(&model.owner).await?;
         let Some(wallet) = owner.wallet else {
-            return Err(
+            return Ok(Check::Refused(
                 "the model's owner has no wallet, so the model can't be registered on chain".into(),
-            );
+            ));
         };
         let key = modelhub_chain::model_key(&model.model_id);
-        let on_chain = match self.market.get_model(key).await {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                return Err(format!(
-                    "model {} is not registered on chain yet: its owner runs `modelhub chain register {}`",
-                    model.model_id, model.model_id
-                ));
-            }
-            Err(e) => return Err(format!("unavailable: {e}")),
+        let Some(on_chain) = self.market.get_model(key).await.map_err(chain_error)? else {
+            return Ok(Check::Refused(format!(
+                "model {id} is not registered on chain yet: its owner runs `modelhub chain \
+                 register {id}`",
+                id = model.model_id
+            )));
         };
-        if modelhub_chain::wallet_string(on_chain.owner) != wallet {
-            return Err(format!(
-                "model {} is registered on chain by {}, not by its owner's wallet {wallet}",
-                model.model_id,
-                modelhub_chain::wallet_string(on_chain.owner)
-            ));
-        }
-        if !on_chain.active {
-            return Err(format!("model {} is deactivated on chain", model.model_id));
-        }
-        if on_chain.price_per_call != U256::from(model.price) {
-            return Err(format!(
-                "model {}'s on-chain price {} differs from its registered price {}",
-                model.model_id, on_chain.price_per_call, model.price
-            ));
-        }
-        if on_chain.cid_hash != modelhub_chain::cid_hash(&model.cid) {
-            return Err(format!(
-                "model {}'s on-chain CID hash differs",
-                model.model_id
-            ));
-        }
         let commitment = match &model.commitment {
-            Some(c) => modelhub_chain::commitment_word(c).map_err(|e| e.to_string())?,
+            Some(c) => modelhub_chain::commitment_word(c)
+                .map_err(|e| RegistryError::store(format!("stored commitment: {e}")))?,
             None => B256::ZERO,
         };
-        if on_chain.commitment != commitment {
-            return Err(format!(
-                "model {}'s on-chain commitment differs from its weight commitment",
-                model.model_id
-            ));
+        let id = &model.model_id;
+        let refusal = if modelhub_chain::wallet_string(on_chain.owner) != wallet {
+            format!(
+                "model {id} is registered on chain by {}, not by its owner's wallet {wallet}",
+                modelhub_chain::wallet_string(on_chain.owner)
+            )
+        } else if !on_chain.active {
+            format!("model {id} is deactivated on chain")
+        } else if on_chain.price_per_call != U256::from(model.price) {
+            format!(
+                "model {id}'s on-chain price {} differs from its registered price {}",
+                on_chain.price_per_call, model.price
+            )
+        } else if on_chain.cid_hash != modelhub_chain::cid_hash(&model.cid) {
+            format!("model {id}'s on-chain CID hash differs from its CID")
+        } else if on_chain.commitment != commitment {
+            format!("model {id}'s on-chain commitment differs from its weight commitment")
+        } else {
+            return Ok(Check::Chargeable);
+        };
+        Ok(Check::Refused(refusal))
+    }
+}
+
+/// What the chain says about charging for a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Check {
+    Chargeable,
+    /// Why not, for the client.
+    Refused(String),
+}
+
+impl Check {
+    fn into_result(self) -> Result<()> {
+        match self {
+            Check::Chargeable => Ok(()),
+            Check::Refused(why) => Err(RegistryError::conflict(why)),
         }
-        Ok(())
     }
 }
 
@@ -508,24 +530,30 @@ impl Ledger for ChainLedger {
     }
 
     async fn check_chargeable(&self, model_id: &str) -> Result<()> {
-        let result = match self.checks.get(model_id).await {
-            Some(cached) => cached,
-            None => {
-                let model = self.store.get_model(model_id).await?;
-                let result = self.check_on_chain(&model).await;
-                // A node outage is not cached: the next request asks again.
-                if !matches!(&result, Err(m) if m.starts_with("unavailable: ")) {
-                    self.checks.insert(model.model_id, result.clone()).await;
+        if let Some(check) = self.checks.get(model_id).await {
+            return check.into_result();
+        }
+        let model = self.store.get_model(model_id).await?;
+        match self.check_on_chain(&model).await {
+            Ok(check) => {
+                if check == Check::Chargeable {
+                    self.chargeable.insert(model.model_id.clone(), ()).await;
                 }
-                result
+                self.checks.insert(model.model_id, check.clone()).await;
+                check.into_result()
             }
-        };
-        result.map_err(|message| match message.strip_prefix("unavailable: ") {
-            Some(rest) => RegistryError::ChainUnavailable {
-                message: rest.to_owned(),
-            },
-            None => RegistryError::conflict(message),
-        })
+            // The node is down: a model the chain accepted recently stays chargeable (usage is
+            // settled once the node is back); others wait for the node.
+            Err(e @ RegistryError::ChainUnavailable { .. }) => {
+                if self.chargeable.contains_key(model_id) {
+                    warn!(model = model_id, error = %e, "chain node unavailable; charging on the last check");
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn sync(&self) -> Result<()> {

@@ -1,4 +1,5 @@
-//! The dense-layer chip: `LANES` output neurons per block, one input per row.
+//! The dense-layer chip: one output neuron per lane (`spec.lanes` lanes: 8, 16 or 32) in each
+//! block, one input per row.
 //!
 //! Block layout (rows relative to the block's first row `r0`, `n` inputs):
 //!
@@ -20,13 +21,14 @@ use halo2_proofs::{
 use pasta_curves::Fp;
 
 use crate::field::fe;
-use crate::quant::{LANES, QLayer};
+use crate::quant::QLayer;
 use crate::shape::Block;
 
 #[derive(Debug, Clone)]
 pub struct DenseConfig {
-    pub w: [Column<Advice>; LANES],
-    pub acc: [Column<Advice>; LANES],
+    /// One weight column and one accumulator column per lane.
+    pub w: Vec<Column<Advice>>,
+    pub acc: Vec<Column<Advice>>,
     pub x: Column<Advice>,
     q_bias: Selector,
     q_mac: Selector,
@@ -70,13 +72,16 @@ impl DenseInput<'_> {
 pub type IntCell = (AssignedCell<Fp, Fp>, Value<i64>);
 
 impl DenseConfig {
+    /// `w` and `acc` have one column per lane (the same number).
     pub fn configure(
         meta: &mut ConstraintSystem<Fp>,
-        w: [Column<Advice>; LANES],
-        acc: [Column<Advice>; LANES],
+        w: Vec<Column<Advice>>,
+        acc: Vec<Column<Advice>>,
         x: Column<Advice>,
     ) -> Self {
-        for c in acc {
+        assert_eq!(w.len(), acc.len(), "one weight and one accumulator column per lane");
+        let lanes = w.len();
+        for &c in &acc {
             meta.enable_equality(c);
         }
         meta.enable_equality(x);
@@ -84,7 +89,7 @@ impl DenseConfig {
         let q_mac = meta.selector();
         meta.create_gate("bias", |meta| {
             let q = meta.query_selector(q_bias);
-            (0..LANES)
+            (0..lanes)
                 .map(|l| {
                     let next = meta.query_advice(acc[l], Rotation::next());
                     let b = meta.query_advice(w[l], Rotation::cur());
@@ -95,7 +100,7 @@ impl DenseConfig {
         meta.create_gate("mac", |meta| {
             let q = meta.query_selector(q_mac);
             let xv = meta.query_advice(x, Rotation::cur());
-            (0..LANES)
+            (0..lanes)
                 .map(|l| {
                     let cur = meta.query_advice(acc[l], Rotation::cur());
                     let next = meta.query_advice(acc[l], Rotation::next());
@@ -131,9 +136,13 @@ impl DenseConfig {
         for blk in blocks {
             let r0 = blk.row;
             self.q_bias.enable(region, r0)?;
-            let mut acc: Vec<Value<i64>> = Vec::with_capacity(LANES);
-            let mut cells = Vec::with_capacity(LANES);
-            for l in 0..LANES {
+            let lanes = self.w.len();
+            if blk.outputs.len() > lanes {
+                return Err(Error::Synthesis);
+            }
+            let mut acc: Vec<Value<i64>> = Vec::with_capacity(lanes);
+            let mut cells = Vec::with_capacity(lanes);
+            for l in 0..lanes {
                 let bias = match (layer, blk.outputs.get(l)) {
                     (Some(q), Some(&o)) => Value::known(q.bias[o]),
                     (Some(_), None) => Value::known(0),
@@ -208,18 +217,18 @@ mod tests {
     use super::*;
     use crate::shape::{LayerKind, plan};
 
-    /// Two blocks (10 outputs) over 3 inputs from the instance, results exposed as instance.
+    /// `M` outputs (two or three blocks of `L` lanes) over 3 inputs from the instance, results
+    /// exposed as instance.
     #[derive(Clone)]
-    struct TestCircuit {
+    struct TestCircuit<const L: usize, const M: usize> {
         layer: QLayer,
         x: Vec<i64>,
         corrupt: Option<(usize, usize)>,
     }
 
     const N: usize = 3;
-    const M: usize = 10;
 
-    impl Circuit<Fp> for TestCircuit {
+    impl<const L: usize, const M: usize> Circuit<Fp> for TestCircuit<L, M> {
         type Config = (DenseConfig, Column<Instance>);
         type FloorPlanner = SimpleFloorPlanner;
 
@@ -228,8 +237,8 @@ mod tests {
         }
 
         fn configure(meta: &mut ConstraintSystem<Fp>) -> Self::Config {
-            let w = [(); LANES].map(|_| meta.advice_column());
-            let acc = [(); LANES].map(|_| meta.advice_column());
+            let w = (0..L).map(|_| meta.advice_column()).collect();
+            let acc = (0..L).map(|_| meta.advice_column()).collect();
             let x = meta.advice_column();
             let inst = meta.instance_column();
             meta.enable_equality(inst);
@@ -255,7 +264,7 @@ mod tests {
                 |mut region| {
                     config.assign(
                         &mut region,
-                        &plan(&LayerKind::Dense, N, M, 0).0,
+                        &plan(&LayerKind::Dense, N, M, 0, L).0,
                         M,
                         Some(&self.layer),
                         &DenseInput::Instance {
@@ -274,7 +283,7 @@ mod tests {
         }
     }
 
-    fn setup() -> (TestCircuit, Vec<Fp>) {
+    fn setup<const L: usize, const M: usize>() -> (TestCircuit<L, M>, Vec<Fp>) {
         let layer = QLayer {
             weights: (0..N * M).map(|i| (i as i64 * 37) % 255 - 127).collect(),
             bias: (0..M).map(|i| i as i64 * 1000 - 4000).collect(),
@@ -295,9 +304,38 @@ mod tests {
         )
     }
 
+    fn rejects<const L: usize, const M: usize>(wrong_output: usize, corrupt: (usize, usize)) {
+        let (c, mut inst) = setup::<L, M>();
+        inst[N + wrong_output] += Fp::one();
+        assert!(
+            MockProver::run(6, &c, vec![inst])
+                .unwrap()
+                .verify()
+                .is_err()
+        );
+        let (mut c, inst) = setup::<L, M>();
+        c.corrupt = Some(corrupt);
+        assert!(
+            MockProver::run(6, &c, vec![inst])
+                .unwrap()
+                .verify()
+                .is_err(),
+            "corrupted partial sum (row, lane) {corrupt:?} with {L} lanes was accepted"
+        );
+    }
+
     #[test]
     fn dense_accepts_the_honest_witness() {
-        let (c, inst) = setup();
+        let (c, inst) = setup::<8, 10>();
+        MockProver::run(6, &c, vec![inst])
+            .unwrap()
+            .assert_satisfied();
+        // Wide layouts: two full blocks plus a partial one, and one partial block.
+        let (c, inst) = setup::<16, 40>();
+        MockProver::run(6, &c, vec![inst])
+            .unwrap()
+            .assert_satisfied();
+        let (c, inst) = setup::<32, 20>();
         MockProver::run(6, &c, vec![inst])
             .unwrap()
             .assert_satisfied();
@@ -305,21 +343,12 @@ mod tests {
 
     #[test]
     fn dense_rejects_a_wrong_output_or_partial_sum() {
-        let (c, mut inst) = setup();
-        inst[N + 4] += Fp::one();
-        assert!(
-            MockProver::run(6, &c, vec![inst])
-                .unwrap()
-                .verify()
-                .is_err()
-        );
-        let (mut c, inst) = setup();
-        c.corrupt = Some((2, 1)); // lane 1's partial sum after the first input
-        assert!(
-            MockProver::run(6, &c, vec![inst])
-                .unwrap()
-                .verify()
-                .is_err()
-        );
+        // lane 1's partial sum after the first input
+        rejects::<8, 10>(4, (2, 1));
+        // Wide layouts: a lane beyond 8, in the first and in a later block (block 1 of the
+        // 16-lane layout starts at row N + 1 = 4: its partial sums are on rows 5..).
+        rejects::<16, 40>(13, (2, 12));
+        rejects::<16, 40>(30, (6, 15));
+        rejects::<32, 20>(19, (3, 19));
     }
 }
