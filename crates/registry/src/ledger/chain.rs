@@ -120,6 +120,9 @@ impl Default for ChainArgs {
     }
 }
 
+/// Blocks of deposits read per step while catching up.
+const FOLLOW_STEP: u64 = 50_000;
+
 /// How long a model the chain accepted stays chargeable while the node can't be reached.
 const LAST_GOOD_TTL: Duration = Duration::from_secs(3600);
 
@@ -275,32 +278,32 @@ impl ChainLedger {
     async fn follow(&self) -> Result<()> {
         let head = self.market.block_number().await.map_err(chain_error)?;
         let safe = head.saturating_sub(u64::from(self.args.chain_confirmations));
-        let from = match self.store.get_cursor(&self.cursor).await? {
+        let mut from = match self.store.get_cursor(&self.cursor).await? {
             Some(done) => done + 1,
             None => self.args.chain_from_block,
         };
-        if from > safe {
-            return Ok(());
+        // In steps, each ending with the cursor, so a long catch-up (a first start far behind
+        // the head) keeps its progress.
+        while from <= safe {
+            let to = safe.min(from.saturating_add(FOLLOW_STEP - 1));
+            let deposits = self.market.deposits(from, to).await.map_err(chain_error)?;
+            for d in deposits {
+                let wallet = modelhub_chain::wallet_string(d.buyer);
+                let Ok(credits) = u64::try_from(d.credits) else {
+                    warn!(%wallet, credits = %d.credits, "deposit too large to count; skipped");
+                    continue;
+                };
+                let account = self.account_for_wallet(&wallet).await?;
+                let grant_id = format!("chain:{}:{}", b256_hex(d.tx_hash), d.log_index);
+                self.store
+                    .grant_once(&account.account_id, credits, &grant_id)
+                    .await?;
+                info!(%wallet, account = %account.account_id, credits, block = d.block, "deposit counted");
+            }
+            self.store.set_cursor(&self.cursor, to).await?;
+            from = to + 1;
         }
-        let deposits = self
-            .market
-            .deposits(from, safe)
-            .await
-            .map_err(chain_error)?;
-        for d in deposits {
-            let wallet = modelhub_chain::wallet_string(d.buyer);
-            let Ok(credits) = u64::try_from(d.credits) else {
-                warn!(%wallet, credits = %d.credits, "deposit too large to count; skipped");
-                continue;
-            };
-            let account = self.account_for_wallet(&wallet).await?;
-            let grant_id = format!("chain:{}:{}", b256_hex(d.tx_hash), d.log_index);
-            self.store
-                .grant_once(&account.account_id, credits, &grant_id)
-                .await?;
-            info!(%wallet, account = %account.account_id, credits, block = d.block, "deposit counted");
-        }
-        self.store.set_cursor(&self.cursor, safe).await
+        Ok(())
     }
 
     /// The account of `wallet`, created when a deposit arrives before any account claims it.
