@@ -663,3 +663,44 @@ async fn the_chain_node_goes_away() {
     assert_eq!(account(&user).await["credits"], 3);
     world.stop().await;
 }
+
+/// A creator deactivates a model on chain after it was used: new predictions are refused with
+/// the reason, and the batch holding the earlier usage is refused by the contract for good —
+/// marked failed with the decoded error, not retried forever, nothing debited on chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_deactivated_after_use() {
+    let world = World::start(Kind::Anvil).await;
+    let chain = world.chain();
+    let creator = world.account("creator", CREATOR_KEY).await;
+    let user = world.account("user", USER_KEY).await;
+    let model_id = world.list_model(&creator, "creator", 2).await;
+    world.buy(&user, "user", 10).await;
+    assert_eq!(predict(&user, &model_id).await.status, 200);
+
+    let as_creator = Marketplace::connect(
+        &chain.anvil.uri,
+        chain.admin.address(),
+        Some(modelhub_chain::signer_from_hex(CREATOR_KEY).unwrap()),
+    )
+    .await
+    .unwrap();
+    as_creator
+        .deactivate(modelhub_chain::model_key(&model_id))
+        .await
+        .unwrap();
+    let answer = predict(&user, &model_id).await;
+    assert_error(&answer, 409, "conflict", "deactivated on chain");
+
+    let ledger = world.settle().await;
+    let batch = &ledger["batches"][0];
+    assert_eq!(batch["state"], "failed", "{ledger}");
+    assert!(
+        batch["error"].as_str().unwrap().contains("ModelInactive"),
+        "{ledger}"
+    );
+    assert_eq!(chain.credits_of(USER_KEY).await, 10);
+    // Not sent again.
+    let again = world.settle().await;
+    assert_eq!(again["batches"][0]["attempts"], 1, "{again}");
+    world.stop().await;
+}

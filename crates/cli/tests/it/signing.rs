@@ -105,7 +105,10 @@ async fn every_signing_rejection(backend: Backend) {
     expect_401(&user, get(unix_now() - 305, &nonce()), "date").await;
     expect_401(&user, get(unix_now() + 305, &nonce()), "date").await;
     assert_eq!(
-        user.send(get(unix_now() - 295, &nonce())).await.unwrap().status,
+        user.send(get(unix_now() - 295, &nonce()))
+            .await
+            .unwrap()
+            .status,
         200
     );
 

@@ -441,6 +441,17 @@ impl ChainLedger {
                 ));
                 warn!(batch = %batch.batch_id, error = %revert, "settlement refused: operator not authorised");
             }
+            // A transaction that failed without a decoded reason (e.g. mined after another
+            // replica's copy of the same batch): settled if the chain says so, else retried.
+            Err(ChainError::Reverted(revert @ Revert::Other(_))) => {
+                if self.market.is_batch_settled(id).await == Ok(true) {
+                    batch.state = BatchState::Settled;
+                    batch.error = None;
+                } else {
+                    batch.error = Some(format!("{revert}; will retry"));
+                    warn!(batch = %batch.batch_id, error = %revert, "settlement transaction failed; will retry");
+                }
+            }
             Err(ChainError::Reverted(revert)) => {
                 batch.state = BatchState::Failed;
                 batch.error = Some(revert.to_string());
