@@ -288,8 +288,13 @@ impl Models {
         let compiled = self
             .pool
             .run(move || -> Result<Compiled, ProverError> {
-                let quantized =
+                let mut quantized =
                     modelhub_zk::compile(&bytes, &calibration_inputs(record.input_len))?;
+                // A model committed under an earlier lane layout keeps it (its commitment is
+                // per lane); the compiler may choose wider lanes for it today.
+                if quantized.spec.lanes != record.spec.lanes {
+                    quantized = quantized.with_lanes(record.spec.lanes)?;
+                }
                 if quantized.spec != record.spec {
                     return Err(ProverError::State(
                         "recompiled circuit differs from the stored spec".into(),

@@ -12,11 +12,23 @@
 //! each proved output against the native reference), reports the share of all test rows whose
 //! quantized argmax (native reference, bit-exact with the circuit) equals the float argmax, and
 //! the process's peak resident memory (`VmHWM`).
+//!
+//! `BENCH_LANES=8` (or 16, 32) lays the model out with that many lanes instead of the one the
+//! compiler picks (`QuantizedModel::with_lanes`), to compare layouts in one build.
 
 use std::time::Instant;
 
 use modelhub_zk::onnx::{FloatLayer, mlp_onnx};
-use modelhub_zk::{Keys, LayerKind, Params, commit, compile, prove, verify};
+use modelhub_zk::{Keys, LayerKind, Params, QuantizedModel, commit, compile, prove, verify};
+
+/// The compiled model, relaid with `BENCH_LANES` lanes if set.
+fn compile_bench(onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<QuantizedModel> {
+    let model = compile(onnx, samples)?;
+    Ok(match std::env::var("BENCH_LANES") {
+        Ok(l) => model.with_lanes(l.parse()?)?,
+        Err(_) => model,
+    })
+}
 
 fn layer(inputs: usize, outputs: usize, relu: bool, seed: u64) -> FloatLayer {
     let mut s = seed;
@@ -58,7 +70,7 @@ fn ms(t: Instant) -> f64 {
 }
 
 fn run(name: &str, onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<()> {
-    let model = compile(onnx, samples)?;
+    let model = compile_bench(onnx, samples)?;
     let dir = modelhub_testkit::workspace_root().join("target/zk-params");
     let t = Instant::now();
     let params = Params::load_or_create(&dir, model.spec.k)?;
@@ -99,7 +111,7 @@ fn run(name: &str, onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "model": name, "k": model.spec.k, "params_ms": params_ms, "keygen_ms": keygen_ms,
+            "model": name, "k": model.spec.k, "lanes": model.spec.lanes, "params_ms": params_ms, "keygen_ms": keygen_ms,
             "commit_ms": commit_ms, "prove_ms_median": prove_ms[1],
             "verify_first_ms": verify_first_ms, "verify_ms_median": verify_ms[2],
             "proof_bytes": bundle.proof.len(), "link_bytes": bundle.link.len(),
@@ -164,7 +176,7 @@ fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyh
     );
 
     let t = Instant::now();
-    let model = compile(&onnx, &calibration)?;
+    let model = compile_bench(&onnx, &calibration)?;
     let compile_ms = ms(t);
     let k = model.spec.k;
 
@@ -217,11 +229,28 @@ fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyh
         verify(&params, &bundle)?;
         verify_ms.push(ms(t));
     }
+    // Profiling aid: `BENCH_VERIFY_LOOP=N` verifies N more times (after the figures above).
+    if let Some(n) = std::env::var("BENCH_VERIFY_LOOP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let t = Instant::now();
+        for _ in 0..n {
+            model.spec.validate()?;
+        }
+        eprintln!("validate: {:.3} ms", ms(t) / n as f64);
+        let t = Instant::now();
+        for _ in 0..n {
+            verify(&params, &bundle)?;
+        }
+        eprintln!("verify: {:.3} ms", ms(t) / n as f64);
+    }
     let prove_all = prove_ms.clone();
     println!(
         "{}",
         serde_json::json!({
-            "model": name, "onnx": onnx_path, "k": k, "compile_ms": compile_ms,
+            "model": name, "onnx": onnx_path, "k": k, "lanes": model.spec.lanes,
+            "compile_ms": compile_ms,
             "params_new_ms": params_new_ms, "params_load_ms": params_load_ms,
             "keygen_ms": keygen_ms, "commit_ms": commit_ms,
             "prove_ms": prove_all, "prove_ms_median": median(&mut prove_ms),

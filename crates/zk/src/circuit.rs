@@ -8,7 +8,8 @@
 //! Columns, in allocation order (the order fixes the proof layout), for `L = spec.lanes` lanes:
 //! advice `W_0..W_{L-1}` (weights, committed; they must stay the first advice columns),
 //! `A_0..A_{L-1}` (accumulators; `A_0`/`A_1` double as the rescale's input and output), `X`,
-//! `Q`, `H`, `R` (limbs); one instance column `[job id, input.., output..]`. Version 2
+//! `Q`, `H`, `R` (limbs), and with more than 8 lanes `R2` (second limb column: the rescale
+//! takes 2 rows instead of 4); one instance column `[job id, input.., output..]`. Version 2
 //! ([`ModelCircuit<true, L>`]) adds no advice column (max pooling and activations use `X`, `A_0`
 //! and `R` on their own rows): only selectors, the activation tag (fixed) and the activation
 //! table, configured after all of version 1's, so version 1 circuits are unchanged.
@@ -16,7 +17,8 @@
 //! The lane count `L` is a const parameter (one circuit type per entry of
 //! [`crate::quant::LANE_CHOICES`]): with `L = 8` the columns, gates and lookups are exactly
 //! those of the original circuit, so 8-lane specs keep their verifying keys. Wider layouts
-//! only add lanes (columns and gate terms) in the same order.
+//! add lanes (columns and gate terms, in the same order), `R2` with its byte lookup, and a gate
+//! that keeps the 4 queries of `R` (so the same `UNUSABLE_ROWS`).
 
 pub mod activation;
 pub mod dense;
@@ -36,13 +38,13 @@ use self::maxpool::MaxPoolConfig;
 use self::requant::RequantConfig;
 use self::table::ActTableConfig;
 use crate::field::{fe, job_id_element};
-use crate::quant::{CircuitSpec, JOB_ROW, Layout, QLayer};
+use crate::quant::{CircuitSpec, JOB_ROW, LANES, Layout, QLayer};
 use crate::shape::LayerKind;
 
 /// Number of advice columns of a circuit with `lanes` lanes (the proof starts with this many
 /// advice commitments): 20 for 8 lanes, 36 for 16, 68 for 32.
 pub const fn num_advice(lanes: usize) -> usize {
-    2 * lanes + 4
+    crate::quant::advice_columns(lanes)
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +106,10 @@ macro_rules! with_circuit {
                 type $C = $crate::circuit::ModelCircuit<false, 32>;
                 Ok($body)
             }
+            (false, 64) => {
+                type $C = $crate::circuit::ModelCircuit<false, 64>;
+                Ok($body)
+            }
             (true, 8) => {
                 type $C = $crate::circuit::ModelCircuit<true, 8>;
                 Ok($body)
@@ -114,6 +120,10 @@ macro_rules! with_circuit {
             }
             (true, 32) => {
                 type $C = $crate::circuit::ModelCircuit<true, 32>;
+                Ok($body)
+            }
+            (true, 64) => {
+                type $C = $crate::circuit::ModelCircuit<true, 64>;
                 Ok($body)
             }
             (_, lanes) => Err($crate::ZkError::Internal(format!(
@@ -143,11 +153,13 @@ impl<const EXT: bool, const L: usize> Circuit<Fp> for ModelCircuit<EXT, L> {
         let q = meta.advice_column();
         let h = meta.advice_column();
         let limbs = meta.advice_column();
+        // Wider layouts: a second limb column, so a rescale takes 2 rows instead of 4.
+        let limbs2 = (L > LANES).then(|| meta.advice_column());
         let instance = meta.instance_column();
         meta.enable_equality(instance);
         let table = ActTableConfig::configure(meta);
         let dense = DenseConfig::configure(meta, w, acc, x);
-        let requant = RequantConfig::configure(meta, acc0, acc1, q, h, limbs, &table);
+        let requant = RequantConfig::configure(meta, acc0, acc1, q, h, limbs, limbs2, &table);
         // Version 2: everything after version 1's columns, gates and lookups.
         let ext = EXT.then(|| ExtConfig {
             maxpool: MaxPoolConfig::configure(meta, x, acc0, limbs),
@@ -369,8 +381,11 @@ mod tests {
         }
         wide::<false, 16>(4);
         wide::<false, 32>(4);
+        wide::<false, 64>(4);
         wide::<true, 16>(5);
         wide::<true, 32>(5);
+        wide::<true, 64>(5);
+        assert_eq!([16, 32, 64].map(num_advice), [37, 69, 133]);
     }
 
     /// Conv 3×3 (pads 1) + ReLU → MaxPool 3×3 stride 2 (pads on the top and left) → Dense →
@@ -608,6 +623,91 @@ mod tests {
                 bad[o] += 1;
                 prop_assert!(run(&m, x, &bad).is_err());
             }
+        }
+    }
+
+    /// A calibration-like input of the 64-input test models (scale 6).
+    fn wide_input() -> Vec<i64> {
+        (0..64).map(|j| ((j * 3) % 17) * 4).collect()
+    }
+
+    #[test]
+    fn wide_layouts_satisfy_the_circuit_and_reject_bad_witnesses() {
+        // 64 → 96 → 10 fits 2^9 rows only with 64 lanes; the same model with 16 lanes (k = 10).
+        let m = model(&[64, 96, 10], 3);
+        assert_eq!((m.spec.lanes, m.spec.k), (64, 9));
+        let x = wide_input();
+        for m in [m.clone(), m.with_lanes(16).unwrap()] {
+            assert_eq!(m.spec.k, if m.spec.lanes == 64 { 9 } else { 10 });
+            let y = reference(&m, &x).unwrap();
+            run(&m, &x, &y).unwrap();
+            for o in 0..y.len() {
+                let mut bad = y.clone();
+                bad[o] += 1;
+                assert!(
+                    run(&m, &x, &bad).is_err(),
+                    "{} lanes, output {o}",
+                    m.spec.lanes
+                );
+            }
+            // Hidden neuron 20 (lane 20 of the first block with 64 lanes, lane 4 of the
+            // second with 16) with a bias that pushes its quotient out of the 8-bit range: the
+            // range lookup rejects the witness whatever output is claimed.
+            let mut other = m.clone();
+            other.layers[0].bias[20] += 1 << 24;
+            assert!(reference(&other, &x).is_err());
+            assert!(run(&other, &x, &y).is_err());
+            // Another weight in a lane beyond 8 proves its own output, never the old one when
+            // the outputs differ (the commitment binds the weights).
+            let mut other = m.clone();
+            for i in 0..64 {
+                other.layers[0].weights[29 * 64 + i] = 127;
+            }
+            if let Ok(y2) = reference(&other, &x) {
+                run(&other, &x, &y2).unwrap();
+                if y2 != y {
+                    assert!(run(&other, &x, &y).is_err());
+                }
+            }
+        }
+        // Convolutions (3 channels in a block of 16 lanes) and the version-2 chips in the
+        // wide circuits.
+        let conv = conv_model(4).with_lanes(16).unwrap();
+        // (a calibration sample: in range)
+        let sample: Vec<f32> = (0..50)
+            .map(|j| ((j * 3) % 13) as f32 / 12.0 - 0.3)
+            .collect();
+        let x = crate::quant::quantize_input(&conv.spec, &sample).unwrap();
+        let y = reference(&conv, &x).unwrap();
+        run(&conv, &x, &y).unwrap();
+        let pool = pool_model(0, false).with_lanes(32).unwrap();
+        assert!(pool.spec.extended());
+        let x: Vec<i64> = (0..36).map(|i| (i * 13) % 127 - 38).collect();
+        let y = reference(&pool, &x).unwrap();
+        run(&pool, &x, &y).unwrap();
+        let mut bad = y.clone();
+        bad[0] += 1;
+        assert!(run(&pool, &x, &bad).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(6))]
+        #[test]
+        fn wide_reference_equals_circuit(
+            seed in 0u32..1000,
+            lanes in proptest::sample::select(vec![16u32, 32, 64]),
+            x in proptest::collection::vec(0i64..=64, 64),
+        ) {
+            let m = model(&[64, 96, 10], seed);
+            prop_assert_eq!(m.spec.lanes, 64);
+            let m = m.with_lanes(lanes).unwrap();
+            let y = reference(&m, &x);
+            prop_assume!(y.is_ok());
+            let y = y.unwrap();
+            prop_assert!(run(&m, &x, &y).is_ok());
+            let mut bad = y.clone();
+            bad[seed as usize % y.len()] -= 1;
+            prop_assert!(run(&m, &x, &bad).is_err());
         }
     }
 }

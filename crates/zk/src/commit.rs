@@ -2,14 +2,15 @@
 //!
 //! # Design
 //!
-//! The weights (and biases) sit in the dedicated advice columns `W_0..W_7` at rows fixed by the
-//! public spec, zero in every other usable row (`weight_columns`). At upload the hub makes,
-//! per column, a blinded Pedersen vector commitment with the same bases halo2 uses for advice
-//! columns: `C_j = Σ_i w_{j,i}·L_i + b0_j·H`, where `L_i` are the Lagrange-basis points of the
-//! IPA parameters and `H` their blinding generator (`commit_lagrange(column, Blind(b0_j))`,
-//! `b0_j` random). The public commitment is the list of compressed `C_j`.
+//! The weights (and biases) sit in the dedicated advice columns `W_0..W_{L−1}` (`L =
+//! spec.lanes`: 8, 16, 32 or 64) at rows fixed by the public spec, zero in every other usable row
+//! (`weight_columns`). At upload the hub makes, per column, a blinded Pedersen vector
+//! commitment with the same bases halo2 uses for advice columns: `C_j = Σ_i w_{j,i}·L_i +
+//! b0_j·H`, where `L_i` are the Lagrange-basis points of the IPA parameters and `H` their
+//! blinding generator (`commit_lagrange(column, Blind(b0_j))`, `b0_j` random). The public
+//! commitment is the list of the `L` compressed `C_j`.
 //!
-//! Every halo2 proof starts with its advice commitments in column order, so its first eight
+//! Every halo2 proof starts with its advice commitments in column order, so its first `L`
 //! points are `A_j = Σ_{usable i} W_{j,i}·L_i + Σ_{r ∈ R} v_{j,r}·L_r + b_j·H`, with `R` the
 //! last `UNUSABLE_ROWS` rows that halo2 fills with random values and `b_j` a random blind,
 //! all drawn from the rng passed to `create_proof`. The prover drives that rng from a seed it
@@ -23,15 +24,15 @@
 //! the job id and the public input and output).
 //!
 //! Wire format of `link` (all scalars 32-byte little-endian canonical, points 32-byte
-//! compressed): for each column `j = 0..8`: `T_j`, `z_{j,r}` for the `R = 7` last rows in order,
-//! `z_{j,H}` — 8 × 9 × 32 = 2304 bytes. Challenge `e = Fp::from_uniform_bytes(BLAKE2b-512,
-//! personal "modelhub-zk-link", over "modelhub-zk/link/v1" ‖ SHA-256(spec JSON) ‖ C_0..C_7 ‖
-//! A_0..A_7 ‖ T_0..T_7 ‖ u64le(len job id) ‖ job id ‖ u64le(len input) ‖ input as i64le ‖
-//! u64le(len output) ‖ output as i64le)`. The verifier checks
-//! `Σ_r z_{j,r}·L_r + z_{j,H}·H = T_j + e·(A_j − C_j)` for every `j` (batched with weights
-//! `ρ_j = Fp::from_uniform_bytes(BLAKE2b-512, personal "modelhub-zk-lnkb", e ‖ u64le(j)))`),
-//! where `L_r = commit_lagrange(unit vector at row 2^k − 7 + i, Blind(0))` and
-//! `H = commit_lagrange(0, Blind(1))`.
+//! compressed): for each column `j = 0..L`: `T_j`, `z_{j,r}` for the `R = 7` last rows in
+//! order, `z_{j,H}` — `L` × 9 × 32 bytes: 2304 (8 lanes), 4608 (16), 9216 (32), 18432 (64).
+//! Challenge `e = Fp::from_uniform_bytes(BLAKE2b-512, personal "modelhub-zk-link", over
+//! "modelhub-zk/link/v1" ‖ SHA-256(spec JSON) ‖ C_0..C_{L−1} ‖ A_0..A_{L−1} ‖ T_0..T_{L−1} ‖
+//! u64le(len job id) ‖ job id ‖ u64le(len input) ‖ input as i64le ‖ u64le(len output) ‖ output
+//! as i64le)`. The verifier checks `Σ_r z_{j,r}·L_r + z_{j,H}·H = T_j + e·(A_j − C_j)` for
+//! every `j` (batched with weights `ρ_j = Fp::from_uniform_bytes(BLAKE2b-512, personal
+//! "modelhub-zk-lnkb", e ‖ u64le(j)))`), where `L_r = commit_lagrange(unit vector at row 2^k −
+//! 7 + i, Blind(0))` and `H = commit_lagrange(0, Blind(1))`.
 //!
 //! Binding: halo2 is an argument of knowledge, so a prover that convinces the verifier knows
 //! the opening `(W_j, b_j)` of `A_j`; the link proof (special sound) yields `(v, δ)`; with the
@@ -42,8 +43,8 @@
 //! uniform blind; each proof uses fresh `v`, `b_j` (halo2's own zero knowledge needs exactly
 //! these) and the link proof is honest-verifier zero knowledge, so proofs for many jobs under
 //! the same commitment reveal nothing about the weights beyond the public outputs. Cost: one
-//! multi-scalar multiplication of `2^k` points per column at upload, and per proof eight
-//! recomputed commitments plus `8·(|R|+1)` scalar multiplications — no hashing of weights in
+//! multi-scalar multiplication of `2^k` points per column at upload, and per proof `L`
+//! recomputed commitments plus `L·(|R|+1)` scalar multiplications — no hashing of weights in
 //! the circuit.
 
 use std::fs;
@@ -157,7 +158,7 @@ impl Params {
 }
 
 /// The public weight commitment: one compressed point per weight column (`spec.lanes` of them:
-/// 8, 16 or 32); hex in JSON.
+/// 8, 16, 32 or 64); hex in JSON.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Commitment {
     points: Vec<[u8; 32]>,
@@ -414,8 +415,7 @@ pub(crate) fn link_verify(
     // One link per weight column: `st.advice` holds the proof's first `spec.lanes` advice
     // commitments, and the commitment must have as many points.
     let lanes = st.advice.len();
-    if !LANE_CHOICES.iter().any(|&l| l as usize == lanes) || link.len() != lanes * LINK_LANE_BYTES
-    {
+    if !LANE_CHOICES.iter().any(|&l| l as usize == lanes) || link.len() != lanes * LINK_LANE_BYTES {
         return fail("wrong length");
     }
     let basis = params.basis();

@@ -6,6 +6,9 @@
 //! curves, no trusted setup). The weights are private witnesses bound to a public
 //! [`Commitment`] made once at upload ([`commit()`]); [`prove`] proves that the quantized output is the model applied to the
 //! quantized input for one job id; [`verify`] checks a [`ProofBundle`] from the spec alone.
+//! The spec's neuron lanes per row (8, 16, 32 or 64, [`LANE_CHOICES`]) are chosen by
+//! [`choose_lanes`] from the layer shapes: the layout with the smallest circuit (the cheapest
+//! verification), 8 for small models (the original circuit).
 //!
 //! ```text
 //! compile(onnx, samples) -> QuantizedModel { spec, weights }
@@ -27,7 +30,8 @@ pub use commit::{Commitment, Opening, Params, commit};
 pub use error::ZkError;
 pub use proof::{Keys, PROOF_FORMAT, ProofBundle, PublicInstance, prove, verify};
 pub use quant::{
-    CircuitSpec, LayerSpec, QuantizedModel, calibrate, dequantize_output, quantize_input, reference,
+    CircuitSpec, LANE_CHOICES, LayerSpec, QuantizedModel, calibrate, choose_lanes,
+    dequantize_output, quantize_input, reference,
 };
 pub use shape::{ConvShape, LayerKind};
 

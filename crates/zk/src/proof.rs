@@ -7,8 +7,8 @@
 //!   "spec":   CircuitSpec (public circuit description; see quant::CircuitSpec),
 //!   "public": { "input":  [i64]  quantized input,  x_q = round(x · 2^spec.input_scale),
 //!               "output": [i64]  quantized output, y = y_q · 2^-(last layer output_scale),
-//!               "commitment": hex, 8 compressed Vesta points (32 bytes each) = the model's
-//!                             weight commitment recorded at upload,
+//!               "commitment": hex, spec.lanes compressed Vesta points (32 bytes each) = the
+//!                             model's weight commitment recorded at upload,
 //!               "job_id": string },
 //!   "proof": base64, "link": base64 }
 //! ```
@@ -16,11 +16,12 @@
 //! To verify: check `format`; validate the spec; check `input` ⊂ `activation_range` and
 //! `output` ⊂ `output_range`; rebuild the verifying key with `keygen_vk` (halo2_proofs 0.4,
 //! `Params::new(spec.k)`) from the witness-free circuit of the spec; check the link proof
-//! ([`crate::commit`]) against the first 8 advice commitments of `proof`; and run
+//! ([`crate::commit`]) against the first `spec.lanes` advice commitments of `proof`; and run
 //! `verify_proof` (Blake2b transcript, `Challenge255`, IPA over Vesta, `SingleVerifier`) with
 //! one instance column `[J, input.., output..]`, where `J` is the job id element (the first 31
-//! bytes of SHA-256(job_id) read little-endian). The proof starts with the 20 advice
-//! commitments in column order (32-byte compressed points); the first 8 are the weight columns.
+//! bytes of SHA-256(job_id) read little-endian). The proof starts with the advice commitments
+//! in column order (32-byte compressed points): 20 with 8 lanes, `2L + 5` with `L > 8` lanes
+//! ([`crate::quant::advice_columns`]); the first `L` are the weight columns.
 //! A verifier must also check that `spec` and `commitment` are the ones registered for the model.
 
 use std::collections::HashMap;
@@ -38,12 +39,12 @@ use rand_core::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::ZkError;
-use crate::circuit::{ModelCircuit, NUM_ADVICE, Witness, instance};
+use crate::circuit::{Witness, instance, num_advice, with_circuit};
 use crate::commit::{
     Commitment, LinkSecret, LinkStatement, Opening, Params, link_prove, link_verify, linked_point,
     sys_rng,
 };
-use crate::quant::{ACT_MAX, ACT_MIN, CircuitSpec, LANES, QuantizedModel, UNUSABLE_ROWS};
+use crate::quant::{ACT_MAX, ACT_MIN, CircuitSpec, QuantizedModel, UNUSABLE_ROWS};
 
 /// The value of [`ProofBundle::format`].
 pub const PROOF_FORMAT: &str = "modelhub-proof/1";
@@ -60,45 +61,13 @@ impl std::fmt::Debug for Keys {
     }
 }
 
-fn shape<const EXT: bool>(spec: &CircuitSpec) -> ModelCircuit<EXT> {
-    ModelCircuit {
-        spec: spec.clone(),
-        witness: None,
-    }
-}
-
-/// The verifying key of a spec (the circuit of its version).
+/// The verifying key of a spec (the circuit of its version and lane count).
 fn keygen_vk(params: &Params, spec: &CircuitSpec) -> Result<VerifyingKey<EqAffine>, ZkError> {
-    if spec.extended() {
-        plonk::keygen_vk(&params.inner, &shape::<true>(spec))
-    } else {
-        plonk::keygen_vk(&params.inner, &shape::<false>(spec))
-    }
-    .map_err(internal("keygen_vk"))
-}
-
-/// `plonk::create_proof` with the circuit of version `EXT` (the two versions are distinct types).
-fn create_proof<const EXT: bool>(
-    params: &Params,
-    keys: &Keys,
-    spec: &CircuitSpec,
-    witness: Witness,
-    inst: &[Fp],
-    rng: ChaCha20Rng,
-    transcript: &mut Blake2bWrite<Vec<u8>, EqAffine, Challenge255<EqAffine>>,
-) -> Result<(), plonk::Error> {
-    let circuit = ModelCircuit::<EXT> {
-        spec: spec.clone(),
-        witness: Some(witness),
-    };
-    plonk::create_proof(
+    with_circuit!(spec, C => plonk::keygen_vk(
         &params.inner,
-        &keys.pk,
-        &[circuit],
-        &[&[inst]],
-        rng,
-        transcript,
-    )
+        &C { spec: spec.clone(), witness: None },
+    ))?
+    .map_err(internal("keygen_vk"))
 }
 
 fn internal(what: &str) -> impl Fn(plonk::Error) -> ZkError + '_ {
@@ -116,11 +85,11 @@ impl Keys {
             )));
         }
         let vk = keygen_vk(params, spec)?;
-        let pk = if spec.extended() {
-            plonk::keygen_pk(&params.inner, vk, &shape::<true>(spec))
-        } else {
-            plonk::keygen_pk(&params.inner, vk, &shape::<false>(spec))
-        }
+        let pk = with_circuit!(spec, C => plonk::keygen_pk(
+            &params.inner,
+            vk,
+            &C { spec: spec.clone(), witness: None },
+        ))?
         .map_err(internal("keygen_pk"))?;
         Ok(Keys {
             spec: spec.clone(),
@@ -225,30 +194,35 @@ pub fn prove(
     sys_rng().fill_bytes(&mut seed);
     let mut transcript = Blake2bWrite::<_, EqAffine, Challenge255<_>>::init(vec![]);
     let rng = ChaCha20Rng::from_seed(seed);
-    if spec.extended() {
-        create_proof::<true>(params, keys, spec, witness, &inst, rng, &mut transcript)
-    } else {
-        create_proof::<false>(params, keys, spec, witness, &inst, rng, &mut transcript)
-    }
+    with_circuit!(spec, C => plonk::create_proof(
+        &params.inner,
+        &keys.pk,
+        &[C { spec: spec.clone(), witness: Some(witness) }],
+        &[&[&inst]],
+        rng,
+        &mut transcript,
+    ))?
     .map_err(internal("create_proof"))?;
     let proof = transcript.finalize();
 
+    let lanes = spec.lane_count();
+    let columns = num_advice(lanes);
     let mut replay = ChaCha20Rng::from_seed(seed);
-    let mut rows: Vec<Vec<Fp>> = Vec::with_capacity(LANES);
-    for col in 0..NUM_ADVICE {
+    let mut rows: Vec<Vec<Fp>> = Vec::with_capacity(lanes);
+    for col in 0..columns {
         let values: Vec<Fp> = (0..UNUSABLE_ROWS)
             .map(|_| Fp::random(&mut replay))
             .collect();
-        if col < LANES {
+        if col < lanes {
             rows.push(values);
         }
     }
-    let blinds: Vec<Fp> = (0..NUM_ADVICE).map(|_| Fp::random(&mut replay)).collect();
-    let advice = advice_points(&proof)?;
-    let committed = opening.blinds()?;
-    let commitment_points = commitment.decode()?;
-    let mut secrets = Vec::with_capacity(LANES);
-    for j in 0..LANES {
+    let blinds: Vec<Fp> = (0..columns).map(|_| Fp::random(&mut replay)).collect();
+    let advice = advice_points(&proof, lanes)?;
+    let committed = opening.blinds(lanes)?;
+    let commitment_points = commitment.decode(lanes)?;
+    let mut secrets = Vec::with_capacity(lanes);
+    for j in 0..lanes {
         let secret = LinkSecret {
             rows: rows[j].clone(),
             delta: blinds[j] - committed[j],
@@ -297,12 +271,12 @@ fn statement<'a>(
     }
 }
 
-/// The weight-column commitments at the start of a proof.
-fn advice_points(proof: &[u8]) -> Result<Vec<[u8; 32]>, ZkError> {
-    if proof.len() < 32 * NUM_ADVICE {
+/// The weight-column commitments at the start of a proof of a `lanes`-lane circuit.
+fn advice_points(proof: &[u8], lanes: usize) -> Result<Vec<[u8; 32]>, ZkError> {
+    if proof.len() < 32 * num_advice(lanes) {
         return Err(ZkError::Verification("proof too short".into()));
     }
-    Ok(proof[..32 * LANES]
+    Ok(proof[..32 * lanes]
         .chunks_exact(32)
         .map(|c| {
             let mut p = [0u8; 32];
@@ -361,13 +335,24 @@ pub fn verify(params: &Params, bundle: &ProofBundle) -> Result<(), ZkError> {
     {
         return Err(ZkError::Verification("public value out of range".into()));
     }
-    let advice = advice_points(&bundle.proof)?;
-    link_verify(
-        params,
-        &statement(spec.hash(), public, &advice),
-        &bundle.link,
-    )?;
-    let vk = cached_vk(params, spec)?;
+    let advice = advice_points(&bundle.proof, spec.lane_count())?;
+    let st = statement(spec.hash(), public, &advice);
+    // The weight link and the halo2 proof are independent checks: the link (point
+    // decompressions and a small multi-scalar multiplication, single-threaded) runs on a second
+    // thread while halo2 verifies. A link failure is reported first, as when run in sequence.
+    std::thread::scope(|scope| {
+        let link = scope.spawn(|| link_verify(params, &st, &bundle.link));
+        let proof = verify_plonk(params, bundle);
+        link.join()
+            .unwrap_or_else(|_| Err(ZkError::Internal("link verifier panicked".into())))?;
+        proof
+    })
+}
+
+/// The halo2 part of [`verify`]: the proof against the verifying key rebuilt from the spec.
+fn verify_plonk(params: &Params, bundle: &ProofBundle) -> Result<(), ZkError> {
+    let public = &bundle.public;
+    let vk = cached_vk(params, &bundle.spec)?;
     let inst = instance(&public.job_id, &public.input, &public.output);
     let mut transcript = Blake2bRead::<_, EqAffine, Challenge255<_>>::init(&bundle.proof[..]);
     plonk::verify_proof(

@@ -48,7 +48,32 @@ pub const TABLE_LEN: usize = 256;
 pub const LANES: usize = 8;
 /// The lane counts a spec may use (`spec.lanes`), narrowest first. [`calibrate`] picks the one
 /// with the cheapest verification ([`choose_lanes`]).
-pub const LANE_CHOICES: [u32; 3] = [8, 16, 32];
+pub const LANE_CHOICES: [u32; 4] = [8, 16, 32, 64];
+
+/// Advice columns of a circuit with `lanes` lanes: a weight and an accumulator column per lane,
+/// `X`, `Q`, `H`, `R`, and in wider layouts a second limb column `R2` (the rescale then takes 2
+/// rows instead of 4): 20, 37, 69 and 133.
+pub const fn advice_columns(lanes: usize) -> usize {
+    2 * lanes + 4 + if lanes > LANES { 1 } else { 0 }
+}
+
+/// Rows of one rescale: 4 in the original layout (its four limbs in `R`), 2 in wider ones
+/// (two limbs in `R`, two in `R2`).
+pub const fn requant_rows(lanes: usize) -> usize {
+    if lanes > LANES { 2 } else { 4 }
+}
+
+/// Largest `k` of a layout with `lanes` lanes: its circuit may hold no more advice cells than
+/// the largest 8-lane circuit (`20 · 2^MAX_K`), which bounds the prover's memory: 18, 17, 16
+/// and 15 for 8, 16, 32 and 64 lanes.
+pub const fn max_k(lanes: usize) -> u32 {
+    let budget = advice_columns(LANES) << MAX_K;
+    let mut k = MAX_K;
+    while k > MIN_K && advice_columns(lanes) << k > budget {
+        k -= 1;
+    }
+    k
+}
 /// Range of inputs and layer outputs.
 pub const ACT_MIN: i64 = -128;
 pub const ACT_MAX: i64 = 127;
@@ -192,8 +217,8 @@ impl CircuitSpec {
         {
             return bad("lanes, activation range or limb bits differ from this version".into());
         }
-        if !(MIN_K..=MAX_K).contains(&self.k) {
-            return bad(format!("k = {}", self.k));
+        if !(MIN_K..=max_k(self.lane_count())).contains(&self.k) {
+            return bad(format!("k = {} with {} lanes", self.k, self.lanes));
         }
         if self.layers.is_empty() {
             return bad("no layers".into());
@@ -274,7 +299,7 @@ impl CircuitSpec {
         if bound > 1usize << (MAX_K + 2) {
             return bad("too large".into());
         }
-        let rows = Layout::new(self).rows.max(self.act_table_rows());
+        let rows = Layout::rows(self).max(self.act_table_rows());
         if rows + UNUSABLE_ROWS > 1usize << self.k {
             return bad(format!("{rows} rows do not fit k = {}", self.k));
         }
@@ -286,15 +311,17 @@ impl CircuitSpec {
 #[derive(Debug, Clone)]
 pub(crate) struct Layout {
     pub layers: Vec<LayerLayout>,
+    /// Rows used (the code uses the cheaper [`Layout::rows`]; tests check they agree).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub rows: usize,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct LayerLayout {
-    /// Linear layers: blocks of up to `LANES` output neurons: a bias row, one
+    /// Linear layers: blocks of up to `spec.lanes` output neurons: a bias row, one
     /// multiply-accumulate row per input, and a result row that is the next block's bias row.
     pub blocks: Vec<Block>,
-    /// Linear layers: row of each output neuron's rescale (4 rows each).
+    /// Linear layers: row of each output neuron's rescale ([`requant_rows`] rows each).
     pub requant: Vec<usize>,
     /// Layers without weights: first row of each output (a max pooling uses 2 rows per window
     /// element, a table activation 1 row).
@@ -315,6 +342,17 @@ impl Layout {
             layers.push(layer);
         }
         Layout { layers, rows: row }
+    }
+
+    /// The rows of [`Layout::new`], without planning the dense layers' blocks (verifiers
+    /// check every bundle's spec: this keeps that cheap).
+    pub fn rows(spec: &CircuitSpec) -> usize {
+        let lanes = spec.lane_count();
+        let mut row = JOB_ROW + 1;
+        for l in &spec.layers {
+            row += layer_rows(&l.kind, l.inputs as usize, l.outputs as usize, row, lanes);
+        }
+        row
     }
 
     /// An upper bound of the rows, computed without overflow.
@@ -347,9 +385,18 @@ impl Layout {
             row = row
                 .checked_add(nb.checked_mul(n.checked_add(1)?)?)?
                 .checked_add(1)?
-                .checked_add(m.checked_mul(4)?)?;
+                .checked_add(m.checked_mul(requant_rows(lanes))?)?;
         }
         Some(row)
+    }
+}
+
+/// The number of rows of one layer starting at `row` (that of [`layer_layout`]; a dense layer
+/// by formula: `⌈m / lanes⌉` blocks of `n + 1` rows, one result row, the rescales).
+pub(crate) fn layer_rows(kind: &LayerKind, n: usize, m: usize, row: usize, lanes: usize) -> usize {
+    match kind {
+        LayerKind::Dense => m.div_ceil(lanes.max(1)) * (n + 1) + 1 + requant_rows(lanes) * m,
+        _ => layer_layout(kind, n, m, row, lanes).1 - row,
     }
 }
 
@@ -372,8 +419,9 @@ pub(crate) fn layer_layout(
             let (blocks, next) = plan(kind, n, m, row, lanes);
             row = next;
             layer.blocks = blocks;
-            layer.requant = (0..m).map(|o| row + 4 * o).collect();
-            row += 4 * m;
+            let stride = requant_rows(lanes);
+            layer.requant = (0..m).map(|o| row + stride * o).collect();
+            row += stride * m;
         }
         LayerKind::MaxPool(_) => {
             for o in 0..m {
@@ -477,7 +525,10 @@ impl QuantizedModel {
         let k = min_k(&self.spec, lanes).ok_or_else(|| {
             ZkError::unsupported(
                 "model",
-                format!("needs more than the supported 2^{MAX_K} circuit rows with {lanes} lanes"),
+                format!(
+                    "needs more than the supported 2^{} circuit rows with {lanes} lanes",
+                    max_k(lanes as usize)
+                ),
             )
         })?;
         let mut model = self.clone();
@@ -537,19 +588,19 @@ pub fn calibrate(model: &FloatModel, samples: &[Vec<f32>]) -> Result<QuantizedMo
     } else {
         samples
     };
-    // Fail fast on models too large for the circuit (even in the widest layout, which has the
-    // fewest rows), before calibrating.
-    let widest = LANE_CHOICES[LANE_CHOICES.len() - 1] as usize;
-    let mut rows = JOB_ROW + 1;
-    for l in &model.layers {
-        let (_, next) = layer_layout(&l.kind, l.inputs, l.outputs, rows, widest);
-        rows = next;
-        if rows > 1usize << MAX_K {
-            return Err(ZkError::unsupported(
-                "model",
-                format!("needs more than the supported 2^{MAX_K} circuit rows"),
-            ));
-        }
+    // Fail fast on models too large for the circuit in every layout, before calibrating.
+    let fits = |lanes: u32| {
+        let mut rows = JOB_ROW + 1;
+        model.layers.iter().all(|l| {
+            rows += layer_rows(&l.kind, l.inputs, l.outputs, rows, lanes as usize);
+            rows <= 1usize << max_k(lanes as usize)
+        })
+    };
+    if !LANE_CHOICES.into_iter().any(fits) {
+        return Err(ZkError::unsupported(
+            "model",
+            format!("needs more than the supported 2^{MAX_K} circuit rows"),
+        ));
     }
     for s in samples {
         if s.len() != n_in || s.iter().any(|v| !v.is_finite()) {
@@ -632,15 +683,15 @@ pub fn calibrate(model: &FloatModel, samples: &[Vec<f32>]) -> Result<QuantizedMo
 }
 
 /// The smallest `k` whose `2^k` rows hold the spec's layout at `lanes` lanes (and the lookup
-/// tables), if any up to [`MAX_K`].
+/// tables), if any up to [`max_k`]`(lanes)`.
 pub(crate) fn min_k(spec: &CircuitSpec, lanes: u32) -> Option<u32> {
     let spec = CircuitSpec {
         lanes,
         ..spec.clone()
     };
-    let rows = Layout::new(&spec).rows + UNUSABLE_ROWS;
+    let rows = Layout::rows(&spec) + UNUSABLE_ROWS;
     let table = (1usize << LIMB_BITS).max(spec.act_table_rows()) + UNUSABLE_ROWS;
-    (MIN_K..=MAX_K).find(|k| (1usize << k) >= rows.max(table))
+    (MIN_K..=max_k(lanes as usize)).find(|k| (1usize << k) >= rows.max(table))
 }
 
 /// The layout rule: `(lanes, k)` for a spec's layers, from its shapes alone. Verification
@@ -648,7 +699,8 @@ pub(crate) fn min_k(spec: &CircuitSpec, lanes: u32) -> Option<u32> {
 /// takes the lane count of [`LANE_CHOICES`] with the smallest `k`, and on a tie the fewest
 /// lanes (fewer columns: a smaller proof and link, cheaper proving). Small models therefore
 /// keep 8 lanes (and their circuits); only models whose rows a wider layout fits into a smaller
-/// power of two get 16 or 32. `None` if no layout fits `2^MAX_K` rows.
+/// power of two get 16 or 32. `None` if no layout fits (each lane count has its own largest
+/// `k`, [`max_k`]).
 pub fn choose_lanes(spec: &CircuitSpec) -> Option<(u32, u32)> {
     LANE_CHOICES
         .iter()
@@ -997,6 +1049,127 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A dense float model with ReLU between layers (weights from a fixed sequence).
+    fn dense_model(sizes: &[usize]) -> FloatModel {
+        let mut t = 0f32;
+        let mut next = move || {
+            t += 1.0;
+            (t * 12.9898).sin() * 0.5
+        };
+        let layers = sizes
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| FloatLayer {
+                kind: LayerKind::Dense,
+                inputs: w[0],
+                outputs: w[1],
+                weights: (0..w[0] * w[1]).map(|_| next()).collect(),
+                bias: (0..w[1]).map(|_| next() * 0.1).collect(),
+                relu: i + 2 < sizes.len(),
+            })
+            .collect();
+        FloatModel {
+            input_name: "input".into(),
+            output_name: "output".into(),
+            layers,
+        }
+    }
+
+    #[test]
+    fn lane_rule_picks_the_smallest_k_then_the_fewest_lanes() {
+        // (sizes, lanes, k): the digits MLP fits 2^9 rows with 8 lanes, so it keeps the
+        // original layout (and its pinned verifying key); 40 → 48 → 4 needs 2^10 rows with 8
+        // lanes and 2^9 with more (tie: 16); 96 → 64 → 10 fits 2^9 from 32 lanes, 64 → 96 → 10
+        // only with 64; the MNIST-size MLP needs 2^14, 2^13, 2^12, 2^11 rows with 8, 16, 32, 64.
+        for (sizes, lanes, k) in [
+            (&[64, 16, 10][..], 8, 9),
+            (&[40, 48, 4][..], 16, 9),
+            (&[96, 64, 10][..], 32, 9),
+            (&[64, 96, 10][..], 64, 9),
+            (&[784, 128, 10][..], 64, 11),
+        ] {
+            let m = calibrate(&dense_model(sizes), &[]).unwrap();
+            assert_eq!((m.spec.lanes, m.spec.k), (lanes, k), "{sizes:?}");
+            assert_eq!(choose_lanes(&m.spec), Some((lanes, k)));
+            m.spec.validate().unwrap();
+            // The rule depends on the shapes only, not on the lanes a spec already has.
+            let narrow = m.with_lanes(8).unwrap();
+            assert_eq!(choose_lanes(&narrow.spec), Some((lanes, k)));
+            for l in LANE_CHOICES {
+                let other = m.with_lanes(l).unwrap();
+                assert_eq!(other.spec.k, min_k(&m.spec, l).unwrap());
+                assert!(other.spec.k >= k && (other.spec.k > k || l >= lanes));
+                assert_eq!(other.layers, m.layers);
+            }
+        }
+        let mnist = calibrate(&dense_model(&[784, 128, 10]), &[]).unwrap();
+        let ks: Vec<u32> = LANE_CHOICES
+            .iter()
+            .map(|&l| mnist.with_lanes(l).unwrap().spec.k)
+            .collect();
+        assert_eq!(ks, [14, 13, 12, 11]);
+        // Wider layouts stop at the 8-lane circuit's largest number of advice cells.
+        assert_eq!(LANE_CHOICES.map(|l| max_k(l as usize)), [MAX_K, 17, 16, 15]);
+        // A convolution with 3 output channels fills at most 3 lanes of a block: wider layouts
+        // save no rows, so it keeps 8.
+        let shape = crate::shape::ConvShape {
+            in_channels: 1,
+            in_h: 12,
+            in_w: 12,
+            out_channels: 3,
+            kernel: [3, 3],
+            stride: [1, 1],
+            pads: [1, 1, 1, 1],
+            depthwise: false,
+        };
+        let mut conv = dense_model(&[144, 432, 4]);
+        conv.layers[0].kind = LayerKind::Conv(shape.clone());
+        conv.layers[0].weights.truncate(shape.weight_count());
+        let m = calibrate(&conv, &[]).unwrap();
+        assert_eq!(m.spec.lanes, 8);
+        assert_eq!(min_k(&m.spec, 32), Some(m.spec.k));
+    }
+
+    #[test]
+    fn layer_rows_match_the_layout() {
+        for lanes in LANE_CHOICES {
+            for (n, m) in [(1, 1), (64, 16), (10, 11), (784, 128), (128, 10), (7, 65)] {
+                let spec = CircuitSpec {
+                    lanes,
+                    ..calibrate(&dense_model(&[n, m]), &[]).unwrap().spec
+                };
+                assert_eq!(Layout::rows(&spec), Layout::new(&spec).rows, "{n} → {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn lanes_are_validated() {
+        let m = calibrate(&dense_model(&[64, 96, 10]), &[]).unwrap();
+        assert!(m.with_lanes(12).is_err());
+        for lanes in [0, 1, 4, 12, 48, 128, u32::MAX] {
+            let mut spec = m.spec.clone();
+            spec.lanes = lanes;
+            assert!(spec.validate().is_err(), "{lanes} lanes accepted");
+        }
+        // A layout that does not fit the spec's k.
+        let mut spec = m.spec.clone();
+        spec.lanes = 8;
+        assert!(spec.validate().is_err());
+        // A spec JSON without "lanes" has the original 8.
+        let mut json = serde_json::to_value(&m.with_lanes(8).unwrap().spec).unwrap();
+        json.as_object_mut().unwrap().remove("lanes");
+        let spec: CircuitSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(spec.lanes, 8);
+        spec.validate().unwrap();
+        // Serialized specs always carry "lanes" (the hash of 8-lane specs is unchanged).
+        assert!(
+            serde_json::to_string(&spec)
+                .unwrap()
+                .contains(r#""lanes":8,"#)
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The dense-layer chip: one output neuron per lane (`spec.lanes` lanes: 8, 16 or 32) in each
-//! block, one input per row.
+//! The dense-layer chip: one output neuron per lane (`spec.lanes` lanes: 8, 16, 32 or 64) in
+//! each block, one input per row.
 //!
 //! Block layout (rows relative to the block's first row `r0`, `n` inputs):
 //!
@@ -79,7 +79,11 @@ impl DenseConfig {
         acc: Vec<Column<Advice>>,
         x: Column<Advice>,
     ) -> Self {
-        assert_eq!(w.len(), acc.len(), "one weight and one accumulator column per lane");
+        assert_eq!(
+            w.len(),
+            acc.len(),
+            "one weight and one accumulator column per lane"
+        );
         let lanes = w.len();
         for &c in &acc {
             meta.enable_equality(c);

@@ -1,7 +1,9 @@
 //! The rescale chip: `acc = q·2^shift + r0 + 2^8·r1` with `r0, r1, r0·f0, r1·f1` bytes (so
 //! `0 ≤ r < 2^shift`), `q ∈ [-128, 127]` with `h = max(q, 0)` by one table lookup, and the
 //! output `out = h` (ReLU) or `out = q`. One neuron per 4 rows (the limbs sit in one column at
-//! rotations 0..3). `2^shift`, `f0`, `f1`, the ReLU tag and the `checked` flag are fixed
+//! rotations 0..3); in the wider layouts (more than 8 lanes) one neuron per 2 rows: `r0, r1` in
+//! `R` and `u, v` in a second limb column `R2`, at rotations 0 and 1 (the same gate, with its
+//! own byte lookup on `R2`). `2^shift`, `f0`, `f1`, the ReLU tag and the `checked` flag are fixed
 //! columns set from the spec.
 //!
 //! Unchecked rows (`checked = 0`, only the last layer of a model whose output has no ReLU):
@@ -31,6 +33,8 @@ pub struct RequantConfig {
     pub q: Column<Advice>,
     pub h: Column<Advice>,
     pub limbs: Column<Advice>,
+    /// Wider layouts: the second limb column (2 rows per rescale).
+    pub limbs2: Option<Column<Advice>>,
     pow: Column<Fixed>,
     f0: Column<Fixed>,
     f1: Column<Fixed>,
@@ -48,6 +52,7 @@ impl RequantConfig {
         q: Column<Advice>,
         h: Column<Advice>,
         limbs: Column<Advice>,
+        limbs2: Option<Column<Advice>>,
         table: &ActTableConfig,
     ) -> Self {
         meta.enable_equality(acc);
@@ -66,9 +71,14 @@ impl RequantConfig {
             let out = meta.query_advice(out, Rotation::cur());
             let qv = meta.query_advice(q, Rotation::cur());
             let hv = meta.query_advice(h, Rotation::cur());
-            let l: Vec<Expression<Fp>> = (0..4)
-                .map(|i| meta.query_advice(limbs, Rotation(i)))
-                .collect();
+            let l: Vec<Expression<Fp>> = match limbs2 {
+                None => (0..4)
+                    .map(|i| meta.query_advice(limbs, Rotation(i)))
+                    .collect(),
+                Some(r2) => [(limbs, 0), (limbs, 1), (r2, 0), (r2, 1)]
+                    .map(|(c, i)| meta.query_advice(c, Rotation(i)))
+                    .to_vec(),
+            };
             let pow = meta.query_fixed(pow);
             let f0 = meta.query_fixed(f0);
             let f1 = meta.query_fixed(f1);
@@ -92,12 +102,24 @@ impl RequantConfig {
             ]
         });
         meta.lookup(|meta| vec![(meta.query_advice(limbs, Rotation::cur()), table.t_byte)]);
+        if let Some(r2) = limbs2 {
+            meta.lookup(|meta| vec![(meta.query_advice(r2, Rotation::cur()), table.t_byte)]);
+            // Keep the four queries of `R` (rotations 0..3) of the 4-row layout: halo2 derives
+            // the number of blinding rows from the most-queried column, and the weight link
+            // assumes the same `UNUSABLE_ROWS` in every layout. (A constraint that always holds.)
+            meta.create_gate("blinding rows", |meta| {
+                let r2 = meta.query_advice(limbs, Rotation(2));
+                let r3 = meta.query_advice(limbs, Rotation(3));
+                vec![Expression::Constant(Fp::zero()) * (r2 + r3)]
+            });
+        }
         RequantConfig {
             acc,
             out,
             q,
             h,
             limbs,
+            limbs2,
             pow,
             f0,
             f1,
@@ -107,8 +129,9 @@ impl RequantConfig {
         }
     }
 
-    /// Rescales the accumulator cell at `row` (uses rows `row..row + 4`); returns the output
-    /// cell. `tweak` lets tests corrupt the witness.
+    /// Rescales the accumulator cell at `row` (uses rows `row..row + 4`, or `row..row + 2`
+    /// with a second limb column); returns the output cell. `tweak` lets tests corrupt the
+    /// witness.
     #[allow(clippy::too_many_arguments)]
     pub fn assign(
         &self,
@@ -147,16 +170,22 @@ impl RequantConfig {
         };
         region.assign_advice(|| "q", self.q, row, || qv)?;
         region.assign_advice(|| "h", self.h, row, || hv)?;
-        for (i, f) in [
+        let cells = match self.limbs2 {
+            None => [
+                (self.limbs, 0),
+                (self.limbs, 1),
+                (self.limbs, 2),
+                (self.limbs, 3),
+            ],
+            Some(r2) => [(self.limbs, 0), (self.limbs, 1), (r2, 0), (r2, 1)],
+        };
+        for ((column, i), f) in cells.into_iter().zip([
             |w: Requant| w.r0,
             |w: Requant| w.r1,
             |w: Requant| w.u,
             |w: Requant| w.v,
-        ]
-        .iter()
-        .enumerate()
-        {
-            region.assign_advice(|| "limb", self.limbs, row + i, || w.map(|w| fe(f(w))))?;
+        ]) {
+            region.assign_advice(|| "limb", column, row + i, || w.map(|w| fe(f(w))))?;
         }
         let out = region.assign_advice(|| "out", self.out, row, || w.map(|w| fe(w.out)))?;
         Ok((out, w.map(|w| w.out)))
@@ -173,14 +202,15 @@ mod tests {
 
     use super::*;
 
+    /// `WIDE`: the 2-row layout with a second limb column.
     #[derive(Clone)]
-    struct TestCircuit {
+    struct TestCircuit<const WIDE: bool> {
         /// (acc, shift, relu, checked)
         cases: Vec<(i64, u32, bool, bool)>,
         tweak: fn(Requant) -> Requant,
     }
 
-    impl Circuit<Fp> for TestCircuit {
+    impl<const WIDE: bool> Circuit<Fp> for TestCircuit<WIDE> {
         type Config = (
             RequantConfig,
             ActTableConfig,
@@ -196,11 +226,13 @@ mod tests {
         fn configure(meta: &mut ConstraintSystem<Fp>) -> Self::Config {
             let table = ActTableConfig::configure(meta);
             let cols = [(); 6].map(|_| meta.advice_column());
+            let limbs2 = WIDE.then(|| meta.advice_column());
             let inst = meta.instance_column();
             meta.enable_equality(inst);
             meta.enable_equality(cols[5]);
-            let rq =
-                RequantConfig::configure(meta, cols[0], cols[1], cols[2], cols[3], cols[4], &table);
+            let rq = RequantConfig::configure(
+                meta, cols[0], cols[1], cols[2], cols[3], cols[4], limbs2, &table,
+            );
             (rq, table, cols[5], inst)
         }
 
@@ -214,12 +246,14 @@ mod tests {
                 || "requant",
                 |mut region| {
                     let mut outs = Vec::new();
+                    let stride = if WIDE { 2 } else { 4 };
                     for (i, &(acc, shift, relu, checked)) in self.cases.iter().enumerate() {
+                        let row = stride * i;
                         let cell =
-                            region.assign_advice(|| "src", src, 4 * i, || Value::known(fe(acc)))?;
+                            region.assign_advice(|| "src", src, row, || Value::known(fe(acc)))?;
                         let (out, _) = rq.assign(
                             &mut region,
-                            4 * i,
+                            row,
                             &cell,
                             Value::known(acc),
                             shift,
@@ -267,11 +301,18 @@ mod tests {
 
     #[test]
     fn requant_accepts_honest_witnesses() {
-        let c = TestCircuit {
+        let c = TestCircuit::<false> {
             cases: cases(),
             tweak: |w| w,
         };
         let inst = expected(&c.cases);
+        MockProver::run(9, &c, vec![inst.clone()])
+            .unwrap()
+            .assert_satisfied();
+        let c = TestCircuit::<true> {
+            cases: cases(),
+            tweak: |w| w,
+        };
         MockProver::run(9, &c, vec![inst])
             .unwrap()
             .assert_satisfied();
@@ -279,6 +320,11 @@ mod tests {
 
     #[test]
     fn requant_rejects_bad_witnesses() {
+        rejects_bad_witnesses::<false>();
+        rejects_bad_witnesses::<true>();
+    }
+
+    fn rejects_bad_witnesses<const WIDE: bool>() {
         let tweaks: [fn(Requant) -> Requant; 5] = [
             // q one lower with the remainder 2^shift larger: the limb range check fails.
             |w| Requant {
@@ -309,7 +355,7 @@ mod tests {
                 if !checked && (i == 2 || i == 4) {
                     continue; // no ReLU and no q cell on unchecked rows
                 }
-                let c = TestCircuit {
+                let c = TestCircuit::<WIDE> {
                     cases: vec![(-1000, 12, checked, checked)],
                     tweak: t,
                 };
@@ -319,7 +365,7 @@ mod tests {
                         .unwrap()
                         .verify()
                         .is_err(),
-                    "tweak {i} (checked {checked}) was accepted"
+                    "tweak {i} (checked {checked}, wide {WIDE}) was accepted"
                 );
             }
         }
@@ -328,11 +374,21 @@ mod tests {
     #[test]
     fn requant_rejects_out_of_range_q() {
         // acc = 200·2^4: q = 200 is outside [-128, 127] even though the division is exact.
-        let c = TestCircuit {
+        let c = TestCircuit::<false> {
             cases: vec![(3200, 4, false, true)],
             tweak: |w| w,
         };
         let inst = vec![fe(200)];
+        assert!(
+            MockProver::run(9, &c, vec![inst.clone()])
+                .unwrap()
+                .verify()
+                .is_err()
+        );
+        let c = TestCircuit::<true> {
+            cases: vec![(3200, 4, false, true)],
+            tweak: |w| w,
+        };
         assert!(
             MockProver::run(9, &c, vec![inst])
                 .unwrap()

@@ -1,4 +1,5 @@
-//! Integration tests of modelhub-zk: the digits MLP end to end, tampering, the pinned circuit.
+//! Integration tests of modelhub-zk: the digits MLP end to end, tampering, the pinned circuit,
+//! convolutions and pooling, wide layouts.
 
 mod cnn;
 mod common;
@@ -6,3 +7,4 @@ mod digits;
 mod mnist;
 mod pinned;
 mod pool;
+mod wide;
