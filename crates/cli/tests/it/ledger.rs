@@ -102,6 +102,17 @@ impl Chain {
         Chain { anvil, admin, keys }
     }
 
+    /// The contract as the wallet of `key` sees it.
+    async fn as_wallet(&self, key: &str) -> Marketplace {
+        Marketplace::connect(
+            &self.anvil.uri,
+            self.admin.address(),
+            Some(modelhub_chain::signer_from_hex(key).unwrap()),
+        )
+        .await
+        .unwrap()
+    }
+
     fn key_file(&self, name: &str) -> String {
         self.keys.join(format!("{name}.key")).display().to_string()
     }
@@ -323,6 +334,16 @@ impl World {
         model_id
     }
 
+    /// A creator (wallet: CREATOR_KEY) with the digits model listed at `price`, and a user
+    /// (wallet: USER_KEY) holding `credits`.
+    async fn listing(&self, price: u64, credits: u64) -> (Client, Client, String) {
+        let creator = self.account("creator", CREATOR_KEY).await;
+        let user = self.account("user", USER_KEY).await;
+        let model_id = self.list_model(&creator, "creator", price).await;
+        self.buy(&user, "user", credits).await;
+        (creator, user, model_id)
+    }
+
     async fn settle(&self) -> Value {
         let answer = self
             .cluster
@@ -452,10 +473,7 @@ on_every_ledger!(buy_predict_settle_withdraw);
 /// their own balance, and what settles is exactly what was charged.
 async fn overspending_between_settlements(kind: Kind) {
     let world = World::start(kind).await;
-    let creator = world.account("creator", CREATOR_KEY).await;
-    let user = world.account("user", USER_KEY).await;
-    let model_id = world.list_model(&creator, "creator", 2).await;
-    world.buy(&user, "user", 7).await;
+    let (creator, user, model_id) = world.listing(2, 7).await;
     let attempts = futures::future::join_all((0..8).map(|_| predict(&user, &model_id))).await;
     let ok = attempts.iter().filter(|a| a.status == 200).count();
     let refused = attempts.iter().filter(|a| a.status == 402).count();
@@ -484,10 +502,7 @@ on_every_ledger!(overspending_between_settlements);
 async fn an_operator_key_that_is_not_an_operator() {
     let world = World::start_with(Kind::Anvil, false).await;
     let chain = world.chain();
-    let creator = world.account("creator", CREATOR_KEY).await;
-    let user = world.account("user", USER_KEY).await;
-    let model_id = world.list_model(&creator, "creator", 2).await;
-    world.buy(&user, "user", 10).await;
+    let (_creator, user, model_id) = world.listing(2, 10).await;
     for _ in 0..2 {
         assert_eq!(predict(&user, &model_id).await.status, 200);
     }
@@ -526,23 +541,14 @@ async fn an_operator_key_that_is_not_an_operator() {
 async fn a_batch_the_chain_already_settled() {
     let world = World::start(Kind::Anvil).await;
     let chain = world.chain();
-    let creator = world.account("creator", CREATOR_KEY).await;
-    let user = world.account("user", USER_KEY).await;
-    let model_id = world.list_model(&creator, "creator", 2).await;
-    world.buy(&user, "user", 10).await;
+    let (_creator, user, model_id) = world.listing(2, 10).await;
     let mut receipts = Vec::new();
     for _ in 0..2 {
         let answer = predict(&user, &model_id).await;
         receipts.push(answer.body["receipt"]["id"].as_str().unwrap().to_owned());
     }
     // The same batch the registry will send, sent first by the operator.
-    let operator = Marketplace::connect(
-        &chain.anvil.uri,
-        chain.admin.address(),
-        Some(modelhub_chain::signer_from_hex(OPERATOR_KEY).unwrap()),
-    )
-    .await
-    .unwrap();
+    let operator = chain.as_wallet(OPERATOR_KEY).await;
     let batch_id = modelhub_registry::ledger::chain::batch_id(&receipts);
     operator
         .consume_credits(
@@ -671,19 +677,10 @@ async fn the_chain_node_goes_away() {
 async fn a_model_deactivated_after_use() {
     let world = World::start(Kind::Anvil).await;
     let chain = world.chain();
-    let creator = world.account("creator", CREATOR_KEY).await;
-    let user = world.account("user", USER_KEY).await;
-    let model_id = world.list_model(&creator, "creator", 2).await;
-    world.buy(&user, "user", 10).await;
+    let (_creator, user, model_id) = world.listing(2, 10).await;
     assert_eq!(predict(&user, &model_id).await.status, 200);
 
-    let as_creator = Marketplace::connect(
-        &chain.anvil.uri,
-        chain.admin.address(),
-        Some(modelhub_chain::signer_from_hex(CREATOR_KEY).unwrap()),
-    )
-    .await
-    .unwrap();
+    let as_creator = chain.as_wallet(CREATOR_KEY).await;
     as_creator
         .deactivate(modelhub_chain::model_key(&model_id))
         .await
