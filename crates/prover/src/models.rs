@@ -138,6 +138,27 @@ pub fn calibration_inputs(len: usize) -> Vec<Vec<f32>> {
     samples
 }
 
+/// Compiles a stored model again (after a restart) into the circuit its record names. A model
+/// committed under an earlier lane layout keeps it, since its commitment has one point per
+/// lane, even where the compiler would choose wider lanes today. Anything else that differs
+/// from the stored spec is an error.
+pub fn recompile(
+    bytes: &[u8],
+    stored: &CircuitSpec,
+    input_len: usize,
+) -> Result<QuantizedModel, ProverError> {
+    let mut quantized = modelhub_zk::compile(bytes, &calibration_inputs(input_len))?;
+    if quantized.spec.lanes != stored.lanes {
+        quantized = quantized.with_lanes(stored.lanes)?;
+    }
+    if quantized.spec != *stored {
+        return Err(ProverError::State(
+            "recompiled circuit differs from the stored spec".into(),
+        ));
+    }
+    Ok(quantized)
+}
+
 /// Number of values of the model's one input, from its declared signature.
 pub fn input_len(inputs: &[TensorSpec]) -> Result<usize, String> {
     let [input] = inputs else {
@@ -288,18 +309,7 @@ impl Models {
         let compiled = self
             .pool
             .run(move || -> Result<Compiled, ProverError> {
-                let mut quantized =
-                    modelhub_zk::compile(&bytes, &calibration_inputs(record.input_len))?;
-                // A model committed under an earlier lane layout keeps it (its commitment is
-                // per lane); the compiler may choose wider lanes for it today.
-                if quantized.spec.lanes != record.spec.lanes {
-                    quantized = quantized.with_lanes(record.spec.lanes)?;
-                }
-                if quantized.spec != record.spec {
-                    return Err(ProverError::State(
-                        "recompiled circuit differs from the stored spec".into(),
-                    ));
-                }
+                let quantized = recompile(&bytes, &record.spec, record.input_len)?;
                 let params = params_cache.get(quantized.spec.k)?;
                 let keys = Keys::new(&params, &quantized.spec)?;
                 Ok(Compiled {
@@ -320,6 +330,55 @@ impl Models {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 64 → 96 → 10 MLP: the compiler lays it out in wide lanes.
+    fn wide_mlp(seed: u64) -> Vec<u8> {
+        use modelhub_zk::onnx::{FloatLayer, mlp_onnx};
+        let layer = |inputs: usize, outputs: usize, relu: bool, salt: u64| {
+            let mut s = seed ^ salt;
+            let mut next = move || {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) / (inputs as f32).sqrt() * 2.0
+            };
+            FloatLayer {
+                kind: modelhub_zk::LayerKind::Dense,
+                inputs,
+                outputs,
+                weights: (0..inputs * outputs).map(|_| next()).collect(),
+                bias: (0..outputs).map(|_| next() * 0.1).collect(),
+                relu,
+            }
+        };
+        mlp_onnx(&[layer(64, 96, true, 1), layer(96, 10, false, 2)])
+    }
+
+    #[test]
+    fn a_model_stored_under_an_older_lane_layout_keeps_it() {
+        let bytes = wide_mlp(7);
+        let today = recompile(&bytes, &compile_now(&bytes), 64).unwrap();
+        assert!(today.spec.lanes > 8, "the test model must pick wide lanes");
+
+        // A record written when every model had 8 lanes.
+        let old = today.with_lanes(8).unwrap().spec;
+        let again = recompile(&bytes, &old, 64).unwrap();
+        assert_eq!(again.spec, old);
+        assert_eq!(again.spec.lanes, 8);
+
+        // A spec the model doesn't compile to is still refused (the spec covers shapes and
+        // scales; the weights are bound by the commitment, checked at proving).
+        let mut wrong = old.clone();
+        wrong.k += 1;
+        let refused = recompile(&bytes, &wrong, 64);
+        assert!(matches!(refused, Err(ProverError::State(_))), "{refused:?}");
+    }
+
+    fn compile_now(bytes: &[u8]) -> CircuitSpec {
+        modelhub_zk::compile(bytes, &calibration_inputs(64))
+            .unwrap()
+            .spec
+    }
 
     #[test]
     fn calibration_inputs_are_deterministic_and_in_range() {
