@@ -138,10 +138,7 @@ impl ServeArgs {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let listener = tokio::net::TcpListener::bind(self.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("binding {}: {e}", self.listen))?;
-        modelhub_core::serve::announce("prover", listener.local_addr()?);
+        let listener = modelhub_core::serve::bind("prover", self.listen).await?;
         run(self.settings, listener, shutdown).await
     }
 }
