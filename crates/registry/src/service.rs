@@ -140,7 +140,7 @@ fn idempotency_key<T>(request: &Request<T>) -> Option<String> {
 }
 
 /// The id a keyed create uses, so that a retry names the same record.
-fn keyed_id(prefix: &str, key: &str) -> String {
+pub(crate) fn keyed_id(prefix: &str, key: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(format!("{prefix}\0{key}").as_bytes());
     format!("{prefix}_{}", hex::encode(&digest[..16]))
@@ -242,7 +242,6 @@ fn receipt_pb(r: Receipt) -> pb::Receipt {
 }
 
 impl RegistryService {
-    /// A service over `store`, sealing key secrets with `kek`.
     /// A service over `store`, sealing key secrets with `kek`, with the embedded ledger.
     pub fn new(store: Arc<dyn MetadataStore>, kek: Kek) -> RegistryService {
         RegistryService {

@@ -211,6 +211,9 @@ fn keyed<T>(
 }
 
 fn ledger_json(l: pb::LedgerInfo) -> serde_json::Value {
+    if l.kind != "chain" {
+        return json!({ "kind": l.kind });
+    }
     let batches: Vec<_> = l
         .batches
         .into_iter()
@@ -227,9 +230,6 @@ fn ledger_json(l: pb::LedgerInfo) -> serde_json::Value {
             })
         })
         .collect();
-    if l.kind != "chain" {
-        return json!({ "kind": l.kind });
-    }
     json!({
         "kind": l.kind,
         "chain_id": l.chain_id,

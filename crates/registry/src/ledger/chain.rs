@@ -173,11 +173,7 @@ fn b256_hex(b: B256) -> String {
 pub fn batch_id(receipt_ids: &[String]) -> B256 {
     let mut ids: Vec<&str> = receipt_ids.iter().map(String::as_str).collect();
     ids.sort_unstable();
-    alloy_keccak(&format!("modelhub/settlement/v1\n{}", ids.join("\n")))
-}
-
-fn alloy_keccak(s: &str) -> B256 {
-    modelhub_chain::keccak256(s.as_bytes())
+    modelhub_chain::keccak256(format!("modelhub/settlement/v1\n{}", ids.join("\n")))
 }
 
 impl ChainLedger {
@@ -335,7 +331,11 @@ impl ChainLedger {
     /// Sends pending batches again, then batches and sends new receipts.
     async fn settle(&self) -> Result<()> {
         for batch in self.store.pending_batches().await? {
-            if !self.send(batch).await? {
+            let mut receipts = Vec::with_capacity(batch.receipt_ids.len());
+            for id in &batch.receipt_ids {
+                receipts.push(self.store.get_receipt(id).await?);
+            }
+            if !self.send(batch, &receipts).await? {
                 return Ok(());
             }
         }
@@ -363,33 +363,32 @@ impl ChainLedger {
                     updated_at: now,
                 })
                 .await?;
-            if !self.send(batch).await? {
+            if !self.send(batch, &receipts).await? {
                 return Ok(());
             }
         }
     }
 
-    /// The usage records of a batch: one per (user, model), its calls, and the hash of its
-    /// receipt ids. Receipts of accounts without a wallet (credits granted before the chain
-    /// ledger was configured) have nothing to settle on chain and are left out.
-    async fn records(&self, batch: &SettlementBatch) -> Result<Vec<UsageRecord>> {
-        let mut groups: std::collections::BTreeMap<(String, String), Vec<Receipt>> =
+    /// The usage records of a batch's receipts: one per (user, model), its calls, and the hash
+    /// of its receipt ids. Receipts of accounts without a wallet (credits granted before the
+    /// chain ledger was configured) have nothing to settle on chain and are left out.
+    async fn records(&self, receipts: &[Receipt]) -> Result<Vec<UsageRecord>> {
+        let mut groups: std::collections::BTreeMap<(&str, &str), Vec<&Receipt>> =
             Default::default();
-        for id in &batch.receipt_ids {
-            let receipt = self.store.get_receipt(id).await?;
+        for receipt in receipts {
             groups
-                .entry((receipt.account_id.clone(), receipt.model_id.clone()))
+                .entry((&receipt.account_id, &receipt.model_id))
                 .or_default()
                 .push(receipt);
         }
         let mut wallets = std::collections::HashMap::new();
         let mut records = Vec::with_capacity(groups.len());
         for ((account_id, model_id), receipts) in groups {
-            if !wallets.contains_key(&account_id) {
-                let account = self.store.get_account(&account_id).await?;
-                wallets.insert(account_id.clone(), account.wallet);
+            if !wallets.contains_key(account_id) {
+                let account = self.store.get_account(account_id).await?;
+                wallets.insert(account_id, account.wallet);
             }
-            let Some(Some(wallet)) = wallets.get(&account_id) else {
+            let Some(Some(wallet)) = wallets.get(account_id) else {
                 warn!(account = %account_id, receipts = receipts.len(), "usage of an account without a wallet is not settled on chain");
                 continue;
             };
@@ -398,7 +397,7 @@ impl ChainLedger {
             let ids: Vec<String> = receipts.iter().map(|r| r.receipt_id.clone()).collect();
             records.push(UsageRecord {
                 user,
-                modelId: modelhub_chain::model_key(&model_id),
+                modelId: modelhub_chain::model_key(model_id),
                 calls: receipts.len() as u64,
                 receiptBatchHash: batch_id(&ids),
             });
@@ -406,14 +405,14 @@ impl ChainLedger {
         Ok(records)
     }
 
-    /// Sends one batch and records the outcome; `false` when it stays pending (a transient
-    /// failure: later batches would fail the same way, so the round stops).
-    async fn send(&self, mut batch: SettlementBatch) -> Result<bool> {
+    /// Sends one batch (its `receipts`) and records the outcome; `false` when it stays pending
+    /// (a transient failure: later batches would fail the same way, so the round stops).
+    async fn send(&self, mut batch: SettlementBatch, receipts: &[Receipt]) -> Result<bool> {
         let id: B256 = batch
             .batch_id
             .parse()
             .map_err(|_| RegistryError::store(format!("stored batch id {:?}", batch.batch_id)))?;
-        let records = self.records(&batch).await?;
+        let records = self.records(receipts).await?;
         batch.attempts += 1;
         batch.updated_at = id::unix_now();
         let outcome = if records.is_empty() {
@@ -530,11 +529,10 @@ impl Check {
     }
 }
 
-/// The id of the account a deposit creates for a wallet no account has claimed.
+/// The id of the account a deposit creates for a wallet no account has claimed: the id a
+/// keyed create of `wallet\0<address>` gets.
 pub fn wallet_account_id(wallet: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("{}\0wallet\0{wallet}", id::ACCOUNT).as_bytes());
-    format!("{}_{}", id::ACCOUNT, hex::encode(&digest[..16]))
+    crate::service::keyed_id(id::ACCOUNT, &format!("wallet\0{wallet}"))
 }
 
 #[async_trait]
