@@ -25,6 +25,8 @@
 //! A verifier must also check that `spec` and `commitment` are the ones registered for the model.
 
 use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ff::Field;
@@ -37,6 +39,7 @@ use rand::SeedableRng;
 use rand::rngs::ChaCha20Rng;
 use rand_core::Rng;
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::ZkError;
 use crate::circuit::{Witness, instance, num_advice, with_circuit};
@@ -48,6 +51,25 @@ use crate::quant::{ACT_MAX, ACT_MIN, CircuitSpec, QuantizedModel, UNUSABLE_ROWS}
 
 /// The value of [`ProofBundle::format`].
 pub const PROOF_FORMAT: &str = "modelhub-proof/1";
+
+/// Where [`Keys::load_or_create`] got the keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Read from the file an earlier run stored.
+    Disk,
+    /// Made by keygen (and stored); `stale` is why an existing file was not used.
+    Keygen { stale: Option<String> },
+}
+
+const KEYS_MAGIC: &[u8; 16] = b"modelhub-keys/1\n";
+
+/// The fingerprint of the sources keygen depends on (computed by build.rs).
+fn code_hash() -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // build.rs always sets 64 hex digits; a failure leaves zeros, which no file matches.
+    let _ = hex::decode_to_slice(env!("MODELHUB_ZK_CODE_HASH"), &mut out);
+    out
+}
 
 /// Proving and verifying keys for one spec.
 pub struct Keys {
@@ -91,6 +113,96 @@ impl Keys {
             &C { spec: spec.clone(), witness: None },
         ))?
         .map_err(internal("keygen_pk"))?;
+        Ok(Keys {
+            spec: spec.clone(),
+            pk,
+        })
+    }
+
+    /// The keys for `spec`: read from `dir` if an earlier run stored them there (see
+    /// [`Keys::read`]), otherwise made by keygen and stored (temp file, then rename). A file
+    /// that can't be used (corrupt, truncated, from another build) is replaced, and the reason
+    /// is returned in [`KeySource::Keygen`] for the caller to log.
+    pub fn load_or_create(
+        params: &Params,
+        spec: &CircuitSpec,
+        dir: &Path,
+    ) -> Result<(Keys, KeySource), ZkError> {
+        let path = dir.join(format!("keys-{}.bin", hex::encode(spec.hash())));
+        let stale = match fs::read(&path) {
+            Ok(bytes) => match Keys::read(params, spec, &bytes) {
+                Ok(keys) => return Ok((keys, KeySource::Disk)),
+                Err(e) => Some(e.to_string()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some(e.to_string()),
+        };
+        let keys = Keys::new(params, spec)?;
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(
+            ".keys-{}.{}.tmp",
+            hex::encode(spec.hash()),
+            std::process::id()
+        ));
+        fs::write(&tmp, keys.to_bytes()?)
+            .and_then(|()| fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| fs::rename(&tmp, &path))?;
+        Ok((keys, KeySource::Keygen { stale }))
+    }
+
+    /// The keys as a self-checking file (format `modelhub-keys/1`):
+    ///
+    /// ```text
+    /// "modelhub-keys/1\n" · code hash (32) · spec hash (32) · halo2 proving key · SHA-256 of all before (32)
+    /// ```
+    ///
+    /// The proving key is halo2_proofs' `ProvingKey::write` (our patch, see
+    /// vendor/halo2_proofs/MODELHUB.md); the code hash fingerprints the sources that keygen's
+    /// result depends on, so a file made by another build is refused rather than used.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ZkError> {
+        let mut out = Vec::with_capacity(1 << 20);
+        out.extend_from_slice(KEYS_MAGIC);
+        out.extend_from_slice(&code_hash());
+        out.extend_from_slice(&self.spec.hash());
+        self.pk.write(&mut out)?;
+        let sum = sha2::Sha256::digest(&out);
+        out.extend_from_slice(&sum);
+        Ok(out)
+    }
+
+    /// Reads keys written by [`Keys::to_bytes`] for `spec`, checking the file's checksum, the
+    /// build that wrote it and the spec it was made for. Nothing is synthesized or committed:
+    /// the keys are rebuilt from the stored commitments and column values.
+    pub fn read(params: &Params, spec: &CircuitSpec, bytes: &[u8]) -> Result<Keys, ZkError> {
+        let bad = |m: &str| ZkError::Internal(format!("key file: {m}"));
+        spec.validate()?;
+        let header = KEYS_MAGIC.len() + 64;
+        if bytes.len() < header + 32 || !bytes.starts_with(KEYS_MAGIC) {
+            return Err(bad("not a key file"));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 32);
+        if sha2::Sha256::digest(body).as_slice() != sum {
+            return Err(bad("checksum mismatch (corrupt or truncated)"));
+        }
+        let rest = &body[KEYS_MAGIC.len()..];
+        if rest[..32] != code_hash() {
+            return Err(bad("written by another build of the circuit code"));
+        }
+        if rest[32..64] != spec.hash() {
+            return Err(bad("made for another circuit spec"));
+        }
+        if params.k() != spec.k {
+            return Err(bad("params for another k"));
+        }
+        let mut reader = &rest[64..];
+        let pk = with_circuit!(spec, C => ProvingKey::<EqAffine>::read::<_, C>(
+            &mut reader,
+            &params.inner,
+        ))?
+        .map_err(|e| bad(&e.to_string()))?;
+        if !reader.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
         Ok(Keys {
             spec: spec.clone(),
             pk,

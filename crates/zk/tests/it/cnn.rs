@@ -6,8 +6,8 @@ use modelhub_zk::onnx::{
     TensorShapeProto, TensorTypeProto, TypeProto, ValueInfoProto,
 };
 use modelhub_zk::{
-    Keys, LayerKind, Params, commit, compile, dequantize_output, onnx, prove, quantize_input,
-    reference, verify,
+    LayerKind, Params, commit, compile, dequantize_output, onnx, prove, quantize_input, reference,
+    verify,
 };
 use prost::Message;
 
@@ -196,7 +196,7 @@ fn cnn_compiles_proves_and_verifies() {
     assert!(same * 100 >= d.test.len() * 95, "{same}");
 
     let params = Params::load_or_create(&params_dir(), spec.k).unwrap();
-    let keys = Keys::new(&params, spec).unwrap();
+    let keys = crate::common::stored_keys(&params, spec);
     let (c, o) = commit(&model, &params).unwrap();
     let t = std::time::Instant::now();
     let bundle = prove(&params, &keys, &model, &c, &o, &d.test[1], "cnn-job").unwrap();

@@ -61,7 +61,7 @@ pub fn fixture() -> &'static Fixture {
             std::fs::read(modelhub_testkit::test_model("digits_mlp.onnx")).expect("read model");
         let model = modelhub_zk::compile(&onnx, &digits().train).expect("compile");
         let params = Params::load_or_create(&params_dir(), model.spec.k).expect("params");
-        let keys = Keys::new(&params, &model.spec).expect("keys");
+        let keys = stored_keys(&params, &model.spec);
         let (commitment, opening) = modelhub_zk::commit(&model, &params).expect("commit");
         Fixture {
             onnx,
@@ -72,6 +72,21 @@ pub fn fixture() -> &'static Fixture {
             opening,
         }
     })
+}
+
+/// Keys as a restarted prover gets them: made by keygen, written in the key file format, and
+/// read back. The keys read must be the keys made (same bytes, same verifying key); the caller
+/// then proves with them and verifies against a verifying key rebuilt by keygen.
+pub fn stored_keys(params: &Params, spec: &modelhub_zk::CircuitSpec) -> Keys {
+    let made = Keys::new(params, spec).expect("keygen");
+    let bytes = made.to_bytes().expect("write keys");
+    let read = Keys::read(params, spec, &bytes).expect("read keys");
+    assert_eq!(read.fingerprint(), made.fingerprint(), "same verifying key");
+    assert!(
+        read.to_bytes().unwrap() == bytes,
+        "the keys read write the same bytes"
+    );
+    read
 }
 
 /// A params cache shared by test runs (under the target directory).

@@ -4,6 +4,7 @@
 mod cnn;
 mod common;
 mod digits;
+mod keys;
 mod mnist;
 mod pinned;
 mod pool;

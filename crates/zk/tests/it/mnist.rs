@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use modelhub_zk::onnx::{FloatLayer, mlp_onnx};
-use modelhub_zk::{Keys, LayerKind, Params, commit, compile, prove, verify};
+use modelhub_zk::{LayerKind, Params, commit, compile, prove, verify};
 
 fn layer(inputs: usize, outputs: usize, relu: bool, seed: u64) -> FloatLayer {
     let mut s = seed;
@@ -41,7 +41,7 @@ fn mnist_size_mlp() {
     let params = Params::load_or_create(&crate::common::params_dir(), model.spec.k).unwrap();
     eprintln!("params {:?}", t.elapsed());
     let t = Instant::now();
-    let keys = Keys::new(&params, &model.spec).unwrap();
+    let keys = crate::common::stored_keys(&params, &model.spec);
     eprintln!("keygen {:?}", t.elapsed());
     let t = Instant::now();
     let (c, o) = commit(&model, &params).unwrap();

@@ -8,7 +8,7 @@ use modelhub_zk::onnx::{
 };
 use modelhub_zk::quant::{SPEC_VERSION, TABLE_OUTPUT_SCALE};
 use modelhub_zk::{
-    Keys, LayerKind, Params, ZkError, commit, compile, dequantize_output, prove, quantize_input,
+    LayerKind, Params, ZkError, commit, compile, dequantize_output, prove, quantize_input,
     reference, verify,
 };
 use prost::Message;
@@ -34,7 +34,7 @@ fn agreement(model: &modelhub_zk::QuantizedModel, float: &onnx::FloatModel) -> (
 fn prove_and_verify(model: &modelhub_zk::QuantizedModel, x: &[f32], job: &str) {
     let spec = &model.spec;
     let params = Params::load_or_create(&params_dir(), spec.k).unwrap();
-    let keys = Keys::new(&params, spec).unwrap();
+    let keys = crate::common::stored_keys(&params, spec);
     let (c, o) = commit(model, &params).unwrap();
     let t = std::time::Instant::now();
     let bundle = prove(&params, &keys, model, &c, &o, x, job).unwrap();
@@ -186,7 +186,7 @@ fn sigmoid_mlp_proves_and_verifies_and_fails_cleanly_out_of_range() {
     assert!(matches!(err, ZkError::OutOfRange { .. }), "{err}");
     assert_eq!(err.code(), modelhub_core::ErrorCode::BadRequest);
     let params = Params::load_or_create(&params_dir(), spec.k).unwrap();
-    let keys = Keys::new(&params, spec).unwrap();
+    let keys = crate::common::stored_keys(&params, spec);
     let (c, o) = commit(&model, &params).unwrap();
     let err = prove(&params, &keys, &model, &c, &o, &big, "j").unwrap_err();
     assert!(matches!(err, ZkError::OutOfRange { .. }), "{err}");

@@ -45,7 +45,7 @@ fn a_wide_model_proves_verifies_and_rejects_tampering() {
     let spec = &model.spec;
     assert_eq!((spec.lanes, spec.k, spec.version), (64, 9, 1));
     let params = Params::load_or_create(&params_dir(), spec.k).unwrap();
-    let keys = Keys::new(&params, spec).unwrap();
+    let keys = crate::common::stored_keys(&params, spec);
     let (c, o) = commit(&model, &params).unwrap();
     assert_eq!(c.lanes(), 64);
     assert_eq!(c.to_hex().len(), 64 * 32 * 2);

@@ -1,0 +1,165 @@
+//! Keys cached on disk: a second start reads them instead of running keygen, and a file that
+//! can't be trusted to be the same keys (corrupt, truncated, another spec, another build) is
+//! refused with a reason and replaced, never used and never a panic.
+
+use modelhub_zk::{KeySource, Keys, ZkError, prove, verify};
+use proptest::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::common::{digits, fixture};
+
+fn key_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "one key file, no temp files left: {files:?}"
+    );
+    files.into_iter().next().unwrap()
+}
+
+/// Re-seals a modified key file with a valid checksum, as a bug (not bit rot) would write it.
+fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
+    let n = bytes.len() - 32;
+    let sum = Sha256::digest(&bytes[..n]);
+    bytes[n..].copy_from_slice(&sum);
+    bytes
+}
+
+fn read_err(bytes: &[u8]) -> String {
+    let f = fixture();
+    match Keys::read(&f.params, &f.model.spec, bytes) {
+        Err(ZkError::Internal(m)) => m,
+        Err(e) => panic!("unexpected error kind: {e}"),
+        Ok(_) => panic!("a bad key file was accepted"),
+    }
+}
+
+#[test]
+fn a_second_start_reads_the_keys_and_proves_with_them() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let (made, source) = Keys::load_or_create(&f.params, &f.model.spec, dir.path()).unwrap();
+    assert_eq!(source, KeySource::Keygen { stale: None });
+    let path = key_file(dir.path());
+    let (read, source) = Keys::load_or_create(&f.params, &f.model.spec, dir.path()).unwrap();
+    assert_eq!(source, KeySource::Disk);
+    assert_eq!(read.fingerprint(), made.fingerprint());
+    assert_eq!(std::fs::read(&path).unwrap(), read.to_bytes().unwrap());
+    // The keys read prove, and the proof verifies against a verifying key rebuilt by keygen.
+    let bundle = prove(
+        &f.params,
+        &read,
+        &f.model,
+        &f.commitment,
+        &f.opening,
+        &digits().test[7],
+        "job-from-stored-keys",
+    )
+    .unwrap();
+    verify(&f.params, &bundle).unwrap();
+}
+
+#[test]
+fn a_bad_key_file_is_replaced_with_the_reason() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    Keys::load_or_create(&f.params, &f.model.spec, dir.path()).unwrap();
+    let path = key_file(dir.path());
+    let good = std::fs::read(&path).unwrap();
+
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        ("bit rot", flipped, "checksum"),
+        ("truncated", good[..good.len() / 3].to_vec(), "checksum"),
+        ("empty", Vec::new(), "not a key file"),
+        (
+            "another build",
+            {
+                let mut b = good.clone();
+                b[16] ^= 1; // the code hash follows the 16-byte magic
+                reseal(b)
+            },
+            "another build",
+        ),
+    ];
+    for (what, bytes, reason) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let (keys, source) = Keys::load_or_create(&f.params, &f.model.spec, dir.path()).unwrap();
+        match source {
+            KeySource::Keygen { stale: Some(m) } => {
+                assert!(m.contains(reason), "{what}: {m}")
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        assert_eq!(keys.fingerprint(), f.keys.fingerprint(), "{what}");
+        assert_eq!(std::fs::read(&path).unwrap(), good, "{what}: file replaced");
+    }
+    // A file made for another spec (same build) is refused by the spec hash in it.
+    let mut other = f.model.spec.clone();
+    other.output_name.push('x');
+    let e = match Keys::read(&f.params, &other, &good) {
+        Err(ZkError::Internal(m)) => m,
+        other => panic!("{other:?}"),
+    };
+    assert!(e.contains("another circuit spec"), "{e}");
+}
+
+#[test]
+fn inconsistent_key_contents_are_errors() {
+    let good = fixture().keys.to_bytes().unwrap();
+    // After the 16-byte magic and two hashes: halo2's "halo2pk1", "halo2vk1", k, then counts.
+    let body = 16 + 64;
+    assert_eq!(&good[body..body + 8], b"halo2pk1");
+    assert_eq!(&good[body + 8..body + 16], b"halo2vk1");
+    let mut wrong_k = good.clone();
+    wrong_k[body + 16] ^= 1;
+    assert!(read_err(&reseal(wrong_k)).contains("k = "));
+    let mut many_fixed = good.clone();
+    many_fixed[body + 20..body + 24].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(read_err(&reseal(many_fixed)).contains("fixed columns"));
+    let mut trailing = good[..good.len() - 32].to_vec();
+    trailing.push(0);
+    trailing.extend_from_slice(&[0; 32]);
+    assert!(read_err(&reseal(trailing)).contains("trailing"));
+    // The last column value made non-canonical (the modulus is below 2^255).
+    let mut scalar = good.clone();
+    let end = scalar.len() - 32;
+    scalar[end - 1] = 0xff;
+    assert!(read_err(&reseal(scalar)).contains("non-canonical"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Whatever a buggy writer puts in a correctly sealed file, reading it never panics.
+    #[test]
+    fn sealed_garbage_never_panics(
+        at in 0usize..4096,
+        len in 1usize..64,
+        byte in any::<u8>(),
+        cut in proptest::option::of(0usize..8192),
+    ) {
+        let f = fixture();
+        let mut bytes = f.keys.to_bytes().unwrap();
+        let n = bytes.len() - 32;
+        let start = (80 + at).min(n - 1);
+        for b in &mut bytes[start..(start + len).min(n)] {
+            *b = byte;
+        }
+        let mut bytes = reseal(bytes);
+        if let Some(cut) = cut {
+            let keep = (80 + cut).min(bytes.len() - 32);
+            let tail = bytes.split_off(keep);
+            drop(tail);
+            bytes.extend_from_slice(&[0; 32]);
+            bytes = reseal(bytes);
+        }
+        let _ = Keys::read(&f.params, &f.model.spec, &bytes);
+    }
+}
