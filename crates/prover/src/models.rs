@@ -17,7 +17,7 @@ use modelhub_core::pool::ComputePool;
 use modelhub_core::{DataType, TensorSpec};
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
-use modelhub_zk::{CircuitSpec, Commitment, Keys, Opening, Params, QuantizedModel};
+use modelhub_zk::{CircuitSpec, Commitment, KeySource, Keys, Opening, Params, QuantizedModel};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
@@ -69,7 +69,8 @@ struct Record {
     sealed_opening: String,
 }
 
-/// Params per circuit size, made once and cached on disk.
+/// Params per circuit size and proving keys per circuit spec, made once and cached on disk
+/// (`<params_dir>/params-k{k}.bin`, `<params_dir>/keys/keys-<spec hash>.bin`).
 #[derive(Debug)]
 pub struct ParamsCache {
     dir: PathBuf,
@@ -99,6 +100,33 @@ impl ParamsCache {
         let params = Arc::new(Params::load_or_create(&self.dir, k)?);
         loaded.insert(k, params.clone());
         Ok(params)
+    }
+
+    /// Where proving keys are stored.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.dir.join("keys")
+    }
+
+    /// Blocking: the proving keys for `spec`, read from disk, or made by keygen and stored.
+    pub fn keys(&self, params: &Params, spec: &CircuitSpec) -> Result<Keys, ProverError> {
+        let started = std::time::Instant::now();
+        let (keys, source) = Keys::load_or_create(params, spec, &self.keys_dir())?;
+        let ms = started.elapsed().as_millis() as u64;
+        match source {
+            KeySource::Disk => tracing::info!(k = spec.k, ms, "proving keys read from disk"),
+            KeySource::Keygen { stale: None } => {
+                tracing::info!(k = spec.k, ms, "proving keys made")
+            }
+            KeySource::Keygen {
+                stale: Some(reason),
+            } => tracing::warn!(
+                k = spec.k,
+                ms,
+                %reason,
+                "stored proving keys not usable; made and stored again"
+            ),
+        }
+        Ok(keys)
     }
 }
 
@@ -243,7 +271,7 @@ impl Models {
                 };
                 let params = params_cache.get(quantized.spec.k)?;
                 let (commitment, opening) = modelhub_zk::commit(&quantized, &params)?;
-                let keys = Keys::new(&params, &quantized.spec)?;
+                let keys = params_cache.keys(&params, &quantized.spec)?;
                 Ok(Ok(Compiled {
                     model: quantized,
                     commitment,
@@ -311,7 +339,7 @@ impl Models {
             .run(move || -> Result<Compiled, ProverError> {
                 let quantized = recompile(&bytes, &record.spec, record.input_len)?;
                 let params = params_cache.get(quantized.spec.k)?;
-                let keys = Keys::new(&params, &quantized.spec)?;
+                let keys = params_cache.keys(&params, &quantized.spec)?;
                 Ok(Compiled {
                     model: quantized,
                     commitment: record.commitment,

@@ -229,8 +229,9 @@ impl pb::prover_server::Prover for ProverService {
         let result = self
             .pool
             .run(move || -> Result<(), ProverError> {
+                let keys_dir = params.keys_dir();
                 let params = params.get(bundle.spec.k)?;
-                modelhub_zk::verify(&params, &bundle)?;
+                modelhub_zk::verify_cached(&params, &bundle, &keys_dir)?;
                 Ok(())
             })
             .await

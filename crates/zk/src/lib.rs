@@ -28,7 +28,9 @@ pub mod shape;
 
 pub use commit::{Commitment, Opening, Params, commit};
 pub use error::ZkError;
-pub use proof::{KeySource, Keys, PROOF_FORMAT, ProofBundle, PublicInstance, prove, verify};
+pub use proof::{
+    KeySource, Keys, PROOF_FORMAT, ProofBundle, PublicInstance, prove, verify, verify_cached,
+};
 pub use quant::{
     CircuitSpec, LANE_CHOICES, LayerSpec, QuantizedModel, calibrate, choose_lanes,
     dequantize_output, quantize_input, reference,

@@ -71,6 +71,44 @@ fn code_hash() -> [u8; 32] {
     out
 }
 
+fn key_file_error(m: &str) -> ZkError {
+    ZkError::Internal(format!("key file: {m}"))
+}
+
+/// Checks a key file's envelope (see [`Keys::to_bytes`]) and returns the halo2 proving key in it.
+fn open_key_file<'a>(
+    params: &Params,
+    spec: &CircuitSpec,
+    bytes: &'a [u8],
+) -> Result<&'a [u8], ZkError> {
+    spec.validate()?;
+    let header = KEYS_MAGIC.len() + 64;
+    if bytes.len() < header + 32 || !bytes.starts_with(KEYS_MAGIC) {
+        return Err(key_file_error("not a key file"));
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if sha2::Sha256::digest(body).as_slice() != sum {
+        return Err(key_file_error("checksum mismatch (corrupt or truncated)"));
+    }
+    let rest = &body[KEYS_MAGIC.len()..];
+    if rest[..32] != code_hash() {
+        return Err(key_file_error(
+            "written by another build of the circuit code",
+        ));
+    }
+    if rest[32..64] != spec.hash() {
+        return Err(key_file_error("made for another circuit spec"));
+    }
+    if params.k() != spec.k {
+        return Err(key_file_error("params for another k"));
+    }
+    Ok(&rest[64..])
+}
+
+fn key_path(dir: &Path, spec: &CircuitSpec) -> std::path::PathBuf {
+    dir.join(format!("keys-{}.bin", hex::encode(spec.hash())))
+}
+
 /// Proving and verifying keys for one spec.
 pub struct Keys {
     spec: CircuitSpec,
@@ -128,7 +166,7 @@ impl Keys {
         spec: &CircuitSpec,
         dir: &Path,
     ) -> Result<(Keys, KeySource), ZkError> {
-        let path = dir.join(format!("keys-{}.bin", hex::encode(spec.hash())));
+        let path = key_path(dir, spec);
         let stale = match fs::read(&path) {
             Ok(bytes) => match Keys::read(params, spec, &bytes) {
                 Ok(keys) => return Ok((keys, KeySource::Disk)),
@@ -174,39 +212,37 @@ impl Keys {
     /// build that wrote it and the spec it was made for. Nothing is synthesized or committed:
     /// the keys are rebuilt from the stored commitments and column values.
     pub fn read(params: &Params, spec: &CircuitSpec, bytes: &[u8]) -> Result<Keys, ZkError> {
-        let bad = |m: &str| ZkError::Internal(format!("key file: {m}"));
-        spec.validate()?;
-        let header = KEYS_MAGIC.len() + 64;
-        if bytes.len() < header + 32 || !bytes.starts_with(KEYS_MAGIC) {
-            return Err(bad("not a key file"));
-        }
-        let (body, sum) = bytes.split_at(bytes.len() - 32);
-        if sha2::Sha256::digest(body).as_slice() != sum {
-            return Err(bad("checksum mismatch (corrupt or truncated)"));
-        }
-        let rest = &body[KEYS_MAGIC.len()..];
-        if rest[..32] != code_hash() {
-            return Err(bad("written by another build of the circuit code"));
-        }
-        if rest[32..64] != spec.hash() {
-            return Err(bad("made for another circuit spec"));
-        }
-        if params.k() != spec.k {
-            return Err(bad("params for another k"));
-        }
-        let mut reader = &rest[64..];
+        let mut reader = open_key_file(params, spec, bytes)?;
         let pk = with_circuit!(spec, C => ProvingKey::<EqAffine>::read::<_, C>(
             &mut reader,
             &params.inner,
         ))?
-        .map_err(|e| bad(&e.to_string()))?;
+        .map_err(|e| key_file_error(&e.to_string()))?;
         if !reader.is_empty() {
-            return Err(bad("trailing bytes"));
+            return Err(key_file_error("trailing bytes"));
         }
         Ok(Keys {
             spec: spec.clone(),
             pk,
         })
+    }
+
+    /// Only the verifying key of a key file written by [`Keys::to_bytes`] (what
+    /// [`verify_cached`] uses): the envelope is checked as by [`Keys::read`]; halo2's proving
+    /// key format starts with its 8-byte magic and then the verifying key
+    /// (vendor/halo2_proofs/src/plonk/keyfile.rs).
+    pub fn read_verifying_key(
+        params: &Params,
+        spec: &CircuitSpec,
+        bytes: &[u8],
+    ) -> Result<VerifyingKey<EqAffine>, ZkError> {
+        let pk = open_key_file(params, spec, bytes)?;
+        let mut reader = pk.get(8..).ok_or_else(|| key_file_error("truncated"))?;
+        with_circuit!(spec, C => VerifyingKey::<EqAffine>::read::<_, C>(
+            &mut reader,
+            &params.inner,
+        ))?
+        .map_err(|e| key_file_error(&e.to_string()))
     }
 
     pub fn spec(&self) -> &CircuitSpec {
@@ -219,8 +255,7 @@ impl Keys {
 
     /// SHA-256 (hex) of the verifying key's pinned description: changes iff the circuit does.
     pub fn fingerprint(&self) -> String {
-        use sha2::{Digest, Sha256};
-        hex::encode(Sha256::digest(
+        hex::encode(sha2::Sha256::digest(
             format!("{:?}", self.vk().pinned()).as_bytes(),
         ))
     }
@@ -399,7 +434,12 @@ fn advice_points(proof: &[u8], lanes: usize) -> Result<Vec<[u8; 32]>, ZkError> {
 }
 
 /// Verifying keys by spec hash (keygen is deterministic in the spec and `k`).
-fn cached_vk(params: &Params, spec: &CircuitSpec) -> Result<Arc<VerifyingKey<EqAffine>>, ZkError> {
+/// A key file in `key_dir` stands in for keygen (an unusable file is ignored).
+fn cached_vk(
+    params: &Params,
+    spec: &CircuitSpec,
+    key_dir: Option<&Path>,
+) -> Result<Arc<VerifyingKey<EqAffine>>, ZkError> {
     type Cache = Mutex<HashMap<[u8; 32], Arc<VerifyingKey<EqAffine>>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
@@ -407,7 +447,13 @@ fn cached_vk(params: &Params, spec: &CircuitSpec) -> Result<Arc<VerifyingKey<EqA
     if let Some(vk) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
         return Ok(vk);
     }
-    let vk = Arc::new(keygen_vk(params, spec)?);
+    let stored = key_dir
+        .and_then(|dir| fs::read(key_path(dir, spec)).ok())
+        .and_then(|bytes| Keys::read_verifying_key(params, spec, &bytes).ok());
+    let vk = Arc::new(match stored {
+        Some(vk) => vk,
+        None => keygen_vk(params, spec)?,
+    });
     if let Ok(mut c) = cache.lock() {
         if c.len() >= 64 {
             c.clear();
@@ -419,6 +465,20 @@ fn cached_vk(params: &Params, spec: &CircuitSpec) -> Result<Arc<VerifyingKey<EqA
 
 /// Verifies a proof bundle against the verifying key rebuilt from `bundle.spec`.
 pub fn verify(params: &Params, bundle: &ProofBundle) -> Result<(), ZkError> {
+    verify_with(params, bundle, None)
+}
+
+/// [`verify`], taking the verifying key from a key file in `key_dir` (written by
+/// [`Keys::load_or_create`]) when there is one for the bundle's spec, instead of keygen.
+pub fn verify_cached(params: &Params, bundle: &ProofBundle, key_dir: &Path) -> Result<(), ZkError> {
+    verify_with(params, bundle, Some(key_dir))
+}
+
+fn verify_with(
+    params: &Params,
+    bundle: &ProofBundle,
+    key_dir: Option<&Path>,
+) -> Result<(), ZkError> {
     if bundle.format != PROOF_FORMAT {
         return Err(ZkError::Verification(format!(
             "unknown proof format (expected {PROOF_FORMAT})"
@@ -454,7 +514,7 @@ pub fn verify(params: &Params, bundle: &ProofBundle) -> Result<(), ZkError> {
     // thread while halo2 verifies. A link failure is reported first, as when run in sequence.
     std::thread::scope(|scope| {
         let link = scope.spawn(|| link_verify(params, &st, &bundle.link));
-        let proof = verify_plonk(params, bundle);
+        let proof = verify_plonk(params, bundle, key_dir);
         link.join()
             .unwrap_or_else(|_| Err(ZkError::Internal("link verifier panicked".into())))?;
         proof
@@ -462,9 +522,13 @@ pub fn verify(params: &Params, bundle: &ProofBundle) -> Result<(), ZkError> {
 }
 
 /// The halo2 part of [`verify`]: the proof against the verifying key rebuilt from the spec.
-fn verify_plonk(params: &Params, bundle: &ProofBundle) -> Result<(), ZkError> {
+fn verify_plonk(
+    params: &Params,
+    bundle: &ProofBundle,
+    key_dir: Option<&Path>,
+) -> Result<(), ZkError> {
     let public = &bundle.public;
-    let vk = cached_vk(params, &bundle.spec)?;
+    let vk = cached_vk(params, &bundle.spec, key_dir)?;
     let inst = instance(&public.job_id, &public.input, &public.output);
     let mut transcript = Blake2bRead::<_, EqAffine, Challenge255<_>>::init(&bundle.proof[..]);
     plonk::verify_proof(

@@ -53,6 +53,16 @@ async fn setup() -> Setup {
     }
 }
 
+/// The one proving key file of the prover (one model, one circuit spec).
+fn the_key_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let files: Vec<_> = std::fs::read_dir(dir.join("prover/params/keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files.into_iter().next().unwrap()
+}
+
 fn digits_row(case: usize) -> Vec<f32> {
     let text = std::fs::read_to_string(modelhub_testkit::test_model("digits_logits_expected.json"))
         .unwrap();
@@ -197,7 +207,13 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     assert_eq!(ApiError::from_status(&err).code, ErrorCode::BadRequest);
 
     // A restart keeps finished proofs, and proves new jobs with the same commitment (the model
-    // is recompiled from storage; the opening comes sealed from disk).
+    // is recompiled from storage; the opening comes sealed from disk) with the proving keys
+    // stored at upload: the key file is read, not made again.
+    let key_file = the_key_file(s.dir.path());
+    let stored = (
+        std::fs::read(&key_file).unwrap(),
+        std::fs::metadata(&key_file).unwrap().modified().unwrap(),
+    );
     s.prover.stop().await;
     let (prover, mut client) = start_prover(s.dir.path(), &s.storage.url).await;
     s.prover = prover;
@@ -227,6 +243,43 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
         .into_inner()
         .valid
     );
+
+    assert_eq!(
+        (
+            std::fs::read(&key_file).unwrap(),
+            std::fs::metadata(&key_file).unwrap().modified().unwrap()
+        ),
+        stored,
+        "keys read from disk, not made and stored again"
+    );
+
+    // A key file that went bad is not used: the next start makes the keys again, replaces the
+    // file, and proves as before.
+    let mut bad = stored.0.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    std::fs::write(&key_file, &bad).unwrap();
+    s.prover.stop().await;
+    let (prover, mut client) = start_prover(s.dir.path(), &s.storage.url).await;
+    s.prover = prover;
+    submit(
+        &mut client,
+        vec![job("job_rekeyed", &s.model, &digits_row(2))],
+    )
+    .await;
+    let rekeyed = wait(&mut client, "job_rekeyed").await;
+    assert_eq!(rekeyed.status, Status::Done as i32, "{}", rekeyed.error);
+    assert!(
+        client
+            .verify(pb::VerifyRequest {
+                proof: rekeyed.proof
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .valid
+    );
+    assert_eq!(std::fs::read(&key_file).unwrap(), stored.0, "file replaced");
 
     // The opening on disk is sealed: no raw blinds in the record.
     let record =

@@ -2,7 +2,7 @@
 //! can't be trusted to be the same keys (corrupt, truncated, another spec, another build) is
 //! refused with a reason and replaced, never used and never a panic.
 
-use modelhub_zk::{KeySource, Keys, ZkError, prove, verify};
+use modelhub_zk::{KeySource, Keys, ZkError, prove, verify, verify_cached};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -61,6 +61,23 @@ fn a_second_start_reads_the_keys_and_proves_with_them() {
     )
     .unwrap();
     verify(&f.params, &bundle).unwrap();
+
+    // Verifying with the key file's verifying key (what the prover's Verify uses): the same
+    // key as keygen's, and a tampered proof is still refused.
+    let vk = Keys::read_verifying_key(&f.params, &f.model.spec, &read.to_bytes().unwrap()).unwrap();
+    assert_eq!(
+        format!("{:?}", vk.pinned()),
+        format!("{:?}", made.vk().pinned())
+    );
+    verify_cached(&f.params, &bundle, dir.path()).unwrap();
+    let mut tampered = bundle.clone();
+    tampered.public.output[0] += 1;
+    assert!(matches!(
+        verify_cached(&f.params, &tampered, dir.path()),
+        Err(ZkError::Verification(_))
+    ));
+    let e = Keys::read_verifying_key(&f.params, &f.model.spec, &read.to_bytes().unwrap()[..200]);
+    assert!(e.is_err());
 }
 
 #[test]
