@@ -114,17 +114,20 @@ impl ParamsCache {
         let ms = started.elapsed().as_millis() as u64;
         match source {
             KeySource::Disk => tracing::info!(k = spec.k, ms, "proving keys read from disk"),
-            KeySource::Keygen { stale: None } => {
-                tracing::info!(k = spec.k, ms, "proving keys made")
+            KeySource::Keygen { stale, not_stored } => {
+                if let Some(reason) = stale {
+                    tracing::warn!(%reason, "stored proving keys not usable; making them again");
+                }
+                match not_stored {
+                    None => tracing::info!(k = spec.k, ms, "proving keys made and stored"),
+                    Some(reason) => tracing::warn!(
+                        k = spec.k,
+                        ms,
+                        %reason,
+                        "proving keys made but not stored: the next start makes them again"
+                    ),
+                }
             }
-            KeySource::Keygen {
-                stale: Some(reason),
-            } => tracing::warn!(
-                k = spec.k,
-                ms,
-                %reason,
-                "stored proving keys not usable; made and stored again"
-            ),
         }
         Ok(keys)
     }

@@ -2,7 +2,8 @@
 //!
 //! digits: the test models' digits_mlp.onnx (64 → 16 → 10, sklearn), calibrated on the bundled
 //! digits; mnist: a random-weight 784 → 128 → 10 MLP built in Rust. Prints one JSON line per
-//! model: k, params load, keygen, commit, prove, verify (first, with VK rebuild, and cached),
+//! model: k, params load, keygen, keys read from a key file (what a restart costs instead of
+//! keygen) and the file's size, commit, prove, verify (first, with VK rebuild, and cached),
 //! proof and link sizes.
 //!
 //! `bench file NAME MODEL.onnx DATA.json [PROVES]` (used by scripts/bench/prover) does the same
@@ -78,6 +79,7 @@ fn run(name: &str, onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<()> {
     let t = Instant::now();
     let keys = Keys::new(&params, &model.spec)?;
     let keygen_ms = ms(t);
+    let (keys_load_ms, key_file_bytes) = keys_from_disk(&params, &keys)?;
     let t = Instant::now();
     let (c, o) = commit(&model, &params)?;
     let commit_ms = ms(t);
@@ -112,6 +114,7 @@ fn run(name: &str, onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "model": name, "k": model.spec.k, "lanes": model.spec.lanes, "params_ms": params_ms, "keygen_ms": keygen_ms,
+            "keys_load_ms": keys_load_ms, "key_file_bytes": key_file_bytes,
             "commit_ms": commit_ms, "prove_ms_median": prove_ms[1],
             "verify_first_ms": verify_first_ms, "verify_ms_median": verify_ms[2],
             "proof_bytes": bundle.proof.len(), "link_bytes": bundle.link.len(),
@@ -119,6 +122,21 @@ fn run(name: &str, onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// What a restarted prover pays for its keys instead of keygen: the keys written in the key
+/// file format and read back (median of 3 reads, checked to be the same keys). Returns the
+/// read time in ms and the file size in bytes.
+fn keys_from_disk(params: &Params, keys: &Keys) -> anyhow::Result<(f64, usize)> {
+    let bytes = keys.to_bytes()?;
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let read = Keys::read(params, keys.spec(), &bytes)?;
+        times.push(ms(t));
+        anyhow::ensure!(read.fingerprint() == keys.fingerprint(), "keys read differ");
+    }
+    Ok((median(&mut times), bytes.len()))
 }
 
 /// First index of the largest value (numpy's argmax).
@@ -199,6 +217,7 @@ fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyh
     let t = Instant::now();
     let keys = Keys::new(&params, &model.spec)?;
     let keygen_ms = ms(t);
+    let (keys_load_ms, key_file_bytes) = keys_from_disk(&params, &keys)?;
     let t = Instant::now();
     let (c, o) = commit(&model, &params)?;
     let commit_ms = ms(t);
@@ -252,7 +271,8 @@ fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyh
             "model": name, "onnx": onnx_path, "k": k, "lanes": model.spec.lanes,
             "compile_ms": compile_ms,
             "params_new_ms": params_new_ms, "params_load_ms": params_load_ms,
-            "keygen_ms": keygen_ms, "commit_ms": commit_ms,
+            "keygen_ms": keygen_ms, "keys_load_ms": keys_load_ms, "key_file_bytes": key_file_bytes,
+            "commit_ms": commit_ms,
             "prove_ms": prove_all, "prove_ms_median": median(&mut prove_ms),
             "prove_cpu_ms_median": median(&mut prove_cpu_ms), "process_cpu_ms": cpu_ms(),
             "verify_first_ms": verify_first_ms, "verify_ms_median": median(&mut verify_ms),

@@ -57,8 +57,12 @@ pub const PROOF_FORMAT: &str = "modelhub-proof/1";
 pub enum KeySource {
     /// Read from the file an earlier run stored.
     Disk,
-    /// Made by keygen (and stored); `stale` is why an existing file was not used.
-    Keygen { stale: Option<String> },
+    /// Made by keygen and stored: `stale` is why an existing file was not used, `not_stored`
+    /// why the keys could not be stored (they are still good to use).
+    Keygen {
+        stale: Option<String>,
+        not_stored: Option<String>,
+    },
 }
 
 const KEYS_MAGIC: &[u8; 16] = b"modelhub-keys/1\n";
@@ -159,8 +163,9 @@ impl Keys {
 
     /// The keys for `spec`: read from `dir` if an earlier run stored them there (see
     /// [`Keys::read`]), otherwise made by keygen and stored (temp file, then rename). A file
-    /// that can't be used (corrupt, truncated, from another build) is replaced, and the reason
-    /// is returned in [`KeySource::Keygen`] for the caller to log.
+    /// that can't be used (corrupt, truncated, from another build) is replaced. The cache
+    /// never fails the caller: why a file was not used, or could not be stored (disk full,
+    /// read-only volume), comes back in [`KeySource::Keygen`] for the caller to log.
     pub fn load_or_create(
         params: &Params,
         spec: &CircuitSpec,
@@ -172,20 +177,35 @@ impl Keys {
                 Ok(keys) => return Ok((keys, KeySource::Disk)),
                 Err(e) => Some(e.to_string()),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                None
+            }
             Err(e) => Some(e.to_string()),
         };
         let keys = Keys::new(params, spec)?;
+        let not_stored = keys.store(dir, &path).err().map(|e| e.to_string());
+        Ok((keys, KeySource::Keygen { stale, not_stored }))
+    }
+
+    fn store(&self, dir: &Path, path: &Path) -> Result<(), ZkError> {
         fs::create_dir_all(dir)?;
         let tmp = dir.join(format!(
             ".keys-{}.{}.tmp",
-            hex::encode(spec.hash()),
+            hex::encode(self.spec.hash()),
             std::process::id()
         ));
-        fs::write(&tmp, keys.to_bytes()?)
+        let written = fs::write(&tmp, self.to_bytes()?)
             .and_then(|()| fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| fs::rename(&tmp, &path))?;
-        Ok((keys, KeySource::Keygen { stale }))
+            .and_then(|()| fs::rename(&tmp, path));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        Ok(written?)
     }
 
     /// The keys as a self-checking file (format `modelhub-keys/1`):

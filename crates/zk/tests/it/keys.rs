@@ -43,7 +43,13 @@ fn a_second_start_reads_the_keys_and_proves_with_them() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let (made, source) = Keys::load_or_create(&f.params, &f.model.spec, dir.path()).unwrap();
-    assert_eq!(source, KeySource::Keygen { stale: None });
+    assert_eq!(
+        source,
+        KeySource::Keygen {
+            stale: None,
+            not_stored: None
+        }
+    );
     let path = key_file(dir.path());
     let (read, source) = Keys::load_or_create(&f.params, &f.model.spec, dir.path()).unwrap();
     assert_eq!(source, KeySource::Disk);
@@ -109,7 +115,10 @@ fn a_bad_key_file_is_replaced_with_the_reason() {
         std::fs::write(&path, &bytes).unwrap();
         let (keys, source) = Keys::load_or_create(&f.params, &f.model.spec, dir.path()).unwrap();
         match source {
-            KeySource::Keygen { stale: Some(m) } => {
+            KeySource::Keygen {
+                stale: Some(m),
+                not_stored: None,
+            } => {
                 assert!(m.contains(reason), "{what}: {m}")
             }
             other => panic!("{what}: {other:?}"),
@@ -125,6 +134,32 @@ fn a_bad_key_file_is_replaced_with_the_reason() {
         other => panic!("{other:?}"),
     };
     assert!(e.contains("another circuit spec"), "{e}");
+}
+
+#[test]
+fn keys_that_cannot_be_stored_are_still_given() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    // The key folder's path is taken by a file: nothing can be stored below it.
+    let blocked = dir.path().join("keys");
+    std::fs::write(&blocked, b"not a folder").unwrap();
+    let (keys, source) = Keys::load_or_create(&f.params, &f.model.spec, &blocked).unwrap();
+    assert_eq!(keys.fingerprint(), f.keys.fingerprint());
+    assert!(
+        matches!(
+            &source,
+            KeySource::Keygen {
+                stale: None,
+                not_stored: Some(_)
+            }
+        ),
+        "{source:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temp file left"
+    );
 }
 
 #[test]
