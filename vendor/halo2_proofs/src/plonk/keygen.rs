@@ -219,6 +219,7 @@ where
     )?;
 
     let mut fixed = batch_invert_assigned(assembly.fixed);
+    // Model Hub patch: the verifying key keeps the selectors (see `plonk::keyfile`).
     let selectors = assembly.selectors;
     let (cs, selector_polys) = cs.compress_selectors(selectors.clone());
     fixed.extend(
@@ -297,5 +298,7 @@ where
         .permutation
         .build_pk(params, &vk.domain, &cs.permutation);
 
+    // Model Hub patch: the FFTs that were here are in `ProvingKey::from_parts`, shared with
+    // `ProvingKey::read`.
     Ok(ProvingKey::from_parts(vk, fixed, permutation_pk))
 }

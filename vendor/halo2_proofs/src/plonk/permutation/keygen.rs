@@ -194,6 +194,7 @@ impl Assembly {
             }
             permutations.push(permutation_poly);
         }
+        // Model Hub patch: the FFTs that were here are in `ProvingKey::from_permutations`.
         ProvingKey::from_permutations(domain, permutations)
     }
 }
