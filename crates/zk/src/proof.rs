@@ -194,10 +194,13 @@ impl Keys {
 
     fn store(&self, dir: &Path, path: &Path) -> Result<(), ZkError> {
         fs::create_dir_all(dir)?;
+        // Unique per process and call: two threads may store keys of the same spec at once.
+        static STORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = dir.join(format!(
-            ".keys-{}.{}.tmp",
+            ".keys-{}.{}-{}.tmp",
             hex::encode(self.spec.hash()),
-            std::process::id()
+            std::process::id(),
+            STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let written = fs::write(&tmp, self.to_bytes()?)
             .and_then(|()| fs::File::open(&tmp)?.sync_all())

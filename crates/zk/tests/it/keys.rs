@@ -137,6 +137,36 @@ fn a_bad_key_file_is_replaced_with_the_reason() {
 }
 
 #[test]
+fn concurrent_first_uses_leave_one_good_file() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| Keys::load_or_create(&f.params, &f.model.spec, dir.path())))
+            .collect();
+        for h in handles {
+            let (keys, source) = h.join().unwrap().unwrap();
+            assert_eq!(keys.fingerprint(), f.keys.fingerprint());
+            // Each one either read a file another stored or stored its own without a clash.
+            assert!(
+                matches!(
+                    source,
+                    KeySource::Disk
+                        | KeySource::Keygen {
+                            not_stored: None,
+                            ..
+                        }
+                ),
+                "{source:?}"
+            );
+        }
+    });
+    key_file(dir.path());
+    let (_, source) = Keys::load_or_create(&f.params, &f.model.spec, dir.path()).unwrap();
+    assert_eq!(source, KeySource::Disk);
+}
+
+#[test]
 fn keys_that_cannot_be_stored_are_still_given() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
