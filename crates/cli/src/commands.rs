@@ -166,7 +166,8 @@ pub enum Proofs {
     /// Verify a proof file offline, from its public parts alone (no weights, no server).
     Verify {
         file: PathBuf,
-        /// Where proving params are cached (made on first use).
+        /// Where proving params and verifying keys are cached (made on first use; keys in
+        /// `<params-dir>/keys`).
         #[arg(
             long,
             env = "MODELHUB_PARAMS_DIR",
@@ -519,7 +520,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Verifies a proof file offline; params are made on first use and cached in `params_dir`.
+/// Verifies a proof file offline; params and the verifying key are made from the public spec
+/// on first use and cached in `params_dir` (so the next verification of the same circuit skips
+/// keygen).
 pub async fn verify_proof_file(
     file: &Path,
     params_dir: &Path,
@@ -530,7 +533,7 @@ pub async fn verify_proof_file(
     let params_dir = params_dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let params = modelhub_zk::Params::load_or_create(&params_dir, bundle.spec.k)?;
-        modelhub_zk::verify(&params, &bundle)?;
+        modelhub_zk::verify_cached(&params, &bundle, &params_dir.join("keys"))?;
         Ok::<_, anyhow::Error>(bundle)
     })
     .await?

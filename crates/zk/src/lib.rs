@@ -21,6 +21,7 @@ mod circuit;
 pub mod commit;
 mod error;
 pub mod field;
+pub mod keys;
 pub mod onnx;
 mod proof;
 pub mod quant;
@@ -28,9 +29,8 @@ pub mod shape;
 
 pub use commit::{Commitment, Opening, Params, commit};
 pub use error::ZkError;
-pub use proof::{
-    KeySource, Keys, PROOF_FORMAT, ProofBundle, PublicInstance, prove, verify, verify_cached,
-};
+pub use keys::{KeySource, Keys};
+pub use proof::{PROOF_FORMAT, ProofBundle, PublicInstance, prove, verify, verify_cached};
 pub use quant::{
     CircuitSpec, LANE_CHOICES, LayerSpec, QuantizedModel, calibrate, choose_lanes,
     dequantize_output, quantize_input, reference,

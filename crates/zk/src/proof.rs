@@ -1,4 +1,5 @@
-//! Keys, proving and verifying, and the proof file format (`modelhub-proof/1`).
+//! Proving and verifying, and the proof file format (`modelhub-proof/1`); keys are in
+//! [`crate::keys`].
 //!
 //! A [`ProofBundle`] is JSON:
 //!
@@ -24,14 +25,11 @@
 //! ([`crate::quant::advice_columns`]); the first `L` are the weight columns.
 //! A verifier must also check that `spec` and `commitment` are the ones registered for the model.
 
-use std::collections::HashMap;
-use std::fs;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
 
 use ff::Field;
 use halo2_proofs::{
-    plonk::{self, ProvingKey, SingleVerifier, VerifyingKey},
+    plonk::{self, SingleVerifier},
     transcript::{Blake2bRead, Blake2bWrite, Challenge255},
 };
 use pasta_curves::{EqAffine, Fp};
@@ -39,7 +37,6 @@ use rand::SeedableRng;
 use rand::rngs::ChaCha20Rng;
 use rand_core::Rng;
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 use crate::ZkError;
 use crate::circuit::{Witness, instance, num_advice, with_circuit};
@@ -47,242 +44,11 @@ use crate::commit::{
     Commitment, LinkSecret, LinkStatement, Opening, Params, link_prove, link_verify, linked_point,
     sys_rng,
 };
+use crate::keys::{Keys, internal};
 use crate::quant::{ACT_MAX, ACT_MIN, CircuitSpec, QuantizedModel, UNUSABLE_ROWS};
 
 /// The value of [`ProofBundle::format`].
 pub const PROOF_FORMAT: &str = "modelhub-proof/1";
-
-/// Where [`Keys::load_or_create`] got the keys.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
-    /// Read from the file an earlier run stored.
-    Disk,
-    /// Made by keygen and stored: `stale` is why an existing file was not used, `not_stored`
-    /// why the keys could not be stored (they are still good to use).
-    Keygen {
-        stale: Option<String>,
-        not_stored: Option<String>,
-    },
-}
-
-const KEYS_MAGIC: &[u8; 16] = b"modelhub-keys/1\n";
-
-/// The fingerprint of the sources keygen depends on (computed by build.rs).
-fn code_hash() -> [u8; 32] {
-    let mut out = [0u8; 32];
-    // build.rs always sets 64 hex digits; a failure leaves zeros, which no file matches.
-    let _ = hex::decode_to_slice(env!("MODELHUB_ZK_CODE_HASH"), &mut out);
-    out
-}
-
-fn key_file_error(m: &str) -> ZkError {
-    ZkError::Internal(format!("key file: {m}"))
-}
-
-/// Checks a key file's envelope (see [`Keys::to_bytes`]) and returns the halo2 proving key in it.
-fn open_key_file<'a>(
-    params: &Params,
-    spec: &CircuitSpec,
-    bytes: &'a [u8],
-) -> Result<&'a [u8], ZkError> {
-    spec.validate()?;
-    let header = KEYS_MAGIC.len() + 64;
-    if bytes.len() < header + 32 || !bytes.starts_with(KEYS_MAGIC) {
-        return Err(key_file_error("not a key file"));
-    }
-    let (body, sum) = bytes.split_at(bytes.len() - 32);
-    if sha2::Sha256::digest(body).as_slice() != sum {
-        return Err(key_file_error("checksum mismatch (corrupt or truncated)"));
-    }
-    let rest = &body[KEYS_MAGIC.len()..];
-    if rest[..32] != code_hash() {
-        return Err(key_file_error(
-            "written by another build of the circuit code",
-        ));
-    }
-    if rest[32..64] != spec.hash() {
-        return Err(key_file_error("made for another circuit spec"));
-    }
-    if params.k() != spec.k {
-        return Err(key_file_error("params for another k"));
-    }
-    Ok(&rest[64..])
-}
-
-fn key_path(dir: &Path, spec: &CircuitSpec) -> std::path::PathBuf {
-    dir.join(format!("keys-{}.bin", hex::encode(spec.hash())))
-}
-
-/// Proving and verifying keys for one spec.
-pub struct Keys {
-    spec: CircuitSpec,
-    pk: ProvingKey<EqAffine>,
-}
-
-impl std::fmt::Debug for Keys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keys").field("k", &self.spec.k).finish()
-    }
-}
-
-/// The verifying key of a spec (the circuit of its version and lane count).
-fn keygen_vk(params: &Params, spec: &CircuitSpec) -> Result<VerifyingKey<EqAffine>, ZkError> {
-    with_circuit!(spec, C => plonk::keygen_vk(
-        &params.inner,
-        &C { spec: spec.clone(), witness: None },
-    ))?
-    .map_err(internal("keygen_vk"))
-}
-
-fn internal(what: &str) -> impl Fn(plonk::Error) -> ZkError + '_ {
-    move |e| ZkError::Internal(format!("{what}: {e}"))
-}
-
-impl Keys {
-    pub fn new(params: &Params, spec: &CircuitSpec) -> Result<Keys, ZkError> {
-        spec.validate()?;
-        if params.k() != spec.k {
-            return Err(ZkError::Internal(format!(
-                "params have k = {}, the spec needs k = {}",
-                params.k(),
-                spec.k
-            )));
-        }
-        let vk = keygen_vk(params, spec)?;
-        let pk = with_circuit!(spec, C => plonk::keygen_pk(
-            &params.inner,
-            vk,
-            &C { spec: spec.clone(), witness: None },
-        ))?
-        .map_err(internal("keygen_pk"))?;
-        Ok(Keys {
-            spec: spec.clone(),
-            pk,
-        })
-    }
-
-    /// The keys for `spec`: read from `dir` if an earlier run stored them there (see
-    /// [`Keys::read`]), otherwise made by keygen and stored (temp file, then rename). A file
-    /// that can't be used (corrupt, truncated, from another build) is replaced. The cache
-    /// never fails the caller: why a file was not used, or could not be stored (disk full,
-    /// read-only volume), comes back in [`KeySource::Keygen`] for the caller to log.
-    pub fn load_or_create(
-        params: &Params,
-        spec: &CircuitSpec,
-        dir: &Path,
-    ) -> Result<(Keys, KeySource), ZkError> {
-        let path = key_path(dir, spec);
-        let stale = match fs::read(&path) {
-            Ok(bytes) => match Keys::read(params, spec, &bytes) {
-                Ok(keys) => return Ok((keys, KeySource::Disk)),
-                Err(e) => Some(e.to_string()),
-            },
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-                ) =>
-            {
-                None
-            }
-            Err(e) => Some(e.to_string()),
-        };
-        let keys = Keys::new(params, spec)?;
-        let not_stored = keys.store(dir, &path).err().map(|e| e.to_string());
-        Ok((keys, KeySource::Keygen { stale, not_stored }))
-    }
-
-    fn store(&self, dir: &Path, path: &Path) -> Result<(), ZkError> {
-        fs::create_dir_all(dir)?;
-        // Unique per process and call: two threads may store keys of the same spec at once.
-        static STORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let tmp = dir.join(format!(
-            ".keys-{}.{}-{}.tmp",
-            hex::encode(self.spec.hash()),
-            std::process::id(),
-            STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let written = fs::write(&tmp, self.to_bytes()?)
-            .and_then(|()| fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| fs::rename(&tmp, path));
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        Ok(written?)
-    }
-
-    /// The keys as a self-checking file (format `modelhub-keys/1`):
-    ///
-    /// ```text
-    /// "modelhub-keys/1\n" · code hash (32) · spec hash (32) · halo2 proving key · SHA-256 of all before (32)
-    /// ```
-    ///
-    /// The proving key is halo2_proofs' `ProvingKey::write` (our patch, see
-    /// vendor/halo2_proofs/MODELHUB.md); the code hash fingerprints the sources that keygen's
-    /// result depends on, so a file made by another build is refused rather than used.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, ZkError> {
-        let mut out = Vec::with_capacity(1 << 20);
-        out.extend_from_slice(KEYS_MAGIC);
-        out.extend_from_slice(&code_hash());
-        out.extend_from_slice(&self.spec.hash());
-        self.pk.write(&mut out)?;
-        let sum = sha2::Sha256::digest(&out);
-        out.extend_from_slice(&sum);
-        Ok(out)
-    }
-
-    /// Reads keys written by [`Keys::to_bytes`] for `spec`, checking the file's checksum, the
-    /// build that wrote it and the spec it was made for. Nothing is synthesized or committed:
-    /// the keys are rebuilt from the stored commitments and column values.
-    pub fn read(params: &Params, spec: &CircuitSpec, bytes: &[u8]) -> Result<Keys, ZkError> {
-        let mut reader = open_key_file(params, spec, bytes)?;
-        let pk = with_circuit!(spec, C => ProvingKey::<EqAffine>::read::<_, C>(
-            &mut reader,
-            &params.inner,
-        ))?
-        .map_err(|e| key_file_error(&e.to_string()))?;
-        if !reader.is_empty() {
-            return Err(key_file_error("trailing bytes"));
-        }
-        Ok(Keys {
-            spec: spec.clone(),
-            pk,
-        })
-    }
-
-    /// Only the verifying key of a key file written by [`Keys::to_bytes`] (what
-    /// [`verify_cached`] uses): the envelope is checked as by [`Keys::read`]; halo2's proving
-    /// key format starts with its 8-byte magic and then the verifying key
-    /// (vendor/halo2_proofs/src/plonk/keyfile.rs).
-    pub fn read_verifying_key(
-        params: &Params,
-        spec: &CircuitSpec,
-        bytes: &[u8],
-    ) -> Result<VerifyingKey<EqAffine>, ZkError> {
-        let pk = open_key_file(params, spec, bytes)?;
-        let mut reader = pk.get(8..).ok_or_else(|| key_file_error("truncated"))?;
-        with_circuit!(spec, C => VerifyingKey::<EqAffine>::read::<_, C>(
-            &mut reader,
-            &params.inner,
-        ))?
-        .map_err(|e| key_file_error(&e.to_string()))
-    }
-
-    pub fn spec(&self) -> &CircuitSpec {
-        &self.spec
-    }
-
-    pub fn vk(&self) -> &VerifyingKey<EqAffine> {
-        self.pk.get_vk()
-    }
-
-    /// SHA-256 (hex) of the verifying key's pinned description: changes iff the circuit does.
-    pub fn fingerprint(&self) -> String {
-        hex::encode(sha2::Sha256::digest(
-            format!("{:?}", self.vk().pinned()).as_bytes(),
-        ))
-    }
-}
 
 /// The public instance of a proof.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,7 +111,7 @@ pub fn prove(
     job_id: &str,
 ) -> Result<ProofBundle, ZkError> {
     let spec = &model.spec;
-    if keys.spec != *spec || params.k() != spec.k {
+    if keys.spec() != spec || params.k() != spec.k {
         return Err(ZkError::Internal(
             "keys or params do not match the model".into(),
         ));
@@ -366,7 +132,7 @@ pub fn prove(
     let rng = ChaCha20Rng::from_seed(seed);
     with_circuit!(spec, C => plonk::create_proof(
         &params.inner,
-        &keys.pk,
+        keys.pk(),
         &[C { spec: spec.clone(), witness: Some(witness) }],
         &[&[&inst]],
         rng,
@@ -456,43 +222,14 @@ fn advice_points(proof: &[u8], lanes: usize) -> Result<Vec<[u8; 32]>, ZkError> {
         .collect())
 }
 
-/// Verifying keys by spec hash (keygen is deterministic in the spec and `k`).
-/// A key file in `key_dir` stands in for keygen (an unusable file is ignored).
-fn cached_vk(
-    params: &Params,
-    spec: &CircuitSpec,
-    key_dir: Option<&Path>,
-) -> Result<Arc<VerifyingKey<EqAffine>>, ZkError> {
-    type Cache = Mutex<HashMap<[u8; 32], Arc<VerifyingKey<EqAffine>>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let key = spec.hash();
-    if let Some(vk) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
-        return Ok(vk);
-    }
-    let stored = key_dir
-        .and_then(|dir| fs::read(key_path(dir, spec)).ok())
-        .and_then(|bytes| Keys::read_verifying_key(params, spec, &bytes).ok());
-    let vk = Arc::new(match stored {
-        Some(vk) => vk,
-        None => keygen_vk(params, spec)?,
-    });
-    if let Ok(mut c) = cache.lock() {
-        if c.len() >= 64 {
-            c.clear();
-        }
-        c.insert(key, vk.clone());
-    }
-    Ok(vk)
-}
-
 /// Verifies a proof bundle against the verifying key rebuilt from `bundle.spec`.
 pub fn verify(params: &Params, bundle: &ProofBundle) -> Result<(), ZkError> {
     verify_with(params, bundle, None)
 }
 
-/// [`verify`], taking the verifying key from a key file in `key_dir` (written by
-/// [`Keys::load_or_create`]) when there is one for the bundle's spec, instead of keygen.
+/// [`verify`], with the verifying key from the key files in `key_dir` (the prover's key file
+/// for the spec, or a verifying key file, made and stored on first use: see
+/// [`crate::keys::verifying_key`]) instead of keygen in every process.
 pub fn verify_cached(params: &Params, bundle: &ProofBundle, key_dir: &Path) -> Result<(), ZkError> {
     verify_with(params, bundle, Some(key_dir))
 }
@@ -551,7 +288,7 @@ fn verify_plonk(
     key_dir: Option<&Path>,
 ) -> Result<(), ZkError> {
     let public = &bundle.public;
-    let vk = cached_vk(params, &bundle.spec, key_dir)?;
+    let vk = crate::keys::cached_vk(params, &bundle.spec, key_dir)?;
     let inst = instance(&public.job_id, &public.input, &public.output);
     let mut transcript = Blake2bRead::<_, EqAffine, Challenge255<_>>::init(&bundle.proof[..]);
     plonk::verify_proof(

@@ -106,6 +106,18 @@ async fn a_proved_prediction_verifies_offline_and_tampering_fails() {
     );
     let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(verdict["valid"], true);
+    // The verifier made the verifying key once and keeps it beside the params; every later
+    // verification below (each its own process) reads it instead of running keygen.
+    let vk_files: Vec<_> = std::fs::read_dir(params.join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        vk_files.len() == 1 && vk_files[0].starts_with("vk-"),
+        "{vk_files:?}"
+    );
+    let vk_file = params.join("keys").join(&vk_files[0]);
+    let vk_written = std::fs::metadata(&vk_file).unwrap().modified().unwrap();
 
     // Any change to the public instance breaks it.
     let tampers: Vec<(&str, Tamper)> = vec![
@@ -138,6 +150,11 @@ async fn a_proved_prediction_verifies_offline_and_tampering_fails() {
             "a proof with a changed {what} must not verify"
         );
     }
+    assert_eq!(
+        std::fs::metadata(&vk_file).unwrap().modified().unwrap(),
+        vk_written,
+        "the stored verifying key was read, not made again"
+    );
 
     // The prover service verifies the same way (gRPC), and rejects the tampered file.
     assert_eq!(account(&user).await["credits"], 9, "one charged prediction");

@@ -2,7 +2,7 @@
 //! can't be trusted to be the same keys (corrupt, truncated, another spec, another build) is
 //! refused with a reason and replaced, never used and never a panic.
 
-use modelhub_zk::{KeySource, Keys, ZkError, prove, verify, verify_cached};
+use modelhub_zk::{KeySource, Keys, ZkError, keys, prove, verify, verify_cached};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -134,6 +134,68 @@ fn a_bad_key_file_is_replaced_with_the_reason() {
         other => panic!("{other:?}"),
     };
     assert!(e.contains("another circuit spec"), "{e}");
+}
+
+#[test]
+fn a_verifier_stores_its_verifying_key_once() {
+    let f = fixture();
+    let spec = &f.model.spec;
+    let dir = tempfile::tempdir().unwrap();
+    let (vk, source) = keys::verifying_key(&f.params, spec, dir.path()).unwrap();
+    assert!(matches!(
+        source,
+        KeySource::Keygen {
+            stale: None,
+            not_stored: None
+        }
+    ));
+    assert_eq!(keys::fingerprint(&vk), f.keys.fingerprint());
+    let path = key_file(dir.path());
+    assert!(
+        path.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("vk-")
+    );
+    let (vk, source) = keys::verifying_key(&f.params, spec, dir.path()).unwrap();
+    assert_eq!(source, KeySource::Disk);
+    assert_eq!(keys::fingerprint(&vk), f.keys.fingerprint());
+
+    // A damaged or foreign file is replaced, with the reason.
+    let good = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 4;
+    for (bytes, reason) in [
+        (bad, "checksum"),
+        (f.keys.to_bytes().unwrap(), "not a key file of this kind"),
+        (
+            reseal([&good[..good.len() - 32], &[0u8; 33][..]].concat()),
+            "trailing",
+        ),
+    ] {
+        std::fs::write(&path, bytes).unwrap();
+        let (vk, source) = keys::verifying_key(&f.params, spec, dir.path()).unwrap();
+        match source {
+            KeySource::Keygen {
+                stale: Some(m),
+                not_stored: None,
+            } => {
+                assert!(m.contains(reason), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(keys::fingerprint(&vk), f.keys.fingerprint());
+        assert_eq!(std::fs::read(&path).unwrap(), good);
+    }
+
+    // Where the prover keeps its key file, the verifying key comes from it: no second file.
+    let prover = tempfile::tempdir().unwrap();
+    Keys::load_or_create(&f.params, spec, prover.path()).unwrap();
+    let (vk, source) = keys::verifying_key(&f.params, spec, prover.path()).unwrap();
+    assert_eq!(source, KeySource::Disk);
+    assert_eq!(keys::fingerprint(&vk), f.keys.fingerprint());
+    assert!(key_file(prover.path()).to_str().unwrap().contains("keys-"));
 }
 
 #[test]
