@@ -80,6 +80,7 @@ fn run(name: &str, onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<()> {
     let keys = Keys::new(&params, &model.spec)?;
     let keygen_ms = ms(t);
     let (keys_load_ms, key_file_bytes) = keys_from_disk(&params, &keys)?;
+    let (vk_keygen_ms, vk_load_ms) = vk_from_disk(&params, &keys)?;
     let t = Instant::now();
     let (c, o) = commit(&model, &params)?;
     let commit_ms = ms(t);
@@ -115,6 +116,7 @@ fn run(name: &str, onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<()> {
         serde_json::json!({
             "model": name, "k": model.spec.k, "lanes": model.spec.lanes, "params_ms": params_ms, "keygen_ms": keygen_ms,
             "keys_load_ms": keys_load_ms, "key_file_bytes": key_file_bytes,
+            "vk_keygen_ms": vk_keygen_ms, "vk_load_ms": vk_load_ms,
             "commit_ms": commit_ms, "prove_ms_median": prove_ms[1],
             "verify_first_ms": verify_first_ms, "verify_ms_median": verify_ms[2],
             "proof_bytes": bundle.proof.len(), "link_bytes": bundle.link.len(),
@@ -137,6 +139,24 @@ fn keys_from_disk(params: &Params, keys: &Keys) -> anyhow::Result<(f64, usize)> 
         anyhow::ensure!(read.fingerprint() == keys.fingerprint(), "keys read differ");
     }
     Ok((median(&mut times), bytes.len()))
+}
+
+/// What an offline verifier pays for the verifying key: keygen the first time (stored as a
+/// verifying key file), then a read of that file (median of 3). Returns both in ms.
+fn vk_from_disk(params: &Params, keys: &Keys) -> anyhow::Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let t = Instant::now();
+    modelhub_zk::keys::verifying_key(params, keys.spec(), dir.path())?;
+    let first = ms(t);
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (vk, source) = modelhub_zk::keys::verifying_key(params, keys.spec(), dir.path())?;
+        times.push(ms(t));
+        anyhow::ensure!(source == modelhub_zk::KeySource::Disk, "not read from disk");
+        anyhow::ensure!(modelhub_zk::keys::fingerprint(&vk) == keys.fingerprint());
+    }
+    Ok((first, median(&mut times)))
 }
 
 /// First index of the largest value (numpy's argmax).
@@ -218,6 +238,7 @@ fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyh
     let keys = Keys::new(&params, &model.spec)?;
     let keygen_ms = ms(t);
     let (keys_load_ms, key_file_bytes) = keys_from_disk(&params, &keys)?;
+    let (vk_keygen_ms, vk_load_ms) = vk_from_disk(&params, &keys)?;
     let t = Instant::now();
     let (c, o) = commit(&model, &params)?;
     let commit_ms = ms(t);
@@ -272,6 +293,7 @@ fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyh
             "compile_ms": compile_ms,
             "params_new_ms": params_new_ms, "params_load_ms": params_load_ms,
             "keygen_ms": keygen_ms, "keys_load_ms": keys_load_ms, "key_file_bytes": key_file_bytes,
+            "vk_keygen_ms": vk_keygen_ms, "vk_load_ms": vk_load_ms,
             "commit_ms": commit_ms,
             "prove_ms": prove_all, "prove_ms_median": median(&mut prove_ms),
             "prove_cpu_ms_median": median(&mut prove_cpu_ms), "process_cpu_ms": cpu_ms(),
