@@ -231,7 +231,7 @@ impl pb::prover_server::Prover for ProverService {
             .run(move || -> Result<(), ProverError> {
                 let keys_dir = params.keys_dir();
                 let params = params.get(bundle.spec.k)?;
-                modelhub_zk::verify_cached(&params, &bundle, &keys_dir)?;
+                modelhub_zk::verify_with_prover_keys(&params, &bundle, &keys_dir)?;
                 Ok(())
             })
             .await

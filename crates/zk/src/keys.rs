@@ -183,6 +183,16 @@ pub(crate) fn internal(what: &str) -> impl Fn(plonk::Error) -> ZkError + '_ {
     move |e| ZkError::Internal(format!("{what}: {e}"))
 }
 
+/// Where a verification gets its verifying key when it is not in memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum VkSource<'a> {
+    /// Keygen from the spec.
+    Keygen,
+    /// The key files in `dir` ([`verifying_key`] if `store`, else only the prover's key file),
+    /// keygen otherwise.
+    Files { dir: &'a Path, store: bool },
+}
+
 /// The verifying key for `spec` from `dir`: from the prover's key file if there is one, else
 /// from a verifying key file, else made by keygen and stored as a verifying key file (an
 /// unusable file is replaced). The key files are a cache of what keygen makes from the public
@@ -192,9 +202,7 @@ pub fn verifying_key(
     spec: &CircuitSpec,
     dir: &Path,
 ) -> Result<(VerifyingKey<EqAffine>, KeySource), ZkError> {
-    if let Ok(vk) = read_file(&file_path(dir, "keys", spec), |b| {
-        Keys::read_verifying_key(params, spec, b)
-    }) {
+    if let Some(vk) = prover_vk(params, spec, dir) {
         return Ok((vk, KeySource::Disk));
     }
     let path = file_path(dir, "vk", spec);
@@ -209,12 +217,20 @@ pub fn verifying_key(
     Ok((vk, KeySource::Keygen { stale, not_stored }))
 }
 
+/// The verifying key in the prover's key file for `spec` in `dir`, if there is a usable one.
+fn prover_vk(params: &Params, spec: &CircuitSpec, dir: &Path) -> Option<VerifyingKey<EqAffine>> {
+    read_file(&file_path(dir, "keys", spec), |b| {
+        Keys::read_verifying_key(params, spec, b)
+    })
+    .ok()
+}
+
 /// Verifying keys by spec hash, in memory (keygen is deterministic in the spec and `k`); on a
-/// miss, from `dir` ([`verifying_key`]) or keygen.
+/// miss, from `source`.
 pub(crate) fn cached_vk(
     params: &Params,
     spec: &CircuitSpec,
-    dir: Option<&Path>,
+    source: VkSource<'_>,
 ) -> Result<Arc<VerifyingKey<EqAffine>>, ZkError> {
     type Cache = Mutex<HashMap<[u8; 32], Arc<VerifyingKey<EqAffine>>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
@@ -223,9 +239,13 @@ pub(crate) fn cached_vk(
     if let Some(vk) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
         return Ok(vk);
     }
-    let vk = Arc::new(match dir {
-        Some(dir) => verifying_key(params, spec, dir)?.0,
-        None => keygen_vk(params, spec)?,
+    let vk = Arc::new(match source {
+        VkSource::Files { dir, store: true } => verifying_key(params, spec, dir)?.0,
+        VkSource::Files { dir, store: false } => match prover_vk(params, spec, dir) {
+            Some(vk) => vk,
+            None => keygen_vk(params, spec)?,
+        },
+        VkSource::Keygen => keygen_vk(params, spec)?,
     });
     if let Ok(mut c) = cache.lock() {
         if c.len() >= 64 {

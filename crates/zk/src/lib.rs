@@ -30,7 +30,10 @@ pub mod shape;
 pub use commit::{Commitment, Opening, Params, commit};
 pub use error::ZkError;
 pub use keys::{KeySource, Keys};
-pub use proof::{PROOF_FORMAT, ProofBundle, PublicInstance, prove, verify, verify_cached};
+pub use proof::{
+    PROOF_FORMAT, ProofBundle, PublicInstance, prove, verify, verify_cached,
+    verify_with_prover_keys,
+};
 pub use quant::{
     CircuitSpec, LANE_CHOICES, LayerSpec, QuantizedModel, calibrate, choose_lanes,
     dequantize_output, quantize_input, reference,

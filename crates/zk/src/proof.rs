@@ -44,7 +44,7 @@ use crate::commit::{
     Commitment, LinkSecret, LinkStatement, Opening, Params, link_prove, link_verify, linked_point,
     sys_rng,
 };
-use crate::keys::{Keys, internal};
+use crate::keys::{Keys, VkSource, internal};
 use crate::quant::{ACT_MAX, ACT_MIN, CircuitSpec, QuantizedModel, UNUSABLE_ROWS};
 
 /// The value of [`ProofBundle::format`].
@@ -224,20 +224,46 @@ fn advice_points(proof: &[u8], lanes: usize) -> Result<Vec<[u8; 32]>, ZkError> {
 
 /// Verifies a proof bundle against the verifying key rebuilt from `bundle.spec`.
 pub fn verify(params: &Params, bundle: &ProofBundle) -> Result<(), ZkError> {
-    verify_with(params, bundle, None)
+    verify_with(params, bundle, VkSource::Keygen)
 }
 
 /// [`verify`], with the verifying key from the key files in `key_dir` (the prover's key file
 /// for the spec, or a verifying key file, made and stored on first use: see
-/// [`crate::keys::verifying_key`]) instead of keygen in every process.
+/// [`crate::keys::verifying_key`]) instead of keygen in every process. For a verifier that
+/// sees proofs of a few circuits many times, each in a new process (`modelhub proofs verify`).
 pub fn verify_cached(params: &Params, bundle: &ProofBundle, key_dir: &Path) -> Result<(), ZkError> {
-    verify_with(params, bundle, Some(key_dir))
+    verify_with(
+        params,
+        bundle,
+        VkSource::Files {
+            dir: key_dir,
+            store: true,
+        },
+    )
+}
+
+/// [`verify`], with the verifying key from the proving key file in `key_dir` when there is one
+/// ([`Keys::load_or_create`]), else keygen; nothing is written. For the prover's `Verify`,
+/// whose callers may send proofs of any circuit: they never make it store files.
+pub fn verify_with_prover_keys(
+    params: &Params,
+    bundle: &ProofBundle,
+    key_dir: &Path,
+) -> Result<(), ZkError> {
+    verify_with(
+        params,
+        bundle,
+        VkSource::Files {
+            dir: key_dir,
+            store: false,
+        },
+    )
 }
 
 fn verify_with(
     params: &Params,
     bundle: &ProofBundle,
-    key_dir: Option<&Path>,
+    vk_source: VkSource<'_>,
 ) -> Result<(), ZkError> {
     if bundle.format != PROOF_FORMAT {
         return Err(ZkError::Verification(format!(
@@ -274,7 +300,7 @@ fn verify_with(
     // thread while halo2 verifies. A link failure is reported first, as when run in sequence.
     std::thread::scope(|scope| {
         let link = scope.spawn(|| link_verify(params, &st, &bundle.link));
-        let proof = verify_plonk(params, bundle, key_dir);
+        let proof = verify_plonk(params, bundle, vk_source);
         link.join()
             .unwrap_or_else(|_| Err(ZkError::Internal("link verifier panicked".into())))?;
         proof
@@ -285,10 +311,10 @@ fn verify_with(
 fn verify_plonk(
     params: &Params,
     bundle: &ProofBundle,
-    key_dir: Option<&Path>,
+    vk_source: VkSource<'_>,
 ) -> Result<(), ZkError> {
     let public = &bundle.public;
-    let vk = crate::keys::cached_vk(params, &bundle.spec, key_dir)?;
+    let vk = crate::keys::cached_vk(params, &bundle.spec, vk_source)?;
     let inst = instance(&public.job_id, &public.input, &public.output);
     let mut transcript = Blake2bRead::<_, EqAffine, Challenge255<_>>::init(&bundle.proof[..]);
     plonk::verify_proof(

@@ -199,6 +199,44 @@ fn a_verifier_stores_its_verifying_key_once() {
 }
 
 #[test]
+fn the_provers_verify_never_stores_keys_for_a_callers_circuit() {
+    let f = fixture();
+    let bundle = prove(
+        &f.params,
+        &f.keys,
+        &f.model,
+        &f.commitment,
+        &f.opening,
+        &digits().test[5],
+        "job-verify-files",
+    )
+    .unwrap();
+    // Specs no other test verifies (so their keys are not in memory): the same circuit under
+    // other output names. The proofs don't verify (the spec is in the statement), but each
+    // verification first looks for the verifying key.
+    let renamed = |name: &str| {
+        let mut b = bundle.clone();
+        b.spec.output_name = name.into();
+        b
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bad = renamed("logits-for-the-prover");
+    assert!(modelhub_zk::verify_with_prover_keys(&f.params, &bad, dir.path()).is_err());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing stored"
+    );
+    // A verifier that keeps keys (modelhub proofs verify) stores the one it made.
+    let bad = renamed("logits-for-the-cli");
+    assert!(verify_cached(&f.params, &bad, dir.path()).is_err());
+    assert!(key_file(dir.path()).to_str().unwrap().contains("vk-"));
+    // The prover's own key file serves its verifications.
+    Keys::load_or_create(&f.params, &f.model.spec, dir.path()).unwrap();
+    modelhub_zk::verify_with_prover_keys(&f.params, &bundle, dir.path()).unwrap();
+}
+
+#[test]
 fn concurrent_first_uses_leave_one_good_file() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
