@@ -27,3 +27,40 @@ pub async fn ctrl_c() {
         tracing::error!(error = %e, "waiting for ctrl-c failed");
     }
 }
+
+/// Declares a gRPC service crate's `ServeArgs`: what its own binary and `modelhub serve
+/// <service>` take (`--listen`, with its environment variable and default, and the crate's
+/// `Settings` flattened), and `ServeArgs::serve`, which [`bind`]s, announces and calls the
+/// crate's `run(settings, listener, shutdown)`. The crate must depend on `clap` and `anyhow`.
+///
+/// ```ignore
+/// modelhub_core::serve_args!("prover", "MODELHUB_PROVER_LISTEN", "127.0.0.1:50054");
+/// ```
+#[macro_export]
+macro_rules! serve_args {
+    ($service:literal, $listen_env:literal, $listen_default:literal) => {
+        #[doc = concat!(
+                    "What the `modelhub-", $service, "` binary and `modelhub serve ", $service,
+                    "` take: where to listen, and the settings."
+                )]
+        #[derive(Debug, Clone, clap::Args)]
+        pub struct ServeArgs {
+            /// Address to listen on (port 0: any free port, printed once bound).
+            #[arg(long, env = $listen_env, default_value = $listen_default)]
+            pub listen: std::net::SocketAddr,
+            #[command(flatten)]
+            pub settings: Settings,
+        }
+
+        impl ServeArgs {
+            /// Binds, announces the bound address on stdout, and serves until `shutdown`.
+            pub async fn serve(
+                self,
+                shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+            ) -> anyhow::Result<()> {
+                let listener = $crate::serve::bind($service, self.listen).await?;
+                run(self.settings, listener, shutdown).await
+            }
+        }
+    };
+}

@@ -134,28 +134,4 @@ pub async fn serve(
     Ok(())
 }
 
-/// What the `modelhub-inference` binary and `modelhub serve inference` take: where to listen, and the
-/// settings.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ServeArgs {
-    /// Address to listen on (port 0: any free port, printed once bound).
-    #[arg(
-        long,
-        env = "MODELHUB_INFERENCE_LISTEN",
-        default_value = "127.0.0.1:50053"
-    )]
-    pub listen: std::net::SocketAddr,
-    #[command(flatten)]
-    pub settings: Settings,
-}
-
-impl ServeArgs {
-    /// Binds, announces the bound address on stdout, and serves until `shutdown`.
-    pub async fn serve(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let listener = modelhub_core::serve::bind("inference", self.listen).await?;
-        run(self.settings, listener, shutdown).await
-    }
-}
+modelhub_core::serve_args!("inference", "MODELHUB_INFERENCE_LISTEN", "127.0.0.1:50053");

@@ -23,7 +23,7 @@ pub use service::ProverService;
 /// Settings of the prover service.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
-    /// Folder for proofs, compiled-model records and cached proving params.
+    /// Folder for proofs, compiled-model records and cached proving params and keys.
     #[arg(
         long,
         env = "MODELHUB_PROVER_DATA_DIR",
@@ -43,7 +43,7 @@ pub struct Settings {
     /// Proving threads.
     #[arg(long, env = "MODELHUB_PROVER_WORKERS", default_value_t = 1)]
     pub workers: usize,
-    /// Where proving params are cached. Default: `<data_dir>/params`.
+    /// Where proving params and keys (`keys/`) are cached. Default: `<data_dir>/params`.
     #[arg(long, env = "MODELHUB_PROVER_PARAMS_DIR")]
     pub params_dir: Option<PathBuf>,
 }
@@ -117,28 +117,4 @@ pub async fn run(
     Ok(())
 }
 
-/// What the `modelhub-prover` binary and `modelhub serve prover` take: where to listen, and the
-/// settings.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ServeArgs {
-    /// Address to listen on (port 0: any free port, printed once bound).
-    #[arg(
-        long,
-        env = "MODELHUB_PROVER_LISTEN",
-        default_value = "127.0.0.1:50054"
-    )]
-    pub listen: std::net::SocketAddr,
-    #[command(flatten)]
-    pub settings: Settings,
-}
-
-impl ServeArgs {
-    /// Binds, announces the bound address on stdout, and serves until `shutdown`.
-    pub async fn serve(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let listener = modelhub_core::serve::bind("prover", self.listen).await?;
-        run(self.settings, listener, shutdown).await
-    }
-}
+modelhub_core::serve_args!("prover", "MODELHUB_PROVER_LISTEN", "127.0.0.1:50054");

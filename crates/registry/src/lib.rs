@@ -180,28 +180,4 @@ pub async fn run(
     Ok(())
 }
 
-/// What the `modelhub-registry` binary and `modelhub serve registry` take: where to listen, and the
-/// settings.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ServeArgs {
-    /// Address to listen on (port 0: any free port, printed once bound).
-    #[arg(
-        long,
-        env = "MODELHUB_REGISTRY_LISTEN",
-        default_value = "127.0.0.1:50051"
-    )]
-    pub listen: std::net::SocketAddr,
-    #[command(flatten)]
-    pub settings: Settings,
-}
-
-impl ServeArgs {
-    /// Binds, announces the bound address on stdout, and serves until `shutdown`.
-    pub async fn serve(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let listener = modelhub_core::serve::bind("registry", self.listen).await?;
-        run(self.settings, listener, shutdown).await
-    }
-}
+modelhub_core::serve_args!("registry", "MODELHUB_REGISTRY_LISTEN", "127.0.0.1:50051");

@@ -176,28 +176,4 @@ pub async fn run(
     Ok(())
 }
 
-/// What the `modelhub-storage` binary and `modelhub serve storage` take: where to listen, and the
-/// settings.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ServeArgs {
-    /// Address to listen on (port 0: any free port, printed once bound).
-    #[arg(
-        long,
-        env = "MODELHUB_STORAGE_LISTEN",
-        default_value = "127.0.0.1:50052"
-    )]
-    pub listen: std::net::SocketAddr,
-    #[command(flatten)]
-    pub settings: Settings,
-}
-
-impl ServeArgs {
-    /// Binds, announces the bound address on stdout, and serves until `shutdown`.
-    pub async fn serve(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let listener = modelhub_core::serve::bind("storage", self.listen).await?;
-        run(self.settings, listener, shutdown).await
-    }
-}
+modelhub_core::serve_args!("storage", "MODELHUB_STORAGE_LISTEN", "127.0.0.1:50052");
