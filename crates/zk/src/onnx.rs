@@ -7,7 +7,8 @@
 //! pads), `AveragePool` (no ceil mode; pads only with count_include_pad) and
 //! `GlobalAveragePool` (as depthwise convolutions), `MaxPool` (2-d, explicit pads smaller than
 //! the kernel, no dilation, no ceil mode, storage order 0, no `Indices` output; a `Relu` right
-//! after it is moved before it, as they commute), `Sigmoid`, `Tanh`, and the shape ops
+//! after it is moved before it, as they commute), `GlobalMaxPool` (as a `MaxPool` whose kernel
+//! is the whole map), `Sigmoid`, `Tanh`, and the shape ops
 //! `Flatten`, `Reshape` (to a constant shape), `Identity`, `Cast` (to float). Batch dimension 1; convolutions need the
 //! input's `[1, C, H, W]` shape (from the graph input or a `Reshape`). A classifier head that
 //! starts with `Softmax` (then only `Identity`, `ArgMax`, `ArrayFeatureExtractor`, `Reshape`,
@@ -411,7 +412,7 @@ pub fn parse(bytes: &[u8]) -> Result<FloatModel, ZkError> {
                 last_is_open = true;
                 current = out;
             }
-            "MaxPool" if on_current => {
+            "MaxPool" | "GlobalMaxPool" if on_current => {
                 let Some(&[c, h, w]) = shape.as_deref() else {
                     return Err(ZkError::unsupported(
                         op,
@@ -544,8 +545,8 @@ pub fn parse(bytes: &[u8]) -> Result<FloatModel, ZkError> {
                 current = out;
             }
             "Identity" | "Flatten" | "Reshape" | "Cast" | "Softmax" | "Gemm" | "MatMul"
-            | "Relu" | "Conv" | "AveragePool" | "GlobalAveragePool" | "MaxPool" | "Sigmoid"
-            | "Tanh" => {
+            | "Relu" | "Conv" | "AveragePool" | "GlobalAveragePool" | "MaxPool"
+            | "GlobalMaxPool" | "Sigmoid" | "Tanh" => {
                 return Err(ZkError::unsupported(
                     op,
                     "the graph must be a single chain from its input",
@@ -554,7 +555,7 @@ pub fn parse(bytes: &[u8]) -> Result<FloatModel, ZkError> {
             other => {
                 return Err(ZkError::unsupported(
                     other,
-                    "not supported in proofs yet (supported: Gemm, MatMul, Add, Relu, Sigmoid, Tanh, Conv, AveragePool, GlobalAveragePool, MaxPool, Flatten, Reshape, Identity)",
+                    "not supported in proofs yet (supported: Gemm, MatMul, Add, Relu, Sigmoid, Tanh, Conv, AveragePool, GlobalAveragePool, MaxPool, GlobalMaxPool, Flatten, Reshape, Identity)",
                 ));
             }
         }
@@ -795,24 +796,31 @@ fn max_pool_layer(node: &NodeProto, [c, h, w]: [usize; 3]) -> Result<FloatLayer,
     if attr(node, "storage_order").is_some_and(|a| a.i != 0) {
         return Err(ZkError::unsupported(op, "storage_order 1 is not supported"));
     }
-    let kernel = match ints(node, "kernel_shape") {
-        Some(k) if k.len() == 2 => [k[0], k[1]],
-        _ => {
-            return Err(ZkError::unsupported(
-                op,
-                "only 2-d pooling is supported (kernel_shape must have 2 values)",
-            ));
-        }
-    };
-    let pads = match ints(node, "pads") {
-        Some(p) if p.len() == 4 => [p[0], p[1], p[2], p[3]],
-        Some(_) => return Err(ZkError::unsupported(op, "pads must have 4 values")),
-        None => [0; 4],
-    };
-    let stride = match ints(node, "strides") {
-        Some(s) if s.len() == 2 => [s[0], s[1]],
-        Some(_) => return Err(ZkError::unsupported(op, "strides must have 2 values")),
-        None => [1, 1],
+    let (kernel, pads, stride) = if op == "GlobalMaxPool" {
+        // No attributes: the kernel is the whole map, one output per channel.
+        let whole = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        ([whole(h), whole(w)], [0; 4], [1, 1])
+    } else {
+        let kernel = match ints(node, "kernel_shape") {
+            Some(k) if k.len() == 2 => [k[0], k[1]],
+            _ => {
+                return Err(ZkError::unsupported(
+                    op,
+                    "only 2-d pooling is supported (kernel_shape must have 2 values)",
+                ));
+            }
+        };
+        let pads = match ints(node, "pads") {
+            Some(p) if p.len() == 4 => [p[0], p[1], p[2], p[3]],
+            Some(_) => return Err(ZkError::unsupported(op, "pads must have 4 values")),
+            None => [0; 4],
+        };
+        let stride = match ints(node, "strides") {
+            Some(s) if s.len() == 2 => [s[0], s[1]],
+            Some(_) => return Err(ZkError::unsupported(op, "strides must have 2 values")),
+            None => [1, 1],
+        };
+        (kernel, pads, stride)
     };
     let dim = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
     let shape = ConvShape {
@@ -1028,7 +1036,18 @@ mod tests {
     }
 
     fn pool_model(attrs: Vec<AttributeProto>, extra_output: bool) -> Vec<u8> {
-        let mut model = ModelProto::decode(mlp_onnx(&[layer(8, 2, false)]).as_slice()).unwrap();
+        pool_model_with("MaxPool", attrs, extra_output, 8)
+    }
+
+    /// `op` on a [1, 2, 3, 3] input, then a dense layer of `pooled` inputs.
+    fn pool_model_with(
+        op: &str,
+        attrs: Vec<AttributeProto>,
+        extra_output: bool,
+        pooled: usize,
+    ) -> Vec<u8> {
+        let mut model =
+            ModelProto::decode(mlp_onnx(&[layer(pooled, 2, false)]).as_slice()).unwrap();
         let graph = model.graph.as_mut().unwrap();
         graph.input[0].r#type = Some(TypeProto {
             tensor_type: Some(TensorTypeProto {
@@ -1053,7 +1072,7 @@ mod tests {
             NodeProto {
                 input: vec!["input".into()],
                 output,
-                op_type: "MaxPool".into(),
+                op_type: op.into(),
                 attribute: attrs,
                 ..Default::default()
             },
@@ -1121,5 +1140,36 @@ mod tests {
         assert!(reason(vec![k()], true).contains("Indices"));
         assert!(reason(vec![ints_attr("kernel_shape", &[2])], false).contains("2-d"));
         assert!(reason(vec![k(), ints_attr("pads", &[2, 0, 0, 0])], false).contains("pads"));
+    }
+
+    #[test]
+    fn global_max_pool_is_a_max_pool_over_the_whole_map() {
+        let m = parse(&pool_model_with("GlobalMaxPool", vec![], false, 2)).unwrap();
+        let LayerKind::MaxPool(s) = &m.layers[0].kind else {
+            panic!("{:?}", m.layers[0].kind)
+        };
+        assert_eq!(
+            (s.kernel, s.out_h(), s.out_w(), m.layers[0].outputs),
+            ([3, 3], 1, 1, 2)
+        );
+        let x: Vec<f32> = (0..18).map(|i| (i as f32 * 1.7).sin()).collect();
+        for c in 0..2 {
+            let got = m.layers[0]
+                .kind
+                .connections(18, c)
+                .iter()
+                .map(|e| x[e.0])
+                .fold(f32::MIN, f32::max);
+            let want = x[c * 9..c * 9 + 9].iter().copied().fold(f32::MIN, f32::max);
+            assert_eq!(got, want, "channel {c}");
+        }
+        // Its Indices output is refused as MaxPool's is.
+        match parse(&pool_model_with("GlobalMaxPool", vec![], true, 2)) {
+            Err(ZkError::Unsupported { op, reason }) => {
+                assert_eq!(op, "GlobalMaxPool");
+                assert!(reason.contains("Indices"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

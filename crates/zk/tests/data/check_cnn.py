@@ -9,7 +9,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 
-for name in ["zk-cnn", "zk-cnn-maxpool", "zk-mlp-sigmoid", "zk-mlp-tanh"]:
+for name in ["zk-cnn", "zk-cnn-maxpool", "zk-cnn-global-maxpool", "zk-mlp-sigmoid", "zk-mlp-tanh"]:
     sess = ort.InferenceSession(f"target/{name}.onnx", providers=["CPUExecutionProvider"])
     feed = sess.get_inputs()[0].name
     data = json.load(open(f"target/{name}.json"))

@@ -231,6 +231,7 @@ fn write_cnn_for_onnxruntime() {
             "zk-cnn-maxpool",
             cnn_onnx_with("MaxPool", [1, 1, 0, 0], false),
         ),
+        ("zk-cnn-global-maxpool", crate::pool::global_max_cnn()),
         ("zk-mlp-sigmoid", crate::pool::act_mlp("Sigmoid")),
         ("zk-mlp-tanh", crate::pool::act_mlp("Tanh")),
     ];

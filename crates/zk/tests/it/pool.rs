@@ -99,6 +99,43 @@ fn cnn_with_max_pool_compiles_proves_and_verifies() {
     prove_and_verify(&model, &d.test[2], "maxpool-job");
 }
 
+/// The test CNN with a `GlobalMaxPool`: 4 channels of 6×6 pooled to one value each, then 4 → 10.
+pub fn global_max_cnn() -> Vec<u8> {
+    let mut model = ModelProto::decode(cnn_onnx_with("MaxPool", [0; 4], false).as_slice()).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let pool = graph
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "MaxPool")
+        .unwrap();
+    pool.op_type = "GlobalMaxPool".into();
+    pool.attribute.clear();
+    let gw = graph
+        .initializer
+        .iter_mut()
+        .find(|i| i.name == "gw")
+        .unwrap();
+    *gw = crate::cnn::floats("gw", &[10, 4], 13, 1.0);
+    model.encode_to_vec()
+}
+
+#[test]
+fn cnn_with_global_max_pool_proves_and_verifies() {
+    let bytes = global_max_cnn();
+
+    let float = onnx::parse(&bytes).unwrap();
+    let LayerKind::MaxPool(s) = &float.layers[1].kind else {
+        panic!("{:?}", float.layers[1].kind)
+    };
+    assert_eq!((s.kernel, float.layers[1].outputs), ([6, 6], 4));
+    let d = digits();
+    let model = compile(&bytes, &d.train).unwrap();
+    let (same, n) = agreement(&model, &float);
+    eprintln!("global max pool cnn: quantized argmax = float argmax on {same}/{n}");
+    assert!(same * 100 >= n * 95, "{same}/{n}");
+    prove_and_verify(&model, &d.test[6], "global-maxpool-job");
+}
+
 /// 64 → 24 → `act` → 10 with random weights (input "input", output "output").
 pub fn act_mlp(act: &str) -> Vec<u8> {
     let layer = |inputs: usize, outputs: usize, seed: u64| {
