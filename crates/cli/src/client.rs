@@ -298,6 +298,9 @@ pub struct ModelUpload {
     pub name: String,
     pub version: String,
     pub price: u64,
+    /// The range the model's inputs lie in, for proof calibration (`None`: the gateway's
+    /// default, `[0, 1]`).
+    pub input_range: Option<modelhub_core::InputRange>,
 }
 
 impl ModelUpload {
@@ -306,16 +309,24 @@ impl ModelUpload {
             name: name.into(),
             version: version.into(),
             price,
+            input_range: None,
         }
     }
 
     pub fn path_and_query(&self) -> String {
-        let q = form_query(&[
-            ("name", &self.name),
-            ("version", &self.version),
-            ("price", &self.price.to_string()),
-        ]);
-        format!("/v1/models?{q}")
+        let price = self.price.to_string();
+        let range = self
+            .input_range
+            .map(|r| (r.min.to_string(), r.max.to_string()));
+        let mut pairs = vec![
+            ("name", self.name.as_str()),
+            ("version", self.version.as_str()),
+            ("price", price.as_str()),
+        ];
+        if let Some((min, max)) = &range {
+            pairs.extend([("input_min", min.as_str()), ("input_max", max.as_str())]);
+        }
+        format!("/v1/models?{}", form_query(&pairs))
     }
 }
 

@@ -254,6 +254,10 @@ pub enum Models {
         /// Credits per prediction.
         #[arg(long)]
         price: u64,
+        /// The range the model's input values lie in, as MIN,MAX (default 0,1): proofs are
+        /// calibrated on it, and inputs outside it can't be proved.
+        #[arg(long, value_name = "MIN,MAX", value_parser = parse_input_range, allow_hyphen_values = true)]
+        input_range: Option<modelhub_core::InputRange>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -377,6 +381,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             version,
             price,
+            input_range,
             client,
         }) => {
             let v = upload_file(
@@ -386,6 +391,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     version,
                     price,
+                    input_range,
                 },
             )
             .await?;
@@ -518,6 +524,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `MIN,MAX` as an input range.
+fn parse_input_range(s: &str) -> Result<modelhub_core::InputRange, String> {
+    let (min, max) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected MIN,MAX, got {s:?}"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<f32>()
+            .map_err(|e| format!("{v:?} is not a number: {e}"))
+    };
+    modelhub_core::InputRange::new(num(min)?, num(max)?)
 }
 
 /// Verifies a proof file offline; params and the verifying key are made from the public spec

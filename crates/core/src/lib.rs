@@ -11,4 +11,4 @@ pub mod telemetry;
 pub mod tensor;
 
 pub use error::{ApiError, ErrorCode};
-pub use tensor::{DataType, Tensor, TensorSpec};
+pub use tensor::{DataType, InputRange, Tensor, TensorSpec};

@@ -415,6 +415,36 @@ pub fn validate_inputs(specs: &[TensorSpec], inputs: &[Tensor]) -> Result<(), Ap
     Ok(())
 }
 
+/// The range a model's input values lie in, declared by its creator at upload (`[0, 1]` by
+/// default): calibration samples are drawn from it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InputRange {
+    pub min: f32,
+    pub max: f32,
+}
+
+impl Default for InputRange {
+    fn default() -> Self {
+        InputRange { min: 0.0, max: 1.0 }
+    }
+}
+
+/// Largest input magnitude a declared range may reach.
+pub const MAX_INPUT_MAGNITUDE: f32 = 1.0e6;
+
+impl InputRange {
+    /// A range from its bounds: finite, `min < max`, within ±[`MAX_INPUT_MAGNITUDE`].
+    pub fn new(min: f32, max: f32) -> Result<InputRange, String> {
+        let ok = |v: f32| v.is_finite() && v.abs() <= MAX_INPUT_MAGNITUDE;
+        if !ok(min) || !ok(max) || min >= max {
+            return Err(format!(
+                "input range [{min}, {max}] must have finite bounds within ±{MAX_INPUT_MAGNITUDE:e} and min < max"
+            ));
+        }
+        Ok(InputRange { min, max })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,5 +549,20 @@ mod tests {
 
         let e = validate_inputs(&specs, &[ok.clone(), ok]).unwrap_err();
         assert!(e.message.contains("twice"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_input_ranges_are_refused() {
+        for (min, max) in [
+            (1.0, 1.0),
+            (2.0, -2.0),
+            (f32::NAN, 1.0),
+            (0.0, f32::INFINITY),
+            (-2.0e6, 0.0),
+        ] {
+            let e = InputRange::new(min, max).unwrap_err();
+            assert!(e.contains("input range"), "{e}");
+        }
+        assert_eq!(InputRange::new(0.0, 1.0), Ok(InputRange::default()));
     }
 }

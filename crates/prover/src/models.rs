@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use modelhub_core::crypto::Kek;
 use modelhub_core::pool::ComputePool;
-use modelhub_core::{DataType, TensorSpec};
+use modelhub_core::{DataType, InputRange, TensorSpec};
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
 use modelhub_zk::{CircuitSpec, Commitment, KeySource, Keys, Opening, Params, QuantizedModel};
@@ -23,8 +23,9 @@ use tonic::transport::Channel;
 
 use crate::error::ProverError;
 
-/// Calibration inputs: this many pseudo-random samples in `[0, 1]`, plus all-zeros and all-ones.
-/// Model inputs are expected in `[0, 1]` (docs/ZK.md); others fail cleanly at proving time.
+/// Calibration inputs: this many pseudo-random samples in the model's declared input range
+/// (`[0, 1]` by default), plus all-min and all-max. Inputs outside it fail cleanly at proving
+/// time (docs/ZK.md).
 const CALIBRATION_SAMPLES: usize = 64;
 
 /// Largest circuit size the prover accepts (params for larger k are too slow to make here).
@@ -65,6 +66,9 @@ struct Record {
     spec: CircuitSpec,
     commitment: Commitment,
     input_len: usize,
+    /// The declared input range calibration used (records from before it existed: `[0, 1]`).
+    #[serde(default)]
+    input_range: InputRange,
     /// The opening, JSON sealed by the KEK (AAD: model id), base64.
     sealed_opening: String,
 }
@@ -155,16 +159,18 @@ fn state_err(path: &Path, e: impl std::fmt::Display) -> ProverError {
     ProverError::State(format!("{}: {e}", path.display()))
 }
 
-/// Deterministic calibration inputs for a model with `len` input values.
-pub fn calibration_inputs(len: usize) -> Vec<Vec<f32>> {
+/// Deterministic calibration inputs for a model with `len` input values in `range`: all-min,
+/// all-max, and [`CALIBRATION_SAMPLES`] pseudo-random vectors.
+pub fn calibration_inputs(len: usize, range: InputRange) -> Vec<Vec<f32>> {
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32
+        let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+        (range.min + u * (range.max - range.min)).clamp(range.min, range.max)
     };
-    let mut samples = vec![vec![0.0; len], vec![1.0; len]];
+    let mut samples = vec![vec![range.min; len], vec![range.max; len]];
     samples.extend((0..CALIBRATION_SAMPLES).map(|_| (0..len).map(|_| next()).collect()));
     samples
 }
@@ -177,8 +183,9 @@ pub fn recompile(
     bytes: &[u8],
     stored: &CircuitSpec,
     input_len: usize,
+    input_range: InputRange,
 ) -> Result<QuantizedModel, ProverError> {
-    let mut quantized = modelhub_zk::compile(bytes, &calibration_inputs(input_len))?;
+    let mut quantized = modelhub_zk::compile(bytes, &calibration_inputs(input_len, input_range))?;
     if quantized.spec.lanes != stored.lanes {
         quantized = quantized.with_lanes(stored.lanes)?;
     }
@@ -252,6 +259,7 @@ impl Models {
         &self,
         model: ModelRef,
         inputs: &[TensorSpec],
+        input_range: InputRange,
     ) -> Result<Outcome, ProverError> {
         if !crate::jobs::valid_job_id(&model.model_id) {
             return Err(ProverError::BadRequest("a model id is required".into()));
@@ -265,13 +273,15 @@ impl Models {
         let built = self
             .pool
             .run(move || -> Result<Result<Compiled, String>, ProverError> {
-                let quantized = match modelhub_zk::compile(&bytes, &calibration_inputs(input_len)) {
-                    Ok(q) => q,
-                    Err(e @ modelhub_zk::ZkError::Unsupported { .. }) => {
-                        return Ok(Err(e.to_string()));
-                    }
-                    Err(e) => return Err(e.into()),
-                };
+                let quantized =
+                    match modelhub_zk::compile(&bytes, &calibration_inputs(input_len, input_range))
+                    {
+                        Ok(q) => q,
+                        Err(e @ modelhub_zk::ZkError::Unsupported { .. }) => {
+                            return Ok(Err(e.to_string()));
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                 let params = params_cache.get(quantized.spec.k)?;
                 let (commitment, opening) = modelhub_zk::commit(&quantized, &params)?;
                 let keys = params_cache.keys(&params, &quantized.spec)?;
@@ -294,6 +304,7 @@ impl Models {
             spec: compiled.model.spec.clone(),
             commitment: compiled.commitment.clone(),
             input_len,
+            input_range,
             sealed_opening: STANDARD
                 .encode(self.kek.wrap(&opening_json, model.model_id.as_bytes())),
         };
@@ -340,7 +351,8 @@ impl Models {
         let compiled = self
             .pool
             .run(move || -> Result<Compiled, ProverError> {
-                let quantized = recompile(&bytes, &record.spec, record.input_len)?;
+                let quantized =
+                    recompile(&bytes, &record.spec, record.input_len, record.input_range)?;
                 let params = params_cache.get(quantized.spec.k)?;
                 let keys = params_cache.keys(&params, &quantized.spec)?;
                 Ok(Compiled {
@@ -388,12 +400,12 @@ mod tests {
     #[test]
     fn a_model_stored_under_an_older_lane_layout_keeps_it() {
         let bytes = wide_mlp(7);
-        let today = recompile(&bytes, &compile_now(&bytes), 64).unwrap();
+        let today = recompile(&bytes, &compile_now(&bytes), 64, InputRange::default()).unwrap();
         assert!(today.spec.lanes > 8, "the test model must pick wide lanes");
 
         // A record written when every model had 8 lanes.
         let old = today.with_lanes(8).unwrap().spec;
-        let again = recompile(&bytes, &old, 64).unwrap();
+        let again = recompile(&bytes, &old, 64, InputRange::default()).unwrap();
         assert_eq!(again.spec, old);
         assert_eq!(again.spec.lanes, 8);
 
@@ -401,24 +413,58 @@ mod tests {
         // scales; the weights are bound by the commitment, checked at proving).
         let mut wrong = old.clone();
         wrong.k += 1;
-        let refused = recompile(&bytes, &wrong, 64);
+        let refused = recompile(&bytes, &wrong, 64, InputRange::default());
         assert!(matches!(refused, Err(ProverError::State(_))), "{refused:?}");
     }
 
+    #[test]
+    fn a_model_recompiles_with_the_input_range_it_was_stored_with() {
+        let bytes = wide_mlp(3);
+        let range = InputRange::new(-6.0, 6.0).unwrap();
+        let spec = modelhub_zk::compile(&bytes, &calibration_inputs(64, range))
+            .unwrap()
+            .spec;
+        assert_ne!(
+            spec,
+            compile_now(&bytes),
+            "the range changes the calibration"
+        );
+        assert_eq!(recompile(&bytes, &spec, 64, range).unwrap().spec, spec);
+        let refused = recompile(&bytes, &spec, 64, InputRange::default());
+        assert!(matches!(refused, Err(ProverError::State(_))), "{refused:?}");
+        // Records written before ranges existed read as [0, 1].
+        let old: Record = serde_json::from_value(serde_json::json!({
+            "spec": compile_now(&bytes),
+            "commitment": "00".repeat(32 * 8),
+            "input_len": 64,
+            "sealed_opening": "",
+        }))
+        .unwrap();
+        assert_eq!(old.input_range, InputRange::default());
+    }
+
     fn compile_now(bytes: &[u8]) -> CircuitSpec {
-        modelhub_zk::compile(bytes, &calibration_inputs(64))
+        modelhub_zk::compile(bytes, &calibration_inputs(64, InputRange::default()))
             .unwrap()
             .spec
     }
 
     #[test]
     fn calibration_inputs_are_deterministic_and_in_range() {
-        let a = calibration_inputs(64);
-        assert_eq!(a, calibration_inputs(64));
+        let a = calibration_inputs(64, InputRange::default());
+        assert_eq!(a, calibration_inputs(64, InputRange::default()));
         assert_eq!(a.len(), CALIBRATION_SAMPLES + 2);
         assert!(a.iter().flatten().all(|v| (0.0..=1.0).contains(v)));
         assert!(
             a[2..].iter().flatten().any(|v| *v > 0.5) && a[2..].iter().flatten().any(|v| *v < 0.5)
+        );
+        // A declared range: the samples fill it, ends included.
+        let r = InputRange::new(-4.0, 12.0).unwrap();
+        let b = calibration_inputs(16, r);
+        assert!(b.iter().flatten().all(|v| (-4.0..=12.0).contains(v)));
+        assert_eq!((b[0][0], b[1][0]), (-4.0, 12.0));
+        assert!(
+            b[2..].iter().flatten().any(|v| *v < 0.0) && b[2..].iter().flatten().any(|v| *v > 8.0)
         );
     }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use modelhub_core::pool::ComputePool;
-use modelhub_core::{ApiError, Tensor, TensorSpec};
+use modelhub_core::{ApiError, InputRange, Tensor, TensorSpec};
 use modelhub_proto::prover::v1 as pb;
 use modelhub_zk::ProofBundle;
 use tonic::{Request, Response, Status, Streaming};
@@ -128,10 +128,16 @@ impl pb::prover_server::Prover for ProverService {
             .map(TensorSpec::try_from)
             .collect::<Result<Vec<_>, ApiError>>()
             .map_err(|e| e.to_status())?;
+        let input_range = match req.input_range {
+            None => InputRange::default(),
+            Some(r) => {
+                InputRange::new(r.min, r.max).map_err(|e| ApiError::bad_request(e).to_status())?
+            }
+        };
         let model_id = model.model_id.clone();
         let outcome = self
             .models
-            .compile(model, &inputs)
+            .compile(model, &inputs, input_range)
             .await
             .map_err(ProverError::into_status)?;
         Ok(Response::new(match outcome {

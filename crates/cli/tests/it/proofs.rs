@@ -201,6 +201,109 @@ async fn unsupported_graphs_upload_without_a_commitment_and_refuse_proofs() {
     cluster.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_input_range_calibrates_the_proofs() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 10).await;
+    // The digits pixels as the scanner gives them, 0..16, instead of scaled to [0, 1].
+    let raw: Vec<f64> = logits_case(0)["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() * 16.0)
+        .collect();
+    assert!(raw.iter().any(|v| *v > 8.0));
+    let inputs = json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": raw }]);
+    let proved = async |model_id: &str| {
+        let predicted = user
+            .post(
+                &format!("/v1/models/{model_id}/predict"),
+                &json!({ "inputs": inputs, "proof": true }),
+            )
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        let job = predicted["proof_job"].as_str().unwrap().to_owned();
+        let proof = user
+            .get(&format!("/v1/proofs/{job}?wait=60"))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        (predicted, proof)
+    };
+
+    // Uploaded without a range, the model is calibrated for inputs in [0, 1]: the prediction
+    // is answered, but its proof fails with the reason.
+    let plain = creator
+        .upload(&ModelUpload::new("digits-raw", "1", 1), logits_model())
+        .await
+        .unwrap();
+    assert_eq!(plain.status, 201, "{:?}", plain.body);
+    let (_, proof) = proved(plain.body["model_id"].as_str().unwrap()).await;
+    assert_eq!(proof["status"], "failed", "{proof}");
+    assert!(
+        proof["error"].as_str().unwrap().contains("range"),
+        "{proof}"
+    );
+
+    // Declared 0..16 at upload: calibrated on that range, proved, and the proof verifies.
+    let mut upload = ModelUpload::new("digits-raw", "2", 1);
+    upload.input_range = Some(modelhub_core::InputRange::new(0.0, 16.0).unwrap());
+    let ranged = creator.upload(&upload, logits_model()).await.unwrap();
+    assert_eq!(ranged.status, 201, "{:?}", ranged.body);
+    assert_ne!(ranged.body["circuit_spec"], plain.body["circuit_spec"]);
+    let (predicted, proof) = proved(ranged.body["model_id"].as_str().unwrap()).await;
+    assert_eq!(proof["status"], "done", "{proof}");
+    let float: Vec<f64> = predicted["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let quantized: Vec<f64> = proof["public"]["output_dequantized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(argmax(&quantized), argmax(&float));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proof.json");
+    std::fs::write(&file, serde_json::to_vec(&proof["proof"]).unwrap()).unwrap();
+    let out = verify_file(&file, &dir.path().join("params"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A bad range is refused before anything is stored.
+    for (query, message) in [
+        ("&input_min=0", "go together"),
+        ("&input_min=3&input_max=1", "input range"),
+        ("&input_min=0&input_max=inf", "input range"),
+    ] {
+        let path = format!(
+            "{}{query}",
+            ModelUpload::new("digits-raw", "3", 1).path_and_query()
+        );
+        let request = creator
+            .prepare(reqwest::Method::POST, &path, logits_model())
+            .unwrap();
+        let answer = creator.send(request).await.unwrap();
+        assert_error(&answer, 400, "bad_request", message);
+    }
+    let listed = creator.get("/v1/models").await.unwrap().ok().unwrap();
+    assert!(
+        !listed.to_string().contains("\"version\":\"3\""),
+        "nothing stored: {listed}"
+    );
+    cluster.stop().await;
+}
+
 /// A change to a proof file.
 type Tamper = Box<dyn Fn(&mut Value)>;
 

@@ -1,4 +1,5 @@
-//! `POST /v1/models?name=&version=&price=`: a streamed upload of raw ONNX bytes.
+//! `POST /v1/models?name=&version=&price=[&input_min=&input_max=]`: a streamed upload of raw
+//! ONNX bytes.
 //!
 //! The signature is verified on the headers first (it covers the claimed body hash). The body
 //! is then streamed to storage's `PutModel` through a bounded channel, never held whole, and
@@ -8,7 +9,7 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures::StreamExt;
-use modelhub_core::{ApiError, ErrorCode, id};
+use modelhub_core::{ApiError, ErrorCode, InputRange, id};
 use modelhub_proto::registry::v1 as pb;
 use modelhub_proto::storage::v1 as storage;
 use modelhub_proto::storage::v1::put_model_request::Part;
@@ -32,6 +33,25 @@ struct UploadQuery {
     name: String,
     version: String,
     price: u64,
+    /// The range the model's input values lie in (both or neither): proofs are calibrated on
+    /// it. Default `[0, 1]`.
+    input_min: Option<f32>,
+    input_max: Option<f32>,
+}
+
+impl UploadQuery {
+    /// The declared input range, checked (before anything is stored).
+    fn input_range(&self) -> Result<Option<InputRange>, ApiError> {
+        match (self.input_min, self.input_max) {
+            (None, None) => Ok(None),
+            (Some(min), Some(max)) => InputRange::new(min, max)
+                .map(Some)
+                .map_err(ApiError::bad_request),
+            _ => Err(ApiError::bad_request(
+                "input_min and input_max go together (the range the model's inputs lie in)",
+            )),
+        }
+    }
 }
 
 pub async fn upload(
@@ -51,6 +71,7 @@ pub async fn upload(
     if query.name.trim().is_empty() || query.version.trim().is_empty() {
         return Err(ApiError::bad_request("name and version must not be empty").into());
     }
+    let input_range = query.input_range()?;
     let limit = state.limits.max_upload_bytes;
     if content_length(&req).is_some_and(|n| n > limit) {
         return Err(payload_too_large(limit));
@@ -88,7 +109,7 @@ pub async fn upload(
     )
     .await?;
 
-    let circuit = compile(&state, &model_id, &query.version, &stored).await?;
+    let circuit = compile(&state, &model_id, &query.version, &stored, input_range).await?;
     let model = state
         .registry()
         .create_model(pb::CreateModelRequest {
@@ -148,6 +169,7 @@ async fn compile(
     model_id: &str,
     version: &str,
     stored: &storage::PutModelResponse,
+    input_range: Option<InputRange>,
 ) -> Result<Circuit, GatewayError> {
     let Some(mut prover) = state.prover() else {
         return Ok(Circuit::default());
@@ -163,6 +185,10 @@ async fn compile(
                 size: stored.size,
             }),
             inputs: stored.inputs.clone(),
+            input_range: input_range.map(|r| modelhub_proto::prover::v1::InputRange {
+                min: r.min,
+                max: r.max,
+            }),
         })
         .await
         .map_err(GatewayError::upstream("prover", "Compile"))?

@@ -121,6 +121,7 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
         .compile(pb::CompileRequest {
             model: Some(s.model.clone()),
             inputs: s.inputs.clone(),
+            input_range: None,
         })
         .await
         .unwrap()
@@ -315,6 +316,7 @@ async fn unsupported_models_and_models_without_a_circuit() {
         .compile(pb::CompileRequest {
             model: Some(s.model.clone()),
             inputs: two,
+            input_range: None,
         })
         .await
         .unwrap()
