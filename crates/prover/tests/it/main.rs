@@ -324,6 +324,21 @@ async fn unsupported_models_and_models_without_a_circuit() {
     assert!(!answer.supported);
     assert!(answer.reason.contains("one input"), "{}", answer.reason);
 
+    // A declared input range that is not a range is the caller's error.
+    for (min, max) in [(2.0, 1.0), (f32::NAN, 1.0)] {
+        let err = s
+            .client
+            .compile(pb::CompileRequest {
+                model: Some(s.model.clone()),
+                inputs: s.inputs.clone(),
+                input_range: Some(pb::InputRange { min, max }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("input range"), "{}", err.message());
+    }
+
     // A proof job for a model the prover never compiled fails with a clear message.
     submit(
         &mut s.client,
