@@ -635,6 +635,22 @@ fn ints(node: &NodeProto, name: &str) -> Option<Vec<u32>> {
     })
 }
 
+/// A 2-d window op's `pads` (4 values, default none) and `strides` (2 values, default 1).
+fn pads_and_strides(node: &NodeProto) -> Result<([u32; 4], [u32; 2]), ZkError> {
+    let op = node.op_type.as_str();
+    let pads = match ints(node, "pads") {
+        Some(p) if p.len() == 4 => [p[0], p[1], p[2], p[3]],
+        Some(_) => return Err(ZkError::unsupported(op, "pads must have 4 values")),
+        None => [0; 4],
+    };
+    let stride = match ints(node, "strides") {
+        Some(s) if s.len() == 2 => [s[0], s[1]],
+        Some(_) => return Err(ZkError::unsupported(op, "strides must have 2 values")),
+        None => [1, 1],
+    };
+    Ok((pads, stride))
+}
+
 /// `Conv`, `AveragePool` and `GlobalAveragePool` as convolution layers.
 fn conv_layer(
     node: &NodeProto,
@@ -655,16 +671,7 @@ fn conv_layer(
         return Err(ZkError::unsupported(op, "ceil_mode is not supported"));
     }
     let dim = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
-    let pads = match ints(node, "pads") {
-        Some(p) if p.len() == 4 => [p[0], p[1], p[2], p[3]],
-        Some(_) => return Err(ZkError::unsupported(op, "pads must have 4 values")),
-        None => [0; 4],
-    };
-    let stride = match ints(node, "strides") {
-        Some(s) if s.len() == 2 => [s[0], s[1]],
-        Some(_) => return Err(ZkError::unsupported(op, "strides must have 2 values")),
-        None => [1, 1],
-    };
+    let (pads, stride) = pads_and_strides(node)?;
     let (shape, weights, bias) = if op == "Conv" {
         if attr(node, "group").is_some_and(|a| a.i != 1) {
             return Err(ZkError::unsupported(
@@ -810,16 +817,7 @@ fn max_pool_layer(node: &NodeProto, [c, h, w]: [usize; 3]) -> Result<FloatLayer,
                 ));
             }
         };
-        let pads = match ints(node, "pads") {
-            Some(p) if p.len() == 4 => [p[0], p[1], p[2], p[3]],
-            Some(_) => return Err(ZkError::unsupported(op, "pads must have 4 values")),
-            None => [0; 4],
-        };
-        let stride = match ints(node, "strides") {
-            Some(s) if s.len() == 2 => [s[0], s[1]],
-            Some(_) => return Err(ZkError::unsupported(op, "strides must have 2 values")),
-            None => [1, 1],
-        };
+        let (pads, stride) = pads_and_strides(node)?;
         (kernel, pads, stride)
     };
     let dim = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use modelhub_cli::client::ModelUpload;
+use modelhub_cli::client::{Client, ModelUpload};
 use serde_json::{Value, json};
 
 use crate::harness::*;
@@ -17,6 +17,28 @@ fn logits_case(case: usize) -> Value {
         .unwrap();
     let expected: Value = serde_json::from_str(&text).unwrap();
     expected["cases"][case].clone()
+}
+
+/// A predict with `"proof": true`, and its proof job once finished (or failed): the predict
+/// answer and the proof answer.
+async fn predict_with_proof(user: &Client, model_id: &str, inputs: &Value) -> (Value, Value) {
+    let predicted = user
+        .post(
+            &format!("/v1/models/{model_id}/predict"),
+            &json!({ "inputs": inputs, "proof": true }),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let job = predicted["proof_job"].as_str().expect("a proof job id");
+    let proof = user
+        .get(&format!("/v1/proofs/{job}?wait=60"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    (predicted, proof)
 }
 
 fn verify_file(path: &std::path::Path, params: &std::path::Path) -> std::process::Output {
@@ -51,27 +73,12 @@ async fn a_proved_prediction_verifies_offline_and_tampering_fails() {
     let case = logits_case(0);
     let inputs =
         json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": case["input"] }]);
-    let predicted = user
-        .post(
-            &format!("/v1/models/{model_id}/predict"),
-            &json!({ "inputs": inputs, "proof": true }),
-        )
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    let job = predicted["proof_job"].as_str().expect("a proof job id");
+    let (predicted, proof) = predict_with_proof(&user, model_id, &inputs).await;
+    let job = predicted["proof_job"].as_str().unwrap();
     let logits = predicted["outputs"][0]["data"].as_array().unwrap();
     for (got, want) in logits.iter().zip(case["logits"].as_array().unwrap()) {
         assert!((got.as_f64().unwrap() - want.as_f64().unwrap()).abs() < 1e-4);
     }
-
-    let proof = user
-        .get(&format!("/v1/proofs/{job}?wait=60"))
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
     assert_eq!(proof["status"], "done", "{proof}");
     assert_eq!(proof["public"]["commitment"], commitment);
     assert_eq!(proof["public"]["job_id"], job);
@@ -215,25 +222,7 @@ async fn a_declared_input_range_calibrates_the_proofs() {
         .collect();
     assert!(raw.iter().any(|v| *v > 8.0));
     let inputs = json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": raw }]);
-    let proved = async |model_id: &str| {
-        let predicted = user
-            .post(
-                &format!("/v1/models/{model_id}/predict"),
-                &json!({ "inputs": inputs, "proof": true }),
-            )
-            .await
-            .unwrap()
-            .ok()
-            .unwrap();
-        let job = predicted["proof_job"].as_str().unwrap().to_owned();
-        let proof = user
-            .get(&format!("/v1/proofs/{job}?wait=60"))
-            .await
-            .unwrap()
-            .ok()
-            .unwrap();
-        (predicted, proof)
-    };
+    let proved = async |model_id: &str| predict_with_proof(&user, model_id, &inputs).await;
 
     // Uploaded without a range, the model is calibrated for inputs in [0, 1]: the prediction
     // is answered, but its proof fails with the reason.

@@ -74,6 +74,21 @@ pub fn fixture() -> &'static Fixture {
     })
 }
 
+/// A proof of the digits fixture on test row `row` for `job`.
+pub fn prove_digits(row: usize, job: &str) -> modelhub_zk::ProofBundle {
+    let f = fixture();
+    modelhub_zk::prove(
+        &f.params,
+        &f.keys,
+        &f.model,
+        &f.commitment,
+        &f.opening,
+        &digits().test[row],
+        job,
+    )
+    .expect("prove")
+}
+
 /// Keys as a restarted prover gets them: made by keygen, written in the key file format, and
 /// read back. The keys read must be the keys made (same bytes, same verifying key); the caller
 /// then proves with them and verifies against a verifying key rebuilt by keygen.

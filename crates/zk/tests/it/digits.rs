@@ -51,18 +51,8 @@ fn quantized_logits_track_onnxruntime() {
 #[test]
 fn proves_and_verifies_and_rejects_tampering() {
     let f = fixture();
-    let x = &digits().test[3];
     let t = std::time::Instant::now();
-    let bundle = prove(
-        &f.params,
-        &f.keys,
-        &f.model,
-        &f.commitment,
-        &f.opening,
-        x,
-        "job-1",
-    )
-    .unwrap();
+    let bundle = crate::common::prove_digits(3, "job-1");
     let prove_time = t.elapsed();
     let t = std::time::Instant::now();
     verify(&f.params, &bundle).unwrap();
@@ -219,16 +209,7 @@ fn unsupported_graphs_say_why() {
 #[test]
 fn garbage_proofs_are_errors_not_panics() {
     let f = fixture();
-    let bundle = prove(
-        &f.params,
-        &f.keys,
-        &f.model,
-        &f.commitment,
-        &f.opening,
-        &digits().test[7],
-        "job-g",
-    )
-    .unwrap();
+    let bundle = crate::common::prove_digits(7, "job-g");
     let mut state = 0x1234_5678_9abc_def0u64;
     for len in [
         0usize,

@@ -201,16 +201,7 @@ fn a_verifier_stores_its_verifying_key_once() {
 #[test]
 fn the_provers_verify_never_stores_keys_for_a_callers_circuit() {
     let f = fixture();
-    let bundle = prove(
-        &f.params,
-        &f.keys,
-        &f.model,
-        &f.commitment,
-        &f.opening,
-        &digits().test[5],
-        "job-verify-files",
-    )
-    .unwrap();
+    let bundle = crate::common::prove_digits(5, "job-verify-files");
     // Specs no other test verifies (so their keys are not in memory): the same circuit under
     // other output names. The proofs don't verify (the spec is in the statement), but each
     // verification first looks for the verifying key.
