@@ -13,9 +13,14 @@
 //! ```text
 //! compile(onnx, samples) -> QuantizedModel { spec, weights }
 //! commit(model, params)  -> (Commitment, Opening)        at upload
+//! Keys::load_or_create(params, spec, dir) -> Keys         keygen once per spec, then from disk
 //! prove(params, keys, model, commitment, opening, input, job_id) -> ProofBundle
 //! verify(params, bundle)                                   anyone, from bundle.spec
+//! verify_cached(params, bundle, dir)                       the same, verifying key kept on disk
 //! ```
+//!
+//! Keys and their files are in [`keys`] (halo2_proofs patched with key serialization,
+//! vendor/halo2_proofs/MODELHUB.md).
 
 mod circuit;
 pub mod commit;
