@@ -376,25 +376,11 @@ mod tests {
 
     /// A 64 → 96 → 10 MLP: the compiler lays it out in wide lanes.
     fn wide_mlp(seed: u64) -> Vec<u8> {
-        use modelhub_zk::onnx::{FloatLayer, mlp_onnx};
-        let layer = |inputs: usize, outputs: usize, relu: bool, salt: u64| {
-            let mut s = seed ^ salt;
-            let mut next = move || {
-                s = s
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) / (inputs as f32).sqrt() * 2.0
-            };
-            FloatLayer {
-                kind: modelhub_zk::LayerKind::Dense,
-                inputs,
-                outputs,
-                weights: (0..inputs * outputs).map(|_| next()).collect(),
-                bias: (0..outputs).map(|_| next() * 0.1).collect(),
-                relu,
-            }
-        };
-        mlp_onnx(&[layer(64, 96, true, 1), layer(96, 10, false, 2)])
+        use modelhub_zk::onnx::{mlp_onnx, random_dense};
+        mlp_onnx(&[
+            random_dense(64, 96, true, seed ^ 1, 2.0),
+            random_dense(96, 10, false, seed ^ 2, 2.0),
+        ])
     }
 
     #[test]

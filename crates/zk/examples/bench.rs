@@ -19,8 +19,8 @@
 
 use std::time::Instant;
 
-use modelhub_zk::onnx::{FloatLayer, mlp_onnx};
-use modelhub_zk::{Keys, LayerKind, Params, QuantizedModel, commit, compile, prove, verify};
+use modelhub_zk::onnx::{FloatLayer, mlp_onnx, random_dense};
+use modelhub_zk::{Keys, Params, QuantizedModel, commit, compile, prove, verify};
 
 /// The compiled model, relaid with `BENCH_LANES` lanes if set.
 fn compile_bench(onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<QuantizedModel> {
@@ -31,22 +31,9 @@ fn compile_bench(onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<QuantizedM
     })
 }
 
+/// A dense layer of random weights (weights in ±1/(2√inputs)).
 fn layer(inputs: usize, outputs: usize, relu: bool, seed: u64) -> FloatLayer {
-    let mut s = seed;
-    let mut next = move || {
-        s = s
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) / (inputs as f32).sqrt()
-    };
-    FloatLayer {
-        kind: LayerKind::Dense,
-        inputs,
-        outputs,
-        weights: (0..inputs * outputs).map(|_| next()).collect(),
-        bias: (0..outputs).map(|_| next() * 0.1).collect(),
-        relu,
-    }
+    random_dense(inputs, outputs, relu, seed, 1.0)
 }
 
 fn digits_samples() -> Vec<Vec<f32>> {

@@ -296,28 +296,7 @@ mod tests {
     use crate::shape::{ConvShape, LayerKind};
 
     fn model(sizes: &[usize], seed: u32) -> QuantizedModel {
-        let mut s = seed as f32;
-        let mut next = move || {
-            s += 1.0;
-            (s * 12.9898).sin() * 0.8
-        };
-        let layers: Vec<FloatLayer> = sizes
-            .windows(2)
-            .enumerate()
-            .map(|(i, w)| FloatLayer {
-                kind: LayerKind::Dense,
-                inputs: w[0],
-                outputs: w[1],
-                weights: (0..w[0] * w[1]).map(|_| next()).collect(),
-                bias: (0..w[1]).map(|_| next() * 0.1).collect(),
-                relu: i + 2 < sizes.len(),
-            })
-            .collect();
-        let fm = FloatModel {
-            input_name: "input".into(),
-            output_name: "output".into(),
-            layers,
-        };
+        let fm = crate::quant::test_dense_model(sizes, seed as f32, 0.8);
         let samples: Vec<Vec<f32>> = (0..32)
             .map(|i| {
                 (0..sizes[0])

@@ -896,6 +896,27 @@ fn add_bias(op: &str, layer: &mut FloatLayer, c: &Constant) -> Result<(), ZkErro
     }
 }
 
+/// A dense layer with deterministic pseudo-random weights, uniform in `±gain / (2·√inputs)`,
+/// and biases a tenth of that (one 64-bit LCG stream from `seed`, weights first). Used by
+/// tests and benchmarks, with [`mlp_onnx`], to make models of any size from Rust.
+pub fn random_dense(inputs: usize, outputs: usize, relu: bool, seed: u64, gain: f32) -> FloatLayer {
+    let mut s = seed;
+    let mut next = move || {
+        s = s
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) / (inputs as f32).sqrt() * gain
+    };
+    FloatLayer {
+        kind: LayerKind::Dense,
+        inputs,
+        outputs,
+        weights: (0..inputs * outputs).map(|_| next()).collect(),
+        bias: (0..outputs).map(|_| next() * 0.1).collect(),
+        relu,
+    }
+}
+
 /// Builds a float MLP ONNX file of `Gemm` (transB = 1) and `Relu` nodes: input "input",
 /// output "output". Used by tests and benchmarks to make models from Rust.
 pub fn mlp_onnx(layers: &[FloatLayer]) -> Vec<u8> {

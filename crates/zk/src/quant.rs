@@ -1005,6 +1005,34 @@ pub fn dequantize_output(spec: &CircuitSpec, output_q: &[i64]) -> Vec<f32> {
     output_q.iter().map(|&v| (v as f64 * f) as f32).collect()
 }
 
+/// A dense float model of `sizes` with ReLU between layers, for unit tests: weights and biases
+/// from the fixed sequence `sin((seed + n)·12.9898)·amplitude` (biases a tenth of it).
+#[cfg(test)]
+pub(crate) fn test_dense_model(sizes: &[usize], seed: f32, amplitude: f32) -> FloatModel {
+    let mut t = seed;
+    let mut next = move || {
+        t += 1.0;
+        (t * 12.9898).sin() * amplitude
+    };
+    let layers = sizes
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| FloatLayer {
+            kind: LayerKind::Dense,
+            inputs: w[0],
+            outputs: w[1],
+            weights: (0..w[0] * w[1]).map(|_| next()).collect(),
+            bias: (0..w[1]).map(|_| next() * 0.1).collect(),
+            relu: i + 2 < sizes.len(),
+        })
+        .collect();
+    FloatModel {
+        input_name: "input".into(),
+        output_name: "output".into(),
+        layers,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1053,28 +1081,7 @@ mod tests {
 
     /// A dense float model with ReLU between layers (weights from a fixed sequence).
     fn dense_model(sizes: &[usize]) -> FloatModel {
-        let mut t = 0f32;
-        let mut next = move || {
-            t += 1.0;
-            (t * 12.9898).sin() * 0.5
-        };
-        let layers = sizes
-            .windows(2)
-            .enumerate()
-            .map(|(i, w)| FloatLayer {
-                kind: LayerKind::Dense,
-                inputs: w[0],
-                outputs: w[1],
-                weights: (0..w[0] * w[1]).map(|_| next()).collect(),
-                bias: (0..w[1]).map(|_| next() * 0.1).collect(),
-                relu: i + 2 < sizes.len(),
-            })
-            .collect();
-        FloatModel {
-            input_name: "input".into(),
-            output_name: "output".into(),
-            layers,
-        }
+        test_dense_model(sizes, 0.0, 0.5)
     }
 
     #[test]
