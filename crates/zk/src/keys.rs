@@ -98,16 +98,6 @@ fn open<'a>(
     Ok(&rest[64..])
 }
 
-/// Reads halo2's verifying key format for `spec`'s circuit from the start of `reader`.
-fn parse_vk(
-    params: &Params,
-    spec: &CircuitSpec,
-    reader: &mut &[u8],
-) -> Result<VerifyingKey<EqAffine>, ZkError> {
-    with_circuit!(spec, C => VerifyingKey::<EqAffine>::read::<_, C>(reader, &params.inner))?
-        .map_err(|e| key_file_error(&e.to_string()))
-}
-
 /// A verifying key file's key (`modelhub-vkey/1`, body: halo2's `VerifyingKey::write`).
 fn read_vk_file(
     params: &Params,
@@ -115,7 +105,11 @@ fn read_vk_file(
     bytes: &[u8],
 ) -> Result<VerifyingKey<EqAffine>, ZkError> {
     let mut reader = open(VK_MAGIC, params, spec, bytes)?;
-    let vk = parse_vk(params, spec, &mut reader)?;
+    let vk = with_circuit!(spec, C => VerifyingKey::<EqAffine>::read::<_, C>(
+        &mut reader,
+        &params.inner,
+    ))?
+    .map_err(|e| key_file_error(&e.to_string()))?;
     if !reader.is_empty() {
         return Err(key_file_error("trailing bytes"));
     }
@@ -339,20 +333,19 @@ impl Keys {
         })
     }
 
-    /// Only the verifying key of a key file written by [`Keys::to_bytes`]: halo2's proving key
-    /// format starts with its 8-byte magic and then the verifying key
-    /// (vendor/halo2_proofs/src/plonk/keyfile.rs).
+    /// Only the verifying key of a key file written by [`Keys::to_bytes`] (halo2's proving key
+    /// format starts with its verifying key).
     pub fn read_verifying_key(
         params: &Params,
         spec: &CircuitSpec,
         bytes: &[u8],
     ) -> Result<VerifyingKey<EqAffine>, ZkError> {
-        let pk = open(KEYS_MAGIC, params, spec, bytes)?;
-        parse_vk(
-            params,
-            spec,
-            &mut pk.get(8..).ok_or_else(|| key_file_error("truncated"))?,
-        )
+        let mut reader = open(KEYS_MAGIC, params, spec, bytes)?;
+        with_circuit!(spec, C => ProvingKey::<EqAffine>::read_verifying_key::<_, C>(
+            &mut reader,
+            &params.inner,
+        ))?
+        .map_err(|e| key_file_error(&e.to_string()))
     }
 
     pub fn spec(&self) -> &CircuitSpec {

@@ -214,6 +214,16 @@ impl<C: CurveAffine> ProvingKey<C>
 where
     C::Scalar: FromUniformBytes<64>,
 {
+    /// Reads only the verifying key at the start of a proving key written by
+    /// [`ProvingKey::write`] (for a verifier that has the proving key's file).
+    pub fn read_verifying_key<R: io::Read, ConcreteCircuit: Circuit<C::Scalar>>(
+        reader: &mut R,
+        params: &Params<C>,
+    ) -> io::Result<VerifyingKey<C>> {
+        read_magic(reader, PK_MAGIC)?;
+        VerifyingKey::<C>::read::<R, ConcreteCircuit>(reader, params)
+    }
+
     /// Writes the key in the format of this module (its verifying key included).
     pub fn write<W: io::Write>(&self, writer: &mut W) -> io::Result<()> {
         writer.write_all(PK_MAGIC)?;
@@ -228,8 +238,7 @@ where
         reader: &mut R,
         params: &Params<C>,
     ) -> io::Result<Self> {
-        read_magic(reader, PK_MAGIC)?;
-        let vk = VerifyingKey::<C>::read::<R, ConcreteCircuit>(reader, params)?;
+        let vk = Self::read_verifying_key::<R, ConcreteCircuit>(reader, params)?;
         let fixed = read_values(reader, &vk.domain, vk.cs.num_fixed_columns)?;
         let permutations = read_values(reader, &vk.domain, vk.cs.permutation.get_columns().len())?;
         let permutation = permutation::ProvingKey::from_permutations(&vk.domain, permutations);
