@@ -7,7 +7,9 @@
 pragma solidity ^0.8.23;
 
 interface IMarketplace {
-    function registerModel(bytes32 model_id, bytes32 cid_hash, bytes32 commitment, uint256 price_per_call) external;
+    function modelKey(address owner, bytes32 local_id) external view returns (bytes32);
+
+    function registerModel(bytes32 local_id, bytes32 cid_hash, bytes32 commitment, uint256 price_per_call) external returns (bytes32);
 
     function updatePrice(bytes32 model_id, uint256 new_price) external;
 
@@ -15,27 +17,51 @@ interface IMarketplace {
 
     function getModel(bytes32 model_id) external view returns (address, bytes32, bytes32, uint256, bool);
 
+    function getPrices(bytes32 model_id) external view returns (uint256, uint256, uint256);
+
     function buyCredits() external payable returns (uint256);
 
     function creditsOf(address user) external view returns (uint256);
 
     function earningsOf(address owner) external view returns (uint256);
 
+    function dailyCapOf(address user) external view returns (uint256);
+
+    function refundOf(address user) external view returns (uint256, uint256);
+
     function weiPerCredit() external view returns (uint256);
 
     function admin() external view returns (address);
 
+    function pendingAdmin() external view returns (address, uint256);
+
     function isOperator(address account) external view returns (bool);
 
-    function isBatchSettled(bytes32 batch_id) external view returns (bool);
+    function operatorNotBefore(address account) external view returns (uint256);
+
+    function paused() external view returns (bool);
+
+    function batchRecordsHash(address operator, bytes32 batch_id) external view returns (bytes32);
 
     function consumeCredits(bytes32 batch_id, UsageRecord[] memory records) external;
 
     function withdraw() external returns (uint256);
 
+    function setDailyCap(uint256 cap) external;
+
+    function requestRefund(uint256 credits) external;
+
+    function claimRefund() external returns (uint256);
+
     function setOperator(address operator, bool enabled) external;
 
-    function setAdmin(address new_admin) external;
+    function acceptOperator() external;
+
+    function proposeAdmin(address new_admin) external;
+
+    function acceptAdmin() external;
+
+    function setPaused(bool paused) external;
 
     error Unauthorized(address);
 
@@ -62,7 +88,13 @@ interface IMarketplace {
     error TransferFailed(address, uint256);
 
     error ArithmeticOverflow();
+
+    error TooEarly(uint256);
+
+    error ContractPaused();
+
+    error NothingToRefund(address);
 }
 
 // Constructor, from `cargo run --features export-abi -- constructor`:
-// constructor(address admin, uint256 wei_per_credit)
+// constructor(address admin, uint256 wei_per_credit, address operator)

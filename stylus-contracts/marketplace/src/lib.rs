@@ -1,23 +1,36 @@
 //! The Model Hub Marketplace contract for Arbitrum Stylus: model ownership and prices, prepaid
-//! credits, batched settlement of usage by operators, and creators' earnings.
+//! credits, batched settlement of usage by operators, refunds, and creators' earnings.
 //!
 //! Units: prices, credits and earnings are counted in credits; one credit costs `weiPerCredit` wei,
-//! fixed at deploy. `buyCredits` takes exact multiples of that rate, and `withdraw` pays earnings
-//! back at the same rate, so the contract always holds `(credits + earnings) * weiPerCredit` wei.
+//! fixed at deploy. `buyCredits` takes exact multiples of that rate, and `withdraw` and
+//! `claimRefund` pay back at the same rate, so the contract always holds
+//! `(credits + earnings) * weiPerCredit` wei.
+//!
+//! Money rules (see stylus-contracts/README.md for the whole list):
+//! - A usage record carries the credits the off-chain ledger charged; it settles only if they
+//!   equal `calls` times the model's price, or its previous price within `PRICE_WINDOW` of a
+//!   change (prices change at most once per window), so a raise never applies retroactively.
+//! - A bad record is skipped with `UsageRejected(reason)`; it never blocks the rest of its batch.
+//! - Operators can't settle usage of models they own, are bounded by each user's daily cap, are
+//!   named by the admin and must accept after `OPERATOR_DELAY`; the admin hands over in two
+//!   steps after `ADMIN_DELAY`; the admin can pause settlement and purchases (never withdrawals
+//!   or refunds).
+//! - A model's key is `keccak256(abi.encode(owner, localId))`: nobody can take another's id.
+//! - Batches are keyed by `(operator, batchId)` and remember the hash of their records.
 //!
 //! The ABI (functions, events, errors) is mirrored exactly by `solidity/Marketplace.sol`, and
 //! `scripts/contracts abi-check` proves it; `tests/twin.rs` runs both on the same calls and
-//! compares the bytes they return, revert with and log. Every failing call leaves storage and logs untouched
-//! even without a revert (settlement validates the whole batch before writing anything), so the
+//! compares the bytes they return, revert with and log. Every failing call leaves storage and
+//! logs untouched even without a revert (all checks come before the first write), so the
 //! TestVM tests see the same state a chain would after a revert. One difference no test here
-//! covers: Stylus refuses reentrant calls by default, the twin allows them (withdraw is
-//! checks-effects-interactions on both).
+//! covers: Stylus refuses reentrant calls by default, the twin allows them (withdraw and
+//! claimRefund are checks-effects-interactions on both).
 
 #![cfg_attr(not(any(test, feature = "export-abi")), no_main)]
 
 extern crate alloc;
 
-use alloc::{vec, vec::Vec};
+use alloc::vec::Vec;
 
 use alloy_primitives::{Address, FixedBytes, U256};
 use alloy_sol_types::sol;
@@ -30,26 +43,35 @@ use stylus_sdk::{
 sol! {
     #![sol(all_derives)]
 
-    /// One line of a settlement batch: `calls` calls by `user` to `modelId`, covered by the
-    /// off-chain receipt batch whose hash is `receiptBatchHash`.
+    /// One line of a settlement batch: `calls` calls by `user` to the model keyed `modelId`,
+    /// for which the off-chain ledger charged `credits`, covered by the off-chain receipts
+    /// whose hash is `receiptBatchHash`.
     #[derive(AbiType)]
     struct UsageRecord {
         address user;
         bytes32 modelId;
         uint64 calls;
+        uint256 credits;
         bytes32 receiptBatchHash;
     }
 
     // Events: keep in step with abi/MarketplaceEvents.sol (a test checks it).
-    event ModelRegistered(bytes32 indexed modelId, address indexed owner, bytes32 cidHash, bytes32 commitment, uint256 pricePerCall);
+    event ModelRegistered(bytes32 indexed modelId, address indexed owner, bytes32 localId, bytes32 cidHash, bytes32 commitment, uint256 pricePerCall);
     event PriceUpdated(bytes32 indexed modelId, uint256 oldPrice, uint256 newPrice);
     event ModelDeactivated(bytes32 indexed modelId, address indexed owner);
     event CreditsBought(address indexed buyer, uint256 amountWei, uint256 credits);
     event UsageSettled(bytes32 indexed batchId, address indexed user, bytes32 indexed modelId, uint64 calls, uint256 credits, bytes32 receiptBatchHash);
-    event BatchSettled(bytes32 indexed batchId, address indexed operator, uint256 records, uint256 totalCredits);
+    event UsageRejected(bytes32 indexed batchId, address indexed user, bytes32 indexed modelId, uint64 calls, uint256 credits, bytes32 receiptBatchHash, uint8 reason);
+    event BatchSettled(bytes32 indexed batchId, address indexed operator, uint256 settled, uint256 rejected, uint256 totalCredits, bytes32 recordsHash);
     event Withdrawn(address indexed owner, uint256 credits, uint256 amountWei);
+    event OperatorProposed(address indexed operator, uint256 notBefore);
     event OperatorSet(address indexed operator, bool enabled);
+    event AdminProposed(address indexed newAdmin, uint256 notBefore);
     event AdminChanged(address indexed previousAdmin, address indexed newAdmin);
+    event PauseSet(bool paused);
+    event DailyCapSet(address indexed user, uint256 cap);
+    event RefundRequested(address indexed user, uint256 credits, uint256 notBefore);
+    event Refunded(address indexed user, uint256 credits, uint256 amountWei);
 
     error Unauthorized(address caller);
     error ZeroAddress();
@@ -64,20 +86,55 @@ sol! {
     error NothingToWithdraw(address owner);
     error TransferFailed(address to, uint256 amount);
     error ArithmeticOverflow();
+    error TooEarly(uint256 notBefore);
+    error ContractPaused();
+    error NothingToRefund(address user);
 }
+
+/// Why `consumeCredits` skipped a record: the `reason` of `UsageRejected`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Rejection {
+    /// No model has this key.
+    UnknownModel = 1,
+    /// The model was deactivated.
+    ModelInactive = 2,
+    /// The settling operator owns the model.
+    OperatorOwnsModel = 3,
+    /// `credits` is not `calls` times a price in force (or `calls` is zero).
+    PriceMismatch = 4,
+    /// The user holds fewer credits than the record charges.
+    InsufficientCredits = 5,
+    /// The record would take the user past their daily cap.
+    OverDailyCap = 6,
+    /// The owner's earnings or the batch total would overflow.
+    Overflow = 7,
+}
+
+/// How long after a price change the previous price is still accepted; also the least time
+/// between two price changes of a model. Usage must be settled within it.
+pub const PRICE_WINDOW: u64 = 86_400;
+/// How long after the admin names an operator it can accept the role.
+pub const OPERATOR_DELAY: u64 = 86_400;
+/// How long after the admin proposes a successor it can accept the role.
+pub const ADMIN_DELAY: u64 = 2 * 86_400;
+/// How long after a refund request it can be claimed: covers usage not yet settled.
+pub const REFUND_DELAY: u64 = 2 * 86_400;
+/// The length of the day a daily cap counts over.
+pub const DAY: u64 = 86_400;
 
 /// Every way a Marketplace call can revert; each is a Solidity custom error.
 #[derive(SolidityError, Debug, Clone, PartialEq)]
 pub enum MarketplaceError {
-    /// The caller lacks the role (admin, operator, model owner) the call needs.
+    /// The caller lacks the role (admin, operator, model owner, pending admin) the call needs.
     Unauthorized(Unauthorized),
     /// The zero address was given where an account is needed.
     ZeroAddress(ZeroAddress),
     /// The deploy-time rate `weiPerCredit` was zero.
     InvalidRate(InvalidRate),
-    /// A model with this id is already registered.
+    /// A model with this key is already registered.
     ModelAlreadyRegistered(ModelAlreadyRegistered),
-    /// No model with this id is registered.
+    /// No model with this key is registered.
     UnknownModel(UnknownModel),
     /// The model was deactivated by its owner.
     ModelInactive(ModelInactive),
@@ -85,16 +142,22 @@ pub enum MarketplaceError {
     InvalidPayment(InvalidPayment),
     /// A settlement batch without records.
     EmptyBatch(EmptyBatch),
-    /// This batch id was settled before.
+    /// This operator settled this batch id before.
     BatchAlreadySettled(BatchAlreadySettled),
-    /// A user in the batch has fewer credits than their usage costs.
+    /// A refund asks for more credits than the caller holds.
     InsufficientCredits(InsufficientCredits),
     /// The caller has no earnings.
     NothingToWithdraw(NothingToWithdraw),
-    /// Paying out earnings failed.
+    /// Paying out failed.
     TransferFailed(TransferFailed),
     /// A sum or product does not fit in 256 bits.
     ArithmeticOverflow(ArithmeticOverflow),
+    /// A delay (price window, operator or admin hand-over, refund lock) has not passed yet.
+    TooEarly(TooEarly),
+    /// Settlement and purchases are paused by the admin.
+    ContractPaused(ContractPaused),
+    /// No refund to request or claim.
+    NothingToRefund(NothingToRefund),
 }
 
 /// Result of every public method.
@@ -108,6 +171,24 @@ fn unauthorized(caller: Address) -> MarketplaceError {
     MarketplaceError::Unauthorized(Unauthorized { caller })
 }
 
+fn too_early(not_before: U256) -> MarketplaceError {
+    MarketplaceError::TooEarly(TooEarly {
+        notBefore: not_before,
+    })
+}
+
+/// `a * b == c`, false when the product overflows.
+fn is_product(a: U256, b: U256, c: U256) -> bool {
+    a.checked_mul(b) == Some(c)
+}
+
+/// A word of `abi.encode`: an address, left-padded.
+fn address_word(a: Address) -> [u8; 32] {
+    let mut w = [0u8; 32];
+    w[12..].copy_from_slice(a.as_slice());
+    w
+}
+
 /// A registered model. Registered iff `owner` is not zero.
 #[storage]
 pub struct Model {
@@ -116,6 +197,21 @@ pub struct Model {
     commitment: StorageFixedBytes<32>,
     price_per_call: StorageU256,
     active: StorageBool,
+    previous_price: StorageU256,
+    price_changed_at: StorageU256,
+}
+
+/// What the contract holds for one address, as user and as model owner.
+#[storage]
+pub struct Account {
+    credits: StorageU256,
+    earnings: StorageU256,
+    cap_set: StorageBool,
+    daily_cap: StorageU256,
+    spent_day: StorageU256,
+    spent: StorageU256,
+    refund_credits: StorageU256,
+    refund_not_before: StorageU256,
 }
 
 /// The contract's storage.
@@ -123,27 +219,27 @@ pub struct Model {
 #[entrypoint]
 pub struct Marketplace {
     admin: StorageAddress,
+    pending_admin: StorageAddress,
+    pending_admin_not_before: StorageU256,
     wei_per_credit: StorageU256,
+    paused: StorageBool,
     operators: StorageMap<Address, StorageBool>,
+    operator_not_before: StorageMap<Address, StorageU256>,
     models: StorageMap<FixedBytes<32>, Model>,
-    credits: StorageMap<Address, StorageU256>,
-    earnings: StorageMap<Address, StorageU256>,
-    settled_batches: StorageMap<FixedBytes<32>, StorageBool>,
-}
-
-/// Sets `key`'s running value in a small association list (batches are short).
-fn upsert(list: &mut Vec<(Address, U256)>, key: Address, value: U256) {
-    match list.iter_mut().find(|(k, _)| *k == key) {
-        Some(entry) => entry.1 = value,
-        None => list.push((key, value)),
-    }
-}
-
-fn lookup(list: &[(Address, U256)], key: Address) -> Option<U256> {
-    list.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    accounts: StorageMap<Address, Account>,
+    /// keccak256(abi.encode(operator, batchId)) → the hash of the batch's records.
+    settled_batches: StorageMap<FixedBytes<32>, StorageFixedBytes<32>>,
 }
 
 impl Marketplace {
+    fn now(&self) -> U256 {
+        U256::from(self.vm().block_timestamp())
+    }
+
+    fn keccak(&self, bytes: &[u8]) -> FixedBytes<32> {
+        self.vm().native_keccak256(bytes)
+    }
+
     fn only_admin(&self) -> Result<Address> {
         let caller = self.vm().msg_sender();
         if caller != self.admin.get() {
@@ -177,14 +273,94 @@ impl Marketplace {
         }
         Ok(owner)
     }
+
+    fn batch_key(&self, operator: Address, batch_id: FixedBytes<32>) -> FixedBytes<32> {
+        let mut buf = [0u8; 64];
+        buf[..32].copy_from_slice(&address_word(operator));
+        buf[32..].copy_from_slice(batch_id.as_slice());
+        self.keccak(&buf)
+    }
+
+    /// `keccak256(abi.encode(previous, user, modelId, calls, credits, receiptBatchHash))`.
+    fn chain_hash(&self, previous: FixedBytes<32>, record: &UsageRecord) -> FixedBytes<32> {
+        let mut buf = [0u8; 192];
+        buf[..32].copy_from_slice(previous.as_slice());
+        buf[32..64].copy_from_slice(&address_word(record.user));
+        buf[64..96].copy_from_slice(record.modelId.as_slice());
+        buf[96..128].copy_from_slice(&U256::from(record.calls).to_be_bytes::<32>());
+        buf[128..160].copy_from_slice(&record.credits.to_be_bytes::<32>());
+        buf[160..].copy_from_slice(record.receiptBatchHash.as_slice());
+        self.keccak(&buf)
+    }
+
+    /// Why `record` can't be settled now by `operator`, given the batch's running `total`.
+    fn rejection(&self, operator: Address, record: &UsageRecord, total: U256) -> Option<Rejection> {
+        let model = self.models.get(record.modelId);
+        let owner = model.owner.get();
+        if owner.is_zero() {
+            return Some(Rejection::UnknownModel);
+        }
+        if !model.active.get() {
+            return Some(Rejection::ModelInactive);
+        }
+        if owner == operator {
+            return Some(Rejection::OperatorOwnsModel);
+        }
+        let calls = U256::from(record.calls);
+        let changed_at = model.price_changed_at.get();
+        let now = self.now();
+        let priced = record.calls != 0
+            && (is_product(model.price_per_call.get(), calls, record.credits)
+                || (!changed_at.is_zero()
+                    && now < changed_at.saturating_add(U256::from(PRICE_WINDOW))
+                    && is_product(model.previous_price.get(), calls, record.credits)));
+        if !priced {
+            return Some(Rejection::PriceMismatch);
+        }
+        let user = self.accounts.get(record.user);
+        if user.credits.get() < record.credits {
+            return Some(Rejection::InsufficientCredits);
+        }
+        if user.cap_set.get() {
+            let today = now / U256::from(DAY);
+            let spent = if user.spent_day.get() == today {
+                user.spent.get()
+            } else {
+                U256::ZERO
+            };
+            match spent.checked_add(record.credits) {
+                Some(s) if s <= user.daily_cap.get() => {}
+                _ => return Some(Rejection::OverDailyCap),
+            }
+        }
+        let earnings = self.accounts.get(owner).earnings.get();
+        if earnings.checked_add(record.credits).is_none()
+            || total.checked_add(record.credits).is_none()
+        {
+            return Some(Rejection::Overflow);
+        }
+        None
+    }
+
+    /// Pays `amount` wei to `to`.
+    fn pay(&mut self, to: Address, amount: U256) -> Result<()> {
+        transfer_eth(self.vm(), to, amount)
+            .map_err(|_| MarketplaceError::TransferFailed(TransferFailed { to, amount }))
+    }
 }
 
 #[public]
 impl Marketplace {
-    /// Sets the admin and the price of one credit in wei (both fixed checks: non-zero).
-    /// `msg.sender` is the deployer proxy under Stylus, so the admin is passed explicitly.
+    /// Sets the admin, the price of one credit in wei (both non-zero) and, unless zero, a first
+    /// operator (enabled at once: the deployer chose it). `msg.sender` is the deployer proxy
+    /// under Stylus, so the admin is passed explicitly.
     #[constructor]
-    pub fn constructor(&mut self, admin: Address, wei_per_credit: U256) -> Result<()> {
+    pub fn constructor(
+        &mut self,
+        admin: Address,
+        wei_per_credit: U256,
+        operator: Address,
+    ) -> Result<()> {
         if admin.is_zero() {
             return Err(MarketplaceError::ZeroAddress(ZeroAddress {}));
         }
@@ -197,22 +373,39 @@ impl Marketplace {
             previousAdmin: Address::ZERO,
             newAdmin: admin,
         });
+        if !operator.is_zero() {
+            self.operators.setter(operator).set(true);
+            self.vm().log(OperatorSet {
+                operator,
+                enabled: true,
+            });
+        }
         Ok(())
     }
 
-    /// Registers a model; the caller becomes its owner. An id can be registered once.
+    /// The key of the model `local_id` of `owner`: `keccak256(abi.encode(owner, localId))`.
+    pub fn model_key(&self, owner: Address, local_id: FixedBytes<32>) -> Result<FixedBytes<32>> {
+        let mut buf = [0u8; 64];
+        buf[..32].copy_from_slice(&address_word(owner));
+        buf[32..].copy_from_slice(local_id.as_slice());
+        Ok(self.keccak(&buf))
+    }
+
+    /// Registers the caller's model `local_id` under the key `modelKey(caller, localId)`, which
+    /// it returns; the caller is its owner. A key is registered once.
     pub fn register_model(
         &mut self,
-        model_id: FixedBytes<32>,
+        local_id: FixedBytes<32>,
         cid_hash: FixedBytes<32>,
         commitment: FixedBytes<32>,
         price_per_call: U256,
-    ) -> Result<()> {
+    ) -> Result<FixedBytes<32>> {
         let caller = self.vm().msg_sender();
-        let mut model = self.models.setter(model_id);
+        let key = self.model_key(caller, local_id)?;
+        let mut model = self.models.setter(key);
         if !model.owner.get().is_zero() {
             return Err(MarketplaceError::ModelAlreadyRegistered(
-                ModelAlreadyRegistered { modelId: model_id },
+                ModelAlreadyRegistered { modelId: key },
             ));
         }
         model.owner.set(caller);
@@ -221,21 +414,34 @@ impl Marketplace {
         model.price_per_call.set(price_per_call);
         model.active.set(true);
         self.vm().log(ModelRegistered {
-            modelId: model_id,
+            modelId: key,
             owner: caller,
+            localId: local_id,
             cidHash: cid_hash,
             commitment,
             pricePerCall: price_per_call,
         });
-        Ok(())
+        Ok(key)
     }
 
-    /// Changes the price (in credits per call) of an active model; its owner only.
+    /// Changes the price (in credits per call) of an active model; its owner only, at most
+    /// once per `PRICE_WINDOW` (`TooEarly`). The previous price stays accepted for usage
+    /// settled within the window.
     pub fn update_price(&mut self, model_id: FixedBytes<32>, new_price: U256) -> Result<()> {
         self.owned_active_model(model_id)?;
+        let now = self.now();
+        let changed_at = self.models.get(model_id).price_changed_at.get();
+        if !changed_at.is_zero() {
+            let not_before = changed_at.saturating_add(U256::from(PRICE_WINDOW));
+            if now < not_before {
+                return Err(too_early(not_before));
+            }
+        }
         let mut model = self.models.setter(model_id);
         let old_price = model.price_per_call.get();
+        model.previous_price.set(old_price);
         model.price_per_call.set(new_price);
+        model.price_changed_at.set(now);
         self.vm().log(PriceUpdated {
             modelId: model_id,
             oldPrice: old_price,
@@ -271,10 +477,25 @@ impl Marketplace {
         ))
     }
 
-    /// Buys `msg.value / weiPerCredit` credits for the caller; the value must be a non-zero
-    /// multiple of `weiPerCredit`. Returns the credits bought.
+    /// A model's prices: (pricePerCall, previousPrice, priceChangedAt); `UnknownModel` if
+    /// unregistered. `priceChangedAt` is 0 before the first change.
+    pub fn get_prices(&self, model_id: FixedBytes<32>) -> Result<(U256, U256, U256)> {
+        self.registered_owner(model_id)?;
+        let model = self.models.get(model_id);
+        Ok((
+            model.price_per_call.get(),
+            model.previous_price.get(),
+            model.price_changed_at.get(),
+        ))
+    }
+
+    /// Buys credits at `weiPerCredit`: the value must be a non-zero multiple of it. Returns the
+    /// credits bought. Refused while paused.
     #[payable]
     pub fn buy_credits(&mut self) -> Result<U256> {
+        if self.paused.get() {
+            return Err(MarketplaceError::ContractPaused(ContractPaused {}));
+        }
         let value = self.vm().msg_value();
         let rate = self.wei_per_credit.get();
         if value.is_zero() || !(value % rate).is_zero() {
@@ -283,11 +504,13 @@ impl Marketplace {
         let bought = value / rate;
         let buyer = self.vm().msg_sender();
         let balance = self
-            .credits
+            .accounts
             .get(buyer)
+            .credits
+            .get()
             .checked_add(bought)
             .ok_or_else(overflow)?;
-        self.credits.setter(buyer).set(balance);
+        self.accounts.setter(buyer).credits.set(balance);
         self.vm().log(CreditsBought {
             buyer,
             amountWei: value,
@@ -298,12 +521,32 @@ impl Marketplace {
 
     /// The credits `user` holds.
     pub fn credits_of(&self, user: Address) -> Result<U256> {
-        Ok(self.credits.get(user))
+        Ok(self.accounts.get(user).credits.get())
     }
 
     /// The unpaid earnings (in credits) of a model owner.
     pub fn earnings_of(&self, owner: Address) -> Result<U256> {
-        Ok(self.earnings.get(owner))
+        Ok(self.accounts.get(owner).earnings.get())
+    }
+
+    /// The most credits operators may settle from `user` per day (`type(uint256).max` when
+    /// the user set no cap).
+    pub fn daily_cap_of(&self, user: Address) -> Result<U256> {
+        let account = self.accounts.get(user);
+        Ok(if account.cap_set.get() {
+            account.daily_cap.get()
+        } else {
+            U256::MAX
+        })
+    }
+
+    /// A user's refund request: (credits, notBefore); (0, 0) when none.
+    pub fn refund_of(&self, user: Address) -> Result<(U256, U256)> {
+        let account = self.accounts.get(user);
+        Ok((
+            account.refund_credits.get(),
+            account.refund_not_before.get(),
+        ))
     }
 
     /// The price of one credit in wei.
@@ -316,20 +559,44 @@ impl Marketplace {
         Ok(self.admin.get())
     }
 
+    /// The proposed next admin and when it may accept: (address, notBefore); zeros when none.
+    pub fn pending_admin(&self) -> Result<(Address, U256)> {
+        Ok((
+            self.pending_admin.get(),
+            self.pending_admin_not_before.get(),
+        ))
+    }
+
     /// Whether `account` may settle batches.
     pub fn is_operator(&self, account: Address) -> Result<bool> {
         Ok(self.operators.get(account))
     }
 
-    /// Whether the batch id has been settled.
-    pub fn is_batch_settled(&self, batch_id: FixedBytes<32>) -> Result<bool> {
-        Ok(self.settled_batches.get(batch_id))
+    /// When a named operator may accept the role (0 when not named).
+    pub fn operator_not_before(&self, account: Address) -> Result<U256> {
+        Ok(self.operator_not_before.get(account))
     }
 
-    /// Settles a batch of usage: debits each user `pricePerCall * calls` credits of the model's
-    /// current price and credits the model owner's earnings. Operators only; a batch id settles
-    /// once; the whole batch reverts on the first bad record (unknown or inactive model, overflow,
-    /// a user without enough credits, counting their earlier records in the batch).
+    /// Whether settlement and purchases are paused.
+    pub fn paused(&self) -> Result<bool> {
+        Ok(self.paused.get())
+    }
+
+    /// The hash of the records of the batch `batch_id` that `operator` settled (zero when it
+    /// did not): `h = keccak256(abi.encode(h, user, modelId, calls, credits, receiptBatchHash))`
+    /// over the records in order, from zero.
+    pub fn batch_records_hash(
+        &self,
+        operator: Address,
+        batch_id: FixedBytes<32>,
+    ) -> Result<FixedBytes<32>> {
+        Ok(self.settled_batches.get(self.batch_key(operator, batch_id)))
+    }
+
+    /// Settles a batch of usage. Operators only, not while paused; a batch id settles once per
+    /// operator; an empty batch is refused. Each record moves its `credits` from the user to
+    /// the model owner's earnings, or is skipped with `UsageRejected(reason)` (see
+    /// [`Rejection`]): a bad record never blocks the others.
     pub fn consume_credits(
         &mut self,
         batch_id: FixedBytes<32>,
@@ -339,7 +606,11 @@ impl Marketplace {
         if !self.operators.get(operator) {
             return Err(unauthorized(operator));
         }
-        if self.settled_batches.get(batch_id) {
+        if self.paused.get() {
+            return Err(MarketplaceError::ContractPaused(ContractPaused {}));
+        }
+        let key = self.batch_key(operator, batch_id);
+        if !self.settled_batches.get(key).is_zero() {
             return Err(MarketplaceError::BatchAlreadySettled(BatchAlreadySettled {
                 batchId: batch_id,
             }));
@@ -348,65 +619,62 @@ impl Marketplace {
             return Err(MarketplaceError::EmptyBatch(EmptyBatch {}));
         }
 
-        // Validate everything first, tracking running balances, then write.
-        let mut balances: Vec<(Address, U256)> = Vec::new();
-        let mut earnings: Vec<(Address, U256)> = Vec::new();
-        let mut costs: Vec<U256> = Vec::with_capacity(records.len());
+        // Nothing below fails: every record either settles or is skipped.
+        let today = self.now() / U256::from(DAY);
         let mut total = U256::ZERO;
+        let mut settled = 0u64;
+        let mut hash = FixedBytes::<32>::ZERO;
         for record in &records {
-            let owner = self.registered_owner(record.modelId)?;
-            let model = self.models.get(record.modelId);
-            if !model.active.get() {
-                return Err(MarketplaceError::ModelInactive(ModelInactive {
-                    modelId: record.modelId,
-                }));
-            }
-            let cost = model
-                .price_per_call
-                .get()
-                .checked_mul(U256::from(record.calls))
-                .ok_or_else(overflow)?;
-            let available =
-                lookup(&balances, record.user).unwrap_or_else(|| self.credits.get(record.user));
-            if available < cost {
-                return Err(MarketplaceError::InsufficientCredits(InsufficientCredits {
+            hash = self.chain_hash(hash, record);
+            if let Some(reason) = self.rejection(operator, record, total) {
+                self.vm().log(UsageRejected {
+                    batchId: batch_id,
                     user: record.user,
-                    needed: cost,
-                    available,
-                }));
+                    modelId: record.modelId,
+                    calls: record.calls,
+                    credits: record.credits,
+                    receiptBatchHash: record.receiptBatchHash,
+                    reason: reason as u8,
+                });
+                continue;
             }
-            upsert(&mut balances, record.user, available - cost);
-            let earned = lookup(&earnings, owner)
-                .unwrap_or_else(|| self.earnings.get(owner))
-                .checked_add(cost)
-                .ok_or_else(overflow)?;
-            upsert(&mut earnings, owner, earned);
-            total = total.checked_add(cost).ok_or_else(overflow)?;
-            costs.push(cost);
-        }
-
-        for (user, balance) in balances {
-            self.credits.setter(user).set(balance);
-        }
-        for (owner, earned) in earnings {
-            self.earnings.setter(owner).set(earned);
-        }
-        self.settled_batches.setter(batch_id).set(true);
-        for (record, cost) in records.iter().zip(costs) {
+            {
+                let mut user = self.accounts.setter(record.user);
+                let credits = user.credits.get();
+                user.credits.set(credits - record.credits);
+                if user.cap_set.get() {
+                    let spent = if user.spent_day.get() == today {
+                        user.spent.get()
+                    } else {
+                        U256::ZERO
+                    };
+                    user.spent.set(spent + record.credits);
+                    user.spent_day.set(today);
+                }
+            }
+            let owner = self.models.get(record.modelId).owner.get();
+            let mut owner = self.accounts.setter(owner);
+            let earned = owner.earnings.get();
+            owner.earnings.set(earned + record.credits);
+            total += record.credits;
+            settled += 1;
             self.vm().log(UsageSettled {
                 batchId: batch_id,
                 user: record.user,
                 modelId: record.modelId,
                 calls: record.calls,
-                credits: cost,
+                credits: record.credits,
                 receiptBatchHash: record.receiptBatchHash,
             });
         }
+        self.settled_batches.setter(key).set(hash);
         self.vm().log(BatchSettled {
             batchId: batch_id,
             operator,
-            records: U256::from(records.len()),
+            settled: U256::from(settled),
+            rejected: U256::from(records.len() as u64 - settled),
             totalCredits: total,
+            recordsHash: hash,
         });
         Ok(())
     }
@@ -415,7 +683,7 @@ impl Marketplace {
     /// Checks-effects-interactions: the earnings are zeroed before the transfer.
     pub fn withdraw(&mut self) -> Result<U256> {
         let owner = self.vm().msg_sender();
-        let earned = self.earnings.get(owner);
+        let earned = self.accounts.get(owner).earnings.get();
         if earned.is_zero() {
             return Err(MarketplaceError::NothingToWithdraw(NothingToWithdraw {
                 owner,
@@ -424,14 +692,11 @@ impl Marketplace {
         let amount = earned
             .checked_mul(self.wei_per_credit.get())
             .ok_or_else(overflow)?;
-        self.earnings.setter(owner).set(U256::ZERO);
-        if transfer_eth(self.vm(), owner, amount).is_err() {
+        self.accounts.setter(owner).earnings.set(U256::ZERO);
+        if let Err(e) = self.pay(owner, amount) {
             // The revert undoes this on chain; restoring keeps native tests faithful.
-            self.earnings.setter(owner).set(earned);
-            return Err(MarketplaceError::TransferFailed(TransferFailed {
-                to: owner,
-                amount,
-            }));
+            self.accounts.setter(owner).earnings.set(earned);
+            return Err(e);
         }
         self.vm().log(Withdrawn {
             owner,
@@ -441,28 +706,186 @@ impl Marketplace {
         Ok(amount)
     }
 
-    /// Grants or revokes the operator role; admin only.
+    /// Sets the most credits operators may settle from the caller per day (a UTC day of the
+    /// block timestamp); without a call there is no cap.
+    pub fn set_daily_cap(&mut self, cap: U256) -> Result<()> {
+        let user = self.vm().msg_sender();
+        let mut account = self.accounts.setter(user);
+        account.cap_set.set(true);
+        account.daily_cap.set(cap);
+        self.vm().log(DailyCapSet { user, cap });
+        Ok(())
+    }
+
+    /// Asks to turn `credits` of the caller's credits back into wei; claimable with
+    /// `claimRefund` after `REFUND_DELAY`, which leaves the operators time to settle usage made
+    /// before. A new request replaces the previous one (and restarts the lock).
+    pub fn request_refund(&mut self, credits: U256) -> Result<()> {
+        let user = self.vm().msg_sender();
+        if credits.is_zero() {
+            return Err(MarketplaceError::NothingToRefund(NothingToRefund { user }));
+        }
+        let available = self.accounts.get(user).credits.get();
+        if credits > available {
+            return Err(MarketplaceError::InsufficientCredits(InsufficientCredits {
+                user,
+                needed: credits,
+                available,
+            }));
+        }
+        let not_before = self
+            .now()
+            .checked_add(U256::from(REFUND_DELAY))
+            .ok_or_else(overflow)?;
+        let mut account = self.accounts.setter(user);
+        account.refund_credits.set(credits);
+        account.refund_not_before.set(not_before);
+        self.vm().log(RefundRequested {
+            user,
+            credits,
+            notBefore: not_before,
+        });
+        Ok(())
+    }
+
+    /// Pays the requested refund, at most the credits the caller still holds, once its lock
+    /// has passed; returns the wei paid.
+    pub fn claim_refund(&mut self) -> Result<U256> {
+        let user = self.vm().msg_sender();
+        let account = self.accounts.get(user);
+        let requested = account.refund_credits.get();
+        let not_before = account.refund_not_before.get();
+        let available = account.credits.get();
+        if requested.is_zero() {
+            return Err(MarketplaceError::NothingToRefund(NothingToRefund { user }));
+        }
+        if self.now() < not_before {
+            return Err(too_early(not_before));
+        }
+        let credits = requested.min(available);
+        if credits.is_zero() {
+            return Err(MarketplaceError::NothingToRefund(NothingToRefund { user }));
+        }
+        let amount = credits
+            .checked_mul(self.wei_per_credit.get())
+            .ok_or_else(overflow)?;
+        {
+            let mut account = self.accounts.setter(user);
+            account.credits.set(available - credits);
+            account.refund_credits.set(U256::ZERO);
+            account.refund_not_before.set(U256::ZERO);
+        }
+        if let Err(e) = self.pay(user, amount) {
+            // The revert undoes this on chain; restoring keeps native tests faithful.
+            let mut account = self.accounts.setter(user);
+            account.credits.set(available);
+            account.refund_credits.set(requested);
+            account.refund_not_before.set(not_before);
+            return Err(e);
+        }
+        self.vm().log(Refunded {
+            user,
+            credits,
+            amountWei: amount,
+        });
+        Ok(amount)
+    }
+
+    /// Names `operator` (it may accept after `OPERATOR_DELAY` with `acceptOperator`), or, with
+    /// `enabled == false`, revokes it (and any pending nomination) at once; admin only.
     pub fn set_operator(&mut self, operator: Address, enabled: bool) -> Result<()> {
         self.only_admin()?;
         if operator.is_zero() {
             return Err(MarketplaceError::ZeroAddress(ZeroAddress {}));
         }
-        self.operators.setter(operator).set(enabled);
-        self.vm().log(OperatorSet { operator, enabled });
+        if enabled {
+            let not_before = self
+                .now()
+                .checked_add(U256::from(OPERATOR_DELAY))
+                .ok_or_else(overflow)?;
+            self.operator_not_before.setter(operator).set(not_before);
+            self.vm().log(OperatorProposed {
+                operator,
+                notBefore: not_before,
+            });
+        } else {
+            self.operators.setter(operator).set(false);
+            self.operator_not_before.setter(operator).set(U256::ZERO);
+            self.vm().log(OperatorSet {
+                operator,
+                enabled: false,
+            });
+        }
         Ok(())
     }
 
-    /// Hands the admin role to `new_admin`; admin only.
-    pub fn set_admin(&mut self, new_admin: Address) -> Result<()> {
-        let previous = self.only_admin()?;
+    /// A named operator takes the role once its delay has passed.
+    pub fn accept_operator(&mut self) -> Result<()> {
+        let caller = self.vm().msg_sender();
+        let not_before = self.operator_not_before.get(caller);
+        if not_before.is_zero() {
+            return Err(unauthorized(caller));
+        }
+        if self.now() < not_before {
+            return Err(too_early(not_before));
+        }
+        self.operator_not_before.setter(caller).set(U256::ZERO);
+        self.operators.setter(caller).set(true);
+        self.vm().log(OperatorSet {
+            operator: caller,
+            enabled: true,
+        });
+        Ok(())
+    }
+
+    /// Proposes `new_admin` as the next admin, who may accept after `ADMIN_DELAY`; admin only.
+    /// A new proposal replaces the previous one.
+    pub fn propose_admin(&mut self, new_admin: Address) -> Result<()> {
+        self.only_admin()?;
         if new_admin.is_zero() {
             return Err(MarketplaceError::ZeroAddress(ZeroAddress {}));
         }
-        self.admin.set(new_admin);
+        let not_before = self
+            .now()
+            .checked_add(U256::from(ADMIN_DELAY))
+            .ok_or_else(overflow)?;
+        self.pending_admin.set(new_admin);
+        self.pending_admin_not_before.set(not_before);
+        self.vm().log(AdminProposed {
+            newAdmin: new_admin,
+            notBefore: not_before,
+        });
+        Ok(())
+    }
+
+    /// The proposed admin takes the role once the delay has passed.
+    pub fn accept_admin(&mut self) -> Result<()> {
+        let caller = self.vm().msg_sender();
+        let pending = self.pending_admin.get();
+        if pending.is_zero() || caller != pending {
+            return Err(unauthorized(caller));
+        }
+        let not_before = self.pending_admin_not_before.get();
+        if self.now() < not_before {
+            return Err(too_early(not_before));
+        }
+        let previous = self.admin.get();
+        self.admin.set(caller);
+        self.pending_admin.set(Address::ZERO);
+        self.pending_admin_not_before.set(U256::ZERO);
         self.vm().log(AdminChanged {
             previousAdmin: previous,
-            newAdmin: new_admin,
+            newAdmin: caller,
         });
+        Ok(())
+    }
+
+    /// Pauses (or resumes) settlement and purchases; admin only. Withdrawals and refunds are
+    /// never paused.
+    pub fn set_paused(&mut self, paused: bool) -> Result<()> {
+        self.only_admin()?;
+        self.paused.set(paused);
+        self.vm().log(PauseSet { paused });
         Ok(())
     }
 }
