@@ -47,6 +47,10 @@ pub enum Revert {
     NothingToWithdraw(Address),
     TransferFailed(Address, U256),
     ArithmeticOverflow,
+    /// A delay (price window, operator or admin hand-over, refund lock) runs until this time.
+    TooEarly(U256),
+    ContractPaused,
+    NothingToRefund(Address),
     Other(String),
 }
 
@@ -75,6 +79,9 @@ impl fmt::Display for Revert {
                 write!(f, "TransferFailed(to {to}, amount {amount} wei)")
             }
             Revert::ArithmeticOverflow => f.write_str("ArithmeticOverflow"),
+            Revert::TooEarly(t) => write!(f, "TooEarly(not before {t})"),
+            Revert::ContractPaused => f.write_str("ContractPaused"),
+            Revert::NothingToRefund(user) => write!(f, "NothingToRefund({user})"),
             Revert::Other(reason) => write!(f, "reverted: {reason}"),
         }
     }
@@ -101,6 +108,9 @@ impl From<MarketplaceErrors> for Revert {
             E::NothingToWithdraw(e) => Revert::NothingToWithdraw(e.owner),
             E::TransferFailed(e) => Revert::TransferFailed(e.to, e.amount),
             E::ArithmeticOverflow(_) => Revert::ArithmeticOverflow,
+            E::TooEarly(e) => Revert::TooEarly(e.notBefore),
+            E::ContractPaused(_) => Revert::ContractPaused,
+            E::NothingToRefund(e) => Revert::NothingToRefund(e.user),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alloy::contract::{CallBuilder, CallDecoder};
+use alloy::eips::BlockNumberOrTag;
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::{Filter, TransactionReceipt};
@@ -39,7 +40,9 @@ pub struct OnChainModel {
 }
 
 /// One `CreditsBought` event: `buyer` paid `amount_wei` for `credits`, in transaction `tx_hash`
-/// of block `block`, as log `log_index` of that block.
+/// of block `block`, as log `log_index` of that block and the `position`-th `CreditsBought` of
+/// this contract in its transaction (from 0). `(tx_hash, position)` names a deposit for good:
+/// unlike the log index, it does not change when a reorg puts the transaction in another block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deposit {
     pub buyer: Address,
@@ -48,6 +51,70 @@ pub struct Deposit {
     pub block: u64,
     pub tx_hash: B256,
     pub log_index: u64,
+    pub position: u32,
+}
+
+/// Why the contract skipped a usage record (`UsageRejected.reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    UnknownModel,
+    ModelInactive,
+    OperatorOwnsModel,
+    PriceMismatch,
+    InsufficientCredits,
+    OverDailyCap,
+    Overflow,
+    /// A reason code this client does not know.
+    Other(u8),
+}
+
+impl Rejection {
+    pub fn from_code(code: u8) -> Rejection {
+        match code {
+            1 => Rejection::UnknownModel,
+            2 => Rejection::ModelInactive,
+            3 => Rejection::OperatorOwnsModel,
+            4 => Rejection::PriceMismatch,
+            5 => Rejection::InsufficientCredits,
+            6 => Rejection::OverDailyCap,
+            7 => Rejection::Overflow,
+            other => Rejection::Other(other),
+        }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Other(code) => write!(f, "reason {code}"),
+            known => write!(f, "{known:?}"),
+        }
+    }
+}
+
+/// One record of a settled batch, as the contract logged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettledRecord {
+    pub user: Address,
+    pub model: B256,
+    pub calls: u64,
+    pub credits: U256,
+    pub receipt_batch_hash: B256,
+    /// `None`: settled (`UsageSettled`); else why it was skipped (`UsageRejected`).
+    pub rejected: Option<Rejection>,
+}
+
+/// What a `consumeCredits` transaction did, read from its receipt's logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub tx_hash: B256,
+    pub batch_id: B256,
+    pub operator: Address,
+    pub total_credits: U256,
+    /// `BatchSettled.recordsHash`: compare with [`crate::records_hash`] of what was sent.
+    pub records_hash: B256,
+    /// Every record, in order.
+    pub records: Vec<SettledRecord>,
 }
 
 /// A deployed Marketplace contract, reached through one node. Cheap to clone; clones share the
@@ -160,7 +227,7 @@ impl Marketplace {
     }
 
     /// Deploys the Solidity twin's bytecode (from `Marketplace.json`) with constructor
-    /// `(admin, wei_per_credit)`, paid and signed by `deployer`, and connects to it with the
+    /// `(admin, wei_per_credit, operator or zero)` (the first operator is enabled at once), paid and signed by `deployer`, and connects to it with the
     /// deployer as sender. A zero admin or rate is refused by the constructor
     /// ([`Revert::ZeroAddress`], [`Revert::InvalidRate`]).
     pub async fn deploy(
@@ -168,6 +235,7 @@ impl Marketplace {
         deployer: Signer,
         admin: Address,
         wei_per_credit: U256,
+        operator: Option<Address>,
     ) -> Result<Marketplace> {
         let sender = deployer.address();
         let (provider, redact) = provider(rpc_url, Some(deployer), CALL_TIMEOUT)?;
@@ -178,7 +246,13 @@ impl Marketplace {
             Address::ZERO,
             Some(sender),
         );
-        let call = Contract::deploy_builder(provider.clone(), admin, wei_per_credit).from(sender);
+        let call = Contract::deploy_builder(
+            provider.clone(),
+            admin,
+            wei_per_credit,
+            operator.unwrap_or(Address::ZERO),
+        )
+        .from(sender);
         let receipt = market.send_and_wait("deploy", &call).await?;
         let address = receipt.contract_address.ok_or_else(|| {
             ChainError::Rpc("the deployment receipt names no contract address".into())
@@ -241,6 +315,21 @@ impl Marketplace {
             .map_err(|e| self.transport_error(&e))
     }
 
+    /// The number of the node's `finalized` block (the newest a reorg can't undo).
+    pub async fn finalized_block(&self) -> Result<u64> {
+        let block = self
+            .timed(
+                "eth_getBlockByNumber",
+                self.provider()
+                    .get_block_by_number(BlockNumberOrTag::Finalized)
+                    .into_future(),
+            )
+            .await?
+            .map_err(|e| self.transport_error(&e))?
+            .ok_or_else(|| ChainError::Rpc("the node has no finalized block".into()))?;
+        Ok(block.header.number)
+    }
+
     /// The node's latest block number.
     pub async fn block_number(&self) -> Result<u64> {
         self.timed(
@@ -283,13 +372,48 @@ impl Marketplace {
             .await
     }
 
-    /// Whether batch `batch_id` was settled.
-    pub async fn is_batch_settled(&self, batch_id: B256) -> Result<bool> {
-        self.read("isBatchSettled", self.contract.isBatchSettled(batch_id))
+    /// The records hash of batch `batch_id` as `operator` settled it; `None` when it did not.
+    pub async fn batch_records_hash(
+        &self,
+        operator: Address,
+        batch_id: B256,
+    ) -> Result<Option<B256>> {
+        let hash = self
+            .read(
+                "batchRecordsHash",
+                self.contract.batchRecordsHash(operator, batch_id),
+            )
+            .await?;
+        Ok((hash != B256::ZERO).then_some(hash))
+    }
+
+    /// A model's prices: (current, previous, time of the last change or 0).
+    pub async fn get_prices(&self, model: B256) -> Result<(U256, U256, U256)> {
+        let p = self
+            .read("getPrices", self.contract.getPrices(model))
+            .await?;
+        Ok((p._0, p._1, p._2))
+    }
+
+    /// Whether settlement and purchases are paused.
+    pub async fn paused(&self) -> Result<bool> {
+        self.read("paused", self.contract.paused()).await
+    }
+
+    /// The most credits operators may settle from `user` per day (`U256::MAX`: no cap).
+    pub async fn daily_cap_of(&self, user: Address) -> Result<U256> {
+        self.read("dailyCapOf", self.contract.dailyCapOf(user))
             .await
     }
 
-    /// The model registered under `model` (see [`crate::model_key`]), `None` when unknown.
+    /// A user's refund request: (credits, not before); zeros when none.
+    pub async fn refund_of(&self, user: Address) -> Result<(U256, U256)> {
+        let r = self.read("refundOf", self.contract.refundOf(user)).await?;
+        Ok((r._0, r._1))
+    }
+
+    /// The model registered under the key `model` (see [`crate::model_key`]), `None` when
+    /// unknown.
     pub async fn get_model(&self, model: B256) -> Result<Option<OnChainModel>> {
         match self.read("getModel", self.contract.getModel(model)).await {
             Ok(m) => Ok(Some(OnChainModel {
@@ -341,6 +465,7 @@ impl Marketplace {
                     block,
                     tx_hash,
                     log_index,
+                    position: 0,
                 });
             }
             if end == to_block {
@@ -349,23 +474,33 @@ impl Marketplace {
             start = end + 1;
         }
         out.sort_by_key(|d| (d.block, d.log_index));
+        // A transaction's logs are all in one block, so the range holds all of them.
+        let mut previous: Option<(B256, u32)> = None;
+        for d in &mut out {
+            d.position = match previous {
+                Some((tx, n)) if tx == d.tx_hash => n + 1,
+                _ => 0,
+            };
+            previous = Some((d.tx_hash, d.position));
+        }
         Ok(out)
     }
 
     // ----- writes -----
 
-    /// Registers a model owned by the sender: `registerModel(model, cid_hash, commitment,
-    /// price)` (prices are in credits per call). Returns the transaction hash.
+    /// Registers a model owned by the sender: `registerModel(local_id, cid_hash, commitment,
+    /// price)` (prices are in credits per call; see [`crate::local_id`]); the contract keeps it
+    /// under [`crate::model_key`]`(sender, ..)`. Returns the transaction hash.
     pub async fn register_model(
         &self,
-        model: B256,
+        local_id: B256,
         cid_hash: B256,
         commitment: B256,
         price: U256,
     ) -> Result<B256> {
         let call = self
             .contract
-            .registerModel(model, cid_hash, commitment, price);
+            .registerModel(local_id, cid_hash, commitment, price);
         self.write("registerModel", call).await
     }
 
@@ -391,13 +526,87 @@ impl Marketplace {
             .await
     }
 
-    /// Settles a batch of usage (operators only); `batch_id` is accepted once.
-    pub async fn consume_credits(&self, batch_id: B256, records: Vec<UsageRecord>) -> Result<B256> {
-        self.write(
-            "consumeCredits",
-            self.contract.consumeCredits(batch_id, records),
-        )
-        .await
+    /// Settles a batch of usage (operators only; `batch_id` is accepted once per operator) and
+    /// reports, from the transaction's logs, which records settled and which were skipped. A
+    /// mined transaction without this contract's `BatchSettled` log is [`ChainError::Rpc`].
+    pub async fn consume_credits(
+        &self,
+        batch_id: B256,
+        records: Vec<UsageRecord>,
+    ) -> Result<Settlement> {
+        let sender = self.sender.ok_or_else(|| {
+            ChainError::Invalid("consumeCredits needs a signing key, and none was given".into())
+        })?;
+        let call = self.contract.consumeCredits(batch_id, records).from(sender);
+        let receipt = self.send_and_wait("consumeCredits", &call).await?;
+        self.settlement(&receipt)
+    }
+
+    /// The [`Settlement`] a `consumeCredits` receipt logged.
+    fn settlement(&self, receipt: &TransactionReceipt) -> Result<Settlement> {
+        let mut records = Vec::new();
+        let mut batch = None;
+        for log in receipt.inner.logs() {
+            if log.address() != self.address() {
+                continue;
+            }
+            let Some(topic) = log.topics().first() else {
+                continue;
+            };
+            let bad = |e: alloy::sol_types::Error| {
+                ChainError::Rpc(format!("undecodable settlement log: {e}"))
+            };
+            if *topic == Contract::UsageSettled::SIGNATURE_HASH {
+                let e = log
+                    .log_decode::<Contract::UsageSettled>()
+                    .map_err(bad)?
+                    .inner
+                    .data;
+                records.push(SettledRecord {
+                    user: e.user,
+                    model: e.modelId,
+                    calls: e.calls,
+                    credits: e.credits,
+                    receipt_batch_hash: e.receiptBatchHash,
+                    rejected: None,
+                });
+            } else if *topic == Contract::UsageRejected::SIGNATURE_HASH {
+                let e = log
+                    .log_decode::<Contract::UsageRejected>()
+                    .map_err(bad)?
+                    .inner
+                    .data;
+                records.push(SettledRecord {
+                    user: e.user,
+                    model: e.modelId,
+                    calls: e.calls,
+                    credits: e.credits,
+                    receipt_batch_hash: e.receiptBatchHash,
+                    rejected: Some(Rejection::from_code(e.reason)),
+                });
+            } else if *topic == Contract::BatchSettled::SIGNATURE_HASH {
+                batch = Some(
+                    log.log_decode::<Contract::BatchSettled>()
+                        .map_err(bad)?
+                        .inner
+                        .data,
+                );
+            }
+        }
+        let batch = batch.ok_or_else(|| {
+            ChainError::Rpc(format!(
+                "consumeCredits transaction {} logged no BatchSettled",
+                receipt.transaction_hash
+            ))
+        })?;
+        Ok(Settlement {
+            tx_hash: receipt.transaction_hash,
+            batch_id: batch.batchId,
+            operator: batch.operator,
+            total_credits: batch.totalCredits,
+            records_hash: batch.recordsHash,
+            records,
+        })
     }
 
     /// Pays the sender's earnings out, in wei.
@@ -405,15 +614,52 @@ impl Marketplace {
         self.write("withdraw", self.contract.withdraw()).await
     }
 
-    /// Makes `operator` an operator, or not (admin only).
+    /// Names `operator` (it accepts after the contract's delay with
+    /// [`Marketplace::accept_operator`]), or with `enabled == false` revokes it at once (admin
+    /// only).
     pub async fn set_operator(&self, operator: Address, enabled: bool) -> Result<B256> {
         self.write("setOperator", self.contract.setOperator(operator, enabled))
             .await
     }
 
-    /// Hands the admin role to `admin` (admin only).
-    pub async fn set_admin(&self, admin: Address) -> Result<B256> {
-        self.write("setAdmin", self.contract.setAdmin(admin)).await
+    /// The sender takes the operator role it was named to, once the delay has passed.
+    pub async fn accept_operator(&self) -> Result<B256> {
+        self.write("acceptOperator", self.contract.acceptOperator())
+            .await
+    }
+
+    /// Proposes `admin` as the next admin (admin only); it accepts after the delay.
+    pub async fn propose_admin(&self, admin: Address) -> Result<B256> {
+        self.write("proposeAdmin", self.contract.proposeAdmin(admin))
+            .await
+    }
+
+    /// The sender, the proposed admin, takes the role once the delay has passed.
+    pub async fn accept_admin(&self) -> Result<B256> {
+        self.write("acceptAdmin", self.contract.acceptAdmin()).await
+    }
+
+    /// Pauses or resumes settlement and purchases (admin only).
+    pub async fn set_paused(&self, paused: bool) -> Result<B256> {
+        self.write("setPaused", self.contract.setPaused(paused))
+            .await
+    }
+
+    /// Sets the most credits operators may settle from the sender per day.
+    pub async fn set_daily_cap(&self, cap: U256) -> Result<B256> {
+        self.write("setDailyCap", self.contract.setDailyCap(cap))
+            .await
+    }
+
+    /// Asks to turn `credits` of the sender's credits back into wei after the refund lock.
+    pub async fn request_refund(&self, credits: U256) -> Result<B256> {
+        self.write("requestRefund", self.contract.requestRefund(credits))
+            .await
+    }
+
+    /// Pays the sender's refund once its lock has passed.
+    pub async fn claim_refund(&self) -> Result<B256> {
+        self.write("claimRefund", self.contract.claimRefund()).await
     }
 
     // ----- plumbing -----
@@ -546,7 +792,20 @@ mod tests {
     fn futures_are_send(m: &Marketplace, s: Signer) {
         let (a, b) = (Address::ZERO, B256::ZERO);
         send(Marketplace::connect("", a, None));
-        send(Marketplace::deploy("", s, a, U256::ZERO));
+        send(Marketplace::deploy("", s, a, U256::ZERO, None));
+        send(m.finalized_block());
+        send(m.batch_records_hash(a, b));
+        send(m.get_prices(b));
+        send(m.paused());
+        send(m.daily_cap_of(a));
+        send(m.refund_of(a));
+        send(m.accept_operator());
+        send(m.propose_admin(a));
+        send(m.accept_admin());
+        send(m.set_paused(true));
+        send(m.set_daily_cap(U256::ZERO));
+        send(m.request_refund(U256::ZERO));
+        send(m.claim_refund());
         send(m.chain_id());
         send(m.block_number());
         send(m.credits_of(a));
@@ -554,7 +813,6 @@ mod tests {
         send(m.wei_per_credit());
         send(m.admin());
         send(m.is_operator(a));
-        send(m.is_batch_settled(b));
         send(m.get_model(b));
         send(m.deposits(0, 1));
         send(m.register_model(b, b, b, U256::ZERO));
@@ -564,7 +822,6 @@ mod tests {
         send(m.consume_credits(b, vec![]));
         send(m.withdraw());
         send(m.set_operator(a, true));
-        send(m.set_admin(a));
     }
 
     #[test]

@@ -71,16 +71,61 @@ pub enum Chain {
         /// Price of one credit in wei.
         #[arg(long, default_value = "1000000000000")]
         wei_per_credit: String,
-        /// Accounts that may settle usage (`consumeCredits`), e.g. the registry's operator;
-        /// set when the deploying wallet is the admin.
+        /// The first account that may settle usage (`consumeCredits`), e.g. the registry's
+        /// operator: enabled at once. Later operators are named with `set-operator` and accept
+        /// after the contract's delay.
         #[arg(long)]
-        operator: Vec<String>,
+        operator: Option<String>,
     },
-    /// Allow (or with --disable, forbid) an account to settle usage (admin wallet).
+    /// Name an account as operator (it accepts after the contract's delay with
+    /// `accept-operator`), or with --disable revoke it at once (admin wallet).
     SetOperator {
         operator: String,
         #[arg(long)]
         disable: bool,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Take the operator role the admin named this wallet to, once the delay has passed.
+    AcceptOperator {
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Propose the next admin (admin wallet); it accepts after the delay with `accept-admin`.
+    ProposeAdmin {
+        admin: String,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Take the admin role this wallet was proposed for, once the delay has passed.
+    AcceptAdmin {
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Pause (or with --resume, resume) settlement and purchases (admin wallet). Withdrawals
+    /// and refunds are never paused.
+    Pause {
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Cap the credits operators may settle from this wallet per day.
+    SetDailyCap {
+        #[arg(long)]
+        credits: String,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Ask for unspent credits back in ETH: claimable with `refund-claim` after the lock.
+    RefundRequest {
+        #[arg(long)]
+        credits: u64,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Claim a requested refund once its lock has passed.
+    RefundClaim {
         #[command(flatten)]
         market: MarketArgs,
     },
@@ -152,17 +197,15 @@ pub async fn run(command: Chain) -> anyhow::Result<()> {
             let rate: U256 = wei_per_credit
                 .parse()
                 .context("--wei-per-credit must be a whole number of wei")?;
-            let market = Marketplace::deploy(&wallet.rpc.chain_rpc, signer, admin, rate).await?;
-            let mut operators = Vec::new();
-            for op in operator {
-                let op: Address = modelhub_chain::parse_address(&op).context("--operator")?;
-                anyhow::ensure!(
-                    admin == deployer,
-                    "--operator needs the deploying wallet to be the admin"
-                );
-                market.set_operator(op, true).await?;
-                operators.push(modelhub_chain::wallet_string(op));
-            }
+            let operator: Option<Address> = operator
+                .map(|op| modelhub_chain::parse_address(&op).context("--operator"))
+                .transpose()?;
+            let market =
+                Marketplace::deploy(&wallet.rpc.chain_rpc, signer, admin, rate, operator).await?;
+            let operators: Vec<String> = operator
+                .map(modelhub_chain::wallet_string)
+                .into_iter()
+                .collect();
             print_json(&json!({
                 "marketplace": modelhub_chain::wallet_string(market.address()),
                 "chain_id": market.chain_id().await?,
@@ -183,6 +226,68 @@ pub async fn run(command: Chain) -> anyhow::Result<()> {
             print_json(
                 &json!({ "operator": modelhub_chain::wallet_string(op), "enabled": !disable, "tx": tx(hash) }),
             );
+            Ok(())
+        }
+        Chain::AcceptOperator { market } => {
+            let market = market.connect().await?;
+            let hash = market.accept_operator().await?;
+            let me = market.sender().context("no wallet")?;
+            print_json(&json!({ "operator": modelhub_chain::wallet_string(me), "tx": tx(hash) }));
+            Ok(())
+        }
+        Chain::ProposeAdmin { admin, market } => {
+            let next = modelhub_chain::parse_address(&admin).context("admin")?;
+            let market = market.connect().await?;
+            let hash = market.propose_admin(next).await?;
+            print_json(
+                &json!({ "proposed_admin": modelhub_chain::wallet_string(next), "tx": tx(hash) }),
+            );
+            Ok(())
+        }
+        Chain::AcceptAdmin { market } => {
+            let market = market.connect().await?;
+            let hash = market.accept_admin().await?;
+            let me = market.sender().context("no wallet")?;
+            print_json(&json!({ "admin": modelhub_chain::wallet_string(me), "tx": tx(hash) }));
+            Ok(())
+        }
+        Chain::Pause { resume, market } => {
+            let hash = market.connect().await?.set_paused(!resume).await?;
+            print_json(&json!({ "paused": !resume, "tx": tx(hash) }));
+            Ok(())
+        }
+        Chain::SetDailyCap { credits, market } => {
+            let cap: U256 = credits
+                .parse()
+                .context("--credits must be a whole number of credits")?;
+            let hash = market.connect().await?.set_daily_cap(cap).await?;
+            print_json(&json!({ "daily_cap": cap.to_string(), "tx": tx(hash) }));
+            Ok(())
+        }
+        Chain::RefundRequest { credits, market } => {
+            let market = market.connect().await?;
+            let hash = market.request_refund(U256::from(credits)).await?;
+            let me = market.sender().context("no wallet")?;
+            let (requested, not_before) = market.refund_of(me).await?;
+            print_json(&json!({
+                "credits": requested.to_string(),
+                "not_before": not_before.to_string(),
+                "tx": tx(hash),
+            }));
+            Ok(())
+        }
+        Chain::RefundClaim { market } => {
+            let market = market.connect().await?;
+            let me = market.sender().context("no wallet")?;
+            let before = market.credits_of(me).await?;
+            let hash = market.claim_refund().await?;
+            let after = market.credits_of(me).await?;
+            let credits = before.saturating_sub(after);
+            print_json(&json!({
+                "credits": credits.to_string(),
+                "wei": (credits * market.wei_per_credit().await?).to_string(),
+                "tx": tx(hash),
+            }));
             Ok(())
         }
         Chain::Register {
@@ -215,10 +320,11 @@ pub async fn run(command: Chain) -> anyhow::Result<()> {
                 None => modelhub_chain::B256::ZERO,
             };
             let market = connect(&wallet, &marketplace).await?;
-            let key = modelhub_chain::model_key(&model_id);
+            let owner = market.sender().context("no wallet")?;
+            let key = modelhub_chain::model_key(owner, &model_id);
             let hash = market
                 .register_model(
-                    key,
+                    modelhub_chain::local_id(&model_id),
                     modelhub_chain::cid_hash(cid),
                     commitment,
                     U256::from(price),

@@ -198,6 +198,7 @@ where
     batch_order(store.clone()).await;
     racing_batches(store.clone()).await;
     cursors(store.clone()).await;
+    release_batch(store.clone()).await;
     drop(store);
     restart_durability(open).await;
 }
@@ -1387,4 +1388,71 @@ where
         store.get_account(&buyer.account_id).await.unwrap().credits,
         6
     );
+}
+
+/// Releasing a failed batch: its receipts are unsettled again (and can go into a new batch),
+/// the batch stays failed; a batch that is not failed keeps its receipts; unknown is NotFound.
+pub async fn release_batch(store: Store) {
+    let receipts = committed_receipts(&store, 3).await;
+    let ids: Vec<String> = receipts.iter().map(|r| r.receipt_id.clone()).collect();
+    let batch = store.create_batch(new_batch(&receipts)).await.unwrap();
+    // Pending: refused, nothing released.
+    assert_eq!(
+        code(store.release_batch(&batch.batch_id).await),
+        ErrorCode::Conflict
+    );
+    assert!(
+        !all_unsettled(&store)
+            .await
+            .iter()
+            .any(|r| ids.contains(&r.receipt_id))
+    );
+    let mut failed = batch.clone();
+    failed.state = BatchState::Failed;
+    failed.error = Some("refused".into());
+    store.update_batch(&failed).await.unwrap();
+    let released = store.release_batch(&batch.batch_id).await.unwrap();
+    assert_eq!(released.state, BatchState::Failed);
+    assert_eq!(released.receipt_ids, ids);
+    let unsettled: Vec<String> = all_unsettled(&store)
+        .await
+        .into_iter()
+        .map(|r| r.receipt_id)
+        .filter(|id| ids.contains(id))
+        .collect();
+    assert_eq!(unsettled.len(), 3);
+    for id in &ids {
+        assert_eq!(store.get_receipt(id).await.unwrap().batch_id, None);
+    }
+    // Again: a no-op. The batch is still there, failed.
+    store.release_batch(&batch.batch_id).await.unwrap();
+    assert_eq!(
+        store.get_batch(&batch.batch_id).await.unwrap().state,
+        BatchState::Failed
+    );
+    // Two of them go into a new batch; releasing the old one again leaves them there.
+    let next = store.create_batch(new_batch(&receipts[..2])).await.unwrap();
+    store.release_batch(&batch.batch_id).await.unwrap();
+    for r in &receipts[..2] {
+        assert_eq!(
+            store.get_receipt(&r.receipt_id).await.unwrap().batch_id,
+            Some(next.batch_id.clone())
+        );
+    }
+    assert_eq!(
+        store
+            .get_receipt(&receipts[2].receipt_id)
+            .await
+            .unwrap()
+            .batch_id,
+        None
+    );
+    let mut settled = next.clone();
+    settled.state = BatchState::Settled;
+    store.update_batch(&settled).await.unwrap();
+    assert_eq!(
+        code(store.release_batch(&next.batch_id).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(code(store.release_batch("0x00").await), ErrorCode::NotFound);
 }

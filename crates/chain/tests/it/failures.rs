@@ -91,11 +91,11 @@ async fn no_contract_at_the_address_is_invalid() {
 #[tokio::test]
 async fn a_refused_deployment_is_decoded() {
     let node = ScriptServer::start("anvil");
-    match Marketplace::deploy(&node.uri, key(0), Address::ZERO, U256::from(1)).await {
+    match Marketplace::deploy(&node.uri, key(0), Address::ZERO, U256::from(1), None).await {
         Err(ChainError::Reverted(Revert::ZeroAddress)) => {}
         other => panic!("expected ZeroAddress, got {other:?}"),
     }
-    match Marketplace::deploy(&node.uri, key(0), key(0).address(), U256::ZERO).await {
+    match Marketplace::deploy(&node.uri, key(0), key(0).address(), U256::ZERO, None).await {
         Err(ChainError::Reverted(Revert::InvalidRate)) => {}
         other => panic!("expected InvalidRate, got {other:?}"),
     }

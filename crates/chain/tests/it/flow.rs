@@ -1,9 +1,12 @@
-//! The marketplace's life on a real node: deploy, register, buy (read back as deposits),
-//! settle, refusals decoded with their arguments, withdraw.
+//! The marketplace's life on a real node: deploy, register (keys bound to the owner), buy (read
+//! back as deposits), settle (what settled and what was skipped, read back from the receipt),
+//! refusals decoded with their arguments, withdraw, refunds after their lock, operators and
+//! admin handed over after their delays, pause.
 
 use alloy::providers::Provider;
 use modelhub_chain::{
-    B256, ChainError, Marketplace, Revert, U256, UsageRecord, cid_hash, commitment_word, model_key,
+    B256, ChainError, Marketplace, Rejection, Revert, U256, UsageRecord, cid_hash, commitment_word,
+    local_id, model_key, records_hash,
 };
 
 use crate::{Chain, WEI_PER_CREDIT};
@@ -11,12 +14,14 @@ use crate::{Chain, WEI_PER_CREDIT};
 const OPERATOR: usize = 1;
 const OWNER: usize = 2;
 const BUYER: usize = 3;
+const DAY: u64 = 86_400;
 
-fn usage(user: usize, model: B256, calls: u64) -> UsageRecord {
+fn usage(user: usize, model: B256, calls: u64, credits: u64) -> UsageRecord {
     UsageRecord {
         user: Chain::address(user),
         modelId: model,
         calls,
+        credits: U256::from(credits),
         receiptBatchHash: B256::repeat_byte(0x42),
     }
 }
@@ -32,21 +37,21 @@ async fn deploy_register_buy_settle_and_withdraw() {
         admin.wei_per_credit().await.unwrap(),
         U256::from(WEI_PER_CREDIT)
     );
-
-    // The admin names an operator.
-    assert!(!admin.is_operator(Chain::address(OPERATOR)).await.unwrap());
-    admin
-        .set_operator(Chain::address(OPERATOR), true)
-        .await
-        .unwrap();
+    // The first operator came with the deployment.
     assert!(admin.is_operator(Chain::address(OPERATOR)).await.unwrap());
+    assert!(!admin.paused().await.unwrap());
 
-    // An owner registers a model at 3 credits per call.
+    // An owner registers a model at 3 credits per call; its key binds the owner.
     let owner = chain.as_account(OWNER).await;
-    let model = model_key("acme/digits");
+    let model = model_key(Chain::address(OWNER), "acme/digits");
     let commitment = commitment_word("0x0102").unwrap();
     owner
-        .register_model(model, cid_hash("bafymodel"), commitment, U256::from(3))
+        .register_model(
+            local_id("acme/digits"),
+            cid_hash("bafymodel"),
+            commitment,
+            U256::from(3),
+        )
         .await
         .unwrap();
     let on_chain = owner.get_model(model).await.unwrap().expect("registered");
@@ -56,16 +61,39 @@ async fn deploy_register_buy_settle_and_withdraw() {
     assert_eq!(on_chain.price_per_call, U256::from(3));
     assert!(on_chain.active);
     assert_eq!(
-        owner.get_model(model_key("nobody/nothing")).await.unwrap(),
+        owner
+            .get_model(model_key(Chain::address(OWNER), "nobody/nothing"))
+            .await
+            .unwrap(),
         None
     );
     match owner
-        .register_model(model, B256::ZERO, B256::ZERO, U256::from(1))
+        .register_model(
+            local_id("acme/digits"),
+            B256::ZERO,
+            B256::ZERO,
+            U256::from(1),
+        )
         .await
     {
         Err(ChainError::Reverted(Revert::ModelAlreadyRegistered(id))) => assert_eq!(id, model),
         other => panic!("expected ModelAlreadyRegistered, got {other:?}"),
     }
+    // Someone else registering the same id gets their own key; the owner's model is untouched.
+    let squatter = chain.as_account(BUYER).await;
+    squatter
+        .register_model(
+            local_id("acme/digits"),
+            B256::ZERO,
+            B256::ZERO,
+            U256::from(99),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        owner.get_model(model).await.unwrap().unwrap().owner,
+        Chain::address(OWNER)
+    );
 
     // A buyer buys 10 credits; the deposit is read back from the logs.
     let buyer = chain.as_account(BUYER).await;
@@ -84,20 +112,43 @@ async fn deploy_register_buy_settle_and_withdraw() {
     assert_eq!(d.amount_wei, U256::from(10 * WEI_PER_CREDIT));
     assert_eq!(d.tx_hash, tx);
     assert_eq!(d.block, head);
-    // The only log of its block (anvil mines one block per transaction).
-    assert_eq!(d.log_index, 0);
+    assert_eq!(d.position, 0);
     assert!(buyer.deposits(head + 1, head).await.unwrap().is_empty());
     assert!(buyer.deposits(0, before).await.unwrap().is_empty());
+    // anvil finalizes as it mines.
+    assert!(buyer.finalized_block().await.unwrap() <= head);
 
-    // The operator settles 2 calls: 6 credits move from the buyer to the owner's earnings.
+    // The operator settles 2 calls charged 6 credits, and a record with a wrong charge that
+    // is skipped: the receipt says which.
     let operator = chain.as_account(OPERATOR).await;
     let batch = B256::repeat_byte(1);
-    assert!(!operator.is_batch_settled(batch).await.unwrap());
-    operator
-        .consume_credits(batch, vec![usage(BUYER, model, 2)])
+    let records = vec![usage(BUYER, model, 2, 6), usage(BUYER, model, 1, 30)];
+    assert_eq!(
+        operator
+            .batch_records_hash(Chain::address(OPERATOR), batch)
+            .await
+            .unwrap(),
+        None
+    );
+    let settled = operator
+        .consume_credits(batch, records.clone())
         .await
         .unwrap();
-    assert!(operator.is_batch_settled(batch).await.unwrap());
+    assert_eq!(settled.batch_id, batch);
+    assert_eq!(settled.operator, Chain::address(OPERATOR));
+    assert_eq!(settled.total_credits, U256::from(6));
+    assert_eq!(settled.records_hash, records_hash(&records));
+    assert_eq!(settled.records.len(), 2);
+    assert_eq!(settled.records[0].rejected, None);
+    assert_eq!(settled.records[0].credits, U256::from(6));
+    assert_eq!(settled.records[1].rejected, Some(Rejection::PriceMismatch));
+    assert_eq!(
+        operator
+            .batch_records_hash(Chain::address(OPERATOR), batch)
+            .await
+            .unwrap(),
+        Some(records_hash(&records))
+    );
     assert_eq!(
         operator.credits_of(Chain::address(BUYER)).await.unwrap(),
         U256::from(4)
@@ -109,7 +160,7 @@ async fn deploy_register_buy_settle_and_withdraw() {
 
     // Refusals come back decoded, with their arguments, and change nothing.
     match buyer
-        .consume_credits(B256::repeat_byte(2), vec![usage(BUYER, model, 1)])
+        .consume_credits(B256::repeat_byte(2), vec![usage(BUYER, model, 1, 3)])
         .await
     {
         Err(ChainError::Reverted(Revert::Unauthorized(who))) => {
@@ -118,43 +169,25 @@ async fn deploy_register_buy_settle_and_withdraw() {
         other => panic!("expected Unauthorized, got {other:?}"),
     }
     match operator
-        .consume_credits(batch, vec![usage(BUYER, model, 1)])
+        .consume_credits(batch, vec![usage(BUYER, model, 1, 3)])
         .await
     {
         Err(ChainError::Reverted(Revert::BatchAlreadySettled(id))) => assert_eq!(id, batch),
         other => panic!("expected BatchAlreadySettled, got {other:?}"),
     }
-    let overspend = operator
-        .consume_credits(B256::repeat_byte(3), vec![usage(BUYER, model, 5)])
-        .await
-        .unwrap_err();
-    match &overspend {
-        ChainError::Reverted(Revert::InsufficientCredits {
-            user,
-            needed,
-            available,
-        }) => {
-            assert_eq!(*user, Chain::address(BUYER));
-            assert_eq!(*needed, U256::from(15));
-            assert_eq!(*available, U256::from(4));
-        }
-        other => panic!("expected InsufficientCredits, got {other:?}"),
-    }
-    let text = overspend.to_string();
-    assert!(
-        text.contains(&Chain::address(BUYER).to_string()) && text.contains("needed 15"),
-        "{text}"
-    );
-    assert!(
-        !operator
-            .is_batch_settled(B256::repeat_byte(3))
-            .await
-            .unwrap()
-    );
     match operator.consume_credits(B256::repeat_byte(4), vec![]).await {
         Err(ChainError::Reverted(Revert::EmptyBatch)) => {}
         other => panic!("expected EmptyBatch, got {other:?}"),
     }
+    // Overspending is a skipped record, not a refused batch.
+    let over = operator
+        .consume_credits(B256::repeat_byte(3), vec![usage(BUYER, model, 5, 15)])
+        .await
+        .unwrap();
+    assert_eq!(
+        over.records[0].rejected,
+        Some(Rejection::InsufficientCredits)
+    );
     assert_eq!(
         operator.credits_of(Chain::address(BUYER)).await.unwrap(),
         U256::from(4)
@@ -173,19 +206,36 @@ async fn deploy_register_buy_settle_and_withdraw() {
         .expect("receipt");
     let gas = U256::from(receipt.gas_used) * U256::from(receipt.effective_gas_price);
     let balance_after = provider.get_balance(owner_addr).await.unwrap();
-    assert!(balance_after > balance_before);
     assert_eq!(
         balance_after + gas - balance_before,
         U256::from(6 * WEI_PER_CREDIT)
     );
-    assert_eq!(owner.earnings_of(owner_addr).await.unwrap(), U256::ZERO);
     match owner.withdraw().await {
         Err(ChainError::Reverted(Revert::NothingToWithdraw(who))) => assert_eq!(who, owner_addr),
         other => panic!("expected NothingToWithdraw, got {other:?}"),
     }
 
-    // Price changes and deactivation are the owner's; usage of a deactivated model is refused.
+    // A price change: at most once a day; the old price settles within the day.
     owner.update_price(model, U256::from(1)).await.unwrap();
+    match owner.update_price(model, U256::from(2)).await {
+        Err(ChainError::Reverted(Revert::TooEarly(_))) => {}
+        other => panic!("expected TooEarly, got {other:?}"),
+    }
+    let (price, previous, _) = owner.get_prices(model).await.unwrap();
+    assert_eq!((price, previous), (U256::from(1), U256::from(3)));
+    let both = operator
+        .consume_credits(
+            B256::repeat_byte(5),
+            vec![usage(BUYER, model, 1, 3), usage(BUYER, model, 1, 1)],
+        )
+        .await
+        .unwrap();
+    assert!(
+        both.records.iter().all(|r| r.rejected.is_none()),
+        "{both:?}"
+    );
+
+    // Deactivation is the owner's; usage of a deactivated model is skipped.
     match buyer.deactivate(model).await {
         Err(ChainError::Reverted(Revert::Unauthorized(who))) => {
             assert_eq!(who, Chain::address(BUYER))
@@ -193,32 +243,85 @@ async fn deploy_register_buy_settle_and_withdraw() {
         other => panic!("expected Unauthorized, got {other:?}"),
     }
     owner.deactivate(model).await.unwrap();
-    let on_chain = owner.get_model(model).await.unwrap().expect("still known");
-    assert!(!on_chain.active);
-    assert_eq!(on_chain.price_per_call, U256::from(1));
-    match operator
-        .consume_credits(B256::repeat_byte(5), vec![usage(BUYER, model, 1)])
+    let skipped = operator
+        .consume_credits(B256::repeat_byte(6), vec![usage(BUYER, model, 1, 1)])
         .await
-    {
-        Err(ChainError::Reverted(Revert::ModelInactive(id))) => assert_eq!(id, model),
-        other => panic!("expected ModelInactive, got {other:?}"),
-    }
+        .unwrap();
+    assert_eq!(skipped.records[0].rejected, Some(Rejection::ModelInactive));
+}
 
-    // The admin role moves on; the old admin can no longer name operators.
-    admin.set_admin(Chain::address(OWNER)).await.unwrap();
+/// Operators and the admin hand over in two steps after a delay; the admin pauses; a user
+/// gets unspent credits back after the refund lock.
+#[tokio::test]
+async fn roles_pause_and_refunds() {
+    let chain = Chain::start().await;
+    let admin = &chain.admin;
+    let next = chain.as_account(OWNER).await;
+    admin
+        .set_operator(Chain::address(OWNER), true)
+        .await
+        .unwrap();
+    assert!(!admin.is_operator(Chain::address(OWNER)).await.unwrap());
+    match next.accept_operator().await {
+        Err(ChainError::Reverted(Revert::TooEarly(t))) => assert!(t > U256::ZERO),
+        other => panic!("expected TooEarly, got {other:?}"),
+    }
+    admin.propose_admin(Chain::address(OWNER)).await.unwrap();
+    match next.accept_admin().await {
+        Err(ChainError::Reverted(Revert::TooEarly(_))) => {}
+        other => panic!("expected TooEarly, got {other:?}"),
+    }
+    chain.advance(DAY).await;
+    next.accept_operator().await.unwrap();
+    assert!(admin.is_operator(Chain::address(OWNER)).await.unwrap());
+    match next.accept_admin().await {
+        Err(ChainError::Reverted(Revert::TooEarly(_))) => {}
+        other => panic!("expected TooEarly, got {other:?}"),
+    }
+    chain.advance(DAY).await;
+    next.accept_admin().await.unwrap();
     assert_eq!(admin.admin().await.unwrap(), Chain::address(OWNER));
-    match admin.set_operator(Chain::address(BUYER), true).await {
+    match admin.set_paused(true).await {
         Err(ChainError::Reverted(Revert::Unauthorized(who))) => {
             assert_eq!(who, Chain::address(0))
         }
         other => panic!("expected Unauthorized, got {other:?}"),
     }
-    match owner
-        .set_operator(modelhub_chain::Address::ZERO, true)
-        .await
-    {
-        Err(ChainError::Reverted(Revert::ZeroAddress)) => {}
-        other => panic!("expected ZeroAddress, got {other:?}"),
+
+    // Refunds: requested, locked, claimed; never paused.
+    let buyer = chain.as_account(BUYER).await;
+    buyer.buy_credits(U256::from(5)).await.unwrap();
+    buyer.set_daily_cap(U256::from(2)).await.unwrap();
+    assert_eq!(
+        buyer.daily_cap_of(Chain::address(BUYER)).await.unwrap(),
+        U256::from(2)
+    );
+    buyer.request_refund(U256::from(4)).await.unwrap();
+    assert_eq!(
+        buyer.refund_of(Chain::address(BUYER)).await.unwrap().0,
+        U256::from(4)
+    );
+    next.set_paused(true).await.unwrap();
+    assert!(buyer.paused().await.unwrap());
+    match buyer.buy_credits(U256::from(1)).await {
+        Err(ChainError::Reverted(Revert::ContractPaused)) => {}
+        other => panic!("expected ContractPaused, got {other:?}"),
+    }
+    match buyer.claim_refund().await {
+        Err(ChainError::Reverted(Revert::TooEarly(_))) => {}
+        other => panic!("expected TooEarly, got {other:?}"),
+    }
+    chain.advance(2 * DAY).await;
+    buyer.claim_refund().await.unwrap();
+    assert_eq!(
+        buyer.credits_of(Chain::address(BUYER)).await.unwrap(),
+        U256::from(1)
+    );
+    match buyer.claim_refund().await {
+        Err(ChainError::Reverted(Revert::NothingToRefund(who))) => {
+            assert_eq!(who, Chain::address(BUYER))
+        }
+        other => panic!("expected NothingToRefund, got {other:?}"),
     }
 }
 
@@ -231,11 +334,7 @@ async fn deposits_come_in_chain_order_whatever_the_log_range() {
 
     // Some blocks without deposits in between (anvil mines one per transaction).
     for _ in 0..3 {
-        chain
-            .admin
-            .set_operator(Chain::address(1), true)
-            .await
-            .unwrap();
+        chain.admin.set_paused(false).await.unwrap();
     }
     let second = other.buy_credits(U256::from(2)).await.unwrap();
     // Two clones sending at once from the same key don't collide on nonces.
@@ -272,6 +371,8 @@ async fn deposits_come_in_chain_order_whatever_the_log_range() {
             .windows(2)
             .all(|w| (w[0].block, w[0].log_index) < (w[1].block, w[1].log_index))
     );
+    // One deposit per transaction here: each is the first of its transaction.
+    assert!(deposits.iter().all(|d| d.position == 0));
     assert_eq!(deposits[1].buyer, Chain::address(OWNER));
     assert_eq!(
         buyer.credits_of(Chain::address(BUYER)).await.unwrap(),
@@ -299,6 +400,10 @@ async fn reads_work_without_a_signer_and_writes_need_one() {
         other => panic!("expected Invalid, got {other:?}"),
     }
     match reader.withdraw().await {
+        Err(ChainError::Invalid(_)) => {}
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    match reader.consume_credits(B256::ZERO, vec![]).await {
         Err(ChainError::Invalid(_)) => {}
         other => panic!("expected Invalid, got {other:?}"),
     }

@@ -23,7 +23,8 @@ fn key(i: usize) -> Signer {
     signer_from_hex(KEYS[i]).expect("dev key")
 }
 
-/// A fresh anvil with the contract deployed by account 0, which is also its admin.
+/// A fresh anvil with the contract deployed by account 0, which is also its admin, with
+/// account 1 as its first operator.
 struct Chain {
     node: ScriptServer,
     admin: Marketplace,
@@ -34,11 +35,31 @@ impl Chain {
         let node = ScriptServer::start("anvil");
         let deployer = key(0);
         let admin_addr = deployer.address();
-        let admin =
-            Marketplace::deploy(&node.uri, deployer, admin_addr, U256::from(WEI_PER_CREDIT))
-                .await
-                .expect("deploy");
+        let admin = Marketplace::deploy(
+            &node.uri,
+            deployer,
+            admin_addr,
+            U256::from(WEI_PER_CREDIT),
+            Some(Chain::address(1)),
+        )
+        .await
+        .expect("deploy");
         Chain { node, admin }
+    }
+
+    /// Moves the node's clock `seconds` ahead and mines a block (`evm_increaseTime`, `evm_mine`).
+    async fn advance(&self, seconds: u64) {
+        use alloy::providers::Provider;
+        let provider =
+            alloy::providers::ProviderBuilder::new().connect_http(self.node.uri.parse().unwrap());
+        let _: serde_json::Value = provider
+            .raw_request("evm_increaseTime".into(), (seconds,))
+            .await
+            .expect("evm_increaseTime");
+        let _: serde_json::Value = provider
+            .raw_request("evm_mine".into(), ())
+            .await
+            .expect("evm_mine");
     }
 
     /// The contract as seen by dev account `i`.

@@ -2,28 +2,43 @@
 //! [`modelhub_chain::Marketplace`].
 //!
 //! **Deposits.** Every poll reads the `CreditsBought` logs from the block after the stored
-//! cursor up to `head - confirmations` and credits each buyer's account with
-//! `grant_once(.., "chain:<tx>:<log index>")`, then moves the cursor. A deposit counts only
-//! once it is `confirmations` blocks deep (reorg safety), and counting it again after a crash
-//! between the grant and the cursor is a no-op. A deposit from a wallet no account has yet
-//! creates an account for that wallet (id derived from the address), so nothing bought is lost;
-//! an admin then gives it keys.
+//! cursor up to the node's `finalized` block (and at least `confirmations` below the head), and
+//! credits each buyer's account with `grant_once(.., "chain:<tx hash>:<position in tx>")`, then
+//! moves the cursor. Counting it again after a crash between the grant and the cursor is a
+//! no-op, and the key does not depend on the block. A deposit that can't be counted (more than
+//! `u64::MAX` credits, or one that would overflow the account) is reported (a warning and a
+//! `<cursor>:skipped:<tx>:<position>` cursor holding its block) and skipped: it never stalls the
+//! cursor. A deposit from a wallet no account has yet creates an account for that wallet (id
+//! derived from the address), so nothing bought is lost; an admin then gives it keys.
 //!
 //! **Settlement.** Committed receipts are gathered, oldest first, into batches of at most
 //! `settle_batch_size`; each batch is written to the store (its receipts marked) *before* it is
-//! sent, and its id is a hash of its receipt ids. A send that fails for a transient reason
-//! (node down, timeout, operator not yet authorised) leaves the batch pending and is retried
-//! with the same id; the contract refuses a batch id twice (`BatchAlreadySettled`), which the
-//! ledger takes as "settled", so usage is never settled twice — not after a crash, not with two
-//! registry replicas racing. A batch the contract refuses for good (a model deactivated after
-//! it was used) is marked failed with the decoded error, for an operator to look at.
+//! sent. Its id is a hash of the operator and its receipt ids (and a round number, bumped when
+//! the same receipts come back from a failed batch). Each batch carries one `UsageRecord` per
+//! (user, model, price): the calls and the credits charged off chain. Before sending, the ledger
+//! compares each record with the prices the contract holds; after, it checks the transaction's
+//! `BatchSettled` log (the records hash) and reads which records were skipped (`UsageRejected`).
+//! A skipped record is reported in the batch's `error`; when its user shouldn't pay (unknown or
+//! deactivated model, the operator's own model, a price mismatch) its credits go back to the
+//! user off chain (`grant_once`, keyed by batch and record). A send that fails for a transient
+//! reason (node down, timeout, operator not yet authorised, contract paused) leaves the batch
+//! pending and is retried with the same id; the contract refuses a batch id twice per operator
+//! (`BatchAlreadySettled`), which the ledger takes as "settled" only if the contract's records
+//! hash for it is the one it sent. A batch the contract refuses for good is marked failed and
+//! its receipts are released for re-batching.
+//!
+//! **Receipts of accounts without a wallet** (credits granted before the chain ledger was
+//! configured, or models of owners without one) are not sent on chain: the batch's `error`
+//! counts them, and their creators are paid off chain from the registry's `earnings` figure.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use modelhub_chain::{Address, B256, ChainError, Marketplace, Revert, U256, UsageRecord};
-use modelhub_core::id;
+use modelhub_chain::{
+    Address, B256, ChainError, Deposit, Marketplace, Rejection, Revert, U256, UsageRecord,
+};
+use modelhub_core::{ErrorCode, id};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -50,11 +65,12 @@ pub struct ChainArgs {
         requires = "chain_rpc"
     )]
     pub operator_key_file: Option<std::path::PathBuf>,
-    /// A deposit counts once it is this many blocks deep.
+    /// A deposit counts once its block is finalized (the node's `finalized` tag) and at least
+    /// this many blocks below the head.
     #[arg(
         long,
         env = "MODELHUB_REGISTRY_CHAIN_CONFIRMATIONS",
-        default_value_t = 12
+        default_value_t = 0
     )]
     pub chain_confirmations: u32,
     /// First block to read deposits from (the contract's deployment block).
@@ -110,7 +126,7 @@ impl Default for ChainArgs {
             chain_rpc: None,
             marketplace: None,
             operator_key_file: None,
-            chain_confirmations: 12,
+            chain_confirmations: 0,
             chain_from_block: 0,
             chain_poll_ms: 2000,
             settle_interval_secs: 60,
@@ -168,12 +184,45 @@ fn b256_hex(b: B256) -> String {
     format!("{b:#x}")
 }
 
-/// The id of a batch: keccak-256 over its sorted receipt ids, so the same receipts always make
-/// the same batch id.
-pub fn batch_id(receipt_ids: &[String]) -> B256 {
+/// The id of a batch: keccak-256 over the operator, the round and its sorted receipt ids, so
+/// the same receipts always make the same batch id for an operator. `round` is 0, and one more
+/// each time the same receipts come back from a failed batch.
+pub fn batch_id(operator: Address, receipt_ids: &[String], round: u32) -> B256 {
     let mut ids: Vec<&str> = receipt_ids.iter().map(String::as_str).collect();
     ids.sort_unstable();
-    modelhub_chain::keccak256(format!("modelhub/settlement/v1\n{}", ids.join("\n")))
+    modelhub_chain::keccak256(format!(
+        "modelhub/settlement/v2\n{}\n{round}\n{}",
+        modelhub_chain::wallet_string(operator),
+        ids.join("\n")
+    ))
+}
+
+/// The `receiptBatchHash` of a usage record: keccak-256 over its sorted receipt ids.
+pub fn receipts_hash(receipt_ids: &[String]) -> B256 {
+    let mut ids: Vec<&str> = receipt_ids.iter().map(String::as_str).collect();
+    ids.sort_unstable();
+    modelhub_chain::keccak256(format!("modelhub/receipts/v1\n{}", ids.join("\n")))
+}
+
+/// A batch's receipts as usage records: `records[i]` covers `groups[i]`; `offchain` are the
+/// receipts that can't go on chain (an account without a wallet).
+struct Plan<'a> {
+    records: Vec<UsageRecord>,
+    groups: Vec<Vec<&'a Receipt>>,
+    offchain: Vec<&'a Receipt>,
+}
+
+/// Whether a skipped record's user gets their credits back off chain: yes when the fault is
+/// not theirs (the model, its owner or the operator), no when it is (they spent elsewhere
+/// what they had, or capped what operators may take).
+fn refunds_user(reason: Rejection) -> bool {
+    matches!(
+        reason,
+        Rejection::UnknownModel
+            | Rejection::ModelInactive
+            | Rejection::OperatorOwnsModel
+            | Rejection::PriceMismatch
+    )
 }
 
 impl ChainLedger {
@@ -270,10 +319,11 @@ impl ChainLedger {
         }
     }
 
-    /// Counts the deposits confirmed since the cursor.
+    /// Counts the deposits finalized since the cursor.
     async fn follow(&self) -> Result<()> {
         let head = self.market.block_number().await.map_err(chain_error)?;
-        let safe = head.saturating_sub(u64::from(self.args.chain_confirmations));
+        let finalized = self.market.finalized_block().await.map_err(chain_error)?;
+        let safe = finalized.min(head.saturating_sub(u64::from(self.args.chain_confirmations)));
         let mut from = match self.store.get_cursor(&self.cursor).await? {
             Some(done) => done + 1,
             None => self.args.chain_from_block,
@@ -284,21 +334,60 @@ impl ChainLedger {
             let to = safe.min(from.saturating_add(FOLLOW_STEP - 1));
             let deposits = self.market.deposits(from, to).await.map_err(chain_error)?;
             for d in deposits {
-                let wallet = modelhub_chain::wallet_string(d.buyer);
-                let Ok(credits) = u64::try_from(d.credits) else {
-                    warn!(%wallet, credits = %d.credits, "deposit too large to count; skipped");
-                    continue;
-                };
-                let account = self.account_for_wallet(&wallet).await?;
-                let grant_id = format!("chain:{}:{}", b256_hex(d.tx_hash), d.log_index);
-                self.store
-                    .grant_once(&account.account_id, credits, &grant_id)
-                    .await?;
-                info!(%wallet, account = %account.account_id, credits, block = d.block, "deposit counted");
+                self.count_deposit(&d).await?;
             }
             self.store.set_cursor(&self.cursor, to).await?;
             from = to + 1;
         }
+        Ok(())
+    }
+
+    /// Credits one deposit once; reports and skips one that can't be counted.
+    async fn count_deposit(&self, d: &Deposit) -> Result<()> {
+        let wallet = modelhub_chain::wallet_string(d.buyer);
+        let Ok(credits) = u64::try_from(d.credits) else {
+            return self
+                .skip_deposit(d, "more credits than the registry can count (u64)")
+                .await;
+        };
+        let account = self.account_for_wallet(&wallet).await?;
+        let grant_id = format!("chain:{}:{}", b256_hex(d.tx_hash), d.position);
+        match self
+            .store
+            .grant_once(&account.account_id, credits, &grant_id)
+            .await
+        {
+            Ok(_) => {
+                info!(%wallet, account = %account.account_id, credits, block = d.block, "deposit counted");
+                Ok(())
+            }
+            Err(e) if e.code() == ErrorCode::BadRequest => {
+                self.skip_deposit(d, "the account's balance would overflow")
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a deposit that can't be counted (a cursor named after it, holding its block) and
+    /// warns; the follow goes on.
+    async fn skip_deposit(&self, d: &Deposit, why: &str) -> Result<()> {
+        let name = format!(
+            "{}:skipped:{}:{}",
+            self.cursor,
+            b256_hex(d.tx_hash),
+            d.position
+        );
+        self.store.set_cursor(&name, d.block).await?;
+        warn!(
+            wallet = %modelhub_chain::wallet_string(d.buyer),
+            credits = %d.credits,
+            tx = %b256_hex(d.tx_hash),
+            position = d.position,
+            block = d.block,
+            reason = why,
+            "deposit not counted; skipped (an operator must settle it by hand)"
+        );
         Ok(())
     }
 
@@ -348,11 +437,12 @@ impl ChainLedger {
                 return Ok(());
             }
             let ids: Vec<String> = receipts.iter().map(|r| r.receipt_id.clone()).collect();
+            let batch_id = self.free_batch_id(&ids).await?;
             let now = id::unix_now();
             let batch = self
                 .store
                 .create_batch(SettlementBatch {
-                    batch_id: b256_hex(batch_id(&ids)),
+                    batch_id: b256_hex(batch_id),
                     credits: receipts.iter().map(|r| r.credits_charged).sum(),
                     receipt_ids: ids,
                     state: BatchState::Pending,
@@ -369,40 +459,157 @@ impl ChainLedger {
         }
     }
 
-    /// The usage records of a batch's receipts: one per (user, model), its calls, and the hash
-    /// of its receipt ids. Receipts of accounts without a wallet (credits granted before the
-    /// chain ledger was configured) have nothing to settle on chain and are left out.
-    async fn records(&self, receipts: &[Receipt]) -> Result<Vec<UsageRecord>> {
-        let mut groups: std::collections::BTreeMap<(&str, &str), Vec<&Receipt>> =
+    /// The id for a new batch of `ids`: round 0, or the next round when these receipts were
+    /// already in a batch that failed (and released them). An unfinished batch of the same
+    /// receipts (a crash between its writes) keeps its id, so the store finishes it.
+    async fn free_batch_id(&self, ids: &[String]) -> Result<B256> {
+        for round in 0..1_000 {
+            let id = batch_id(self.operator, ids, round);
+            match self.store.get_batch(&b256_hex(id)).await {
+                Ok(stored) if stored.state == BatchState::Failed => continue,
+                Ok(_) => return Ok(id),
+                Err(e) if e.code() == ErrorCode::NotFound => return Ok(id),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(RegistryError::store(
+            "the same receipts failed to settle 1000 times",
+        ))
+    }
+
+    /// The usage records of a batch's receipts: one per (user, model, price charged), with the
+    /// calls, the credits charged and the hash of those receipt ids.
+    async fn plan<'a>(&self, receipts: &'a [Receipt]) -> Result<Plan<'a>> {
+        let mut groups: std::collections::BTreeMap<(&str, &str, u64), Vec<&Receipt>> =
             Default::default();
         for receipt in receipts {
             groups
-                .entry((&receipt.account_id, &receipt.model_id))
+                .entry((
+                    &receipt.account_id,
+                    &receipt.model_id,
+                    receipt.credits_charged,
+                ))
                 .or_default()
                 .push(receipt);
         }
-        let mut wallets = std::collections::HashMap::new();
-        let mut records = Vec::with_capacity(groups.len());
-        for ((account_id, model_id), receipts) in groups {
-            if !wallets.contains_key(account_id) {
-                let account = self.store.get_account(account_id).await?;
-                wallets.insert(account_id, account.wallet);
+        let mut wallets: std::collections::HashMap<&str, Option<Address>> = Default::default();
+        let mut plan = Plan {
+            records: Vec::new(),
+            groups: Vec::new(),
+            offchain: Vec::new(),
+        };
+        for ((account_id, model_id, _), group) in groups {
+            let owner_id = group[0].owner.as_str();
+            for who in [account_id, owner_id] {
+                if !wallets.contains_key(who) {
+                    let wallet = match self.store.get_account(who).await?.wallet {
+                        Some(w) => Some(
+                            modelhub_chain::parse_address(&w)
+                                .map_err(|e| RegistryError::store(format!("stored wallet: {e}")))?,
+                        ),
+                        None => None,
+                    };
+                    wallets.insert(who, wallet);
+                }
             }
-            let Some(Some(wallet)) = wallets.get(account_id) else {
-                warn!(account = %account_id, receipts = receipts.len(), "usage of an account without a wallet is not settled on chain");
+            let (Some(Some(user)), Some(Some(owner))) =
+                (wallets.get(account_id), wallets.get(owner_id))
+            else {
+                plan.offchain.extend(group);
                 continue;
             };
-            let user = modelhub_chain::parse_address(wallet)
-                .map_err(|e| RegistryError::store(format!("stored wallet: {e}")))?;
-            let ids: Vec<String> = receipts.iter().map(|r| r.receipt_id.clone()).collect();
-            records.push(UsageRecord {
-                user,
-                modelId: modelhub_chain::model_key(model_id),
-                calls: receipts.len() as u64,
-                receiptBatchHash: batch_id(&ids),
+            let ids: Vec<String> = group.iter().map(|r| r.receipt_id.clone()).collect();
+            plan.records.push(UsageRecord {
+                user: *user,
+                modelId: modelhub_chain::model_key(*owner, model_id),
+                calls: group.len() as u64,
+                credits: U256::from(group.iter().map(|r| r.credits_charged).sum::<u64>()),
+                receiptBatchHash: receipts_hash(&ids),
             });
+            plan.groups.push(group);
         }
-        Ok(records)
+        Ok(plan)
+    }
+
+    /// Compares each record with the prices the contract holds before anything is sent: a
+    /// record whose credits are not its calls times the current or the previous price is
+    /// taken out (the contract would skip it). Returns the indices of the records taken out,
+    /// with why.
+    async fn precheck(&self, plan: &Plan<'_>) -> Result<Vec<(usize, Rejection)>> {
+        let mut prices: std::collections::HashMap<B256, Option<(U256, U256, U256)>> =
+            Default::default();
+        let mut out = Vec::new();
+        for (i, record) in plan.records.iter().enumerate() {
+            if !prices.contains_key(&record.modelId) {
+                let p = match self.market.get_prices(record.modelId).await {
+                    Ok(p) => Some(p),
+                    Err(ChainError::Reverted(Revert::UnknownModel(_))) => None,
+                    Err(e) => return Err(chain_error(e)),
+                };
+                prices.insert(record.modelId, p);
+            }
+            let Some(Some((price, previous, changed_at))) = prices.get(&record.modelId) else {
+                out.push((i, Rejection::UnknownModel));
+                continue;
+            };
+            let calls = U256::from(record.calls);
+            let matches = |p: &U256| p.checked_mul(calls) == Some(record.credits);
+            if !(matches(price) || (!changed_at.is_zero() && matches(previous))) {
+                warn!(model = %record.modelId, calls = record.calls, credits = %record.credits, price = %price, "usage charged at a price the contract does not hold; not sent");
+                out.push((i, Rejection::PriceMismatch));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reports skipped records (and gives their credits back off chain when the user is not at
+    /// fault); returns the note for the batch's `error`.
+    async fn handle_rejections(
+        &self,
+        batch_id: &str,
+        plan: &Plan<'_>,
+        rejected: &[(usize, Rejection, &'static str)],
+    ) -> Result<Option<String>> {
+        let mut notes = Vec::new();
+        for (i, reason, when) in rejected {
+            let record = &plan.records[*i];
+            let group = &plan.groups[*i];
+            let credits: u64 = group.iter().map(|r| r.credits_charged).sum();
+            let refunded = refunds_user(*reason);
+            if refunded {
+                let grant_id = format!("chain-rejected:{batch_id}:{:#x}", record.receiptBatchHash);
+                self.store
+                    .grant_once(&group[0].account_id, credits, &grant_id)
+                    .await?;
+            }
+            warn!(batch = batch_id, account = %group[0].account_id, model = %group[0].model_id, receipts = group.len(), credits, reason = %reason, refunded, "usage record skipped {when}");
+            notes.push(format!(
+                "{reason} {when}: {} receipts of account {} for model {} ({credits} credits{})",
+                group.len(),
+                group[0].account_id,
+                group[0].model_id,
+                if refunded {
+                    ", given back to the user off chain"
+                } else {
+                    ", not paid on chain"
+                }
+            ));
+        }
+        if !plan.offchain.is_empty() {
+            let credits: u64 = plan.offchain.iter().map(|r| r.credits_charged).sum();
+            warn!(
+                batch = batch_id,
+                receipts = plan.offchain.len(),
+                credits,
+                "usage of accounts without a wallet is not settled on chain"
+            );
+            notes.push(format!(
+                "{} receipts ({credits} credits) of accounts without a wallet are not settled on \
+                 chain: their creators are paid off chain",
+                plan.offchain.len()
+            ));
+        }
+        Ok((!notes.is_empty()).then(|| notes.join("; ")))
     }
 
     /// Sends one batch (its `receipts`) and records the outcome; `false` when it stays pending
@@ -412,7 +619,18 @@ impl ChainLedger {
             .batch_id
             .parse()
             .map_err(|_| RegistryError::store(format!("stored batch id {:?}", batch.batch_id)))?;
-        let records = self.records(receipts).await?;
+        let plan = self.plan(receipts).await?;
+        let mut rejected: Vec<(usize, Rejection, &'static str)> = self
+            .precheck(&plan)
+            .await?
+            .into_iter()
+            .map(|(i, why)| (i, why, "before sending"))
+            .collect();
+        let sent: Vec<usize> = (0..plan.records.len())
+            .filter(|i| !rejected.iter().any(|(j, _, _)| j == i))
+            .collect();
+        let records: Vec<UsageRecord> = sent.iter().map(|i| plan.records[*i].clone()).collect();
+        let expected = modelhub_chain::records_hash(&records);
         batch.attempts += 1;
         batch.updated_at = id::unix_now();
         let outcome = if records.is_empty() {
@@ -421,31 +639,80 @@ impl ChainLedger {
             self.market.consume_credits(id, records).await.map(Some)
         };
         match outcome {
-            Ok(tx) => {
+            Ok(settlement) => {
+                if let Some(s) = &settlement {
+                    if s.batch_id != id || s.operator != self.operator || s.records_hash != expected
+                    {
+                        // The chain recorded something else than what was sent: stop and look.
+                        batch.state = BatchState::Failed;
+                        batch.tx_hash = Some(b256_hex(s.tx_hash));
+                        batch.error = Some(format!(
+                            "the BatchSettled log (batch {:#x}, operator {}, records hash {:#x}) \
+                             does not match what was sent (records hash {expected:#x})",
+                            s.batch_id, s.operator, s.records_hash
+                        ));
+                        warn!(batch = %batch.batch_id, "settlement log does not match the batch sent");
+                        self.store.update_batch(&batch).await?;
+                        return Ok(true);
+                    }
+                    for (k, r) in s.records.iter().enumerate() {
+                        if let (Some(reason), Some(i)) = (r.rejected, sent.get(k)) {
+                            rejected.push((*i, reason, "by the contract"));
+                        }
+                    }
+                }
                 batch.state = BatchState::Settled;
-                batch.tx_hash = tx.map(b256_hex);
-                batch.error = None;
-                info!(batch = %batch.batch_id, receipts = batch.receipt_ids.len(), credits = batch.credits, "usage settled on chain");
+                batch.tx_hash = settlement.map(|s| b256_hex(s.tx_hash));
+                batch.error = self
+                    .handle_rejections(&batch.batch_id, &plan, &rejected)
+                    .await?;
+                info!(batch = %batch.batch_id, receipts = batch.receipt_ids.len(), credits = batch.credits, skipped = rejected.len(), "usage settled on chain");
             }
             Err(ChainError::Reverted(Revert::BatchAlreadySettled(_))) => {
-                // An earlier attempt (or another replica) got through.
-                batch.state = BatchState::Settled;
-                batch.error = None;
-                info!(batch = %batch.batch_id, "batch was already settled on chain");
+                // An earlier attempt (or another replica) got through, with these records?
+                match self.market.batch_records_hash(self.operator, id).await {
+                    Ok(Some(hash)) if hash == expected => {
+                        batch.state = BatchState::Settled;
+                        batch.error = self
+                            .handle_rejections(&batch.batch_id, &plan, &rejected)
+                            .await?;
+                        info!(batch = %batch.batch_id, "batch was already settled on chain");
+                    }
+                    Ok(other) => {
+                        batch.state = BatchState::Failed;
+                        batch.error = Some(format!(
+                            "the chain holds batch {:#x} with other records (hash {}) than \
+                             these (hash {expected:#x})",
+                            id,
+                            other.map_or_else(|| "none".to_owned(), |h| format!("{h:#x}"))
+                        ));
+                        warn!(batch = %batch.batch_id, "batch id settled on chain with other records");
+                    }
+                    Err(e) => {
+                        batch.error = Some(format!("{e}; will retry"));
+                    }
+                }
             }
             Err(ChainError::Reverted(revert @ Revert::Unauthorized(_))) => {
                 batch.error = Some(format!(
                     "{revert}: the operator account is not an operator of the marketplace \
-                     (the admin must call setOperator); will retry"
+                     (the admin must call setOperator, then the operator acceptOperator); will \
+                     retry"
                 ));
                 warn!(batch = %batch.batch_id, error = %revert, "settlement refused: operator not authorised");
+            }
+            Err(ChainError::Reverted(revert @ Revert::ContractPaused)) => {
+                batch.error = Some(format!("{revert}: the marketplace is paused; will retry"));
+                warn!(batch = %batch.batch_id, "settlement refused: marketplace paused");
             }
             // A transaction that failed without a decoded reason (e.g. mined after another
             // replica's copy of the same batch): settled if the chain says so, else retried.
             Err(ChainError::Reverted(revert @ Revert::Other(_))) => {
-                if self.market.is_batch_settled(id).await == Ok(true) {
+                if self.market.batch_records_hash(self.operator, id).await == Ok(Some(expected)) {
                     batch.state = BatchState::Settled;
-                    batch.error = None;
+                    batch.error = self
+                        .handle_rejections(&batch.batch_id, &plan, &rejected)
+                        .await?;
                 } else {
                     batch.error = Some(format!("{revert}; will retry"));
                     warn!(batch = %batch.batch_id, error = %revert, "settlement transaction failed; will retry");
@@ -453,8 +720,8 @@ impl ChainLedger {
             }
             Err(ChainError::Reverted(revert)) => {
                 batch.state = BatchState::Failed;
-                batch.error = Some(revert.to_string());
-                warn!(batch = %batch.batch_id, error = %revert, "settlement refused by the contract; batch marked failed");
+                batch.error = Some(format!("{revert}; its receipts go into new batches"));
+                warn!(batch = %batch.batch_id, error = %revert, "settlement refused by the contract; batch marked failed, receipts released");
             }
             Err(e) => {
                 batch.error = Some(e.to_string());
@@ -463,6 +730,9 @@ impl ChainLedger {
         }
         let done = batch.state != BatchState::Pending;
         self.store.update_batch(&batch).await?;
+        if batch.state == BatchState::Failed {
+            self.store.release_batch(&batch.batch_id).await?;
+        }
         Ok(done)
     }
 
@@ -475,7 +745,16 @@ impl ChainLedger {
                 "the model's owner has no wallet, so the model can't be registered on chain".into(),
             ));
         };
-        let key = modelhub_chain::model_key(&model.model_id);
+        let owner_address = modelhub_chain::parse_address(&wallet)
+            .map_err(|e| RegistryError::store(format!("stored wallet: {e}")))?;
+        if owner_address == self.operator {
+            return Ok(Check::Refused(format!(
+                "model {id}'s owner wallet is the registry's operator, which may not settle usage \
+                 of its own models",
+                id = model.model_id
+            )));
+        }
+        let key = modelhub_chain::model_key(owner_address, &model.model_id);
         let Some(on_chain) = self.market.get_model(key).await.map_err(chain_error)? else {
             return Ok(Check::Refused(format!(
                 "model {id} is not registered on chain yet: its owner runs `modelhub chain \
@@ -598,11 +877,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batch_ids_depend_on_the_set_of_receipts_only() {
-        let a = batch_id(&["rcp_1".into(), "rcp_2".into()]);
-        assert_eq!(a, batch_id(&["rcp_2".into(), "rcp_1".into()]));
-        assert_ne!(a, batch_id(&["rcp_1".into()]));
-        assert_ne!(a, batch_id(&["rcp_1".into(), "rcp_3".into()]));
+    fn batch_ids_depend_on_the_operator_the_round_and_the_set_of_receipts() {
+        let op = Address::repeat_byte(1);
+        let a = batch_id(op, &["rcp_1".into(), "rcp_2".into()], 0);
+        assert_eq!(a, batch_id(op, &["rcp_2".into(), "rcp_1".into()], 0));
+        assert_ne!(a, batch_id(op, &["rcp_1".into()], 0));
+        assert_ne!(a, batch_id(op, &["rcp_1".into(), "rcp_3".into()], 0));
+        assert_ne!(a, batch_id(op, &["rcp_1".into(), "rcp_2".into()], 1));
+        assert_ne!(
+            a,
+            batch_id(
+                Address::repeat_byte(2),
+                &["rcp_1".into(), "rcp_2".into()],
+                0
+            )
+        );
+        assert_eq!(
+            receipts_hash(&["b".into(), "a".into()]),
+            receipts_hash(&["a".into(), "b".into()])
+        );
+        assert_ne!(receipts_hash(&["a".into()]), receipts_hash(&["b".into()]));
+    }
+
+    #[test]
+    fn only_faults_not_the_users_refund_them() {
+        assert!(refunds_user(Rejection::ModelInactive));
+        assert!(refunds_user(Rejection::PriceMismatch));
+        assert!(refunds_user(Rejection::OperatorOwnsModel));
+        assert!(refunds_user(Rejection::UnknownModel));
+        assert!(!refunds_user(Rejection::InsufficientCredits));
+        assert!(!refunds_user(Rejection::OverDailyCap));
+        assert!(!refunds_user(Rejection::Overflow));
+        assert!(!refunds_user(Rejection::Other(99)));
     }
 
     #[test]

@@ -126,4 +126,10 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Sets a named cursor (overwrites it, also with a smaller value). The MongoDB store
     /// refuses values above `i64::MAX` (`BadRequest`).
     async fn set_cursor(&self, name: &str, value: u64) -> Result<()>;
+
+    /// Releases the receipts of a `Failed` batch for re-batching: each receipt that still
+    /// names the batch gets `batch_id == None` again (it is unsettled once more); the batch
+    /// stays, `Failed`, as a record. Releasing again changes nothing. `NotFound` for an unknown
+    /// batch, `Conflict` when the batch is not `Failed`. Returns the batch.
+    async fn release_batch(&self, batch_id: &str) -> Result<SettlementBatch>;
 }

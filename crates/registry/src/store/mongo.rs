@@ -1715,6 +1715,33 @@ impl MetadataStore for MongoStore {
         })
         .await
     }
+
+    async fn release_batch(&self, batch_id: &str) -> Result<SettlementBatch> {
+        self.timed(async {
+            let i = &self.inner;
+            let Some(d) =
+                Self::find_one(&i.batches, doc! { "_id": batch_id, "complete": true }).await?
+            else {
+                return Err(RegistryError::not_found("batch", batch_id));
+            };
+            let batch = batch_from(&d)?;
+            if batch.state != BatchState::Failed {
+                return Err(RegistryError::conflict(format!(
+                    "batch {batch_id} is {}, not failed: its receipts stay in it",
+                    batch.state.as_str()
+                )));
+            }
+            // One atomic update per receipt, only where it still names this batch.
+            i.receipts
+                .update_many(
+                    doc! { "_id": { "$in": &batch.receipt_ids }, "batch_id": batch_id },
+                    doc! { "$set": { "batch_id": Bson::Null } },
+                )
+                .await?;
+            Ok(batch)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -708,6 +708,35 @@ impl MetadataStore for RedbStore {
         })
         .await
     }
+
+    async fn release_batch(&self, batch_id: &str) -> Result<SettlementBatch> {
+        let batch_id = batch_id.to_owned();
+        self.write(move |txn| {
+            let batch: SettlementBatch = get_json(&txn.open_table(BATCHES)?, &batch_id)?
+                .ok_or_else(|| RegistryError::not_found("batch", &batch_id))?;
+            if batch.state != BatchState::Failed {
+                return Err(RegistryError::conflict(format!(
+                    "batch {batch_id} is {}, not failed: its receipts stay in it",
+                    batch.state.as_str()
+                )));
+            }
+            let mut receipts = txn.open_table(RECEIPTS)?;
+            let mut unsettled = txn.open_table(UNSETTLED)?;
+            for receipt_id in &batch.receipt_ids {
+                let Some(mut receipt) = get_json::<Receipt>(&receipts, receipt_id)? else {
+                    continue;
+                };
+                if receipt.batch_id.as_deref() != Some(batch_id.as_str()) {
+                    continue;
+                }
+                receipt.batch_id = None;
+                put_json(&mut receipts, receipt_id, &receipt)?;
+                unsettled.insert((receipt.created_at, receipt_id.as_str()), ())?;
+            }
+            Ok(batch)
+        })
+        .await
+    }
 }
 
 fn batch_at(
