@@ -80,15 +80,15 @@ impl Chain {
         let anvil = ScriptServer::start("anvil");
         let admin_signer = modelhub_chain::signer_from_hex(ADMIN_KEY).unwrap();
         let admin_address = admin_signer.address();
-        let admin = Marketplace::deploy(&anvil.uri, admin_signer, admin_address, U256::from(RATE))
-            .await
-            .expect("deploy the marketplace on anvil");
-        if authorise_operator {
-            admin
-                .set_operator(address_of(OPERATOR_KEY), true)
-                .await
-                .unwrap();
-        }
+        let admin = Marketplace::deploy(
+            &anvil.uri,
+            admin_signer,
+            admin_address,
+            U256::from(RATE),
+            authorise_operator.then(|| address_of(OPERATOR_KEY)),
+        )
+        .await
+        .expect("deploy the marketplace on anvil");
         let keys = dir.join("wallets");
         std::fs::create_dir_all(&keys).unwrap();
         for (name, key) in [
@@ -133,6 +133,25 @@ impl Chain {
             .await
             .unwrap();
         assert!(answer.get("error").is_none(), "{answer}");
+    }
+
+    /// Moves anvil's clock `seconds` ahead (`evm_increaseTime`) and mines a block.
+    async fn advance(&self, seconds: u64) {
+        for (method, params) in [
+            ("evm_increaseTime", json!([seconds])),
+            ("evm_mine", json!([])),
+        ] {
+            let answer: Value = reqwest::Client::new()
+                .post(&self.anvil.uri)
+                .json(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert!(answer.get("error").is_none(), "{answer}");
+        }
     }
 
     async fn credits_of(&self, key: &str) -> u64 {
@@ -275,10 +294,10 @@ impl World {
                 &chain.marketplace(),
             ]);
             assert_eq!(bought["credits"], credits);
-            // Not confirmed yet (1 confirmation needed): not counted.
+            // Not finalized yet (anvil finalizes 64 blocks below the head): not counted.
             self.settle().await;
             assert_eq!(account(user).await["credits"].as_u64().unwrap(), before);
-            chain.mine(1).await;
+            chain.mine(64).await;
             self.settle().await;
         } else {
             let granted = self
@@ -323,7 +342,10 @@ impl World {
             assert_eq!(registered["model_id"], model_id.as_str());
             let on_chain = chain
                 .admin
-                .get_model(modelhub_chain::model_key(&model_id))
+                .get_model(modelhub_chain::model_key(
+                    address_of(CREATOR_KEY),
+                    &model_id,
+                ))
                 .await
                 .unwrap()
                 .expect("registered");
@@ -431,15 +453,20 @@ async fn buy_predict_settle_withdraw(kind: Kind) {
                 batch_id,
                 format!(
                     "{:#x}",
-                    modelhub_registry::ledger::chain::batch_id(&receipts)
+                    modelhub_registry::ledger::chain::batch_id(
+                        address_of(OPERATOR_KEY),
+                        &receipts,
+                        0
+                    )
                 )
             );
             assert!(
                 chain
                     .admin
-                    .is_batch_settled(batch_id.parse().unwrap())
+                    .batch_records_hash(address_of(OPERATOR_KEY), batch_id.parse().unwrap())
                     .await
                     .unwrap()
+                    .is_some()
             );
             assert_eq!(chain.credits_of(USER_KEY).await, 1);
             assert_eq!(chain.earnings_of(CREATOR_KEY).await, 9);
@@ -524,12 +551,22 @@ async fn an_operator_key_that_is_not_an_operator() {
         .set_operator(address_of(OPERATOR_KEY), true)
         .await
         .unwrap();
+    // Named, not yet accepted: still pending.
+    let ledger = world.settle().await;
+    assert_eq!(ledger["batches"][0]["state"], "pending", "{ledger}");
+    chain.advance(86_400).await;
+    chain
+        .as_wallet(OPERATOR_KEY)
+        .await
+        .accept_operator()
+        .await
+        .unwrap();
     let ledger = world.settle().await;
     assert_eq!(ledger["batches"].as_array().unwrap().len(), 1, "{ledger}");
     assert_eq!(ledger["batches"][0]["batch_id"], batch_id);
     let batch = &ledger["batches"][0];
     assert_eq!(batch["state"], "settled", "{ledger}");
-    assert_eq!(batch["attempts"], 2);
+    assert_eq!(batch["attempts"], 3);
     assert_eq!(chain.credits_of(USER_KEY).await, 6);
     assert_eq!(chain.earnings_of(CREATOR_KEY).await, 4);
     world.stop().await;
@@ -549,15 +586,17 @@ async fn a_batch_the_chain_already_settled() {
     }
     // The same batch the registry will send, sent first by the operator.
     let operator = chain.as_wallet(OPERATOR_KEY).await;
-    let batch_id = modelhub_registry::ledger::chain::batch_id(&receipts);
+    let batch_id =
+        modelhub_registry::ledger::chain::batch_id(address_of(OPERATOR_KEY), &receipts, 0);
     operator
         .consume_credits(
             batch_id,
             vec![modelhub_chain::UsageRecord {
                 user: address_of(USER_KEY),
-                modelId: modelhub_chain::model_key(&model_id),
+                modelId: modelhub_chain::model_key(address_of(CREATOR_KEY), &model_id),
                 calls: 2,
-                receiptBatchHash: batch_id,
+                credits: U256::from(4),
+                receiptBatchHash: modelhub_registry::ledger::chain::receipts_hash(&receipts),
             }],
         )
         .await
@@ -590,7 +629,7 @@ async fn a_deposit_before_its_account() {
         "--marketplace",
         &chain.marketplace(),
     ]);
-    chain.mine(1).await;
+    chain.mine(64).await;
     world.settle().await;
 
     let claim = world
@@ -671,18 +710,23 @@ async fn the_chain_node_goes_away() {
 }
 
 /// A creator deactivates a model on chain after it was used: new predictions are refused with
-/// the reason, and the batch holding the earlier usage is refused by the contract for good —
-/// marked failed with the decoded error, not retried forever, nothing debited on chain.
+/// the reason; the batch holding the earlier usage settles, its record skipped by the contract
+/// (`ModelInactive`) and reported, nothing debited on chain, and the user's credits given back
+/// off chain. The batch is not sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_deactivated_after_use() {
     let world = World::start(Kind::Anvil).await;
     let chain = world.chain();
     let (_creator, user, model_id) = world.listing(2, 10).await;
     assert_eq!(predict(&user, &model_id).await.status, 200);
+    assert_eq!(account(&user).await["credits"], 8);
 
     let as_creator = chain.as_wallet(CREATOR_KEY).await;
     as_creator
-        .deactivate(modelhub_chain::model_key(&model_id))
+        .deactivate(modelhub_chain::model_key(
+            address_of(CREATOR_KEY),
+            &model_id,
+        ))
         .await
         .unwrap();
     let answer = predict(&user, &model_id).await;
@@ -690,14 +734,16 @@ async fn a_model_deactivated_after_use() {
 
     let ledger = world.settle().await;
     let batch = &ledger["batches"][0];
-    assert_eq!(batch["state"], "failed", "{ledger}");
+    assert_eq!(batch["state"], "settled", "{ledger}");
     assert!(
         batch["error"].as_str().unwrap().contains("ModelInactive"),
         "{ledger}"
     );
     assert_eq!(chain.credits_of(USER_KEY).await, 10);
-    // Not sent again.
+    assert_eq!(account(&user).await["credits"], 10);
+    // Not sent again, not given back twice.
     let again = world.settle().await;
     assert_eq!(again["batches"][0]["attempts"], 1, "{again}");
+    assert_eq!(account(&user).await["credits"], 10);
     world.stop().await;
 }
