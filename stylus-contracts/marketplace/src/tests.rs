@@ -598,7 +598,7 @@ fn bad_records_are_skipped_with_their_reason_and_never_block_the_batch() {
     for _ in 0..10 {
         records.push(rec(ALICE, good, 1, 2));
     }
-    let bad = vec![
+    let bad = [
         (rec(ALICE, id(9), 1, 2), Rejection::UnknownModel),
         (rec(ALICE, dead, 1, 2), Rejection::ModelInactive),
         (rec(ALICE, own, 1, 2), Rejection::OperatorOwnsModel),

@@ -540,13 +540,13 @@ impl ChainLedger {
             Default::default();
         let mut out = Vec::new();
         for (i, record) in plan.records.iter().enumerate() {
-            if !prices.contains_key(&record.modelId) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = prices.entry(record.modelId) {
                 let p = match self.market.get_prices(record.modelId).await {
                     Ok(p) => Some(p),
                     Err(ChainError::Reverted(Revert::UnknownModel(_))) => None,
                     Err(e) => return Err(chain_error(e)),
                 };
-                prices.insert(record.modelId, p);
+                slot.insert(p);
             }
             let Some(Some((price, previous, changed_at))) = prices.get(&record.modelId) else {
                 out.push((i, Rejection::UnknownModel));
