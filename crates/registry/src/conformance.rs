@@ -69,6 +69,7 @@ pub fn new_model(owner: &str, price: u64) -> Model {
         commitment: Some("0x1234".to_owned()),
         circuit_spec: Some(r#"{"version":1}"#.to_owned()),
         zk_note: None,
+        digest: Some("cd".repeat(32)),
         created_at: id::unix_now(),
     }
 }

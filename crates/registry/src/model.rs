@@ -63,6 +63,10 @@ pub struct Model {
     /// Why there is no circuit, when the prover could not compile the graph.
     #[serde(default)]
     pub zk_note: Option<String>,
+    /// The model digest (hex) over the circuit spec and the commitment (docs/ZK.md); records
+    /// from before it existed read as `None`.
+    #[serde(default)]
+    pub digest: Option<String>,
     pub created_at: i64,
 }
 

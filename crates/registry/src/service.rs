@@ -107,6 +107,15 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
             "commitment must not be empty when set",
         ));
     }
+    if req
+        .digest
+        .as_deref()
+        .is_some_and(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(RegistryError::bad_request(
+            "digest must be 64 hex digits when set",
+        ));
+    }
     Ok(Model {
         model_id,
         owner: req.owner,
@@ -122,6 +131,7 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
         commitment: req.commitment,
         circuit_spec: req.circuit_spec,
         zk_note: req.zk_note,
+        digest: req.digest.map(|d| d.to_ascii_lowercase()),
         created_at: id::unix_now(),
     })
 }
@@ -217,6 +227,7 @@ fn model_pb(m: Model) -> pb::Model {
         created_at: m.created_at,
         circuit_spec: m.circuit_spec,
         zk_note: m.zk_note,
+        digest: m.digest,
     }
 }
 
@@ -669,6 +680,10 @@ mod tests {
             },
             pb::CreateModelRequest {
                 sha256: String::new(),
+                ..ok.clone()
+            },
+            pb::CreateModelRequest {
+                digest: Some("ab".repeat(31)),
                 ..ok.clone()
             },
             pb::CreateModelRequest {

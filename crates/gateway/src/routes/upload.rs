@@ -127,12 +127,20 @@ pub async fn upload(
             commitment: circuit.commitment,
             circuit_spec: circuit.spec,
             zk_note: circuit.note,
+            digest: circuit.digest,
         })
         .await
         .map_err(GatewayError::upstream("registry", "CreateModel"))?
         .into_inner();
     tracing::info!(model_id = %model_id, owner = %caller.account_id, size = model.size, "model uploaded");
-    Ok(HttpResponse::Created().json(ModelRecord::try_from(model)?))
+    let mut answer = serde_json::to_value(ModelRecord::try_from(model)?)
+        .map_err(|e| GatewayError::internal(format!("model record: {e}")))?;
+    // The commitment's opening, for the owner only and only in this answer (docs/ZK.md).
+    if let (Some(opening), Some(a)) = (circuit.opening, answer.as_object_mut()) {
+        let opening: serde_json::Value = serde_json::from_str(&opening).unwrap_or_default();
+        a.insert("zk_opening".into(), opening);
+    }
+    Ok(HttpResponse::Created().json(answer))
 }
 
 /// The model `query` names, when `owner` uploaded it with exactly these bytes.
@@ -160,6 +168,8 @@ struct Circuit {
     commitment: Option<String>,
     spec: Option<String>,
     note: Option<String>,
+    digest: Option<String>,
+    opening: Option<String>,
 }
 
 /// Asks the prover (when there is one) to compile the stored model and commit to its weights.
@@ -204,6 +214,8 @@ async fn compile(
         commitment: Some(answer.commitment),
         spec: Some(answer.circuit_spec),
         note: None,
+        digest: Some(answer.digest),
+        opening: Some(answer.opening),
     })
 }
 

@@ -148,7 +148,8 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     assert_eq!(done.status, Status::Done as i32, "{}", done.error);
     assert_eq!(done.account_id, "acct_test");
     let proof: Value = serde_json::from_slice(&done.proof).unwrap();
-    assert_eq!(proof["format"], "modelhub-proof/1");
+    assert_eq!(proof["format"], "modelhub-proof/2");
+    assert_eq!(proof["public"]["model_digest"], compiled.digest.as_str());
     assert_eq!(proof["public"]["commitment"], compiled.commitment.as_str());
     assert_eq!(proof["public"]["job_id"], "job_ok");
     let proved: Vec<f64> = serde_json::from_str(&done.proved_output).unwrap();
@@ -165,13 +166,18 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     assert!(failed.error.contains("range"), "{}", failed.error);
 
     // Verify over gRPC: the proof, a tampered one, garbage.
+    let digest = compiled.digest.clone();
     let verify = |bytes: Vec<u8>| {
         let mut c = s.client.clone();
+        let digest = digest.clone();
         async move {
-            c.verify(pb::VerifyRequest { proof: bytes })
-                .await
-                .unwrap()
-                .into_inner()
+            c.verify(pb::VerifyRequest {
+                proof: bytes,
+                expected_digest: digest.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
         }
     };
     assert!(verify(done.proof.clone()).await.valid);
@@ -237,7 +243,8 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     let mut c = client.clone();
     assert!(
         c.verify(pb::VerifyRequest {
-            proof: serde_json::to_vec(&after).unwrap()
+            proof: serde_json::to_vec(&after).unwrap(),
+            expected_digest: compiled.digest.clone(),
         })
         .await
         .unwrap()
@@ -273,7 +280,8 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     assert!(
         client
             .verify(pb::VerifyRequest {
-                proof: rekeyed.proof
+                proof: rekeyed.proof,
+                expected_digest: compiled.digest.clone(),
             })
             .await
             .unwrap()

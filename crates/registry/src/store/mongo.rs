@@ -344,6 +344,7 @@ fn model_doc(m: &Model) -> Result<Document> {
         "commitment": opt_str(&m.commitment),
         "circuit_spec": opt_str(&m.circuit_spec),
         "zk_note": opt_str(&m.zk_note),
+        "digest": opt_str(&m.digest),
         "created_at": m.created_at,
     })
 }
@@ -370,6 +371,7 @@ fn model_from(d: &Document) -> Result<Model> {
         commitment: get_opt_str(d, W, "commitment")?,
         circuit_spec: get_opt_str(d, W, "circuit_spec")?,
         zk_note: get_opt_str(d, W, "zk_note")?,
+        digest: get_opt_str(d, W, "digest")?,
         created_at: get_i64(d, W, "created_at")?,
     })
 }

@@ -88,6 +88,7 @@ fn model_request(owner: &str, name: &str, version: &str, price: u64) -> pb::Crea
             shape: vec![-1],
         }],
         commitment: Some("0xabc".into()),
+        digest: Some("ab".repeat(32)),
     }
 }
 
