@@ -163,9 +163,23 @@ pub enum Proofs {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Verify a proof file offline, from its public parts alone (no weights, no server).
+    /// Verify a proof file against the model it must be for (crates/cli/src/proofs.rs).
     Verify {
         file: PathBuf,
+        /// The model (NAME@VERSION or id): its digest comes from the gateway's record.
+        #[arg(long)]
+        model: Option<String>,
+        /// The expected model digest (64 hex digits), instead of --model.
+        #[arg(long)]
+        digest: Option<String>,
+        /// A JSON file with your float input: it must be the proof's input.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Debugging only: check the proof against itself (proves nothing about the model).
+        #[arg(long)]
+        self_consistent_only: bool,
+        #[command(flatten)]
+        client: ClientArgs,
         /// Where proving params and verifying keys are cached (made on first use; keys in
         /// `<params-dir>/keys`).
         #[arg(
@@ -507,16 +521,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&v);
             Ok(())
         }
-        Command::Proofs(Proofs::Verify { file, params_dir }) => {
-            let bundle = verify_proof_file(&file, &params_dir).await?;
-            print_json(&json!({
-                "valid": true,
-                "job_id": bundle.public.job_id,
-                "commitment": bundle.public.commitment,
-                "output": bundle.public.output,
-                "output_dequantized": modelhub_zk::dequantize_output(&bundle.spec, &bundle.public.output),
-            }));
-            Ok(())
+        Command::Proofs(Proofs::Verify {
+            file,
+            params_dir,
+            model,
+            digest,
+            input,
+            self_consistent_only,
+            client,
+        }) => {
+            crate::proofs::verify(crate::proofs::VerifyArgs {
+                file,
+                params_dir,
+                model,
+                digest,
+                input,
+                self_consistent_only,
+                client,
+            })
+            .await
         }
         Command::Chain(chain) => crate::chain::run(chain).await,
         Command::Account { client } => {
@@ -537,26 +560,6 @@ fn parse_input_range(s: &str) -> Result<modelhub_core::InputRange, String> {
             .map_err(|e| format!("{v:?} is not a number: {e}"))
     };
     modelhub_core::InputRange::new(num(min)?, num(max)?)
-}
-
-/// Verifies a proof file offline; params and the verifying key are made from the public spec
-/// on first use and cached in `params_dir` (so the next verification of the same circuit skips
-/// keygen).
-pub async fn verify_proof_file(
-    file: &Path,
-    params_dir: &Path,
-) -> anyhow::Result<modelhub_zk::ProofBundle> {
-    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let bundle: modelhub_zk::ProofBundle = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a proof file", file.display()))?;
-    let params_dir = params_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let params = modelhub_zk::Params::load_or_create(&params_dir, bundle.spec.k)?;
-        modelhub_zk::verify_cached(&params, &bundle, &params_dir.join("keys"))?;
-        Ok::<_, anyhow::Error>(bundle)
-    })
-    .await?
-    .context("the proof does not verify")
 }
 
 /// A model id as given, or the id of the model named `NAME@VERSION`.

@@ -5,4 +5,5 @@
 pub mod chain;
 pub mod client;
 pub mod commands;
+pub mod proofs;
 pub mod up;
