@@ -61,6 +61,29 @@ pub struct Settings {
     /// The chain ledger (credits on the marketplace contract), when `--chain-rpc` is set.
     #[command(flatten)]
     pub chain: ChainArgs,
+    /// Seconds a prediction may hold credits before the hold is released (the caller died);
+    /// a commit after that is refused.
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_HOLD_TIMEOUT_SECS",
+        default_value_t = service::Policy::default().hold_timeout_secs
+    )]
+    pub hold_timeout_secs: u64,
+    /// Seconds an idempotency key stays bound to its request and its stored response.
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_IDEMPOTENCY_TTL_SECS",
+        default_value_t = service::Policy::default().idempotency_ttl_secs
+    )]
+    pub idempotency_ttl_secs: u64,
+    /// Most request nonces one API key may spend per 10 minutes (the nonce store keeps each
+    /// for the replay window; this bounds what one key can make it keep).
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_MAX_NONCES_PER_KEY",
+        default_value_t = service::Policy::default().max_nonces_per_key
+    )]
+    pub max_nonces_per_key: u64,
 }
 
 impl std::fmt::Debug for Settings {
@@ -75,6 +98,9 @@ impl std::fmt::Debug for Settings {
             )
             .field("mongodb_timeout_ms", &self.mongodb_timeout_ms)
             .field("chain", &self.chain)
+            .field("hold_timeout_secs", &self.hold_timeout_secs)
+            .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
+            .field("max_nonces_per_key", &self.max_nonces_per_key)
             .finish()
     }
 }
@@ -88,6 +114,9 @@ impl Settings {
             mongodb_uri: None,
             mongodb_timeout_ms: 2000,
             chain: ChainArgs::default(),
+            hold_timeout_secs: service::Policy::default().hold_timeout_secs,
+            idempotency_ttl_secs: service::Policy::default().idempotency_ttl_secs,
+            max_nonces_per_key: service::Policy::default().max_nonces_per_key,
         }
     }
 
@@ -96,6 +125,15 @@ impl Settings {
         Settings {
             mongodb_uri: Some(uri.into()),
             ..Settings::for_test(data_dir)
+        }
+    }
+
+    /// The request-handling policy these settings describe.
+    pub fn policy(&self) -> service::Policy {
+        service::Policy {
+            hold_timeout_secs: self.hold_timeout_secs,
+            idempotency_ttl_secs: self.idempotency_ttl_secs,
+            max_nonces_per_key: self.max_nonces_per_key,
         }
     }
 
@@ -122,6 +160,7 @@ impl RegistryService {
             None => None,
         };
         let chain = settings.chain.clone();
+        let policy = settings.policy();
         let settings = settings.clone();
         let (store, kek) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let store = match mongo {
@@ -137,7 +176,7 @@ impl RegistryService {
             Ok((store, kek))
         })
         .await??;
-        let service = RegistryService::new(store.clone(), kek);
+        let service = RegistryService::new(store.clone(), kek).with_policy(policy);
         Ok(match chain.chain_rpc {
             Some(_) => {
                 let ledger = ChainLedger::connect(chain, store)
@@ -169,12 +208,14 @@ pub async fn run(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let ledger = service.ledger().clone();
     let background = tokio::spawn(async move { ledger.run().await });
+    let housekeeping = tokio::spawn(service.clone().housekeeping());
     let served = Server::builder()
         .add_service(health_service)
         .add_service(RegistryServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     background.abort();
+    housekeeping.abort();
     served.context("serving the registry")?;
     tracing::info!("registry stopped");
     Ok(())

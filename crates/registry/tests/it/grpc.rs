@@ -223,6 +223,7 @@ async fn error_codes_cross_the_wire() {
     let e = err(c
         .commit(pb::CommitRequest {
             reservation_id: "rsv_missing".into(),
+            ..Default::default()
         })
         .await);
     assert_eq!(e.code, ErrorCode::NotFound);
@@ -274,6 +275,7 @@ async fn error_codes_cross_the_wire() {
             account_id: String::new(),
             model_id: "mdl_x".into(),
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await);
     assert_eq!(e.code, ErrorCode::BadRequest);
@@ -319,6 +321,7 @@ async fn error_codes_cross_the_wire() {
             account_id: buyer.account_id.clone(),
             model_id: m.model_id.clone(),
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await);
     assert_eq!(e.code, ErrorCode::PaymentRequired);
@@ -336,6 +339,7 @@ async fn error_codes_cross_the_wire() {
             account_id: buyer.account_id.clone(),
             model_id: m.model_id.clone(),
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -348,6 +352,7 @@ async fn error_codes_cross_the_wire() {
     let e = err(c
         .commit(pb::CommitRequest {
             reservation_id: r.reservation_id.clone(),
+            ..Default::default()
         })
         .await);
     assert_eq!(e.code, ErrorCode::Conflict);
@@ -407,10 +412,26 @@ async fn models_and_ledger_end_to_end_survive_a_restart() {
         account_id: buyer.account_id.clone(),
         model_id: b.model_id.clone(),
         idempotency_key: "req-7".into(),
+        ..Default::default()
     };
     let r = c.reserve(reserve.clone()).await.unwrap().into_inner();
     assert_eq!(r.amount, 2);
-    assert_eq!(c.reserve(reserve.clone()).await.unwrap().into_inner(), r);
+    assert_eq!((r.state.as_str(), r.existing), ("held", false));
+    // A retry while the first attempt is in flight names that attempt.
+    let in_flight = c.reserve(reserve.clone()).await.unwrap().into_inner();
+    assert_eq!(in_flight.reservation_id, r.reservation_id);
+    assert_eq!(
+        (in_flight.state.as_str(), in_flight.existing),
+        ("held", true)
+    );
+    // The same key for another request is a conflict.
+    let e = err(c
+        .reserve(pb::ReserveRequest {
+            fingerprint: "another request".into(),
+            ..reserve.clone()
+        })
+        .await);
+    assert_eq!(e.code, ErrorCode::Conflict, "{e:?}");
     let available = c
         .get_account(pb::GetAccountRequest {
             account_id: buyer.account_id.clone(),
@@ -419,20 +440,45 @@ async fn models_and_ledger_end_to_end_survive_a_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(available.credits, 8, "held credits are not available");
+    assert_eq!(available.held, 2, "held credits are shown");
 
     let receipt = c
         .commit(pb::CommitRequest {
             reservation_id: r.reservation_id.clone(),
+            response: b"the first answer".to_vec(),
         })
         .await
         .unwrap()
         .into_inner();
+    assert_eq!(
+        receipt.receipt_id, r.receipt_id,
+        "the receipt id was known before"
+    );
     assert_eq!(receipt.credits_charged, 2);
+    // A retry after the commit gets the kept response, and charges nothing.
+    let replay = c.reserve(reserve.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            replay.state.as_str(),
+            replay.existing,
+            replay.response.as_slice()
+        ),
+        ("committed", true, b"the first answer".as_slice())
+    );
+    let after = c
+        .get_account(pb::GetAccountRequest {
+            account_id: buyer.account_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((after.credits, after.held), (8, 0));
     assert_eq!(receipt.owner, owner.account_id);
     assert_eq!(receipt.account_id, buyer.account_id);
     let again = c
         .commit(pb::CommitRequest {
             reservation_id: r.reservation_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -475,6 +521,7 @@ async fn models_and_ledger_end_to_end_survive_a_restart() {
     assert_eq!(
         c.commit(pb::CommitRequest {
             reservation_id: r.reservation_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
