@@ -30,7 +30,11 @@ async fn call(
     serde_json::Value,
 ) {
     let shared = Shared::new(&settings()).unwrap();
-    let svc = test::init_service(app(shared.state(Some(fixed_keys())))).await;
+    let auth = crate::auth::Authenticator::new(
+        fixed_keys(),
+        std::sync::Arc::new(crate::auth::NonceCache::new()),
+    );
+    let svc = test::init_service(app(shared.state(Some(auth)))).await;
     let res = test::call_service(&svc, req.to_request()).await;
     let status = res.status();
     let headers = res.headers().clone();

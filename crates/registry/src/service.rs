@@ -848,7 +848,15 @@ impl Registry for RegistryService {
             self.store.release(id).await
         }
         .await
-        .map(|_| Response::new(pb::ReleaseResponse {}))
+        .map(|r| {
+            Response::new(pb::ReleaseResponse {
+                state: match r.state {
+                    ReservationState::Committed => "committed",
+                    _ => "released",
+                }
+                .to_owned(),
+            })
+        })
         .map_err(|e| status("release", e))
     }
 
