@@ -473,6 +473,30 @@ async fn models_and_ledger_end_to_end_survive_a_restart() {
         .unwrap()
         .into_inner();
     assert_eq!((after.credits, after.held), (8, 0));
+
+    // A failed attempt (released: nothing charged) frees its key: the retry runs anew.
+    let failing = pb::ReserveRequest {
+        idempotency_key: "req-8".into(),
+        fingerprint: "fp-8".into(),
+        ..reserve.clone()
+    };
+    let first_try = c.reserve(failing.clone()).await.unwrap().into_inner();
+    c.release(pb::ReleaseRequest {
+        reservation_id: first_try.reservation_id.clone(),
+    })
+    .await
+    .unwrap();
+    let second_try = c.reserve(failing.clone()).await.unwrap().into_inner();
+    assert_ne!(second_try.reservation_id, first_try.reservation_id);
+    assert_eq!((second_try.state.as_str(), second_try.existing), ("held", false));
+    let released = c
+        .release(pb::ReleaseRequest {
+            reservation_id: second_try.reservation_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.state, "released");
     assert_eq!(receipt.owner, owner.account_id);
     assert_eq!(receipt.account_id, buyer.account_id);
     let again = c
