@@ -488,7 +488,10 @@ async fn models_and_ledger_end_to_end_survive_a_restart() {
     .unwrap();
     let second_try = c.reserve(failing.clone()).await.unwrap().into_inner();
     assert_ne!(second_try.reservation_id, first_try.reservation_id);
-    assert_eq!((second_try.state.as_str(), second_try.existing), ("held", false));
+    assert_eq!(
+        (second_try.state.as_str(), second_try.existing),
+        ("held", false)
+    );
     let released = c
         .release(pb::ReleaseRequest {
             reservation_id: second_try.reservation_id.clone(),
