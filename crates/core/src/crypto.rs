@@ -39,6 +39,8 @@ pub enum CryptoError {
     },
     #[error("key file {path} does not hold a base64 32-byte key")]
     KeyFormat { path: String },
+    #[error("key file {path} is open to group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    KeyFileMode { path: String, mode: u32 },
     #[error("wrapped key is malformed or was wrapped for another model or by another key")]
     Unwrap,
     #[error("ciphertext header is malformed")]
@@ -114,9 +116,22 @@ impl Kek {
         Ok(Kek(key))
     }
 
-    /// Reads a KEK file written by [`Kek::load_or_generate`] or by an operator.
+    /// Reads a KEK file written by [`Kek::load_or_generate`] or by an operator. Refuses a file
+    /// that group or others may read or write: the KEK opens every model and key secret.
     pub fn load(path: &Path) -> Result<Kek, CryptoError> {
+        use std::os::unix::fs::PermissionsExt;
         let shown = path.display().to_string();
+        let mode = std::fs::metadata(path)
+            .map_err(|source| CryptoError::KeyFile {
+                path: shown.clone(),
+                source,
+            })?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(CryptoError::KeyFileMode { path: shown, mode });
+        }
         let mut text = std::fs::read_to_string(path).map_err(|source| CryptoError::KeyFile {
             path: shown.clone(),
             source,
@@ -461,10 +476,33 @@ mod tests {
     fn a_bad_kek_file_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kek");
-        std::fs::write(&path, "not a key").unwrap();
+        create_private(&path)
+            .unwrap()
+            .write_all(b"not a key")
+            .unwrap();
         assert!(matches!(
             Kek::load(&path),
             Err(CryptoError::KeyFormat { .. })
         ));
+    }
+
+    #[test]
+    fn a_kek_file_readable_by_others_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        Kek::load_or_generate(&path).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = Kek::load_or_generate(&path).unwrap_err();
+            assert!(
+                matches!(err, CryptoError::KeyFileMode { mode: m, .. } if m == mode),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(text.contains("chmod 600") && !text.contains('\n'), "{text}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        Kek::load_or_generate(&path).unwrap();
     }
 }

@@ -1,4 +1,5 @@
-//! What every service binary does around `run`: bind and announce the address, stop on ctrl-c.
+//! What every service binary does around `run`: bind and announce the address, stop on SIGINT
+//! (ctrl-c) or SIGTERM (what Kubernetes and `docker stop` send).
 
 use std::net::SocketAddr;
 
@@ -21,10 +22,32 @@ pub async fn bind(service: &str, addr: SocketAddr) -> std::io::Result<tokio::net
     Ok(listener)
 }
 
-/// Resolves on ctrl-c (SIGINT): the graceful-shutdown signal of the binaries.
-pub async fn ctrl_c() {
-    if let Err(e) = tokio::signal::ctrl_c().await {
-        tracing::error!(error = %e, "waiting for ctrl-c failed");
+/// Resolves on SIGINT (ctrl-c) or SIGTERM, whichever comes first, after logging which: the
+/// graceful-shutdown signal of every binary (`run` then stops accepting and lets in-flight
+/// requests finish).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => Some(term),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only ctrl-c stops");
+            None
+        }
+    };
+    let sigterm = async {
+        match term.as_mut() {
+            Some(term) => {
+                term.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        res = tokio::signal::ctrl_c() => match res {
+            Ok(()) => tracing::info!(signal = "SIGINT", "stopping"),
+            Err(e) => tracing::error!(error = %e, "waiting for ctrl-c failed; stopping"),
+        },
+        () = sigterm => tracing::info!(signal = "SIGTERM", "stopping"),
     }
 }
 

@@ -19,6 +19,7 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
+use modelhub_mtls::{Identity, TlsDir, https_endpoint};
 use modelhub_proto::inference::v1::inference_client::InferenceClient;
 use modelhub_proto::prover::v1::prover_client::ProverClient;
 use modelhub_proto::registry::v1::Model as ModelPb;
@@ -37,21 +38,21 @@ pub struct Settings {
     #[arg(
         long,
         env = "MODELHUB_GATEWAY_REGISTRY",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "https://127.0.0.1:50051"
     )]
     pub registry: String,
     /// gRPC address of storage.
     #[arg(
         long,
         env = "MODELHUB_GATEWAY_STORAGE",
-        default_value = "http://127.0.0.1:50052"
+        default_value = "https://127.0.0.1:50052"
     )]
     pub storage: String,
     /// gRPC address of the inference service.
     #[arg(
         long,
         env = "MODELHUB_GATEWAY_INFERENCE",
-        default_value = "http://127.0.0.1:50053"
+        default_value = "https://127.0.0.1:50053"
     )]
     pub inference: String,
     /// Largest model upload accepted, in bytes.
@@ -67,6 +68,14 @@ pub struct Settings {
     /// HTTP worker threads.
     #[arg(long, env = "MODELHUB_GATEWAY_WORKERS", default_value_t = 2)]
     pub workers: usize,
+    /// Folder of the mutual-TLS files made by `modelhub certs` (`ca.pem`, `gateway.pem`,
+    /// `gateway.key`): the gateway calls the internal services (`https://` addresses) with them.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_MTLS_DIR",
+        default_value = "./modelhub-data/tls"
+    )]
+    pub mtls_dir: std::path::PathBuf,
 }
 
 impl Settings {
@@ -80,16 +89,17 @@ impl Settings {
             max_upload_bytes: 1 << 30,
             max_json_bytes: 64 << 20,
             workers: 2,
+            mtls_dir: "./modelhub-data/tls".into(),
         }
     }
 
     /// Checks the settings (`run` does too); binaries call it before they bind a port.
     pub fn validate(&self) -> anyhow::Result<()> {
-        endpoint("registry", &self.registry)?;
-        endpoint("storage", &self.storage)?;
-        endpoint("inference", &self.inference)?;
+        https_endpoint(Identity::Registry, &self.registry)?;
+        https_endpoint(Identity::Storage, &self.storage)?;
+        https_endpoint(Identity::Inference, &self.inference)?;
         if let Some(prover) = &self.prover {
-            endpoint("prover", prover)?;
+            https_endpoint(Identity::Prover, prover)?;
         }
         anyhow::ensure!(self.workers >= 1, "workers must be at least 1");
         anyhow::ensure!(
@@ -200,24 +210,23 @@ struct Shared {
     limits: Limits,
 }
 
-fn endpoint(what: &str, uri: &str) -> anyhow::Result<Endpoint> {
-    Ok(Endpoint::from_shared(uri.to_owned())
-        .map_err(|e| anyhow::anyhow!("{what} address {uri:?} is not a valid URI: {e}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5)))
+/// A mutual-TLS endpoint of an internal service (`https://` only; TCP_NODELAY, 5 s connect).
+fn endpoint(tls: &TlsDir, server: Identity, uri: &str) -> anyhow::Result<Endpoint> {
+    Ok(tls.endpoint(server, uri)?)
 }
 
 impl Shared {
     fn new(settings: &Settings) -> anyhow::Result<Shared> {
         settings.validate()?;
+        let tls = TlsDir::load(&settings.mtls_dir, Identity::Gateway)?;
         Ok(Shared {
-            registry: endpoint("registry", &settings.registry)?,
-            storage: endpoint("storage", &settings.storage)?,
-            inference: endpoint("inference", &settings.inference)?,
+            registry: endpoint(&tls, Identity::Registry, &settings.registry)?,
+            storage: endpoint(&tls, Identity::Storage, &settings.storage)?,
+            inference: endpoint(&tls, Identity::Inference, &settings.inference)?,
             prover: settings
                 .prover
                 .as_deref()
-                .map(|p| endpoint("prover", p))
+                .map(|p| endpoint(&tls, Identity::Prover, p))
                 .transpose()?,
             keys: KeyCache::new(),
             nonces: NonceCache::new(),

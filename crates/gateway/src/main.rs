@@ -14,6 +14,6 @@ async fn main() -> anyhow::Result<()> {
     modelhub_core::telemetry::init("gateway");
     Cli::parse()
         .args
-        .serve(modelhub_core::serve::ctrl_c())
+        .serve(modelhub_core::serve::shutdown_signal())
         .await
 }
