@@ -32,11 +32,8 @@ const WRAP_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
-    #[error("key file {path}: {source}")]
-    KeyFile {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("key file {path}: {error}")]
+    KeyFile { path: String, error: std::io::Error },
     #[error("key file {path} does not hold a base64 32-byte key")]
     KeyFormat { path: String },
     #[error("key file {path} is open to group or others (mode {mode:o}); run `chmod 600 {path}`")]
@@ -100,9 +97,9 @@ impl Kek {
             return Kek::load(path);
         }
         let key = SecretKey::generate();
-        let io = |source| CryptoError::KeyFile {
+        let io = |error| CryptoError::KeyFile {
             path: path.display().to_string(),
-            source,
+            error,
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -122,9 +119,9 @@ impl Kek {
         use std::os::unix::fs::PermissionsExt;
         let shown = path.display().to_string();
         let mode = std::fs::metadata(path)
-            .map_err(|source| CryptoError::KeyFile {
+            .map_err(|error| CryptoError::KeyFile {
                 path: shown.clone(),
-                source,
+                error,
             })?
             .permissions()
             .mode()
@@ -132,9 +129,9 @@ impl Kek {
         if mode & 0o077 != 0 {
             return Err(CryptoError::KeyFileMode { path: shown, mode });
         }
-        let mut text = std::fs::read_to_string(path).map_err(|source| CryptoError::KeyFile {
+        let mut text = std::fs::read_to_string(path).map_err(|error| CryptoError::KeyFile {
             path: shown.clone(),
-            source,
+            error,
         })?;
         let decoded = decode_key(text.trim());
         text.zeroize();

@@ -94,12 +94,12 @@ impl std::fmt::Display for Identity {
 pub enum MtlsError {
     /// A file of the certificates folder is missing or unreadable.
     #[error(
-        "reading {path}: {source} (make the certificates with `modelhub certs --out {dir}`, or point --mtls-dir at them)"
+        "reading {path}: {error} (make the certificates with `modelhub certs --out {dir}`, or point --mtls-dir at them)"
     )]
     Read {
         path: PathBuf,
         dir: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// An internal address is not a valid `https://` URI.
     #[error("{what} address {uri:?}: {reason}")]
@@ -109,10 +109,10 @@ pub enum MtlsError {
         reason: String,
     },
     /// tonic refused the TLS settings (e.g. a file that is not PEM).
-    #[error("TLS settings of {identity}: {source}")]
+    #[error("TLS settings of {identity}: {error}")]
     Tls {
         identity: Identity,
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
 }
 
@@ -137,10 +137,10 @@ impl TlsDir {
     pub fn load(dir: &Path, me: Identity) -> Result<TlsDir, MtlsError> {
         let read = |file: String| {
             let path = dir.join(file);
-            std::fs::read(&path).map_err(|source| MtlsError::Read {
+            std::fs::read(&path).map_err(|error| MtlsError::Read {
                 path,
                 dir: dir.to_path_buf(),
-                source,
+                error,
             })
         };
         let ca = read(CA_CERT.to_owned())?;
@@ -169,9 +169,9 @@ impl TlsDir {
             .timeout(HANDSHAKE_TIMEOUT);
         Ok(Server::builder()
             .tls_config(tls)
-            .map_err(|source| MtlsError::Tls {
+            .map_err(|error| MtlsError::Tls {
                 identity: self.me,
-                source,
+                error,
             })?
             .layer(AuthorizeLayer::new(policy)))
     }
@@ -186,9 +186,9 @@ impl TlsDir {
             .domain_name(server.name());
         https_endpoint(server, uri)?
             .tls_config(tls)
-            .map_err(|source| MtlsError::Tls {
+            .map_err(|error| MtlsError::Tls {
                 identity: self.me,
-                source,
+                error,
             })
     }
 }
