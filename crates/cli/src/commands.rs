@@ -293,12 +293,13 @@ pub enum Models {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(settings) => {
+            let stop = modelhub_core::serve::shutdown_signal();
             let running = up::start(settings).await?;
             println!("Model Hub is up.");
             println!("  gateway:   {}", running.gateway_url);
             println!("  admin key: {}", running.admin_key_path.display());
             println!("Press ctrl-c to stop.");
-            running.wait().await
+            running.wait(stop).await
         }
         Command::Serve(serve) => run_service(serve).await,
         Command::Certs(args) => crate::certs::run(&args),

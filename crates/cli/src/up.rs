@@ -260,11 +260,16 @@ pub async fn bootstrap_admin(
 
 impl Running {
     /// Runs until SIGINT or SIGTERM (or a service fails), then stops gracefully.
-    pub async fn wait(mut self) -> anyhow::Result<()> {
+    /// `shutdown` is [`modelhub_core::serve::shutdown_signal`], made before the marketplace
+    /// announced itself.
+    pub async fn wait(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let failed = {
             let watch = futures::future::select_all(self.tasks.iter_mut().map(|(_, t)| t));
             tokio::select! {
-                () = modelhub_core::serve::shutdown_signal() => None,
+                () = shutdown => None,
                 (res, idx, _) = watch => Some((idx, res)),
             }
         };

@@ -24,30 +24,32 @@ pub async fn bind(service: &str, addr: SocketAddr) -> std::io::Result<tokio::net
 
 /// Resolves on SIGINT (ctrl-c) or SIGTERM, whichever comes first, after logging which: the
 /// graceful-shutdown signal of every binary (`run` then stops accepting and lets in-flight
-/// requests finish).
-pub async fn shutdown_signal() {
+/// requests finish). The handlers are installed when this is called, not when the future is
+/// first polled, so call it before announcing readiness. Must be called inside a Tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => Some(term),
+    let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+        Ok(s) => Some(s),
         Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; only ctrl-c stops");
+            tracing::error!(error = %e, signal = name, "cannot listen for the signal");
             None
         }
     };
-    let sigterm = async {
-        match term.as_mut() {
-            Some(term) => {
-                term.recv().await;
+    let mut int = listen(SignalKind::interrupt(), "SIGINT");
+    let mut term = listen(SignalKind::terminate(), "SIGTERM");
+    async fn wait(s: Option<&mut tokio::signal::unix::Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
             }
             None => std::future::pending::<()>().await,
         }
-    };
-    tokio::select! {
-        res = tokio::signal::ctrl_c() => match res {
-            Ok(()) => tracing::info!(signal = "SIGINT", "stopping"),
-            Err(e) => tracing::error!(error = %e, "waiting for ctrl-c failed; stopping"),
-        },
-        () = sigterm => tracing::info!(signal = "SIGTERM", "stopping"),
+    }
+    async move {
+        tokio::select! {
+            () = wait(int.as_mut()) => tracing::info!(signal = "SIGINT", "stopping"),
+            () = wait(term.as_mut()) => tracing::info!(signal = "SIGTERM", "stopping"),
+        }
     }
 }
 

@@ -216,3 +216,69 @@ fn separate_service_processes_serve_an_upload_and_a_signed_predict() {
     );
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// `modelhub up` stops every service gracefully on SIGTERM and exits 0; its first start made
+/// the internal certificates, keys private.
+#[test]
+fn up_stops_gracefully_on_sigterm() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = modelhub()
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .args(["up", "--http", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn modelhub up");
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("Model Hub is up") {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "modelhub up ended before it was up"
+        );
+    }
+    let key_mode = |f: &str| {
+        std::fs::metadata(dir.path().join("tls").join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(key_mode("registry.key"), 0o600);
+    assert_eq!(key_mode("ca.key"), 0o600);
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = modelhub_testkit::eventually(
+        "modelhub up exits on SIGTERM",
+        std::time::Duration::from_secs(30),
+        || child.try_wait().unwrap(),
+    );
+    let log = log.join().unwrap();
+    assert!(status.success(), "exit status {status:?}\n{log}");
+    for want in [
+        "signal=\"SIGTERM\"",
+        "registry stopped",
+        "storage stopped",
+        "inference stopped",
+        "prover stopped",
+        "gateway stopped",
+    ] {
+        assert!(log.contains(want), "no {want:?} in the log:\n{log}");
+    }
+}
