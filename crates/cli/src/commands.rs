@@ -57,6 +57,8 @@ pub enum Command {
     /// Run one service on its own.
     #[command(subcommand)]
     Serve(Serve),
+    /// Make the certificates the internal services authenticate each other with (mutual TLS).
+    Certs(crate::certs::CertsArgs),
     /// Operator tasks against the internal services.
     #[command(subcommand)]
     Admin(Admin),
@@ -188,12 +190,19 @@ pub enum Admin {
         #[arg(
             long,
             env = "MODELHUB_REGISTRY",
-            default_value = "http://127.0.0.1:50051"
+            default_value = "https://127.0.0.1:50051"
         )]
         registry: String,
         /// Where to write the admin key file.
         #[arg(long, default_value = "./admin-key.json")]
         out: PathBuf,
+        /// Certificates folder (`modelhub certs`): the registry is called as `admin`.
+        #[arg(
+            long,
+            env = "MODELHUB_ADMIN_MTLS_DIR",
+            default_value = "./modelhub-data/tls"
+        )]
+        mtls_dir: PathBuf,
     },
 }
 
@@ -300,16 +309,23 @@ pub enum Models {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(settings) => {
+            let stop = modelhub_core::serve::shutdown_signal();
             let running = up::start(settings).await?;
             println!("Model Hub is up.");
             println!("  gateway:   {}", running.gateway_url);
             println!("  admin key: {}", running.admin_key_path.display());
             println!("Press ctrl-c to stop.");
-            running.wait().await
+            running.wait(stop).await
         }
         Command::Serve(serve) => run_service(serve).await,
-        Command::Admin(Admin::Bootstrap { registry, out }) => {
-            let key = up::bootstrap_admin(&registry, &out).await?;
+        Command::Certs(args) => crate::certs::run(&args),
+        Command::Admin(Admin::Bootstrap {
+            registry,
+            out,
+            mtls_dir,
+        }) => {
+            let tls = modelhub_mtls::TlsDir::load(&mtls_dir, modelhub_mtls::Identity::Admin)?;
+            let key = up::bootstrap_admin(&tls, &registry, &out).await?;
             print_json(
                 &json!({ "account_id": key.account_id, "key_id": key.key_id, "key_file": out }),
             );
@@ -652,9 +668,9 @@ pub async fn upload_file(
     answer?.ok()
 }
 
-/// Runs one service until ctrl-c.
+/// Runs one service until SIGINT or SIGTERM.
 async fn run_service(serve: Serve) -> anyhow::Result<()> {
-    let stop = modelhub_core::serve::ctrl_c();
+    let stop = modelhub_core::serve::shutdown_signal();
     match serve {
         Serve::Registry(args) => args.serve(stop).await,
         Serve::Storage(args) => args.serve(stop).await,

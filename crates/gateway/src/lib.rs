@@ -25,6 +25,7 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
+use modelhub_mtls::{Identity, TlsDir, https_endpoint};
 use modelhub_proto::inference::v1::inference_client::InferenceClient;
 use modelhub_proto::prover::v1::prover_client::ProverClient;
 use modelhub_proto::registry::v1::Model as ModelPb;
@@ -44,21 +45,21 @@ pub struct Settings {
     #[arg(
         long,
         env = "MODELHUB_GATEWAY_REGISTRY",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "https://127.0.0.1:50051"
     )]
     pub registry: String,
     /// gRPC address of storage.
     #[arg(
         long,
         env = "MODELHUB_GATEWAY_STORAGE",
-        default_value = "http://127.0.0.1:50052"
+        default_value = "https://127.0.0.1:50052"
     )]
     pub storage: String,
     /// gRPC address of the inference service.
     #[arg(
         long,
         env = "MODELHUB_GATEWAY_INFERENCE",
-        default_value = "http://127.0.0.1:50053"
+        default_value = "https://127.0.0.1:50053"
     )]
     pub inference: String,
     /// gRPC endpoint of the prover. Without it uploads get no circuit (commitment null) and
@@ -96,6 +97,14 @@ pub struct Settings {
     /// body after its first seconds; a body that stalls for 10 s is cut as well (408).
     #[arg(long, env = "MODELHUB_GATEWAY_MIN_BODY_RATE", default_value_t = 16 * 1024)]
     pub min_body_rate: u64,
+    /// Folder of the mutual-TLS files made by `modelhub certs` (`ca.pem`, `gateway.pem`,
+    /// `gateway.key`): the gateway calls the internal services (`https://` addresses) with them.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_MTLS_DIR",
+        default_value = "./modelhub-data/tls"
+    )]
+    pub mtls_dir: std::path::PathBuf,
 }
 
 impl Settings {
@@ -114,16 +123,17 @@ impl Settings {
             max_requests_per_client: 64,
             body_timeout_secs: 30,
             min_body_rate: 16 * 1024,
+            mtls_dir: "./modelhub-data/tls".into(),
         }
     }
 
     /// Checks the settings (`run` does too); binaries call it before they bind a port.
     pub fn validate(&self) -> anyhow::Result<()> {
-        endpoint("registry", &self.registry)?;
-        endpoint("storage", &self.storage)?;
-        endpoint("inference", &self.inference)?;
+        https_endpoint(Identity::Registry, &self.registry)?;
+        https_endpoint(Identity::Storage, &self.storage)?;
+        https_endpoint(Identity::Inference, &self.inference)?;
         if let Some(prover) = &self.prover {
-            endpoint("prover", prover)?;
+            https_endpoint(Identity::Prover, prover)?;
         }
         anyhow::ensure!(self.workers >= 1, "workers must be at least 1");
         anyhow::ensure!(
@@ -274,11 +284,9 @@ struct Shared {
     allowed_hosts: Vec<String>,
 }
 
-fn endpoint(what: &str, uri: &str) -> anyhow::Result<Endpoint> {
-    Ok(Endpoint::from_shared(uri.to_owned())
-        .map_err(|e| anyhow::anyhow!("{what} address {uri:?} is not a valid URI: {e}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5)))
+/// A mutual-TLS endpoint of an internal service (`https://` only; TCP_NODELAY, 5 s connect).
+fn endpoint(tls: &TlsDir, server: Identity, uri: &str) -> anyhow::Result<Endpoint> {
+    Ok(tls.endpoint(server, uri)?)
 }
 
 impl Shared {
@@ -291,14 +299,15 @@ impl Shared {
     /// What every worker of a gateway that serves `allowed_hosts` shares (empty: any host).
     fn serving(settings: &Settings, allowed_hosts: Vec<String>) -> anyhow::Result<Shared> {
         settings.validate()?;
+        let tls = TlsDir::load(&settings.mtls_dir, Identity::Gateway)?;
         Ok(Shared {
-            registry: endpoint("registry", &settings.registry)?,
-            storage: endpoint("storage", &settings.storage)?,
-            inference: endpoint("inference", &settings.inference)?,
+            registry: endpoint(&tls, Identity::Registry, &settings.registry)?,
+            storage: endpoint(&tls, Identity::Storage, &settings.storage)?,
+            inference: endpoint(&tls, Identity::Inference, &settings.inference)?,
             prover: settings
                 .prover
                 .as_deref()
-                .map(|p| endpoint("prover", p))
+                .map(|p| endpoint(&tls, Identity::Prover, p))
                 .transpose()?,
             keys: KeyCache::new(),
             models: ModelCache::new(),

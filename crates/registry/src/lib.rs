@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use modelhub_core::crypto::Kek;
+use modelhub_mtls::{Identity, TlsDir, policy};
 use modelhub_proto::registry::v1::registry_server::RegistryServer;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 pub use error::{RegistryError, Result};
@@ -58,6 +58,15 @@ pub struct Settings {
         default_value_t = 2000
     )]
     pub mongodb_timeout_ms: u64,
+    /// Folder of the mutual-TLS files made by `modelhub certs`: `ca.pem`, `registry.pem`,
+    /// `registry.key`. The registry speaks only TLS and serves only callers with a certificate from
+    /// that CA, each only the methods its identity may call.
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_MTLS_DIR",
+        default_value = "./modelhub-data/tls"
+    )]
+    pub mtls_dir: PathBuf,
     /// The chain ledger (credits on the marketplace contract), when `--chain-rpc` is set.
     #[command(flatten)]
     pub chain: ChainArgs,
@@ -97,6 +106,7 @@ impl std::fmt::Debug for Settings {
                 &self.mongodb_uri.as_ref().map(|_| "<redacted>"),
             )
             .field("mongodb_timeout_ms", &self.mongodb_timeout_ms)
+            .field("mtls_dir", &self.mtls_dir)
             .field("chain", &self.chain)
             .field("hold_timeout_secs", &self.hold_timeout_secs)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
@@ -106,9 +116,11 @@ impl std::fmt::Debug for Settings {
 }
 
 impl Settings {
-    /// Settings for tests: everything under `data_dir`.
+    /// Settings for tests: everything under `data_dir`; set `mtls_dir` to a test PKI
+    /// (`modelhub_testkit::tls`).
     pub fn for_test(data_dir: impl Into<PathBuf>) -> Settings {
         Settings {
+            mtls_dir: PathBuf::from("./modelhub-data/tls"),
             data_dir: data_dir.into(),
             kek_file: None,
             mongodb_uri: None,
@@ -177,6 +189,10 @@ impl RegistryService {
         })
         .await??;
         let service = RegistryService::new(store.clone(), kek).with_policy(policy);
+        service
+            .start_keeping_nonces()
+            .await
+            .context("recording when the nonce store began")?;
         Ok(match chain.chain_rpc {
             Some(_) => {
                 let ledger = ChainLedger::connect(chain, store)
@@ -196,6 +212,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = TlsDir::load(&settings.mtls_dir, Identity::Registry)?;
     let service = RegistryService::open(&settings).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -209,7 +226,8 @@ pub async fn run(
     let ledger = service.ledger().clone();
     let background = tokio::spawn(async move { ledger.run().await });
     let housekeeping = tokio::spawn(service.clone().housekeeping());
-    let served = Server::builder()
+    let served = tls
+        .server(&policy::REGISTRY)?
         .add_service(health_service)
         .add_service(RegistryServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -426,6 +426,13 @@ impl RegistryService {
         )))
     }
 
+    /// Records, if the store has no record yet, that it keeps every nonce from now on: requests
+    /// dated earlier are refused. `open` calls it, so requests signed once the registry is up
+    /// are accepted however late their nonce is first spent.
+    pub async fn start_keeping_nonces(&self) -> Result<()> {
+        self.nonces_since().await.map(drop)
+    }
+
     /// Since when the store has kept every nonce (set on first use).
     async fn nonces_since(&self) -> Result<i64> {
         self.nonces_since

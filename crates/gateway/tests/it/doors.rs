@@ -12,12 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
-use crate::registry::{Key, Stack};
-
-fn closed_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}", l.local_addr().unwrap())
-}
+use crate::registry::{Key, Stack, closed_port};
 
 /// A gateway of its own on `registry`.
 struct Gateway {
@@ -30,7 +25,10 @@ impl Gateway {
     fn start(registry: &str, edit: impl FnOnce(&mut Settings)) -> Gateway {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut settings = Settings::for_test(registry.to_owned(), closed_port(), closed_port());
+        let mut settings = Settings {
+            mtls_dir: modelhub_testkit::tls::TestPki::shared().dir().to_path_buf(),
+            ..Settings::for_test(registry.to_owned(), closed_port(), closed_port())
+        };
         edit(&mut settings);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run(settings, listener, async {

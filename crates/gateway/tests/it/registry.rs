@@ -11,9 +11,9 @@ use modelhub_proto::registry::v1::registry_client::RegistryClient;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-fn closed_port() -> String {
+pub(crate) fn closed_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}", l.local_addr().unwrap())
+    format!("https://{}", l.local_addr().unwrap())
 }
 
 /// A key as `POST /v1/keys` answers it.
@@ -49,10 +49,14 @@ impl Stack {
     pub async fn start() -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let registry_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let registry = format!("http://{}", registry_l.local_addr().unwrap());
+        let registry = format!("https://{}", registry_l.local_addr().unwrap());
+        let pki = modelhub_testkit::tls::TestPki::shared();
         let (stop_r, stopped_r) = oneshot::channel::<()>();
         let registry_task = tokio::spawn(modelhub_registry::run(
-            modelhub_registry::Settings::for_test(dir.path()),
+            modelhub_registry::Settings {
+                mtls_dir: pki.dir().to_path_buf(),
+                ..modelhub_registry::Settings::for_test(dir.path())
+            },
             registry_l,
             async {
                 let _ = stopped_r.await;
@@ -62,12 +66,23 @@ impl Stack {
         let gateway_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let gateway = gateway_l.local_addr().unwrap();
         let (stop_g, stopped_g) = oneshot::channel::<()>();
-        let settings = Settings::for_test(registry.clone(), closed_port(), closed_port());
+        let settings = Settings {
+            mtls_dir: pki.dir().to_path_buf(),
+            ..Settings::for_test(registry.clone(), closed_port(), closed_port())
+        };
         let gateway_task = tokio::spawn(run(settings, gateway_l, async {
             let _ = stopped_g.await;
         }));
 
-        let mut client = RegistryClient::connect(registry.clone()).await.unwrap();
+        // The operator's bootstrap: the admin identity may create accounts and keys.
+        let channel = pki
+            .identity(modelhub_mtls::Identity::Admin)
+            .endpoint(modelhub_mtls::Identity::Registry, &registry)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = RegistryClient::new(channel);
         let account = client
             .create_account(pb::CreateAccountRequest {
                 name: "admin".into(),

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use modelhub_core::{ApiError, ErrorCode, signing};
+use modelhub_mtls::Identity;
 use modelhub_proto::common::v1 as common;
 use modelhub_proto::registry::v1 as pb;
 use modelhub_proto::registry::v1::registry_client::RegistryClient;
@@ -19,20 +20,27 @@ struct Server {
 }
 
 impl Server {
-    async fn start(settings: Settings) -> Server {
+    /// Starts the registry with the shared test certificates; the client calls as the gateway.
+    async fn start(mut settings: Settings) -> Server {
+        let pki = modelhub_testkit::tls::TestPki::shared();
+        settings.mtls_dir = pki.dir().to_path_buf();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run(settings, listener, async {
             let _ = stopped.await;
         }));
-        let url = format!("http://{addr}");
+        let url = format!("https://{addr}");
+        let endpoint = pki
+            .identity(Identity::Gateway)
+            .endpoint(Identity::Registry, &url)
+            .unwrap();
         let client = modelhub_testkit::eventually_async(
             "registry accepts connections",
             Duration::from_secs(10),
             || {
-                let url = url.clone();
-                async move { RegistryClient::connect(url).await.ok() }
+                let endpoint = endpoint.clone();
+                async move { endpoint.connect().await.ok().map(RegistryClient::new) }
             },
         )
         .await;
@@ -565,7 +573,10 @@ async fn health_reports_serving() {
 
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(Settings::for_test(dir.path())).await;
-    let channel = Channel::from_shared(server.url.clone())
+    // Any authenticated identity may ask, even one that may call no registry method.
+    let channel = modelhub_testkit::tls::TestPki::shared()
+        .identity(Identity::Storage)
+        .endpoint(Identity::Registry, &server.url)
         .unwrap()
         .connect()
         .await
