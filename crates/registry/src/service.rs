@@ -426,9 +426,9 @@ impl RegistryService {
         )))
     }
 
-    /// Records, if the store has no record yet, that it keeps every nonce from now on: requests
-    /// dated earlier are refused. `open` calls it, so requests signed once the registry is up
-    /// are accepted however late their nonce is first spent.
+    /// Records, if the store has no record yet, since when it keeps every nonce: from the
+    /// beginning for a new store, from now for one that already has keys (requests dated
+    /// earlier are refused). `open` calls it before serving.
     pub async fn start_keeping_nonces(&self) -> Result<()> {
         self.nonces_since().await.map(drop)
     }
@@ -440,11 +440,18 @@ impl RegistryService {
                 if let Some(since) = self.store.get_cursor(NONCES_SINCE).await? {
                     return Ok(i64::try_from(since).unwrap_or(i64::MAX));
                 }
-                let now = id::unix_now();
+                // A store with keys but no record was written by a version that kept nonces
+                // in each gateway's memory: requests dated before now may have been accepted
+                // there. A store without keys has accepted no request, so it covers them all.
+                let since = if self.store.has_keys().await? {
+                    id::unix_now()
+                } else {
+                    0
+                };
                 self.store
-                    .set_cursor(NONCES_SINCE, u64::try_from(now).unwrap_or(0))
+                    .set_cursor(NONCES_SINCE, u64::try_from(since).unwrap_or(0))
                     .await?;
-                Ok(now)
+                Ok(since)
             })
             .await
             .copied()
@@ -895,6 +902,66 @@ impl Registry for RegistryService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service_on(dir: &std::path::Path) -> RegistryService {
+        let store = Arc::new(crate::store::RedbStore::open_in(dir).unwrap());
+        RegistryService::new(
+            store,
+            Kek::new(modelhub_core::crypto::SecretKey::generate()),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_nonce_store_covers_every_date_of_a_new_store_and_none_before_an_upgrade() {
+        let nonce = || signing::new_nonce();
+        let old = id::unix_now() - 200;
+        // A new store has accepted no request: any date in the window is fine.
+        let fresh = tempfile::tempdir().unwrap();
+        let service = service_on(fresh.path());
+        service.start_keeping_nonces().await.unwrap();
+        service.use_nonce("mhk_a", &nonce(), old).await.unwrap();
+
+        // A store that has keys but no record of when nonces began (an upgrade from gateways
+        // that kept nonces in memory) refuses requests dated before it began keeping them.
+        let upgraded = tempfile::tempdir().unwrap();
+        let store = crate::store::RedbStore::open_in(upgraded.path()).unwrap();
+        store
+            .create_account(Account {
+                account_id: "acct_a".into(),
+                name: "a".into(),
+                admin: false,
+                credits: 0,
+                earnings: 0,
+                created_at: old,
+                wallet: None,
+            })
+            .await
+            .unwrap();
+        store
+            .create_key(ApiKey {
+                key_id: "mhk_a".into(),
+                account_id: "acct_a".into(),
+                sealed_secret: vec![1],
+                revoked: false,
+                created_at: old,
+            })
+            .await
+            .unwrap();
+        drop(store);
+        let service = service_on(upgraded.path());
+        service.start_keeping_nonces().await.unwrap();
+        let e = service.use_nonce("mhk_a", &nonce(), old).await.unwrap_err();
+        assert_eq!(e.code(), modelhub_core::ErrorCode::BadRequest, "{e}");
+        service
+            .use_nonce("mhk_a", &nonce(), id::unix_now())
+            .await
+            .unwrap();
+        // The record is kept: a restart does not move the line.
+        drop(service);
+        let service = service_on(upgraded.path());
+        let again = service.use_nonce("mhk_a", &nonce(), old).await.unwrap_err();
+        assert_eq!(again.code(), modelhub_core::ErrorCode::BadRequest);
+    }
 
     #[test]
     fn names_and_versions_are_checked() {

@@ -58,6 +58,8 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Marks a key revoked (revoking twice is fine).
     async fn revoke_key(&self, key_id: &str) -> Result<ApiKey>;
+    /// Whether any API key was ever made (revoked ones count).
+    async fn has_keys(&self) -> Result<bool>;
 
     /// Inserts a new model; `NotFound` when the owner is unknown, `Conflict` when the id or the
     /// (name, version) pair is taken.

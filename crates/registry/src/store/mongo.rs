@@ -1486,6 +1486,11 @@ impl MetadataStore for MongoStore {
         .await
     }
 
+    async fn has_keys(&self) -> Result<bool> {
+        self.timed(async { Ok(Self::find_one(&self.inner.keys, doc! {}).await?.is_some()) })
+            .await
+    }
+
     async fn revoke_key(&self, key_id: &str) -> Result<ApiKey> {
         self.timed(async {
             let updated = self

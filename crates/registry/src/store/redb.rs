@@ -350,6 +350,11 @@ impl MetadataStore for RedbStore {
         self.read(KEYS, key_id, "key").await
     }
 
+    async fn has_keys(&self) -> Result<bool> {
+        self.view(|txn| Ok(!txn.open_table(KEYS)?.is_empty()?))
+            .await
+    }
+
     async fn revoke_key(&self, key_id: &str) -> Result<ApiKey> {
         let key_id = key_id.to_owned();
         self.write(move |txn| {
