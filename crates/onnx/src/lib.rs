@@ -4,7 +4,16 @@
 //! bytes) to `ort` values and back.
 //!
 //! Nothing else in the workspace names `ort`, so a change of runtime version stays here.
+//!
+//! Models are untrusted: [`load`] (and so [`inspect`]) first runs [`check_untrusted`] (module
+//! [`untrusted`]: no external data, no operator domain outside the standard ones), and opens
+//! sessions with ONNX Runtime's external-data folder pointed at an empty private directory,
+//! so a model that slipped past the check still finds no file to read. ONNX Runtime's own
+//! error text never reaches a client: it is logged, and the client gets a fixed reason.
 
+pub mod untrusted;
+
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use half::f16;
@@ -13,6 +22,8 @@ use ort::environment::Environment;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, ValueType};
+
+pub use untrusted::{UntrustedModel, check_untrusted};
 
 /// The variable naming the ONNX Runtime shared library.
 pub const DYLIB_ENV: &str = "ORT_DYLIB_PATH";
@@ -26,6 +37,9 @@ pub enum OnnxError {
     /// The bytes are not a model ONNX Runtime can open (or its signature is not supported).
     #[error("not a loadable ONNX model: {reason}")]
     NotLoadable { reason: String },
+    /// The model failed [`check_untrusted`].
+    #[error("{}", untrusted_message(.0))]
+    Untrusted(#[from] UntrustedModel),
     /// The request tensors do not fit the model.
     #[error("{message}")]
     BadInput { message: String },
@@ -41,7 +55,7 @@ impl OnnxError {
     /// The public error code of this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            OnnxError::NotLoadable { .. } => ErrorCode::Unprocessable,
+            OnnxError::NotLoadable { .. } | OnnxError::Untrusted(_) => ErrorCode::Unprocessable,
             OnnxError::BadInput { .. } => ErrorCode::BadRequest,
             OnnxError::Runtime { .. } | OnnxError::Run { .. } | OnnxError::Output { .. } => {
                 ErrorCode::Internal
@@ -61,6 +75,15 @@ impl OnnxError {
 impl From<OnnxError> for ApiError {
     fn from(e: OnnxError) -> Self {
         e.to_api()
+    }
+}
+
+fn untrusted_message(e: &UntrustedModel) -> String {
+    match e {
+        UntrustedModel::NotOnnx | UntrustedModel::NoGraph => {
+            format!("not a loadable ONNX model: {e}")
+        }
+        _ => format!("model refused: {e}"),
     }
 }
 
@@ -126,12 +149,48 @@ pub struct Model {
 }
 
 /// Opens a model held in memory, with `intra_threads` threads inside each operator (0 lets the
-/// runtime choose) and every graph optimisation on.
+/// runtime choose) and every graph optimisation on. The model must pass [`check_untrusted`]
+/// first.
 pub fn load(bytes: &[u8], intra_threads: usize) -> Result<Model, OnnxError> {
+    check_untrusted(bytes)?;
+    open_session(bytes, intra_threads, no_external_data_dir()?)
+}
+
+/// The ONNX Runtime config key naming the folder external data of a model loaded from memory
+/// is read from (by default the process's working directory).
+const EXTERNAL_DATA_FOLDER: &str = "session.model_external_initializers_file_folder_path";
+
+/// An empty directory of this process's own (mode 0700), given to ONNX Runtime as the only
+/// place external data may come from. It lives as long as the process.
+fn no_external_data_dir() -> Result<&'static Path, OnnxError> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("modelhub-no-external-data-")
+            .tempdir()
+            .map(|d| d.keep())
+            .map_err(|e| format!("creating an empty directory for ONNX Runtime: {e}"))
+    })
+    .as_deref()
+    .map_err(|reason| OnnxError::Runtime {
+        reason: reason.clone(),
+    })
+}
+
+/// Opens a session without [`check_untrusted`]: external data, if any, is looked up in
+/// `external_data_dir` only.
+fn open_session(
+    bytes: &[u8],
+    intra_threads: usize,
+    external_data_dir: &Path,
+) -> Result<Model, OnnxError> {
     let env = environment()?;
     let runtime = |e: ort::Error<ort::session::builder::SessionBuilder>| OnnxError::Runtime {
         reason: e.to_string(),
     };
+    let folder = external_data_dir.to_str().ok_or_else(|| OnnxError::Runtime {
+        reason: "the external-data directory is not valid UTF-8".into(),
+    })?;
     let mut builder = Session::builder(env)
         .map_err(|e| OnnxError::Runtime {
             reason: e.to_string(),
@@ -141,12 +200,16 @@ pub fn load(bytes: &[u8], intra_threads: usize) -> Result<Model, OnnxError> {
         .with_intra_threads(intra_threads)
         .map_err(runtime)?
         .with_inter_threads(1)
+        .map_err(runtime)?
+        .with_config_entry(EXTERNAL_DATA_FOLDER, folder)
         .map_err(runtime)?;
-    let session = builder
-        .commit_from_memory(bytes)
-        .map_err(|e| OnnxError::NotLoadable {
-            reason: safe_reason(e.message()),
-        })?;
+    let session = builder.commit_from_memory(bytes).map_err(|e| {
+        // ONNX Runtime's text may name files and sizes of this machine: it stays in the log.
+        tracing::info!(error = e.message(), "onnx runtime could not load a model");
+        OnnxError::NotLoadable {
+            reason: load_failure(e.message()).to_owned(),
+        }
+    })?;
     let inputs = specs(session.inputs(), "input")?;
     let outputs = specs(session.outputs(), "output")?;
     Ok(Model {
@@ -154,6 +217,25 @@ pub fn load(bytes: &[u8], intra_threads: usize) -> Result<Model, OnnxError> {
         inputs,
         outputs,
     })
+}
+
+/// A fixed, safe reason for a load failure, chosen from ONNX Runtime's message.
+fn load_failure(message: &str) -> &'static str {
+    let m = message.to_ascii_lowercase();
+    if m.contains("protobuf parsing failed") || m.contains("no graph was found") {
+        "the bytes are not a valid ONNX model"
+    } else if m.contains("opset") || m.contains("ir_version") || m.contains("ir version") {
+        "the model's IR or opset version is not supported"
+    } else if m.contains("no op registered")
+        || m.contains("could not find an implementation")
+        || m.contains("not a registered function")
+    {
+        "the model uses an operator the runtime has no kernel for"
+    } else if m.contains("inference") || m.contains("type error") || m.contains("shape") {
+        "the model failed type and shape checks"
+    } else {
+        "the model could not be loaded"
+    }
 }
 
 /// Reads the signature of a model without keeping it open: `(inputs, outputs)`.
@@ -346,6 +428,85 @@ fn from_value(name: &str, value: &ort::value::Value) -> Result<Tensor, OnnxError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Y = X + W`, `W` a `[1, 4]` float tensor read from the file `location`.
+    fn external_weights(location: &str) -> Vec<u8> {
+        use untrusted::proto::*;
+        let entry = |k: &str, v: &str| StringStringEntryProto {
+            key: k.into(),
+            value: v.into(),
+        };
+        let w = TensorProto {
+            dims: vec![1, 4],
+            data_type: FLOAT,
+            name: "W".into(),
+            external_data: vec![entry("location", location), entry("length", "16")],
+            data_location: 1,
+            ..Default::default()
+        };
+        model_bytes(GraphProto {
+            node: vec![node("Add", &["X", "W"], &["Y"])],
+            name: "g".into(),
+            initializer: vec![w],
+            input: vec![value_info("X", untrusted::proto::FLOAT, &[1, 4])],
+            output: vec![value_info("Y", untrusted::proto::FLOAT, &[1, 4])],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn external_data_is_refused_before_the_runtime_sees_it() {
+        // The working directory of this test holds a Cargo.toml.
+        let e = load(&external_weights("Cargo.toml"), 1).unwrap_err();
+        assert!(matches!(e, OnnxError::Untrusted(_)), "{e}");
+        assert_eq!(e.code(), ErrorCode::Unprocessable);
+        assert!(e.to_string().starts_with("model refused: "), "{e}");
+    }
+
+    #[test]
+    fn the_runtime_reads_external_data_only_from_the_empty_directory() {
+        // Past the check (as if it had a hole), the runtime still finds nothing to read: not a
+        // file of the working directory, not a path outside, not an absolute path.
+        let empty = no_external_data_dir().unwrap();
+        assert_eq!(std::fs::read_dir(empty).unwrap().count(), 0);
+        assert!(Path::new("Cargo.toml").is_file());
+        for location in ["Cargo.toml", "../../Cargo.toml", "/etc/hostname"] {
+            let e = open_session(&external_weights(location), 1, empty).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::Unprocessable, "{location}: {e}");
+            let text = e.to_string();
+            assert!(!text.contains("file_length") && !text.contains('/'), "{text}");
+        }
+        // Pointed at the working directory (the runtime's default), the same model reads
+        // Cargo.toml: the hole the option closes.
+        let cwd = std::env::current_dir().unwrap();
+        let mut leaky = open_session(&external_weights("Cargo.toml"), 1, &cwd).unwrap();
+        let x = Tensor::from_f32("X", vec![1, 4], &[0.0; 4]).unwrap();
+        let y = leaky.run(&[x]).unwrap();
+        let head = std::fs::read("Cargo.toml").unwrap();
+        assert_eq!(y[0].data, head[..16]);
+        // And it loads from a directory that holds its file.
+        let dir = tempfile::tempdir().unwrap();
+        let w: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::write(dir.path().join("w.bin"), w).unwrap();
+        let mut model = open_session(&external_weights("w.bin"), 1, dir.path()).unwrap();
+        let x = Tensor::from_f32("X", vec![1, 4], &[0.5; 4]).unwrap();
+        let y = model.run(&[x]).unwrap();
+        assert_eq!(y[0].as_f32().unwrap(), vec![1.5, 2.5, 3.5, 4.5]);
+    }
+
+    #[test]
+    fn load_failures_never_carry_the_runtime_text() {
+        let leaky = "Deserialize tensor w failed. External data path: Cargo.toml \
+                     given file_length: 1234 offset: 0";
+        assert_eq!(load_failure(leaky), "the model could not be loaded");
+        assert_eq!(
+            load_failure("Load model from memory failed:Protobuf parsing failed."),
+            "the bytes are not a valid ONNX model"
+        );
+    }
 
     #[test]
     fn paths_never_reach_the_reason() {
