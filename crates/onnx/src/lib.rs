@@ -188,9 +188,11 @@ fn open_session(
     let runtime = |e: ort::Error<ort::session::builder::SessionBuilder>| OnnxError::Runtime {
         reason: e.to_string(),
     };
-    let folder = external_data_dir.to_str().ok_or_else(|| OnnxError::Runtime {
-        reason: "the external-data directory is not valid UTF-8".into(),
-    })?;
+    let folder = external_data_dir
+        .to_str()
+        .ok_or_else(|| OnnxError::Runtime {
+            reason: "the external-data directory is not valid UTF-8".into(),
+        })?;
     let mut builder = Session::builder(env)
         .map_err(|e| OnnxError::Runtime {
             reason: e.to_string(),
@@ -474,7 +476,10 @@ mod tests {
             let e = open_session(&external_weights(location), 1, empty).unwrap_err();
             assert_eq!(e.code(), ErrorCode::Unprocessable, "{location}: {e}");
             let text = e.to_string();
-            assert!(!text.contains("file_length") && !text.contains('/'), "{text}");
+            assert!(
+                !text.contains("file_length") && !text.contains('/'),
+                "{text}"
+            );
         }
         // Pointed at the working directory (the runtime's default), the same model reads
         // Cargo.toml: the hole the option closes.

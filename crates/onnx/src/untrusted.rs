@@ -38,10 +38,14 @@ pub enum UntrustedModel {
     #[error("the model has no graph")]
     NoGraph,
     /// A tensor keeps its data in a file outside the model.
-    #[error("{what} {name:?} refers to external data; Model Hub accepts only models that carry all their data inside")]
+    #[error(
+        "{what} {name:?} refers to external data; Model Hub accepts only models that carry all their data inside"
+    )]
     ExternalData { what: &'static str, name: String },
     /// A node, opset import or function names an operator domain outside the allow-list.
-    #[error("{what} uses operator domain {domain:?}; only the standard domains (\"\", ai.onnx, ai.onnx.ml) are allowed")]
+    #[error(
+        "{what} uses operator domain {domain:?}; only the standard domains (\"\", ai.onnx, ai.onnx.ml) are allowed"
+    )]
     Domain { what: String, domain: String },
 }
 
@@ -71,7 +75,10 @@ pub fn check_untrusted(bytes: &[u8]) -> Result<(), UntrustedModel> {
         }
     }
     for info in &model.training_info {
-        for graph in [&info.initialization, &info.algorithm].into_iter().flatten() {
+        for graph in [&info.initialization, &info.algorithm]
+            .into_iter()
+            .flatten()
+        {
             check_graph(graph)?;
         }
     }
@@ -577,7 +584,11 @@ mod tests {
             dims: vec![1, 4],
             data_type: FLOAT,
             name: name.into(),
-            external_data: vec![entry("location", location), entry("offset", "0"), entry("length", "16")],
+            external_data: vec![
+                entry("location", location),
+                entry("offset", "0"),
+                entry("length", "16"),
+            ],
             data_location: 1,
             ..Default::default()
         }
@@ -626,7 +637,12 @@ mod tests {
 
     #[test]
     fn external_initializers_are_refused_wherever_they_point() {
-        for location in ["Cargo.toml", "modelhub-data/kek", "../../etc/passwd", "/etc/passwd"] {
+        for location in [
+            "Cargo.toml",
+            "modelhub-data/kek",
+            "../../etc/passwd",
+            "/etc/passwd",
+        ] {
             refused_for_external(&model_bytes(add_graph(external("W", location))));
         }
         // Either marker alone is enough.
@@ -648,7 +664,10 @@ mod tests {
         let mut g = add_graph(tensor_f32("W", &[1, 4], &[0.0; 4]));
         g.node[0].attribute.push(AttributeProto {
             name: "values".into(),
-            tensors: vec![tensor_f32("ok", &[1], &[0.0]), external("bad", "/etc/passwd")],
+            tensors: vec![
+                tensor_f32("ok", &[1], &[0.0]),
+                external("bad", "/etc/passwd"),
+            ],
             r#type: 9,
             ..Default::default()
         });
@@ -688,7 +707,9 @@ mod tests {
             ..Default::default()
         };
         let mut branch = node("If", &["cond"], &["Y"]);
-        branch.attribute.push(attr_graph("then_branch", then_branch));
+        branch
+            .attribute
+            .push(attr_graph("then_branch", then_branch));
         branch.attribute.push(attr_graph(
             "else_branch",
             add_graph(tensor_f32("W", &[1, 4], &[0.0; 4])),
@@ -724,7 +745,9 @@ mod tests {
         .unwrap();
         let mut with_function = model.clone();
         let mut constant = node("Constant", &[], &["C"]);
-        constant.attribute.push(attr_tensor("value", external("C", "Cargo.toml")));
+        constant
+            .attribute
+            .push(attr_tensor("value", external("C", "Cargo.toml")));
         with_function.functions.push(FunctionProto {
             name: "f".into(),
             node: vec![constant],
@@ -820,8 +843,8 @@ mod tests {
 
     #[test]
     fn long_names_are_shortened() {
-        let e = check_untrusted(&model_bytes(add_graph(external(&"w".repeat(1000), "x"))))
-            .unwrap_err();
+        let e =
+            check_untrusted(&model_bytes(add_graph(external(&"w".repeat(1000), "x")))).unwrap_err();
         assert!(e.to_string().len() < 300, "{e}");
     }
 }

@@ -15,7 +15,7 @@ pub struct Cluster {
     pub inference: InferenceClient<Channel>,
     pub inference_server: Server,
     pub service: InferenceService,
-    _data: tempfile::TempDir,
+    pub data: tempfile::TempDir,
 }
 
 pub async fn start() -> Cluster {
@@ -35,7 +35,7 @@ pub async fn start() -> Cluster {
         inference: InferenceClient::new(inference_server.channel()),
         inference_server,
         service,
-        _data: data,
+        data,
     }
 }
 
@@ -80,4 +80,25 @@ pub async fn predict(
 
 pub fn assert_code(e: &ApiError, code: ErrorCode) {
     assert_eq!(e.code, code, "{e}");
+}
+
+/// Puts `bytes` into storage's blob store the way storage would, but without storage's checks:
+/// a model that an older release (or a hole) let in.
+pub async fn plant(data_dir: &std::path::Path, model_id: &str, bytes: &[u8]) -> ModelRef {
+    use modelhub_core::crypto::{Kek, SecretKey, encrypt_all, model_aad};
+    use modelhub_storage::BlobStore;
+    use sha2::Digest;
+    let kek = Kek::load(&data_dir.join("kek")).unwrap();
+    let dek = SecretKey::generate();
+    let ciphertext = encrypt_all(&dek, &model_aad(model_id, "1"), bytes).unwrap();
+    let blobs = modelhub_storage::LocalBlobStore::open(data_dir).unwrap();
+    let cid = blobs.put(bytes::Bytes::from(ciphertext)).await.unwrap();
+    ModelRef {
+        model_id: model_id.into(),
+        version: "1".into(),
+        cid,
+        wrapped_dek: kek.wrap_dek(&dek, model_id, "1"),
+        sha256: hex::encode(sha2::Sha256::digest(bytes)),
+        size: bytes.len() as u64,
+    }
 }

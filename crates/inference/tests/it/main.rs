@@ -2,4 +2,5 @@
 //! on 127.0.0.1:0.
 
 mod harness;
+mod hostile;
 mod predict;
