@@ -10,17 +10,26 @@
 //! sessions with ONNX Runtime's external-data folder pointed at an empty private directory,
 //! so a model that slipped past the check still finds no file to read. ONNX Runtime's own
 //! error text never reaches a client: it is logged, and the client gets a fixed reason.
+//!
+//! Runs are bounded ([`RunLimits`]): a deadline (module `deadline`: ONNX Runtime's terminate
+//! flag, set by a watchdog thread), a memory budget shared by every run of the process (module
+//! `arena`: one capped CPU arena that all sessions allocate from, set by [`init_with`]), and a
+//! bound on the bytes of the outputs, checked before they are copied out. Outputs that are not
+//! finite numbers are refused.
 
+mod arena;
+mod deadline;
 pub mod untrusted;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use half::f16;
 use modelhub_core::{ApiError, DataType, ErrorCode, Tensor, TensorSpec};
 use ort::environment::Environment;
-use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, TensorElementType, ValueType};
 
 pub use untrusted::{UntrustedModel, check_untrusted};
@@ -46,6 +55,12 @@ pub enum OnnxError {
     /// Running the model failed.
     #[error("inference failed: {reason}")]
     Run { reason: String },
+    /// The run went past one of its limits; the message names the limit.
+    #[error("{message}")]
+    Limit { message: String },
+    /// An output holds NaN or an infinity.
+    #[error("output {name:?} holds a value that is not a finite number")]
+    NotFinite { name: String },
     /// The model produced an output this service cannot carry.
     #[error("output {name:?}: {reason}")]
     Output { name: String, reason: String },
@@ -55,7 +70,10 @@ impl OnnxError {
     /// The public error code of this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            OnnxError::NotLoadable { .. } | OnnxError::Untrusted(_) => ErrorCode::Unprocessable,
+            OnnxError::NotLoadable { .. }
+            | OnnxError::Untrusted(_)
+            | OnnxError::Limit { .. }
+            | OnnxError::NotFinite { .. } => ErrorCode::Unprocessable,
             OnnxError::BadInput { .. } => ErrorCode::BadRequest,
             OnnxError::Runtime { .. } | OnnxError::Run { .. } | OnnxError::Output { .. } => {
                 ErrorCode::Internal
@@ -90,10 +108,37 @@ fn untrusted_message(e: &UntrustedModel) -> String {
 static ENV: OnceLock<Environment> = OnceLock::new();
 static INIT_LOCK: Mutex<()> = Mutex::new(());
 
-/// Loads ONNX Runtime from `ORT_DYLIB_PATH` and creates the process-wide environment. Safe to
-/// call from any thread any number of times; only the first successful call does the work.
+/// Default memory budget of all model runs of a process: 2 GiB.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 2 << 30;
+
+static MEMORY_BUDGET: OnceLock<u64> = OnceLock::new();
+
+/// Loads ONNX Runtime from `ORT_DYLIB_PATH` and creates the process-wide environment, with the
+/// memory budget of [`init_with`] if it was called first, else [`DEFAULT_MEMORY_BUDGET`]. Safe
+/// to call from any thread any number of times; only the first successful call does the work.
 pub fn init() -> Result<(), OnnxError> {
     environment().map(|_| ())
+}
+
+/// [`init`] with the memory budget of every model run of this process together: the bytes
+/// ONNX Runtime may hold for tensors (weights, intermediate values, outputs) at once. The
+/// first call of the process sets it; a later call with another value is refused.
+pub fn init_with(memory_budget: u64) -> Result<(), OnnxError> {
+    let set = *MEMORY_BUDGET.get_or_init(|| memory_budget);
+    if set != memory_budget {
+        return Err(OnnxError::Runtime {
+            reason: format!(
+                "the ONNX Runtime memory budget is already {set} bytes in this process; \
+                 it can't change to {memory_budget}"
+            ),
+        });
+    }
+    init()
+}
+
+/// The memory budget in force (or that will be, once the runtime is loaded).
+pub fn memory_budget() -> u64 {
+    *MEMORY_BUDGET.get_or_init(|| DEFAULT_MEMORY_BUDGET)
 }
 
 fn environment() -> Result<&'static Environment, OnnxError> {
@@ -115,7 +160,12 @@ fn environment() -> Result<&'static Environment, OnnxError> {
         .map_err(|e| OnnxError::Runtime {
             reason: e.to_string(),
         })?;
-    tracing::info!(path = %path.display(), "onnx runtime loaded");
+    let budget = memory_budget();
+    let max_mem = usize::try_from(budget).unwrap_or(usize::MAX);
+    arena::register_cpu_arena(&env, max_mem).map_err(|reason| OnnxError::Runtime {
+        reason: format!("registering the memory arena: {reason}"),
+    })?;
+    tracing::info!(path = %path.display(), memory_budget = budget, "onnx runtime loaded");
     Ok(ENV.get_or_init(|| env))
 }
 
@@ -199,11 +249,19 @@ fn open_session(
         })?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(runtime)?
+        // Constant folding evaluates nodes at load time, outside the memory budget: a
+        // `ConstantOfShape` of a constant [2^15, 2^15] would take 4 GiB while storage merely
+        // inspects the upload. Without it those nodes run at run time, within the budget.
+        .with_disabled_optimizers("ConstantFolding")
+        .map_err(runtime)?
         .with_intra_threads(intra_threads)
         .map_err(runtime)?
         .with_inter_threads(1)
         .map_err(runtime)?
         .with_config_entry(EXTERNAL_DATA_FOLDER, folder)
+        .map_err(runtime)?
+        // Every tensor comes from the environment's capped arena (see `arena`).
+        .with_env_allocators()
         .map_err(runtime)?;
     let session = builder.commit_from_memory(bytes).map_err(|e| {
         // ONNX Runtime's text may name files and sizes of this machine: it stays in the log.
@@ -319,32 +377,146 @@ impl Model {
         &self.outputs
     }
 
+    /// Runs the model within [`RunLimits::default`]; see [`Model::run_limited`].
+    pub fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, OnnxError> {
+        self.run_limited(inputs, &RunLimits::default())
+    }
+
     /// Runs the model. Inputs are matched by name (any order); outputs come back in declared
     /// order, named. Inputs should have been checked with
     /// [`modelhub_core::tensor::validate_inputs`]; what slips through is still a `BadRequest`.
-    pub fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, OnnxError> {
+    /// A run past `limits.timeout`, past the process's memory budget, or with outputs larger
+    /// than `limits.max_output_bytes` is [`OnnxError::Limit`]; an output that is not finite is
+    /// [`OnnxError::NotFinite`].
+    pub fn run_limited(
+        &mut self,
+        inputs: &[Tensor],
+        limits: &RunLimits,
+    ) -> Result<Vec<Tensor>, OnnxError> {
         modelhub_core::tensor::validate_inputs(&self.inputs, inputs)
             .map_err(|e| OnnxError::BadInput { message: e.message })?;
         let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
         for t in inputs {
             values.push((t.name.clone(), to_value(t)?));
         }
-        let outputs = self.session.run(values).map_err(|e| {
-            // The runtime checks shapes again (a fixed inner dimension, say); its reason is
-            // about the request, not about this machine.
-            OnnxError::BadInput {
-                message: format!(
-                    "the model rejected the inputs: {}",
-                    safe_reason(e.message())
-                ),
+        let runtime = |e: ort::Error| OnnxError::Runtime {
+            reason: e.to_string(),
+        };
+        let mut options = RunOptions::new().map_err(runtime)?;
+        // Give the arena's free regions back after each run: a run that filled the budget
+        // with small pieces (a `Loop` keeping every iteration) must not leave it fragmented
+        // for the runs after it.
+        options
+            .set("memory.enable_memory_arena_shrinkage", "cpu:0")
+            .map_err(runtime)?;
+        let options = Arc::new(options);
+        let watch = deadline::Watch::start(options.clone(), Instant::now() + limits.timeout);
+        let result = self.session.run_with_options(values, &options);
+        let timed_out = watch.fired();
+        drop(watch);
+        let outputs = result.map_err(|e| run_failure(e.message(), timed_out, limits))?;
+        let mut total: u64 = 0;
+        for (name, value) in outputs.iter() {
+            let bytes = output_bytes(name, &value)?;
+            total = total.saturating_add(bytes);
+            if total > limits.max_output_bytes {
+                return Err(OnnxError::Limit {
+                    message: format!(
+                        "the model's outputs are larger than the limit of {} per request",
+                        human_bytes(limits.max_output_bytes)
+                    ),
+                });
             }
-        })?;
+        }
         let mut result = Vec::with_capacity(self.outputs.len());
         for (name, value) in outputs.iter() {
             result.push(from_value(name, &value)?);
         }
         Ok(result)
     }
+}
+
+/// Bounds of one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLimits {
+    /// Time the runtime may spend on the run; it stops at the next operator boundary after it.
+    pub timeout: Duration,
+    /// Bytes all outputs of the run may take together.
+    pub max_output_bytes: u64,
+}
+
+impl Default for RunLimits {
+    /// 30 s, 64 MiB of outputs.
+    fn default() -> Self {
+        RunLimits {
+            timeout: Duration::from_secs(30),
+            max_output_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The error of a failed run: a limit when one was hit, else the inputs' fault.
+fn run_failure(message: &str, timed_out: bool, limits: &RunLimits) -> OnnxError {
+    let m = message.to_ascii_lowercase();
+    if timed_out || m.contains("terminate flag") {
+        return OnnxError::Limit {
+            message: format!(
+                "the run took longer than the limit of {} ms",
+                limits.timeout.as_millis()
+            ),
+        };
+    }
+    if m.contains("failed to allocate memory")
+        || m.contains("available memory of")
+        || m.contains("bad_alloc")
+        || m.contains("size overflow")
+        || m.contains("safeint")
+    {
+        tracing::info!(error = message, "a run went past the memory budget");
+        return OnnxError::Limit {
+            message: format!(
+                "the run needed more memory than the limit of {} for model runs",
+                human_bytes(memory_budget())
+            ),
+        };
+    }
+    // The runtime checks shapes again (a fixed inner dimension, say); its reason is about the
+    // request, not about this machine.
+    OnnxError::BadInput {
+        message: format!("the model rejected the inputs: {}", safe_reason(message)),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
+        format!("{} GiB", n >> 30)
+    } else if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// The bytes an output takes, from its shape, with checked arithmetic.
+fn output_bytes(name: &str, value: &ort::value::Value) -> Result<u64, OnnxError> {
+    let fail = |reason: String| OnnxError::Output {
+        name: name.to_owned(),
+        reason,
+    };
+    let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
+        return Err(fail("is not a tensor".into()));
+    };
+    let datatype = from_element_type(*ty)
+        .ok_or_else(|| fail(format!("element type {ty:?} is not supported")))?;
+    let too_large = || OnnxError::Limit {
+        message: format!("output {name:?} is too large"),
+    };
+    shape
+        .iter()
+        .try_fold(datatype.size() as u64, |acc, &d| {
+            u64::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+        })
+        .ok_or_else(too_large)
 }
 
 fn to_value(t: &Tensor) -> Result<DynValue, OnnxError> {
@@ -424,7 +596,28 @@ fn from_value(name: &str, value: &ort::value::Value) -> Result<Tensor, OnnxError
         DataType::Fp64 => bytes::<f64, 8>(value, |b| b.to_le_bytes()),
     };
     let (shape, data) = extracted.map_err(|e| fail(e.to_string()))?;
+    if !all_finite(datatype, &data) {
+        return Err(OnnxError::NotFinite {
+            name: name.to_owned(),
+        });
+    }
     Tensor::new(name, shape, datatype, data).map_err(|e| fail(e.message))
+}
+
+/// Whether every float of `data` (little-endian elements of `datatype`) is finite.
+fn all_finite(datatype: DataType, data: &[u8]) -> bool {
+    match datatype {
+        DataType::Fp16 => data
+            .chunks_exact(2)
+            .all(|c| f16::from_le_bytes([c[0], c[1]]).is_finite()),
+        DataType::Fp32 => data
+            .chunks_exact(4)
+            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        DataType::Fp64 => data.chunks_exact(8).all(|c| {
+            f64::from_le_bytes(c.try_into().expect("chunks_exact yields 8 bytes")).is_finite()
+        }),
+        _ => true,
+    }
 }
 
 #[cfg(test)]
@@ -500,6 +693,48 @@ mod tests {
         let x = Tensor::from_f32("X", vec![1, 4], &[0.5; 4]).unwrap();
         let y = model.run(&[x]).unwrap();
         assert_eq!(y[0].as_f32().unwrap(), vec![1.5, 2.5, 3.5, 4.5]);
+    }
+
+    #[test]
+    fn outputs_that_are_not_finite_are_refused() {
+        use untrusted::proto::*;
+        // `Y = X * 10`: -3.4e38 overflows to -inf, 0/0 gives NaN through `Div`.
+        let bytes = model_bytes(GraphProto {
+            node: vec![
+                node("Mul", &["X", "ten"], &["Y"]),
+                node("Div", &["X", "X"], &["Z"]),
+            ],
+            name: "g".into(),
+            initializer: vec![tensor_f32("ten", &[1], &[10.0])],
+            input: vec![value_info("X", FLOAT, &[1, 2])],
+            output: vec![
+                value_info("Y", FLOAT, &[1, 2]),
+                value_info("Z", FLOAT, &[1, 2]),
+            ],
+            ..Default::default()
+        });
+        let mut model = load(&bytes, 1).unwrap();
+        let ok = Tensor::from_f32("X", vec![1, 2], &[1.0, 2.0]).unwrap();
+        assert_eq!(
+            model.run(&[ok]).unwrap()[0].as_f32().unwrap(),
+            vec![10.0, 20.0]
+        );
+        let overflow = Tensor::from_f32("X", vec![1, 2], &[-3.4e38, 1.0]).unwrap();
+        let e = model.run(&[overflow]).unwrap_err();
+        assert!(
+            matches!(&e, OnnxError::NotFinite { name } if name == "Y"),
+            "{e:?}"
+        );
+        assert_eq!(e.to_api().code, ErrorCode::Unprocessable);
+        let nan = Tensor::from_f32("X", vec![1, 2], &[0.0, 1.0]).unwrap();
+        let e = model.run(&[nan]).unwrap_err();
+        assert!(
+            matches!(&e, OnnxError::NotFinite { name } if name == "Z"),
+            "{e:?}"
+        );
+        assert!(all_finite(DataType::Int32, &[0xff; 8]));
+        assert!(!all_finite(DataType::Fp16, &f16::INFINITY.to_le_bytes()));
+        assert!(!all_finite(DataType::Fp64, &f64::NAN.to_le_bytes()));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use modelhub_core::{DataType, ErrorCode, Tensor, TensorSpec};
 use modelhub_testkit::{digits_expected, test_model};
 
 fn digits_bytes() -> Vec<u8> {
+    crate::setup();
     std::fs::read(test_model("digits_mlp.onnx")).expect("read digits model")
 }
 
@@ -32,6 +33,7 @@ fn assert_close(got: &[f32], want: &[f32]) {
 
 #[test]
 fn signature_is_read_from_the_graph() {
+    crate::setup();
     let threads: Vec<_> = (0..4)
         .map(|_| std::thread::spawn(modelhub_onnx::init))
         .collect();
