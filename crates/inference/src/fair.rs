@@ -22,6 +22,7 @@ struct State {
     /// Predictions admitted (queued or running), per account.
     admitted: HashMap<String, usize>,
     queued: usize,
+    running: usize,
     closed: bool,
 }
 
@@ -53,6 +54,7 @@ impl Shared {
                     state.ring.push_back(account);
                 }
                 state.queued -= 1;
+                state.running += 1;
                 return Some(job);
             }
             if state.closed {
@@ -133,6 +135,7 @@ impl FairPool {
                 .spawn(move || {
                     while let Some(job) = shared.next_job() {
                         job();
+                        shared.lock().running -= 1;
                     }
                 })?;
         }
@@ -166,6 +169,11 @@ impl FairPool {
     /// Jobs waiting for a thread, all accounts together.
     pub fn queued(&self) -> usize {
         self.shared.lock().queued
+    }
+
+    /// Jobs running on a thread now.
+    pub fn running(&self) -> usize {
+        self.shared.lock().running
     }
 
     /// Runs `f` on a compute thread, in the account's turn, and waits (asynchronously) for it.

@@ -122,6 +122,11 @@ impl InferenceService {
         self.inner.pool.queued()
     }
 
+    /// Jobs running on a compute thread now.
+    pub fn running(&self) -> usize {
+        self.inner.pool.running()
+    }
+
     /// Runs one prediction for `account` (its place among the account's predictions in flight
     /// is held from here to the answer; the run takes the account's turn on the pool).
     pub async fn predict(

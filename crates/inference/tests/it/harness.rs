@@ -19,13 +19,18 @@ pub struct Cluster {
 }
 
 pub async fn start() -> Cluster {
+    start_with(|_| {}).await
+}
+
+/// [`start`] with inference settings changed by `configure`.
+pub async fn start_with(configure: impl FnOnce(&mut modelhub_inference::Settings)) -> Cluster {
     let data = tempfile::tempdir().unwrap();
     let storage_settings = modelhub_storage::Settings::for_test(data.path());
     let storage_server =
         Server::start(|l, stop| modelhub_storage::run(storage_settings, l, stop)).await;
-    let service =
-        InferenceService::new(&modelhub_inference::Settings::for_test(&storage_server.url))
-            .unwrap();
+    let mut settings = modelhub_inference::Settings::for_test(&storage_server.url);
+    configure(&mut settings);
+    let service = InferenceService::new(&settings).unwrap();
     let serving = service.clone();
     let inference_server =
         Server::start(|l, stop| modelhub_inference::serve(serving, l, stop)).await;
@@ -60,11 +65,22 @@ pub async fn predict(
     model: &ModelRef,
     inputs: Vec<Tensor>,
 ) -> Result<Vec<Tensor>, ApiError> {
+    predict_as(client, "acc_test", model, inputs).await
+}
+
+/// [`predict`] on behalf of `account`.
+pub async fn predict_as(
+    client: &mut InferenceClient<Channel>,
+    account: &str,
+    model: &ModelRef,
+    inputs: Vec<Tensor>,
+) -> Result<Vec<Tensor>, ApiError> {
     client
         .predict(pb::PredictRequest {
             model: Some(model.clone()),
             inputs: inputs.into_iter().map(Tensor::into_proto).collect(),
             job_id: "job_test".into(),
+            account_id: account.into(),
             ..Default::default()
         })
         .await

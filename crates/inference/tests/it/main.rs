@@ -3,4 +3,5 @@
 
 mod harness;
 mod hostile;
+mod limits;
 mod predict;
