@@ -481,10 +481,24 @@ fn run_failure(message: &str, timed_out: bool, limits: &RunLimits) -> OnnxError 
         };
     }
     // The runtime checks shapes again (a fixed inner dimension, say); its reason is about the
-    // request, not about this machine.
+    // request, but it comes wrapped in source locations and C++ names of the runtime's own,
+    // which stay in the log.
+    tracing::debug!(error = message, "a run failed");
     OnnxError::BadInput {
-        message: format!("the model rejected the inputs: {}", safe_reason(message)),
+        message: format!("the model rejected the inputs: {}", run_reason(message)),
     }
+}
+
+/// The part of a run failure's text that is about the request: ONNX Runtime's own wrapping
+/// ("… node. Name:'n' Status Message: <file>:<line> <function> <check> was false. <reason>")
+/// is dropped; a reason that still names the runtime's internals becomes a generic one.
+fn run_reason(message: &str) -> String {
+    let m = message.rsplit("Status Message: ").next().unwrap_or(message);
+    let m = m.rsplit(" was false. ").next().unwrap_or(m);
+    if m.contains("onnxruntime") || m.contains("::") {
+        return "the inputs do not fit the model's graph".to_owned();
+    }
+    safe_reason(m)
 }
 
 fn human_bytes(n: u64) -> String {
@@ -735,6 +749,34 @@ mod tests {
         assert!(all_finite(DataType::Int32, &[0xff; 8]));
         assert!(!all_finite(DataType::Fp16, &f16::INFINITY.to_le_bytes()));
         assert!(!all_finite(DataType::Fp64, &f64::NAN.to_le_bytes()));
+    }
+
+    #[test]
+    fn run_failures_keep_the_reason_and_drop_the_runtime_internals() {
+        use untrusted::proto::*;
+        // `Y = Reshape(X, [2, 2])` with X of any length: 3 elements can't be reshaped.
+        let bytes = model_bytes(GraphProto {
+            node: vec![node("Reshape", &["X", "K"], &["Y"])],
+            name: "g".into(),
+            initializer: vec![tensor_i64("K", &[2], &[2, 2])],
+            input: vec![value_info("X", FLOAT, &[-1])],
+            output: vec![value_info("Y", FLOAT, &[2, 2])],
+            ..Default::default()
+        });
+        let mut model = load(&bytes, 1).unwrap();
+        let x = Tensor::from_f32("X", vec![3], &[1.0, 2.0, 3.0]).unwrap();
+        let e = model.run(&[x]).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::BadRequest);
+        let text = e.to_string();
+        assert!(
+            text.starts_with("the model rejected the inputs: "),
+            "{text}"
+        );
+        for leak in ["onnxruntime", "::", "/", ".h:", ".cc:"] {
+            assert!(!text.contains(leak), "{leak:?} in {text}");
+        }
+        let x = Tensor::from_f32("X", vec![4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        assert_eq!(model.run(&[x]).unwrap()[0].shape, vec![2, 2]);
     }
 
     #[test]
