@@ -2,7 +2,8 @@
 //! from per-account queues in round robin, so an account with a long backlog waits behind its
 //! own jobs, never in front of another account's. An account may have at most
 //! `per_account` predictions admitted (queued or running) at once; the next one is refused at
-//! once (`TooManyRequests`, gRPC `RESOURCE_EXHAUSTED`) instead of queueing.
+//! once (`TooManyRequests`, gRPC `RESOURCE_EXHAUSTED`) instead of queueing. A job whose caller
+//! has gone (the client hung up, so tonic dropped the request) is skipped, not run.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -184,6 +185,10 @@ impl FairPool {
     {
         let (done, result) = oneshot::channel();
         let job: Job = Box::new(move || {
+            // The caller gave up (its client went away) while the job waited: skip it.
+            if done.is_closed() {
+                return;
+            }
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
             let _ = done.send(out);
         });
@@ -269,6 +274,44 @@ mod tests {
         // Round robin: b's only job runs after one of a's, not after all ten.
         assert_eq!(&order[..5], &["a0", "b0", "c0", "a1", "c1"], "{order:?}");
         assert_eq!(order.len(), 13);
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_caller_went_away_is_not_run() {
+        let pool = FairPool::new("test-cancel", 1, 10).unwrap();
+        let (release, gate) = mpsc::channel::<()>();
+        let (started_tx, started) = mpsc::channel::<()>();
+        let admission = pool.admit("a").unwrap();
+        let blocker = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.run(&admission, move || {
+                    started_tx.send(()).unwrap();
+                    gate.recv().unwrap()
+                })
+                .await
+            })
+        };
+        until(|| started.try_recv().is_ok()).await;
+        let ran = Arc::new(Mutex::new(false));
+        let abandoned = {
+            let (pool, ran) = (pool.clone(), ran.clone());
+            let admission = pool.admit("b").unwrap();
+            tokio::spawn(async move {
+                pool.run(&admission, move || *ran.lock().unwrap() = true)
+                    .await
+            })
+        };
+        until(|| pool.queued() == 1).await;
+        abandoned.abort();
+        assert!(abandoned.await.unwrap_err().is_cancelled());
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        // A later job of the same account runs, so the skipped one went before it.
+        let after = pool.admit("b").unwrap();
+        pool.run(&after, || ()).await.unwrap();
+        assert!(!*ran.lock().unwrap());
+        assert_eq!(pool.queued(), 0);
     }
 
     #[tokio::test]
