@@ -144,3 +144,19 @@ fn bytes_that_are_not_a_model_are_unprocessable() {
         assert!(!e.to_string().contains('/'), "{e}");
     }
 }
+
+#[test]
+fn every_generated_test_model_passes_the_untrusted_check() {
+    let dir = modelhub_testkit::test_models();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "onnx") {
+            let bytes = std::fs::read(&path).unwrap();
+            modelhub_onnx::check_untrusted(&bytes)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} models");
+}
