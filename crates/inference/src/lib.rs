@@ -95,7 +95,7 @@ pub struct Settings {
     #[arg(
         long = "max-in-flight-per-account",
         env = "MODELHUB_INFERENCE_MAX_IN_FLIGHT_PER_ACCOUNT",
-        default_value_t = 8
+        default_value_t = 32
     )]
     pub max_in_flight_per_account: usize,
 }
@@ -114,7 +114,7 @@ impl Settings {
             run_timeout_ms: 10_000,
             max_output_bytes: 32 << 20,
             memory_budget_bytes: modelhub_onnx::DEFAULT_MEMORY_BUDGET,
-            max_in_flight_per_account: 8,
+            max_in_flight_per_account: 32,
         }
     }
 
