@@ -1,6 +1,6 @@
 //! Run-time bombs: models whose few bytes ask for gigabytes or for hours. Each is refused with
 //! an error that names the limit, while the process's peak memory grows by less than
-//! [`PEAK_GROWTH`] (the test budget plus slack).
+//! [`PEAK_GROWTH`] (twice the test budget).
 
 use std::time::Duration;
 
@@ -10,8 +10,10 @@ use modelhub_onnx::{OnnxError, RunLimits};
 
 use crate::{TEST_MEMORY_BUDGET, setup};
 
-/// Bound on the growth of the process's peak resident memory while the bombs run.
-const PEAK_GROWTH: u64 = TEST_MEMORY_BUDGET + (128 << 20);
+/// Bound on the growth of the process's peak resident memory while the bombs run: twice the
+/// budget (the arena's budget, plus outputs copied out and what the other tests of this binary
+/// hold meanwhile; measured up to 408 MiB), far below the 4 GiB and more the bombs ask for.
+const PEAK_GROWTH: u64 = 2 * TEST_MEMORY_BUDGET;
 
 fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
