@@ -16,6 +16,8 @@ pub mod proofs;
 pub mod service;
 pub mod sessions;
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use modelhub_proto::inference::v1::inference_server::InferenceServer;
 
@@ -29,11 +31,11 @@ fn default_threads() -> usize {
 /// Settings of the inference service.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
-    /// gRPC endpoint of the storage service.
+    /// gRPC endpoint of the storage service (`https://`: mutual TLS).
     #[arg(
         long = "storage",
         env = "MODELHUB_INFERENCE_STORAGE",
-        default_value = "http://127.0.0.1:50052"
+        default_value = "https://127.0.0.1:50052"
     )]
     pub storage: String,
     /// Threads that run models (default: the number of CPUs).
@@ -65,7 +67,8 @@ pub struct Settings {
         default_value_t = 1 << 30
     )]
     pub session_cache_bytes: u64,
-    /// gRPC endpoint of the prover; without it, predictions that ask for a proof are refused.
+    /// gRPC endpoint of the prover (`https://`); without it, predictions that ask for a proof
+    /// are refused.
     #[arg(long = "prover", env = "MODELHUB_INFERENCE_PROVER")]
     pub prover: Option<String>,
     /// Deadline of one model run, in ms; the runtime stops at the next operator after it.
@@ -98,11 +101,21 @@ pub struct Settings {
         default_value_t = 32
     )]
     pub max_in_flight_per_account: usize,
+    /// Folder of the mutual-TLS files made by `modelhub certs`: `ca.pem`, `inference.pem`,
+    /// `inference.key`. The inference speaks only TLS and serves only callers with a certificate from
+    /// that CA, each only the methods its identity may call; it calls storage and the prover with its own.
+    #[arg(
+        long,
+        env = "MODELHUB_INFERENCE_MTLS_DIR",
+        default_value = "./modelhub-data/tls"
+    )]
+    pub mtls_dir: PathBuf,
 }
 
 impl Settings {
     /// Settings for tests (and `modelhub up`): the given storage endpoint, two compute
-    /// threads, one intra-op thread, a 1 GiB session cache, and the default run limits.
+    /// threads, one intra-op thread, a 1 GiB session cache, the default run limits; set
+    /// `mtls_dir` to a test PKI (`modelhub_testkit::tls`).
     pub fn for_test(storage: impl Into<String>) -> Settings {
         Settings {
             storage: storage.into(),
@@ -115,6 +128,7 @@ impl Settings {
             max_output_bytes: 32 << 20,
             memory_budget_bytes: modelhub_onnx::DEFAULT_MEMORY_BUDGET,
             max_in_flight_per_account: 32,
+            mtls_dir: PathBuf::from("./modelhub-data/tls"),
         }
     }
 
@@ -136,8 +150,8 @@ impl Settings {
             "MODELHUB_INFERENCE_SESSION_CACHE_BYTES must be positive"
         );
         anyhow::ensure!(
-            self.storage.starts_with("http://") || self.storage.starts_with("https://"),
-            "MODELHUB_INFERENCE_STORAGE must be an http:// or https:// URL"
+            self.storage.starts_with("https://"),
+            "MODELHUB_INFERENCE_STORAGE must be an https:// URL (internal services speak mutual TLS)"
         );
         Ok(())
     }
@@ -161,13 +175,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    let mut server = service.tls().server(&modelhub_mtls::policy::INFERENCE)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<InferenceServer<InferenceService>>()
         .await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(%addr, "inference listening");
-    tonic::transport::Server::builder()
+    server
         .add_service(health_service)
         .add_service(
             InferenceServer::new(service)

@@ -19,6 +19,7 @@ use crate::error::InferenceError;
 use crate::fair::FairPool;
 use crate::proofs::ProofSink;
 use crate::sessions::Loaded;
+use modelhub_mtls::{Identity, TlsDir};
 
 /// Counters of the session cache.
 #[derive(Debug, Default)]
@@ -49,6 +50,8 @@ struct Inner {
     sessions_per_model: usize,
     stats: CacheStats,
     proofs: Option<ProofSink>,
+    /// This service's certificate: its server and its clients use it.
+    tls: TlsDir,
 }
 
 /// The inference service; cheap to clone (tests keep a clone to read the cache counters).
@@ -71,7 +74,8 @@ impl InferenceService {
     pub fn new(settings: &Settings) -> anyhow::Result<InferenceService> {
         settings.validate()?;
         modelhub_onnx::init_with(settings.memory_budget_bytes)?;
-        let storage = modelhub_storage::client::connect_lazy(&settings.storage)
+        let tls = TlsDir::load(&settings.mtls_dir, Identity::Inference)?;
+        let storage = modelhub_storage::client::connect_lazy(&tls, &settings.storage)
             .map_err(|e| anyhow::anyhow!("MODELHUB_INFERENCE_STORAGE: {e}"))?;
         let cache = moka::future::Cache::builder()
             .max_capacity(settings.session_cache_bytes)
@@ -97,13 +101,19 @@ impl InferenceService {
                 stats: CacheStats::default(),
                 proofs: match &settings.prover {
                     Some(endpoint) => Some(
-                        ProofSink::connect(endpoint)
+                        ProofSink::connect(&tls, endpoint)
                             .map_err(|e| anyhow::anyhow!("MODELHUB_INFERENCE_PROVER: {e}"))?,
                     ),
                     None => None,
                 },
+                tls,
             }),
         })
+    }
+
+    /// The mutual-TLS files this service serves and calls with.
+    pub fn tls(&self) -> &TlsDir {
+        &self.inner.tls
     }
 
     /// The session cache's counters.

@@ -2,6 +2,7 @@
 
 use modelhub_core::{ApiError, ErrorCode, Tensor};
 use modelhub_inference::InferenceService;
+use modelhub_mtls::Identity;
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::inference::v1 as pb;
 use modelhub_proto::inference::v1::inference_client::InferenceClient;
@@ -25,19 +26,28 @@ pub async fn start() -> Cluster {
 /// [`start`] with inference settings changed by `configure`.
 pub async fn start_with(configure: impl FnOnce(&mut modelhub_inference::Settings)) -> Cluster {
     let data = tempfile::tempdir().unwrap();
-    let storage_settings = modelhub_storage::Settings::for_test(data.path());
+    let mtls_dir = modelhub_testkit::tls::TestPki::shared().dir().to_path_buf();
+    let storage_settings = modelhub_storage::Settings {
+        mtls_dir: mtls_dir.clone(),
+        ..modelhub_storage::Settings::for_test(data.path())
+    };
     let storage_server =
         Server::start(|l, stop| modelhub_storage::run(storage_settings, l, stop)).await;
-    let mut settings = modelhub_inference::Settings::for_test(&storage_server.url);
+    let mut settings = modelhub_inference::Settings {
+        mtls_dir,
+        ..modelhub_inference::Settings::for_test(&storage_server.url)
+    };
     configure(&mut settings);
     let service = InferenceService::new(&settings).unwrap();
     let serving = service.clone();
     let inference_server =
         Server::start(|l, stop| modelhub_inference::serve(serving, l, stop)).await;
     Cluster {
-        storage: StorageClient::new(storage_server.channel()),
+        storage: StorageClient::new(storage_server.channel(Identity::Gateway, Identity::Storage)),
         storage_server,
-        inference: InferenceClient::new(inference_server.channel()),
+        inference: InferenceClient::new(
+            inference_server.channel(Identity::Gateway, Identity::Inference),
+        ),
         inference_server,
         service,
         data,
