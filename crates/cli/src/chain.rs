@@ -78,7 +78,9 @@ pub enum Chain {
     },
     /// Allow (or with --disable, forbid) an account to settle usage (admin wallet).
     SetOperator {
+        /// The operator's address.
         operator: String,
+        /// Forbid instead of allow.
         #[arg(long)]
         disable: bool,
         #[command(flatten)]
@@ -99,6 +101,7 @@ pub enum Chain {
     },
     /// Buy credits with the wallet (`buyCredits()`); the registry counts them once confirmed.
     Buy {
+        /// How many credits to buy.
         #[arg(long)]
         credits: u64,
         #[command(flatten)]
@@ -111,9 +114,11 @@ pub enum Chain {
     },
     /// Credits and earnings of an address on chain.
     Balance {
+        /// The address to look up.
         address: String,
         #[command(flatten)]
         rpc: RpcArgs,
+        /// Marketplace contract address.
         #[arg(long, env = "MODELHUB_MARKETPLACE")]
         marketplace: String,
     },

@@ -92,6 +92,10 @@ pub struct Reservation {
     /// Set once committed.
     pub receipt_id: Option<String>,
     pub idempotency_key: Option<String>,
+    /// What the keyed request was (hex SHA-256 of its method, path and body hash), compared
+    /// when the key is used again.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
     pub created_at: i64,
 }
 

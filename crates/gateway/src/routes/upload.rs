@@ -8,7 +8,6 @@
 //! nothing.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use futures::StreamExt;
 use modelhub_core::{ApiError, ErrorCode, InputRange, id};
 use modelhub_proto::registry::v1 as pb;
 use modelhub_proto::storage::v1 as storage;
@@ -238,7 +237,13 @@ async fn put_model(
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     let mut client = state.storage();
     let call = client.put_model(ReceiverStream::new(rx));
-    let feed = feed(payload, tx, header, limit, claimed_sha256);
+    let feed = feed(
+        super::PacedBody::new(payload, &state.limits, false),
+        tx,
+        header,
+        limit,
+        claimed_sha256,
+    );
     tokio::pin!(call, feed);
     let to_error = GatewayError::upstream("storage", "PutModel");
     tokio::select! {
@@ -265,7 +270,7 @@ async fn put_model(
 }
 
 async fn feed(
-    mut payload: web::Payload,
+    mut payload: super::PacedBody,
     tx: mpsc::Sender<storage::PutModelRequest>,
     header: storage::PutHeader,
     limit: u64,
@@ -284,11 +289,7 @@ async fn feed(
     let mut total: u64 = 0;
     let mut buf = Vec::with_capacity(CHUNK_BYTES);
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            FeedError::Client(
-                ApiError::bad_request(format!("reading the request body failed: {e}")).into(),
-            )
-        })?;
+        let chunk = chunk.map_err(FeedError::Client)?;
         total += chunk.len() as u64;
         if total > limit {
             return Err(FeedError::Client(payload_too_large(limit)));
