@@ -80,7 +80,9 @@ pub enum Chain {
     /// Name an account as operator (it accepts after the contract's delay with
     /// `accept-operator`), or with --disable revoke it at once (admin wallet).
     SetOperator {
+        /// The operator's address.
         operator: String,
+        /// Forbid instead of allow.
         #[arg(long)]
         disable: bool,
         #[command(flatten)]
@@ -144,6 +146,7 @@ pub enum Chain {
     },
     /// Buy credits with the wallet (`buyCredits()`); the registry counts them once confirmed.
     Buy {
+        /// How many credits to buy.
         #[arg(long)]
         credits: u64,
         #[command(flatten)]
@@ -156,9 +159,11 @@ pub enum Chain {
     },
     /// Credits and earnings of an address on chain.
     Balance {
+        /// The address to look up.
         address: String,
         #[command(flatten)]
         rpc: RpcArgs,
+        /// Marketplace contract address.
         #[arg(long, env = "MODELHUB_MARKETPLACE")]
         marketplace: String,
     },

@@ -162,10 +162,25 @@ impl Client {
         path_and_query: &str,
         content_sha256: &str,
     ) -> anyhow::Result<Vec<(String, String)>> {
+        self.sign_keyed(method, path_and_query, content_sha256, None)
+    }
+
+    /// [`sign`](Self::sign), with an `idempotency-key` that is signed and sent too.
+    pub fn sign_keyed(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        content_sha256: &str,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<Vec<(String, String)>> {
         let (path, query) = path_and_query
             .split_once('?')
             .unwrap_or((path_and_query, ""));
-        let headers = signing::sign(
+        let extra: Vec<(&str, &str)> = idempotency_key
+            .map(|k| (IDEMPOTENCY_KEY, k))
+            .into_iter()
+            .collect();
+        let headers = signing::sign_with(
             &self.key.key_id,
             &self.key.secret_bytes()?,
             method,
@@ -175,11 +190,14 @@ impl Client {
             content_sha256,
             unix_now(),
             &signing::new_nonce(),
+            &extra,
         );
-        Ok(headers
+        let mut headers: Vec<(String, String)> = headers
             .into_iter()
             .map(|(n, v)| (n.to_string(), v))
-            .collect())
+            .collect();
+        headers.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        Ok(headers)
     }
 
     /// Builds a signed request with a body held in memory.
@@ -189,9 +207,24 @@ impl Client {
         path_and_query: &str,
         body: impl Into<Bytes>,
     ) -> anyhow::Result<SignedRequest> {
+        self.prepare_keyed(method, path_and_query, body, None)
+    }
+
+    /// [`prepare`](Self::prepare) with a signed `idempotency-key`.
+    pub fn prepare_keyed(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: impl Into<Bytes>,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<SignedRequest> {
         let body = body.into();
-        let mut headers =
-            self.sign(method.as_str(), path_and_query, &signing::sha256_hex(&body))?;
+        let mut headers = self.sign_keyed(
+            method.as_str(),
+            path_and_query,
+            &signing::sha256_hex(&body),
+            idempotency_key,
+        )?;
         if !body.is_empty() {
             headers.push(("content-type".into(), "application/json".into()));
         }
@@ -278,17 +311,100 @@ impl Client {
         self.upload_stream(query, &sha, stream).await
     }
 
-    /// `POST /v1/models/{id}/predict` with `{"inputs": inputs}`.
+    /// `POST /v1/models/{id}/predict` with `{"inputs": inputs}`, safely retried: see
+    /// [`predict_body`](Self::predict_body).
     pub async fn predict(
         &self,
         model_id: &str,
         inputs: serde_json::Value,
     ) -> anyhow::Result<Answer> {
-        self.post(
-            &format!("/v1/models/{model_id}/predict"),
-            &serde_json::json!({ "inputs": inputs }),
-        )
-        .await
+        self.predict_body(model_id, &serde_json::json!({ "inputs": inputs }))
+            .await
+    }
+
+    /// `POST /v1/models/{id}/predict` with `body`, under a fresh idempotency key: a lost
+    /// connection, a 503 or a 409 "in progress" is retried (capped exponential backoff with
+    /// jitter, each attempt signed anew with the same key), so a charge whose answer was lost
+    /// is answered by the retry, and charged once.
+    pub async fn predict_body(
+        &self,
+        model_id: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<Answer> {
+        let key = format!("cli-{}", signing::new_nonce());
+        let path = format!("/v1/models/{model_id}/predict");
+        let bytes = Bytes::from(serde_json::to_vec(body)?);
+        self.send_retried(&path, bytes, &key).await
+    }
+
+    /// Sends a keyed POST until it gets an answer that is not worth retrying.
+    pub async fn send_retried(
+        &self,
+        path: &str,
+        body: Bytes,
+        idempotency_key: &str,
+    ) -> anyhow::Result<Answer> {
+        use backon::{ExponentialBuilder, Retryable};
+        let attempt = || async {
+            let req = self.prepare_keyed(
+                reqwest::Method::POST,
+                path,
+                body.clone(),
+                Some(idempotency_key),
+            )?;
+            let answer = self.send(req).await?;
+            if is_transient(&answer) {
+                return Err(Transient(answer).into());
+            }
+            Ok(answer)
+        };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(100))
+            .with_max_delay(std::time::Duration::from_secs(3))
+            .with_max_times(RETRIES)
+            .with_jitter();
+        let result: anyhow::Result<Answer> = attempt
+            .retry(backoff)
+            .when(|e: &anyhow::Error| {
+                e.is::<Transient>()
+                    || e.downcast_ref::<reqwest::Error>()
+                        .is_some_and(|e| e.is_connect() || e.is_request() || e.is_timeout())
+            })
+            .notify(|e, wait| tracing::debug!(error = %e, ?wait, "retrying"))
+            .await;
+        match result {
+            Err(e) => match e.downcast::<Transient>() {
+                Ok(Transient(answer)) => Ok(answer),
+                Err(e) => Err(e),
+            },
+            ok => ok,
+        }
+    }
+}
+
+/// The header that makes a write idempotent (`docs/API.md`); signed whenever it is sent.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// How many times a keyed request is sent again after a transient failure.
+pub const RETRIES: usize = 6;
+
+/// A 503, 429 or 409 "in progress" answer: worth another try with the same key.
+#[derive(Debug)]
+struct Transient(Answer);
+
+impl std::fmt::Display for Transient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {}: {}", self.0.status, self.0.error_message())
+    }
+}
+
+impl std::error::Error for Transient {}
+
+fn is_transient(a: &Answer) -> bool {
+    match a.status {
+        503 | 429 => true,
+        409 => a.retry_after.is_some(),
+        _ => false,
     }
 }
 

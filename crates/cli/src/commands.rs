@@ -57,6 +57,8 @@ pub enum Command {
     /// Run one service on its own.
     #[command(subcommand)]
     Serve(Serve),
+    /// Make the certificates the internal services authenticate each other with (mutual TLS).
+    Certs(crate::certs::CertsArgs),
     /// Operator tasks against the internal services.
     #[command(subcommand)]
     Admin(Admin),
@@ -153,6 +155,7 @@ pub enum Storage {
 pub enum Proofs {
     /// Fetch the proof of a prediction (`proof_job` of a predict answer).
     Get {
+        /// The proof job id (`proof_job` of the predict answer).
         job: String,
         /// Seconds to wait for the proof to finish.
         #[arg(long, default_value_t = 30)]
@@ -163,9 +166,24 @@ pub enum Proofs {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Verify a proof file offline, from its public parts alone (no weights, no server).
+    /// Verify a proof file against the model it must be for (crates/cli/src/proofs.rs).
     Verify {
+        /// The proof file (`modelhub proofs get --out`).
         file: PathBuf,
+        /// The model (NAME@VERSION or id): its digest comes from the gateway's record.
+        #[arg(long)]
+        model: Option<String>,
+        /// The expected model digest (64 hex digits), instead of --model.
+        #[arg(long)]
+        digest: Option<String>,
+        /// A JSON file with your float input: it must be the proof's input.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Debugging only: check the proof against itself (proves nothing about the model).
+        #[arg(long)]
+        self_consistent_only: bool,
+        #[command(flatten)]
+        client: ClientArgs,
         /// Where proving params and verifying keys are cached (made on first use; keys in
         /// `<params-dir>/keys`).
         #[arg(
@@ -182,14 +200,23 @@ pub enum Admin {
     /// Create the first admin account and key through the registry's gRPC API and write the
     /// key file (mode 0600). Does nothing if the file exists.
     Bootstrap {
+        /// gRPC address of the registry.
         #[arg(
             long,
             env = "MODELHUB_REGISTRY",
-            default_value = "http://127.0.0.1:50051"
+            default_value = "https://127.0.0.1:50051"
         )]
         registry: String,
+        /// Where to write the admin key file.
         #[arg(long, default_value = "./admin-key.json")]
         out: PathBuf,
+        /// Certificates folder (`modelhub certs`): the registry is called as `admin`.
+        #[arg(
+            long,
+            env = "MODELHUB_ADMIN_MTLS_DIR",
+            default_value = "./modelhub-data/tls"
+        )]
+        mtls_dir: PathBuf,
     },
 }
 
@@ -197,6 +224,7 @@ pub enum Admin {
 pub enum Accounts {
     /// Create an account (admin); optionally grant it credits and write a first key for it.
     Create {
+        /// The account's display name.
         name: String,
         /// EVM address whose confirmed purchases (`buyCredits()`) credit the account, with the
         /// chain ledger.
@@ -217,6 +245,7 @@ pub enum Accounts {
 pub enum Keys {
     /// Create a key for your own account, or (admin) for --account.
     Create {
+        /// The account to make the key for (admin only; default: your own).
         #[arg(long)]
         account: Option<String>,
         /// Write the key to this file (mode 0600) instead of printing only.
@@ -225,7 +254,9 @@ pub enum Keys {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Revoke a key of your own account (admin: any key); it stops working at once.
     Revoke {
+        /// The key id to revoke.
         key_id: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -234,8 +265,11 @@ pub enum Keys {
 
 #[derive(Debug, Subcommand)]
 pub enum Credits {
+    /// Grant credits to an account (admin, embedded ledger).
     Grant {
+        /// The account id.
         account: String,
+        /// Credits to add.
         amount: u64,
         #[command(flatten)]
         client: ClientArgs,
@@ -246,9 +280,12 @@ pub enum Credits {
 pub enum Models {
     /// Upload an ONNX file (streamed, with a progress bar).
     Upload {
+        /// The ONNX file.
         file: PathBuf,
+        /// The model's name (with the version, unique in the marketplace).
         #[arg(long)]
         name: String,
+        /// The version of this upload.
         #[arg(long)]
         version: String,
         /// Credits per prediction.
@@ -261,10 +298,12 @@ pub enum Models {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// List every model version: owner, price, signature, commitment.
     List {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show one model version's record.
     Get {
         /// The model: its id, or NAME@VERSION.
         model: String,
@@ -284,16 +323,23 @@ pub enum Models {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(settings) => {
+            let stop = modelhub_core::serve::shutdown_signal();
             let running = up::start(settings).await?;
             println!("Model Hub is up.");
             println!("  gateway:   {}", running.gateway_url);
             println!("  admin key: {}", running.admin_key_path.display());
             println!("Press ctrl-c to stop.");
-            running.wait().await
+            running.wait(stop).await
         }
         Command::Serve(serve) => run_service(serve).await,
-        Command::Admin(Admin::Bootstrap { registry, out }) => {
-            let key = up::bootstrap_admin(&registry, &out).await?;
+        Command::Certs(args) => crate::certs::run(&args),
+        Command::Admin(Admin::Bootstrap {
+            registry,
+            out,
+            mtls_dir,
+        }) => {
+            let tls = modelhub_mtls::TlsDir::load(&mtls_dir, modelhub_mtls::Identity::Admin)?;
+            let key = up::bootstrap_admin(&tls, &registry, &out).await?;
             print_json(
                 &json!({ "account_id": key.account_id, "key_id": key.key_id, "key_file": out }),
             );
@@ -426,10 +472,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let body = predict_body(&input)?;
             let client = client.client()?;
             let model_id = resolve_model(&client, &model).await?;
-            let v = client
-                .post(&format!("/v1/models/{model_id}/predict"), &body)
-                .await?
-                .ok()?;
+            // Under an idempotency key, retried on a lost connection or a 503: charged once.
+            let v = client.predict_body(&model_id, &body).await?.ok()?;
             print_json(&v);
             Ok(())
         }
@@ -507,16 +551,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&v);
             Ok(())
         }
-        Command::Proofs(Proofs::Verify { file, params_dir }) => {
-            let bundle = verify_proof_file(&file, &params_dir).await?;
-            print_json(&json!({
-                "valid": true,
-                "job_id": bundle.public.job_id,
-                "commitment": bundle.public.commitment,
-                "output": bundle.public.output,
-                "output_dequantized": modelhub_zk::dequantize_output(&bundle.spec, &bundle.public.output),
-            }));
-            Ok(())
+        Command::Proofs(Proofs::Verify {
+            file,
+            params_dir,
+            model,
+            digest,
+            input,
+            self_consistent_only,
+            client,
+        }) => {
+            crate::proofs::verify(crate::proofs::VerifyArgs {
+                file,
+                params_dir,
+                model,
+                digest,
+                input,
+                self_consistent_only,
+                client,
+            })
+            .await
         }
         Command::Chain(chain) => crate::chain::run(chain).await,
         Command::Account { client } => {
@@ -537,26 +590,6 @@ fn parse_input_range(s: &str) -> Result<modelhub_core::InputRange, String> {
             .map_err(|e| format!("{v:?} is not a number: {e}"))
     };
     modelhub_core::InputRange::new(num(min)?, num(max)?)
-}
-
-/// Verifies a proof file offline; params and the verifying key are made from the public spec
-/// on first use and cached in `params_dir` (so the next verification of the same circuit skips
-/// keygen).
-pub async fn verify_proof_file(
-    file: &Path,
-    params_dir: &Path,
-) -> anyhow::Result<modelhub_zk::ProofBundle> {
-    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let bundle: modelhub_zk::ProofBundle = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a proof file", file.display()))?;
-    let params_dir = params_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let params = modelhub_zk::Params::load_or_create(&params_dir, bundle.spec.k)?;
-        modelhub_zk::verify_cached(&params, &bundle, &params_dir.join("keys"))?;
-        Ok::<_, anyhow::Error>(bundle)
-    })
-    .await?
-    .context("the proof does not verify")
 }
 
 /// A model id as given, or the id of the model named `NAME@VERSION`.
@@ -638,14 +671,58 @@ pub async fn upload_file(
     answer?.ok()
 }
 
-/// Runs one service until ctrl-c.
+/// Runs one service until SIGINT or SIGTERM.
 async fn run_service(serve: Serve) -> anyhow::Result<()> {
-    let stop = modelhub_core::serve::ctrl_c();
+    let stop = modelhub_core::serve::shutdown_signal();
     match serve {
         Serve::Registry(args) => args.serve(stop).await,
         Serve::Storage(args) => args.serve(stop).await,
         Serve::Inference(args) => args.serve(stop).await,
         Serve::Prover(args) => args.serve(stop).await,
         Serve::Gateway(args) => args.serve(stop).await,
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every subcommand (at any depth) has its own about text, distinct from its siblings'
+    /// and from the flattened client arguments' doc; every argument has a help text.
+    #[test]
+    fn every_subcommand_and_argument_has_its_own_help() {
+        fn walk(cmd: &clap::Command, path: &str, problems: &mut Vec<String>) {
+            let mut seen = std::collections::HashMap::new();
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                match sub.get_about().map(|a| a.to_string()) {
+                    None => problems.push(format!("{name}: no about text")),
+                    Some(about) if about.starts_with("Where the client commands") => {
+                        problems.push(format!("{name}: shows the client arguments' text"))
+                    }
+                    Some(about) => {
+                        if let Some(other) = seen.insert(about.clone(), name.clone()) {
+                            problems.push(format!("{name} and {other} share their about text"));
+                        }
+                    }
+                }
+                for arg in sub.get_arguments() {
+                    let id = arg.get_id().as_str();
+                    if id == "help" || id == "version" {
+                        continue;
+                    }
+                    if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                        problems.push(format!("{name}: argument {id} has no help"));
+                    }
+                }
+                walk(sub, &name, problems);
+            }
+        }
+        let cmd = Cli::command();
+        let mut problems = Vec::new();
+        walk(&cmd, "modelhub", &mut problems);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 }

@@ -2,7 +2,9 @@
 //! for one service) and is a client of the public API for people (`keys`, `models`,
 //! `predict`, `account`), signing requests with the code the gateway verifies with.
 
+pub mod certs;
 pub mod chain;
 pub mod client;
 pub mod commands;
+pub mod proofs;
 pub mod up;

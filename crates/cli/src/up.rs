@@ -7,6 +7,8 @@
 //! <data-dir>/storage/blobs/   content-addressed ciphertext, named by IPFS CIDv1
 //! <data-dir>/prover/          proofs, compiled-model records, cached proving params
 //! <data-dir>/admin-key.json   the admin's API key (0600), written on first start
+//! <data-dir>/tls/             CA and per-service certificates (keys 0600), made on first
+//!                             start: every gRPC call between the services is mutual TLS
 //! ```
 //! Tests start the same thing on `127.0.0.1:0`.
 
@@ -55,7 +57,7 @@ impl UpSettings {
     }
 }
 
-/// The loopback gRPC endpoints of the in-process services.
+/// The loopback gRPC endpoints (`https://`, mutual TLS) of the in-process services.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     pub registry: String,
@@ -71,13 +73,18 @@ pub struct Running {
     pub admin_key_path: PathBuf,
     pub admin_key: KeyFile,
     pub endpoints: Endpoints,
+    /// The certificates folder (`<data-dir>/tls`).
+    pub mtls_dir: PathBuf,
     cancel: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
 }
 
+/// Validity of the certificates `up` makes (renewed by deleting `<data-dir>/tls`).
+const TLS_VALIDITY_DAYS: u32 = 3650;
+
 async fn loopback() -> anyhow::Result<(TcpListener, String)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", l.local_addr()?);
+    let url = format!("https://{}", l.local_addr()?);
     Ok((l, url))
 }
 
@@ -87,6 +94,11 @@ pub async fn start(settings: UpSettings) -> anyhow::Result<Running> {
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let kek_file = data.join("kek");
     modelhub_core::crypto::Kek::load_or_generate(&kek_file)?;
+    let mtls_dir = data.join("tls");
+    if modelhub_mtls::generate::ensure(&mtls_dir, TLS_VALIDITY_DAYS)? {
+        tracing::info!(dir = %mtls_dir.display(), "made the internal TLS certificates");
+    }
+    let admin_tls = modelhub_mtls::TlsDir::load(&mtls_dir, modelhub_mtls::Identity::Admin)?;
 
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
@@ -99,24 +111,29 @@ pub async fn start(settings: UpSettings) -> anyhow::Result<Running> {
         kek_file: Some(kek_file.clone()),
         mongodb_uri: settings.mongodb_uri.clone(),
         chain: settings.chain.clone(),
+        mtls_dir: mtls_dir.clone(),
         ..modelhub_registry::Settings::for_test(data.join("registry"))
     };
     let storage_settings = modelhub_storage::Settings {
         data_dir: data.join("storage"),
         kek_file: Some(kek_file.clone()),
         ipfs_api: settings.ipfs_api.clone(),
+        mtls_dir: mtls_dir.clone(),
         ..modelhub_storage::Settings::for_test(&data.join("storage"))
     };
     let inference_settings = modelhub_inference::Settings {
         prover: Some(prover.clone()),
+        mtls_dir: mtls_dir.clone(),
         ..modelhub_inference::Settings::for_test(&storage)
     };
     let prover_settings = modelhub_prover::Settings {
         kek_file: Some(kek_file.clone()),
+        mtls_dir: mtls_dir.clone(),
         ..modelhub_prover::Settings::for_test(&data.join("prover"), &storage)
     };
     let gateway_settings = modelhub_gateway::Settings {
         prover: Some(prover.clone()),
+        mtls_dir: mtls_dir.clone(),
         ..modelhub_gateway::Settings::for_test(registry.clone(), storage.clone(), inference.clone())
     };
 
@@ -164,7 +181,7 @@ pub async fn start(settings: UpSettings) -> anyhow::Result<Running> {
         prover,
     };
     let admin_key_path = data.join("admin-key.json");
-    let admin_key = match bootstrap_admin(&endpoints.registry, &admin_key_path).await {
+    let admin_key = match bootstrap_admin(&admin_tls, &endpoints.registry, &admin_key_path).await {
         Ok(k) => k,
         Err(e) => {
             let running = Running {
@@ -172,6 +189,7 @@ pub async fn start(settings: UpSettings) -> anyhow::Result<Running> {
                 admin_key_path,
                 admin_key: dummy_key(),
                 endpoints,
+                mtls_dir,
                 cancel,
                 tasks,
             };
@@ -184,6 +202,7 @@ pub async fn start(settings: UpSettings) -> anyhow::Result<Running> {
         admin_key_path,
         admin_key,
         endpoints,
+        mtls_dir,
         cancel,
         tasks,
     })
@@ -197,15 +216,23 @@ fn dummy_key() -> KeyFile {
     }
 }
 
-/// Reads the admin key file, or creates an admin account and key through the registry and
-/// writes them there (mode 0600) when the file does not exist yet.
-pub async fn bootstrap_admin(registry: &str, path: &Path) -> anyhow::Result<KeyFile> {
+/// Reads the admin key file, or creates an admin account and key through the registry (called
+/// with `tls`, the `admin` certificate) and writes them there (mode 0600) when the file does
+/// not exist yet.
+pub async fn bootstrap_admin(
+    tls: &modelhub_mtls::TlsDir,
+    registry: &str,
+    path: &Path,
+) -> anyhow::Result<KeyFile> {
     if path.exists() {
         return KeyFile::read(path);
     }
-    let mut client = reg::registry_client::RegistryClient::connect(registry.to_string())
+    let channel = tls
+        .endpoint(modelhub_mtls::Identity::Registry, registry)?
+        .connect()
         .await
         .with_context(|| format!("connecting to the registry at {registry}"))?;
+    let mut client = reg::registry_client::RegistryClient::new(channel);
     let account = client
         .create_account(reg::CreateAccountRequest {
             name: "admin".into(),
@@ -232,12 +259,17 @@ pub async fn bootstrap_admin(registry: &str, path: &Path) -> anyhow::Result<KeyF
 }
 
 impl Running {
-    /// Runs until ctrl-c (or a service fails), then stops.
-    pub async fn wait(mut self) -> anyhow::Result<()> {
+    /// Runs until SIGINT or SIGTERM (or a service fails), then stops gracefully.
+    /// `shutdown` is [`modelhub_core::serve::shutdown_signal`], made before the marketplace
+    /// announced itself.
+    pub async fn wait(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let failed = {
             let watch = futures::future::select_all(self.tasks.iter_mut().map(|(_, t)| t));
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => None,
+                () = shutdown => None,
                 (res, idx, _) = watch => Some((idx, res)),
             }
         };

@@ -32,13 +32,12 @@ const WRAP_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
-    #[error("key file {path}: {source}")]
-    KeyFile {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("key file {path}: {error}")]
+    KeyFile { path: String, error: std::io::Error },
     #[error("key file {path} does not hold a base64 32-byte key")]
     KeyFormat { path: String },
+    #[error("key file {path} is open to group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    KeyFileMode { path: String, mode: u32 },
     #[error("wrapped key is malformed or was wrapped for another model or by another key")]
     Unwrap,
     #[error("ciphertext header is malformed")]
@@ -98,9 +97,9 @@ impl Kek {
             return Kek::load(path);
         }
         let key = SecretKey::generate();
-        let io = |source| CryptoError::KeyFile {
+        let io = |error| CryptoError::KeyFile {
             path: path.display().to_string(),
-            source,
+            error,
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -114,12 +113,25 @@ impl Kek {
         Ok(Kek(key))
     }
 
-    /// Reads a KEK file written by [`Kek::load_or_generate`] or by an operator.
+    /// Reads a KEK file written by [`Kek::load_or_generate`] or by an operator. Refuses a file
+    /// that group or others may read or write: the KEK opens every model and key secret.
     pub fn load(path: &Path) -> Result<Kek, CryptoError> {
+        use std::os::unix::fs::PermissionsExt;
         let shown = path.display().to_string();
-        let mut text = std::fs::read_to_string(path).map_err(|source| CryptoError::KeyFile {
+        let mode = std::fs::metadata(path)
+            .map_err(|error| CryptoError::KeyFile {
+                path: shown.clone(),
+                error,
+            })?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(CryptoError::KeyFileMode { path: shown, mode });
+        }
+        let mut text = std::fs::read_to_string(path).map_err(|error| CryptoError::KeyFile {
             path: shown.clone(),
-            source,
+            error,
         })?;
         let decoded = decode_key(text.trim());
         text.zeroize();
@@ -461,10 +473,33 @@ mod tests {
     fn a_bad_kek_file_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kek");
-        std::fs::write(&path, "not a key").unwrap();
+        create_private(&path)
+            .unwrap()
+            .write_all(b"not a key")
+            .unwrap();
         assert!(matches!(
             Kek::load(&path),
             Err(CryptoError::KeyFormat { .. })
         ));
+    }
+
+    #[test]
+    fn a_kek_file_readable_by_others_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        Kek::load_or_generate(&path).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = Kek::load_or_generate(&path).unwrap_err();
+            assert!(
+                matches!(err, CryptoError::KeyFileMode { mode: m, .. } if m == mode),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(text.contains("chmod 600") && !text.contains('\n'), "{text}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        Kek::load_or_generate(&path).unwrap();
     }
 }

@@ -27,10 +27,12 @@ pub enum ErrorCode {
     TooManyRequests,
     Unavailable,
     Internal,
+    /// The client sent its request body too slowly.
+    RequestTimeout,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::PaymentRequired,
@@ -42,6 +44,7 @@ impl ErrorCode {
         ErrorCode::TooManyRequests,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::RequestTimeout,
     ];
 
     /// The snake_case name used in JSON error bodies.
@@ -58,6 +61,7 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::RequestTimeout => "request_timeout",
         }
     }
 
@@ -78,6 +82,7 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
+            ErrorCode::RequestTimeout => 408,
         }
     }
 
@@ -93,6 +98,7 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => tonic::Code::ResourceExhausted,
             ErrorCode::Unavailable => tonic::Code::Unavailable,
             ErrorCode::Internal => tonic::Code::Internal,
+            ErrorCode::RequestTimeout => tonic::Code::DeadlineExceeded,
         }
     }
 
@@ -153,14 +159,19 @@ impl ApiError {
     }
 
     /// Turns a status received from another service back into the error it stands for.
-    /// Transport failures (no connection) become `unavailable`; internal details are dropped.
+    /// Transport failures (no connection, a connection cut mid-call: a status no service of
+    /// ours made, with code `UNAVAILABLE`, `UNKNOWN`, `CANCELLED` or `DEADLINE_EXCEEDED`)
+    /// become `unavailable`, which clients may retry; internal details are dropped.
     pub fn from_status(status: &tonic::Status) -> Self {
         let code = status
             .metadata()
             .get(ERROR_CODE_METADATA)
             .and_then(|v| v.to_str().ok())
             .and_then(ErrorCode::parse)
-            .unwrap_or_else(|| ErrorCode::from_grpc_code(status.code()));
+            .unwrap_or_else(|| match status.code() {
+                tonic::Code::Unknown => ErrorCode::Unavailable,
+                code => ErrorCode::from_grpc_code(code),
+            });
         match code {
             ErrorCode::Internal => ApiError::internal(),
             ErrorCode::Unavailable if status.metadata().get(ERROR_CODE_METADATA).is_none() => {
@@ -221,6 +232,16 @@ mod tests {
         let got = ApiError::from_status(&status);
         assert_eq!(got.code, ErrorCode::Unavailable);
         assert!(!got.message.contains("127.0.0.1"));
+    }
+
+    #[test]
+    fn a_connection_cut_mid_call_is_unavailable() {
+        // What tonic reports when the peer dies with the call in flight.
+        let status = tonic::Status::unknown("transport error: connection reset");
+        assert_eq!(ApiError::from_status(&status).code, ErrorCode::Unavailable);
+        // An UNKNOWN our own service sent keeps its code.
+        let ours = ApiError::new(ErrorCode::BadRequest, "no").to_status();
+        assert_eq!(ApiError::from_status(&ours).code, ErrorCode::BadRequest);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! What every service binary does around `run`: bind and announce the address, stop on ctrl-c.
+//! What every service binary does around `run`: bind and announce the address, stop on SIGINT
+//! (ctrl-c) or SIGTERM (what Kubernetes and `docker stop` send).
 
 use std::net::SocketAddr;
 
@@ -21,10 +22,34 @@ pub async fn bind(service: &str, addr: SocketAddr) -> std::io::Result<tokio::net
     Ok(listener)
 }
 
-/// Resolves on ctrl-c (SIGINT): the graceful-shutdown signal of the binaries.
-pub async fn ctrl_c() {
-    if let Err(e) = tokio::signal::ctrl_c().await {
-        tracing::error!(error = %e, "waiting for ctrl-c failed");
+/// Resolves on SIGINT (ctrl-c) or SIGTERM, whichever comes first, after logging which: the
+/// graceful-shutdown signal of every binary (`run` then stops accepting and lets in-flight
+/// requests finish). The handlers are installed when this is called, not when the future is
+/// first polled, so call it before announcing readiness. Must be called inside a Tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, signal = name, "cannot listen for the signal");
+            None
+        }
+    };
+    let mut int = listen(SignalKind::interrupt(), "SIGINT");
+    let mut term = listen(SignalKind::terminate(), "SIGTERM");
+    async fn wait(s: Option<&mut tokio::signal::unix::Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+    async move {
+        tokio::select! {
+            () = wait(int.as_mut()) => tracing::info!(signal = "SIGINT", "stopping"),
+            () = wait(term.as_mut()) => tracing::info!(signal = "SIGTERM", "stopping"),
+        }
     }
 }
 

@@ -236,17 +236,54 @@ pub fn sign(
     date: i64,
     nonce: &str,
 ) -> Vec<(&'static str, String)> {
+    sign_with(
+        key_id,
+        secret,
+        method,
+        path,
+        query,
+        host,
+        content_sha256,
+        date,
+        nonce,
+        &[],
+    )
+}
+
+/// [`sign`], with more headers signed too (`extra`: lowercase name and value, e.g. the
+/// `idempotency-key`, which must be signed whenever it is sent). The caller sends `extra`
+/// itself; the returned headers are the `x-mh-*` ones and `authorization`.
+#[allow(clippy::too_many_arguments)]
+pub fn sign_with(
+    key_id: &str,
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    query: &str,
+    host: &str,
+    content_sha256: &str,
+    date: i64,
+    nonce: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(&'static str, String)> {
     let date = date.to_string();
+    let mut headers: Vec<(String, String)> = vec![
+        ("host".into(), host.into()),
+        (HEADER_CONTENT_SHA256.into(), content_sha256.into()),
+        (HEADER_DATE.into(), date.clone()),
+        (HEADER_NONCE.into(), nonce.into()),
+    ];
+    headers.extend(
+        extra
+            .iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.trim().to_owned())),
+    );
+    headers.sort();
     let parts = RequestParts {
         method,
         path,
         query,
-        headers: vec![
-            ("host".into(), host.into()),
-            (HEADER_CONTENT_SHA256.into(), content_sha256.into()),
-            (HEADER_DATE.into(), date.clone()),
-            (HEADER_NONCE.into(), nonce.into()),
-        ],
+        headers,
         content_sha256,
     };
     let auth = Authorization {

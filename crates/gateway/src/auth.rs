@@ -1,13 +1,18 @@
 //! Verification of `MH-HMAC-SHA256` request signatures (`docs/API.md`, "Request signing").
 //!
 //! [`Authenticator`] checks, in order: the `authorization` header, the `x-mh-*` headers, that
-//! every signed header is present, the clock skew, (for a buffered body) the body hash, the key
-//! (known, not revoked), the signature (constant time), and last records the nonce, atomically,
-//! so a nonce is spent only by a request whose signature verified. Every rejection is a 401
-//! `unauthenticated` whose message names the check that failed, never an expected value.
+//! every signed header is present (and `idempotency-key` is signed when sent), that the signed
+//! `host` is one this gateway serves, the clock skew, the key and the signature (constant time;
+//! an unknown key and a wrong signature give the same answer, so key ids can't be probed),
+//! whether the key is revoked (said only to whoever holds its secret), and last spends the
+//! nonce in the shared [`NonceStore`], atomically, so a nonce is spent only by a request whose
+//! signature verified. All of it happens before a body is read: the routes check the body
+//! against the signed hash afterwards. Every rejection is a 401 `unauthenticated` whose message
+//! names the check that failed, never an expected value.
 //!
-//! Keys come from a [`KeySource`]: [`RegistryKeys`] asks the registry and caches answers for a
-//! few seconds.
+//! Keys come from a [`KeySource`]: [`RegistryKeys`] asks the registry and caches answers, known
+//! and unknown keys alike, for a few seconds. Nonces go to the registry's nonce store
+//! ([`RegistryNonces`]), shared by every gateway and kept across restarts.
 
 use std::fmt;
 use std::sync::Arc;
@@ -30,6 +35,10 @@ pub const KEY_CACHE_TTL: Duration = Duration::from_secs(5);
 pub const NONCE_TTL: Duration = Duration::from_secs(2 * MAX_CLOCK_SKEW_SECS as u64 + 60);
 /// Longest accepted key id (ids are short; this only bounds what an attacker can make us cache).
 const MAX_KEY_ID_LEN: usize = 128;
+/// The one answer for an unknown key and a wrong signature.
+pub const BAD_CREDENTIALS: &str = "unknown key or signature does not match";
+/// The HMAC key checked for unknown key ids, so they cost the same as known ones.
+const DECOY_SECRET: [u8; 32] = [0x5a; 32];
 
 /// What the gateway knows about an API key.
 #[derive(Clone)]
@@ -66,19 +75,20 @@ impl From<pb::KeyInfo> for KeyInfo {
     }
 }
 
-/// Where keys are resolved. An unknown key is a 401 `unauthenticated` "unknown key"; a backing
-/// service failure keeps its own code (503 when the registry can't be reached).
+/// Where keys are resolved: `Ok(None)` for an unknown key; a backing service failure keeps its
+/// own code (503 when the registry can't be reached).
 #[async_trait]
 pub trait KeySource: Send + Sync {
-    async fn lookup(&self, key_id: &str) -> Result<KeyInfo, ApiError>;
+    async fn lookup(&self, key_id: &str) -> Result<Option<KeyInfo>, ApiError>;
 
     /// Forgets anything cached about `key_id` (called after a revoke).
     async fn invalidate(&self, _key_id: &str) {}
 }
 
-/// The key cache shared by every worker of one gateway.
+/// The key cache shared by every worker of one gateway; unknown keys are cached too (`None`),
+/// so a flood of made-up key ids costs one registry call per id and TTL.
 #[derive(Clone)]
-pub struct KeyCache(moka::future::Cache<String, KeyInfo>);
+pub struct KeyCache(moka::future::Cache<String, Option<KeyInfo>>);
 
 impl KeyCache {
     pub fn new() -> KeyCache {
@@ -113,17 +123,15 @@ impl RegistryKeys {
 
 #[async_trait]
 impl KeySource for RegistryKeys {
-    async fn lookup(&self, key_id: &str) -> Result<KeyInfo, ApiError> {
+    async fn lookup(&self, key_id: &str) -> Result<Option<KeyInfo>, ApiError> {
         let fetch = async {
             let mut client = self.client.clone();
             let request = pb::LookupKeyRequest {
                 key_id: key_id.to_owned(),
             };
             match client.lookup_key(request).await {
-                Ok(answer) => Ok(KeyInfo::from(answer.into_inner())),
-                Err(status) if status.code() == tonic::Code::NotFound => {
-                    Err(unauthenticated("unknown key"))
-                }
+                Ok(answer) => Ok(Some(KeyInfo::from(answer.into_inner()))),
+                Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
                 Err(status) => {
                     tracing::warn!(grpc_code = ?status.code(), grpc_message = status.message(), "registry LookupKey failed");
                     Err(ApiError::from_status(&status))
@@ -142,7 +150,49 @@ impl KeySource for RegistryKeys {
     }
 }
 
-/// Nonces seen per key, shared by every worker of one gateway.
+/// Where request nonces are spent. `spend` fails with a 401 when the nonce was used before
+/// (or the request is dated before the window the store covers), and keeps the store's code
+/// otherwise (429 when the key spent too many, 503 when the store is unreachable).
+#[async_trait]
+pub trait NonceStore: Send + Sync {
+    async fn spend(&self, key_id: &str, nonce: &str, date: i64) -> Result<(), ApiError>;
+}
+
+/// Nonces in the registry's store (`UseNonce`): shared by every gateway, kept across restarts.
+pub struct RegistryNonces {
+    client: RegistryClient<Channel>,
+}
+
+impl RegistryNonces {
+    pub fn new(client: RegistryClient<Channel>) -> RegistryNonces {
+        RegistryNonces { client }
+    }
+}
+
+#[async_trait]
+impl NonceStore for RegistryNonces {
+    async fn spend(&self, key_id: &str, nonce: &str, date: i64) -> Result<(), ApiError> {
+        let request = pb::UseNonceRequest {
+            key_id: key_id.to_owned(),
+            nonce: nonce.to_owned(),
+            date,
+        };
+        match self.client.clone().use_nonce(request).await {
+            Ok(_) => Ok(()),
+            Err(status) => {
+                let e = ApiError::from_status(&status);
+                Err(match e.code {
+                    ErrorCode::Conflict => unauthenticated("nonce was already used"),
+                    ErrorCode::BadRequest => unauthenticated(e.message),
+                    _ => e,
+                })
+            }
+        }
+    }
+}
+
+/// Nonces seen per key in this process only: for unit tests of the code around the
+/// [`NonceStore`]. A gateway uses [`RegistryNonces`].
 #[derive(Clone)]
 pub struct NonceCache(moka::future::Cache<(String, String), ()>);
 
@@ -171,6 +221,17 @@ impl NonceCache {
 impl Default for NonceCache {
     fn default() -> Self {
         NonceCache::new()
+    }
+}
+
+#[async_trait]
+impl NonceStore for NonceCache {
+    async fn spend(&self, key_id: &str, nonce: &str, _date: i64) -> Result<(), ApiError> {
+        if self.record(key_id, nonce).await {
+            Ok(())
+        } else {
+            Err(unauthenticated("nonce was already used"))
+        }
     }
 }
 
@@ -212,20 +273,37 @@ fn unauthenticated(message: impl Into<String>) -> ApiError {
 #[derive(Clone)]
 pub struct Authenticator {
     keys: Arc<dyn KeySource>,
-    nonces: NonceCache,
+    nonces: Arc<dyn NonceStore>,
+    /// The `host` values (lowercase) a request may be signed for; `None` accepts any.
+    allowed_hosts: Option<Arc<std::collections::HashSet<String>>>,
 }
 
 /// Everything read from the request before the key is known.
 struct Claims {
     auth: Authorization,
+    date: i64,
     nonce: String,
     content_sha256: String,
     string_to_sign: String,
 }
 
 impl Authenticator {
-    pub fn new(keys: Arc<dyn KeySource>, nonces: NonceCache) -> Authenticator {
-        Authenticator { keys, nonces }
+    pub fn new(keys: Arc<dyn KeySource>, nonces: Arc<dyn NonceStore>) -> Authenticator {
+        Authenticator {
+            keys,
+            nonces,
+            allowed_hosts: None,
+        }
+    }
+
+    /// Accepts only requests signed for one of `hosts` (`name:port` as clients send it in the
+    /// `host` header; compared case-insensitively).
+    pub fn with_allowed_hosts(self, hosts: impl IntoIterator<Item = String>) -> Authenticator {
+        let hosts = hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect();
+        Authenticator {
+            allowed_hosts: Some(Arc::new(hosts)),
+            ..self
+        }
     }
 
     pub fn keys(&self) -> &dyn KeySource {
@@ -234,7 +312,7 @@ impl Authenticator {
 
     /// Verifies a request whose whole body is at hand.
     pub async fn verify(&self, req: &HttpRequest, body: &[u8]) -> Result<Caller, ApiError> {
-        let claims = claims(req)?;
+        let claims = self.claims(req)?;
         if signing::sha256_hex(body) != claims.content_sha256 {
             return Err(unauthenticated("body does not match x-mh-content-sha256"));
         }
@@ -244,7 +322,7 @@ impl Authenticator {
     /// Verifies everything but the body, for a body that is streamed: the caller hashes it as
     /// it goes and must reject the request (401) when it differs from `content_sha256`.
     pub async fn verify_headers(&self, req: &HttpRequest) -> Result<HeadersVerified, ApiError> {
-        let claims = claims(req)?;
+        let claims = self.claims(req)?;
         let content_sha256 = claims.content_sha256.clone();
         let caller = self.verify_claims(claims).await?;
         Ok(HeadersVerified {
@@ -255,15 +333,20 @@ impl Authenticator {
 
     async fn verify_claims(&self, claims: Claims) -> Result<Caller, ApiError> {
         let key = self.keys.lookup(&claims.auth.key_id).await?;
+        let secret = key.as_ref().map_or(&DECOY_SECRET[..], |k| &k.secret[..]);
+        let valid =
+            signing::verify_signature(secret, &claims.string_to_sign, &claims.auth.signature);
+        let key = match key {
+            Some(key) if valid => key,
+            _ => return Err(unauthenticated(BAD_CREDENTIALS)),
+        };
+        // Only whoever holds the secret learns that the key was revoked.
         if key.revoked {
             return Err(unauthenticated("key is revoked"));
         }
-        if !signing::verify_signature(&key.secret, &claims.string_to_sign, &claims.auth.signature) {
-            return Err(unauthenticated("signature does not match"));
-        }
-        if !self.nonces.record(&key.key_id, &claims.nonce).await {
-            return Err(unauthenticated("nonce was already used"));
-        }
+        self.nonces
+            .spend(&key.key_id, &claims.nonce, claims.date)
+            .await?;
         Ok(Caller {
             key_id: key.key_id,
             account_id: key.account_id,
@@ -290,6 +373,36 @@ fn header<'r>(req: &'r HttpRequest, name: &str) -> Result<Option<&'r str>, ApiEr
 fn required<'r>(req: &'r HttpRequest, name: &str) -> Result<&'r str, ApiError> {
     header(req, name)?.ok_or_else(|| unauthenticated(format!("missing {name} header")))
 }
+
+impl Authenticator {
+    /// Reads and checks everything that needs no key.
+    fn claims(&self, req: &HttpRequest) -> Result<Claims, ApiError> {
+        let claims = claims(req)?;
+        if req.headers().contains_key(IDEMPOTENCY_KEY)
+            && !claims
+                .auth
+                .signed_headers
+                .iter()
+                .any(|h| h == IDEMPOTENCY_KEY)
+        {
+            return Err(unauthenticated(
+                "idempotency-key must be one of the SignedHeaders when it is sent",
+            ));
+        }
+        if let Some(allowed) = &self.allowed_hosts {
+            let host = required(req, "host")?.to_ascii_lowercase();
+            if !allowed.contains(&host) {
+                return Err(unauthenticated(
+                    "the signed host is not one this gateway serves",
+                ));
+            }
+        }
+        Ok(claims)
+    }
+}
+
+/// The `idempotency-key` request header (`docs/API.md`): signed whenever it is sent.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 fn claims(req: &HttpRequest) -> Result<Claims, ApiError> {
     let auth = Authorization::parse(required(req, "authorization")?).map_err(unauthenticated)?;
@@ -338,6 +451,7 @@ fn claims(req: &HttpRequest) -> Result<Claims, ApiError> {
     };
     let string_to_sign = parts.string_to_sign(date, nonce);
     Ok(Claims {
+        date: date_secs,
         nonce: nonce.to_owned(),
         content_sha256: content_sha256.to_owned(),
         string_to_sign,
@@ -352,11 +466,8 @@ pub(crate) struct FixedKeys(pub std::collections::HashMap<String, KeyInfo>);
 #[cfg(test)]
 #[async_trait]
 impl KeySource for FixedKeys {
-    async fn lookup(&self, key_id: &str) -> Result<KeyInfo, ApiError> {
-        self.0
-            .get(key_id)
-            .cloned()
-            .ok_or_else(|| unauthenticated("unknown key"))
+    async fn lookup(&self, key_id: &str) -> Result<Option<KeyInfo>, ApiError> {
+        Ok(self.0.get(key_id).cloned())
     }
 }
 
@@ -503,7 +614,7 @@ pub(crate) mod tests {
     }
 
     fn authenticator() -> Authenticator {
-        Authenticator::new(fixed_keys(), NonceCache::new())
+        Authenticator::new(fixed_keys(), Arc::new(NonceCache::new()))
     }
 
     /// Asserts a 401 `unauthenticated` whose message contains `want`.
@@ -623,9 +734,47 @@ pub(crate) mod tests {
     async fn unknown_and_revoked_keys_are_rejected() {
         let auth = authenticator();
         let s = Signer::new("mhk_nobody", "GET", "/v1/account", b"");
-        rejected(&auth, s.request(), "unknown key").await;
+        let (_, unknown) = send(&auth, s.request()).await;
+        rejected(&auth, s.request(), BAD_CREDENTIALS).await;
         let s = Signer::new(REVOKED_KEY, "GET", "/v1/account", b"");
         rejected(&auth, s.request(), "key is revoked").await;
+        // An unknown key and a wrong signature answer alike: key ids can't be probed.
+        let mut forged = Signer::new(USER_KEY, "GET", "/v1/account", b"");
+        forged.path = "/v1/other".into();
+        let (_, wrong) = send(&auth, forged.request().uri("/v1/account")).await;
+        assert_eq!(unknown, wrong);
+        // A revoked key is named only to whoever signs with its secret.
+        let mut forged = Signer::new(REVOKED_KEY, "GET", "/v1/account", b"");
+        forged.path = "/v1/other".into();
+        let (_, revoked_forged) = send(&auth, forged.request().uri("/v1/account")).await;
+        assert_eq!(revoked_forged, wrong);
+    }
+
+    #[actix_web::test]
+    async fn an_idempotency_key_must_be_signed() {
+        let auth = authenticator();
+        let s = Signer::new(USER_KEY, "POST", "/v1/models/m/predict", b"{}");
+        rejected(
+            &auth,
+            s.request_with(|h| h.push((IDEMPOTENCY_KEY.into(), "retry-1".into()))),
+            "idempotency-key must be one of the SignedHeaders",
+        )
+        .await;
+    }
+
+    #[actix_web::test]
+    async fn only_allowed_hosts_are_served() {
+        let auth = authenticator().with_allowed_hosts([HOST.to_uppercase()]);
+        let s = Signer::new(USER_KEY, "GET", "/v1/account", b"");
+        assert_eq!(send(&auth, s.request()).await.0, StatusCode::OK);
+        let auth = authenticator().with_allowed_hosts(["gw.example:443".to_owned()]);
+        let s = Signer::new(USER_KEY, "GET", "/v1/account", b"");
+        rejected(
+            &auth,
+            s.request(),
+            "the signed host is not one this gateway serves",
+        )
+        .await;
     }
 
     #[actix_web::test]

@@ -65,10 +65,16 @@ impl GatewayError {
 }
 
 /// The JSON response of an [`ApiError`].
+/// The JSON response of an [`ApiError`]; `429` and `503` answers carry `retry-after: 1` (the
+/// condition is transient: a retry with the same idempotency key is safe).
 pub fn error_response(e: &ApiError) -> HttpResponse {
     let status =
         StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    HttpResponse::build(status).json(e.to_json())
+    let mut res = HttpResponse::build(status);
+    if matches!(e.code, ErrorCode::TooManyRequests | ErrorCode::Unavailable) {
+        res.insert_header((header::RETRY_AFTER, "1"));
+    }
+    res.json(e.to_json())
 }
 
 impl ResponseError for GatewayError {

@@ -3,11 +3,17 @@
 //! gRPC, streams uploads into storage, and charges predictions (reserve → predict → commit, or
 //! release on any failure).
 //!
-//! Each actix worker thread has its own gRPC channels (lazily connected); the key cache and the
-//! nonce cache are shared by all workers.
+//! Each actix worker thread has its own gRPC channels (lazily connected); the key cache is
+//! shared by all workers, nonces are spent in the registry (shared by every gateway).
+//!
+//! Slow or greedy clients are bounded before they cost anything: every request is
+//! authenticated from its headers before its body is read, bodies must arrive within a
+//! deadline and above a minimum rate (`routes::body`), connections are capped in total and
+//! requests in flight per client address ([`limits`]).
 
 pub mod auth;
 pub mod error;
+pub mod limits;
 mod records;
 mod routes;
 
@@ -19,6 +25,7 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
+use modelhub_mtls::{Identity, TlsDir, https_endpoint};
 use modelhub_proto::inference::v1::inference_client::InferenceClient;
 use modelhub_proto::prover::v1::prover_client::ProverClient;
 use modelhub_proto::registry::v1::Model as ModelPb;
@@ -26,7 +33,8 @@ use modelhub_proto::registry::v1::registry_client::RegistryClient;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::auth::{Authenticator, KeyCache, KeySource, NonceCache, RegistryKeys};
+use crate::auth::{Authenticator, KeyCache, RegistryKeys, RegistryNonces};
+use crate::limits::PerClient;
 
 pub use crate::error::GatewayError;
 
@@ -37,28 +45,28 @@ pub struct Settings {
     #[arg(
         long,
         env = "MODELHUB_GATEWAY_REGISTRY",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "https://127.0.0.1:50051"
     )]
     pub registry: String,
     /// gRPC address of storage.
     #[arg(
         long,
         env = "MODELHUB_GATEWAY_STORAGE",
-        default_value = "http://127.0.0.1:50052"
+        default_value = "https://127.0.0.1:50052"
     )]
     pub storage: String,
     /// gRPC address of the inference service.
     #[arg(
         long,
         env = "MODELHUB_GATEWAY_INFERENCE",
-        default_value = "http://127.0.0.1:50053"
+        default_value = "https://127.0.0.1:50053"
     )]
     pub inference: String,
-    /// Largest model upload accepted, in bytes.
     /// gRPC endpoint of the prover. Without it uploads get no circuit (commitment null) and
     /// predictions can't ask for proofs.
     #[arg(long, env = "MODELHUB_GATEWAY_PROVER")]
     pub prover: Option<String>,
+    /// Largest model upload accepted, in bytes.
     #[arg(long, env = "MODELHUB_GATEWAY_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
     pub max_upload_bytes: u64,
     /// Largest JSON request body accepted, in bytes.
@@ -67,6 +75,36 @@ pub struct Settings {
     /// HTTP worker threads.
     #[arg(long, env = "MODELHUB_GATEWAY_WORKERS", default_value_t = 2)]
     pub workers: usize,
+    /// Hosts requests may be signed for (`name:port` as clients send the `host` header),
+    /// comma-separated. Default: on a loopback address, that address and `localhost:<port>`;
+    /// required on any other address.
+    #[arg(long, env = "MODELHUB_GATEWAY_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Most connections open at once (all workers together); more wait in the backlog.
+    #[arg(long, env = "MODELHUB_GATEWAY_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Most requests in flight from one client address; more are answered 429 at once.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_MAX_REQUESTS_PER_CLIENT",
+        default_value_t = 64
+    )]
+    pub max_requests_per_client: usize,
+    /// Seconds a JSON request body may take to arrive in full (408 beyond).
+    #[arg(long, env = "MODELHUB_GATEWAY_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_timeout_secs: u64,
+    /// Slowest accepted request body (uploads too), in bytes per second averaged over the
+    /// body after its first seconds; a body that stalls for 10 s is cut as well (408).
+    #[arg(long, env = "MODELHUB_GATEWAY_MIN_BODY_RATE", default_value_t = 16 * 1024)]
+    pub min_body_rate: u64,
+    /// Folder of the mutual-TLS files made by `modelhub certs` (`ca.pem`, `gateway.pem`,
+    /// `gateway.key`): the gateway calls the internal services (`https://` addresses) with them.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_MTLS_DIR",
+        default_value = "./modelhub-data/tls"
+    )]
+    pub mtls_dir: std::path::PathBuf,
 }
 
 impl Settings {
@@ -80,16 +118,22 @@ impl Settings {
             max_upload_bytes: 1 << 30,
             max_json_bytes: 64 << 20,
             workers: 2,
+            allowed_hosts: Vec::new(),
+            max_connections: 4096,
+            max_requests_per_client: 64,
+            body_timeout_secs: 30,
+            min_body_rate: 16 * 1024,
+            mtls_dir: "./modelhub-data/tls".into(),
         }
     }
 
     /// Checks the settings (`run` does too); binaries call it before they bind a port.
     pub fn validate(&self) -> anyhow::Result<()> {
-        endpoint("registry", &self.registry)?;
-        endpoint("storage", &self.storage)?;
-        endpoint("inference", &self.inference)?;
+        https_endpoint(Identity::Registry, &self.registry)?;
+        https_endpoint(Identity::Storage, &self.storage)?;
+        https_endpoint(Identity::Inference, &self.inference)?;
         if let Some(prover) = &self.prover {
-            endpoint("prover", prover)?;
+            https_endpoint(Identity::Prover, prover)?;
         }
         anyhow::ensure!(self.workers >= 1, "workers must be at least 1");
         anyhow::ensure!(
@@ -100,15 +144,55 @@ impl Settings {
             self.max_json_bytes >= 1,
             "max_json_bytes must be at least 1"
         );
+        anyhow::ensure!(
+            self.max_connections >= self.workers,
+            "max_connections must be at least the number of workers"
+        );
+        anyhow::ensure!(
+            self.max_requests_per_client >= 1,
+            "max_requests_per_client must be at least 1"
+        );
+        anyhow::ensure!(
+            self.body_timeout_secs >= 1,
+            "body_timeout_secs must be at least 1"
+        );
+        for host in &self.allowed_hosts {
+            anyhow::ensure!(
+                !host.is_empty() && !host.contains(char::is_whitespace),
+                "allowed host {host:?} is not a host[:port]"
+            );
+        }
         Ok(())
+    }
+
+    /// The hosts requests may be signed for when serving on `addr`: the configured ones, or
+    /// on a loopback address that address and `localhost`; an error on any other address
+    /// without configured hosts.
+    pub fn hosts_for(&self, addr: std::net::SocketAddr) -> anyhow::Result<Vec<String>> {
+        if !self.allowed_hosts.is_empty() {
+            return Ok(self.allowed_hosts.clone());
+        }
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "--allowed-hosts (MODELHUB_GATEWAY_ALLOWED_HOSTS) must name the hosts clients \
+             sign for when the gateway listens on {addr}"
+        );
+        let port = addr.port();
+        let mut hosts = vec![addr.to_string(), format!("localhost:{port}")];
+        if port == 80 {
+            hosts.extend([addr.ip().to_string(), "localhost".to_owned()]);
+        }
+        Ok(hosts)
     }
 }
 
-/// Body size limits.
+/// Body size and pace limits.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub max_upload_bytes: u64,
     pub max_json_bytes: usize,
+    pub body_timeout: Duration,
+    pub min_body_rate: u64,
 }
 
 /// Largest gRPC message accepted from the inference service (outputs can be large).
@@ -195,46 +279,64 @@ struct Shared {
     inference: Endpoint,
     prover: Option<Endpoint>,
     keys: KeyCache,
-    nonces: NonceCache,
     models: ModelCache,
     limits: Limits,
+    allowed_hosts: Vec<String>,
 }
 
-fn endpoint(what: &str, uri: &str) -> anyhow::Result<Endpoint> {
-    Ok(Endpoint::from_shared(uri.to_owned())
-        .map_err(|e| anyhow::anyhow!("{what} address {uri:?} is not a valid URI: {e}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5)))
+/// A mutual-TLS endpoint of an internal service (`https://` only; TCP_NODELAY, 5 s connect).
+fn endpoint(tls: &TlsDir, server: Identity, uri: &str) -> anyhow::Result<Endpoint> {
+    Ok(tls.endpoint(server, uri)?)
 }
 
 impl Shared {
+    /// For tests of the app without a listener: signed hosts are not checked.
+    #[cfg(test)]
     fn new(settings: &Settings) -> anyhow::Result<Shared> {
+        Shared::serving(settings, Vec::new())
+    }
+
+    /// What every worker of a gateway that serves `allowed_hosts` shares (empty: any host).
+    fn serving(settings: &Settings, allowed_hosts: Vec<String>) -> anyhow::Result<Shared> {
         settings.validate()?;
+        let tls = TlsDir::load(&settings.mtls_dir, Identity::Gateway)?;
         Ok(Shared {
-            registry: endpoint("registry", &settings.registry)?,
-            storage: endpoint("storage", &settings.storage)?,
-            inference: endpoint("inference", &settings.inference)?,
+            registry: endpoint(&tls, Identity::Registry, &settings.registry)?,
+            storage: endpoint(&tls, Identity::Storage, &settings.storage)?,
+            inference: endpoint(&tls, Identity::Inference, &settings.inference)?,
             prover: settings
                 .prover
                 .as_deref()
-                .map(|p| endpoint("prover", p))
+                .map(|p| endpoint(&tls, Identity::Prover, p))
                 .transpose()?,
             keys: KeyCache::new(),
-            nonces: NonceCache::new(),
             models: ModelCache::new(),
             limits: Limits {
                 max_upload_bytes: settings.max_upload_bytes,
                 max_json_bytes: settings.max_json_bytes,
+                body_timeout: Duration::from_secs(settings.body_timeout_secs),
+                min_body_rate: settings.min_body_rate,
             },
+            allowed_hosts,
         })
     }
 
-    /// Must run inside a Tokio runtime (the lazy channels spawn their workers on it).
-    fn state(&self, keys: Option<Arc<dyn KeySource>>) -> AppState {
+    /// Must run inside a Tokio runtime (the lazy channels spawn their workers on it). `auth`
+    /// replaces the registry-backed authenticator (unit tests).
+    fn state(&self, auth: Option<Authenticator>) -> AppState {
         let registry = RegistryClient::new(self.registry.connect_lazy())
             .max_decoding_message_size(REGISTRY_MAX_MESSAGE);
-        let keys = keys
-            .unwrap_or_else(|| Arc::new(RegistryKeys::new(registry.clone(), self.keys.clone())));
+        let auth = auth.unwrap_or_else(|| {
+            let auth = Authenticator::new(
+                Arc::new(RegistryKeys::new(registry.clone(), self.keys.clone())),
+                Arc::new(RegistryNonces::new(registry.clone())),
+            );
+            if self.allowed_hosts.is_empty() {
+                auth
+            } else {
+                auth.with_allowed_hosts(self.allowed_hosts.clone())
+            }
+        });
         AppState {
             storage: StorageClient::new(self.storage.connect_lazy()),
             inference: InferenceClient::new(self.inference.connect_lazy())
@@ -244,7 +346,7 @@ impl Shared {
             }),
             registry,
             models: self.models.clone(),
-            auth: Authenticator::new(keys, self.nonces.clone()),
+            auth,
             limits: self.limits,
         }
     }
@@ -276,21 +378,27 @@ pub async fn run(
     listener: std::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let shared = Shared::new(&settings)?;
     listener
         .set_nonblocking(true)
         .context("setting the listener non-blocking")?;
     let addr = listener
         .local_addr()
         .context("reading the listen address")?;
-    let server = HttpServer::new(move || app(shared.state(None)))
-        .workers(settings.workers)
-        .tcp_nodelay(true)
-        .shutdown_signal(shutdown)
-        .shutdown_timeout(30)
-        .listen(listener)
-        .context("listening")?
-        .run();
+    let shared = Shared::serving(&settings, settings.hosts_for(addr)?)?;
+    let per_client = PerClient::new(settings.max_requests_per_client);
+    let server = HttpServer::new(move || {
+        app(shared.state(None))
+            .app_data(web::Data::new(per_client.clone()))
+            .wrap(actix_web::middleware::from_fn(limits::limit_per_client))
+    })
+    .workers(settings.workers)
+    .max_connections(settings.max_connections.div_ceil(settings.workers))
+    .tcp_nodelay(true)
+    .shutdown_signal(shutdown)
+    .shutdown_timeout(30)
+    .listen(listener)
+    .context("listening")?
+    .run();
     tracing::info!(%addr, registry = %settings.registry, storage = %settings.storage, inference = %settings.inference, "gateway listening");
     server.await.context("serving")?;
     tracing::info!("gateway stopped");

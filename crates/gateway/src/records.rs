@@ -25,6 +25,9 @@ pub struct ModelRecord {
     pub circuit_spec: Option<serde_json::Value>,
     /// Why the model has no circuit, when the prover could not compile it.
     pub zk_note: Option<String>,
+    /// The model digest over the circuit spec and the commitment (docs/ZK.md): what a proof
+    /// of this model names and what the chain records.
+    pub digest: Option<String>,
     /// Unix seconds.
     pub created_at: i64,
 }
@@ -72,6 +75,7 @@ impl TryFrom<pb::Model> for ModelRecord {
                     GatewayError::internal(format!("registry returned a bad circuit spec: {e}"))
                 })?,
             zk_note: m.zk_note,
+            digest: m.digest,
             created_at: m.created_at,
         })
     }
@@ -109,6 +113,7 @@ mod tests {
             created_at: 1_767_225_600,
             circuit_spec: None,
             zk_note: Some("op Softmax is not supported".into()),
+            digest: None,
         };
         let json = serde_json::to_value(ModelRecord::try_from(model).unwrap()).unwrap();
         assert_eq!(
@@ -119,7 +124,8 @@ mod tests {
                 "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 64]}],
                 "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}],
                 "commitment": null, "circuit_spec": null,
-                "zk_note": "op Softmax is not supported", "created_at": 1_767_225_600,
+                "zk_note": "op Softmax is not supported", "digest": null,
+                "created_at": 1_767_225_600,
             })
         );
     }

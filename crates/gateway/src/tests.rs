@@ -11,13 +11,14 @@ use crate::{Settings, Shared, app};
 /// An address where nothing listens.
 fn closed_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}", l.local_addr().unwrap())
+    format!("https://{}", l.local_addr().unwrap())
 }
 
 fn settings() -> Settings {
     let mut s = Settings::for_test(closed_port(), closed_port(), closed_port());
     s.max_json_bytes = 1024;
     s.max_upload_bytes = 4096;
+    s.mtls_dir = modelhub_testkit::tls::TestPki::shared().dir().to_path_buf();
     s
 }
 
@@ -30,7 +31,11 @@ async fn call(
     serde_json::Value,
 ) {
     let shared = Shared::new(&settings()).unwrap();
-    let svc = test::init_service(app(shared.state(Some(fixed_keys())))).await;
+    let auth = crate::auth::Authenticator::new(
+        fixed_keys(),
+        std::sync::Arc::new(crate::auth::NonceCache::new()),
+    );
+    let svc = test::init_service(app(shared.state(Some(auth)))).await;
     let res = test::call_service(&svc, req.to_request()).await;
     let status = res.status();
     let headers = res.headers().clone();
@@ -278,9 +283,9 @@ async fn settings_defaults_and_validation() {
         settings: Settings,
     }
     let s = Cli::parse_from(["gateway"]).settings;
-    assert_eq!(s.registry, "http://127.0.0.1:50051");
-    assert_eq!(s.storage, "http://127.0.0.1:50052");
-    assert_eq!(s.inference, "http://127.0.0.1:50053");
+    assert_eq!(s.registry, "https://127.0.0.1:50051");
+    assert_eq!(s.storage, "https://127.0.0.1:50052");
+    assert_eq!(s.inference, "https://127.0.0.1:50053");
     assert_eq!(s.max_upload_bytes, 1 << 30);
     assert_eq!(s.max_json_bytes, 64 << 20);
     assert_eq!(s.workers, 2);
@@ -288,10 +293,18 @@ async fn settings_defaults_and_validation() {
     let mut bad = s.clone();
     bad.workers = 0;
     assert!(Shared::new(&bad).is_err());
-    let mut bad = s;
+    let mut bad = s.clone();
     bad.registry = "not a uri at all".into();
     let e = Shared::new(&bad).err().unwrap().to_string();
     assert!(e.contains("registry address"), "{e}");
+    // Internal calls are never sent in the clear.
+    let mut bad = s;
+    bad.storage = "http://127.0.0.1:50052".into();
+    let e = Shared::new(&bad).err().unwrap().to_string();
+    assert!(
+        e.contains("storage address") && e.contains("https://"),
+        "{e}"
+    );
 }
 
 /// `modelhub up` spawns `run` on a multi-thread runtime: its future must be `Send`.

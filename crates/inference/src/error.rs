@@ -18,6 +18,11 @@ pub enum InferenceError {
     Pool(#[from] modelhub_core::pool::PoolError),
     #[error("background task failed: {reason}")]
     Task { reason: String },
+    /// The account already has its limit of predictions admitted on this worker.
+    #[error(
+        "this account already has {limit} predictions in flight on this worker; retry when one has finished"
+    )]
+    TooManyInFlight { limit: usize },
 }
 
 impl InferenceError {
@@ -30,6 +35,7 @@ impl InferenceError {
     pub fn code(&self) -> ErrorCode {
         match self {
             InferenceError::BadRequest { .. } => ErrorCode::BadRequest,
+            InferenceError::TooManyInFlight { .. } => ErrorCode::TooManyRequests,
             InferenceError::Storage { error } => error.code,
             InferenceError::Onnx(e) => e.code(),
             InferenceError::Pool(PoolError::Closed) => ErrorCode::Unavailable,
@@ -43,6 +49,9 @@ impl InferenceError {
     pub fn to_api(&self) -> ApiError {
         match self {
             InferenceError::BadRequest { message } => ApiError::bad_request(message.clone()),
+            InferenceError::TooManyInFlight { .. } => {
+                ApiError::new(ErrorCode::TooManyRequests, self.to_string())
+            }
             InferenceError::Storage { error } => match error.code {
                 ErrorCode::Internal => ApiError::internal(),
                 ErrorCode::Unavailable => ApiError::unavailable("model storage is unavailable"),

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use modelhub_mtls::{Identity, TlsDir};
 use modelhub_proto::prover::v1::ProofJob;
 use modelhub_proto::prover::v1::prover_client::ProverClient;
 use tokio::sync::mpsc;
@@ -21,12 +22,11 @@ pub struct ProofSink {
 }
 
 impl ProofSink {
-    /// Starts the forwarding task for a prover endpoint.
-    pub fn connect(endpoint: &str) -> Result<ProofSink, String> {
-        let channel = Channel::from_shared(endpoint.to_string())
-            .map_err(|e| format!("prover endpoint {endpoint:?} is not a valid URI: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+    /// Starts the forwarding task for a prover endpoint (`https://`, mutual TLS with `tls`).
+    pub fn connect(tls: &TlsDir, endpoint: &str) -> Result<ProofSink, String> {
+        let channel = tls
+            .endpoint(Identity::Prover, endpoint)
+            .map_err(|e| e.to_string())?
             .connect_lazy();
         let client = ProverClient::new(channel).max_encoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(QUEUE);

@@ -16,9 +16,10 @@ use tonic::{Request, Response, Status};
 
 use crate::Settings;
 use crate::error::InferenceError;
+use crate::fair::FairPool;
 use crate::proofs::ProofSink;
 use crate::sessions::Loaded;
-use modelhub_core::pool::ComputePool;
+use modelhub_mtls::{Identity, TlsDir};
 
 /// Counters of the session cache.
 #[derive(Debug, Default)]
@@ -43,11 +44,14 @@ pub struct CacheSnapshot {
 struct Inner {
     storage: StorageClient<Channel>,
     cache: moka::future::Cache<String, Arc<Loaded>>,
-    pool: ComputePool,
+    pool: FairPool,
+    limits: modelhub_onnx::RunLimits,
     intra_op_threads: usize,
     sessions_per_model: usize,
     stats: CacheStats,
     proofs: Option<ProofSink>,
+    /// This service's certificate: its server and its clients use it.
+    tls: TlsDir,
 }
 
 /// The inference service; cheap to clone (tests keep a clone to read the cache counters).
@@ -69,8 +73,9 @@ impl InferenceService {
     /// Builds the service: starts the compute pool and a lazily connected storage channel.
     pub fn new(settings: &Settings) -> anyhow::Result<InferenceService> {
         settings.validate()?;
-        modelhub_onnx::init()?;
-        let storage = modelhub_storage::client::connect_lazy(&settings.storage)
+        modelhub_onnx::init_with(settings.memory_budget_bytes)?;
+        let tls = TlsDir::load(&settings.mtls_dir, Identity::Inference)?;
+        let storage = modelhub_storage::client::connect_lazy(&tls, &settings.storage)
             .map_err(|e| anyhow::anyhow!("MODELHUB_INFERENCE_STORAGE: {e}"))?;
         let cache = moka::future::Cache::builder()
             .max_capacity(settings.session_cache_bytes)
@@ -82,19 +87,33 @@ impl InferenceService {
             inner: Arc::new(Inner {
                 storage,
                 cache,
-                pool: ComputePool::new("modelhub-compute", settings.compute_threads)?,
+                pool: FairPool::new(
+                    "modelhub-compute",
+                    settings.compute_threads,
+                    settings.max_in_flight_per_account,
+                )?,
+                limits: modelhub_onnx::RunLimits {
+                    timeout: std::time::Duration::from_millis(settings.run_timeout_ms),
+                    max_output_bytes: settings.max_output_bytes,
+                },
                 intra_op_threads: settings.intra_op_threads,
                 sessions_per_model: settings.sessions_per_model.min(settings.compute_threads),
                 stats: CacheStats::default(),
                 proofs: match &settings.prover {
                     Some(endpoint) => Some(
-                        ProofSink::connect(endpoint)
+                        ProofSink::connect(&tls, endpoint)
                             .map_err(|e| anyhow::anyhow!("MODELHUB_INFERENCE_PROVER: {e}"))?,
                     ),
                     None => None,
                 },
+                tls,
             }),
         })
+    }
+
+    /// The mutual-TLS files this service serves and calls with.
+    pub fn tls(&self) -> &TlsDir {
+        &self.inner.tls
     }
 
     /// The session cache's counters.
@@ -108,9 +127,21 @@ impl InferenceService {
         }
     }
 
-    /// Runs one prediction.
+    /// Jobs waiting for a compute thread, all accounts together.
+    pub fn queued(&self) -> usize {
+        self.inner.pool.queued()
+    }
+
+    /// Jobs running on a compute thread now.
+    pub fn running(&self) -> usize {
+        self.inner.pool.running()
+    }
+
+    /// Runs one prediction for `account` (its place among the account's predictions in flight
+    /// is held from here to the answer; the run takes the account's turn on the pool).
     pub async fn predict(
         &self,
+        account: &str,
         model: ModelRef,
         inputs: Vec<Tensor>,
     ) -> Result<Vec<Tensor>, InferenceError> {
@@ -119,9 +150,15 @@ impl InferenceService {
                 "the model reference needs a model_id and a sha256",
             ));
         }
+        let admission = self.inner.pool.admit(account)?;
         let loaded = self.session(model).await?;
         validate_inputs(loaded.inputs(), &inputs)?;
-        let outputs = self.inner.pool.run(move || loaded.run(&inputs)).await??;
+        let limits = self.inner.limits;
+        let outputs = self
+            .inner
+            .pool
+            .run(&admission, move || loaded.run(&inputs, &limits))
+            .await??;
         Ok(outputs)
     }
 
@@ -215,7 +252,7 @@ impl pb::inference_server::Inference for InferenceService {
             .map_err(|e| InferenceError::from(e).into_status(&model_id))?;
         let proof_model = sink.map(|_| model.clone());
         let outputs: Vec<_> = self
-            .predict(model, inputs)
+            .predict(&req.account_id, model, inputs)
             .await
             .map_err(|e| e.into_status(&model_id))?
             .into_iter()

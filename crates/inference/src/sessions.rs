@@ -8,7 +8,7 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use modelhub_core::{Tensor, TensorSpec};
-use modelhub_onnx::{Model, OnnxError};
+use modelhub_onnx::{Model, OnnxError, RunLimits};
 
 struct Pool {
     idle: Vec<Model>,
@@ -80,10 +80,10 @@ impl Loaded {
 
     /// Runs the model on an idle session, opening one more when all are busy and the limit
     /// allows, else waiting for one (blocking: call it on a compute thread).
-    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, OnnxError> {
+    pub fn run(&self, inputs: &[Tensor], limits: &RunLimits) -> Result<Vec<Tensor>, OnnxError> {
         let mut session = self.checkout()?;
         let model = session.model.as_mut().expect("a checkout holds a session");
-        model.run(inputs)
+        model.run_limited(inputs, limits)
     }
 
     fn checkout(&self) -> Result<Checkout<'_>, OnnxError> {
@@ -146,13 +146,20 @@ mod tests {
         let loaded = Arc::new(Loaded::open(digits(), 1, 2).unwrap());
         assert_eq!(loaded.sessions(), 1);
         let x = Tensor::from_f32("X", vec![1, 64], &[0.5; 64]).unwrap();
-        let want = loaded.run(std::slice::from_ref(&x)).unwrap();
+        let want = loaded
+            .run(std::slice::from_ref(&x), &RunLimits::default())
+            .unwrap();
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let (loaded, x, want) = (loaded.clone(), x.clone(), want.clone());
                 std::thread::spawn(move || {
                     for _ in 0..50 {
-                        assert_eq!(loaded.run(std::slice::from_ref(&x)).unwrap(), want);
+                        assert_eq!(
+                            loaded
+                                .run(std::slice::from_ref(&x), &RunLimits::default())
+                                .unwrap(),
+                            want
+                        );
                     }
                 })
             })
@@ -171,7 +178,10 @@ mod tests {
         let loaded = Loaded::open(digits(), 1, 1).unwrap();
         assert!(loaded.plaintext.is_none());
         let x = Tensor::from_f32("X", vec![2, 64], &[0.0; 128]).unwrap();
-        assert_eq!(loaded.run(&[x]).unwrap()[1].shape, vec![2, 10]);
+        assert_eq!(
+            loaded.run(&[x], &RunLimits::default()).unwrap()[1].shape,
+            vec![2, 10]
+        );
         assert_eq!(loaded.sessions(), 1);
     }
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use modelhub_core::crypto::Kek;
 use modelhub_core::pool::ComputePool;
+use modelhub_mtls::{Identity, TlsDir, policy};
 use modelhub_proto::prover::v1::prover_server::ProverServer;
 use tokio::net::TcpListener;
 
@@ -33,11 +34,11 @@ pub struct Settings {
     /// Key-encryption key file (seals commitment openings). Default: `<data_dir>/kek`.
     #[arg(long, env = "MODELHUB_PROVER_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
-    /// Storage service endpoint (models are fetched to compile them).
+    /// Storage service endpoint (`https://`: mutual TLS; models are fetched to compile them).
     #[arg(
         long,
         env = "MODELHUB_PROVER_STORAGE",
-        default_value = "http://127.0.0.1:50052"
+        default_value = "https://127.0.0.1:50052"
     )]
     pub storage: String,
     /// Proving threads.
@@ -46,9 +47,20 @@ pub struct Settings {
     /// Where proving params and keys (`keys/`) are cached. Default: `<data_dir>/params`.
     #[arg(long, env = "MODELHUB_PROVER_PARAMS_DIR")]
     pub params_dir: Option<PathBuf>,
+    /// Folder of the mutual-TLS files made by `modelhub certs`: `ca.pem`, `prover.pem`,
+    /// `prover.key`. The prover speaks only TLS and serves only callers with a certificate from
+    /// that CA, each only the methods its identity may call; it calls storage with its own.
+    #[arg(
+        long,
+        env = "MODELHUB_PROVER_MTLS_DIR",
+        default_value = "./modelhub-data/tls"
+    )]
+    pub mtls_dir: PathBuf,
 }
 
 impl Settings {
+    /// Settings for tests: everything under `data_dir`, one worker; set `mtls_dir` to a test
+    /// PKI (`modelhub_testkit::tls`).
     pub fn for_test(data_dir: &Path, storage: impl Into<String>) -> Settings {
         Settings {
             data_dir: data_dir.to_path_buf(),
@@ -56,6 +68,7 @@ impl Settings {
             storage: storage.into(),
             workers: 1,
             params_dir: None,
+            mtls_dir: PathBuf::from("./modelhub-data/tls"),
         }
     }
 
@@ -79,7 +92,8 @@ pub fn build(settings: &Settings) -> anyhow::Result<ProverService> {
         "MODELHUB_PROVER_WORKERS must be at least 1"
     );
     let kek = Kek::load_or_generate(&settings.kek_path()).context("loading the KEK")?;
-    let storage = modelhub_storage::client::connect_lazy(&settings.storage)
+    let tls = TlsDir::load(&settings.mtls_dir, Identity::Prover)?;
+    let storage = modelhub_storage::client::connect_lazy(&tls, &settings.storage)
         .map_err(|e| anyhow::anyhow!("MODELHUB_PROVER_STORAGE: {e}"))?;
     let pool = ComputePool::new("modelhub-prover", settings.workers)?;
     let models = models::Models::new(
@@ -99,13 +113,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = TlsDir::load(&settings.mtls_dir, Identity::Prover)?;
     let service = build(&settings)?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ProverServer<ProverService>>().await;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %settings.data_dir.display(), "prover listening");
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    tls.server(&policy::PROVER)?
         .add_service(health)
         .add_service(
             ProverServer::new(service)
@@ -113,7 +128,9 @@ pub async fn run(
                 .max_encoding_message_size(64 << 20),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .await
+        .context("prover server")?;
+    tracing::info!("prover stopped");
     Ok(())
 }
 

@@ -10,10 +10,15 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     modelhub_core::telemetry::init("prover");
-    Cli::parse()
-        .args
-        .serve(modelhub_core::serve::ctrl_c())
-        .await
+    let args = Cli::parse().args;
+    match args.serve(modelhub_core::serve::shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, causes included: what an operator reads in a failed start.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

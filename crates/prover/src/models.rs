@@ -17,7 +17,9 @@ use modelhub_core::pool::ComputePool;
 use modelhub_core::{DataType, InputRange, TensorSpec};
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
-use modelhub_zk::{CircuitSpec, Commitment, KeySource, Keys, Opening, Params, QuantizedModel};
+use modelhub_zk::{
+    CircuitSpec, Commitment, KeySource, Keys, ModelDigest, Opening, Params, QuantizedModel,
+};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
@@ -54,6 +56,9 @@ pub enum Outcome {
     Supported {
         commitment: Commitment,
         spec: CircuitSpec,
+        digest: ModelDigest,
+        /// For the owner, once (the gateway passes it on and stores it nowhere).
+        opening: Opening,
     },
     Unsupported {
         reason: String,
@@ -223,7 +228,18 @@ pub fn input_len(inputs: &[TensorSpec]) -> Result<usize, String> {
             input.name, input.shape
         ));
     }
-    Ok(dims.iter().product::<i64>() as usize)
+    // Bounded before the calibration samples are allocated (66 vectors of this length).
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+        .filter(|&n| n <= modelhub_zk::onnx::MAX_VALUES)
+        .ok_or_else(|| {
+            format!(
+                "input {:?} of shape {:?} has more than {} values, more than any circuit holds",
+                input.name,
+                input.shape,
+                modelhub_zk::onnx::MAX_VALUES
+            )
+        })
 }
 
 impl Models {
@@ -318,6 +334,8 @@ impl Models {
         let outcome = Outcome::Supported {
             commitment: compiled.commitment.clone(),
             spec: compiled.model.spec.clone(),
+            digest: ModelDigest::of(&compiled.model.spec, &compiled.commitment),
+            opening: compiled.opening.clone(),
         };
         self.cache
             .lock()
@@ -476,5 +494,15 @@ mod tests {
                 .contains("FP32")
         );
         assert!(input_len(&[]).unwrap_err().contains("one input"));
+        // Shape bombs: refused without allocating, never an overflow.
+        for shape in [
+            vec![-1, 1 << 24],
+            vec![1, 1 << 31],
+            vec![1, 1 << 31, 1 << 31],
+            vec![-1, i64::MAX, 2],
+        ] {
+            let err = input_len(&spec(shape, DataType::Fp32)).unwrap_err();
+            assert!(err.contains("more than"), "{err}");
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use modelhub_core::pool::ComputePool;
 use modelhub_core::{ApiError, InputRange, Tensor, TensorSpec};
 use modelhub_proto::prover::v1 as pb;
-use modelhub_zk::ProofBundle;
+use modelhub_zk::{ModelDigest, ProofBundle};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ProverError;
@@ -91,6 +91,7 @@ fn proof_state(job: Job) -> pb::ProofState {
     let mut state = pb::ProofState {
         job_id: job.job_id,
         account_id: job.account_id,
+        model_id: job.model_id,
         float_outputs: job.float_outputs.to_string(),
         ..Default::default()
     };
@@ -141,13 +142,21 @@ impl pb::prover_server::Prover for ProverService {
             .await
             .map_err(ProverError::into_status)?;
         Ok(Response::new(match outcome {
-            Outcome::Supported { commitment, spec } => {
-                tracing::info!(model_id = %model_id, k = spec.k, "model compiled to a circuit");
+            Outcome::Supported {
+                commitment,
+                spec,
+                digest,
+                opening,
+            } => {
+                tracing::info!(model_id = %model_id, k = spec.k, %digest, "model compiled to a circuit");
                 pb::CompileResponse {
                     supported: true,
                     reason: String::new(),
                     commitment: commitment.to_hex(),
                     circuit_spec: serde_json::to_string(&spec)
+                        .map_err(|_| ApiError::internal().to_status())?,
+                    digest: digest.to_hex(),
+                    opening: serde_json::to_string(&opening)
                         .map_err(|_| ApiError::internal().to_status())?,
                 }
             }
@@ -222,35 +231,44 @@ impl pb::prover_server::Prover for ProverService {
         &self,
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
-        let bundle: ProofBundle = match serde_json::from_slice(&request.into_inner().proof) {
+        let req = request.into_inner();
+        let expected: ModelDigest = req.expected_digest.parse().map_err(|_| {
+            ApiError::bad_request(
+                "Verify needs expected_digest: the 64-hex-digit digest of the model the proof \
+                 must be for",
+            )
+            .to_status()
+        })?;
+        let invalid = |reason: String| pb::VerifyResponse {
+            valid: false,
+            reason,
+            ..Default::default()
+        };
+        let bundle = match ProofBundle::from_json(&req.proof) {
             Ok(b) => b,
-            Err(e) => {
-                return Ok(Response::new(pb::VerifyResponse {
-                    valid: false,
-                    reason: format!("not a proof file: {e}"),
-                }));
-            }
+            Err(e) => return Ok(Response::new(invalid(e.to_string()))),
         };
         let params = self.models.params.clone();
         let result = self
             .pool
-            .run(move || -> Result<(), ProverError> {
+            .run(move || -> Result<Vec<f32>, ProverError> {
                 let keys_dir = params.keys_dir();
                 let params = params.get(bundle.spec.k)?;
-                modelhub_zk::verify_with_prover_keys(&params, &bundle, &keys_dir)?;
-                Ok(())
+                modelhub_zk::verify_with_prover_keys(&params, &bundle, &expected, &keys_dir)?;
+                Ok(modelhub_zk::dequantize_output(
+                    &bundle.spec,
+                    &bundle.public.output,
+                ))
             })
             .await
             .map_err(|e| ProverError::from(e).into_status())?;
         Ok(Response::new(match result {
-            Ok(()) => pb::VerifyResponse {
+            Ok(output) => pb::VerifyResponse {
                 valid: true,
                 reason: String::new(),
+                output_dequantized: serde_json::Value::from(output).to_string(),
             },
-            Err(e) if e.code() != modelhub_core::ErrorCode::Internal => pb::VerifyResponse {
-                valid: false,
-                reason: e.to_string(),
-            },
+            Err(e) if e.code() != modelhub_core::ErrorCode::Internal => invalid(e.to_string()),
             Err(e) => return Err(e.into_status()),
         }))
     }

@@ -69,6 +69,7 @@ pub fn new_model(owner: &str, price: u64) -> Model {
         commitment: Some("0x1234".to_owned()),
         circuit_spec: Some(r#"{"version":1}"#.to_owned()),
         zk_note: None,
+        digest: Some("cd".repeat(32)),
         created_at: id::unix_now(),
     }
 }
@@ -199,6 +200,8 @@ where
     racing_batches(store.clone()).await;
     cursors(store.clone()).await;
     release_batch(store.clone()).await;
+    held_and_stale(store.clone()).await;
+    nonces(store.clone()).await;
     drop(store);
     restart_durability(open).await;
 }
@@ -1249,6 +1252,175 @@ pub async fn cursors(store: Store) {
 }
 
 /// Drops the store, opens it again and finds every record.
+/// Held credits are counted per account, a committed reservation keeps its response (once),
+/// the receipt id is known before the commit, and stale holds are swept back to the account
+/// (after which a late commit is refused).
+pub async fn held_and_stale(store: Store) {
+    let owner = store
+        .create_account(new_account("held-owner", 0))
+        .await
+        .unwrap();
+    let buyer = store
+        .create_account(new_account("held-buyer", 10))
+        .await
+        .unwrap();
+    let model = store
+        .create_model(new_model(&owner.account_id, 3))
+        .await
+        .unwrap();
+    let a = store
+        .reserve_with(
+            &buyer.account_id,
+            &model.model_id,
+            Some("held-a"),
+            Some("fp-a"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.fingerprint.as_deref(), Some("fp-a"));
+    let b = store
+        .reserve(&buyer.account_id, &model.model_id, None)
+        .await
+        .unwrap();
+    assert_eq!(store.held_credits(&buyer.account_id).await.unwrap(), 6);
+    assert_eq!(store.held_credits(&owner.account_id).await.unwrap(), 0);
+
+    let receipt = store
+        .commit_with(&a.reservation_id, Some(b"answer a".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        receipt.receipt_id,
+        crate::store::receipt_id_for(&a.reservation_id)
+    );
+    // A second commit returns the same receipt and never replaces the kept response.
+    let again = store
+        .commit_with(&a.reservation_id, Some(b"another".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(again, receipt);
+    assert_eq!(
+        store
+            .get_response(&a.reservation_id)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(b"answer a".as_slice())
+    );
+    assert_eq!(store.get_response(&b.reservation_id).await.unwrap(), None);
+    assert_eq!(store.held_credits(&buyer.account_id).await.unwrap(), 3);
+
+    // Nothing is stale yet at a cutoff before the holds were made.
+    store.release_stale(b.created_at - 1000).await.unwrap();
+    assert_eq!(
+        store
+            .get_reservation(&b.reservation_id)
+            .await
+            .unwrap()
+            .state,
+        ReservationState::Held
+    );
+    let released = store.release_stale(id::unix_now() + 1).await.unwrap();
+    assert!(released >= 1, "the stale hold was released");
+    assert_eq!(
+        store
+            .get_reservation(&b.reservation_id)
+            .await
+            .unwrap()
+            .state,
+        ReservationState::Released
+    );
+    assert_eq!(
+        store
+            .get_reservation(&a.reservation_id)
+            .await
+            .unwrap()
+            .state,
+        ReservationState::Committed,
+        "a committed reservation is not swept"
+    );
+    let buyer_now = store.get_account(&buyer.account_id).await.unwrap();
+    assert_eq!(buyer_now.credits, 7, "the swept hold came back");
+    assert_eq!(store.held_credits(&buyer.account_id).await.unwrap(), 0);
+    assert_eq!(
+        code(store.commit(&b.reservation_id).await),
+        ErrorCode::Conflict,
+        "a commit after the sweep is refused"
+    );
+}
+
+/// Nonces: spent once per key, concurrently too; bounded per key; forgotten once expired.
+pub async fn nonces(store: Store) {
+    let key = id::new_id("mhk");
+    let other = id::new_id("mhk");
+    let expires = id::unix_now() + 420;
+    store
+        .use_nonce(&key, "nonce-0000000000001", expires, 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            store
+                .use_nonce(&key, "nonce-0000000000001", expires, 5)
+                .await
+        ),
+        ErrorCode::Conflict
+    );
+    store
+        .use_nonce(&other, "nonce-0000000000001", expires, 5)
+        .await
+        .unwrap();
+
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                store
+                    .use_nonce(&key, "nonce-raced-0000001", expires, 100)
+                    .await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for r in racers {
+        match r.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(e) => assert_eq!(e.code(), ErrorCode::Conflict, "{e}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one of the racers spends the nonce");
+
+    // The bound: `limit` nonces per key and bucket, then TooManyRequests.
+    let bounded = id::new_id("mhk");
+    for n in 0..3 {
+        store
+            .use_nonce(&bounded, &format!("bounded-nonce-{n:05}"), expires, 3)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        code(
+            store
+                .use_nonce(&bounded, "bounded-nonce-99999", expires, 3)
+                .await
+        ),
+        ErrorCode::TooManyRequests
+    );
+
+    // Once expired, a nonce is forgotten (its request is refused by its date anyway).
+    let pruned = store.prune_nonces(expires + 1).await.unwrap();
+    assert!(pruned >= 6, "pruned {pruned}");
+    store
+        .use_nonce(&key, "nonce-0000000000001", expires + 600, 5)
+        .await
+        .unwrap();
+    store
+        .use_nonce(&bounded, "bounded-nonce-99999", expires + 600, 3)
+        .await
+        .unwrap();
+}
+
 pub async fn restart_durability<F, Fut>(open: F)
 where
     F: Fn() -> Fut,

@@ -16,6 +16,9 @@ pub enum RegistryError {
     Conflict { message: String },
     #[error("insufficient credits: balance {balance}, price {price}")]
     PaymentRequired { balance: u64, price: u64 },
+    /// A bound on what one caller may keep in the store was reached; retry later.
+    #[error("too many {what}; retry later")]
+    TooManyRequests { what: String },
     /// The metadata store failed (I/O, corruption, driver error). Details stay in the log.
     #[error("metadata store: {source}")]
     Store {
@@ -79,6 +82,7 @@ impl RegistryError {
             RegistryError::NotFound { .. } => ErrorCode::NotFound,
             RegistryError::Conflict { .. } => ErrorCode::Conflict,
             RegistryError::PaymentRequired { .. } => ErrorCode::PaymentRequired,
+            RegistryError::TooManyRequests { .. } => ErrorCode::TooManyRequests,
             RegistryError::Unavailable { .. } | RegistryError::ChainUnavailable { .. } => {
                 ErrorCode::Unavailable
             }
@@ -92,9 +96,9 @@ impl RegistryError {
             RegistryError::BadRequest { message } | RegistryError::Conflict { message } => {
                 ApiError::new(self.code(), message.clone())
             }
-            RegistryError::NotFound { .. } | RegistryError::PaymentRequired { .. } => {
-                ApiError::new(self.code(), self.to_string())
-            }
+            RegistryError::NotFound { .. }
+            | RegistryError::PaymentRequired { .. }
+            | RegistryError::TooManyRequests { .. } => ApiError::new(self.code(), self.to_string()),
             RegistryError::Unavailable { .. } => ApiError::new(
                 ErrorCode::Unavailable,
                 "the metadata store is unavailable; retry later",

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use modelhub_core::crypto::Kek;
+use modelhub_mtls::{Identity, TlsDir, policy};
 use modelhub_proto::registry::v1::registry_server::RegistryServer;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 pub use error::{RegistryError, Result};
@@ -58,9 +58,41 @@ pub struct Settings {
         default_value_t = 2000
     )]
     pub mongodb_timeout_ms: u64,
+    /// Folder of the mutual-TLS files made by `modelhub certs`: `ca.pem`, `registry.pem`,
+    /// `registry.key`. The registry speaks only TLS and serves only callers with a certificate from
+    /// that CA, each only the methods its identity may call.
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_MTLS_DIR",
+        default_value = "./modelhub-data/tls"
+    )]
+    pub mtls_dir: PathBuf,
     /// The chain ledger (credits on the marketplace contract), when `--chain-rpc` is set.
     #[command(flatten)]
     pub chain: ChainArgs,
+    /// Seconds a prediction may hold credits before the hold is released (the caller died);
+    /// a commit after that is refused.
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_HOLD_TIMEOUT_SECS",
+        default_value_t = service::Policy::default().hold_timeout_secs
+    )]
+    pub hold_timeout_secs: u64,
+    /// Seconds an idempotency key stays bound to its request and its stored response.
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_IDEMPOTENCY_TTL_SECS",
+        default_value_t = service::Policy::default().idempotency_ttl_secs
+    )]
+    pub idempotency_ttl_secs: u64,
+    /// Most request nonces one API key may spend per 10 minutes (the nonce store keeps each
+    /// for the replay window; this bounds what one key can make it keep).
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_MAX_NONCES_PER_KEY",
+        default_value_t = service::Policy::default().max_nonces_per_key
+    )]
+    pub max_nonces_per_key: u64,
 }
 
 impl std::fmt::Debug for Settings {
@@ -74,20 +106,29 @@ impl std::fmt::Debug for Settings {
                 &self.mongodb_uri.as_ref().map(|_| "<redacted>"),
             )
             .field("mongodb_timeout_ms", &self.mongodb_timeout_ms)
+            .field("mtls_dir", &self.mtls_dir)
             .field("chain", &self.chain)
+            .field("hold_timeout_secs", &self.hold_timeout_secs)
+            .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
+            .field("max_nonces_per_key", &self.max_nonces_per_key)
             .finish()
     }
 }
 
 impl Settings {
-    /// Settings for tests: everything under `data_dir`.
+    /// Settings for tests: everything under `data_dir`; set `mtls_dir` to a test PKI
+    /// (`modelhub_testkit::tls`).
     pub fn for_test(data_dir: impl Into<PathBuf>) -> Settings {
         Settings {
+            mtls_dir: PathBuf::from("./modelhub-data/tls"),
             data_dir: data_dir.into(),
             kek_file: None,
             mongodb_uri: None,
             mongodb_timeout_ms: 2000,
             chain: ChainArgs::default(),
+            hold_timeout_secs: service::Policy::default().hold_timeout_secs,
+            idempotency_ttl_secs: service::Policy::default().idempotency_ttl_secs,
+            max_nonces_per_key: service::Policy::default().max_nonces_per_key,
         }
     }
 
@@ -96,6 +137,15 @@ impl Settings {
         Settings {
             mongodb_uri: Some(uri.into()),
             ..Settings::for_test(data_dir)
+        }
+    }
+
+    /// The request-handling policy these settings describe.
+    pub fn policy(&self) -> service::Policy {
+        service::Policy {
+            hold_timeout_secs: self.hold_timeout_secs,
+            idempotency_ttl_secs: self.idempotency_ttl_secs,
+            max_nonces_per_key: self.max_nonces_per_key,
         }
     }
 
@@ -122,6 +172,7 @@ impl RegistryService {
             None => None,
         };
         let chain = settings.chain.clone();
+        let policy = settings.policy();
         let settings = settings.clone();
         let (store, kek) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let store = match mongo {
@@ -137,7 +188,11 @@ impl RegistryService {
             Ok((store, kek))
         })
         .await??;
-        let service = RegistryService::new(store.clone(), kek);
+        let service = RegistryService::new(store.clone(), kek).with_policy(policy);
+        service
+            .start_keeping_nonces()
+            .await
+            .context("recording when the nonce store began")?;
         Ok(match chain.chain_rpc {
             Some(_) => {
                 let ledger = ChainLedger::connect(chain, store)
@@ -157,6 +212,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = TlsDir::load(&settings.mtls_dir, Identity::Registry)?;
     let service = RegistryService::open(&settings).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -169,12 +225,15 @@ pub async fn run(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let ledger = service.ledger().clone();
     let background = tokio::spawn(async move { ledger.run().await });
-    let served = Server::builder()
+    let housekeeping = tokio::spawn(service.clone().housekeeping());
+    let served = tls
+        .server(&policy::REGISTRY)?
         .add_service(health_service)
         .add_service(RegistryServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     background.abort();
+    housekeeping.abort();
     served.context("serving the registry")?;
     tracing::info!("registry stopped");
     Ok(())

@@ -63,6 +63,10 @@ pub struct Model {
     /// Why there is no circuit, when the prover could not compile the graph.
     #[serde(default)]
     pub zk_note: Option<String>,
+    /// The model digest (hex) over the circuit spec and the commitment (docs/ZK.md); records
+    /// from before it existed read as `None`.
+    #[serde(default)]
+    pub digest: Option<String>,
     pub created_at: i64,
 }
 
@@ -88,6 +92,10 @@ pub struct Reservation {
     /// Set once committed.
     pub receipt_id: Option<String>,
     pub idempotency_key: Option<String>,
+    /// What the keyed request was (hex SHA-256 of its method, path and body hash), compared
+    /// when the key is used again.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
     pub created_at: i64,
 }
 

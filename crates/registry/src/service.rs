@@ -12,11 +12,62 @@ use tracing::{error, warn};
 
 use crate::error::{RegistryError, Result};
 use crate::ledger::{EmbeddedLedger, Ledger, LedgerStatus};
-use crate::model::{Account, ApiKey, Model, Receipt, Reservation, SettlementBatch};
+use crate::model::{
+    Account, ApiKey, Model, Receipt, Reservation, ReservationState, SettlementBatch,
+};
 use crate::store::MetadataStore;
 
 /// Longest account name, in characters.
 pub const MAX_ACCOUNT_NAME: usize = 64;
+
+/// Largest response kept with a commit for replays; a larger one is not kept (a replay then
+/// says so instead of answering it).
+pub const MAX_KEPT_RESPONSE: usize = 1 << 20;
+
+/// How many attempts one idempotency key may make after failed ones (each released, nothing
+/// charged) before it must be replaced by a new key.
+pub const MAX_KEY_ATTEMPTS: u32 = 16;
+
+/// How long a nonce is remembered after its request's date: the ±300 s the gateways accept,
+/// plus slack for their clocks.
+pub const NONCE_KEEP_SECS: i64 = signing::MAX_CLOCK_SKEW_SECS + 120;
+
+/// The cursor that records since when the nonce store has kept every nonce.
+const NONCES_SINCE: &str = "nonces_since";
+
+/// How often held credits are swept and expired nonces pruned.
+const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Time limits and bounds of request handling (`Settings::policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Held credits older than this are released (their caller died).
+    pub hold_timeout_secs: u64,
+    /// An idempotency key binds its request (and its stored response) this long.
+    pub idempotency_ttl_secs: u64,
+    /// Nonces one key may spend per [`NONCE_BUCKET_SECS`](crate::store::NONCE_BUCKET_SECS).
+    pub max_nonces_per_key: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            hold_timeout_secs: 120,
+            idempotency_ttl_secs: 24 * 3600,
+            max_nonces_per_key: 1_000_000,
+        }
+    }
+}
+
+/// A reservation as `Reserve` answers it.
+#[derive(Debug, Clone)]
+pub struct Reserved {
+    pub reservation: Reservation,
+    /// Made by an earlier attempt with the same idempotency key.
+    pub existing: bool,
+    /// The response kept with its commit, for a committed existing reservation.
+    pub response: Option<Vec<u8>>,
+}
 
 /// The registry gRPC service; wrap it in
 /// [`RegistryServer`](modelhub_proto::registry::v1::registry_server::RegistryServer) to serve it.
@@ -25,6 +76,9 @@ pub struct RegistryService {
     store: Arc<dyn MetadataStore>,
     kek: Arc<Kek>,
     ledger: Arc<dyn Ledger>,
+    policy: Policy,
+    /// Since when (Unix seconds) the store has kept every nonce; read or set on first use.
+    nonces_since: Arc<tokio::sync::OnceCell<i64>>,
 }
 
 impl std::fmt::Debug for RegistryService {
@@ -107,6 +161,15 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
             "commitment must not be empty when set",
         ));
     }
+    if req
+        .digest
+        .as_deref()
+        .is_some_and(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(RegistryError::bad_request(
+            "digest must be 64 hex digits when set",
+        ));
+    }
     Ok(Model {
         model_id,
         owner: req.owner,
@@ -122,6 +185,7 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
         commitment: req.commitment,
         circuit_spec: req.circuit_spec,
         zk_note: req.zk_note,
+        digest: req.digest.map(|d| d.to_ascii_lowercase()),
         created_at: id::unix_now(),
     })
 }
@@ -146,8 +210,9 @@ pub(crate) fn keyed_id(prefix: &str, key: &str) -> String {
     format!("{prefix}_{}", hex::encode(&digest[..16]))
 }
 
-fn account_pb(a: Account) -> pb::Account {
+fn account_pb(a: Account, held: u64) -> pb::Account {
     pb::Account {
+        held,
         account_id: a.account_id,
         name: a.name,
         admin: a.admin,
@@ -217,15 +282,25 @@ fn model_pb(m: Model) -> pb::Model {
         created_at: m.created_at,
         circuit_spec: m.circuit_spec,
         zk_note: m.zk_note,
+        digest: m.digest,
     }
 }
 
-fn reservation_pb(r: Reservation) -> pb::Reservation {
+fn reservation_pb(r: Reserved) -> pb::Reservation {
+    let state = match r.reservation.state {
+        ReservationState::Held => "held",
+        ReservationState::Committed => "committed",
+        ReservationState::Released => "released",
+    };
     pb::Reservation {
-        reservation_id: r.reservation_id,
-        account_id: r.account_id,
-        model_id: r.model_id,
-        amount: r.amount,
+        receipt_id: crate::store::receipt_id_for(&r.reservation.reservation_id),
+        reservation_id: r.reservation.reservation_id,
+        account_id: r.reservation.account_id,
+        model_id: r.reservation.model_id,
+        amount: r.reservation.amount,
+        state: state.to_owned(),
+        existing: r.existing,
+        response: r.response.unwrap_or_default(),
     }
 }
 
@@ -248,7 +323,179 @@ impl RegistryService {
             store,
             kek: Arc::new(kek),
             ledger: Arc::new(EmbeddedLedger),
+            policy: Policy::default(),
+            nonces_since: Arc::new(tokio::sync::OnceCell::new()),
         }
+    }
+
+    /// The same service with another policy.
+    pub fn with_policy(self, policy: Policy) -> RegistryService {
+        RegistryService { policy, ..self }
+    }
+
+    /// Releases holds older than the hold timeout and prunes expired nonces, once.
+    pub async fn sweep(&self) -> Result<u64> {
+        let now = id::unix_now();
+        let cutoff =
+            now.saturating_sub(i64::try_from(self.policy.hold_timeout_secs).unwrap_or(i64::MAX));
+        let released = self.store.release_stale(cutoff).await?;
+        if released > 0 {
+            warn!(
+                released,
+                "released credits held longer than the hold timeout"
+            );
+        }
+        self.store.prune_nonces(now).await?;
+        Ok(released)
+    }
+
+    /// Runs [`sweep`](Self::sweep) every few seconds, for ever.
+    pub async fn housekeeping(self) {
+        let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.sweep().await {
+                warn!(error = %e, "housekeeping pass failed");
+            }
+        }
+    }
+
+    /// Holds the price for one call. With an idempotency key: the attempt in flight or
+    /// charged under that key (`existing`, with its kept response once committed); a new
+    /// reservation when the key is unused, its last attempt was released (nothing charged:
+    /// the key is free again) or it expired; `Conflict` when the key was used for another
+    /// request (another fingerprint or model).
+    pub async fn reserve(
+        &self,
+        account_id: &str,
+        model_id: &str,
+        key: Option<&str>,
+        fingerprint: Option<&str>,
+    ) -> Result<Reserved> {
+        let Some(key) = key else {
+            let reservation = self
+                .store
+                .reserve_with(account_id, model_id, None, fingerprint)
+                .await?;
+            return Ok(Reserved {
+                reservation,
+                existing: false,
+                response: None,
+            });
+        };
+        let expired_before = id::unix_now()
+            .saturating_sub(i64::try_from(self.policy.idempotency_ttl_secs).unwrap_or(i64::MAX));
+        // Attempt n of a key is stored under `key~n`: each failed attempt frees the next.
+        for attempt in 0..MAX_KEY_ATTEMPTS {
+            let store_key = match attempt {
+                0 => key.to_owned(),
+                n => format!("{key}~{n}"),
+            };
+            let rid = crate::store::mongo::reservation_id_for(account_id, &store_key);
+            let (reservation, existing) = match self.store.get_reservation(&rid).await {
+                Ok(r) => (r, true),
+                Err(e) if e.code() == ErrorCode::NotFound => {
+                    let r = self
+                        .store
+                        .reserve_with(account_id, model_id, Some(&store_key), fingerprint)
+                        .await?;
+                    // A concurrent attempt may have made it first: then it is theirs.
+                    let theirs = r.fingerprint.as_deref() != fingerprint
+                        || r.state != ReservationState::Held;
+                    (r, theirs)
+                }
+                Err(e) => return Err(e),
+            };
+            if existing
+                && (reservation.state == ReservationState::Released
+                    || reservation.created_at < expired_before)
+            {
+                continue;
+            }
+            if existing
+                && (reservation.fingerprint.as_deref() != fingerprint
+                    || reservation.model_id != model_id)
+            {
+                return Err(RegistryError::conflict(
+                    "this idempotency key was already used for another request",
+                ));
+            }
+            let response = match (existing, reservation.state) {
+                (true, ReservationState::Committed) => {
+                    self.store.get_response(&reservation.reservation_id).await?
+                }
+                _ => None,
+            };
+            return Ok(Reserved {
+                reservation,
+                existing,
+                response,
+            });
+        }
+        Err(RegistryError::conflict(format!(
+            "this idempotency key failed {MAX_KEY_ATTEMPTS} times; use a new key"
+        )))
+    }
+
+    /// Records, if the store has no record yet, since when it keeps every nonce: from the
+    /// beginning for a new store, from now for one that already has keys (requests dated
+    /// earlier are refused). `open` calls it before serving.
+    pub async fn start_keeping_nonces(&self) -> Result<()> {
+        self.nonces_since().await.map(drop)
+    }
+
+    /// Since when the store has kept every nonce (set on first use).
+    async fn nonces_since(&self) -> Result<i64> {
+        self.nonces_since
+            .get_or_try_init(|| async {
+                if let Some(since) = self.store.get_cursor(NONCES_SINCE).await? {
+                    return Ok(i64::try_from(since).unwrap_or(i64::MAX));
+                }
+                // A store with keys but no record was written by a version that kept nonces
+                // in each gateway's memory: requests dated before now may have been accepted
+                // there. A store without keys has accepted no request, so it covers them all.
+                let since = if self.store.has_keys().await? {
+                    id::unix_now()
+                } else {
+                    0
+                };
+                self.store
+                    .set_cursor(NONCES_SINCE, u64::try_from(since).unwrap_or(0))
+                    .await?;
+                Ok(since)
+            })
+            .await
+            .copied()
+    }
+
+    /// Spends a request nonce (see the `UseNonce` RPC).
+    pub async fn use_nonce(&self, key_id: &str, nonce: &str, date: i64) -> Result<()> {
+        let key_id = required("key_id", key_id)?;
+        if key_id.len() > 128 {
+            return Err(RegistryError::bad_request("key_id is too long"));
+        }
+        if !signing::is_valid_nonce(nonce) {
+            return Err(RegistryError::bad_request(
+                "nonce must be 16 to 64 characters of [A-Za-z0-9_-]",
+            ));
+        }
+        let now = id::unix_now();
+        if date > now.saturating_add(NONCE_KEEP_SECS) {
+            return Err(RegistryError::bad_request("request is dated in the future"));
+        }
+        if date < self.nonces_since().await? {
+            return Err(RegistryError::bad_request(
+                "request is dated before the replay window the nonce store covers",
+            ));
+        }
+        self.store
+            .use_nonce(
+                key_id,
+                nonce,
+                date.saturating_add(NONCE_KEEP_SECS),
+                self.policy.max_nonces_per_key,
+            )
+            .await
     }
 
     /// The same service with `ledger` instead of the embedded one.
@@ -415,7 +662,7 @@ impl Registry for RegistryService {
         let idem = idempotency_key(&request);
         RegistryService::create_account(self, request.into_inner(), idem)
             .await
-            .map(|a| Response::new(account_pb(a)))
+            .map(|a| Response::new(account_pb(a, 0)))
             .map_err(|e| status("create_account", e))
     }
 
@@ -426,10 +673,12 @@ impl Registry for RegistryService {
         let req = request.into_inner();
         async {
             let id = required("account_id", &req.account_id)?;
-            self.store.get_account(id).await
+            let account = self.store.get_account(id).await?;
+            let held = self.store.held_credits(id).await?;
+            Ok(account_pb(account, held))
         }
         .await
-        .map(|a| Response::new(account_pb(a)))
+        .map(Response::new)
         .map_err(|e| status("get_account", e))
     }
 
@@ -472,6 +721,17 @@ impl Registry for RegistryService {
             .map_err(|e| status("lookup_key", e))
     }
 
+    async fn use_nonce(
+        &self,
+        request: Request<pb::UseNonceRequest>,
+    ) -> Result<Response<pb::UseNonceResponse>, Status> {
+        let req = request.into_inner();
+        RegistryService::use_nonce(self, &req.key_id, &req.nonce, req.date)
+            .await
+            .map(|()| Response::new(pb::UseNonceResponse {}))
+            .map_err(|e| status("use_nonce", e))
+    }
+
     async fn grant_credits(
         &self,
         request: Request<pb::GrantCreditsRequest>,
@@ -486,13 +746,15 @@ impl Registry for RegistryService {
                      marketplace contract",
                 ));
             }
-            match &idem {
-                Some(key) => self.store.grant_once(id, req.amount, key).await,
-                None => self.store.grant(id, req.amount).await,
-            }
+            let account = match &idem {
+                Some(key) => self.store.grant_once(id, req.amount, key).await?,
+                None => self.store.grant(id, req.amount).await?,
+            };
+            let held = self.store.held_credits(id).await?;
+            Ok(account_pb(account, held))
         }
         .await
-        .map(|a| Response::new(account_pb(a)))
+        .map(Response::new)
         .map_err(|e| status("grant_credits", e))
     }
 
@@ -570,9 +832,15 @@ impl Registry for RegistryService {
                     "idempotency_key must be at most 256 bytes",
                 ));
             }
+            if req.fingerprint.len() > 128 {
+                return Err(RegistryError::bad_request(
+                    "fingerprint must be at most 128 bytes",
+                ));
+            }
             let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
+            let fingerprint = Some(req.fingerprint.as_str()).filter(|f| !f.is_empty());
             self.ledger.check_chargeable(model_id).await?;
-            self.store.reserve(account_id, model_id, key).await
+            RegistryService::reserve(self, account_id, model_id, key, fingerprint).await
         }
         .await
         .map(|r| Response::new(reservation_pb(r)))
@@ -586,7 +854,9 @@ impl Registry for RegistryService {
         let req = request.into_inner();
         async {
             let id = required("reservation_id", &req.reservation_id)?;
-            self.store.commit(id).await
+            let response =
+                Some(req.response).filter(|r| !r.is_empty() && r.len() <= MAX_KEPT_RESPONSE);
+            self.store.commit_with(id, response).await
         }
         .await
         .map(|r| Response::new(receipt_pb(r)))
@@ -603,7 +873,15 @@ impl Registry for RegistryService {
             self.store.release(id).await
         }
         .await
-        .map(|_| Response::new(pb::ReleaseResponse {}))
+        .map(|r| {
+            Response::new(pb::ReleaseResponse {
+                state: match r.state {
+                    ReservationState::Committed => "committed",
+                    _ => "released",
+                }
+                .to_owned(),
+            })
+        })
         .map_err(|e| status("release", e))
     }
 
@@ -635,6 +913,66 @@ impl Registry for RegistryService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service_on(dir: &std::path::Path) -> RegistryService {
+        let store = Arc::new(crate::store::RedbStore::open_in(dir).unwrap());
+        RegistryService::new(
+            store,
+            Kek::new(modelhub_core::crypto::SecretKey::generate()),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_nonce_store_covers_every_date_of_a_new_store_and_none_before_an_upgrade() {
+        let nonce = || signing::new_nonce();
+        let old = id::unix_now() - 200;
+        // A new store has accepted no request: any date in the window is fine.
+        let fresh = tempfile::tempdir().unwrap();
+        let service = service_on(fresh.path());
+        service.start_keeping_nonces().await.unwrap();
+        service.use_nonce("mhk_a", &nonce(), old).await.unwrap();
+
+        // A store that has keys but no record of when nonces began (an upgrade from gateways
+        // that kept nonces in memory) refuses requests dated before it began keeping them.
+        let upgraded = tempfile::tempdir().unwrap();
+        let store = crate::store::RedbStore::open_in(upgraded.path()).unwrap();
+        store
+            .create_account(Account {
+                account_id: "acct_a".into(),
+                name: "a".into(),
+                admin: false,
+                credits: 0,
+                earnings: 0,
+                created_at: old,
+                wallet: None,
+            })
+            .await
+            .unwrap();
+        store
+            .create_key(ApiKey {
+                key_id: "mhk_a".into(),
+                account_id: "acct_a".into(),
+                sealed_secret: vec![1],
+                revoked: false,
+                created_at: old,
+            })
+            .await
+            .unwrap();
+        drop(store);
+        let service = service_on(upgraded.path());
+        service.start_keeping_nonces().await.unwrap();
+        let e = service.use_nonce("mhk_a", &nonce(), old).await.unwrap_err();
+        assert_eq!(e.code(), modelhub_core::ErrorCode::BadRequest, "{e}");
+        service
+            .use_nonce("mhk_a", &nonce(), id::unix_now())
+            .await
+            .unwrap();
+        // The record is kept: a restart does not move the line.
+        drop(service);
+        let service = service_on(upgraded.path());
+        let again = service.use_nonce("mhk_a", &nonce(), old).await.unwrap_err();
+        assert_eq!(again.code(), modelhub_core::ErrorCode::BadRequest);
+    }
 
     #[test]
     fn names_and_versions_are_checked() {
@@ -669,6 +1007,10 @@ mod tests {
             },
             pb::CreateModelRequest {
                 sha256: String::new(),
+                ..ok.clone()
+            },
+            pb::CreateModelRequest {
+                digest: Some("ab".repeat(31)),
                 ..ok.clone()
             },
             pb::CreateModelRequest {

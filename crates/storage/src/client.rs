@@ -2,6 +2,7 @@
 //! streams the plaintext into memory and checks it against the model reference.
 
 use modelhub_core::ApiError;
+use modelhub_mtls::{Identity, TlsDir};
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::storage::v1::GetModelRequest;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
@@ -22,12 +23,12 @@ pub enum FetchError {
     Integrity(String),
 }
 
-/// A lazily connected storage client (TCP_NODELAY, 5 s connect timeout).
-pub fn connect_lazy(endpoint: &str) -> Result<StorageClient<Channel>, String> {
-    let channel = Channel::from_shared(endpoint.to_string())
-        .map_err(|e| format!("storage endpoint {endpoint:?} is not a valid URI: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .tcp_nodelay(true)
+/// A lazily connected storage client over mutual TLS with `tls`'s certificate (`endpoint` is
+/// `https://HOST:PORT`; TCP_NODELAY, 5 s connect timeout).
+pub fn connect_lazy(tls: &TlsDir, endpoint: &str) -> Result<StorageClient<Channel>, String> {
+    let channel = tls
+        .endpoint(Identity::Storage, endpoint)
+        .map_err(|e| e.to_string())?
         .connect_lazy();
     Ok(StorageClient::new(channel).max_decoding_message_size(crate::MAX_MESSAGE_BYTES))
 }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use modelhub_core::crypto::Kek;
+use modelhub_mtls::{Identity, TlsDir, policy};
 use modelhub_proto::storage::v1::storage_server::StorageServer;
 
 pub use blob::{BlobStore, LocalBlobStore};
@@ -73,10 +74,20 @@ pub struct Settings {
         default_value_t = 5_000
     )]
     pub ipfs_first_byte_timeout_ms: u64,
+    /// Folder of the mutual-TLS files made by `modelhub certs`: `ca.pem`, `storage.pem`,
+    /// `storage.key`. The storage speaks only TLS and serves only callers with a certificate from
+    /// that CA, each only the methods its identity may call.
+    #[arg(
+        long,
+        env = "MODELHUB_STORAGE_MTLS_DIR",
+        default_value = "./modelhub-data/tls"
+    )]
+    pub mtls_dir: PathBuf,
 }
 
 impl Settings {
-    /// Settings for tests (and `modelhub up`): everything under `data_dir`, the default limits.
+    /// Settings for tests (and `modelhub up`): everything under `data_dir`, the default limits;
+    /// set `mtls_dir` to a test PKI (`modelhub_testkit::tls`).
     pub fn for_test(data_dir: &Path) -> Settings {
         Settings {
             data_dir: data_dir.to_path_buf(),
@@ -85,6 +96,7 @@ impl Settings {
             ipfs_api: None,
             ipfs_timeout_ms: 30_000,
             ipfs_first_byte_timeout_ms: 5_000,
+            mtls_dir: PathBuf::from("./modelhub-data/tls"),
         }
     }
 
@@ -146,6 +158,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = TlsDir::load(&settings.mtls_dir, Identity::Storage)?;
     let service = build(&settings)?;
     let addr = listener.local_addr()?;
     if let Some(ipfs) = settings.ipfs_store()? {
@@ -162,7 +175,7 @@ pub async fn run(
     health.set_serving::<StorageServer<StorageService>>().await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(%addr, data_dir = %settings.data_dir.display(), "storage listening");
-    tonic::transport::Server::builder()
+    tls.server(&policy::STORAGE)?
         .add_service(health_service)
         .add_service(
             StorageServer::new(service)

@@ -1,6 +1,7 @@
 //! gRPC helpers for service tests: a spawned server that stops on demand, and putting a model
 //! into storage the way the gateway does.
 
+use modelhub_mtls::Identity;
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::storage::v1 as spb;
 use modelhub_proto::storage::v1::put_model_request::Part;
@@ -12,7 +13,8 @@ use tonic::transport::Channel;
 /// A service started with `run(settings, listener, shutdown)` on a loopback port.
 #[derive(Debug)]
 pub struct Server {
-    /// `http://127.0.0.1:PORT`
+    /// `https://127.0.0.1:PORT` (the services speak mutual TLS: connect with
+    /// [`crate::tls::TestPki::channel`]).
     pub url: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -31,7 +33,7 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let url = format!("https://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run(
             listener,
@@ -46,11 +48,10 @@ impl Server {
         }
     }
 
-    /// A lazily connected channel to it.
-    pub fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone())
-            .expect("url")
-            .connect_lazy()
+    /// A lazily connected channel to the `server` service it runs, as `caller`, with the
+    /// shared test certificates ([`crate::tls::TestPki::shared`]).
+    pub fn channel(&self, caller: Identity, server: Identity) -> Channel {
+        crate::tls::TestPki::shared().channel(caller, server, &self.url)
     }
 
     /// Stops the server and waits until it has returned (panics if it failed).

@@ -1,10 +1,12 @@
 //! Test harness shared by the integration tests: the generated test models, the workspace
-//! root, and polling with a deadline (never sleeps to wait for things).
+//! root, polling with a deadline (never sleeps to wait for things), certificates for the
+//! mutual TLS of the internal services ([`tls::TestPki`]).
 //!
 //! The in-process cluster itself lives in `modelhub_cli::up`, which is what `modelhub up` runs;
 //! tests start it on `127.0.0.1:0` listeners.
 
 pub mod grpc;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

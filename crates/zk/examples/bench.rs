@@ -20,7 +20,7 @@
 use std::time::Instant;
 
 use modelhub_zk::onnx::{FloatLayer, mlp_onnx, random_dense};
-use modelhub_zk::{Keys, Params, QuantizedModel, commit, compile, prove, verify};
+use modelhub_zk::{Keys, ModelDigest, Params, QuantizedModel, commit, compile, prove, verify};
 
 /// The compiled model, relaid with `BENCH_LANES` lanes if set.
 fn compile_bench(onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<QuantizedModel> {
@@ -88,12 +88,12 @@ fn run(name: &str, onnx: &[u8], samples: &[Vec<f32>]) -> anyhow::Result<()> {
     }
     let bundle = bundle.expect("proved");
     let t = Instant::now();
-    verify(&params, &bundle)?;
+    verify(&params, &bundle, &ModelDigest::of(&model.spec, &c))?;
     let verify_first_ms = ms(t);
     let mut verify_ms = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        verify(&params, &bundle)?;
+        verify(&params, &bundle, &ModelDigest::of(&model.spec, &c))?;
         verify_ms.push(ms(t));
     }
     prove_ms.sort_by(f64::total_cmp);
@@ -248,12 +248,12 @@ fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyh
     }
     let bundle = bundle.ok_or_else(|| anyhow::anyhow!("nothing proved"))?;
     let t = Instant::now();
-    verify(&params, &bundle)?;
+    verify(&params, &bundle, &ModelDigest::of(&model.spec, &c))?;
     let verify_first_ms = ms(t);
     let mut verify_ms = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        verify(&params, &bundle)?;
+        verify(&params, &bundle, &ModelDigest::of(&model.spec, &c))?;
         verify_ms.push(ms(t));
     }
     // Profiling aid: `BENCH_VERIFY_LOOP=N` verifies N more times (after the figures above).
@@ -268,7 +268,7 @@ fn run_file(name: &str, onnx_path: &str, data_path: &str, proves: usize) -> anyh
         eprintln!("validate: {:.3} ms", ms(t) / n as f64);
         let t = Instant::now();
         for _ in 0..n {
-            verify(&params, &bundle)?;
+            verify(&params, &bundle, &ModelDigest::of(&model.spec, &c))?;
         }
         eprintln!("verify: {:.3} ms", ms(t) / n as f64);
     }

@@ -26,6 +26,9 @@ pub mod maxpool;
 pub mod requant;
 pub mod table;
 
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
 use halo2_proofs::{
     circuit::{Layouter, SimpleFloorPlanner, Value},
     plonk::{Circuit, Column, ConstraintSystem, Error, Instance},
@@ -37,8 +40,9 @@ use self::dense::{DenseConfig, DenseInput};
 use self::maxpool::MaxPoolConfig;
 use self::requant::RequantConfig;
 use self::table::ActTableConfig;
+use crate::ZkError;
 use crate::field::{fe, job_id_element};
-use crate::quant::{CircuitSpec, JOB_ROW, LANES, Layout, QLayer};
+use crate::quant::{CircuitSpec, JOB_ROW, LANES, Layout, QLayer, UNUSABLE_ROWS};
 use crate::shape::LayerKind;
 
 /// Number of advice columns of a circuit with `lanes` lanes (the proof starts with this many
@@ -133,6 +137,48 @@ macro_rules! with_circuit {
     }};
 }
 pub(crate) use with_circuit;
+
+/// The circuit facts the weight link relies on, read from the spec's own constraint system (as
+/// `keygen_vk` configures it): halo2 blinds the last [`UNUSABLE_ROWS`] rows (the link's `R`),
+/// and there are [`num_advice`]`(lanes)` advice columns (the proof's first commitments; the
+/// first `lanes` are the weight columns). Checked by every verification, once per circuit type.
+pub(crate) fn check_layout(spec: &CircuitSpec) -> Result<(), ZkError> {
+    type Seen = Mutex<HashSet<(bool, u32)>>;
+    static CHECKED: OnceLock<Seen> = OnceLock::new();
+    let key = (spec.extended(), spec.lanes);
+    let checked = CHECKED.get_or_init(Default::default);
+    if checked.lock().map(|c| c.contains(&key)).unwrap_or(false) {
+        return Ok(());
+    }
+    let (blinding, advice) = with_circuit!(spec, C => {
+        let mut cs = ConstraintSystem::<Fp>::default();
+        C::configure(&mut cs);
+        (cs.blinding_factors(), advice_column_count(&cs))
+    })?;
+    if blinding + 1 != UNUSABLE_ROWS || advice != Some(num_advice(spec.lane_count())) {
+        return Err(ZkError::Internal(format!(
+            "the circuit for {} lanes does not have the layout the weight link needs \
+             ({blinding} blinding rows, {advice:?} advice columns)",
+            spec.lanes
+        )));
+    }
+    if let Ok(mut c) = checked.lock() {
+        c.insert(key);
+    }
+    Ok(())
+}
+
+/// The number of advice columns of a configured constraint system. halo2 0.4 has no getter;
+/// its pinned description (what the verifying key hashes) prints it.
+fn advice_column_count(cs: &ConstraintSystem<Fp>) -> Option<usize> {
+    let pinned = format!("{:?}", cs.pinned());
+    let at = pinned.find("num_advice_columns: ")? + "num_advice_columns: ".len();
+    let digits: String = pinned[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
 
 impl<const EXT: bool, const L: usize> Circuit<Fp> for ModelCircuit<EXT, L> {
     type Config = ModelConfig;
@@ -365,6 +411,9 @@ mod tests {
         wide::<true, 32>(5);
         wide::<true, 64>(5);
         assert_eq!([16, 32, 64].map(num_advice), [37, 69, 133]);
+        let mut cs = ConstraintSystem::<Fp>::default();
+        ModelCircuit::<true, 32>::configure(&mut cs);
+        assert_eq!(advice_column_count(&cs), Some(num_advice(32)));
     }
 
     /// Conv 3×3 (pads 1) + ReLU → MaxPool 3×3 stride 2 (pads on the top and left) → Dense →

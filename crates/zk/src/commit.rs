@@ -48,7 +48,7 @@
 //! the circuit.
 
 use std::fs;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -58,10 +58,36 @@ use halo2_proofs::poly::{EvaluationDomain, commitment::Blind};
 use pasta_curves::{Eq, EqAffine, Fp};
 use rand_core::Rng;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
 
 use crate::ZkError;
 use crate::field::fe;
 use crate::quant::{LANE_CHOICES, Layout, MAX_K, MIN_K, QuantizedModel, UNUSABLE_ROWS};
+
+/// SHA-256 of `params-k{k}.bin` (halo2's `Params::new(k)` written by `Params::write`) for
+/// `k = MIN_K..=MAX_K`: the only parameter files [`Params::load_or_create`] accepts. Checked
+/// against freshly made params by the test `params_are_pinned`.
+pub const PINNED_PARAMS: [&str; (MAX_K - MIN_K + 1) as usize] = [
+    "b7ea13dd3cfe5db384fab28fd90c4ca7327fb20d3fde16c12eb8b3f81538cb62", // k = 9
+    "65235f086265cdf98b12514ab36fe9b849198870918d73cd160903ceb0a954dc", // k = 10
+    "1eab6f93a080ce41b908d935c04bd2e3ed1ac23f277c15d11c499d56d28fa0f7", // k = 11
+    "1b97b06da453b9efb1ae18b9ba77c3d870f22dc72898297d5707e340c3f44865", // k = 12
+    "76ebe6b75b5281cb1dcc2eb04888968573758672b521522f62abedf6366bb876", // k = 13
+    "1cb278fe4d9cf5325e5cbc710d863c0deca3e961e1b8f6c8736890c43345c461", // k = 14
+    "e1fb29749c7bd0870768044d5329b4e293cb2d44dae24db2554605427b19d0dd", // k = 15
+    "174780f80c577d968d10bc3f0a8f819e55a96b9e882ffe73c15d55e9f94053e2", // k = 16
+    "7c65b8e3d12f2c1054f07c2721da8670d97f0f14c846df6bcf4d390dd62cbceb", // k = 17
+    "50645fa7a51508a3fe9e34b5b34ee31bfe6a19891364b682d801b3ca265afe33", // k = 18
+];
+
+fn pinned_params(k: u32) -> Result<[u8; 32], ZkError> {
+    let unsupported = || ZkError::Internal(format!("k = {k} is not supported"));
+    let i = k.checked_sub(MIN_K).ok_or_else(unsupported)? as usize;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(PINNED_PARAMS.get(i).ok_or_else(unsupported)?, &mut out)
+        .map_err(|_| unsupported())?;
+    Ok(out)
+}
 
 /// halo2's IPA parameters for one `k` (plus the cached link-proof bases).
 pub struct Params {
@@ -98,13 +124,21 @@ impl Params {
     }
 
     /// Reads `dir/params-k{k}.bin`, or generates it and writes it (temp file, then rename).
+    /// Either way the file's bytes must have the SHA-256 pinned for `k` ([`PINNED_PARAMS`]):
+    /// params with other generators (whose discrete-log relations someone might know) are
+    /// refused, never used.
     pub fn load_or_create(dir: &Path, k: u32) -> Result<Params, ZkError> {
+        let pinned = pinned_params(k)?;
         let path = dir.join(format!("params-k{k}.bin"));
         if path.exists() {
-            let file = fs::File::open(&path)?;
-            let inner = halo2_proofs::poly::commitment::Params::<EqAffine>::read(
-                &mut BufReader::new(file),
-            )?;
+            let bytes = fs::read(&path)?;
+            if <[u8; 32]>::from(Sha256::digest(&bytes)) != pinned {
+                return Err(ZkError::Verification(format!(
+                    "params-k{k}.bin is not the pinned parameter file for k = {k} (SHA-256 \
+                     mismatch); delete it to have it made again"
+                )));
+            }
+            let inner = halo2_proofs::poly::commitment::Params::<EqAffine>::read(&mut &bytes[..])?;
             if inner.k() != k {
                 return Err(ZkError::Internal(format!(
                     "cached params have k = {}, expected {k}",
@@ -114,11 +148,18 @@ impl Params {
             return Ok(Params::wrap(inner));
         }
         let params = Params::new(k)?;
+        let mut bytes = Vec::new();
+        params.inner.write(&mut bytes)?;
+        if <[u8; 32]>::from(Sha256::digest(&bytes)) != pinned {
+            return Err(ZkError::Internal(format!(
+                "this build makes params for k = {k} that differ from the pinned ones"
+            )));
+        }
         fs::create_dir_all(dir)?;
         let tmp = dir.join(format!(".params-k{k}.bin.{}.tmp", std::process::id()));
         {
             let mut w = BufWriter::new(fs::File::create(&tmp)?);
-            params.inner.write(&mut w)?;
+            w.write_all(&bytes)?;
             w.flush()?;
             w.get_ref().sync_all()?;
         }
@@ -504,6 +545,45 @@ mod tests {
         assert_eq!(wa, wb);
         assert_eq!(b.k(), MIN_K);
         assert!(Params::load_or_create(dir.path(), 40).is_err());
+
+        // A file with other contents (here: another k's params under this name) is refused.
+        let other = dir.path().join(format!("params-k{}.bin", MIN_K + 1));
+        std::fs::write(&other, &wa).unwrap();
+        let err = Params::load_or_create(dir.path(), MIN_K + 1).unwrap_err();
+        assert!(err.to_string().contains("pinned"), "{err}");
+        // One flipped byte too.
+        let mut flipped = wa.clone();
+        flipped[100] ^= 1;
+        std::fs::write(dir.path().join(format!("params-k{MIN_K}.bin")), &flipped).unwrap();
+        assert!(Params::load_or_create(dir.path(), MIN_K).is_err());
+    }
+
+    /// The pins are what this build makes (the small sizes every run; all of them with
+    /// `--ignored`, which takes about 15 minutes in a debug build here).
+    #[test]
+    fn params_are_pinned() {
+        check_pins(MIN_K..=MIN_K + 1);
+    }
+
+    #[test]
+    #[ignore = "makes params up to k = 18"]
+    fn all_params_are_pinned() {
+        check_pins(MIN_K..=MAX_K);
+    }
+
+    fn check_pins(ks: std::ops::RangeInclusive<u32>) {
+        let made: Vec<(u32, String)> = ks
+            .map(|k| {
+                let mut bytes = Vec::new();
+                Params::new(k).unwrap().inner.write(&mut bytes).unwrap();
+                let sum = hex::encode(Sha256::digest(&bytes));
+                eprintln!("    \"{sum}\", // k = {k}");
+                (k, sum)
+            })
+            .collect();
+        for (k, sum) in made {
+            assert_eq!(sum, PINNED_PARAMS[(k - MIN_K) as usize], "k = {k}");
+        }
     }
 
     #[test]

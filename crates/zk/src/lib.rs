@@ -5,7 +5,9 @@
 //! [`QuantizedModel`] whose public [`CircuitSpec`] fixes a halo2 circuit (IPA over the Pasta
 //! curves, no trusted setup). The weights are private witnesses bound to a public
 //! [`Commitment`] made once at upload ([`commit()`]); [`prove`] proves that the quantized output is the model applied to the
-//! quantized input for one job id; [`verify`] checks a [`ProofBundle`] from the spec alone.
+//! quantized input for one job id; [`verify`] checks a [`ProofBundle`] from the spec alone,
+//! against the [`ModelDigest`] the verifier expects (the digest of spec and commitment that the
+//! registry and the chain record for the model: a proof names the model it proves).
 //! The spec's neuron lanes per row (8, 16, 32 or 64, [`LANE_CHOICES`]) are chosen by
 //! [`choose_lanes`] from the layer shapes: the layout with the smallest circuit (the cheapest
 //! verification), 8 for small models (the original circuit).
@@ -15,8 +17,9 @@
 //! commit(model, params)  -> (Commitment, Opening)        at upload
 //! Keys::load_or_create(params, spec, dir) -> Keys         keygen once per spec, then from disk
 //! prove(params, keys, model, commitment, opening, input, job_id) -> ProofBundle
-//! verify(params, bundle)                                   anyone, from bundle.spec
-//! verify_cached(params, bundle, dir)                       the same, verifying key kept on disk
+//! ModelDigest::of(spec, commitment) -> ModelDigest      what the registry and chain record
+//! verify(params, bundle, expected_digest)                  anyone, from bundle.spec
+//! verify_cached(params, bundle, expected_digest, dir)      the same, verifying key kept on disk
 //! ```
 //!
 //! Keys and their files are in [`keys`] (halo2_proofs patched with key serialization,
@@ -24,6 +27,7 @@
 
 mod circuit;
 pub mod commit;
+pub mod digest;
 mod error;
 pub mod field;
 pub mod keys;
@@ -33,6 +37,7 @@ pub mod quant;
 pub mod shape;
 
 pub use commit::{Commitment, Opening, Params, commit};
+pub use digest::ModelDigest;
 pub use error::ZkError;
 pub use keys::{KeySource, Keys};
 pub use proof::{

@@ -101,6 +101,11 @@ pub struct Dimension {
 }
 
 impl ValueInfoProto {
+    /// The element type, if declared.
+    fn elem_type(&self) -> Option<i32> {
+        Some(self.r#type.as_ref()?.tensor_type.as_ref()?.elem_type)
+    }
+
     /// The dimensions after the batch dimension, if all are known.
     fn sample_shape(&self) -> Option<Vec<usize>> {
         let dims = &self
@@ -178,6 +183,60 @@ pub struct TensorProto {
 
 /// `TensorProto.DataType.FLOAT`.
 pub const DATA_TYPE_FLOAT: i32 = 1;
+/// `TensorProto.DataType.INT64` (shapes).
+pub const DATA_TYPE_INT64: i32 = 7;
+
+/// The oldest default-domain opset the compiler reads: from 7 on, `Gemm` has no `broadcast`,
+/// `Cast` takes its target as an integer, `Reshape` its shape as an input, and `AveragePool`
+/// knows `count_include_pad`.
+pub const MIN_OPSET: i64 = 7;
+/// The newest default-domain opset whose definitions of the supported ops were checked (up to
+/// 23 they add types and attributes; the attributes that change an op's meaning are refused
+/// by name); a newer model is refused rather than read under older meanings.
+pub const MAX_OPSET: i64 = 23;
+
+/// The most values any tensor of a provable model can have: each value takes at least one row
+/// of the largest circuit (`2^MAX_K`). Every size derived from the model is computed with
+/// checked arithmetic and bounded by this before anything is allocated for it.
+pub const MAX_VALUES: usize = 1 << crate::quant::MAX_K;
+
+/// The most weights (and biases) of a provable model: every one takes a cell of a weight
+/// column, and no layout has more than `8 · 2^18 = 64 · 2^15` of them.
+pub const MAX_WEIGHTS: usize = 8 << crate::quant::MAX_K;
+
+/// The ONNX name of a tensor data type, for messages.
+fn type_name(t: i32) -> String {
+    const NAMES: [&str; 17] = [
+        "UNDEFINED",
+        "FLOAT",
+        "UINT8",
+        "INT8",
+        "UINT16",
+        "INT16",
+        "INT32",
+        "INT64",
+        "STRING",
+        "BOOL",
+        "FLOAT16",
+        "DOUBLE",
+        "UINT32",
+        "UINT64",
+        "COMPLEX64",
+        "COMPLEX128",
+        "BFLOAT16",
+    ];
+    usize::try_from(t)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .map_or_else(|| format!("type {t}"), |n| (*n).to_string())
+}
+
+/// The product of `dims`, if it is at most [`MAX_VALUES`].
+fn bounded_product(dims: &[usize]) -> Option<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= MAX_VALUES)
+}
 
 /// One layer in float: linear `y = W x + b`, then ReLU if `relu`; or, with no weights, a max
 /// pooling or an elementwise sigmoid / tanh ([`LayerKind`]).
@@ -257,6 +316,18 @@ struct Constant {
 }
 
 fn constant(t: &TensorProto) -> Result<Constant, ZkError> {
+    // Only FLOAT is read: any other type (INT32 raw bytes read as f32 bit patterns, DOUBLE,
+    // FLOAT16…) would make the circuit another model than the one ONNX Runtime runs.
+    if t.data_type != DATA_TYPE_FLOAT {
+        return Err(ZkError::unsupported(
+            "initializer",
+            format!(
+                "tensor {} has data type {}; the circuit compiler reads FLOAT weights only",
+                t.name,
+                type_name(t.data_type)
+            ),
+        ));
+    }
     if t.data_location != 0 {
         return Err(ZkError::unsupported(
             "initializer",
@@ -318,6 +389,19 @@ fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
 pub fn parse(bytes: &[u8]) -> Result<FloatModel, ZkError> {
     let model = ModelProto::decode(bytes)
         .map_err(|_| ZkError::unsupported("model", "not a valid ONNX ModelProto"))?;
+    let opset = model
+        .opset_import
+        .iter()
+        .filter(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .max()
+        .ok_or_else(|| ZkError::unsupported("model", "the model imports no ONNX opset"))?;
+    if !(MIN_OPSET..=MAX_OPSET).contains(&opset) {
+        return Err(ZkError::unsupported(
+            "model",
+            format!("opset {opset} (the circuit compiler reads opsets {MIN_OPSET} to {MAX_OPSET})"),
+        ));
+    }
     let graph = model
         .graph
         .ok_or_else(|| ZkError::unsupported("model", "the model has no graph"))?;
@@ -336,9 +420,26 @@ pub fn parse(bytes: &[u8]) -> Result<FloatModel, ZkError> {
             format!("expected exactly one graph input, found {}", inputs.len()),
         ));
     };
+    if input.elem_type() != Some(DATA_TYPE_FLOAT) {
+        return Err(ZkError::unsupported(
+            "graph",
+            format!(
+                "input {} is {}; proofs take a FLOAT input",
+                input.name,
+                input
+                    .elem_type()
+                    .map_or_else(|| "untyped".into(), type_name)
+            ),
+        ));
+    }
     let mut current = input.name.clone();
     // Shape of the running tensor without the batch dimension, when known.
     let mut shape: Option<Vec<usize>> = input.sample_shape();
+    if let Some(s) = &shape
+        && bounded_product(s).is_none()
+    {
+        return Err(too_large("graph", format!("input {}", input.name)));
+    }
     let mut layers: Vec<FloatLayer> = Vec::new();
     // Whether the last layer can still take a bias (`Add`) or a `Relu`.
     let mut last_is_open = false;
@@ -370,14 +471,32 @@ pub fn parse(bytes: &[u8]) -> Result<FloatModel, ZkError> {
         let on_current = first == current;
         match op {
             "Reshape" if on_current => {
-                shape = node
+                if attr(node, "allowzero").is_some_and(|a| a.i != 0) {
+                    return Err(ZkError::unsupported(op, "allowzero is not supported"));
+                }
+                let target = node
                     .input
                     .get(1)
                     .and_then(|n| constants.get(n.as_str()))
-                    .and_then(|t| reshape_target(t, shape.as_deref()));
+                    .ok_or_else(|| ZkError::unsupported(op, "the shape must be a constant"))?;
+                shape = reshape_target(target, shape.as_deref())?;
                 current = out;
             }
             "Flatten" if on_current => {
+                // Batch 1: output [prod(dims[..axis]), prod(dims[axis..])], a flat vector only
+                // for axis 0 or 1 (negative axes count from the end, opset 11 on).
+                let axis = attr(node, "axis").map_or(1, |a| a.i);
+                let axis = match (axis, &shape) {
+                    (a, _) if a >= 0 => a,
+                    (a, Some(s)) if opset >= 11 => a + 1 + s.len() as i64,
+                    _ => -1,
+                };
+                if !(0..=1).contains(&axis) {
+                    return Err(ZkError::unsupported(
+                        op,
+                        "only a Flatten to one row (axis 0 or 1) is supported",
+                    ));
+                }
                 shape = shape.map(|s| vec![s.iter().product()]);
                 current = out;
             }
@@ -577,12 +696,36 @@ pub fn parse(bytes: &[u8]) -> Result<FloatModel, ZkError> {
             ));
         }
     }
+    check_limits(&layers)?;
     let output_name = head_from.unwrap_or(current);
     Ok(FloatModel {
         input_name: input.name.clone(),
         output_name,
         layers,
     })
+}
+
+/// The whole model against the circuit limits, before calibration allocates anything per
+/// layer: every layer's width at most [`MAX_VALUES`], all weights together at most
+/// [`MAX_WEIGHTS`].
+fn check_limits(layers: &[FloatLayer]) -> Result<(), ZkError> {
+    let mut weights = 0usize;
+    for (i, l) in layers.iter().enumerate() {
+        if l.inputs > MAX_VALUES || l.outputs > MAX_VALUES {
+            return Err(too_large("graph", format!("layer {i}")));
+        }
+        weights = weights
+            .checked_add(l.weights.len())
+            .and_then(|w| w.checked_add(l.bias.len()))
+            .filter(|&w| w <= MAX_WEIGHTS)
+            .ok_or_else(|| {
+                ZkError::unsupported(
+                    "graph",
+                    format!("more than {MAX_WEIGHTS} weights, more than any circuit holds"),
+                )
+            })?;
+    }
+    Ok(())
 }
 
 /// A dense layer reads a flat vector: checks a known running shape and sets the new one.
@@ -602,50 +745,120 @@ fn flat_input(op: &str, shape: &mut Option<Vec<usize>>, layer: &FloatLayer) -> R
     Ok(())
 }
 
-/// The target shape of a `Reshape` (without the batch dimension).
-fn reshape_target(t: &TensorProto, current: Option<&[usize]>) -> Option<Vec<usize>> {
+/// The target shape of a `Reshape` (without the batch dimension; `None` if the running shape
+/// is unknown). The batch dimension must stay 1; a `0` copies the input's dimension
+/// (`allowzero` is refused by the caller).
+fn reshape_target(
+    t: &TensorProto,
+    current: Option<&[usize]>,
+) -> Result<Option<Vec<usize>>, ZkError> {
+    let bad = |m: String| Err(ZkError::unsupported("Reshape", m));
+    if t.data_type != DATA_TYPE_INT64 {
+        return bad(format!(
+            "shape tensor {} has data type {}; INT64 expected",
+            t.name,
+            type_name(t.data_type)
+        ));
+    }
     let dims: Vec<i64> = if !t.int64_data.is_empty() {
         t.int64_data.clone()
     } else {
+        if !t.raw_data.len().is_multiple_of(8) {
+            return bad(format!("shape tensor {} has a partial value", t.name));
+        }
         t.raw_data
             .chunks_exact(8)
             .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
             .collect()
     };
-    let total: usize = current?.iter().product();
-    let rest = dims.get(1..)?;
-    let known: i64 = rest.iter().filter(|&&d| d > 0).product();
-    let out: Option<Vec<usize>> = rest
-        .iter()
-        .map(|&d| match d {
-            -1 if known > 0 => Some(total / known as usize),
-            d if d > 0 => Some(d as usize),
-            _ => None,
-        })
+    let [batch, rest @ ..] = dims.as_slice() else {
+        return bad("the target shape has no batch dimension".into());
+    };
+    if !matches!(batch, -1..=1) {
+        return bad(format!("the batch dimension must stay 1, not {batch}"));
+    }
+    if rest.iter().any(|&d| d < -1) || rest.iter().filter(|&&d| d == -1).count() > 1 {
+        return bad(format!("invalid target shape {dims:?}"));
+    }
+    let Some(current) = current else {
+        return Ok(None);
+    };
+    let Some(total) = bounded_product(current) else {
+        return Err(too_large("Reshape", "the input".into()));
+    };
+    let mut out: Vec<Option<usize>> = Vec::with_capacity(rest.len());
+    for (i, &d) in rest.iter().enumerate() {
+        out.push(match d {
+            0 => Some(*current.get(i).ok_or_else(|| {
+                ZkError::unsupported("Reshape", "a 0 beyond the input's dimensions")
+            })?),
+            -1 => None,
+            d => Some(
+                usize::try_from(d)
+                    .ok()
+                    .filter(|&d| d <= MAX_VALUES)
+                    .ok_or_else(|| too_large("Reshape", "the target shape".into()))?,
+            ),
+        });
+    }
+    let known = bounded_product(&out.iter().flatten().copied().collect::<Vec<_>>())
+        .ok_or_else(|| too_large("Reshape", "the target shape".into()))?;
+    let out: Vec<usize> = out
+        .into_iter()
+        .map(|d| d.unwrap_or(total.checked_div(known).unwrap_or(0)))
         .collect();
-    out.filter(|o| o.iter().product::<usize>() == total)
+    if bounded_product(&out) != Some(total) {
+        return bad(format!(
+            "target shape {dims:?} does not hold the input's {total} values"
+        ));
+    }
+    Ok(Some(out))
 }
 
-fn ints(node: &NodeProto, name: &str) -> Option<Vec<u32>> {
-    attr(node, name).map(|a| {
-        a.ints
-            .iter()
-            .map(|&v| u32::try_from(v).unwrap_or(0))
-            .collect()
-    })
+/// A model too large for any circuit (`what` names the tensor).
+fn too_large(op: &str, what: String) -> ZkError {
+    ZkError::unsupported(
+        op,
+        format!("{what} has more than {MAX_VALUES} values, more than any circuit holds"),
+    )
+}
+
+/// A list of non-negative integer attributes, `None` if absent. A negative value is refused,
+/// never clamped: ONNX Runtime would not run the op as the compiler would read it.
+fn ints(node: &NodeProto, name: &str) -> Result<Option<Vec<u32>>, ZkError> {
+    let Some(a) = attr(node, name) else {
+        return Ok(None);
+    };
+    a.ints
+        .iter()
+        .map(|&v| {
+            u32::try_from(v).map_err(|_| {
+                ZkError::unsupported(
+                    node.op_type.as_str(),
+                    format!("{name} must not be negative or huge ({v})"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// A 2-d window op's `pads` (4 values, default none) and `strides` (2 values, default 1).
 fn pads_and_strides(node: &NodeProto) -> Result<([u32; 4], [u32; 2]), ZkError> {
     let op = node.op_type.as_str();
-    let pads = match ints(node, "pads") {
+    let pads = match ints(node, "pads")? {
         Some(p) if p.len() == 4 => [p[0], p[1], p[2], p[3]],
         Some(_) => return Err(ZkError::unsupported(op, "pads must have 4 values")),
         None => [0; 4],
     };
-    let stride = match ints(node, "strides") {
-        Some(s) if s.len() == 2 => [s[0], s[1]],
-        Some(_) => return Err(ZkError::unsupported(op, "strides must have 2 values")),
+    let stride = match ints(node, "strides")? {
+        Some(s) if s.len() == 2 && s.iter().all(|&v| v > 0) => [s[0], s[1]],
+        Some(_) => {
+            return Err(ZkError::unsupported(
+                op,
+                "strides must be 2 positive values",
+            ));
+        }
         None => [1, 1],
     };
     Ok((pads, stride))
@@ -664,7 +877,7 @@ fn conv_layer(
             "auto_pad is not supported (use pads)",
         ));
     }
-    if ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
+    if ints(node, "dilations")?.is_some_and(|d| d.iter().any(|&v| v != 1)) {
         return Err(ZkError::unsupported(op, "dilations are not supported"));
     }
     if attr(node, "ceil_mode").is_some_and(|a| a.i != 0) {
@@ -725,7 +938,7 @@ fn conv_layer(
         let kernel = if op == "GlobalAveragePool" {
             [dim(h), dim(w)]
         } else {
-            match ints(node, "kernel_shape") {
+            match ints(node, "kernel_shape")? {
                 Some(k) if k.len() == 2 => [k[0], k[1]],
                 _ => return Err(ZkError::unsupported(op, "kernel_shape must have 2 values")),
             }
@@ -755,15 +968,12 @@ fn conv_layer(
             },
             depthwise: true,
         };
+        // Bounded before the averaging weights are allocated.
+        check_window(op, &shape)?;
         let k = kernel[0] as usize * kernel[1] as usize;
         (shape, vec![1.0 / k as f32; c * k], vec![0.0; c])
     };
-    if !shape.is_valid() {
-        return Err(ZkError::unsupported(
-            op,
-            "unsupported kernel, stride or padding",
-        ));
-    }
+    check_window(op, &shape)?;
     let per_channel = shape.out_h() as usize * shape.out_w() as usize;
     let bias = bias
         .iter()
@@ -777,6 +987,27 @@ fn conv_layer(
         bias,
         relu: false,
     })
+}
+
+/// A window op's shape is well formed and within the circuit limits ([`MAX_VALUES`] inputs and
+/// outputs, [`MAX_WEIGHTS`] weights): checked before anything of its size is allocated.
+fn check_window(op: &str, shape: &ConvShape) -> Result<(), ZkError> {
+    if !shape.is_valid() {
+        return Err(ZkError::unsupported(
+            op,
+            "unsupported kernel, stride or padding",
+        ));
+    }
+    if shape.inputs() > MAX_VALUES || shape.outputs() > MAX_VALUES {
+        return Err(too_large(op, "the input or output".into()));
+    }
+    if shape.weight_count() > MAX_WEIGHTS {
+        return Err(ZkError::unsupported(
+            op,
+            format!("more than {MAX_WEIGHTS} weights, more than any circuit holds"),
+        ));
+    }
+    Ok(())
 }
 
 /// `MaxPool` as a max over depthwise windows (in-bounds elements only: ONNX pads with -inf).
@@ -794,7 +1025,7 @@ fn max_pool_layer(node: &NodeProto, [c, h, w]: [usize; 3]) -> Result<FloatLayer,
             "auto_pad is not supported (use pads)",
         ));
     }
-    if ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
+    if ints(node, "dilations")?.is_some_and(|d| d.iter().any(|&v| v != 1)) {
         return Err(ZkError::unsupported(op, "dilations are not supported"));
     }
     if attr(node, "ceil_mode").is_some_and(|a| a.i != 0) {
@@ -808,7 +1039,7 @@ fn max_pool_layer(node: &NodeProto, [c, h, w]: [usize; 3]) -> Result<FloatLayer,
         let whole = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         ([whole(h), whole(w)], [0; 4], [1, 1])
     } else {
-        let kernel = match ints(node, "kernel_shape") {
+        let kernel = match ints(node, "kernel_shape")? {
             Some(k) if k.len() == 2 => [k[0], k[1]],
             _ => {
                 return Err(ZkError::unsupported(
@@ -831,12 +1062,13 @@ fn max_pool_layer(node: &NodeProto, [c, h, w]: [usize; 3]) -> Result<FloatLayer,
         pads,
         depthwise: true,
     };
-    if !shape.is_valid() || !shape.pads_within_kernel() {
+    if !shape.pads_within_kernel() {
         return Err(ZkError::unsupported(
             op,
             "unsupported kernel, stride or padding (pads must be smaller than the kernel)",
         ));
     }
+    check_window(op, &shape)?;
     Ok(FloatLayer {
         inputs: shape.inputs(),
         outputs: shape.outputs(),
@@ -854,6 +1086,15 @@ fn dense(op: &str, b: &Constant, trans_b: bool) -> Result<FloatLayer, ZkError> {
     let (inputs, outputs) = if trans_b { (*d1, *d0) } else { (*d0, *d1) };
     if inputs == 0 || outputs == 0 {
         return Err(ZkError::unsupported(op, "empty weight matrix"));
+    }
+    if inputs > MAX_VALUES
+        || outputs > MAX_VALUES
+        || inputs.checked_mul(outputs).is_none_or(|n| n > MAX_WEIGHTS)
+    {
+        return Err(ZkError::unsupported(
+            op,
+            format!("a {inputs} × {outputs} weight matrix is larger than any circuit holds"),
+        ));
     }
     let mut weights = vec![0f32; inputs * outputs];
     for o in 0..outputs {
@@ -979,10 +1220,10 @@ pub fn mlp_onnx(layers: &[FloatLayer]) -> Vec<u8> {
             node: nodes,
             name: "mlp".into(),
             initializer,
-            input: vec![ValueInfoProto {
-                name: "input".into(),
-                r#type: None,
-            }],
+            input: vec![float_input(
+                "input",
+                &[-1, layers.first().map_or(0, |l| l.inputs as i64)],
+            )],
             output: vec![ValueInfoProto {
                 name: "output".into(),
                 r#type: None,
@@ -994,6 +1235,27 @@ pub fn mlp_onnx(layers: &[FloatLayer]) -> Vec<u8> {
         }],
     };
     model.encode_to_vec()
+}
+
+/// A FLOAT graph input of shape `dims` (`-1`: a named batch dimension).
+pub fn float_input(name: &str, dims: &[i64]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TensorTypeProto {
+                elem_type: DATA_TYPE_FLOAT,
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension {
+                            dim_value: d.max(0),
+                            dim_param: if d < 0 { "N".into() } else { String::new() },
+                        })
+                        .collect(),
+                }),
+            }),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -1190,5 +1452,231 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+}
+
+/// The compiler reads exactly what ONNX Runtime runs, and refuses the rest (issues 19, 20).
+#[cfg(test)]
+mod strict_tests {
+    use super::*;
+
+    fn model() -> ModelProto {
+        let layers = [
+            random_dense(4, 3, true, 1, 1.0),
+            random_dense(3, 2, false, 2, 1.0),
+        ];
+        ModelProto::decode(mlp_onnx(&layers).as_slice()).unwrap()
+    }
+
+    fn refused(m: &ModelProto, needle: &str) {
+        match parse(&m.encode_to_vec()) {
+            Err(ZkError::Unsupported { op, reason }) => {
+                assert!(
+                    reason.contains(needle),
+                    "{op}: {reason} (wanted {needle:?})"
+                );
+            }
+            other => panic!("wanted a refusal mentioning {needle:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn initializers_of_other_types_are_refused() {
+        parse(&model().encode_to_vec()).unwrap();
+        // The same 4-byte values as INT32 (or UINT32): ONNX Runtime reads integers, the old
+        // compiler read their bit patterns as floats.
+        for (t, name) in [
+            (6, "INT32"),
+            (12, "UINT32"),
+            (11, "DOUBLE"),
+            (10, "FLOAT16"),
+        ] {
+            let mut m = model();
+            m.graph.as_mut().unwrap().initializer[0].data_type = t;
+            refused(&m, name);
+        }
+        // A bias given as float_data but typed INT64 too.
+        let mut m = model();
+        m.graph.as_mut().unwrap().initializer[1].data_type = DATA_TYPE_INT64;
+        refused(&m, "INT64");
+    }
+
+    #[test]
+    fn graph_input_types_are_checked() {
+        for (t, name) in [(7, "INT64"), (11, "DOUBLE"), (3, "INT8")] {
+            let mut m = model();
+            let input = &mut m.graph.as_mut().unwrap().input[0];
+            input
+                .r#type
+                .as_mut()
+                .unwrap()
+                .tensor_type
+                .as_mut()
+                .unwrap()
+                .elem_type = t;
+            refused(&m, name);
+        }
+        let mut m = model();
+        m.graph.as_mut().unwrap().input[0].r#type = None;
+        refused(&m, "untyped");
+    }
+
+    #[test]
+    fn opsets_outside_the_checked_range_are_refused() {
+        for (v, ok) in [
+            (6, false),
+            (7, true),
+            (17, true),
+            (MAX_OPSET, true),
+            (MAX_OPSET + 1, false),
+        ] {
+            let mut m = model();
+            m.opset_import[0].version = v;
+            assert_eq!(parse(&m.encode_to_vec()).is_ok(), ok, "opset {v}");
+        }
+        let mut m = model();
+        m.opset_import.clear();
+        refused(&m, "no ONNX opset");
+    }
+
+    /// A `[1, 2, 3, 3]` input, `op` with `attrs`, then a dense layer of `width` inputs.
+    fn windowed(op: &str, attrs: Vec<AttributeProto>, width: usize) -> ModelProto {
+        let mut m =
+            ModelProto::decode(mlp_onnx(&[random_dense(width, 2, false, 3, 1.0)]).as_slice())
+                .unwrap();
+        let g = m.graph.as_mut().unwrap();
+        g.input[0] = float_input("input", &[1, 2, 3, 3]);
+        g.node.insert(
+            0,
+            NodeProto {
+                input: vec!["input".into()],
+                output: vec!["mid".into()],
+                op_type: op.into(),
+                attribute: attrs,
+                ..Default::default()
+            },
+        );
+        g.node[1].input[0] = "mid".into();
+        m
+    }
+
+    fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            ints: v.to_vec(),
+            r#type: 7,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn negative_pads_and_strides_are_refused_not_clamped() {
+        let k = || ints_attr("kernel_shape", &[2, 2]);
+        for op in ["MaxPool", "AveragePool"] {
+            parse(&windowed(op, vec![k()], 8).encode_to_vec()).unwrap();
+            let m = windowed(op, vec![k(), ints_attr("pads", &[-1, 0, 0, 0])], 8);
+            refused(&m, "negative");
+            let m = windowed(op, vec![k(), ints_attr("strides", &[-1, 1])], 8);
+            refused(&m, "negative");
+            let m = windowed(op, vec![k(), ints_attr("strides", &[0, 1])], 8);
+            refused(&m, "positive");
+            let m = windowed(op, vec![ints_attr("kernel_shape", &[-2, 2])], 8);
+            refused(&m, "negative");
+        }
+    }
+
+    #[test]
+    fn flatten_honours_its_axis() {
+        let axis = |a: i64| AttributeProto {
+            name: "axis".into(),
+            i: a,
+            r#type: 2,
+            ..Default::default()
+        };
+        // Batch 1: axis 0 and 1 (and -3 on a rank-4 input, opset 11 on) flatten to one row.
+        for a in [0, 1, -3] {
+            let m = windowed("Flatten", vec![axis(a)], 18);
+            let parsed = parse(&m.encode_to_vec()).unwrap();
+            assert_eq!(parsed.layers[0].inputs, 18, "axis {a}");
+        }
+        parse(&windowed("Flatten", vec![], 18).encode_to_vec()).unwrap();
+        // Anything else makes a matrix: the dense layer would run once per row.
+        for a in [2, 3, -1, -2] {
+            refused(&windowed("Flatten", vec![axis(a)], 18), "axis 0 or 1");
+        }
+        // Negative axes exist from opset 11 only.
+        let mut m = windowed("Flatten", vec![axis(-3)], 18);
+        m.opset_import[0].version = 10;
+        refused(&m, "axis 0 or 1");
+    }
+
+    #[test]
+    fn shape_bombs_are_refused_without_allocating() {
+        // Declared inputs of 2^24, 2^31 and 2^62 values (with a flattening op in front of the
+        // dense layer, so nothing but the declared shape says how large the tensor is).
+        for dims in [
+            vec![1, 1 << 12, 1 << 12],
+            vec![1, 1 << 31],
+            vec![1, 1 << 20, 1 << 20, 1 << 22],
+            vec![1, i64::MAX, 2],
+        ] {
+            for op in ["Sigmoid", "Flatten", "GlobalAveragePool", "AveragePool"] {
+                let mut m = windowed(op, vec![ints_attr("kernel_shape", &[2, 2])], 18);
+                m.graph.as_mut().unwrap().input[0] = float_input("input", &dims);
+                refused(&m, "more than");
+            }
+        }
+        // A pooling kernel of 2^31 × 2^31 on a small input: refused before its averaging
+        // weights would be allocated.
+        let m = windowed(
+            "AveragePool",
+            vec![ints_attr("kernel_shape", &[1 << 31, 1 << 31])],
+            8,
+        );
+        assert!(parse(&m.encode_to_vec()).is_err());
+        // A Reshape to a huge target.
+        let mut m = windowed("Reshape", vec![], 18);
+        let g = m.graph.as_mut().unwrap();
+        g.node[0].input.push("shape".into());
+        g.initializer.push(TensorProto {
+            dims: vec![3],
+            data_type: DATA_TYPE_INT64,
+            int64_data: vec![1, 1 << 40, 1 << 40],
+            name: "shape".into(),
+            ..Default::default()
+        });
+        refused(&m, "more than");
+    }
+
+    #[test]
+    fn reshape_reads_only_int64_shapes_and_keeps_the_batch() {
+        let with_shape = |data_type: i32, dims: Vec<i64>| {
+            let mut m = windowed("Reshape", vec![], 18);
+            let g = m.graph.as_mut().unwrap();
+            g.node[0].input.push("shape".into());
+            g.initializer.push(TensorProto {
+                dims: vec![dims.len() as i64],
+                data_type,
+                raw_data: dims.iter().flat_map(|d| d.to_le_bytes()).collect(),
+                name: "shape".into(),
+                ..Default::default()
+            });
+            m
+        };
+        let m = parse(&with_shape(DATA_TYPE_INT64, vec![1, -1]).encode_to_vec()).unwrap();
+        assert_eq!(m.layers[0].inputs, 18);
+        parse(&with_shape(DATA_TYPE_INT64, vec![1, 0, 9]).encode_to_vec()).unwrap();
+        refused(&with_shape(6, vec![1, -1]), "INT32");
+        refused(&with_shape(DATA_TYPE_INT64, vec![2, 9]), "batch");
+        refused(&with_shape(DATA_TYPE_INT64, vec![1, 5, 5]), "does not hold");
+    }
+
+    #[test]
+    fn oversized_dense_layers_are_refused_before_copying() {
+        // The weight matrix's dims are checked against the circuit limits first.
+        let mut m = model();
+        let w = &mut m.graph.as_mut().unwrap().initializer[0];
+        w.dims = vec![1 << 20, 1 << 20];
+        assert!(parse(&m.encode_to_vec()).is_err());
     }
 }

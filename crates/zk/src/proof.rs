@@ -1,12 +1,13 @@
-//! Proving and verifying, and the proof file format (`modelhub-proof/1`); keys are in
+//! Proving and verifying, and the proof file format (`modelhub-proof/2`); keys are in
 //! [`crate::keys`].
 //!
 //! A [`ProofBundle`] is JSON:
 //!
 //! ```text
-//! { "format": "modelhub-proof/1",
+//! { "format": "modelhub-proof/2",
 //!   "spec":   CircuitSpec (public circuit description; see quant::CircuitSpec),
-//!   "public": { "input":  [i64]  quantized input,  x_q = round(x · 2^spec.input_scale),
+//!   "public": { "model_digest": hex, 32 bytes: the model this proves (crate::digest),
+//!               "input":  [i64]  quantized input,  x_q = round(x · 2^spec.input_scale),
 //!               "output": [i64]  quantized output, y = y_q · 2^-(last layer output_scale),
 //!               "commitment": hex, spec.lanes compressed Vesta points (32 bytes each) = the
 //!                             model's weight commitment recorded at upload,
@@ -14,16 +15,21 @@
 //!   "proof": base64, "link": base64 }
 //! ```
 //!
-//! To verify: check `format`; validate the spec; check `input` ⊂ `activation_range` and
-//! `output` ⊂ `output_range`; rebuild the verifying key with `keygen_vk` (halo2_proofs 0.4,
-//! `Params::new(spec.k)`) from the witness-free circuit of the spec; check the link proof
+//! To verify against the model a verifier expects (its [`ModelDigest`], from the registry or
+//! the chain): check `format`; check that `model_digest` is the digest of `spec` and
+//! `commitment` and equals the expected one; validate the spec; check `input` ⊂
+//! `activation_range` and `output` ⊂ `output_range`; check that the spec's circuit blinds the
+//! last `UNUSABLE_ROWS` rows and has `num_advice(lanes)` advice columns (what the weight link
+//! assumes); rebuild the verifying key with `keygen_vk` (halo2_proofs 0.4, params pinned by
+//! [`crate::commit::Params`]) from the witness-free circuit of the spec; check the link proof
 //! ([`crate::commit`]) against the first `spec.lanes` advice commitments of `proof`; and run
 //! `verify_proof` (Blake2b transcript, `Challenge255`, IPA over Vesta, `SingleVerifier`) with
 //! one instance column `[J, input.., output..]`, where `J` is the job id element (the first 31
-//! bytes of SHA-256(job_id) read little-endian). The proof starts with the advice commitments
-//! in column order (32-byte compressed points): 20 with 8 lanes, `2L + 5` with `L > 8` lanes
-//! ([`crate::quant::advice_columns`]); the first `L` are the weight columns.
-//! A verifier must also check that `spec` and `commitment` are the ones registered for the model.
+//! bytes of SHA-256(job_id) read little-endian), and require the transcript to end exactly
+//! where the proof does (no trailing bytes: a proof has one encoding). The proof starts with
+//! the advice commitments in column order (32-byte compressed points): 20 with 8 lanes,
+//! `2L + 5` with `L > 8` lanes ([`crate::quant::advice_columns`]); the first `L` are the weight
+//! columns. There is no verification without an expected digest.
 
 use std::path::Path;
 
@@ -39,20 +45,26 @@ use rand_core::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::ZkError;
-use crate::circuit::{Witness, instance, num_advice, with_circuit};
+use crate::circuit::{Witness, check_layout, instance, num_advice, with_circuit};
 use crate::commit::{
     Commitment, LinkSecret, LinkStatement, Opening, Params, link_prove, link_verify, linked_point,
     sys_rng,
 };
+use crate::digest::ModelDigest;
 use crate::keys::{Keys, VkSource, internal};
 use crate::quant::{ACT_MAX, ACT_MIN, CircuitSpec, QuantizedModel, UNUSABLE_ROWS};
 
 /// The value of [`ProofBundle::format`].
-pub const PROOF_FORMAT: &str = "modelhub-proof/1";
+pub const PROOF_FORMAT: &str = "modelhub-proof/2";
+
+/// Formats no longer accepted (they do not name their model).
+const OLD_FORMATS: &[&str] = &["modelhub-proof/1"];
 
 /// The public instance of a proof.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublicInstance {
+    /// The model proved: [`ModelDigest::of`] `spec` and `commitment`.
+    pub model_digest: ModelDigest,
     /// Quantized input (scale `spec.input_scale`).
     pub input: Vec<i64>,
     /// Quantized output (scale of the last layer's `output_scale`).
@@ -71,6 +83,59 @@ pub struct ProofBundle {
     pub proof: Vec<u8>,
     #[serde(with = "b64")]
     pub link: Vec<u8>,
+}
+
+impl ProofBundle {
+    /// Reads a proof file. A file of an older format is refused with a message naming the
+    /// current one.
+    pub fn from_json(bytes: &[u8]) -> Result<ProofBundle, ZkError> {
+        #[derive(Deserialize)]
+        struct Format {
+            format: Option<String>,
+        }
+        let not_a_proof = |e: serde_json::Error| {
+            ZkError::Verification(format!("not a proof file ({PROOF_FORMAT}): {e}"))
+        };
+        let head: Format = serde_json::from_slice(bytes).map_err(not_a_proof)?;
+        match head.format.as_deref() {
+            Some(PROOF_FORMAT) => serde_json::from_slice(bytes).map_err(not_a_proof),
+            Some(old) if OLD_FORMATS.contains(&old) => Err(old_format(old)),
+            Some(other) => Err(ZkError::Verification(format!(
+                "unknown proof format {other:?} (expected {PROOF_FORMAT})"
+            ))),
+            None => Err(ZkError::Verification(format!(
+                "not a proof file ({PROOF_FORMAT}): no format"
+            ))),
+        }
+    }
+
+    /// The digest of the bundle's own spec and commitment.
+    pub fn computed_digest(&self) -> ModelDigest {
+        ModelDigest::of(&self.spec, &self.public.commitment)
+    }
+
+    /// Checks that the proof is for the model registered with `spec` and `commitment`, saying
+    /// which of the two differs. (Verification itself needs only the digest: [`verify`].)
+    pub fn check_model(&self, spec: &CircuitSpec, commitment: &Commitment) -> Result<(), ZkError> {
+        let spec_differs = self.spec.hash() != spec.hash();
+        let commitment_differs = self.public.commitment != *commitment;
+        let what = match (spec_differs, commitment_differs) {
+            (false, false) => return Ok(()),
+            (true, false) => "its circuit spec (layers, scales or activations) differs",
+            (false, true) => "its weight commitment differs",
+            (true, true) => "its circuit spec and its weight commitment differ",
+        };
+        Err(ZkError::Verification(format!(
+            "the proof is not for the registered model: {what}"
+        )))
+    }
+}
+
+fn old_format(old: &str) -> ZkError {
+    ZkError::Verification(format!(
+        "proof format {old} is no longer accepted (it does not name the model it proves); \
+         fetch the proof again as {PROOF_FORMAT}"
+    ))
 }
 
 impl std::fmt::Debug for ProofBundle {
@@ -176,6 +241,7 @@ pub fn prove(
         secrets.push(secret);
     }
     let public = PublicInstance {
+        model_digest: ModelDigest::of(spec, commitment),
         input: input_q,
         output: output_q,
         commitment: commitment.clone(),
@@ -222,19 +288,31 @@ fn advice_points(proof: &[u8], lanes: usize) -> Result<Vec<[u8; 32]>, ZkError> {
         .collect())
 }
 
-/// Verifies a proof bundle against the verifying key rebuilt from `bundle.spec`.
-pub fn verify(params: &Params, bundle: &ProofBundle) -> Result<(), ZkError> {
-    verify_with(params, bundle, VkSource::Keygen)
+/// Verifies a proof bundle of the model `expected` (its digest, as registered), with the
+/// verifying key rebuilt from `bundle.spec`. A proof of any other model (another spec or another
+/// commitment) is refused, however valid in itself.
+pub fn verify(
+    params: &Params,
+    bundle: &ProofBundle,
+    expected: &ModelDigest,
+) -> Result<(), ZkError> {
+    verify_with(params, bundle, expected, VkSource::Keygen)
 }
 
 /// [`verify`], with the verifying key from the key files in `key_dir` (the prover's key file
 /// for the spec, or a verifying key file, made and stored on first use: see
 /// [`crate::keys::verifying_key`]) instead of keygen in every process. For a verifier that
 /// sees proofs of a few circuits many times, each in a new process (`modelhub proofs verify`).
-pub fn verify_cached(params: &Params, bundle: &ProofBundle, key_dir: &Path) -> Result<(), ZkError> {
+pub fn verify_cached(
+    params: &Params,
+    bundle: &ProofBundle,
+    expected: &ModelDigest,
+    key_dir: &Path,
+) -> Result<(), ZkError> {
     verify_with(
         params,
         bundle,
+        expected,
         VkSource::Files {
             dir: key_dir,
             store: true,
@@ -248,11 +326,13 @@ pub fn verify_cached(params: &Params, bundle: &ProofBundle, key_dir: &Path) -> R
 pub fn verify_with_prover_keys(
     params: &Params,
     bundle: &ProofBundle,
+    expected: &ModelDigest,
     key_dir: &Path,
 ) -> Result<(), ZkError> {
     verify_with(
         params,
         bundle,
+        expected,
         VkSource::Files {
             dir: key_dir,
             store: false,
@@ -263,14 +343,31 @@ pub fn verify_with_prover_keys(
 fn verify_with(
     params: &Params,
     bundle: &ProofBundle,
+    expected: &ModelDigest,
     vk_source: VkSource<'_>,
 ) -> Result<(), ZkError> {
+    if OLD_FORMATS.contains(&bundle.format.as_str()) {
+        return Err(old_format(&bundle.format));
+    }
     if bundle.format != PROOF_FORMAT {
         return Err(ZkError::Verification(format!(
             "unknown proof format (expected {PROOF_FORMAT})"
         )));
     }
     let spec = &bundle.spec;
+    let public = &bundle.public;
+    let computed = bundle.computed_digest();
+    if public.model_digest != computed {
+        return Err(ZkError::Verification(
+            "the proof's model digest is not the digest of its spec and commitment".into(),
+        ));
+    }
+    if computed != *expected {
+        return Err(ZkError::Verification(format!(
+            "the proof is for model {computed}, not the expected model {expected} (another \
+             circuit spec or weight commitment)"
+        )));
+    }
     spec.validate()?;
     if params.k() != spec.k {
         return Err(ZkError::Verification(format!(
@@ -278,7 +375,6 @@ fn verify_with(
             spec.k
         )));
     }
-    let public = &bundle.public;
     if public.input.len() != spec.input_len() || public.output.len() != spec.output_len() {
         return Err(ZkError::Verification(
             "public input or output has the wrong length".into(),
@@ -293,6 +389,9 @@ fn verify_with(
     {
         return Err(ZkError::Verification("public value out of range".into()));
     }
+    // What the weight link relies on: halo2 blinds exactly the rows the link covers, and the
+    // proof's first advice commitments are the weight columns.
+    check_layout(spec)?;
     let advice = advice_points(&bundle.proof, spec.lane_count())?;
     let st = statement(spec.hash(), public, &advice);
     // The weight link and the halo2 proof are independent checks: the link (point
@@ -316,7 +415,8 @@ fn verify_plonk(
     let public = &bundle.public;
     let vk = crate::keys::cached_vk(params, &bundle.spec, vk_source)?;
     let inst = instance(&public.job_id, &public.input, &public.output);
-    let mut transcript = Blake2bRead::<_, EqAffine, Challenge255<_>>::init(&bundle.proof[..]);
+    let mut rest = &bundle.proof[..];
+    let mut transcript = Blake2bRead::<_, EqAffine, Challenge255<_>>::init(&mut rest);
     plonk::verify_proof(
         &params.inner,
         &vk,
@@ -324,5 +424,13 @@ fn verify_plonk(
         &[&[&inst]],
         &mut transcript,
     )
-    .map_err(|_| ZkError::Verification("the proof does not verify".into()))
+    .map_err(|_| ZkError::Verification("the proof does not verify".into()))?;
+    // One encoding per proof: bytes after the transcript would make proofs malleable.
+    if !rest.is_empty() {
+        return Err(ZkError::Verification(format!(
+            "{} bytes after the end of the proof",
+            rest.len()
+        )));
+    }
+    Ok(())
 }

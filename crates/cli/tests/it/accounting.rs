@@ -56,21 +56,36 @@ async fn a_retried_predict_with_an_idempotency_key_is_charged_once(backend: Back
     let path = format!("/v1/models/{model_id}/predict");
     let body = serde_json::to_vec(&json!({ "inputs": digits_input(0) })).unwrap();
 
-    let send = |key: &'static str| {
-        let mut req = user
-            .prepare(reqwest::Method::POST, &path, body.clone())
+    let send_body = |key: &'static str, body: Vec<u8>| {
+        let req = user
+            .prepare_keyed(reqwest::Method::POST, &path, body, Some(key))
             .unwrap();
-        req.set_header("idempotency-key", Some(key));
         user.send(req)
     };
+    let send = |key: &'static str| send_body(key, body.clone());
     let first = send("retry-me-1").await.unwrap().ok().unwrap();
     let second = send("retry-me-1").await.unwrap().ok().unwrap();
     assert_eq!(
-        second["receipt"], first["receipt"],
-        "the retry gets the first receipt"
+        second, first,
+        "the retry gets the first answer, receipt included"
     );
-    assert_eq!(second["outputs"], first["outputs"]);
     assert_eq!(account(&user).await["credits"], 7, "charged once");
+    // The same key with another request: 409, nothing run, nothing charged.
+    let other = serde_json::to_vec(&json!({ "inputs": digits_input(5) })).unwrap();
+    let reused = send_body("retry-me-1", other).await.unwrap();
+    assert_error(&reused, 409, "conflict", "another request");
+    assert_eq!(account(&user).await["credits"], 7);
+    // An idempotency-key that is not signed is refused.
+    let mut unsigned = user
+        .prepare(reqwest::Method::POST, &path, body.clone())
+        .unwrap();
+    unsigned.set_header("idempotency-key", Some("retry-me-9"));
+    assert_error(
+        &user.send(unsigned).await.unwrap(),
+        401,
+        "unauthenticated",
+        "idempotency-key",
+    );
     let third = send("retry-me-2").await.unwrap().ok().unwrap();
     assert_ne!(third["receipt"]["id"], first["receipt"]["id"]);
     assert_eq!(
@@ -79,10 +94,14 @@ async fn a_retried_predict_with_an_idempotency_key_is_charged_once(backend: Back
         "a new key is a new charge"
     );
 
-    let mut bad = user
-        .prepare(reqwest::Method::POST, &path, body.clone())
+    let bad = user
+        .prepare_keyed(
+            reqwest::Method::POST,
+            &path,
+            body.clone(),
+            Some("no/slashes/allowed"),
+        )
         .unwrap();
-    bad.set_header("idempotency-key", Some("no spaces allowed"));
     assert_error(
         &user.send(bad).await.unwrap(),
         400,
@@ -97,14 +116,14 @@ async fn retried_admin_writes_take_effect_once(backend: Backend) {
     let cluster = Cluster::start_on(backend).await;
     let admin = &cluster.admin;
     let keyed = |path: &str, body: serde_json::Value, key: &'static str| {
-        let mut req = admin
-            .prepare(
+        let req = admin
+            .prepare_keyed(
                 reqwest::Method::POST,
                 path,
                 serde_json::to_vec(&body).unwrap(),
+                Some(key),
             )
             .unwrap();
-        req.set_header("idempotency-key", Some(key));
         admin.send(req)
     };
     let first = keyed("/v1/accounts", json!({ "name": "bob" }), "acct-bob")

@@ -5,6 +5,7 @@ mod accounting;
 mod errors;
 mod harness;
 mod ledger;
+mod mtls;
 mod processes;
 mod proofs;
 mod restart;

@@ -1,5 +1,6 @@
-//! The five services as separate `modelhub serve` processes on free ports, driven by the
-//! `modelhub` client commands: the split into services is real, not only in-process.
+//! The five services as separate `modelhub serve` processes on free ports, with certificates
+//! from `modelhub certs`, driven by the `modelhub` client commands: the split into services is
+//! real, not only in-process, and so is the mutual TLS between them.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -69,19 +70,45 @@ fn separate_service_processes_serve_an_upload_and_a_signed_predict() {
     let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
     let kek = d("kek");
     modelhub_core::crypto::Kek::load_or_generate(Path::new(&kek)).unwrap();
+    let tls = d("tls");
+    let out = modelhub().args(["certs", "--out", &tls]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(made["identities"].as_array().unwrap().len(), 6, "{made}");
 
-    let registry = serve(
+    let mut registry = serve(
         "registry",
-        &["--data-dir", &d("registry"), "--kek-file", &kek],
+        &[
+            "--data-dir",
+            &d("registry"),
+            "--kek-file",
+            &kek,
+            "--mtls-dir",
+            &tls,
+        ],
     );
     let storage = serve(
         "storage",
-        &["--data-dir", &d("storage"), "--kek-file", &kek],
+        &[
+            "--data-dir",
+            &d("storage"),
+            "--kek-file",
+            &kek,
+            "--mtls-dir",
+            &tls,
+        ],
     );
-    let storage_url = format!("http://{}", storage.addr);
-    let inference = serve("inference", &["--storage", &storage_url]);
-    let registry_url = format!("http://{}", registry.addr);
-    let inference_url = format!("http://{}", inference.addr);
+    let storage_url = format!("https://{}", storage.addr);
+    let inference = serve(
+        "inference",
+        &["--storage", &storage_url, "--mtls-dir", &tls],
+    );
+    let registry_url = format!("https://{}", registry.addr);
+    let inference_url = format!("https://{}", inference.addr);
     let gateway = serve(
         "gateway",
         &[
@@ -91,6 +118,8 @@ fn separate_service_processes_serve_an_upload_and_a_signed_predict() {
             &storage_url,
             "--inference",
             &inference_url,
+            "--mtls-dir",
+            &tls,
         ],
     );
     let url = format!("http://{}", gateway.addr);
@@ -99,6 +128,7 @@ fn separate_service_processes_serve_an_upload_and_a_signed_predict() {
     let out = modelhub()
         .args(["admin", "bootstrap", "--registry", &registry_url, "--out"])
         .arg(&admin_file)
+        .args(["--mtls-dir", &tls])
         .output()
         .unwrap();
     assert!(
@@ -172,4 +202,83 @@ fn separate_service_processes_serve_an_upload_and_a_signed_predict() {
     let me = client(&url, &carol_file, &["account"]);
     assert_eq!(me["credits"], 5);
     assert_eq!(me["earnings"], 2, "carol owns the model she paid for");
+
+    // `modelhub serve` stops gracefully on SIGTERM (what Kubernetes and `docker stop` send).
+    let kill = Command::new("kill")
+        .args(["-TERM", &registry.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = modelhub_testkit::eventually(
+        "modelhub serve registry exits on SIGTERM",
+        std::time::Duration::from_secs(15),
+        || registry.child.try_wait().unwrap(),
+    );
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// `modelhub up` stops every service gracefully on SIGTERM and exits 0; its first start made
+/// the internal certificates, keys private.
+#[test]
+fn up_stops_gracefully_on_sigterm() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = modelhub()
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .args(["up", "--http", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn modelhub up");
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("Model Hub is up") {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "modelhub up ended before it was up"
+        );
+    }
+    let key_mode = |f: &str| {
+        std::fs::metadata(dir.path().join("tls").join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(key_mode("registry.key"), 0o600);
+    assert_eq!(key_mode("ca.key"), 0o600);
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = modelhub_testkit::eventually(
+        "modelhub up exits on SIGTERM",
+        std::time::Duration::from_secs(30),
+        || child.try_wait().unwrap(),
+    );
+    let log = log.join().unwrap();
+    assert!(status.success(), "exit status {status:?}\n{log}");
+    for want in [
+        "signal=\"SIGTERM\"",
+        "registry stopped",
+        "storage stopped",
+        "inference stopped",
+        "prover stopped",
+        "gateway stopped",
+    ] {
+        assert!(log.contains(want), "no {want:?} in the log:\n{log}");
+    }
 }

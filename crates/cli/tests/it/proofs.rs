@@ -42,9 +42,18 @@ async fn predict_with_proof(user: &Client, model_id: &str, inputs: &Value) -> (V
 }
 
 fn verify_file(path: &std::path::Path, params: &std::path::Path) -> std::process::Output {
+    // The digest the file names (a tampered file keeps the honest one).
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap_or_default();
+    let digest = file["public"]["model_digest"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     Command::new(env!("CARGO_BIN_EXE_modelhub"))
         .args(["proofs", "verify"])
         .arg(path)
+        .arg("--digest")
+        .arg(digest)
         .arg("--params-dir")
         .arg(params)
         .env("RUST_LOG", "warn")
@@ -87,7 +96,7 @@ async fn a_proved_prediction_verifies_offline_and_tampering_fails() {
         predicted["outputs"][0]["data"]
     );
     // The proved quantized output agrees with the float output on the class.
-    let proved: Vec<f64> = proof["public"]["output_dequantized"]
+    let proved: Vec<f64> = proof["proved_output_dequantized"]
         .as_array()
         .unwrap()
         .iter()
@@ -252,7 +261,7 @@ async fn a_declared_input_range_calibrates_the_proofs() {
         .iter()
         .map(|v| v.as_f64().unwrap())
         .collect();
-    let quantized: Vec<f64> = proof["public"]["output_dequantized"]
+    let quantized: Vec<f64> = proof["proved_output_dequantized"]
         .as_array()
         .unwrap()
         .iter()

@@ -104,20 +104,25 @@ pub async fn revoke_key(
 ) -> Result<HttpResponse, GatewayError> {
     let (caller, _) = signed(&state, &req, payload).await?;
     let key_id = path.into_inner();
-    let key = state
+    // "No such key" and "not yours" answer alike, so key ids of others can't be probed.
+    let not_yours = || {
+        GatewayError::from(ApiError::not_found(
+            "no key with this id belongs to the caller",
+        ))
+    };
+    let key = match state
         .registry()
         .lookup_key(pb::LookupKeyRequest {
             key_id: key_id.clone(),
         })
         .await
-        .map_err(GatewayError::upstream("registry", "LookupKey"))?
-        .into_inner();
+    {
+        Ok(key) => key.into_inner(),
+        Err(status) if status.code() == tonic::Code::NotFound => return Err(not_yours()),
+        Err(status) => return Err(GatewayError::upstream("registry", "LookupKey")(status)),
+    };
     if key.account_id != caller.account_id && !caller.admin {
-        return Err(ApiError::new(
-            ErrorCode::Forbidden,
-            "a key may be revoked only by its account or an admin",
-        )
-        .into());
+        return Err(not_yours());
     }
     state
         .registry()
@@ -139,7 +144,8 @@ fn wallet_json(wallet: &str) -> serde_json::Value {
     }
 }
 
-/// `GET /v1/account` → `{"account_id","credits","earnings","wallet"}` of the caller.
+/// `GET /v1/account` → `{"account_id","credits","held","earnings","wallet"}` of the caller;
+/// `held` are credits of predictions in flight (charged or given back when they end).
 pub async fn get_account(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -157,6 +163,7 @@ pub async fn get_account(
     Ok(HttpResponse::Ok().json(json!({
         "account_id": account.account_id,
         "credits": account.credits,
+        "held": account.held,
         "earnings": account.earnings,
         "wallet": wallet_json(&account.wallet),
     })))

@@ -12,9 +12,11 @@ use futures::StreamExt;
 use modelhub_core::{ApiError, ErrorCode};
 use serde::de::DeserializeOwned;
 
-use crate::AppState;
+use std::time::{Duration, Instant};
+
 use crate::auth::Caller;
 use crate::error::GatewayError;
+use crate::{AppState, Limits};
 
 /// Registers every route of the public API.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -71,19 +73,81 @@ fn content_length(req: &HttpRequest) -> Option<u64> {
         .ok()
 }
 
-/// Reads a whole body of at most `limit` bytes (413 beyond).
+/// Longest gap between two pieces of a request body.
+const BODY_IDLE: Duration = Duration::from_secs(10);
+/// How long a body may take before the minimum rate applies.
+const BODY_GRACE: Duration = Duration::from_secs(5);
+
+/// A request body read against the clock: no gap between chunks longer than [`BODY_IDLE`],
+/// on average at least the minimum rate once [`BODY_GRACE`] has passed, and (JSON bodies) the
+/// whole within the body deadline. Too slow is a 408 `request_timeout`; the connection is then
+/// closed, so a slow client holds nothing for long.
+pub(crate) struct PacedBody {
+    payload: web::Payload,
+    start: Instant,
+    received: u64,
+    min_rate: u64,
+    deadline: Option<Instant>,
+}
+
+impl PacedBody {
+    /// `whole`: the body must be complete within the body deadline (JSON); otherwise only the
+    /// idle limit and the rate apply (uploads).
+    pub fn new(payload: web::Payload, limits: &Limits, whole: bool) -> PacedBody {
+        let start = Instant::now();
+        PacedBody {
+            payload,
+            start,
+            received: 0,
+            min_rate: limits.min_body_rate.max(1),
+            deadline: whole.then(|| start + limits.body_timeout),
+        }
+    }
+
+    /// The next chunk, `None` at the end.
+    pub async fn next(&mut self) -> Option<Result<Bytes, GatewayError>> {
+        let now = Instant::now();
+        // When the average would fall below the minimum rate.
+        let rate_due = self.start
+            + BODY_GRACE
+            + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64);
+        let mut due = (now + BODY_IDLE).min(rate_due.max(now));
+        if let Some(deadline) = self.deadline {
+            due = due.min(deadline);
+        }
+        match tokio::time::timeout_at(due.into(), self.payload.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                self.received += chunk.len() as u64;
+                Some(Ok(chunk))
+            }
+            Ok(Some(Err(e))) => Some(Err(ApiError::bad_request(format!(
+                "reading the request body failed: {e}"
+            ))
+            .into())),
+            Ok(None) => None,
+            Err(_) => Some(Err(ApiError::new(
+                ErrorCode::RequestTimeout,
+                "the request body arrived too slowly",
+            )
+            .into())),
+        }
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes (413 beyond), paced by [`PacedBody`].
 async fn read_body(
     req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
+    payload: web::Payload,
+    limits: &Limits,
 ) -> Result<Bytes, GatewayError> {
+    let limit = limits.max_json_bytes;
     if content_length(req).is_some_and(|n| n > limit as u64) {
         return Err(payload_too_large(limit as u64));
     }
     let mut body = BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::bad_request(format!("reading the request body failed: {e}")))?;
+    let mut paced = PacedBody::new(payload, limits, true);
+    while let Some(chunk) = paced.next().await {
+        let chunk = chunk?;
         if body.len() + chunk.len() > limit {
             return Err(payload_too_large(limit as u64));
         }
@@ -92,20 +156,30 @@ async fn read_body(
     Ok(body.freeze())
 }
 
-/// Reads the body and verifies the request's signature over it.
+/// Verifies the request's signature from its headers (so an unsigned or forged request is
+/// refused before its body is read), then reads the body and checks it against the signed
+/// hash.
 async fn signed(
     state: &AppState,
     req: &HttpRequest,
     payload: web::Payload,
 ) -> Result<(Caller, Bytes), GatewayError> {
-    let body = read_body(req, payload, state.limits.max_json_bytes).await?;
-    let caller = state.auth.verify(req, &body).await?;
-    Ok((caller, body))
+    let verified = state.auth.verify_headers(req).await?;
+    let body = read_body(req, payload, &state.limits).await?;
+    if modelhub_core::signing::sha256_hex(&body) != verified.content_sha256 {
+        return Err(ApiError::new(
+            ErrorCode::Unauthenticated,
+            "body does not match x-mh-content-sha256",
+        )
+        .into());
+    }
+    Ok((verified.caller, body))
 }
 
 /// The optional `idempotency-key` header: a retried write with the same key (from the same
-/// account) takes effect once. 1 to 128 characters of `[A-Za-z0-9_.:-]`.
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// account) takes effect once. 1 to 128 characters of `[A-Za-z0-9_.:-]`; signed whenever
+/// it is sent.
+pub use crate::auth::IDEMPOTENCY_KEY;
 
 fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, GatewayError> {
     let Some(value) = req.headers().get(IDEMPOTENCY_KEY) else {

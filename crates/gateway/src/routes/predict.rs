@@ -1,10 +1,19 @@
 //! `POST /v1/models/{model_id}/predict`: validate, reserve the price, predict, then commit the
 //! charge on success or release it on any failure.
+//!
+//! With an `idempotency-key` (signed), the registry binds the key to the request's fingerprint
+//! (SHA-256 of method, path and body hash) and keeps the answer with the commit: a retry of a
+//! charged request gets the same bytes without running the model again; a retry while the
+//! first attempt is in flight gets 409 with `retry-after`; the same key with another request
+//! gets 409; a retry after a failed attempt (nothing charged) runs anew. Every 5xx answer is
+//! uncharged: when a commit's outcome is unknown the charge is released, and if the release
+//! finds it committed after all, the prediction is answered.
 
+use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use modelhub_core::ApiError;
 use modelhub_core::id;
 use modelhub_core::tensor::{JsonTensor, Tensor, validate_inputs};
+use modelhub_core::{ApiError, ErrorCode};
 use modelhub_proto::common::v1 as common;
 use modelhub_proto::inference::v1 as inference;
 use modelhub_proto::inference::v1::inference_client::InferenceClient;
@@ -35,6 +44,9 @@ pub async fn predict(
 ) -> Result<HttpResponse, GatewayError> {
     let (caller, body) = signed(&state, &req, payload).await?;
     let idempotency_key = super::idempotency_key(&req)?;
+    let fingerprint = idempotency_key
+        .as_ref()
+        .map(|_| fingerprint(&req, &modelhub_core::signing::sha256_hex(&body)));
     let asked: PredictBody = parse_json(&body)?;
     drop(body);
     let prove = asked.proof;
@@ -59,14 +71,9 @@ pub async fn predict(
         .into());
     }
 
-    let job_id = id::new_id(id::JOB);
-    // A retried request with the same key reuses the first reservation: it is charged once.
-    let reservation_key = match idempotency_key {
-        Some(key) => format!("predict:{}:{key}", model.model_id),
-        None => job_id.clone(),
-    };
     let charge = Charge {
-        reservation_key,
+        idempotency_key,
+        fingerprint,
         registry: state.registry(),
         inference: state.inference(),
         account_id: caller.account_id,
@@ -80,19 +87,43 @@ pub async fn predict(
             size: model.size,
         },
         inputs: inputs.into_iter().map(Tensor::into_proto).collect(),
-        job_id,
+        job_id: id::new_id(id::JOB),
     };
     // A task of its own: if the client goes away, the handler is dropped but the charge still
     // ends in a commit or a release.
-    let job_id = charge.job_id.clone();
-    let (outputs, receipt) = actix_web::rt::spawn(charge.run())
+    let answer = actix_web::rt::spawn(charge.run())
         .await
         .map_err(|e| GatewayError::internal(format!("predict task failed: {e}")))??;
-    Ok(HttpResponse::Ok().json(json!({
-        "outputs": outputs.iter().map(Tensor::to_json).collect::<Vec<_>>(),
-        "receipt": { "id": receipt.receipt_id, "credits_charged": receipt.credits_charged },
-        "proof_job": prove.then_some(job_id),
-    })))
+    Ok(match answer {
+        Answer::Body(bytes) => HttpResponse::Ok()
+            .content_type("application/json")
+            .body(bytes),
+        Answer::InProgress => {
+            let mut res = crate::error::error_response(&ApiError::new(
+                ErrorCode::Conflict,
+                "a request with this idempotency key is still in progress; retry later",
+            ));
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            res
+        }
+    })
+}
+
+/// What a keyed request is: its method, path (with query) and body hash.
+fn fingerprint(req: &HttpRequest, body_sha256: &str) -> String {
+    let path = req.uri().path_and_query().map_or("", |p| p.as_str());
+    modelhub_core::signing::sha256_hex(
+        format!("{}\n{path}\n{body_sha256}", req.method()).as_bytes(),
+    )
+}
+
+/// What a charged prediction answers.
+enum Answer {
+    /// The response body: fresh, or the one kept for the idempotency key.
+    Body(bytes::Bytes),
+    /// An earlier attempt with the same key is still running.
+    InProgress,
 }
 
 /// One charged prediction: reserve → predict → commit, or release on any failure.
@@ -100,7 +131,8 @@ struct Charge {
     registry: RegistryClient<Channel>,
     inference: InferenceClient<Channel>,
     account_id: String,
-    reservation_key: String,
+    idempotency_key: Option<String>,
+    fingerprint: Option<String>,
     prove: bool,
     model_ref: common::ModelRef,
     inputs: Vec<common::Tensor>,
@@ -108,41 +140,81 @@ struct Charge {
 }
 
 impl Charge {
-    async fn run(mut self) -> Result<(Vec<Tensor>, pb::Receipt), GatewayError> {
+    async fn run(mut self) -> Result<Answer, GatewayError> {
         let reservation = self
             .registry
             .reserve(pb::ReserveRequest {
                 account_id: self.account_id.clone(),
                 model_id: self.model_ref.model_id.clone(),
-                idempotency_key: self.reservation_key.clone(),
+                idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
+                fingerprint: self.fingerprint.clone().unwrap_or_default(),
             })
             .await
             .map_err(GatewayError::upstream("registry", "Reserve"))?
             .into_inner();
-        let reservation_id = reservation.reservation_id;
-        let mut registry = self.registry.clone();
-        let result = self.predict_and_commit(&reservation_id).await;
-        if let Err(e) = &result {
-            tracing::debug!(job_id = %self.job_id, reservation_id = %reservation_id, error = %e, "prediction failed, releasing");
-            let release = pb::ReleaseRequest {
-                reservation_id: reservation_id.clone(),
+        if reservation.existing {
+            return match reservation.state.as_str() {
+                "committed" if !reservation.response.is_empty() => {
+                    Ok(Answer::Body(reservation.response.into()))
+                }
+                "committed" => Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "this request was already answered and charged (receipt {}); its \
+                         answer was too large to be kept for replays",
+                        reservation.receipt_id
+                    ),
+                )
+                .into()),
+                _ => Ok(Answer::InProgress),
             };
-            if let Err(status) = registry.release(release).await {
-                tracing::warn!(
-                    reservation_id = %reservation_id,
-                    grpc_code = ?status.code(),
-                    grpc_message = status.message(),
-                    "releasing a reservation failed"
-                );
+        }
+        let mut registry = self.registry.clone();
+        let outputs = match self.predict().await {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                tracing::debug!(job_id = %self.job_id, reservation_id = %reservation.reservation_id, error = %e, "prediction failed, releasing");
+                release(&mut registry, &reservation.reservation_id).await;
+                return Err(e);
+            }
+        };
+        let body = serde_json::to_vec(&json!({
+            "outputs": outputs.iter().map(Tensor::to_json).collect::<Vec<_>>(),
+            "receipt": { "id": reservation.receipt_id, "credits_charged": reservation.amount },
+            "proof_job": self.prove.then_some(&self.job_id),
+        }))
+        .map_err(|e| GatewayError::internal(format!("encoding the answer: {e}")))?;
+        let commit = pb::CommitRequest {
+            reservation_id: reservation.reservation_id.clone(),
+            response: if self.idempotency_key.is_some() {
+                body.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        match registry.commit(commit).await {
+            Ok(_) => Ok(Answer::Body(body.into())),
+            Err(status) => {
+                // The outcome is unknown (or the hold was swept): release what is still held.
+                // If the commit landed after all, the charge stands and the answer is due.
+                let state = release(&mut registry, &reservation.reservation_id).await;
+                if state.as_deref() == Some("committed") {
+                    return Ok(Answer::Body(body.into()));
+                }
+                let e = GatewayError::upstream("registry", "Commit")(status);
+                if e.code() == ErrorCode::Conflict {
+                    // Released by the hold sweep before the commit: nothing was charged.
+                    return Err(ApiError::unavailable(
+                        "the charge could not be completed in time; nothing was charged, retry",
+                    )
+                    .into());
+                }
+                Err(e)
             }
         }
-        result
     }
 
-    async fn predict_and_commit(
-        &mut self,
-        reservation_id: &str,
-    ) -> Result<(Vec<Tensor>, pb::Receipt), GatewayError> {
+    async fn predict(&mut self) -> Result<Vec<Tensor>, GatewayError> {
         let answer = self
             .inference
             .predict(inference::PredictRequest {
@@ -155,7 +227,7 @@ impl Charge {
             .await
             .map_err(GatewayError::upstream("inference", "Predict"))?
             .into_inner();
-        let outputs = answer
+        answer
             .outputs
             .into_iter()
             .map(Tensor::try_from)
@@ -165,15 +237,26 @@ impl Charge {
                     "inference answered a bad tensor for job {}: {}",
                     self.job_id, e.message
                 ))
-            })?;
-        let receipt = self
-            .registry
-            .commit(pb::CommitRequest {
-                reservation_id: reservation_id.to_owned(),
             })
-            .await
-            .map_err(GatewayError::upstream("registry", "Commit"))?
-            .into_inner();
-        Ok((outputs, receipt))
+    }
+}
+
+/// Releases a reservation; returns its state afterwards (`None` when the registry could not
+/// be asked: the hold sweep releases it later).
+async fn release(registry: &mut RegistryClient<Channel>, reservation_id: &str) -> Option<String> {
+    let request = pb::ReleaseRequest {
+        reservation_id: reservation_id.to_owned(),
+    };
+    match registry.release(request).await {
+        Ok(answer) => Some(answer.into_inner().state),
+        Err(status) => {
+            tracing::warn!(
+                reservation_id,
+                grpc_code = ?status.code(),
+                grpc_message = status.message(),
+                "releasing a reservation failed; the hold sweep will return it"
+            );
+            None
+        }
     }
 }

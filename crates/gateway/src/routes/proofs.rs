@@ -10,6 +10,29 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::error::GatewayError;
 
+/// Said beside the float outputs in every answer.
+pub const FLOAT_NOTE: &str = "float_outputs are what ONNX Runtime answered; the proof does not \
+     cover them. The proof covers public.output (quantized) for public.model_digest; \
+     verify it with `modelhub proofs verify --model`.";
+
+/// Whether the proved output and the first float output pick the same class (`null` when
+/// either is missing or empty).
+fn argmax_agrees(proved: &Value, floats: &Value) -> Value {
+    let argmax = |v: Option<&Vec<Value>>| {
+        let v: Vec<f64> = v?.iter().filter_map(Value::as_f64).collect();
+        (!v.is_empty())
+            .then(|| (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best }))
+    };
+    let float = floats
+        .get(0)
+        .and_then(|t| t.get("data"))
+        .and_then(Value::as_array);
+    match (argmax(proved.as_array()), argmax(float)) {
+        (Some(a), Some(b)) => json!(a == b),
+        _ => Value::Null,
+    }
+}
+
 /// Longest `wait` honoured, in seconds.
 pub const MAX_WAIT_SECS: u64 = 60;
 
@@ -47,20 +70,25 @@ pub async fn get(
         return Err(ApiError::not_found(format!("no proof job {job_id}")).into());
     }
     let float_outputs: Value = serde_json::from_str(&state.float_outputs).unwrap_or(Value::Null);
-    let mut answer = json!({ "job_id": job_id, "float_outputs": float_outputs });
+    let mut answer = json!({
+        "job_id": job_id,
+        "float_outputs": float_outputs,
+        "float_outputs_note": FLOAT_NOTE,
+    });
     use pb::proof_state::Status;
     match Status::try_from(state.status).unwrap_or(Status::Unspecified) {
         Status::Done => {
             let proof: Value = serde_json::from_slice(&state.proof).map_err(|e| {
                 GatewayError::internal(format!("prover sent a bad proof file: {e}"))
             })?;
+            // `public` is the proof's public instance exactly: nothing beside it is proved.
+            let public = proof.get("public").cloned().unwrap_or(Value::Null);
             let proved: Value = serde_json::from_str(&state.proved_output).unwrap_or(Value::Null);
-            let mut public = proof.get("public").cloned().unwrap_or(Value::Null);
-            if let Some(p) = public.as_object_mut() {
-                p.insert("output_dequantized".into(), proved);
-            }
             answer["status"] = json!("done");
+            answer["model_digest"] = public.get("model_digest").cloned().unwrap_or(Value::Null);
             answer["public"] = public;
+            answer["proved_output_dequantized"] = proved.clone();
+            answer["argmax_agrees"] = argmax_agrees(&proved, &answer["float_outputs"]);
             answer["proof"] = proof;
         }
         Status::Failed => {

@@ -8,7 +8,6 @@
 //! nothing.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use futures::StreamExt;
 use modelhub_core::{ApiError, ErrorCode, InputRange, id};
 use modelhub_proto::registry::v1 as pb;
 use modelhub_proto::storage::v1 as storage;
@@ -127,12 +126,20 @@ pub async fn upload(
             commitment: circuit.commitment,
             circuit_spec: circuit.spec,
             zk_note: circuit.note,
+            digest: circuit.digest,
         })
         .await
         .map_err(GatewayError::upstream("registry", "CreateModel"))?
         .into_inner();
     tracing::info!(model_id = %model_id, owner = %caller.account_id, size = model.size, "model uploaded");
-    Ok(HttpResponse::Created().json(ModelRecord::try_from(model)?))
+    let mut answer = serde_json::to_value(ModelRecord::try_from(model)?)
+        .map_err(|e| GatewayError::internal(format!("model record: {e}")))?;
+    // The commitment's opening, for the owner only and only in this answer (docs/ZK.md).
+    if let (Some(opening), Some(a)) = (circuit.opening, answer.as_object_mut()) {
+        let opening: serde_json::Value = serde_json::from_str(&opening).unwrap_or_default();
+        a.insert("zk_opening".into(), opening);
+    }
+    Ok(HttpResponse::Created().json(answer))
 }
 
 /// The model `query` names, when `owner` uploaded it with exactly these bytes.
@@ -160,6 +167,8 @@ struct Circuit {
     commitment: Option<String>,
     spec: Option<String>,
     note: Option<String>,
+    digest: Option<String>,
+    opening: Option<String>,
 }
 
 /// Asks the prover (when there is one) to compile the stored model and commit to its weights.
@@ -204,6 +213,8 @@ async fn compile(
         commitment: Some(answer.commitment),
         spec: Some(answer.circuit_spec),
         note: None,
+        digest: Some(answer.digest),
+        opening: Some(answer.opening),
     })
 }
 
@@ -226,7 +237,13 @@ async fn put_model(
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     let mut client = state.storage();
     let call = client.put_model(ReceiverStream::new(rx));
-    let feed = feed(payload, tx, header, limit, claimed_sha256);
+    let feed = feed(
+        super::PacedBody::new(payload, &state.limits, false),
+        tx,
+        header,
+        limit,
+        claimed_sha256,
+    );
     tokio::pin!(call, feed);
     let to_error = GatewayError::upstream("storage", "PutModel");
     tokio::select! {
@@ -253,7 +270,7 @@ async fn put_model(
 }
 
 async fn feed(
-    mut payload: web::Payload,
+    mut payload: super::PacedBody,
     tx: mpsc::Sender<storage::PutModelRequest>,
     header: storage::PutHeader,
     limit: u64,
@@ -272,11 +289,7 @@ async fn feed(
     let mut total: u64 = 0;
     let mut buf = Vec::with_capacity(CHUNK_BYTES);
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            FeedError::Client(
-                ApiError::bad_request(format!("reading the request body failed: {e}")).into(),
-            )
-        })?;
+        let chunk = chunk.map_err(FeedError::Client)?;
         total += chunk.len() as u64;
         if total > limit {
             return Err(FeedError::Client(payload_too_large(limit)));

@@ -3,5 +3,6 @@
 //! port); `registry` runs the real registry for the routes that need only it. The full
 //! marketplace is exercised by the end-to-end suite of `modelhub-cli`.
 
+mod doors;
 mod registry;
 mod serve;

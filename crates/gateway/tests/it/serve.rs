@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 /// An address where nothing listens.
 fn closed_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}", l.local_addr().unwrap())
+    format!("https://{}", l.local_addr().unwrap())
 }
 
 struct Gateway {
@@ -24,7 +24,10 @@ struct Gateway {
 
 impl Gateway {
     fn start() -> Gateway {
-        let settings = Settings::for_test(closed_port(), closed_port(), closed_port());
+        let settings = Settings {
+            mtls_dir: modelhub_testkit::tls::TestPki::shared().dir().to_path_buf(),
+            ..Settings::for_test(closed_port(), closed_port(), closed_port())
+        };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

@@ -2,6 +2,7 @@
 
 use modelhub_core::{ApiError, ErrorCode, Tensor};
 use modelhub_inference::InferenceService;
+use modelhub_mtls::Identity;
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::inference::v1 as pb;
 use modelhub_proto::inference::v1::inference_client::InferenceClient;
@@ -15,27 +16,41 @@ pub struct Cluster {
     pub inference: InferenceClient<Channel>,
     pub inference_server: Server,
     pub service: InferenceService,
-    _data: tempfile::TempDir,
+    pub data: tempfile::TempDir,
 }
 
 pub async fn start() -> Cluster {
+    start_with(|_| {}).await
+}
+
+/// [`start`] with inference settings changed by `configure`.
+pub async fn start_with(configure: impl FnOnce(&mut modelhub_inference::Settings)) -> Cluster {
     let data = tempfile::tempdir().unwrap();
-    let storage_settings = modelhub_storage::Settings::for_test(data.path());
+    let mtls_dir = modelhub_testkit::tls::TestPki::shared().dir().to_path_buf();
+    let storage_settings = modelhub_storage::Settings {
+        mtls_dir: mtls_dir.clone(),
+        ..modelhub_storage::Settings::for_test(data.path())
+    };
     let storage_server =
         Server::start(|l, stop| modelhub_storage::run(storage_settings, l, stop)).await;
-    let service =
-        InferenceService::new(&modelhub_inference::Settings::for_test(&storage_server.url))
-            .unwrap();
+    let mut settings = modelhub_inference::Settings {
+        mtls_dir,
+        ..modelhub_inference::Settings::for_test(&storage_server.url)
+    };
+    configure(&mut settings);
+    let service = InferenceService::new(&settings).unwrap();
     let serving = service.clone();
     let inference_server =
         Server::start(|l, stop| modelhub_inference::serve(serving, l, stop)).await;
     Cluster {
-        storage: StorageClient::new(storage_server.channel()),
+        storage: StorageClient::new(storage_server.channel(Identity::Gateway, Identity::Storage)),
         storage_server,
-        inference: InferenceClient::new(inference_server.channel()),
+        inference: InferenceClient::new(
+            inference_server.channel(Identity::Gateway, Identity::Inference),
+        ),
         inference_server,
         service,
-        _data: data,
+        data,
     }
 }
 
@@ -60,11 +75,22 @@ pub async fn predict(
     model: &ModelRef,
     inputs: Vec<Tensor>,
 ) -> Result<Vec<Tensor>, ApiError> {
+    predict_as(client, "acc_test", model, inputs).await
+}
+
+/// [`predict`] on behalf of `account`.
+pub async fn predict_as(
+    client: &mut InferenceClient<Channel>,
+    account: &str,
+    model: &ModelRef,
+    inputs: Vec<Tensor>,
+) -> Result<Vec<Tensor>, ApiError> {
     client
         .predict(pb::PredictRequest {
             model: Some(model.clone()),
             inputs: inputs.into_iter().map(Tensor::into_proto).collect(),
             job_id: "job_test".into(),
+            account_id: account.into(),
             ..Default::default()
         })
         .await
@@ -80,4 +106,25 @@ pub async fn predict(
 
 pub fn assert_code(e: &ApiError, code: ErrorCode) {
     assert_eq!(e.code, code, "{e}");
+}
+
+/// Puts `bytes` into storage's blob store the way storage would, but without storage's checks:
+/// a model that an older release (or a hole) let in.
+pub async fn plant(data_dir: &std::path::Path, model_id: &str, bytes: &[u8]) -> ModelRef {
+    use modelhub_core::crypto::{Kek, SecretKey, encrypt_all, model_aad};
+    use modelhub_storage::BlobStore;
+    use sha2::Digest;
+    let kek = Kek::load(&data_dir.join("kek")).unwrap();
+    let dek = SecretKey::generate();
+    let ciphertext = encrypt_all(&dek, &model_aad(model_id, "1"), bytes).unwrap();
+    let blobs = modelhub_storage::LocalBlobStore::open(data_dir).unwrap();
+    let cid = blobs.put(bytes::Bytes::from(ciphertext)).await.unwrap();
+    ModelRef {
+        model_id: model_id.into(),
+        version: "1".into(),
+        cid,
+        wrapped_dek: kek.wrap_dek(&dek, model_id, "1"),
+        sha256: hex::encode(sha2::Sha256::digest(bytes)),
+        size: bytes.len() as u64,
+    }
 }

@@ -2,4 +2,6 @@
 //! on 127.0.0.1:0.
 
 mod harness;
+mod hostile;
+mod limits;
 mod predict;

@@ -4,6 +4,7 @@ use modelhub_core::{DataType, ErrorCode, Tensor, TensorSpec};
 use modelhub_testkit::{digits_expected, test_model};
 
 fn digits_bytes() -> Vec<u8> {
+    crate::setup();
     std::fs::read(test_model("digits_mlp.onnx")).expect("read digits model")
 }
 
@@ -32,6 +33,7 @@ fn assert_close(got: &[f32], want: &[f32]) {
 
 #[test]
 fn signature_is_read_from_the_graph() {
+    crate::setup();
     let threads: Vec<_> = (0..4)
         .map(|_| std::thread::spawn(modelhub_onnx::init))
         .collect();
@@ -141,4 +143,20 @@ fn bytes_that_are_not_a_model_are_unprocessable() {
         assert_eq!(e.code(), ErrorCode::Unprocessable, "cut at {cut}: {e}");
         assert!(!e.to_string().contains('/'), "{e}");
     }
+}
+
+#[test]
+fn every_generated_test_model_passes_the_untrusted_check() {
+    let dir = modelhub_testkit::test_models();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "onnx") {
+            let bytes = std::fs::read(&path).unwrap();
+            modelhub_onnx::check_untrusted(&bytes)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} models");
 }

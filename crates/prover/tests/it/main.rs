@@ -2,12 +2,14 @@
 //! streamed in, fetched, verified; state that survives a restart.
 
 use modelhub_core::{ApiError, ErrorCode, Tensor, TensorSpec};
+use modelhub_mtls::Identity;
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::prover::v1 as pb;
 use modelhub_proto::prover::v1::proof_state::Status;
 use modelhub_proto::prover::v1::prover_client::ProverClient;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
 use modelhub_testkit::grpc::{Server, put_model};
+use modelhub_testkit::tls::TestPki;
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -23,10 +25,11 @@ struct Setup {
 async fn start_prover(dir: &std::path::Path, storage_url: &str) -> (Server, ProverClient<Channel>) {
     let settings = modelhub_prover::Settings {
         kek_file: Some(dir.join("kek")),
+        mtls_dir: TestPki::shared().dir().to_path_buf(),
         ..modelhub_prover::Settings::for_test(&dir.join("prover"), storage_url)
     };
     let server = Server::start(|l, stop| modelhub_prover::run(settings, l, stop)).await;
-    let client = ProverClient::new(server.channel());
+    let client = ProverClient::new(server.channel(Identity::Gateway, Identity::Prover));
     (server, client)
 }
 
@@ -34,10 +37,12 @@ async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let storage_settings = modelhub_storage::Settings {
         kek_file: Some(dir.path().join("kek")),
+        mtls_dir: TestPki::shared().dir().to_path_buf(),
         ..modelhub_storage::Settings::for_test(&dir.path().join("storage"))
     };
     let storage = Server::start(|l, stop| modelhub_storage::run(storage_settings, l, stop)).await;
-    let mut storage_client = StorageClient::new(storage.channel());
+    let mut storage_client =
+        StorageClient::new(storage.channel(Identity::Gateway, Identity::Storage));
     let bytes = std::fs::read(modelhub_testkit::test_model("digits_mlp_logits.onnx")).unwrap();
     let (model, put) = put_model(&mut storage_client, "mdl_logits", &bytes)
         .await
@@ -93,8 +98,9 @@ fn job(id: &str, model: &ModelRef, row: &[f32]) -> pb::ProofJob {
     }
 }
 
-async fn submit(client: &mut ProverClient<Channel>, jobs: Vec<pb::ProofJob>) -> u64 {
-    client
+/// Submits proof jobs as the inference service does (only it may).
+async fn submit(prover: &Server, jobs: Vec<pb::ProofJob>) -> u64 {
+    ProverClient::new(prover.channel(Identity::Inference, Identity::Prover))
         .submit(tokio_stream::iter(jobs))
         .await
         .unwrap()
@@ -134,7 +140,7 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     let mut bad_row = row.clone();
     bad_row[3] = 1.0e6;
     let accepted = submit(
-        &mut s.client,
+        &s.prover,
         vec![
             job("job_ok", &s.model, &row),
             job("job_range", &s.model, &bad_row),
@@ -148,7 +154,8 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     assert_eq!(done.status, Status::Done as i32, "{}", done.error);
     assert_eq!(done.account_id, "acct_test");
     let proof: Value = serde_json::from_slice(&done.proof).unwrap();
-    assert_eq!(proof["format"], "modelhub-proof/1");
+    assert_eq!(proof["format"], "modelhub-proof/2");
+    assert_eq!(proof["public"]["model_digest"], compiled.digest.as_str());
     assert_eq!(proof["public"]["commitment"], compiled.commitment.as_str());
     assert_eq!(proof["public"]["job_id"], "job_ok");
     let proved: Vec<f64> = serde_json::from_str(&done.proved_output).unwrap();
@@ -165,13 +172,18 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     assert!(failed.error.contains("range"), "{}", failed.error);
 
     // Verify over gRPC: the proof, a tampered one, garbage.
+    let digest = compiled.digest.clone();
     let verify = |bytes: Vec<u8>| {
         let mut c = s.client.clone();
+        let digest = digest.clone();
         async move {
-            c.verify(pb::VerifyRequest { proof: bytes })
-                .await
-                .unwrap()
-                .into_inner()
+            c.verify(pb::VerifyRequest {
+                proof: bytes,
+                expected_digest: digest.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
         }
     };
     assert!(verify(done.proof.clone()).await.valid);
@@ -223,11 +235,7 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
         Status::Done as i32
     );
     assert_eq!(
-        submit(
-            &mut client,
-            vec![job("job_after", &s.model, &digits_row(1))]
-        )
-        .await,
+        submit(&s.prover, vec![job("job_after", &s.model, &digits_row(1))]).await,
         1
     );
     let after = wait(&mut client, "job_after").await;
@@ -237,7 +245,8 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     let mut c = client.clone();
     assert!(
         c.verify(pb::VerifyRequest {
-            proof: serde_json::to_vec(&after).unwrap()
+            proof: serde_json::to_vec(&after).unwrap(),
+            expected_digest: compiled.digest.clone(),
         })
         .await
         .unwrap()
@@ -264,7 +273,7 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     let (prover, mut client) = start_prover(s.dir.path(), &s.storage.url).await;
     s.prover = prover;
     submit(
-        &mut client,
+        &s.prover,
         vec![job("job_rekeyed", &s.model, &digits_row(2))],
     )
     .await;
@@ -273,7 +282,8 @@ async fn compile_prove_fetch_verify_and_survive_a_restart() {
     assert!(
         client
             .verify(pb::VerifyRequest {
-                proof: rekeyed.proof
+                proof: rekeyed.proof,
+                expected_digest: compiled.digest.clone(),
             })
             .await
             .unwrap()
@@ -341,7 +351,7 @@ async fn unsupported_models_and_models_without_a_circuit() {
 
     // A proof job for a model the prover never compiled fails with a clear message.
     submit(
-        &mut s.client,
+        &s.prover,
         vec![job("job_nocircuit", &s.model, &digits_row(0))],
     )
     .await;

@@ -16,6 +16,19 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::model::{Account, ApiKey, Model, Receipt, Reservation, SettlementBatch};
 
+/// Nonce counts per key are kept per bucket of this many seconds of expiry time.
+pub const NONCE_BUCKET_SECS: i64 = 600;
+
+/// The receipt id a commit of `reservation_id` writes: known before the commit, so a response
+/// that names it can be stored with the commit itself.
+pub fn receipt_id_for(reservation_id: &str) -> String {
+    let tail = reservation_id
+        .strip_prefix(modelhub_core::id::RESERVATION)
+        .and_then(|t| t.strip_prefix('_'))
+        .unwrap_or(reservation_id);
+    format!("{}_{tail}", modelhub_core::id::RECEIPT)
+}
+
 /// Where the registry keeps accounts, keys, models, reservations and receipts.
 ///
 /// Errors: unknown ids give [`RegistryError::NotFound`](crate::RegistryError::NotFound),
@@ -45,6 +58,8 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Marks a key revoked (revoking twice is fine).
     async fn revoke_key(&self, key_id: &str) -> Result<ApiKey>;
+    /// Whether any API key was ever made (revoked ones count).
+    async fn has_keys(&self) -> Result<bool>;
 
     /// Inserts a new model; `NotFound` when the owner is unknown, `Conflict` when the id or the
     /// (name, version) pair is taken.
@@ -62,21 +77,71 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Reservations and receipts that name it stay.
     async fn delete_model(&self, model_id: &str) -> Result<Model>;
 
-    /// Holds the model's price from the account's credits, atomically with the balance check
-    /// (`PaymentRequired` when short). With an idempotency key the account used before, returns
-    /// the first reservation (`Conflict` if that one was for another model).
+    /// [`reserve_with`](Self::reserve_with) without a fingerprint.
     async fn reserve(
         &self,
         account_id: &str,
         model_id: &str,
         idempotency_key: Option<&str>,
+    ) -> Result<Reservation> {
+        self.reserve_with(account_id, model_id, idempotency_key, None)
+            .await
+    }
+
+    /// Holds the model's price from the account's credits, atomically with the balance check
+    /// (`PaymentRequired` when short). With an idempotency key the account used before, returns
+    /// the first reservation, whatever its state (`Conflict` if that one was for another
+    /// model); the reservation id is then a function of (account, key). `fingerprint` is
+    /// stored with a new reservation, for the caller to compare on a retry.
+    async fn reserve_with(
+        &self,
+        account_id: &str,
+        model_id: &str,
+        idempotency_key: Option<&str>,
+        fingerprint: Option<&str>,
     ) -> Result<Reservation>;
 
     async fn get_reservation(&self, reservation_id: &str) -> Result<Reservation>;
 
-    /// Moves the held amount to the owner's earnings and writes a receipt. Committing again
-    /// returns the same receipt; committing a released reservation is a `Conflict`.
-    async fn commit(&self, reservation_id: &str) -> Result<Receipt>;
+    /// [`commit_with`](Self::commit_with) without a response to keep.
+    async fn commit(&self, reservation_id: &str) -> Result<Receipt> {
+        self.commit_with(reservation_id, None).await
+    }
+
+    /// Moves the held amount to the owner's earnings and writes a receipt, whose id is
+    /// [`receipt_id_for`] the reservation. Committing again returns the same receipt;
+    /// committing a released reservation is a `Conflict`. `response` (what the caller answers
+    /// for this charge) is kept with the commit, atomically, for replays of a keyed request;
+    /// a later commit never replaces it.
+    async fn commit_with(&self, reservation_id: &str, response: Option<Vec<u8>>)
+    -> Result<Receipt>;
+
+    /// The response kept by [`commit_with`](Self::commit_with), if any.
+    async fn get_response(&self, reservation_id: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Credits held from the account by reservations that are neither committed nor released.
+    async fn held_credits(&self, account_id: &str) -> Result<u64>;
+
+    /// Releases every reservation still held that was made at or before `cutoff` (Unix
+    /// seconds): the hold of a caller that died. Returns how many were released. A commit
+    /// after that is a `Conflict`, as for any released reservation.
+    async fn release_stale(&self, cutoff: i64) -> Result<u64>;
+
+    /// Spends the nonce of a signed request for `key_id`, remembered until `expires_at` (Unix
+    /// seconds): `Conflict` when it is already remembered; `TooManyRequests` when the key has
+    /// spent more than `per_key_limit` nonces in the [`NONCE_BUCKET_SECS`] bucket of
+    /// `expires_at` (so one key can't fill the store). Atomic: of two concurrent calls with
+    /// the same key and nonce, exactly one succeeds.
+    async fn use_nonce(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        expires_at: i64,
+        per_key_limit: u64,
+    ) -> Result<()>;
+
+    /// Forgets nonces (and their counts) that expired before `now`; returns how many.
+    async fn prune_nonces(&self, now: i64) -> Result<u64>;
 
     /// Returns the held amount to the account. A no-op on a released or committed reservation.
     async fn release(&self, reservation_id: &str) -> Result<Reservation>;

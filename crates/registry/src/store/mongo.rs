@@ -15,6 +15,12 @@
 //! - `batches` `{_id, receipt_ids, credits, state, tx_hash, error, attempts, created_at,
 //!   updated_at, complete, opened_at}`, indexes `(state, created_at)` and `created_at`
 //! - `cursors` `{_id: name, value}`
+//! - `nonces` `{_id: key id \0 nonce, expires_at}`, index `expires_at`; `nonce_counts`
+//!   `{_id: key id \0 bucket, bucket, n}`, index `bucket`: spent request nonces, pruned once
+//!   expired
+//!
+//! Reservations also keep `fingerprint?` (of the keyed request) and `response?` (binary, set
+//! in the same update that wins the commit).
 //!
 //! Ids are the `_id` of their documents, so key, model, reservation and receipt ids are unique
 //! by MongoDB's own `_id` index; indexes are created at start (`createIndexes` is idempotent).
@@ -140,6 +146,8 @@ struct Inner {
     receipts: Collection<Document>,
     batches: Collection<Document>,
     cursors: Collection<Document>,
+    nonces: Collection<Document>,
+    nonce_counts: Collection<Document>,
     op_timeout: Duration,
 }
 
@@ -344,6 +352,7 @@ fn model_doc(m: &Model) -> Result<Document> {
         "commitment": opt_str(&m.commitment),
         "circuit_spec": opt_str(&m.circuit_spec),
         "zk_note": opt_str(&m.zk_note),
+        "digest": opt_str(&m.digest),
         "created_at": m.created_at,
     })
 }
@@ -370,6 +379,7 @@ fn model_from(d: &Document) -> Result<Model> {
         commitment: get_opt_str(d, W, "commitment")?,
         circuit_spec: get_opt_str(d, W, "circuit_spec")?,
         zk_note: get_opt_str(d, W, "zk_note")?,
+        digest: get_opt_str(d, W, "digest")?,
         created_at: get_i64(d, W, "created_at")?,
     })
 }
@@ -398,6 +408,9 @@ fn reservation_doc(r: &Reservation, debit_token: &str) -> Result<Document> {
     if let Some(k) = &r.idempotency_key {
         d.insert("idempotency_key", k);
     }
+    if let Some(f) = &r.fingerprint {
+        d.insert("fingerprint", f);
+    }
     Ok(d)
 }
 
@@ -421,6 +434,7 @@ fn reservation_from(d: &Document) -> Result<StoredReservation> {
             state: public,
             receipt_id: get_opt_str(d, W, "receipt_id")?,
             idempotency_key: get_opt_str(d, W, "idempotency_key")?,
+            fingerprint: get_opt_str(d, W, "fingerprint")?,
             created_at: get_i64(d, W, "created_at")?,
         },
         settled_at: match d.get("settled_at") {
@@ -462,13 +476,7 @@ pub fn reservation_id_for(account_id: &str, key: &str) -> String {
     format!("{}_{}", id::RESERVATION, hex::encode(&digest[..16]))
 }
 
-fn receipt_id_for(reservation_id: &str) -> String {
-    let tail = reservation_id
-        .strip_prefix(id::RESERVATION)
-        .and_then(|t| t.strip_prefix('_'))
-        .unwrap_or(reservation_id);
-    format!("{}_{tail}", id::RECEIPT)
-}
+use super::receipt_id_for;
 
 fn receipt_doc(r: &Receipt) -> Result<Document> {
     Ok(doc! {
@@ -597,6 +605,8 @@ impl MongoStore {
                 receipts: db.collection("receipts"),
                 batches: db.collection("batches"),
                 cursors: db.collection("cursors"),
+                nonces: db.collection("nonces"),
+                nonce_counts: db.collection("nonce_counts"),
                 op_timeout: timeout.saturating_mul(5).max(Duration::from_secs(1)),
             }),
         };
@@ -643,6 +653,19 @@ impl MongoStore {
                     .keys(doc! { "state": 1, "settled_at": 1 })
                     .build(),
             )
+            .await?;
+        i.reservations
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "state": 1, "created_at": 1 })
+                    .build(),
+            )
+            .await?;
+        i.nonces
+            .create_index(IndexModel::builder().keys(doc! { "expires_at": 1 }).build())
+            .await?;
+        i.nonce_counts
+            .create_index(IndexModel::builder().keys(doc! { "bucket": 1 }).build())
             .await?;
         i.keys
             .create_index(IndexModel::builder().keys(doc! { "account_id": 1 }).build())
@@ -793,6 +816,7 @@ impl MongoStore {
         account_id: &str,
         model_id: &str,
         key: Option<&str>,
+        fingerprint: Option<&str>,
     ) -> Result<Reservation> {
         // With a key, every retry of the request works on the same reservation id.
         let rid = match key {
@@ -816,6 +840,7 @@ impl MongoStore {
             state: ReservationState::Held,
             receipt_id: None,
             idempotency_key: key.map(str::to_owned),
+            fingerprint: fingerprint.map(str::to_owned),
             created_at: id::unix_now(),
         };
         let debit = marker(&rid, DEBIT);
@@ -922,10 +947,25 @@ impl MongoStore {
 
     /// Moves a held reservation to `to` (`committing` or `releasing`); `None` when it was not
     /// held any more.
-    async fn settle(&self, rid: &str, to: &str) -> Result<Option<StoredReservation>> {
+    /// With `response`, the commit keeps it in the same update that wins the transition.
+    async fn settle(
+        &self,
+        rid: &str,
+        to: &str,
+        response: Option<Vec<u8>>,
+    ) -> Result<Option<StoredReservation>> {
         let mut set = doc! { "state": to, "settled_at": id::unix_now() };
         if to == COMMITTING {
             set.insert("receipt_id", receipt_id_for(rid));
+            if let Some(bytes) = response {
+                set.insert(
+                    "response",
+                    Binary {
+                        subtype: BinarySubtype::Generic,
+                        bytes,
+                    },
+                );
+            }
         }
         let won = self
             .inner
@@ -995,10 +1035,10 @@ impl MongoStore {
         Ok(r.clone())
     }
 
-    async fn commit_inner(&self, rid: &str) -> Result<Receipt> {
+    async fn commit_inner(&self, rid: &str, response: Option<Vec<u8>>) -> Result<Receipt> {
         let current = self.load_reservation(rid).await?;
         let current = match current.state.as_str() {
-            HELD => match self.settle(rid, COMMITTING).await? {
+            HELD => match self.settle(rid, COMMITTING, response).await? {
                 Some(won) => return self.finish_commit(&won).await,
                 None => self.load_reservation(rid).await?,
             },
@@ -1023,7 +1063,7 @@ impl MongoStore {
     async fn release_inner(&self, rid: &str) -> Result<Reservation> {
         let current = self.load_reservation(rid).await?;
         if current.state == HELD {
-            if let Some(won) = self.settle(rid, RELEASING).await? {
+            if let Some(won) = self.settle(rid, RELEASING, None).await? {
                 return self.finish_release(&won).await;
             }
             return Ok(self.load_reservation(rid).await?.r);
@@ -1448,6 +1488,11 @@ impl MetadataStore for MongoStore {
         .await
     }
 
+    async fn has_keys(&self) -> Result<bool> {
+        self.timed(async { Ok(Self::find_one(&self.inner.keys, doc! {}).await?.is_some()) })
+            .await
+    }
+
     async fn revoke_key(&self, key_id: &str) -> Result<ApiKey> {
         self.timed(async {
             let updated = self
@@ -1531,14 +1576,15 @@ impl MetadataStore for MongoStore {
         .await
     }
 
-    async fn reserve(
+    async fn reserve_with(
         &self,
         account_id: &str,
         model_id: &str,
         idempotency_key: Option<&str>,
+        fingerprint: Option<&str>,
     ) -> Result<Reservation> {
         let key = idempotency_key.filter(|k| !k.is_empty());
-        self.timed(self.reserve_inner(account_id, model_id, key))
+        self.timed(self.reserve_inner(account_id, model_id, key, fingerprint))
             .await
     }
 
@@ -1547,12 +1593,136 @@ impl MetadataStore for MongoStore {
             .await
     }
 
-    async fn commit(&self, reservation_id: &str) -> Result<Receipt> {
-        self.timed(self.commit_inner(reservation_id)).await
+    async fn commit_with(
+        &self,
+        reservation_id: &str,
+        response: Option<Vec<u8>>,
+    ) -> Result<Receipt> {
+        self.timed(self.commit_inner(reservation_id, response))
+            .await
     }
 
     async fn release(&self, reservation_id: &str) -> Result<Reservation> {
         self.timed(self.release_inner(reservation_id)).await
+    }
+
+    async fn get_response(&self, reservation_id: &str) -> Result<Option<Vec<u8>>> {
+        self.timed(async {
+            let found = self
+                .inner
+                .reservations
+                .find_one(doc! { "_id": reservation_id })
+                .projection(doc! { "response": 1 })
+                .await?;
+            Ok(found.and_then(|d| match d.get("response") {
+                Some(Bson::Binary(b)) => Some(b.bytes.clone()),
+                _ => None,
+            }))
+        })
+        .await
+    }
+
+    async fn held_credits(&self, account_id: &str) -> Result<u64> {
+        self.timed(async {
+            let held: Vec<Document> = self
+                .inner
+                .reservations
+                .find(doc! { "account_id": account_id, "state": HELD })
+                .projection(doc! { "amount": 1 })
+                .await?
+                .try_collect()
+                .await?;
+            let mut sum = 0_u64;
+            for d in &held {
+                sum = sum.saturating_add(get_u64(d, "reservation", "amount")?);
+            }
+            Ok(sum)
+        })
+        .await
+    }
+
+    async fn release_stale(&self, cutoff: i64) -> Result<u64> {
+        let stale: Vec<Document> = self
+            .timed(async {
+                Ok(self
+                    .inner
+                    .reservations
+                    .find(doc! { "state": HELD, "created_at": { "$lte": cutoff } })
+                    .projection(doc! { "_id": 1 })
+                    .await?
+                    .try_collect()
+                    .await?)
+            })
+            .await?;
+        let mut released = 0;
+        for d in stale {
+            let rid = get_str(&d, "reservation", "_id")?;
+            // Only the caller that wins `held` → `releasing` refunds; a commit that won stays.
+            if self.release(&rid).await?.state == ReservationState::Released {
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    async fn use_nonce(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        expires_at: i64,
+        per_key_limit: u64,
+    ) -> Result<()> {
+        self.timed(async {
+            let i = &self.inner;
+            let bucket = expires_at.div_euclid(super::NONCE_BUCKET_SECS);
+            let counted = i
+                .nonce_counts
+                .find_one_and_update(
+                    doc! { "_id": format!("{key_id}\0{bucket}") },
+                    doc! { "$inc": { "n": 1_i64 }, "$set": { "bucket": bucket } },
+                )
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await?;
+            let spent = counted
+                .as_ref()
+                .and_then(|d| {
+                    d.get_i64("n")
+                        .ok()
+                        .or_else(|| d.get_i32("n").ok().map(i64::from))
+                })
+                .unwrap_or(1);
+            if u64::try_from(spent).unwrap_or(u64::MAX) > per_key_limit {
+                return Err(RegistryError::TooManyRequests {
+                    what: "nonces for this key in the replay window".into(),
+                });
+            }
+            let entry = doc! { "_id": format!("{key_id}\0{nonce}"), "expires_at": expires_at };
+            match i.nonces.insert_one(entry).await {
+                Ok(_) => Ok(()),
+                Err(e) if is_duplicate(&e) => {
+                    Err(RegistryError::conflict("nonce was already used"))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    async fn prune_nonces(&self, now: i64) -> Result<u64> {
+        self.timed(async {
+            let i = &self.inner;
+            let gone = i
+                .nonces
+                .delete_many(doc! { "expires_at": { "$lt": now } })
+                .await?;
+            let live_bucket = now.div_euclid(super::NONCE_BUCKET_SECS);
+            i.nonce_counts
+                .delete_many(doc! { "bucket": { "$lt": live_bucket } })
+                .await?;
+            Ok(gone.deleted_count)
+        })
+        .await
     }
 
     async fn get_receipt(&self, receipt_id: &str) -> Result<Receipt> {
@@ -1771,6 +1941,7 @@ mod tests {
             state: ReservationState::Held,
             receipt_id: None,
             idempotency_key: None,
+            fingerprint: Some("ab".into()),
             created_at: 5,
         };
         let d = reservation_doc(&r, "dbt_1").unwrap();

@@ -57,9 +57,24 @@ const BATCHES_BY_TIME: TimeIndex = TableDefinition::new("batches_by_time");
 const PENDING_BATCHES: TimeIndex = TableDefinition::new("pending_batches");
 /// Cursor name → value.
 const CURSORS: TableDefinition<'static, &'static str, u64> = TableDefinition::new("cursors");
-/// Store-level flags (`unsettled_index`: the unsettled table was filled from old receipts).
+/// Store-level flags (`unsettled_index`: the unsettled table was filled from old receipts;
+/// `held_index`: the held tables were filled from old reservations).
 const META: Index = TableDefinition::new("meta");
 const UNSETTLED_FLAG: &str = "unsettled_index";
+const HELD_FLAG: &str = "held_index";
+/// Reservation id → the response kept with its commit (raw bytes).
+const RESPONSES: Json = TableDefinition::new("responses");
+/// `account \0 reservation id` → amount, for every reservation still held.
+const HELD: TableDefinition<'static, &'static str, u64> = TableDefinition::new("held");
+/// (created_at, reservation id) of every reservation still held.
+const HELD_BY_TIME: TimeIndex = TableDefinition::new("held_by_time");
+/// `key id \0 nonce` → when it may be forgotten (Unix seconds).
+const NONCES: TableDefinition<'static, &'static str, i64> = TableDefinition::new("nonces");
+/// (expires_at, `key id \0 nonce`) of every remembered nonce.
+const NONCES_BY_EXPIRY: TimeIndex = TableDefinition::new("nonces_by_expiry");
+/// `key id \0 bucket` → nonces spent by the key in that bucket of expiry time.
+const NONCE_COUNTS: TableDefinition<'static, &'static str, u64> =
+    TableDefinition::new("nonce_counts");
 
 /// The embedded metadata store.
 #[derive(Clone)]
@@ -145,7 +160,25 @@ impl RedbStore {
         }
         txn.open_table(BATCHES)?;
         txn.open_table(CURSORS)?;
+        txn.open_table(RESPONSES)?;
+        txn.open_table(HELD)?;
+        txn.open_table(HELD_BY_TIME)?;
+        txn.open_table(NONCES)?;
+        txn.open_table(NONCES_BY_EXPIRY)?;
+        txn.open_table(NONCE_COUNTS)?;
         let mut meta = txn.open_table(META)?;
+        if meta.get(HELD_FLAG)?.is_none() {
+            // A database from before the hold sweep: index its held reservations once.
+            let reservations = txn.open_table(RESERVATIONS)?;
+            for entry in reservations.iter()? {
+                let (_, v) = entry?;
+                let r: Reservation = decode(v.value())?;
+                if r.state == ReservationState::Held {
+                    index_held(&txn, &r)?;
+                }
+            }
+            meta.insert(HELD_FLAG, "1")?;
+        }
         if meta.get(UNSETTLED_FLAG)?.is_none() {
             // A database from before the chain ledger: index its unbatched receipts once.
             let receipts = txn.open_table(RECEIPTS)?;
@@ -317,6 +350,11 @@ impl MetadataStore for RedbStore {
         self.read(KEYS, key_id, "key").await
     }
 
+    async fn has_keys(&self) -> Result<bool> {
+        self.view(|txn| Ok(!txn.open_table(KEYS)?.is_empty()?))
+            .await
+    }
+
     async fn revoke_key(&self, key_id: &str) -> Result<ApiKey> {
         let key_id = key_id.to_owned();
         self.write(move |txn| {
@@ -411,15 +449,17 @@ impl MetadataStore for RedbStore {
         Ok(models)
     }
 
-    async fn reserve(
+    async fn reserve_with(
         &self,
         account_id: &str,
         model_id: &str,
         idempotency_key: Option<&str>,
+        fingerprint: Option<&str>,
     ) -> Result<Reservation> {
         let account_id = account_id.to_owned();
         let model_id = model_id.to_owned();
         let idempotency_key = idempotency_key.filter(|k| !k.is_empty()).map(str::to_owned);
+        let fingerprint = fingerprint.map(str::to_owned);
         self.write(move |txn| {
             let mut reservations = txn.open_table(RESERVATIONS)?;
             let mut idem = txn.open_table(IDEMPOTENCY)?;
@@ -449,11 +489,15 @@ impl MetadataStore for RedbStore {
                         balance: account.credits,
                         price: model.price,
                     })?;
-            let reservation_id = loop {
-                let candidate = id::new_id(id::RESERVATION);
-                if reservations.get(candidate.as_str())?.is_none() {
-                    break candidate;
-                }
+            // With a key, the id is a function of (account, key), as in the MongoDB store.
+            let reservation_id = match &idempotency_key {
+                Some(k) => super::mongo::reservation_id_for(&account_id, k),
+                None => loop {
+                    let candidate = id::new_id(id::RESERVATION);
+                    if reservations.get(candidate.as_str())?.is_none() {
+                        break candidate;
+                    }
+                },
             };
             let reservation = Reservation {
                 reservation_id,
@@ -464,10 +508,12 @@ impl MetadataStore for RedbStore {
                 state: ReservationState::Held,
                 receipt_id: None,
                 idempotency_key,
+                fingerprint,
                 created_at: id::unix_now(),
             };
             put_json(&mut accounts, &account_id, &account)?;
             put_json(&mut reservations, &reservation.reservation_id, &reservation)?;
+            index_held(txn, &reservation)?;
             if let Some(ik) = &idem_key {
                 idem.insert(ik.as_str(), reservation.reservation_id.as_str())?;
             }
@@ -480,7 +526,11 @@ impl MetadataStore for RedbStore {
         self.read(RESERVATIONS, reservation_id, "reservation").await
     }
 
-    async fn commit(&self, reservation_id: &str) -> Result<Receipt> {
+    async fn commit_with(
+        &self,
+        reservation_id: &str,
+        response: Option<Vec<u8>>,
+    ) -> Result<Receipt> {
         let reservation_id = reservation_id.to_owned();
         self.write(move |txn| {
             let mut reservations = txn.open_table(RESERVATIONS)?;
@@ -507,12 +557,7 @@ impl MetadataStore for RedbStore {
                 .earnings
                 .checked_add(r.amount)
                 .ok_or_else(|| RegistryError::conflict("the owner's earnings would overflow"))?;
-            let receipt_id = loop {
-                let candidate = id::new_id(id::RECEIPT);
-                if receipts.get(candidate.as_str())?.is_none() {
-                    break candidate;
-                }
-            };
+            let receipt_id = super::receipt_id_for(&reservation_id);
             let receipt = Receipt {
                 receipt_id: receipt_id.clone(),
                 reservation_id: reservation_id.clone(),
@@ -529,6 +574,11 @@ impl MetadataStore for RedbStore {
             put_json(&mut receipts, &receipt_id, &receipt)?;
             txn.open_table(UNSETTLED)?
                 .insert((receipt.created_at, receipt_id.as_str()), ())?;
+            unindex_held(txn, &r)?;
+            if let Some(response) = response {
+                txn.open_table(RESPONSES)?
+                    .insert(reservation_id.as_str(), response.as_slice())?;
+            }
             put_json(&mut reservations, &reservation_id, &r)?;
             Ok(receipt)
         })
@@ -552,6 +602,7 @@ impl MetadataStore for RedbStore {
             })?;
             r.state = ReservationState::Released;
             put_json(&mut accounts, &r.account_id, &account)?;
+            unindex_held(txn, &r)?;
             put_json(&mut reservations, &reservation_id, &r)?;
             Ok(r)
         })
@@ -560,6 +611,122 @@ impl MetadataStore for RedbStore {
 
     async fn get_receipt(&self, receipt_id: &str) -> Result<Receipt> {
         self.read(RECEIPTS, receipt_id, "receipt").await
+    }
+
+    async fn get_response(&self, reservation_id: &str) -> Result<Option<Vec<u8>>> {
+        let reservation_id = reservation_id.to_owned();
+        self.view(move |txn| {
+            let t = txn.open_table(RESPONSES)?;
+            Ok(t.get(reservation_id.as_str())?.map(|v| v.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn held_credits(&self, account_id: &str) -> Result<u64> {
+        let prefix = pair(account_id, "");
+        self.view(move |txn| {
+            let t = txn.open_table(HELD)?;
+            let mut sum = 0_u64;
+            for entry in t.range(prefix.as_str()..)? {
+                let (k, v) = entry?;
+                if !k.value().starts_with(&prefix) {
+                    break;
+                }
+                sum = sum.saturating_add(v.value());
+            }
+            Ok(sum)
+        })
+        .await
+    }
+
+    async fn release_stale(&self, cutoff: i64) -> Result<u64> {
+        let stale: Vec<String> = self
+            .view(move |txn| {
+                let t = txn.open_table(HELD_BY_TIME)?;
+                let mut out = Vec::new();
+                for entry in t.range(..=(cutoff, "\u{10FFFF}"))? {
+                    let (k, _) = entry?;
+                    out.push(k.value().1.to_owned());
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut released = 0;
+        for rid in stale {
+            // `release` re-checks the state in its own transaction: a commit that won the race
+            // stays committed.
+            if self.release(&rid).await?.state == ReservationState::Released {
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    async fn use_nonce(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        expires_at: i64,
+        per_key_limit: u64,
+    ) -> Result<()> {
+        let entry = pair(key_id, nonce);
+        let count_key = pair(
+            key_id,
+            &expires_at.div_euclid(super::NONCE_BUCKET_SECS).to_string(),
+        );
+        self.write(move |txn| {
+            let mut nonces = txn.open_table(NONCES)?;
+            if nonces.get(entry.as_str())?.is_some() {
+                return Err(RegistryError::conflict("nonce was already used"));
+            }
+            let mut counts = txn.open_table(NONCE_COUNTS)?;
+            let spent = counts.get(count_key.as_str())?.map_or(0, |v| v.value());
+            if spent >= per_key_limit {
+                return Err(RegistryError::TooManyRequests {
+                    what: "nonces for this key in the replay window".into(),
+                });
+            }
+            counts.insert(count_key.as_str(), spent + 1)?;
+            nonces.insert(entry.as_str(), expires_at)?;
+            txn.open_table(NONCES_BY_EXPIRY)?
+                .insert((expires_at, entry.as_str()), ())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn prune_nonces(&self, now: i64) -> Result<u64> {
+        self.write(move |txn| {
+            let mut by_expiry = txn.open_table(NONCES_BY_EXPIRY)?;
+            let mut nonces = txn.open_table(NONCES)?;
+            let mut pruned = 0;
+            let expired: Vec<(i64, String)> = by_expiry
+                .range(..(now, ""))?
+                .map(|e| e.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+                .collect::<std::result::Result<_, _>>()?;
+            for (at, entry) in expired {
+                nonces.remove(entry.as_str())?;
+                by_expiry.remove((at, entry.as_str()))?;
+                pruned += 1;
+            }
+            // Counts of buckets that hold no live nonce any more.
+            let live_bucket = now.div_euclid(super::NONCE_BUCKET_SECS);
+            let mut counts = txn.open_table(NONCE_COUNTS)?;
+            let dead: Vec<String> = counts
+                .iter()?
+                .filter_map(|e| e.ok().map(|(k, _)| k.value().to_owned()))
+                .filter(|k| {
+                    k.rsplit_once('\0')
+                        .and_then(|(_, b)| b.parse::<i64>().ok())
+                        .is_some_and(|b| b < live_bucket)
+                })
+                .collect();
+            for k in dead {
+                counts.remove(k.as_str())?;
+            }
+            Ok(pruned)
+        })
+        .await
     }
 
     async fn find_account_by_wallet(&self, wallet: &str) -> Result<Option<Account>> {
@@ -737,6 +904,24 @@ impl MetadataStore for RedbStore {
         })
         .await
     }
+}
+
+/// Adds a held reservation to the held indexes.
+fn index_held(txn: &WriteTransaction, r: &Reservation) -> Result<()> {
+    txn.open_table(HELD)?
+        .insert(pair(&r.account_id, &r.reservation_id).as_str(), r.amount)?;
+    txn.open_table(HELD_BY_TIME)?
+        .insert((r.created_at, r.reservation_id.as_str()), ())?;
+    Ok(())
+}
+
+/// Removes a reservation that stops being held from the held indexes.
+fn unindex_held(txn: &WriteTransaction, r: &Reservation) -> Result<()> {
+    txn.open_table(HELD)?
+        .remove(pair(&r.account_id, &r.reservation_id).as_str())?;
+    txn.open_table(HELD_BY_TIME)?
+        .remove((r.created_at, r.reservation_id.as_str()))?;
+    Ok(())
 }
 
 fn batch_at(

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use modelhub_core::{ApiError, ErrorCode, signing};
+use modelhub_mtls::Identity;
 use modelhub_proto::common::v1 as common;
 use modelhub_proto::registry::v1 as pb;
 use modelhub_proto::registry::v1::registry_client::RegistryClient;
@@ -19,20 +20,27 @@ struct Server {
 }
 
 impl Server {
-    async fn start(settings: Settings) -> Server {
+    /// Starts the registry with the shared test certificates; the client calls as the gateway.
+    async fn start(mut settings: Settings) -> Server {
+        let pki = modelhub_testkit::tls::TestPki::shared();
+        settings.mtls_dir = pki.dir().to_path_buf();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run(settings, listener, async {
             let _ = stopped.await;
         }));
-        let url = format!("http://{addr}");
+        let url = format!("https://{addr}");
+        let endpoint = pki
+            .identity(Identity::Gateway)
+            .endpoint(Identity::Registry, &url)
+            .unwrap();
         let client = modelhub_testkit::eventually_async(
             "registry accepts connections",
             Duration::from_secs(10),
             || {
-                let url = url.clone();
-                async move { RegistryClient::connect(url).await.ok() }
+                let endpoint = endpoint.clone();
+                async move { endpoint.connect().await.ok().map(RegistryClient::new) }
             },
         )
         .await;
@@ -88,6 +96,7 @@ fn model_request(owner: &str, name: &str, version: &str, price: u64) -> pb::Crea
             shape: vec![-1],
         }],
         commitment: Some("0xabc".into()),
+        digest: Some("ab".repeat(32)),
     }
 }
 
@@ -223,6 +232,7 @@ async fn error_codes_cross_the_wire() {
     let e = err(c
         .commit(pb::CommitRequest {
             reservation_id: "rsv_missing".into(),
+            ..Default::default()
         })
         .await);
     assert_eq!(e.code, ErrorCode::NotFound);
@@ -274,6 +284,7 @@ async fn error_codes_cross_the_wire() {
             account_id: String::new(),
             model_id: "mdl_x".into(),
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await);
     assert_eq!(e.code, ErrorCode::BadRequest);
@@ -319,6 +330,7 @@ async fn error_codes_cross_the_wire() {
             account_id: buyer.account_id.clone(),
             model_id: m.model_id.clone(),
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await);
     assert_eq!(e.code, ErrorCode::PaymentRequired);
@@ -336,6 +348,7 @@ async fn error_codes_cross_the_wire() {
             account_id: buyer.account_id.clone(),
             model_id: m.model_id.clone(),
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -348,6 +361,7 @@ async fn error_codes_cross_the_wire() {
     let e = err(c
         .commit(pb::CommitRequest {
             reservation_id: r.reservation_id.clone(),
+            ..Default::default()
         })
         .await);
     assert_eq!(e.code, ErrorCode::Conflict);
@@ -407,10 +421,26 @@ async fn models_and_ledger_end_to_end_survive_a_restart() {
         account_id: buyer.account_id.clone(),
         model_id: b.model_id.clone(),
         idempotency_key: "req-7".into(),
+        ..Default::default()
     };
     let r = c.reserve(reserve.clone()).await.unwrap().into_inner();
     assert_eq!(r.amount, 2);
-    assert_eq!(c.reserve(reserve.clone()).await.unwrap().into_inner(), r);
+    assert_eq!((r.state.as_str(), r.existing), ("held", false));
+    // A retry while the first attempt is in flight names that attempt.
+    let in_flight = c.reserve(reserve.clone()).await.unwrap().into_inner();
+    assert_eq!(in_flight.reservation_id, r.reservation_id);
+    assert_eq!(
+        (in_flight.state.as_str(), in_flight.existing),
+        ("held", true)
+    );
+    // The same key for another request is a conflict.
+    let e = err(c
+        .reserve(pb::ReserveRequest {
+            fingerprint: "another request".into(),
+            ..reserve.clone()
+        })
+        .await);
+    assert_eq!(e.code, ErrorCode::Conflict, "{e:?}");
     let available = c
         .get_account(pb::GetAccountRequest {
             account_id: buyer.account_id.clone(),
@@ -419,20 +449,72 @@ async fn models_and_ledger_end_to_end_survive_a_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(available.credits, 8, "held credits are not available");
+    assert_eq!(available.held, 2, "held credits are shown");
 
     let receipt = c
         .commit(pb::CommitRequest {
             reservation_id: r.reservation_id.clone(),
+            response: b"the first answer".to_vec(),
         })
         .await
         .unwrap()
         .into_inner();
+    assert_eq!(
+        receipt.receipt_id, r.receipt_id,
+        "the receipt id was known before"
+    );
     assert_eq!(receipt.credits_charged, 2);
+    // A retry after the commit gets the kept response, and charges nothing.
+    let replay = c.reserve(reserve.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            replay.state.as_str(),
+            replay.existing,
+            replay.response.as_slice()
+        ),
+        ("committed", true, b"the first answer".as_slice())
+    );
+    let after = c
+        .get_account(pb::GetAccountRequest {
+            account_id: buyer.account_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((after.credits, after.held), (8, 0));
+
+    // A failed attempt (released: nothing charged) frees its key: the retry runs anew.
+    let failing = pb::ReserveRequest {
+        idempotency_key: "req-8".into(),
+        fingerprint: "fp-8".into(),
+        ..reserve.clone()
+    };
+    let first_try = c.reserve(failing.clone()).await.unwrap().into_inner();
+    c.release(pb::ReleaseRequest {
+        reservation_id: first_try.reservation_id.clone(),
+    })
+    .await
+    .unwrap();
+    let second_try = c.reserve(failing.clone()).await.unwrap().into_inner();
+    assert_ne!(second_try.reservation_id, first_try.reservation_id);
+    assert_eq!(
+        (second_try.state.as_str(), second_try.existing),
+        ("held", false)
+    );
+    let released = c
+        .release(pb::ReleaseRequest {
+            reservation_id: second_try.reservation_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.state, "released");
     assert_eq!(receipt.owner, owner.account_id);
     assert_eq!(receipt.account_id, buyer.account_id);
     let again = c
         .commit(pb::CommitRequest {
             reservation_id: r.reservation_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -475,6 +557,7 @@ async fn models_and_ledger_end_to_end_survive_a_restart() {
     assert_eq!(
         c.commit(pb::CommitRequest {
             reservation_id: r.reservation_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -491,7 +574,10 @@ async fn health_reports_serving() {
 
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(Settings::for_test(dir.path())).await;
-    let channel = Channel::from_shared(server.url.clone())
+    // Any authenticated identity may ask, even one that may call no registry method.
+    let channel = modelhub_testkit::tls::TestPki::shared()
+        .identity(Identity::Storage)
+        .endpoint(Identity::Registry, &server.url)
         .unwrap()
         .connect()
         .await

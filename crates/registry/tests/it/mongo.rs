@@ -476,17 +476,31 @@ async fn registry_service_runs_on_mongodb() {
     };
     let data = tempfile::tempdir().unwrap();
     let uri = server.db_uri("service");
-    let settings = modelhub_registry::Settings::for_test_mongodb(data.path(), uri.clone());
+    let pki = modelhub_testkit::tls::TestPki::shared();
+    let settings = modelhub_registry::Settings {
+        mtls_dir: pki.dir().to_path_buf(),
+        ..modelhub_registry::Settings::for_test_mongodb(data.path(), uri.clone())
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(modelhub_registry::run(settings, listener, async {
         let _ = stopped.await;
     }));
+    let endpoint = pki
+        .identity(modelhub_mtls::Identity::Gateway)
+        .endpoint(
+            modelhub_mtls::Identity::Registry,
+            &format!("https://{addr}"),
+        )
+        .unwrap();
     let mut client = modelhub_testkit::eventually_async(
         "registry accepts connections",
         Duration::from_secs(20),
-        || async move { RegistryClient::connect(format!("http://{addr}")).await.ok() },
+        || {
+            let endpoint = endpoint.clone();
+            async move { endpoint.connect().await.ok().map(RegistryClient::new) }
+        },
     )
     .await;
     let created = client
@@ -528,10 +542,13 @@ async fn registry_service_runs_on_mongodb() {
 #[tokio::test]
 async fn a_bad_mongodb_uri_fails_at_start() {
     let data = tempfile::tempdir().unwrap();
-    let settings = modelhub_registry::Settings::for_test_mongodb(
-        data.path(),
-        "http://user:s3cret@127.0.0.1:1/db",
-    );
+    let settings = modelhub_registry::Settings {
+        mtls_dir: modelhub_testkit::tls::TestPki::shared().dir().to_path_buf(),
+        ..modelhub_registry::Settings::for_test_mongodb(
+            data.path(),
+            "http://user:s3cret@127.0.0.1:1/db",
+        )
+    };
     assert!(!format!("{settings:?}").contains("s3cret"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let err = modelhub_registry::run(settings, listener, std::future::pending())

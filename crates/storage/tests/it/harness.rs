@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use modelhub_core::{ApiError, ErrorCode};
+use modelhub_mtls::Identity;
 use modelhub_proto::storage::v1 as pb;
 use modelhub_proto::storage::v1::put_model_request::Part;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
@@ -10,7 +11,10 @@ use modelhub_storage::Settings;
 use tonic::transport::Channel;
 
 pub struct Running {
+    /// Calls as the gateway: `PutModel`, `DeleteModel`.
     pub client: StorageClient<Channel>,
+    /// Calls as the inference service: `GetModel`.
+    pub reader: StorageClient<Channel>,
     pub data_dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -37,7 +41,11 @@ impl Running {
 
 pub async fn start(configure: impl FnOnce(&mut Settings)) -> Running {
     let data_dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings::for_test(data_dir.path());
+    let pki = modelhub_testkit::tls::TestPki::shared();
+    let mut settings = Settings {
+        mtls_dir: pki.dir().to_path_buf(),
+        ..Settings::for_test(data_dir.path())
+    };
     configure(&mut settings);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -45,12 +53,14 @@ pub async fn start(configure: impl FnOnce(&mut Settings)) -> Running {
     let task = tokio::spawn(modelhub_storage::run(settings, listener, async {
         let _ = stopped.await;
     }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
-    let client = StorageClient::new(channel).max_decoding_message_size(64 << 20);
+    let url = format!("https://{addr}");
+    let client = |caller| {
+        StorageClient::new(pki.channel(caller, Identity::Storage, &url))
+            .max_decoding_message_size(64 << 20)
+    };
     Running {
-        client,
+        client: client(Identity::Gateway),
+        reader: client(Identity::Inference),
         data_dir,
         stop: Some(stop),
         task: Some(task),

@@ -12,6 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use modelhub_core::ErrorCode;
+use modelhub_mtls::Identity;
+use modelhub_proto::storage::v1::storage_client::StorageClient;
 use modelhub_storage::blob::{BlobStore, LocalBlobStore};
 use modelhub_storage::reconcile::{export, prune, verify, verify_contents};
 use modelhub_storage::unixfs::{CHUNK_SIZE, cid_of_bytes};
@@ -363,7 +365,7 @@ async fn the_storage_service_keeps_models_on_ipfs() {
     let stored = put(&mut s.client, upload("mdl_ipfs", "1", &bytes, 1000))
         .await
         .unwrap();
-    let back = get(&mut s.client, model_ref("mdl_ipfs", "1", &stored))
+    let back = get(&mut s.reader, model_ref("mdl_ipfs", "1", &stored))
         .await
         .unwrap();
     assert_eq!(back, bytes);
@@ -382,7 +384,7 @@ async fn the_storage_service_keeps_models_on_ipfs() {
         .unwrap_err();
     assert_eq!(code(&status), ErrorCode::Unavailable);
     assert_eq!(status.message(), "IPFS node unavailable");
-    let status = get(&mut s.client, model_ref("mdl_ipfs", "1", &stored))
+    let status = get(&mut s.reader, model_ref("mdl_ipfs", "1", &stored))
         .await
         .unwrap_err();
     assert_eq!(code(&status), ErrorCode::Unavailable);
@@ -428,14 +430,21 @@ async fn big_model_round_trip_memory() {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(data.path())
+            .arg("--mtls-dir")
+            .arg(modelhub_testkit::tls::TestPki::shared().dir())
             .stdout(std::process::Stdio::null());
         if on_ipfs {
             cmd.arg("--ipfs-api").arg(&node.api);
         }
         let child = KillOnDrop(cmd.spawn().unwrap());
         let pid = child.0.id();
+        let pki = modelhub_testkit::tls::TestPki::shared();
+        let url = format!("https://127.0.0.1:{port}");
         let mut client =
-            modelhub_storage::client::connect_lazy(&format!("http://127.0.0.1:{port}")).unwrap();
+            StorageClient::new(pki.channel(Identity::Gateway, Identity::Storage, &url));
+        let mut reader =
+            modelhub_storage::client::connect_lazy(&pki.identity(Identity::Inference), &url)
+                .unwrap();
         modelhub_testkit::eventually_async("storage up", Duration::from_secs(20), || async move {
             std::net::TcpStream::connect(("127.0.0.1", port))
                 .ok()
@@ -471,7 +480,7 @@ async fn big_model_round_trip_memory() {
         // Reset the peak, so the next figure is the read's own.
         std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
         let started = std::time::Instant::now();
-        let mut stream = client
+        let mut stream = reader
             .get_model(modelhub_proto::storage::v1::GetModelRequest {
                 model: Some(model_ref("mdl_big", "1", &stored)),
             })

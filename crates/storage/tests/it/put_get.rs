@@ -45,7 +45,7 @@ async fn a_model_put_in_small_chunks_comes_back_byte_identical() {
         first.cid
     );
 
-    let back = get(&mut s.client, model_ref("mdl_1", "1", &first))
+    let back = get(&mut s.reader, model_ref("mdl_1", "1", &first))
         .await
         .unwrap();
     assert_eq!(back, bytes);
@@ -58,7 +58,7 @@ async fn a_model_put_in_small_chunks_comes_back_byte_identical() {
     assert_ne!(second.wrapped_dek, first.wrapped_dek);
     assert_eq!(second.sha256, first.sha256);
     assert_eq!(s.blob_files().len(), 2);
-    let back = get(&mut s.client, model_ref("mdl_1", "1", &second))
+    let back = get(&mut s.reader, model_ref("mdl_1", "1", &second))
         .await
         .unwrap();
     assert_eq!(back, bytes);
@@ -143,7 +143,7 @@ async fn a_tampered_blob_never_reads_back_as_success() {
     let middle = stored.len() / 2;
     stored[middle] ^= 0x01;
     std::fs::write(&path, &stored).unwrap();
-    let status = get(&mut s.client, model_ref("mdl_5", "1", &put_ok))
+    let status = get(&mut s.reader, model_ref("mdl_5", "1", &put_ok))
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Internal);
@@ -165,19 +165,19 @@ async fn a_wrong_key_or_hash_or_cid_is_an_error() {
 
     let mut wrong_dek = model_ref("mdl_6", "1", &put_ok);
     wrong_dek.wrapped_dek[20] ^= 1;
-    let status = get(&mut s.client, wrong_dek).await.unwrap_err();
+    let status = get(&mut s.reader, wrong_dek).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Internal);
     assert_eq!(status.message(), "model key could not be unwrapped");
 
     // The key is bound to the model version.
-    let status = get(&mut s.client, model_ref("mdl_6", "2", &put_ok))
+    let status = get(&mut s.reader, model_ref("mdl_6", "2", &put_ok))
         .await
         .unwrap_err();
     assert_eq!(status.message(), "model key could not be unwrapped");
 
     let mut wrong_hash = model_ref("mdl_6", "1", &put_ok);
     wrong_hash.sha256 = hex::encode([7u8; 32]);
-    let status = get(&mut s.client, wrong_hash).await.unwrap_err();
+    let status = get(&mut s.reader, wrong_hash).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Internal);
     assert!(
         status.message().contains("integrity"),
@@ -187,7 +187,7 @@ async fn a_wrong_key_or_hash_or_cid_is_an_error() {
 
     let mut unknown = model_ref("mdl_6", "1", &put_ok);
     unknown.cid = modelhub_storage::unixfs::cid_of_bytes(b"nothing").to_string();
-    let status = get(&mut s.client, unknown).await.unwrap_err();
+    let status = get(&mut s.reader, unknown).await.unwrap_err();
     assert_eq!(code(&status), ErrorCode::NotFound);
     s.stop().await;
 }

@@ -201,21 +201,22 @@ fn cnn_compiles_proves_and_verifies() {
     let t = std::time::Instant::now();
     let bundle = prove(&params, &keys, &model, &c, &o, &d.test[1], "cnn-job").unwrap();
     eprintln!("cnn prove {:?}", t.elapsed());
-    verify(&params, &bundle).unwrap();
+    let honest = bundle.public.model_digest;
+    verify(&params, &bundle, &honest).unwrap();
     let json = serde_json::to_string(&bundle).unwrap();
     assert!(json.contains("\"conv\""), "the spec names the conv shape");
 
     let mut b = bundle.clone();
     b.public.output[0] += 1;
-    assert!(verify(&params, &b).is_err());
+    crate::common::refused(&params, &b, &honest);
     let mut b = bundle.clone();
     b.public.input[30] += 1;
-    assert!(verify(&params, &b).is_err());
+    crate::common::refused(&params, &b, &honest);
     let mut b = bundle;
     if let LayerKind::Conv(cs) = &mut b.spec.layers[0].kind {
         cs.stride = [1, 2];
     }
-    assert!(verify(&params, &b).is_err());
+    crate::common::refused(&params, &b, &honest);
 }
 
 /// Writes the test models for a cross-check of the float forward pass against onnxruntime

@@ -118,3 +118,28 @@ pub fn argmax(v: &[f32]) -> usize {
     }
     best
 }
+
+/// Verifies `b` against the digest of its own spec and commitment, as a verifier told that
+/// model would (for tests of every check after the digest).
+pub fn verify_own(
+    params: &modelhub_zk::Params,
+    b: &modelhub_zk::ProofBundle,
+) -> Result<(), modelhub_zk::ZkError> {
+    let mut b = b.clone();
+    b.public.model_digest = b.computed_digest();
+    modelhub_zk::verify(params, &b, &b.public.model_digest)
+}
+
+/// Asserts that a tampered bundle is refused against the honest model's digest and also
+/// against the digest of whatever spec and commitment it now carries; returns the latter error.
+pub fn refused(
+    params: &modelhub_zk::Params,
+    b: &modelhub_zk::ProofBundle,
+    honest: &modelhub_zk::ModelDigest,
+) -> modelhub_zk::ZkError {
+    assert!(
+        modelhub_zk::verify(params, b, honest).is_err(),
+        "accepted against the honest digest"
+    );
+    verify_own(params, b).expect_err("accepted against its own digest")
+}

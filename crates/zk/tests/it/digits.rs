@@ -55,14 +55,19 @@ fn proves_and_verifies_and_rejects_tampering() {
     let bundle = crate::common::prove_digits(3, "job-1");
     let prove_time = t.elapsed();
     let t = std::time::Instant::now();
-    verify(&f.params, &bundle).unwrap();
+    let honest = bundle.public.model_digest;
+    assert_eq!(
+        honest,
+        modelhub_zk::ModelDigest::of(&f.model.spec, &f.commitment)
+    );
+    verify(&f.params, &bundle, &honest).unwrap();
     eprintln!(
         "prove {prove_time:?}, verify {:?}, proof {} B, link {} B",
         t.elapsed(),
         bundle.proof.len(),
         bundle.link.len()
     );
-    assert_eq!(bundle.format, "modelhub-proof/1");
+    assert_eq!(bundle.format, "modelhub-proof/2");
     assert_eq!(
         bundle.public.output,
         reference(&f.model, &bundle.public.input).unwrap()
@@ -71,10 +76,12 @@ fn proves_and_verifies_and_rejects_tampering() {
     // The JSON file round-trips and still verifies.
     let json = serde_json::to_string(&bundle).unwrap();
     let back: modelhub_zk::ProofBundle = serde_json::from_str(&json).unwrap();
-    verify(&f.params, &back).unwrap();
+    verify(&f.params, &back, &honest).unwrap();
+    let read = modelhub_zk::ProofBundle::from_json(json.as_bytes()).unwrap();
+    verify(&f.params, &read, &honest).unwrap();
 
     let rejects = |what: &str, b: &modelhub_zk::ProofBundle| {
-        let err = verify(&f.params, b).expect_err(what);
+        let err = crate::common::refused(&f.params, b, &honest);
         assert!(matches!(err, ZkError::Verification(_)), "{what}: {err}");
     };
     let mut b = bundle.clone();
@@ -108,6 +115,28 @@ fn proves_and_verifies_and_rejects_tampering() {
     let mut b = bundle.clone();
     b.proof.truncate(10);
     rejects("truncated", &b);
+    // Bytes after the halo2 transcript: one encoding per proof.
+    let mut b = bundle.clone();
+    b.proof.push(0);
+    let err = verify(&f.params, &b, &honest).unwrap_err();
+    assert!(
+        err.to_string().contains("after the end of the proof"),
+        "{err}"
+    );
+    let mut b = bundle.clone();
+    b.proof.extend_from_slice(&[7; 64]);
+    rejects("trailing bytes", &b);
+    // A proof that names another digest than its spec and commitment give.
+    let mut b = bundle.clone();
+    b.public.model_digest = modelhub_zk::ModelDigest([9; 32]);
+    let err = verify(&f.params, &b, &honest).unwrap_err();
+    assert!(
+        err.to_string().contains("not the digest of its spec"),
+        "{err}"
+    );
+    // The right proof checked against another model's digest.
+    let err = verify(&f.params, &bundle, &modelhub_zk::ModelDigest([9; 32])).unwrap_err();
+    assert!(err.to_string().contains("not the expected model"), "{err}");
 }
 
 #[test]
@@ -137,9 +166,11 @@ fn a_different_models_weights_do_not_verify_under_the_commitment() {
     // original model's commitment: the weight link fails.
     let (c2, o2) = modelhub_zk::commit(&other, &f.params).unwrap();
     let mut bundle = prove(&f.params, &f.keys, &other, &c2, &o2, x, "job-9").unwrap();
-    verify(&f.params, &bundle).unwrap();
+    verify(&f.params, &bundle, &bundle.public.model_digest).unwrap();
     bundle.public.commitment = f.commitment.clone();
-    let err = verify(&f.params, &bundle).unwrap_err();
+    bundle.public.model_digest = bundle.computed_digest();
+    let honest = modelhub_zk::ModelDigest::of(&f.model.spec, &f.commitment);
+    let err = verify(&f.params, &bundle, &honest).unwrap_err();
     assert!(err.to_string().contains("weight"), "{err}");
 }
 
@@ -210,6 +241,7 @@ fn unsupported_graphs_say_why() {
 fn garbage_proofs_are_errors_not_panics() {
     let f = fixture();
     let bundle = crate::common::prove_digits(7, "job-g");
+    let honest = bundle.public.model_digest;
     let mut state = 0x1234_5678_9abc_def0u64;
     for len in [
         0usize,
@@ -227,20 +259,20 @@ fn garbage_proofs_are_errors_not_panics() {
                 state as u8
             })
             .collect();
-        assert!(verify(&f.params, &b).is_err());
+        crate::common::refused(&f.params, &b, &honest);
         // Keep the real advice commitments, garble the rest.
         let mut b = bundle.clone();
         for byte in b.proof.iter_mut().skip(640) {
             *byte = byte.wrapping_mul(31).wrapping_add(7);
         }
-        assert!(verify(&f.params, &b).is_err());
+        crate::common::refused(&f.params, &b, &honest);
     }
     let mut b = bundle.clone();
     b.link.truncate(100);
-    assert!(verify(&f.params, &b).is_err());
+    crate::common::refused(&f.params, &b, &honest);
     let mut b = bundle;
     b.spec.k = 30;
-    assert!(verify(&f.params, &b).is_err());
+    crate::common::refused(&f.params, &b, &honest);
 }
 
 #[test]

@@ -66,7 +66,8 @@ fn a_second_start_reads_the_keys_and_proves_with_them() {
         "job-from-stored-keys",
     )
     .unwrap();
-    verify(&f.params, &bundle).unwrap();
+    let honest = bundle.public.model_digest;
+    verify(&f.params, &bundle, &honest).unwrap();
 
     // Verifying with the key file's verifying key (what the prover's Verify uses): the same
     // key as keygen's, and a tampered proof is still refused.
@@ -75,11 +76,11 @@ fn a_second_start_reads_the_keys_and_proves_with_them() {
         format!("{:?}", vk.pinned()),
         format!("{:?}", made.vk().pinned())
     );
-    verify_cached(&f.params, &bundle, dir.path()).unwrap();
+    verify_cached(&f.params, &bundle, &honest, dir.path()).unwrap();
     let mut tampered = bundle.clone();
     tampered.public.output[0] += 1;
     assert!(matches!(
-        verify_cached(&f.params, &tampered, dir.path()),
+        verify_cached(&f.params, &tampered, &honest, dir.path()),
         Err(ZkError::Verification(_))
     ));
     let e = Keys::read_verifying_key(&f.params, &f.model.spec, &read.to_bytes().unwrap()[..200]);
@@ -204,15 +205,18 @@ fn the_provers_verify_never_stores_keys_for_a_callers_circuit() {
     let bundle = crate::common::prove_digits(5, "job-verify-files");
     // Specs no other test verifies (so their keys are not in memory): the same circuit under
     // other output names. The proofs don't verify (the spec is in the statement), but each
-    // verification first looks for the verifying key.
+    // verification (against the digest of the renamed model, so that it gets past the digest
+    // check) first looks for the verifying key.
     let renamed = |name: &str| {
         let mut b = bundle.clone();
         b.spec.output_name = name.into();
+        b.public.model_digest = b.computed_digest();
         b
     };
     let dir = tempfile::tempdir().unwrap();
     let bad = renamed("logits-for-the-prover");
-    assert!(modelhub_zk::verify_with_prover_keys(&f.params, &bad, dir.path()).is_err());
+    let expected = bad.public.model_digest;
+    assert!(modelhub_zk::verify_with_prover_keys(&f.params, &bad, &expected, dir.path()).is_err());
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
         0,
@@ -220,11 +224,12 @@ fn the_provers_verify_never_stores_keys_for_a_callers_circuit() {
     );
     // A verifier that keeps keys (modelhub proofs verify) stores the one it made.
     let bad = renamed("logits-for-the-cli");
-    assert!(verify_cached(&f.params, &bad, dir.path()).is_err());
+    assert!(verify_cached(&f.params, &bad, &bad.public.model_digest, dir.path()).is_err());
     assert!(key_file(dir.path()).to_str().unwrap().contains("vk-"));
     // The prover's own key file serves its verifications.
     Keys::load_or_create(&f.params, &f.model.spec, dir.path()).unwrap();
-    modelhub_zk::verify_with_prover_keys(&f.params, &bundle, dir.path()).unwrap();
+    let honest = bundle.public.model_digest;
+    modelhub_zk::verify_with_prover_keys(&f.params, &bundle, &honest, dir.path()).unwrap();
 }
 
 #[test]

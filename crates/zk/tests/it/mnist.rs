@@ -37,10 +37,10 @@ fn mnist_size_mlp() {
     let bundle = prove(&params, &keys, &model, &c, &o, &samples[3], "job").unwrap();
     eprintln!("prove {:?}", t.elapsed());
     let t = Instant::now();
-    verify(&params, &bundle).unwrap();
+    verify(&params, &bundle, &bundle.public.model_digest).unwrap();
     eprintln!("verify {:?} (with vk rebuild)", t.elapsed());
     let t = Instant::now();
-    verify(&params, &bundle).unwrap();
+    verify(&params, &bundle, &bundle.public.model_digest).unwrap();
     eprintln!(
         "verify {:?} (cached vk); proof {} B + link {} B",
         t.elapsed(),

@@ -3,7 +3,7 @@
 //! purpose (with a new spec version). Regenerate the vector with
 //! `cargo test -p modelhub-zk --test it regenerate_proof_vector -- --ignored`.
 
-use modelhub_zk::{CircuitSpec, Keys, Params, ProofBundle, verify};
+use modelhub_zk::{CircuitSpec, Keys, ModelDigest, Params, ProofBundle, verify};
 use sha2::{Digest, Sha256};
 
 use crate::common::{digits, fixture, params_dir};
@@ -30,15 +30,45 @@ fn verifying_key_fingerprint() {
     );
 }
 
+/// The model digest of the stored vector's model (its spec and commitment), pinned: the digest
+/// encoding (docs/ZK.md) must not change silently either.
+const VECTOR_DIGEST: &str = "75bdd50a560291f30fad7127d6eb25e60c615282868a18a1626bd61bb25245e5";
+
 #[test]
 fn stored_proof_still_verifies() {
     let text = std::fs::read_to_string(VECTOR).expect("stored proof vector");
-    let bundle: ProofBundle = serde_json::from_str(&text).unwrap();
+    let bundle = ProofBundle::from_json(text.as_bytes()).unwrap();
+    let expected: ModelDigest = VECTOR_DIGEST.parse().unwrap();
+    assert_eq!(
+        ModelDigest::of(&bundle.spec, &bundle.public.commitment),
+        expected
+    );
     let params = Params::load_or_create(&params_dir(), bundle.spec.k).unwrap();
-    verify(&params, &bundle).unwrap();
+    verify(&params, &bundle, &expected).unwrap();
     let mut tampered = bundle.clone();
     tampered.public.output[0] += 1;
-    assert!(verify(&params, &tampered).is_err());
+    assert!(verify(&params, &tampered, &expected).is_err());
+}
+
+/// A proof file of the old format (which did not name its model) is refused, and the message
+/// names the current format.
+#[test]
+fn an_old_format_proof_is_refused_naming_the_new_format() {
+    let text = std::fs::read_to_string(VECTOR).expect("stored proof vector");
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["format"] = "modelhub-proof/1".into();
+    v["public"].as_object_mut().unwrap().remove("model_digest");
+    let err = ProofBundle::from_json(v.to_string().as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("modelhub-proof/2"), "{err}");
+    assert!(err.to_string().contains("modelhub-proof/1"), "{err}");
+    // Also when it reaches verify some other way.
+    let mut bundle = ProofBundle::from_json(text.as_bytes()).unwrap();
+    bundle.format = "modelhub-proof/1".into();
+    let params = Params::load_or_create(&params_dir(), bundle.spec.k).unwrap();
+    let err = verify(&params, &bundle, &bundle.public.model_digest).unwrap_err();
+    assert!(err.to_string().contains("modelhub-proof/2"), "{err}");
+    assert!(ProofBundle::from_json(b"{\"format\": \"x\"}").is_err());
+    assert!(ProofBundle::from_json(b"[]").is_err());
 }
 
 #[test]

@@ -39,7 +39,8 @@ fn prove_and_verify(model: &modelhub_zk::QuantizedModel, x: &[f32], job: &str) {
     let t = std::time::Instant::now();
     let bundle = prove(&params, &keys, model, &c, &o, x, job).unwrap();
     eprintln!("{job}: k = {}, prove {:?}", spec.k, t.elapsed());
-    verify(&params, &bundle).unwrap();
+    let honest = bundle.public.model_digest;
+    verify(&params, &bundle, &honest).unwrap();
     assert_eq!(
         bundle.public.output,
         reference(model, &bundle.public.input).unwrap()
@@ -48,13 +49,16 @@ fn prove_and_verify(model: &modelhub_zk::QuantizedModel, x: &[f32], job: &str) {
     let back: modelhub_zk::ProofBundle =
         serde_json::from_str(&serde_json::to_string(&bundle).unwrap()).unwrap();
     assert_eq!(back.spec, bundle.spec);
-    verify(&params, &back).unwrap();
+    verify(&params, &back, &honest).unwrap();
     let mut b = bundle.clone();
     b.public.output[0] += 1;
-    assert!(matches!(verify(&params, &b), Err(ZkError::Verification(_))));
+    assert!(matches!(
+        crate::common::refused(&params, &b, &honest),
+        ZkError::Verification(_)
+    ));
     let mut b = bundle.clone();
     b.public.input[10] += 1;
-    assert!(verify(&params, &b).is_err());
+    crate::common::refused(&params, &b, &honest);
     // Another table (one entry changed) or pooling shape: invalid spec or another key.
     let mut b = bundle;
     let layer = b
@@ -67,7 +71,10 @@ fn prove_and_verify(model: &modelhub_zk::QuantizedModel, x: &[f32], job: &str) {
         LayerKind::MaxPool(s) => s.stride = [1, 2],
         _ => layer.table[130] += 1,
     }
-    assert!(matches!(verify(&params, &b), Err(ZkError::Verification(_))));
+    assert!(matches!(
+        crate::common::refused(&params, &b, &honest),
+        ZkError::Verification(_)
+    ));
 }
 
 #[test]

@@ -36,17 +36,18 @@ fn a_wide_model_proves_verifies_and_rejects_tampering() {
     assert_eq!(c.to_hex().len(), 64 * 32 * 2);
 
     let bundle = prove(&params, &keys, &model, &c, &o, &xs[5], "wide-job").unwrap();
-    verify(&params, &bundle).unwrap();
+    let honest = bundle.public.model_digest;
+    verify(&params, &bundle, &honest).unwrap();
     assert_eq!(
         bundle.public.output,
         reference(&model, &bundle.public.input).unwrap()
     );
     assert_eq!(bundle.link.len(), 64 * 9 * 32);
     let back: ProofBundle = serde_json::from_str(&serde_json::to_string(&bundle).unwrap()).unwrap();
-    verify(&params, &back).unwrap();
+    verify(&params, &back, &honest).unwrap();
 
     let rejects = |what: &str, b: &ProofBundle| {
-        let err = verify(&params, b).expect_err(what);
+        let err = crate::common::refused(&params, b, &honest);
         assert!(matches!(err, ZkError::Verification(_)), "{what}: {err}");
     };
     let mut b = bundle.clone();
@@ -95,9 +96,10 @@ fn a_wide_model_proves_verifies_and_rejects_tampering() {
     // link fails.
     let (c2, o2) = commit(&other, &params).unwrap();
     let mut forged = prove(&params, &keys, &other, &c2, &o2, &xs[5], "wide-job").unwrap();
-    verify(&params, &forged).unwrap();
+    verify(&params, &forged, &forged.public.model_digest).unwrap();
     forged.public.commitment = c.clone();
-    let err = verify(&params, &forged).unwrap_err();
+    forged.public.model_digest = honest;
+    let err = verify(&params, &forged, &honest).unwrap_err();
     assert!(err.to_string().contains("weight"), "{err}");
 
     // The same weights with 16 lanes (what `with_lanes` gives a prover that stored such a
@@ -109,15 +111,20 @@ fn a_wide_model_proves_verifies_and_rejects_tampering() {
     let (c16, o16) = commit(&narrow, &params16).unwrap();
     assert_eq!(c16.lanes(), 16);
     let b16 = prove(&params16, &keys16, &narrow, &c16, &o16, &xs[5], "wide-job").unwrap();
-    verify(&params16, &b16).unwrap();
+    verify(&params16, &b16, &b16.public.model_digest).unwrap();
     assert_eq!(b16.public.output, bundle.public.output);
     assert_eq!(b16.link.len(), 16 * 9 * 32);
     let mut b = b16.clone();
     b.public.commitment = c;
-    rejects_with(&params16, "a 64-lane commitment on a 16-lane spec", &b);
+    rejects_with(
+        &params16,
+        "a 64-lane commitment on a 16-lane spec",
+        &b,
+        &b16.public.model_digest,
+    );
 }
 
-fn rejects_with(params: &Params, what: &str, b: &ProofBundle) {
-    let err = verify(params, b).expect_err(what);
+fn rejects_with(params: &Params, what: &str, b: &ProofBundle, honest: &modelhub_zk::ModelDigest) {
+    let err = crate::common::refused(params, b, honest);
     assert!(matches!(err, ZkError::Verification(_)), "{what}: {err}");
 }

@@ -1,0 +1,146 @@
+//! `modelhub proofs verify`: a proof is checked against the model the caller expects (its
+//! digest from the gateway's model record, or given with `--digest`), never only against
+//! itself: a valid proof of another model, or of another input, is refused (docs/ZK.md).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use modelhub_zk::{ModelDigest, ProofBundle};
+use serde_json::{Value, json};
+
+use crate::commands::{ClientArgs, print_json, resolve_model};
+
+/// What `proofs verify` was told to expect.
+#[derive(Debug)]
+pub struct VerifyArgs {
+    pub file: PathBuf,
+    pub params_dir: PathBuf,
+    /// `NAME@VERSION` or a model id, resolved through the gateway.
+    pub model: Option<String>,
+    pub digest: Option<String>,
+    /// A JSON file with the caller's float input (a list of numbers, or a tensor with `data`).
+    pub input: Option<PathBuf>,
+    pub self_consistent_only: bool,
+    pub client: ClientArgs,
+}
+
+/// Runs `proofs verify`; an error (non-zero exit) says what did not match.
+pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let bundle = ProofBundle::from_json(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let (expected, record) = match (&args.model, &args.digest, args.self_consistent_only) {
+        (Some(model), None, false) => {
+            let client = args.client.client()?;
+            let id = resolve_model(&client, model).await?;
+            let record = client.get(&format!("/v1/models/{id}")).await?.ok()?;
+            let digest = record["digest"].as_str().with_context(|| {
+                format!("model {model} has no registered digest (no circuit, or uploaded before digests)")
+            })?;
+            (Some(digest.parse::<ModelDigest>()?), Some(record))
+        }
+        (None, Some(d), false) => (Some(d.parse::<ModelDigest>()?), None),
+        (None, None, true) => (None, None),
+        (None, None, false) => anyhow::bail!(
+            "say which model the proof must be for: --model NAME@VERSION|ID or --digest HEX \
+             (a proof checked only against itself proves nothing about which model answered)"
+        ),
+        _ => anyhow::bail!("give one of --model, --digest, --self-consistent-only"),
+    };
+    if let Some(record) = &record {
+        // Say which part differs when the registry's record has the spec and commitment.
+        if let (Ok(spec), Some(c)) = (
+            serde_json::from_value::<modelhub_zk::CircuitSpec>(record["circuit_spec"].clone()),
+            record["commitment"].as_str(),
+        ) && let Ok(c) = modelhub_zk::Commitment::from_hex(c)
+        {
+            bundle
+                .check_model(&spec, &c)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    if let Some(input) = &args.input {
+        check_input(&bundle, input)?;
+    }
+    let bundle = verify_file_bundle(bundle, &args.params_dir, expected).await?;
+    let input_hash = {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for v in &bundle.public.input {
+            h.update(v.to_le_bytes());
+        }
+        hex::encode(h.finalize())
+    };
+    let mut out = json!({
+        "valid": true,
+        "model_digest": bundle.public.model_digest,
+        "job_id": bundle.public.job_id,
+        "input_sha256": input_hash,
+        "output": bundle.public.output,
+        "output_dequantized": modelhub_zk::dequantize_output(&bundle.spec, &bundle.public.output),
+    });
+    if let Some(record) = record {
+        out["model_id"] = record["model_id"].clone();
+        out["model"] = record["name"].clone();
+        out["version"] = record["version"].clone();
+    }
+    if expected.is_none() {
+        out["warning"] = Value::from(
+            "self-consistent only: this proves nothing about which model produced the output",
+        );
+    }
+    print_json(&out);
+    Ok(())
+}
+
+/// The caller's input, quantized with the proof's (verified, digest-bound) spec, must be the
+/// proof's input.
+fn check_input(bundle: &ProofBundle, path: &Path) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).context("--input is not JSON")?;
+    let data = match &v {
+        Value::Array(_) => &v,
+        _ => v
+            .get("data")
+            .or_else(|| v.pointer("/inputs/0/data"))
+            .context("--input must be a list of numbers or a tensor with \"data\"")?,
+    };
+    let floats: Vec<f32> = data
+        .as_array()
+        .context("--input data must be a list")?
+        .iter()
+        .map(|x| {
+            x.as_f64()
+                .map(|f| f as f32)
+                .context("--input data must be numbers")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let q = modelhub_zk::quantize_input(&bundle.spec, &floats)
+        .map_err(|e| anyhow::anyhow!("--input: {e}"))?;
+    anyhow::ensure!(
+        q == bundle.public.input,
+        "input mismatch: the proof is for another input than {}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Verifies a proof against `expected` (or only against itself when `None`); params and the
+/// verifying key are made from the public spec on first use and cached in `params_dir`.
+pub async fn verify_file_bundle(
+    bundle: ProofBundle,
+    params_dir: &Path,
+    expected: Option<ModelDigest>,
+) -> anyhow::Result<ProofBundle> {
+    let params_dir = params_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let params = modelhub_zk::Params::load_or_create(&params_dir, bundle.spec.k)?;
+        let expected = expected.unwrap_or_else(|| bundle.computed_digest());
+        modelhub_zk::verify_cached(&params, &bundle, &expected, &params_dir.join("keys"))?;
+        Ok::<_, anyhow::Error>(bundle)
+    })
+    .await?
+    .context("the proof does not verify")
+}
