@@ -95,6 +95,7 @@ pub enum Chain {
     },
     /// Propose the next admin (admin wallet); it accepts after the delay with `accept-admin`.
     ProposeAdmin {
+        /// The proposed admin's address (`0x` + 40 hex digits).
         admin: String,
         #[command(flatten)]
         market: MarketArgs,
@@ -107,6 +108,7 @@ pub enum Chain {
     /// Pause (or with --resume, resume) settlement and purchases (admin wallet). Withdrawals
     /// and refunds are never paused.
     Pause {
+        /// Resume instead of pause.
         #[arg(long)]
         resume: bool,
         #[command(flatten)]
@@ -114,6 +116,7 @@ pub enum Chain {
     },
     /// Cap the credits operators may settle from this wallet per day.
     SetDailyCap {
+        /// Most credits operators may settle from this wallet per day (0: none at all).
         #[arg(long)]
         credits: String,
         #[command(flatten)]
@@ -121,6 +124,7 @@ pub enum Chain {
     },
     /// Ask for unspent credits back in ETH: claimable with `refund-claim` after the lock.
     RefundRequest {
+        /// How many unspent credits to turn back into ETH.
         #[arg(long)]
         credits: u64,
         #[command(flatten)]

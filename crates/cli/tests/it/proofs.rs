@@ -105,9 +105,36 @@ async fn a_proved_prediction_verifies_offline_and_tampering_fails() {
     let float: Vec<f64> = logits.iter().map(|v| v.as_f64().unwrap()).collect();
     assert_eq!(argmax(&proved), argmax(&float));
 
-    // Only the account that asked can read it.
+    // Only the account that asked can read it; to anyone else, waiting or not, it is exactly
+    // a job that does not exist.
     let answer = other.get(&format!("/v1/proofs/{job}")).await.unwrap();
     assert_error(&answer, 404, "not_found", "");
+    let waited = other
+        .get(&format!("/v1/proofs/{job}?wait=60"))
+        .await
+        .unwrap();
+    let missing_job = format!("{}0", &job[..job.len() - 1]);
+    let missing_job = if missing_job == job {
+        format!("{}1", &job[..job.len() - 1])
+    } else {
+        missing_job
+    };
+    let missing = other
+        .get(&format!("/v1/proofs/{missing_job}?wait=60"))
+        .await
+        .unwrap();
+    assert_eq!(waited.status, 404);
+    assert_eq!(
+        waited.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace(job, "JOB"),
+        missing.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace(&missing_job, "JOB"),
+        "{waited:?} {missing:?}"
+    );
 
     // Offline verification from the file alone.
     let dir = tempfile::tempdir().unwrap();

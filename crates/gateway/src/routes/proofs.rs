@@ -57,17 +57,35 @@ pub async fn get(
     };
     let job_id = path.into_inner();
     let wait_ms = query.wait.unwrap_or(0).min(MAX_WAIT_SECS) * 1000;
-    let state = prover
-        .get_proof(pb::GetProofRequest {
-            job_id: job_id.clone(),
-            wait_ms,
-        })
-        .await
-        .map_err(GatewayError::upstream("prover", "GetProof"))?
-        .into_inner();
-    // Someone else's job looks exactly like a missing one.
+    // A missing job and someone else's answer alike, and at once: the owner is checked before
+    // any waiting, so nobody can hold a connection on (or time) another account's job.
+    let hidden = || GatewayError::from(ApiError::not_found(format!("no proof job {job_id}")));
+    let mut fetch = async |wait_ms: u64| -> Result<pb::ProofState, GatewayError> {
+        match prover
+            .get_proof(pb::GetProofRequest {
+                job_id: job_id.clone(),
+                wait_ms,
+            })
+            .await
+        {
+            Ok(state) => Ok(state.into_inner()),
+            Err(status) if status.code() == tonic::Code::NotFound => Err(hidden()),
+            Err(status) => Err(GatewayError::upstream("prover", "GetProof")(status)),
+        }
+    };
+    let mut state = fetch(0).await?;
     if state.account_id != caller.account_id && !caller.admin {
-        return Err(ApiError::not_found(format!("no proof job {job_id}")).into());
+        return Err(hidden());
+    }
+    use pb::proof_state::Status;
+    let finished = |s: &pb::ProofState| {
+        matches!(
+            Status::try_from(s.status),
+            Ok(Status::Done | Status::Failed)
+        )
+    };
+    if !finished(&state) && wait_ms > 0 {
+        state = fetch(wait_ms).await?;
     }
     let float_outputs: Value = serde_json::from_str(&state.float_outputs).unwrap_or(Value::Null);
     let mut answer = json!({
@@ -75,7 +93,6 @@ pub async fn get(
         "float_outputs": float_outputs,
         "float_outputs_note": FLOAT_NOTE,
     });
-    use pb::proof_state::Status;
     match Status::try_from(state.status).unwrap_or(Status::Unspecified) {
         Status::Done => {
             let proof: Value = serde_json::from_slice(&state.proof).map_err(|e| {
