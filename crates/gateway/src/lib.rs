@@ -16,6 +16,7 @@ pub mod error;
 pub mod limits;
 mod records;
 mod routes;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -105,6 +106,18 @@ pub struct Settings {
         default_value = "./modelhub-data/tls"
     )]
     pub mtls_dir: std::path::PathBuf,
+    /// PEM certificate chain (leaf first) to serve HTTPS with; needs --tls-key. Without the
+    /// pair the gateway speaks plain HTTP, only on a loopback address or with
+    /// --behind-tls-proxy.
+    #[arg(long, env = "MODELHUB_GATEWAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MODELHUB_GATEWAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Serve plain HTTP on a non-loopback address because a TLS-terminating proxy (an ingress,
+    /// a load balancer) is in front: clients reach the gateway only through it.
+    #[arg(long, env = "MODELHUB_GATEWAY_BEHIND_TLS_PROXY")]
+    pub behind_tls_proxy: bool,
 }
 
 impl Settings {
@@ -124,6 +137,9 @@ impl Settings {
             body_timeout_secs: 30,
             min_body_rate: 16 * 1024,
             mtls_dir: "./modelhub-data/tls".into(),
+            tls_cert: None,
+            tls_key: None,
+            behind_tls_proxy: false,
         }
     }
 
@@ -155,6 +171,10 @@ impl Settings {
         anyhow::ensure!(
             self.body_timeout_secs >= 1,
             "body_timeout_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            self.tls_cert.is_some() == self.tls_key.is_some(),
+            "--tls-cert and --tls-key go together"
         );
         for host in &self.allowed_hosts {
             anyhow::ensure!(
@@ -385,6 +405,18 @@ pub async fn run(
         .local_addr()
         .context("reading the listen address")?;
     let shared = Shared::serving(&settings, settings.hosts_for(addr)?)?;
+    let tls = match (&settings.tls_cert, &settings.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        _ => {
+            anyhow::ensure!(
+                addr.ip().is_loopback() || settings.behind_tls_proxy,
+                "the gateway serves plain HTTP on {addr}: give it --tls-cert and --tls-key \
+                 (MODELHUB_GATEWAY_TLS_CERT/_KEY), or --behind-tls-proxy if a TLS-terminating \
+                 proxy is in front"
+            );
+            None
+        }
+    };
     let per_client = PerClient::new(settings.max_requests_per_client);
     let server = HttpServer::new(move || {
         app(shared.state(None))
@@ -395,11 +427,15 @@ pub async fn run(
     .max_connections(settings.max_connections.div_ceil(settings.workers))
     .tcp_nodelay(true)
     .shutdown_signal(shutdown)
-    .shutdown_timeout(30)
-    .listen(listener)
+    .shutdown_timeout(30);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = match tls {
+        Some(config) => server.listen_rustls_0_23(listener, config),
+        None => server.listen(listener),
+    }
     .context("listening")?
     .run();
-    tracing::info!(%addr, registry = %settings.registry, storage = %settings.storage, inference = %settings.inference, "gateway listening");
+    tracing::info!(%addr, scheme, registry = %settings.registry, storage = %settings.storage, inference = %settings.inference, "gateway listening");
     server.await.context("serving")?;
     tracing::info!("gateway stopped");
     Ok(())

@@ -181,14 +181,26 @@ pub fn digits_bytes() -> Vec<u8> {
     std::fs::read(modelhub_testkit::test_model("digits_mlp.onnx")).unwrap()
 }
 
-/// Uploads the digits model as `owner` and returns its record.
+/// Uploads the digits model as `owner` and returns its record: the answer without the
+/// commitment's opening, which only the upload's answer carries (checked here).
 pub async fn upload_digits(owner: &Client, name: &str, price: u64) -> Value {
     let answer = owner
         .upload(&ModelUpload::new(name, "1", price), digits_bytes())
         .await
         .unwrap();
     assert_eq!(answer.status, 201, "{:?}", answer.body);
-    answer.body
+    let mut record = answer.body;
+    let opening = record
+        .as_object_mut()
+        .unwrap()
+        .remove("zk_opening")
+        .expect("the upload answer carries the commitment's opening");
+    assert!(record["commitment"].is_string(), "{record}");
+    assert!(
+        !opening["blinds"].as_array().unwrap().is_empty(),
+        "{opening}"
+    );
+    record
 }
 
 /// One digits row as the API's input tensor list.

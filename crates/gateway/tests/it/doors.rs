@@ -232,3 +232,125 @@ async fn slow_clients_cannot_keep_a_signed_request_from_being_answered() {
     gw.stop().await;
     s.stop().await;
 }
+
+/// A self-signed certificate for `localhost`, written as PEM files `<name>.crt` and
+/// `<name>.key` in `dir`: (cert, key, its DER).
+fn localhost_certificate(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    (cert, key, made.cert.der().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_port_speaks_https_with_the_given_certificate() {
+    let s = Stack::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, der) = localhost_certificate(dir.path(), "gateway");
+    let g = Gateway::start(&s.registry, |st| {
+        st.tls_cert = Some(cert.clone());
+        st.tls_key = Some(key.clone());
+    });
+    let host = format!("localhost:{}", g.addr.port());
+    let https = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_der(&der).unwrap()])
+        .resolve("localhost", g.addr)
+        .build()
+        .unwrap();
+
+    // A signed request over TLS, for the host the certificate names.
+    let headers = signed(&s.admin, "GET", "/v1/account", &host, b"");
+    let mut req = https.get(format!("https://{host}/v1/account"));
+    for (n, v) in headers.iter().filter(|(n, _)| n != "host") {
+        req = req.header(n, v);
+    }
+    let res =
+        modelhub_testkit::eventually_async("the gateway answers", Duration::from_secs(10), || {
+            let req = req.try_clone().unwrap();
+            async move { req.send().await.ok() }
+        })
+        .await;
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["account_id"], s.admin.account_id.as_str());
+
+    // Plain HTTP on the TLS port gets no HTTP answer; a client that doesn't trust the
+    // certificate is refused at the handshake.
+    let plain = reqwest::get(format!("http://{}/v1/health", g.addr)).await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    let untrusting = reqwest::Client::builder()
+        .tls_certs_only([])
+        .resolve("localhost", g.addr)
+        .build()
+        .unwrap();
+    let refused = untrusting
+        .get(format!("https://{host}/v1/health"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    g.stop().await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_is_served_only_on_loopback_or_behind_a_tls_proxy() {
+    let public = || {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let settings = Settings {
+            mtls_dir: modelhub_testkit::tls::TestPki::shared().dir().to_path_buf(),
+            allowed_hosts: vec!["api.modelhub.test".into()],
+            ..Settings::for_test(closed_port(), closed_port(), closed_port())
+        };
+        (l, settings)
+    };
+    let (l, settings) = public();
+    let e = run(settings, l, std::future::pending()).await.unwrap_err();
+    assert!(format!("{e:#}").contains("--tls-cert"), "{e:#}");
+
+    // Behind a proxy the operator says so, and it serves.
+    let (l, mut settings) = public();
+    settings.behind_tls_proxy = true;
+    let addr = l.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(run(settings, l, async {
+        let _ = stopped.await;
+    }));
+    let url = format!("http://127.0.0.1:{}/v1/health", addr.port());
+    let status = modelhub_testkit::eventually_async("it serves", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move { reqwest::get(url).await.ok().map(|r| r.status().as_u16()) }
+    })
+    .await;
+    assert_eq!(status, 200);
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+
+    // Certificate files that are missing or not a pair are refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _key, _) = localhost_certificate(dir.path(), "gateway");
+    let (_, other_key, _) = localhost_certificate(dir.path(), "other");
+    for (cert, key, says) in [
+        (
+            cert.clone(),
+            dir.path().join("missing.key"),
+            "TLS private key",
+        ),
+        (cert.clone(), other_key, "don't make a usable pair"),
+        (
+            dir.path().join("missing.crt"),
+            cert.clone(),
+            "certificate chain",
+        ),
+    ] {
+        let (l, mut settings) = public();
+        settings.tls_cert = Some(cert);
+        settings.tls_key = Some(key);
+        let e = run(settings, l, std::future::pending()).await.unwrap_err();
+        assert!(format!("{e:#}").contains(says), "{e:#}");
+    }
+}
