@@ -242,11 +242,22 @@ impl Client {
 
     /// Sends a prepared request.
     pub async fn send(&self, req: SignedRequest) -> anyhow::Result<Answer> {
+        read_answer(self.request(req).send().await?).await
+    }
+
+    /// Sends a prepared request; returns the status and the body's bytes as they came.
+    pub async fn send_raw(&self, req: SignedRequest) -> anyhow::Result<(u16, Bytes)> {
+        let resp = self.request(req).send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.bytes().await?))
+    }
+
+    fn request(&self, req: SignedRequest) -> reqwest::RequestBuilder {
         let mut b = self.http.request(req.method, &req.url).body(req.body);
         for (n, v) in &req.headers {
             b = b.header(n, v);
         }
-        read_answer(b.send().await?).await
+        b
     }
 
     /// Signs and sends a request with an optional JSON body.

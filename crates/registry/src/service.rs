@@ -351,7 +351,13 @@ impl RegistryService {
 
     /// Runs [`sweep`](Self::sweep) every few seconds, for ever.
     pub async fn housekeeping(self) {
-        let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+        // Often enough that a hold is swept soon after its timeout, even a short one.
+        let every = HOUSEKEEPING_EVERY
+            .min(std::time::Duration::from_secs(
+                self.policy.hold_timeout_secs / 2,
+            ))
+            .max(std::time::Duration::from_secs(1));
+        let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
             if let Err(e) = self.sweep().await {
@@ -391,7 +397,7 @@ impl RegistryService {
                 0 => key.to_owned(),
                 n => format!("{key}~{n}"),
             };
-            let rid = crate::store::mongo::reservation_id_for(account_id, &store_key);
+            let rid = crate::store::reservation_id_for(account_id, &store_key);
             let (reservation, existing) = match self.store.get_reservation(&rid).await {
                 Ok(r) => (r, true),
                 Err(e) if e.code() == ErrorCode::NotFound => {

@@ -3,6 +3,7 @@
 
 mod accounting;
 mod errors;
+mod faults;
 mod harness;
 mod ledger;
 mod mtls;

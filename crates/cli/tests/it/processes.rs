@@ -8,9 +8,9 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
-struct Service {
-    child: Child,
-    addr: String,
+pub(crate) struct Service {
+    pub child: Child,
+    pub addr: String,
 }
 
 impl Drop for Service {
@@ -20,16 +20,21 @@ impl Drop for Service {
     }
 }
 
-fn modelhub() -> Command {
+pub(crate) fn modelhub() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_modelhub"));
     c.env("RUST_LOG", "warn");
     c
 }
 
 /// Starts `modelhub serve <svc> --listen 127.0.0.1:0 ARGS` and reads the bound address it prints.
-fn serve(svc: &str, args: &[&str]) -> Service {
+pub(crate) fn serve(svc: &str, args: &[&str]) -> Service {
+    serve_on(svc, "127.0.0.1:0", args)
+}
+
+/// Starts `modelhub serve <svc> --listen LISTEN ARGS` and reads the bound address it prints.
+pub(crate) fn serve_on(svc: &str, listen: &str, args: &[&str]) -> Service {
     let mut child = modelhub()
-        .args(["serve", svc, "--listen", "127.0.0.1:0"])
+        .args(["serve", svc, "--listen", listen])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -9,6 +9,8 @@
 //! uncharged: when a commit's outcome is unknown the charge is released, and if the release
 //! finds it committed after all, the prediction is answered.
 
+use std::time::Duration;
+
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use modelhub_core::id;
@@ -198,8 +200,18 @@ impl Charge {
                 // The outcome is unknown (or the hold was swept): release what is still held.
                 // If the commit landed after all, the charge stands and the answer is due.
                 let state = release(&mut registry, &reservation.reservation_id).await;
-                if state.as_deref() == Some("committed") {
-                    return Ok(Answer::Body(body.into()));
+                match state.as_deref() {
+                    Some("committed") => return Ok(Answer::Body(body.into())),
+                    None => {
+                        // The registry stayed unreachable: the commit may have landed. Only a
+                        // retry with the same key can tell (it answers the kept response).
+                        return Err(ApiError::unavailable(
+                            "the registry is unreachable, so whether this prediction was \
+                             charged is unknown; retry with the same idempotency key",
+                        )
+                        .into());
+                    }
+                    Some(_) => {}
                 }
                 let e = GatewayError::upstream("registry", "Commit")(status);
                 if e.code() == ErrorCode::Conflict {
@@ -243,12 +255,36 @@ impl Charge {
 
 /// Releases a reservation; returns its state afterwards (`None` when the registry could not
 /// be asked: the hold sweep releases it later).
+///
+/// A registry that is briefly unreachable (restarting) is asked again for a few seconds with
+/// capped backoff: the state decides whether the answer is the charged body or an uncharged
+/// 503, so it is worth waiting for rather than answering a charge as a failure.
 async fn release(registry: &mut RegistryClient<Channel>, reservation_id: &str) -> Option<String> {
-    let request = pb::ReleaseRequest {
-        reservation_id: reservation_id.to_owned(),
+    use backon::{ExponentialBuilder, Retryable};
+    let attempt = || {
+        let mut registry = registry.clone();
+        async move {
+            let request = pb::ReleaseRequest {
+                reservation_id: reservation_id.to_owned(),
+            };
+            registry
+                .release(request)
+                .await
+                .map(|answer| answer.into_inner().state)
+        }
     };
-    match registry.release(request).await {
-        Ok(answer) => Some(answer.into_inner().state),
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
+        .with_max_times(RELEASE_RETRIES);
+    let transient = |s: &tonic::Status| {
+        matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+        )
+    };
+    match attempt.retry(backoff).when(transient).await {
+        Ok(state) => Some(state),
         Err(status) => {
             tracing::warn!(
                 reservation_id,
@@ -260,3 +296,6 @@ async fn release(registry: &mut RegistryClient<Channel>, reservation_id: &str) -
         }
     }
 }
+
+/// How many times a release is sent again while the registry is unreachable (about 4 s).
+const RELEASE_RETRIES: usize = 6;

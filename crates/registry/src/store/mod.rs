@@ -19,6 +19,23 @@ use crate::model::{Account, ApiKey, Model, Receipt, Reservation, SettlementBatch
 /// Nonce counts per key are kept per bucket of this many seconds of expiry time.
 pub const NONCE_BUCKET_SECS: i64 = 600;
 
+/// The reservation id of the request with idempotency key `key` of `account_id`: every retry
+/// of that request works on this one id.
+pub fn reservation_id_for(account_id: &str, key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"modelhub reservation\0")
+        .chain_update(account_id.as_bytes())
+        .chain_update(b"\0")
+        .chain_update(key.as_bytes())
+        .finalize();
+    format!(
+        "{}_{}",
+        modelhub_core::id::RESERVATION,
+        hex::encode(&digest[..16])
+    )
+}
+
 /// The receipt id a commit of `reservation_id` writes: known before the commit, so a response
 /// that names it can be stored with the commit itself.
 pub fn receipt_id_for(reservation_id: &str) -> String {
@@ -124,7 +141,9 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Releases every reservation still held that was made at or before `cutoff` (Unix
     /// seconds): the hold of a caller that died. Returns how many were released. A commit
-    /// after that is a `Conflict`, as for any released reservation.
+    /// after that is a `Conflict`, as for any released reservation. A store whose writes are
+    /// not atomic (MongoDB) also finishes what a registry that died left half-done before
+    /// `cutoff`, refunding a debit whose reservation was never written (counted too).
     async fn release_stale(&self, cutoff: i64) -> Result<u64>;
 
     /// Spends the nonce of a signed request for `key_id`, remembered until `expires_at` (Unix

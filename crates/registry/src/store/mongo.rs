@@ -105,7 +105,7 @@ use mongodb::bson::{Binary, Bson, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, IndexModel};
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 use tracing::{debug, info, warn};
 
 use super::MetadataStore;
@@ -464,19 +464,7 @@ fn receipt_of(s: &StoredReservation) -> Receipt {
     }
 }
 
-/// The reservation id of the request with idempotency key `key` of `account_id`: every retry
-/// of that request works on this one id.
-pub fn reservation_id_for(account_id: &str, key: &str) -> String {
-    let digest = Sha256::new()
-        .chain_update(b"modelhub reservation\0")
-        .chain_update(account_id.as_bytes())
-        .chain_update(b"\0")
-        .chain_update(key.as_bytes())
-        .finalize();
-    format!("{}_{}", id::RESERVATION, hex::encode(&digest[..16]))
-}
-
-use super::receipt_id_for;
+use super::{receipt_id_for, reservation_id_for};
 
 fn receipt_doc(r: &Receipt) -> Result<Document> {
     Ok(doc! {
@@ -1228,9 +1216,19 @@ impl MongoStore {
 
     async fn recover_inner(&self, older_than: Duration) -> Result<Recovery> {
         let cutoff = id::unix_now() - i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX);
+        let batches = self.recover_batches(cutoff).await?;
+        let mut out = self.recover_reservations(cutoff).await?;
+        out.finished += batches;
+        Ok(out)
+    }
+
+    /// The reservation part of recovery, for operations begun at or before `cutoff`:
+    /// commits and releases stuck half-way are finished, debits whose reservation was never
+    /// written are refunded. The hold sweep runs it with the hold timeout, so the credits of a
+    /// registry that died in the middle of a reserve come back as soon as a held one would.
+    async fn recover_reservations(&self, cutoff: i64) -> Result<Recovery> {
         let mut out = Recovery::default();
         let i = &self.inner;
-        out.finished += self.recover_batches(cutoff).await?;
 
         // Reservations stuck half-way through a commit or a release.
         for state in [COMMITTING, RELEASING] {
@@ -1589,8 +1587,15 @@ impl MetadataStore for MongoStore {
     }
 
     async fn get_reservation(&self, reservation_id: &str) -> Result<Reservation> {
-        self.timed(async { Ok(self.load_reservation(reservation_id).await?.r) })
-            .await
+        // A void tombstone (a reserve that recovery abandoned, its debit refunded) reads as
+        // released: nothing was charged, so its idempotency key may be used again.
+        self.timed(async {
+            match Self::find_one(&self.inner.reservations, doc! { "_id": reservation_id }).await? {
+                Some(d) => Ok(reservation_from(&d)?.r),
+                None => Err(RegistryError::not_found("reservation", reservation_id)),
+            }
+        })
+        .await
     }
 
     async fn commit_with(
@@ -1662,7 +1667,8 @@ impl MetadataStore for MongoStore {
                 released += 1;
             }
         }
-        Ok(released)
+        let recovered = self.timed(self.recover_reservations(cutoff)).await?;
+        Ok(released + u64::try_from(recovered.refunded_debits).unwrap_or(0))
     }
 
     async fn use_nonce(

@@ -491,7 +491,7 @@ impl MetadataStore for RedbStore {
                     })?;
             // With a key, the id is a function of (account, key), as in the MongoDB store.
             let reservation_id = match &idempotency_key {
-                Some(k) => super::mongo::reservation_id_for(&account_id, k),
+                Some(k) => super::reservation_id_for(&account_id, k),
                 None => loop {
                     let candidate = id::new_id(id::RESERVATION);
                     if reservations.get(candidate.as_str())?.is_none() {

@@ -14,7 +14,8 @@ use std::time::Duration;
 use modelhub_core::ErrorCode;
 use modelhub_registry::conformance::{self, Store};
 use modelhub_registry::model::ReservationState;
-use modelhub_registry::store::mongo::{Recovery, reservation_id_for};
+use modelhub_registry::store::mongo::Recovery;
+use modelhub_registry::store::reservation_id_for;
 use modelhub_registry::{MetadataStore, MongoStore};
 use mongodb::bson::{Document, doc};
 

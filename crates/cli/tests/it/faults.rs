@@ -1,0 +1,461 @@
+//! Fault injection (issue "retries users can trust"): the services as separate `modelhub serve`
+//! processes on loopback, workers sending signed, keyed predicts, and in the middle of the load
+//! a SIGKILL of the gateway, the registry and the inference worker in turn (each restarted on
+//! the same address and data), then a SIGTERM of the gateway. Afterwards:
+//!
+//! - no answer 5xx was charged (retried with the same key, each is charged then: a retry of a
+//!   charged request would answer the kept response for free), except a 503 that says the
+//!   outcome is unknown, which the retry must then resolve;
+//! - every request whose answer was cut (or refused) is answered by a retry with the same key:
+//!   with its original receipt when it had been charged, charged once otherwise;
+//! - held credits are back to 0 once the registry's sweep has run;
+//! - credits are conserved: what the user lost is what the owner earned is the price times the
+//!   number of distinct receipts the clients hold, one per key;
+//! - answers that were delivered are replayed byte for byte by a same-key retry.
+//!
+//! `MODELHUB_FAULTS_ROUNDS` (default 1) repeats the fault sequence; `MODELHUB_FAULTS_REPORT`
+//! names a file a Markdown table row is appended to (`scripts/faults`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use modelhub_cli::client::{Client, KeyFile};
+use serde_json::{Value, json};
+
+use crate::harness::digits_input;
+use crate::processes::{Service, modelhub, serve, serve_on};
+
+/// Seconds a hold lives before the registry's sweep returns it.
+const HOLD_TIMEOUT_SECS: &str = "2";
+const PRICE: u64 = 1;
+const WORKERS: usize = 6;
+
+/// The five processes (no prover: these predictions ask for no proofs).
+struct Processes {
+    _dir: tempfile::TempDir,
+    args: BTreeMap<&'static str, Vec<String>>,
+    running: BTreeMap<&'static str, Service>,
+}
+
+impl Processes {
+    fn start(mongodb_uri: Option<String>) -> Processes {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+        let kek = d("kek");
+        modelhub_core::crypto::Kek::load_or_generate(std::path::Path::new(&kek)).unwrap();
+        let tls = d("tls");
+        let out = modelhub().args(["certs", "--out", &tls]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let storage_dir = d("storage");
+        let mut registry_args = strings(&[
+            "--data-dir",
+            &d("registry"),
+            "--kek-file",
+            &kek,
+            "--mtls-dir",
+            &tls,
+            "--hold-timeout-secs",
+            HOLD_TIMEOUT_SECS,
+        ]);
+        if let Some(uri) = mongodb_uri {
+            registry_args.extend(["--mongodb-uri".to_owned(), uri]);
+        }
+        let mut p = Processes {
+            _dir: dir,
+            args: BTreeMap::new(),
+            running: BTreeMap::new(),
+        };
+        p.first("registry", registry_args);
+        p.first(
+            "storage",
+            strings(&[
+                "--data-dir",
+                &storage_dir,
+                "--kek-file",
+                &kek,
+                "--mtls-dir",
+                &tls,
+            ]),
+        );
+        let storage = p.url("storage");
+        p.first(
+            "inference",
+            strings(&["--storage", &storage, "--mtls-dir", &tls]),
+        );
+        let (registry, inference) = (p.url("registry"), p.url("inference"));
+        p.first(
+            "gateway",
+            strings(&[
+                "--registry",
+                &registry,
+                "--storage",
+                &storage,
+                "--inference",
+                &inference,
+                "--mtls-dir",
+                &tls,
+            ]),
+        );
+        p
+    }
+
+    fn first(&mut self, svc: &'static str, args: Vec<String>) {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.running.insert(svc, serve(svc, &refs));
+        self.args.insert(svc, args);
+    }
+
+    fn url(&self, svc: &str) -> String {
+        format!("https://{}", self.running[svc].addr)
+    }
+
+    fn gateway_url(&self) -> String {
+        format!("http://{}", self.running["gateway"].addr)
+    }
+
+    fn tls_dir(&self) -> String {
+        let args = &self.args["registry"];
+        let at = args.iter().position(|a| a == "--mtls-dir").unwrap();
+        args[at + 1].clone()
+    }
+
+    /// Sends `signal` to `svc`, waits for it to exit (a SIGTERM must exit 0: graceful), and
+    /// starts it again on the same address after `pause`. Returns when it listens.
+    fn bounce(&mut self, svc: &'static str, signal: &str, pause: Duration) {
+        let mut old = self.running.remove(svc).unwrap();
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), old.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exited = modelhub_testkit::eventually(
+            &format!("{svc} exits on SIG{signal}"),
+            Duration::from_secs(40),
+            || old.child.try_wait().unwrap(),
+        );
+        if signal == "TERM" {
+            assert!(exited.success(), "{svc} after SIGTERM: {exited:?}");
+        }
+        std::thread::sleep(pause);
+        let refs: Vec<&str> = self.args[svc].iter().map(String::as_str).collect();
+        let new = serve_on(svc, &old.addr, &refs);
+        assert_eq!(new.addr, old.addr);
+        self.running.insert(svc, new);
+    }
+}
+
+/// What one attempt got.
+#[derive(Debug, Clone)]
+enum Got {
+    Answer {
+        status: u16,
+        body: Bytes,
+    },
+    /// No HTTP answer: a refused or cut connection, or no answer within the client's timeout.
+    Cut,
+}
+
+#[derive(Debug, Clone)]
+struct Sent {
+    key: String,
+    body: Bytes,
+    got: Got,
+    at: Instant,
+}
+
+fn receipt_of(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap();
+    v["receipt"]["id"].as_str().unwrap().to_owned()
+}
+
+fn message_of(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap_or_default();
+    v["error"]["message"].as_str().unwrap_or("").to_owned()
+}
+
+/// One worker: keyed predicts, one attempt each, until `stop`.
+async fn worker(client: Client, path: String, id: usize, stop: Arc<AtomicBool>) -> Vec<Sent> {
+    let mut sent = Vec::new();
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let key = format!("faults-{id}-{i}");
+        let body = Bytes::from(json!({ "inputs": digits_input(i % 8) }).to_string());
+        i += 1;
+        let req = client
+            .prepare_keyed(reqwest::Method::POST, &path, body.clone(), Some(&key))
+            .unwrap();
+        let at = Instant::now();
+        let got = match tokio::time::timeout(Duration::from_secs(20), client.send_raw(req)).await {
+            Ok(Ok((status, body))) => Got::Answer { status, body },
+            Ok(Err(_)) | Err(_) => Got::Cut,
+        };
+        if !matches!(got, Got::Answer { status: 200, .. }) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sent.push(Sent { key, body, got, at });
+    }
+    sent
+}
+
+async fn account(client: &Client) -> Value {
+    client.get("/v1/account").await.unwrap().ok().unwrap()
+}
+
+async fn faults(mongodb: Option<modelhub_testkit::ScriptServer>) {
+    let backend = if mongodb.is_some() {
+        "mongodb"
+    } else {
+        "embedded"
+    };
+    let rounds: usize = std::env::var("MODELHUB_FAULTS_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    let mut p = Processes::start(
+        mongodb
+            .as_ref()
+            .map(|m| format!("{}/modelhub_faults", m.uri)),
+    );
+    let url = p.gateway_url();
+
+    // Accounts, keys and a model, as an operator and a creator would make them.
+    let admin_file = p._dir.path().join("admin-key.json");
+    let out = modelhub()
+        .args([
+            "admin",
+            "bootstrap",
+            "--registry",
+            &p.url("registry"),
+            "--out",
+        ])
+        .arg(&admin_file)
+        .args(["--mtls-dir", &p.tls_dir()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin = Client::new(&url, KeyFile::read(&admin_file).unwrap()).unwrap();
+    let new_user = async |name: &str, credits: u64| -> Client {
+        let account = admin
+            .post("/v1/accounts", &json!({ "name": name }))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        let id = account["account_id"].as_str().unwrap();
+        let key = admin
+            .post("/v1/keys", &json!({ "account_id": id }))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        if credits > 0 {
+            admin
+                .post(
+                    "/v1/credits/grant",
+                    &json!({ "account_id": id, "amount": credits }),
+                )
+                .await
+                .unwrap()
+                .ok()
+                .unwrap();
+        }
+        admin.with_key(serde_json::from_value(key).unwrap())
+    };
+    let creator = new_user("creator", 0).await;
+    let user = new_user("user", 1_000_000).await;
+    let record = creator
+        .upload(
+            &modelhub_cli::client::ModelUpload::new("digits", "1", PRICE),
+            crate::harness::digits_bytes(),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let path = format!(
+        "/v1/models/{}/predict",
+        record["model_id"].as_str().unwrap()
+    );
+    let start_credits = account(&user).await["credits"].as_u64().unwrap();
+
+    // The load, and the faults in the middle of it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|id| tokio::spawn(worker(user.clone(), path.clone(), id, stop.clone())))
+        .collect();
+    let schedule = tokio::task::spawn_blocking(move || {
+        let mut restarts = Vec::new();
+        let settle = Duration::from_millis(1500);
+        std::thread::sleep(settle);
+        for _ in 0..rounds {
+            for (svc, signal) in [
+                ("gateway", "KILL"),
+                ("registry", "KILL"),
+                ("inference", "KILL"),
+                ("gateway", "TERM"),
+            ] {
+                p.bounce(svc, signal, Duration::from_millis(500));
+                restarts.push((svc, signal, Instant::now()));
+                std::thread::sleep(settle);
+            }
+        }
+        (p, restarts)
+    });
+    let (p, restarts) = schedule.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = Vec::new();
+    for w in workers {
+        sent.extend(w.await.unwrap());
+    }
+
+    // Held credits come back once the sweep has run (holds of killed gateways, of reserves
+    // whose answer a killed registry never sent; on MongoDB also debits whose reservation a
+    // killed registry never wrote). Give every hold made under load time to pass the timeout
+    // and a sweep, then they must all be back.
+    tokio::time::sleep(Duration::from_secs(
+        HOLD_TIMEOUT_SECS.parse::<u64>().unwrap() + 2,
+    ))
+    .await;
+    let held = modelhub_testkit::eventually_async(
+        "held credits back to 0",
+        Duration::from_secs(30),
+        || async {
+            let a = user.get("/v1/account").await.ok()?.ok().ok()?;
+            (a["held"] == 0).then_some(a)
+        },
+    )
+    .await;
+    assert_eq!(held["held"], 0);
+
+    // Every request not answered 200 is retried with its key until it is: first the 5xx
+    // ones, then the cut ones. A retry that finds its request charged answers the kept
+    // response without a new charge; one that doesn't, charges now. So what each group's
+    // retries charge says what its first attempts had been charged.
+    let charged = async || start_credits - account(&user).await["credits"].as_u64().unwrap();
+    let charged_by_load = charged().await;
+    let mut receipts = HashSet::new();
+    let (mut ok, mut server_errors, mut said_unknown, mut cut) = (0u64, 0u64, 0u64, 0u64);
+    for s in &sent {
+        if let Got::Answer { status: 200, body } = &s.got {
+            ok += 1;
+            assert!(
+                receipts.insert(receipt_of(body)),
+                "{} shares a receipt",
+                s.key
+            );
+        }
+    }
+    let mut retry = async |s: &Sent| {
+        let answer = user
+            .send_retried(&path, s.body.clone(), &s.key)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "retry of {}: {:?}", s.key, answer.body);
+        let receipt = answer.body["receipt"]["id"].as_str().unwrap().to_owned();
+        assert!(receipts.insert(receipt), "{} shares a receipt", s.key);
+    };
+    for s in &sent {
+        if let Got::Answer { status, body } = &s.got
+            && *status != 200
+        {
+            let message = message_of(body);
+            assert!(*status >= 500, "{} answered {status}: {message}", s.key);
+            server_errors += 1;
+            said_unknown += u64::from(message.contains("is unknown"));
+            retry(s).await;
+        }
+    }
+    let charged_by_5xx_retries = charged().await - charged_by_load;
+    // Each 5xx was uncharged, so its retry charged; only an answer that said the outcome was
+    // unknown may have been charged (and its retry then recovered it).
+    assert!(
+        charged_by_5xx_retries + said_unknown >= server_errors,
+        "{} of {server_errors} requests answered 5xx had been charged",
+        server_errors - charged_by_5xx_retries
+    );
+    for s in &sent {
+        if matches!(s.got, Got::Cut) {
+            cut += 1;
+            retry(s).await;
+        }
+    }
+    let total = charged().await;
+    let charged_by_cut_retries = total - charged_by_load - charged_by_5xx_retries;
+    // Cut requests that had been charged, recovered by their retry with the original receipt.
+    let recovered = cut - charged_by_cut_retries;
+    let charged_5xx = server_errors - charged_by_5xx_retries;
+    assert_eq!(charged_by_load, PRICE * (ok + recovered + charged_5xx));
+
+    // Delivered answers are in the store: a same-key retry replays them byte for byte (the
+    // ones nearest each fault, where a lost write would show).
+    let near_faults = sent.iter().filter(|s| {
+        matches!(s.got, Got::Answer { status: 200, .. })
+            && restarts.iter().any(|(_, _, at)| {
+                s.at.saturating_duration_since(*at) < Duration::from_millis(300)
+                    || at.saturating_duration_since(s.at) < Duration::from_millis(300)
+            })
+    });
+    let mut replayed = 0;
+    for s in near_faults.take(60) {
+        let Got::Answer { body, .. } = &s.got else {
+            unreachable!()
+        };
+        let req = user
+            .prepare_keyed(reqwest::Method::POST, &path, s.body.clone(), Some(&s.key))
+            .unwrap();
+        let (status, again) = user.send_raw(req).await.unwrap();
+        assert_eq!((status, &again), (200, body), "replay of {}", s.key);
+        replayed += 1;
+    }
+
+    // Conservation: one receipt per key, each charged once, all earned by the owner.
+    let after = account(&user).await;
+    assert_eq!(after["held"], 0);
+    assert_eq!(receipts.len(), sent.len());
+    assert_eq!(total, PRICE * receipts.len() as u64, "{after}");
+    assert_eq!(account(&creator).await["earnings"].as_u64().unwrap(), total);
+    assert!(
+        ok > 0 && sent.len() as u64 > ok,
+        "the faults cut or failed nothing: {ok} of {}",
+        sent.len()
+    );
+
+    let row = format!(
+        "| {backend} | {rounds} | {} | {ok} | {server_errors} | {cut} | {recovered} | {charged_5xx} | {total} = {} | 0 | {replayed} |",
+        sent.len(),
+        receipts.len()
+    );
+    println!("{row}");
+    if let Ok(report) = std::env::var("MODELHUB_FAULTS_REPORT") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(report)
+            .unwrap();
+        writeln!(f, "{row}").unwrap();
+    }
+    drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_services_lose_no_money_embedded() {
+    faults(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_services_lose_no_money_mongodb() {
+    faults(Some(modelhub_testkit::ScriptServer::start("mongo"))).await;
+}
