@@ -46,6 +46,18 @@ pub fn receipt_id_for(reservation_id: &str) -> String {
     format!("{}_{tail}", modelhub_core::id::RECEIPT)
 }
 
+/// Releases the holds [`MetadataStore::stale_holds`] lists; returns how many this call
+/// released. Each `release` re-checks the state atomically, so a commit that won the race stays.
+pub async fn release_holds<S: MetadataStore + ?Sized>(store: &S, cutoff: i64) -> Result<u64> {
+    let mut released = 0;
+    for rid in store.stale_holds(cutoff).await? {
+        if store.release(&rid).await?.state == crate::model::ReservationState::Released {
+            released += 1;
+        }
+    }
+    Ok(released)
+}
+
 /// Where the registry keeps accounts, keys, models, reservations and receipts.
 ///
 /// Errors: unknown ids give [`RegistryError::NotFound`](crate::RegistryError::NotFound),
@@ -144,7 +156,12 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// after that is a `Conflict`, as for any released reservation. A store whose writes are
     /// not atomic (MongoDB) also finishes what a registry that died left half-done before
     /// `cutoff`, refunding a debit whose reservation was never written (counted too).
-    async fn release_stale(&self, cutoff: i64) -> Result<u64>;
+    async fn release_stale(&self, cutoff: i64) -> Result<u64> {
+        release_holds(self, cutoff).await
+    }
+
+    /// Ids of the reservations still held that were made at or before `cutoff`.
+    async fn stale_holds(&self, cutoff: i64) -> Result<Vec<String>>;
 
     /// Spends the nonce of a signed request for `key_id`, remembered until `expires_at` (Unix
     /// seconds): `Conflict` when it is already remembered; `TooManyRequests` when the key has

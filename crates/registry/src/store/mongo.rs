@@ -1646,27 +1646,26 @@ impl MetadataStore for MongoStore {
         .await
     }
 
+    async fn stale_holds(&self, cutoff: i64) -> Result<Vec<String>> {
+        self.timed(async {
+            let stale: Vec<Document> = self
+                .inner
+                .reservations
+                .find(doc! { "state": HELD, "created_at": { "$lte": cutoff } })
+                .projection(doc! { "_id": 1 })
+                .await?
+                .try_collect()
+                .await?;
+            stale
+                .iter()
+                .map(|d| get_str(d, "reservation", "_id"))
+                .collect()
+        })
+        .await
+    }
+
     async fn release_stale(&self, cutoff: i64) -> Result<u64> {
-        let stale: Vec<Document> = self
-            .timed(async {
-                Ok(self
-                    .inner
-                    .reservations
-                    .find(doc! { "state": HELD, "created_at": { "$lte": cutoff } })
-                    .projection(doc! { "_id": 1 })
-                    .await?
-                    .try_collect()
-                    .await?)
-            })
-            .await?;
-        let mut released = 0;
-        for d in stale {
-            let rid = get_str(&d, "reservation", "_id")?;
-            // Only the caller that wins `held` → `releasing` refunds; a commit that won stays.
-            if self.release(&rid).await?.state == ReservationState::Released {
-                released += 1;
-            }
-        }
+        let released = super::release_holds(self, cutoff).await?;
         let recovered = self.timed(self.recover_reservations(cutoff)).await?;
         Ok(released + u64::try_from(recovered.refunded_debits).unwrap_or(0))
     }

@@ -639,27 +639,17 @@ impl MetadataStore for RedbStore {
         .await
     }
 
-    async fn release_stale(&self, cutoff: i64) -> Result<u64> {
-        let stale: Vec<String> = self
-            .view(move |txn| {
-                let t = txn.open_table(HELD_BY_TIME)?;
-                let mut out = Vec::new();
-                for entry in t.range(..=(cutoff, "\u{10FFFF}"))? {
-                    let (k, _) = entry?;
-                    out.push(k.value().1.to_owned());
-                }
-                Ok(out)
-            })
-            .await?;
-        let mut released = 0;
-        for rid in stale {
-            // `release` re-checks the state in its own transaction: a commit that won the race
-            // stays committed.
-            if self.release(&rid).await?.state == ReservationState::Released {
-                released += 1;
+    async fn stale_holds(&self, cutoff: i64) -> Result<Vec<String>> {
+        self.view(move |txn| {
+            let t = txn.open_table(HELD_BY_TIME)?;
+            let mut out = Vec::new();
+            for entry in t.range(..=(cutoff, "\u{10FFFF}"))? {
+                let (k, _) = entry?;
+                out.push(k.value().1.to_owned());
             }
-        }
-        Ok(released)
+            Ok(out)
+        })
+        .await
     }
 
     async fn use_nonce(
