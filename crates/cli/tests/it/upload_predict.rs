@@ -153,3 +153,36 @@ crate::on_every_backend!(
     upload_then_predict_matches_onnxruntime,
     the_ciphertext_is_stored_not_the_model
 );
+
+/// The Python client of docs/examples (standard library only) signs a keyed predict the
+/// gateway accepts and charges once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_python_client_predicts() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 10).await;
+    let record = upload_digits(&creator, "digits", 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key.json");
+    user.key().write_new(&key_file).unwrap();
+    let script = modelhub_testkit::workspace_root().join("docs/examples/predict.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(user.base_url())
+        .arg(&key_file)
+        .arg(record["model_id"].as_str().unwrap())
+        .arg(digits_input(2).to_string())
+        .output()
+        .await
+        .expect("python3 runs (scripts/ need it too)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_matches_onnxruntime(&answer, 2);
+    assert_eq!(answer["receipt"]["credits_charged"], 2);
+    assert_eq!(account(&user).await["credits"], 8);
+    cluster.stop().await;
+}
