@@ -168,7 +168,9 @@ struct Sent {
     key: String,
     body: Bytes,
     got: Got,
+    /// When it was sent, and when its answer (or failure) came.
     at: Instant,
+    done: Instant,
 }
 
 fn receipt_of(body: &[u8]) -> String {
@@ -197,10 +199,17 @@ async fn worker(client: Client, path: String, id: usize, stop: Arc<AtomicBool>) 
             Ok(Ok((status, body))) => Got::Answer { status, body },
             Ok(Err(_)) | Err(_) => Got::Cut,
         };
+        let done = Instant::now();
         if !matches!(got, Got::Answer { status: 200, .. }) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        sent.push(Sent { key, body, got, at });
+        sent.push(Sent {
+            key,
+            body,
+            got,
+            at,
+            done,
+        });
     }
     sent
 }
@@ -432,10 +441,26 @@ async fn faults(mongodb: Option<modelhub_testkit::ScriptServer>) {
         sent.len()
     );
 
+    // Recovery: from each restarted process listening again to the first request, sent from
+    // then on, that was answered 200 (the worst of all the faults).
+    let recovery = restarts
+        .iter()
+        .map(|(svc, signal, up)| {
+            let first = sent
+                .iter()
+                .filter(|s| s.at >= *up && matches!(s.got, Got::Answer { status: 200, .. }))
+                .map(|s| s.done)
+                .min()
+                .unwrap_or_else(|| panic!("nothing answered 200 after {svc} came back ({signal})"));
+            first - *up
+        })
+        .max()
+        .unwrap();
     let row = format!(
-        "| {backend} | {rounds} | {} | {ok} | {server_errors} | {cut} | {recovered} | {charged_5xx} | {total} = {} | 0 | {replayed} |",
+        "| {backend} | {rounds} | {} | {ok} | {server_errors} | {cut} | {recovered} | {charged_5xx} | {total} = {} | 0 | {replayed} | {} ms |",
         sent.len(),
-        receipts.len()
+        receipts.len(),
+        recovery.as_millis()
     );
     println!("{row}");
     if let Ok(report) = std::env::var("MODELHUB_FAULTS_REPORT") {
