@@ -266,8 +266,7 @@ impl pb::inference_server::Inference for InferenceService {
                 inputs: proof_inputs.unwrap_or_default(),
                 outputs: outputs.clone(),
             };
-            sink.submit(job)
-                .map_err(|why| ApiError::unavailable(why).to_status())?;
+            sink.enqueue(job).await?;
         }
         tracing::debug!(model_id = %model_id, job_id = %req.job_id, prove = req.prove, "predict done");
         Ok(Response::new(pb::PredictResponse { outputs }))

@@ -18,6 +18,10 @@ pub enum ProverError {
     Pool(#[from] modelhub_core::pool::PoolError),
     #[error("prover state: {0}")]
     State(String),
+    #[error("the proof queue is full; retry later")]
+    QueueFull,
+    #[error("this account already has {0} proofs pending; fetch them first")]
+    TooManyPending(usize),
 }
 
 impl ProverError {
@@ -31,6 +35,8 @@ impl ProverError {
             ProverError::Zk(e) => e.code(),
             ProverError::Pool(modelhub_core::pool::PoolError::Closed) => ErrorCode::Unavailable,
             ProverError::Pool(_) | ProverError::State(_) => ErrorCode::Internal,
+            ProverError::QueueFull => ErrorCode::Unavailable,
+            ProverError::TooManyPending(_) => ErrorCode::TooManyRequests,
         }
     }
 
@@ -44,7 +50,9 @@ impl ProverError {
 
     /// Logs server-side failures and turns the error into a status.
     pub fn into_status(self) -> tonic::Status {
-        if matches!(self.code(), ErrorCode::Internal | ErrorCode::Unavailable) {
+        if matches!(self.code(), ErrorCode::Internal)
+            || matches!(self, ProverError::Pool(_) | ProverError::Fetch(_))
+        {
             tracing::warn!(error = %self, "prover request failed");
         }
         self.to_api().to_status()

@@ -44,6 +44,13 @@ pub struct Settings {
     /// Proving threads.
     #[arg(long, env = "MODELHUB_PROVER_WORKERS", default_value_t = 1)]
     pub workers: usize,
+    /// Proof jobs pending (queued or being proved) before new ones are refused: a prediction
+    /// asking for a proof is then answered 503, uncharged.
+    #[arg(long, env = "MODELHUB_PROVER_MAX_QUEUED", default_value_t = jobs::Limits::default().capacity)]
+    pub max_queued: usize,
+    /// Proof jobs one account may have pending (429 beyond).
+    #[arg(long, env = "MODELHUB_PROVER_MAX_PENDING_PER_ACCOUNT", default_value_t = jobs::Limits::default().per_account)]
+    pub max_pending_per_account: usize,
     /// Where proving params and keys (`keys/`) are cached. Default: `<data_dir>/params`.
     #[arg(long, env = "MODELHUB_PROVER_PARAMS_DIR")]
     pub params_dir: Option<PathBuf>,
@@ -67,6 +74,8 @@ impl Settings {
             kek_file: None,
             storage: storage.into(),
             workers: 1,
+            max_queued: jobs::Limits::default().capacity,
+            max_pending_per_account: jobs::Limits::default().per_account,
             params_dir: None,
             mtls_dir: PathBuf::from("./modelhub-data/tls"),
         }
@@ -103,7 +112,15 @@ pub fn build(settings: &Settings) -> anyhow::Result<ProverService> {
         storage,
         pool.clone(),
     )?;
-    let jobs = jobs::Jobs::open(&settings.data_dir.join("proofs"))?;
+    anyhow::ensure!(
+        settings.max_queued >= 1 && settings.max_pending_per_account >= 1,
+        "the proof queue limits must be at least 1"
+    );
+    let limits = jobs::Limits {
+        capacity: settings.max_queued,
+        per_account: settings.max_pending_per_account,
+    };
+    let jobs = jobs::Jobs::open(&settings.data_dir.join("proofs"), limits, settings.workers)?;
     Ok(ProverService::new(Arc::new(models), Arc::new(jobs), pool))
 }
 
@@ -115,12 +132,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tls = TlsDir::load(&settings.mtls_dir, Identity::Prover)?;
     let service = build(&settings)?;
+    let workers = service.start_workers(settings.workers);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ProverServer<ProverService>>().await;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %settings.data_dir.display(), "prover listening");
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tls.server(&policy::PROVER)?
+    let served = tls
+        .server(&policy::PROVER)?
         .add_service(health)
         .add_service(
             ProverServer::new(service)
@@ -128,8 +147,15 @@ pub async fn run(
                 .max_encoding_message_size(64 << 20),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("prover server")?;
+        .await;
+    // A proof cut short stays pending in the job database and is proved after a restart.
+    for w in &workers {
+        w.abort();
+    }
+    for w in workers {
+        let _ = w.await; // once they are gone, so is their hold on the job database
+    }
+    served.context("prover server")?;
     tracing::info!("prover stopped");
     Ok(())
 }

@@ -7,7 +7,7 @@ use modelhub_core::pool::ComputePool;
 use modelhub_core::{ApiError, InputRange, Tensor, TensorSpec};
 use modelhub_proto::prover::v1 as pb;
 use modelhub_zk::{ModelDigest, ProofBundle};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use crate::error::ProverError;
 use crate::jobs::{Job, JobStatus, Jobs, valid_job_id};
@@ -29,9 +29,34 @@ impl ProverService {
         ProverService { models, jobs, pool }
     }
 
+    /// Starts `n` workers, each proving the oldest queued job until the queue is empty, then
+    /// waiting for the next. Abort the handles to stop them (a job cut short stays pending and
+    /// is proved again after a restart).
+    pub fn start_workers(&self, n: usize) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..n.max(1))
+            .map(|_| {
+                let this = self.clone();
+                tokio::spawn(async move { this.work().await })
+            })
+            .collect()
+    }
+
+    async fn work(self) {
+        loop {
+            match self.jobs.next().await {
+                Ok(job) => self.run_job(job).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the proof queue failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
     /// Proves one job and records the outcome.
     async fn run_job(&self, job: pb::ProofJob) {
         let job_id = job.job_id.clone();
+        let started = std::time::Instant::now();
         let status = match self.prove(job).await {
             Ok((bundle, proved_output)) => match serde_json::to_value(&bundle) {
                 Ok(proof) => JobStatus::Done {
@@ -49,7 +74,11 @@ impl ProverService {
                 }
             }
         };
-        if let Err(e) = self.jobs.finish(&job_id, status) {
+        if let Err(e) = self
+            .jobs
+            .finish(&job_id, status, Some(started.elapsed()))
+            .await
+        {
             tracing::warn!(job_id = %job_id, error = %e, "recording a proof failed");
         }
     }
@@ -171,45 +200,41 @@ impl pb::prover_server::Prover for ProverService {
         }))
     }
 
-    async fn submit(
+    async fn enqueue(
         &self,
-        request: Request<Streaming<pb::ProofJob>>,
-    ) -> Result<Response<pb::SubmitSummary>, Status> {
-        let mut stream = request.into_inner();
-        let mut accepted = 0;
-        while let Some(job) = stream.message().await? {
-            if !valid_job_id(&job.job_id) {
-                tracing::warn!(job_id = %job.job_id, "proof job with a bad id dropped");
-                continue;
-            }
-            let float_outputs = job
-                .outputs
-                .iter()
-                .cloned()
-                .map(|t| Tensor::try_from(t).map(|t| t.to_json()))
-                .collect::<Result<Vec<_>, _>>()
-                .map(serde_json::Value::from)
-                .unwrap_or(serde_json::Value::Null);
-            let record = Job {
-                job_id: job.job_id.clone(),
-                account_id: job.account_id.clone(),
-                model_id: job
-                    .model
-                    .as_ref()
-                    .map(|m| m.model_id.clone())
-                    .unwrap_or_default(),
-                float_outputs,
-                status: JobStatus::Pending,
-            };
-            if !self.jobs.start(record) {
-                tracing::warn!(job_id = %job.job_id, "duplicate proof job dropped");
-                continue;
-            }
-            accepted += 1;
-            let this = self.clone();
-            tokio::spawn(async move { this.run_job(job).await });
+        request: Request<pb::ProofJob>,
+    ) -> Result<Response<pb::EnqueueResponse>, Status> {
+        let job = request.into_inner();
+        if !valid_job_id(&job.job_id) {
+            return Err(ApiError::bad_request("malformed job id").to_status());
         }
-        Ok(Response::new(pb::SubmitSummary { accepted }))
+        let float_outputs = job
+            .outputs
+            .iter()
+            .cloned()
+            .map(|t| Tensor::try_from(t).map(|t| t.to_json()))
+            .collect::<Result<Vec<_>, _>>()
+            .map(serde_json::Value::from)
+            .unwrap_or(serde_json::Value::Null);
+        let record = Job {
+            job_id: job.job_id.clone(),
+            account_id: job.account_id.clone(),
+            model_id: job
+                .model
+                .as_ref()
+                .map(|m| m.model_id.clone())
+                .unwrap_or_default(),
+            float_outputs,
+            status: JobStatus::Pending,
+        };
+        let place = self
+            .jobs
+            .enqueue(job, record)
+            .await
+            .map_err(ProverError::into_status)?;
+        Ok(Response::new(pb::EnqueueResponse {
+            queue_position: u32::try_from(place.ahead).unwrap_or(u32::MAX),
+        }))
     }
 
     async fn get_proof(
@@ -221,8 +246,21 @@ impl pb::prover_server::Prover for ProverService {
             return Err(ApiError::bad_request("malformed job id").to_status());
         }
         let wait = Duration::from_millis(req.wait_ms).min(MAX_WAIT);
-        match self.jobs.wait(&req.job_id, wait).await {
-            Some(job) => Ok(Response::new(proof_state(job))),
+        match self
+            .jobs
+            .wait(&req.job_id, wait)
+            .await
+            .map_err(ProverError::into_status)?
+        {
+            Some(job) => {
+                let mut state = proof_state(job);
+                if let Some(place) = self.jobs.place(&req.job_id) {
+                    state.queue_position = u32::try_from(place.ahead).unwrap_or(u32::MAX);
+                    state.estimated_wait_ms =
+                        u64::try_from(place.estimate.as_millis()).unwrap_or(u64::MAX);
+                }
+                Ok(Response::new(state))
+            }
             None => Err(ProverError::UnknownJob(req.job_id).into_status()),
         }
     }

@@ -41,7 +41,9 @@ struct Processes {
 }
 
 impl Processes {
-    fn start(mongodb_uri: Option<String>) -> Processes {
+    /// The services; with `prover` (its extra arguments), a prover too, which the gateway and
+    /// inference use.
+    fn start(mongodb_uri: Option<String>, prover: Option<&[&str]>) -> Processes {
         let dir = tempfile::tempdir().unwrap();
         let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
         let kek = d("kek");
@@ -55,6 +57,7 @@ impl Processes {
         );
         let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let storage_dir = d("storage");
+        let prover_dir = d("prover");
         let mut registry_args = strings(&[
             "--data-dir",
             &d("registry"),
@@ -86,24 +89,38 @@ impl Processes {
             ]),
         );
         let storage = p.url("storage");
-        p.first(
-            "inference",
-            strings(&["--storage", &storage, "--mtls-dir", &tls]),
-        );
-        let (registry, inference) = (p.url("registry"), p.url("inference"));
-        p.first(
-            "gateway",
-            strings(&[
-                "--registry",
-                &registry,
+        let mut with_prover = Vec::new();
+        if let Some(extra) = prover {
+            let mut args = strings(&[
+                "--data-dir",
+                &prover_dir,
+                "--kek-file",
+                &kek,
                 "--storage",
                 &storage,
-                "--inference",
-                &inference,
                 "--mtls-dir",
                 &tls,
-            ]),
-        );
+            ]);
+            args.extend(strings(extra));
+            p.first("prover", args);
+            with_prover = vec!["--prover".to_owned(), p.url("prover")];
+        }
+        let mut inference_args = strings(&["--storage", &storage, "--mtls-dir", &tls]);
+        inference_args.extend(with_prover.iter().cloned());
+        p.first("inference", inference_args);
+        let (registry, inference) = (p.url("registry"), p.url("inference"));
+        let mut gateway_args = strings(&[
+            "--registry",
+            &registry,
+            "--storage",
+            &storage,
+            "--inference",
+            &inference,
+            "--mtls-dir",
+            &tls,
+        ]);
+        gateway_args.extend(with_prover);
+        p.first("gateway", gateway_args);
         p
     }
 
@@ -218,6 +235,88 @@ async fn account(client: &Client) -> Value {
     client.get("/v1/account").await.unwrap().ok().unwrap()
 }
 
+/// An admin (bootstrapped as an operator would), a creator who uploaded the digits model at
+/// [`PRICE`], and a user with a million credits.
+struct Market {
+    creator: Client,
+    user: Client,
+    record: Value,
+    /// The model's predict path.
+    path: String,
+}
+
+impl Market {
+    async fn open(p: &Processes) -> Market {
+        let admin_file = p._dir.path().join("admin-key.json");
+        let out = modelhub()
+            .args([
+                "admin",
+                "bootstrap",
+                "--registry",
+                &p.url("registry"),
+                "--out",
+            ])
+            .arg(&admin_file)
+            .args(["--mtls-dir", &p.tls_dir()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let admin = Client::new(&p.gateway_url(), KeyFile::read(&admin_file).unwrap()).unwrap();
+        let new_user = async |name: &str, credits: u64| -> Client {
+            let account = admin
+                .post("/v1/accounts", &json!({ "name": name }))
+                .await
+                .unwrap()
+                .ok()
+                .unwrap();
+            let id = account["account_id"].as_str().unwrap();
+            let key = admin
+                .post("/v1/keys", &json!({ "account_id": id }))
+                .await
+                .unwrap()
+                .ok()
+                .unwrap();
+            if credits > 0 {
+                admin
+                    .post(
+                        "/v1/credits/grant",
+                        &json!({ "account_id": id, "amount": credits }),
+                    )
+                    .await
+                    .unwrap()
+                    .ok()
+                    .unwrap();
+            }
+            admin.with_key(serde_json::from_value(key).unwrap())
+        };
+        let creator = new_user("creator", 0).await;
+        let user = new_user("user", 1_000_000).await;
+        let record = creator
+            .upload(
+                &modelhub_cli::client::ModelUpload::new("digits", "1", PRICE),
+                crate::harness::digits_bytes(),
+            )
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        let path = format!(
+            "/v1/models/{}/predict",
+            record["model_id"].as_str().unwrap()
+        );
+        Market {
+            creator,
+            user,
+            record,
+            path,
+        }
+    }
+}
+
 async fn faults(mongodb: Option<modelhub_testkit::ScriptServer>) {
     let backend = if mongodb.is_some() {
         "mongodb"
@@ -232,71 +331,14 @@ async fn faults(mongodb: Option<modelhub_testkit::ScriptServer>) {
         mongodb
             .as_ref()
             .map(|m| format!("{}/modelhub_faults", m.uri)),
+        None,
     );
-    let url = p.gateway_url();
-
-    // Accounts, keys and a model, as an operator and a creator would make them.
-    let admin_file = p._dir.path().join("admin-key.json");
-    let out = modelhub()
-        .args([
-            "admin",
-            "bootstrap",
-            "--registry",
-            &p.url("registry"),
-            "--out",
-        ])
-        .arg(&admin_file)
-        .args(["--mtls-dir", &p.tls_dir()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let admin = Client::new(&url, KeyFile::read(&admin_file).unwrap()).unwrap();
-    let new_user = async |name: &str, credits: u64| -> Client {
-        let account = admin
-            .post("/v1/accounts", &json!({ "name": name }))
-            .await
-            .unwrap()
-            .ok()
-            .unwrap();
-        let id = account["account_id"].as_str().unwrap();
-        let key = admin
-            .post("/v1/keys", &json!({ "account_id": id }))
-            .await
-            .unwrap()
-            .ok()
-            .unwrap();
-        if credits > 0 {
-            admin
-                .post(
-                    "/v1/credits/grant",
-                    &json!({ "account_id": id, "amount": credits }),
-                )
-                .await
-                .unwrap()
-                .ok()
-                .unwrap();
-        }
-        admin.with_key(serde_json::from_value(key).unwrap())
-    };
-    let creator = new_user("creator", 0).await;
-    let user = new_user("user", 1_000_000).await;
-    let record = creator
-        .upload(
-            &modelhub_cli::client::ModelUpload::new("digits", "1", PRICE),
-            crate::harness::digits_bytes(),
-        )
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    let path = format!(
-        "/v1/models/{}/predict",
-        record["model_id"].as_str().unwrap()
-    );
+    let Market {
+        creator,
+        user,
+        path,
+        ..
+    } = Market::open(&p).await;
     let start_credits = account(&user).await["credits"].as_u64().unwrap();
 
     // The load, and the faults in the middle of it.
@@ -483,4 +525,115 @@ async fn killed_and_restarted_services_lose_no_money_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_and_restarted_services_lose_no_money_mongodb() {
     faults(Some(modelhub_testkit::ScriptServer::start("mongo"))).await;
+}
+
+/// Proof jobs are durable: predictions asking for proofs are answered (and charged) once the
+/// prover has recorded their jobs; a SIGKILL of the prover with jobs pending loses none: after
+/// a restart on the same data every job finishes, for the model's digest and its own job id,
+/// and nothing is charged twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proof_jobs_survive_a_killed_prover() {
+    const JOBS: usize = 6;
+    let mut p = Processes::start(None, Some(&[]));
+    let Market {
+        user, record, path, ..
+    } = Market::open(&p).await;
+    let digest = record["digest"].as_str().expect("the model has a circuit");
+    let start_credits = account(&user).await["credits"].as_u64().unwrap();
+
+    let mut jobs = Vec::new();
+    for case in 0..JOBS {
+        let body = json!({ "inputs": digits_input(case), "proof": true });
+        let answer = user
+            .predict_body(
+                path.trim_start_matches("/v1/models/")
+                    .trim_end_matches("/predict"),
+                &body,
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        jobs.push(answer.body["proof_job"].as_str().unwrap().to_owned());
+    }
+    let mut pending_at_kill = 0;
+    for job in &jobs {
+        let state = user
+            .get(&format!("/v1/proofs/{job}"))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        if state["status"] == "pending" {
+            pending_at_kill += 1;
+            assert!(state["queue_position"].is_u64(), "{state}");
+        }
+    }
+    p.bounce("prover", "KILL", Duration::from_millis(200));
+
+    for job in &jobs {
+        let state = user
+            .get(&format!("/v1/proofs/{job}?wait=60"))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        assert_eq!(state["status"], "done", "{job}: {state}");
+        assert_eq!(state["model_digest"], digest);
+        assert_eq!(state["public"]["job_id"], job.as_str());
+    }
+    let charged = start_credits - account(&user).await["credits"].as_u64().unwrap();
+    assert_eq!(charged, PRICE * JOBS as u64, "each prediction charged once");
+    assert!(
+        pending_at_kill > 0,
+        "the prover finished every job before it was killed; nothing was tested"
+    );
+    println!("{pending_at_kill} of {JOBS} proof jobs were pending when the prover was killed");
+}
+
+/// A full proof queue refuses a prediction that asks for a proof with 503 and `retry-after`,
+/// before anything is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_proof_queue_answers_503_and_charges_nothing() {
+    let p = Processes::start(None, Some(&["--max-queued", "1"]));
+    let Market { user, path, .. } = Market::open(&p).await;
+    let start_credits = account(&user).await["credits"].as_u64().unwrap();
+    // Sent together: one job fits, the others find the queue full (proving one takes far
+    // longer than answering them).
+    let sends = (0..4).map(|case| {
+        let user = user.clone();
+        let path = path.clone();
+        async move {
+            let body =
+                Bytes::from(json!({ "inputs": digits_input(case), "proof": true }).to_string());
+            let req = user
+                .prepare_keyed(
+                    reqwest::Method::POST,
+                    &path,
+                    body,
+                    Some(&format!("full-{case}")),
+                )
+                .unwrap();
+            user.send(req).await.unwrap()
+        }
+    });
+    let answers = futures::future::join_all(sends).await;
+    let ok = answers.iter().filter(|a| a.status == 200).count() as u64;
+    let full: Vec<_> = answers.iter().filter(|a| a.status == 503).collect();
+    assert!(ok >= 1, "{answers:?}");
+    assert!(
+        !full.is_empty(),
+        "no prediction found the queue full: {answers:?}"
+    );
+    assert_eq!(ok as usize + full.len(), answers.len(), "{answers:?}");
+    for a in &full {
+        assert!(a.retry_after.is_some(), "{a:?}");
+        assert!(a.error_message().contains("queue is full"), "{a:?}");
+    }
+    let charged = start_credits - account(&user).await["credits"].as_u64().unwrap();
+    assert_eq!(
+        charged,
+        PRICE * ok,
+        "only the answered predictions are charged"
+    );
+    assert_eq!(account(&user).await["held"], 0);
 }

@@ -112,7 +112,11 @@ pub async fn get(
             answer["status"] = json!("failed");
             answer["error"] = json!(state.error);
         }
-        _ => answer["status"] = json!("pending"),
+        _ => {
+            answer["status"] = json!("pending");
+            answer["queue_position"] = json!(state.queue_position);
+            answer["estimated_wait_ms"] = json!(state.estimated_wait_ms);
+        }
     }
     Ok(HttpResponse::Ok().json(answer))
 }

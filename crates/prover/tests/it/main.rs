@@ -100,12 +100,14 @@ fn job(id: &str, model: &ModelRef, row: &[f32]) -> pb::ProofJob {
 
 /// Submits proof jobs as the inference service does (only it may).
 async fn submit(prover: &Server, jobs: Vec<pb::ProofJob>) -> u64 {
-    ProverClient::new(prover.channel(Identity::Inference, Identity::Prover))
-        .submit(tokio_stream::iter(jobs))
-        .await
-        .unwrap()
-        .into_inner()
-        .accepted
+    let mut client = ProverClient::new(prover.channel(Identity::Inference, Identity::Prover));
+    let mut accepted = 0;
+    for job in jobs {
+        if client.enqueue(job).await.is_ok() {
+            accepted += 1;
+        }
+    }
+    accepted
 }
 
 async fn wait(client: &mut ProverClient<Channel>, id: &str) -> pb::ProofState {
