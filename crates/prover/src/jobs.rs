@@ -81,8 +81,12 @@ pub struct Place {
 
 #[derive(Debug, Default)]
 struct Queue {
-    /// Jobs waiting for a worker, oldest first (not the ones being proved).
-    waiting: VecDeque<String>,
+    /// Jobs waiting for a worker (id, account), oldest first (not the ones being proved).
+    waiting: VecDeque<(String, String)>,
+    /// When each account last had a job taken (a counter): the next job is the oldest of the
+    /// account served least recently, so one account's backlog can't starve another's job.
+    served: HashMap<String, u64>,
+    ticks: u64,
     /// Pending jobs (waiting or being proved) per account.
     per_account: HashMap<String, usize>,
     /// Pending jobs in all.
@@ -168,8 +172,8 @@ impl Jobs {
         }
         resumed.sort();
         for (_, id, account) in resumed {
-            queue.waiting.push_back(id);
-            *queue.per_account.entry(account).or_default() += 1;
+            *queue.per_account.entry(account.clone()).or_default() += 1;
+            queue.waiting.push_back((id, account));
             queue.pending += 1;
         }
         if queue.pending > 0 {
@@ -257,7 +261,7 @@ impl Jobs {
             Self::forget(&mut q, &account);
             return Err(e);
         }
-        q.waiting.push_back(job_id.clone());
+        q.waiting.push_back((job_id.clone(), account.clone()));
         let place = Self::place_in(&q, &job_id, self.workers);
         drop(q);
         self.arrived.notify_one();
@@ -274,6 +278,7 @@ impl Jobs {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 q.per_account.remove(account);
+                q.served.remove(account);
             }
         }
     }
@@ -284,7 +289,7 @@ impl Jobs {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            let id = self.lock().waiting.pop_front();
+            let id = self.lock().take_fairly();
             let Some(id) = id else {
                 arrived.await;
                 continue;
@@ -381,7 +386,8 @@ impl Jobs {
     }
 
     fn place_in(q: &Queue, job_id: &str, workers: usize) -> Option<Place> {
-        let ahead = q.waiting.iter().position(|id| id == job_id)?;
+        // Approximate under fair sharing: the jobs that came before it.
+        let ahead = q.waiting.iter().position(|(id, _)| id == job_id)?;
         // The jobs ahead, and this one, shared among the workers.
         let rounds = (ahead / workers + 1) as f64;
         Some(Place {
@@ -411,6 +417,28 @@ impl Jobs {
                 };
             }
         }
+    }
+}
+
+impl Queue {
+    /// Removes and returns the oldest waiting job of the account served least recently.
+    fn take_fairly(&mut self) -> Option<String> {
+        let mut best: Option<(u64, usize)> = None;
+        let mut seen = std::collections::HashSet::new();
+        for (at, (_, account)) in self.waiting.iter().enumerate() {
+            if !seen.insert(account.as_str()) {
+                continue; // not this account's oldest
+            }
+            let last = self.served.get(account).copied().unwrap_or(0);
+            if best.is_none_or(|(b, _)| last < b) {
+                best = Some((last, at));
+            }
+        }
+        let (_, at) = best?;
+        let (id, account) = self.waiting.remove(at)?;
+        self.ticks += 1;
+        self.served.insert(account, self.ticks);
+        Some(id)
     }
 }
 
@@ -535,6 +563,24 @@ mod tests {
             .unwrap();
         let (p, r) = job("job_5", "acct_3");
         jobs.enqueue(p, r).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_flooding_account_does_not_starve_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = open(dir.path(), Limits::default());
+        for i in 0..5 {
+            let (p, r) = job(&format!("job_a{i}"), "acct_a");
+            jobs.enqueue(p, r).await.unwrap();
+        }
+        let (p, r) = job("job_b0", "acct_b");
+        jobs.enqueue(p, r).await.unwrap();
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            order.push(jobs.next().await.unwrap().job_id);
+        }
+        // B's one job comes second, not after A's whole backlog; A's keep their order.
+        assert_eq!(order, ["job_a0", "job_b0", "job_a1", "job_a2"]);
     }
 
     #[tokio::test]

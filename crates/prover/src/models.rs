@@ -265,9 +265,15 @@ impl Models {
         self.dir.join(format!("{model_id}.json"))
     }
 
+    /// The model's plaintext from storage, checked like an upload (no external data, standard
+    /// operator domains only) before the circuit compiler parses it: storage checked it at
+    /// upload, this is defence in depth for anything that reached storage otherwise.
     async fn fetch(&self, model: &ModelRef) -> Result<Vec<u8>, ProverError> {
         let mut storage = self.storage.clone();
-        Ok(modelhub_storage::client::fetch_model(&mut storage, model.clone()).await?)
+        let bytes = modelhub_storage::client::fetch_model(&mut storage, model.clone()).await?;
+        modelhub_onnx::check_untrusted(&bytes)
+            .map_err(|e| ProverError::BadRequest(format!("model refused: {e}")))?;
+        Ok(bytes)
     }
 
     /// Compiles a newly stored model and commits to its weights.

@@ -130,11 +130,30 @@ async fn bad_predictions_say_what_is_wrong(backend: Backend) {
     let answer = user.send(raw).await.unwrap();
     assert_eq!(answer.status, 400);
     assert_eq!(answer.error_code(), Some("bad_request"));
+
+    // A price above the caller's `max_price` is refused before any charge.
+    let answer = user
+        .predict_body(
+            model_id,
+            &json!({ "inputs": digits_input(0), "max_price": 0 }),
+        )
+        .await
+        .unwrap();
+    assert_error(&answer, 409, "conflict", "above max_price 0");
     assert_eq!(
         account(&user).await["credits"],
         100,
         "no failed request was charged"
     );
+    let answer = user
+        .predict_body(
+            model_id,
+            &json!({ "inputs": digits_input(0), "max_price": 1 }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(account(&user).await["credits"], 99);
 
     let answer = user.get("/v1/no-such-route").await.unwrap();
     assert_eq!(answer.status, 404);

@@ -266,6 +266,11 @@ impl Market {
             String::from_utf8_lossy(&out.stderr)
         );
         let admin = Client::new(&p.gateway_url(), KeyFile::read(&admin_file).unwrap()).unwrap();
+        Market::with_admin(&admin).await
+    }
+
+    /// The creator, the user and the model, made through the gateway by `admin`.
+    async fn with_admin(admin: &Client) -> Market {
         let new_user = async |name: &str, credits: u64| -> Client {
             let account = admin
                 .post("/v1/accounts", &json!({ "name": name }))
@@ -636,4 +641,92 @@ async fn a_full_proof_queue_answers_503_and_charges_nothing() {
         "only the answered predictions are charged"
     );
     assert_eq!(account(&user).await["held"], 0);
+}
+
+/// `modelhub up` as a process: started on `http` with `data`, returns it and its gateway URL.
+fn up(data: &std::path::Path, http: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = modelhub()
+        .args(["up", "--http", http, "--data-dir"])
+        .arg(data)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn modelhub up");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "modelhub up ended early"
+        );
+        if let Some(url) = line.trim().strip_prefix("gateway:") {
+            let url = url.trim().to_owned();
+            // Keep reading its output so it never blocks on a full pipe.
+            std::thread::spawn(move || for _ in stdout.lines() {});
+            return (child, url);
+        }
+    }
+}
+
+/// Pending proof jobs survive a SIGKILL of the whole `modelhub up`: after a restart on the
+/// same data every one is proved, and nothing is charged twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proof_jobs_survive_a_killed_modelhub_up() {
+    const JOBS: usize = 4;
+    let data = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let http = format!("127.0.0.1:{port}");
+    let (mut child, url) = up(data.path(), &http);
+    let admin = Client::new(
+        &url,
+        KeyFile::read(&data.path().join("admin-key.json")).unwrap(),
+    )
+    .unwrap();
+    let Market { user, record, .. } = Market::with_admin(&admin).await;
+    let model_id = record["model_id"].as_str().unwrap();
+    let start_credits = account(&user).await["credits"].as_u64().unwrap();
+    let mut jobs = Vec::new();
+    for case in 0..JOBS {
+        let body = json!({ "inputs": digits_input(case), "proof": true });
+        let answer = user.predict_body(model_id, &body).await.unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        jobs.push(answer.body["proof_job"].as_str().unwrap().to_owned());
+    }
+    let last = user
+        .get(&format!("/v1/proofs/{}", jobs[JOBS - 1]))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+
+    let (mut child, url) = up(data.path(), &http);
+    let user = Client::new(&url, user.key().clone()).unwrap();
+    for job in &jobs {
+        let state = user
+            .get(&format!("/v1/proofs/{job}?wait=60"))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        assert_eq!(state["status"], "done", "{job}: {state}");
+        assert_eq!(state["public"]["job_id"], job.as_str());
+    }
+    let charged = start_credits - account(&user).await["credits"].as_u64().unwrap();
+    assert_eq!(charged, PRICE * JOBS as u64);
+    assert_eq!(
+        last["status"], "pending",
+        "the last job was still pending at the kill: {last}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

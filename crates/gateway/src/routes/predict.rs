@@ -36,6 +36,9 @@ struct PredictBody {
     inputs: Vec<JsonTensor>,
     #[serde(default)]
     proof: bool,
+    /// The most the caller agrees to pay per prediction; a dearer model is refused uncharged.
+    #[serde(default)]
+    max_price: Option<u64>,
 }
 
 pub async fn predict(
@@ -52,6 +55,7 @@ pub async fn predict(
     let asked: PredictBody = parse_json(&body)?;
     drop(body);
     let prove = asked.proof;
+    let max_price = asked.max_price;
     if prove && state.prover().is_none() {
         return Err(ApiError::bad_request("proofs are not enabled on this gateway").into());
     }
@@ -63,6 +67,20 @@ pub async fn predict(
     drop(asked);
 
     let model = state.model(&path.into_inner()).await?;
+    // A model version's price never changes (a new price is a new version), so the cached
+    // record's price is the one the registry charges.
+    if let Some(max) = max_price
+        && model.price > max
+    {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "model {} costs {} credits per prediction, above max_price {max}",
+                model.model_id, model.price
+            ),
+        )
+        .into());
+    }
     let specs = records::specs(&model.model_id, &model.inputs)?;
     validate_inputs(&specs, &inputs)?;
     if prove && model.commitment.is_none() {

@@ -363,3 +363,80 @@ async fn unsupported_models_and_models_without_a_circuit() {
     s.prover.stop().await;
     s.storage.stop().await;
 }
+
+/// Stores `bytes` as `model_id` the way storage does, but without its upload checks: what a
+/// model that reached storage some other way looks like to the prover.
+async fn plant(dir: &std::path::Path, model_id: &str, bytes: &[u8]) -> ModelRef {
+    use modelhub_core::crypto::{Kek, SecretKey, encrypt_all, model_aad};
+    use modelhub_storage::BlobStore;
+    let kek = Kek::load(&dir.join("kek")).unwrap();
+    let dek = SecretKey::generate();
+    let ciphertext = encrypt_all(&dek, &model_aad(model_id, "1"), bytes).unwrap();
+    let blobs = modelhub_storage::LocalBlobStore::open(&dir.join("storage")).unwrap();
+    let cid = blobs.put(ciphertext.into()).await.unwrap();
+    ModelRef {
+        model_id: model_id.into(),
+        version: "1".into(),
+        cid,
+        wrapped_dek: kek.wrap_dek(&dek, model_id, "1"),
+        sha256: modelhub_core::signing::sha256_hex(bytes),
+        size: bytes.len() as u64,
+    }
+}
+
+/// A model that names external data (a file of the server) is refused before the circuit
+/// compiler reads it, and nothing is compiled or stored for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_model_in_storage_is_refused_at_compile() {
+    use modelhub_onnx::untrusted::proto::*;
+    let mut s = setup().await;
+    let external = TensorProto {
+        dims: vec![1, 4],
+        data_type: FLOAT,
+        name: "W".into(),
+        external_data: vec![StringStringEntryProto {
+            key: "location".into(),
+            value: "Cargo.toml".into(),
+        }],
+        data_location: 1,
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        node: vec![node("Add", &["X", "W"], &["Y"])],
+        name: "g".into(),
+        initializer: vec![external],
+        input: vec![value_info("X", FLOAT, &[1, 4])],
+        output: vec![value_info("Y", FLOAT, &[1, 4])],
+        ..Default::default()
+    };
+    let model = plant(s.dir.path(), "mdl_external", &model_bytes(graph)).await;
+    let inputs = vec![
+        TensorSpec {
+            name: "X".into(),
+            datatype: modelhub_core::DataType::Fp32,
+            shape: vec![1, 4],
+        }
+        .to_proto(),
+    ];
+    let err = s
+        .client
+        .compile(pb::CompileRequest {
+            model: Some(model),
+            inputs,
+            input_range: None,
+        })
+        .await
+        .unwrap_err();
+    let e = ApiError::from_status(&err);
+    assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message);
+    assert!(e.message.starts_with("model refused: "), "{}", e.message);
+    assert!(!e.message.contains("Cargo"), "{}", e.message);
+    let records = std::fs::read_dir(s.dir.path().join("prover/models"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().to_string_lossy().contains("mdl_external"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(records, 0, "nothing recorded for the refused model");
+}
