@@ -643,16 +643,26 @@ async fn a_full_proof_queue_answers_503_and_charges_nothing() {
     assert_eq!(account(&user).await["held"], 0);
 }
 
+/// A `modelhub up` process, killed when dropped.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `modelhub up` as a process: started on `http` with `data`, returns it and its gateway URL.
-fn up(data: &std::path::Path, http: &str) -> (std::process::Child, String) {
+fn up(data: &std::path::Path, http: &str) -> (Up, String) {
     use std::io::BufRead;
-    let mut child = modelhub()
+    let mut child = Up(modelhub()
         .args(["up", "--http", http, "--data-dir"])
         .arg(data)
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .expect("spawn modelhub up");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        .expect("spawn modelhub up"));
+    let mut stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
     let mut line = String::new();
     loop {
         line.clear();
@@ -704,12 +714,13 @@ async fn proof_jobs_survive_a_killed_modelhub_up() {
         .ok()
         .unwrap();
     std::process::Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
+        .args(["-KILL", &child.0.id().to_string()])
         .status()
         .unwrap();
-    child.wait().unwrap();
+    child.0.wait().unwrap();
+    drop(child);
 
-    let (mut child, url) = up(data.path(), &http);
+    let (_up, url) = up(data.path(), &http);
     let user = Client::new(&url, user.key().clone()).unwrap();
     for job in &jobs {
         let state = user
@@ -727,6 +738,4 @@ async fn proof_jobs_survive_a_killed_modelhub_up() {
         last["status"], "pending",
         "the last job was still pending at the kill: {last}"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }
