@@ -641,26 +641,7 @@ mod tests {
     /// `Y = X + W`, `W` a `[1, 4]` float tensor read from the file `location`.
     fn external_weights(location: &str) -> Vec<u8> {
         use untrusted::proto::*;
-        let entry = |k: &str, v: &str| StringStringEntryProto {
-            key: k.into(),
-            value: v.into(),
-        };
-        let w = TensorProto {
-            dims: vec![1, 4],
-            data_type: FLOAT,
-            name: "W".into(),
-            external_data: vec![entry("location", location), entry("length", "16")],
-            data_location: 1,
-            ..Default::default()
-        };
-        model_bytes(GraphProto {
-            node: vec![node("Add", &["X", "W"], &["Y"])],
-            name: "g".into(),
-            initializer: vec![w],
-            input: vec![value_info("X", untrusted::proto::FLOAT, &[1, 4])],
-            output: vec![value_info("Y", untrusted::proto::FLOAT, &[1, 4])],
-            ..Default::default()
-        })
+        model_bytes(add_graph(external("W", location)))
     }
 
     #[test]

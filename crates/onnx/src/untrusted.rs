@@ -552,6 +552,40 @@ pub mod proto {
         }
     }
 
+    /// A `[1, 4]` float tensor whose data the model says lives in the file `location` (ONNX
+    /// external data, 16 bytes from offset 0): what [`check_untrusted`](super::check_untrusted)
+    /// refuses.
+    pub fn external(name: &str, location: &str) -> TensorProto {
+        let entry = |k: &str, v: &str| StringStringEntryProto {
+            key: k.into(),
+            value: v.into(),
+        };
+        TensorProto {
+            dims: vec![1, 4],
+            data_type: FLOAT,
+            name: name.into(),
+            external_data: vec![
+                entry("location", location),
+                entry("offset", "0"),
+                entry("length", "16"),
+            ],
+            data_location: 1,
+            ..Default::default()
+        }
+    }
+
+    /// `Y = X + W` over `[1, 4]` floats, with `W` given: the smallest model a tensor can hide in.
+    pub fn add_graph(w: TensorProto) -> GraphProto {
+        GraphProto {
+            node: vec![node("Add", &["X", "W"], &["Y"])],
+            name: "g".into(),
+            initializer: vec![w],
+            input: vec![value_info("X", FLOAT, &[1, 4])],
+            output: vec![value_info("Y", FLOAT, &[1, 4])],
+            ..Default::default()
+        }
+    }
+
     /// A model of IR version 8 importing the default opset 17, encoded.
     pub fn model_bytes(graph: GraphProto) -> Vec<u8> {
         ModelProto {
@@ -573,38 +607,6 @@ mod tests {
 
     use super::proto::*;
     use super::{UntrustedModel, check_untrusted};
-
-    /// A float tensor whose data lives in the file `location`.
-    fn external(name: &str, location: &str) -> TensorProto {
-        let entry = |k: &str, v: &str| StringStringEntryProto {
-            key: k.into(),
-            value: v.into(),
-        };
-        TensorProto {
-            dims: vec![1, 4],
-            data_type: FLOAT,
-            name: name.into(),
-            external_data: vec![
-                entry("location", location),
-                entry("offset", "0"),
-                entry("length", "16"),
-            ],
-            data_location: 1,
-            ..Default::default()
-        }
-    }
-
-    /// `Y = X + W` with `W` given.
-    fn add_graph(w: TensorProto) -> GraphProto {
-        GraphProto {
-            node: vec![node("Add", &["X", "W"], &["Y"])],
-            name: "g".into(),
-            initializer: vec![w],
-            input: vec![value_info("X", FLOAT, &[1, 4])],
-            output: vec![value_info("Y", FLOAT, &[1, 4])],
-            ..Default::default()
-        }
-    }
 
     /// `Y = X + C` with `C` from a `Constant` node.
     fn constant_graph(c: TensorProto) -> GraphProto {

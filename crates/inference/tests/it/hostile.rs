@@ -6,39 +6,20 @@ use modelhub_onnx::untrusted::proto::*;
 
 use crate::harness::{assert_code, plant, predict, start, upload};
 
-fn add(w: TensorProto) -> GraphProto {
-    GraphProto {
-        node: vec![node("Add", &["X", "W"], &["Y"])],
-        name: "g".into(),
-        initializer: vec![w],
-        input: vec![value_info("X", FLOAT, &[1, 4])],
-        output: vec![value_info("Y", FLOAT, &[1, 4])],
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn a_hostile_model_already_in_storage_is_refused_before_a_session_is_built() {
     let mut c = start().await;
     // Storage is up (and has made its KEK) once it has answered an upload.
-    let clean = model_bytes(add(tensor_f32("W", &[1, 4], &[1.0; 4])));
+    let clean = model_bytes(add_graph(tensor_f32("W", &[1, 4], &[1.0; 4])));
     let uploaded = upload(&mut c.storage, "mdl_clean", &clean).await;
-    let external = TensorProto {
-        dims: vec![1, 4],
-        data_type: FLOAT,
-        name: "W".into(),
-        external_data: vec![StringStringEntryProto {
-            key: "location".into(),
-            value: "Cargo.toml".into(),
-        }],
-        data_location: 1,
-        ..Default::default()
-    };
-    let mut custom = add(tensor_f32("W", &[1, 4], &[1.0; 4]));
+    let mut custom = add_graph(tensor_f32("W", &[1, 4], &[1.0; 4]));
     custom.node[0].domain = "com.microsoft".into();
     let x = Tensor::from_f32("X", vec![1, 4], &[0.0; 4]).unwrap();
     for (id, bytes) in [
-        ("mdl_external", model_bytes(add(external))),
+        (
+            "mdl_external",
+            model_bytes(add_graph(external("W", "Cargo.toml"))),
+        ),
         ("mdl_custom", model_bytes(custom)),
     ] {
         let model = plant(c.data.path(), id, &bytes).await;

@@ -390,25 +390,7 @@ async fn plant(dir: &std::path::Path, model_id: &str, bytes: &[u8]) -> ModelRef 
 async fn a_hostile_model_in_storage_is_refused_at_compile() {
     use modelhub_onnx::untrusted::proto::*;
     let mut s = setup().await;
-    let external = TensorProto {
-        dims: vec![1, 4],
-        data_type: FLOAT,
-        name: "W".into(),
-        external_data: vec![StringStringEntryProto {
-            key: "location".into(),
-            value: "Cargo.toml".into(),
-        }],
-        data_location: 1,
-        ..Default::default()
-    };
-    let graph = GraphProto {
-        node: vec![node("Add", &["X", "W"], &["Y"])],
-        name: "g".into(),
-        initializer: vec![external],
-        input: vec![value_info("X", FLOAT, &[1, 4])],
-        output: vec![value_info("Y", FLOAT, &[1, 4])],
-        ..Default::default()
-    };
+    let graph = add_graph(external("W", "Cargo.toml"));
     let model = plant(s.dir.path(), "mdl_external", &model_bytes(graph)).await;
     let inputs = vec![
         TensorSpec {
