@@ -532,6 +532,35 @@ async fn killed_and_restarted_services_lose_no_money_mongodb() {
     faults(Some(modelhub_testkit::ScriptServer::start("mongo"))).await;
 }
 
+/// `n` predictions asking for proofs, each answered 200; returns their proof job ids.
+async fn proved_predictions(user: &Client, model_id: &str, n: usize) -> Vec<String> {
+    let mut jobs = Vec::new();
+    for case in 0..n {
+        let body = json!({ "inputs": digits_input(case % 8), "proof": true });
+        let answer = user.predict_body(model_id, &body).await.unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        jobs.push(answer.body["proof_job"].as_str().unwrap().to_owned());
+    }
+    jobs
+}
+
+/// Waits for every job's proof: each must be done, for its own job id; returns the answers.
+async fn all_proved(user: &Client, jobs: &[String]) -> Vec<Value> {
+    let mut states = Vec::new();
+    for job in jobs {
+        let state = user
+            .get(&format!("/v1/proofs/{job}?wait=60"))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        assert_eq!(state["status"], "done", "{job}: {state}");
+        assert_eq!(state["public"]["job_id"], job.as_str());
+        states.push(state);
+    }
+    states
+}
+
 /// Proof jobs are durable: predictions asking for proofs are answered (and charged) once the
 /// prover has recorded their jobs; a SIGKILL of the prover with jobs pending loses none: after
 /// a restart on the same data every job finishes, for the model's digest and its own job id,
@@ -540,26 +569,12 @@ async fn killed_and_restarted_services_lose_no_money_mongodb() {
 async fn proof_jobs_survive_a_killed_prover() {
     const JOBS: usize = 6;
     let mut p = Processes::start(None, Some(&[]));
-    let Market {
-        user, record, path, ..
-    } = Market::open(&p).await;
+    let Market { user, record, .. } = Market::open(&p).await;
     let digest = record["digest"].as_str().expect("the model has a circuit");
     let start_credits = account(&user).await["credits"].as_u64().unwrap();
 
-    let mut jobs = Vec::new();
-    for case in 0..JOBS {
-        let body = json!({ "inputs": digits_input(case), "proof": true });
-        let answer = user
-            .predict_body(
-                path.trim_start_matches("/v1/models/")
-                    .trim_end_matches("/predict"),
-                &body,
-            )
-            .await
-            .unwrap();
-        assert_eq!(answer.status, 200, "{:?}", answer.body);
-        jobs.push(answer.body["proof_job"].as_str().unwrap().to_owned());
-    }
+    let model_id = record["model_id"].as_str().unwrap();
+    let jobs = proved_predictions(&user, model_id, JOBS).await;
     let mut pending_at_kill = 0;
     for job in &jobs {
         let state = user
@@ -575,16 +590,8 @@ async fn proof_jobs_survive_a_killed_prover() {
     }
     p.bounce("prover", "KILL", Duration::from_millis(200));
 
-    for job in &jobs {
-        let state = user
-            .get(&format!("/v1/proofs/{job}?wait=60"))
-            .await
-            .unwrap()
-            .ok()
-            .unwrap();
-        assert_eq!(state["status"], "done", "{job}: {state}");
+    for state in all_proved(&user, &jobs).await {
         assert_eq!(state["model_digest"], digest);
-        assert_eq!(state["public"]["job_id"], job.as_str());
     }
     let charged = start_credits - account(&user).await["credits"].as_u64().unwrap();
     assert_eq!(charged, PRICE * JOBS as u64, "each prediction charged once");
@@ -700,13 +707,7 @@ async fn proof_jobs_survive_a_killed_modelhub_up() {
     let Market { user, record, .. } = Market::with_admin(&admin).await;
     let model_id = record["model_id"].as_str().unwrap();
     let start_credits = account(&user).await["credits"].as_u64().unwrap();
-    let mut jobs = Vec::new();
-    for case in 0..JOBS {
-        let body = json!({ "inputs": digits_input(case), "proof": true });
-        let answer = user.predict_body(model_id, &body).await.unwrap();
-        assert_eq!(answer.status, 200, "{:?}", answer.body);
-        jobs.push(answer.body["proof_job"].as_str().unwrap().to_owned());
-    }
+    let jobs = proved_predictions(&user, model_id, JOBS).await;
     let last = user
         .get(&format!("/v1/proofs/{}", jobs[JOBS - 1]))
         .await
@@ -722,16 +723,7 @@ async fn proof_jobs_survive_a_killed_modelhub_up() {
 
     let (_up, url) = up(data.path(), &http);
     let user = Client::new(&url, user.key().clone()).unwrap();
-    for job in &jobs {
-        let state = user
-            .get(&format!("/v1/proofs/{job}?wait=60"))
-            .await
-            .unwrap()
-            .ok()
-            .unwrap();
-        assert_eq!(state["status"], "done", "{job}: {state}");
-        assert_eq!(state["public"]["job_id"], job.as_str());
-    }
+    all_proved(&user, &jobs).await;
     let charged = start_credits - account(&user).await["credits"].as_u64().unwrap();
     assert_eq!(charged, PRICE * JOBS as u64);
     assert_eq!(
