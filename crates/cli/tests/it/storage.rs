@@ -177,3 +177,50 @@ async fn an_embedded_store_exports_to_ipfs_with_the_same_cids() {
     assert_eq!(report["clean"], true);
     cluster.stop().await;
 }
+
+/// Uploads racing for one name and version leave one model and one blob: the losers' stored
+/// ciphertexts are removed, and `modelhub storage verify` finds no orphan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_uploads_of_one_name_leave_no_orphan_blobs() {
+    let cluster = Cluster::start().await;
+    let mut racers = Vec::new();
+    for i in 0..8 {
+        racers.push(cluster.user(&format!("racer{i}"), 0).await);
+    }
+    let uploads = racers.iter().map(|racer| async move {
+        racer
+            .upload(
+                &modelhub_cli::client::ModelUpload::new("digits", "1", 1),
+                digits_bytes(),
+            )
+            .await
+            .unwrap()
+    });
+    let answers = futures::future::join_all(uploads).await;
+    let created = answers.iter().filter(|a| a.status == 201).count();
+    let refused = answers.iter().filter(|a| a.status == 409).count();
+    assert_eq!((created, refused), (1, 7), "{answers:?}");
+
+    let url = cluster.admin.base_url().to_string();
+    let admin_key = cluster.data_dir().join("admin-key.json");
+    let storage_dir = cluster.data_dir().join("storage");
+    let (ok, report) = modelhub(&[
+        "storage",
+        "verify",
+        "--storage-dir",
+        storage_dir.to_str().unwrap(),
+        "--url",
+        &url,
+        "--key-file",
+        admin_key.to_str().unwrap(),
+    ]);
+    assert!(ok, "{report}");
+    assert_eq!(report["clean"], true, "{report}");
+    assert_eq!(report["ok"], 1, "{report}");
+    assert_eq!(
+        report["unexpected"],
+        serde_json::json!([]),
+        "blobs no model names"
+    );
+    cluster.stop().await;
+}

@@ -108,8 +108,18 @@ pub async fn upload(
     )
     .await?;
 
-    let circuit = compile(&state, &model_id, &query.version, &stored, input_range).await?;
-    let model = state
+    // From here on a failure must not leave the stored ciphertext behind (twenty racing
+    // uploads of one name answered one 201 and left twenty blobs): a definite refusal removes
+    // it. A registry whose answer was lost may have made the record, so then the blob stays.
+    let cid = stored.cid.clone();
+    let circuit = match compile(&state, &model_id, &query.version, &stored, input_range).await {
+        Ok(c) => c,
+        Err(e) => {
+            forget_blob(&state, &model_id, &cid).await;
+            return Err(e);
+        }
+    };
+    let created = state
         .registry()
         .create_model(pb::CreateModelRequest {
             model_id: model_id.clone(),
@@ -128,9 +138,19 @@ pub async fn upload(
             zk_note: circuit.note,
             digest: circuit.digest,
         })
-        .await
-        .map_err(GatewayError::upstream("registry", "CreateModel"))?
-        .into_inner();
+        .await;
+    let model = match created {
+        Ok(model) => model.into_inner(),
+        Err(status) => {
+            if !matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+            ) {
+                forget_blob(&state, &model_id, &cid).await;
+            }
+            return Err(GatewayError::upstream("registry", "CreateModel")(status));
+        }
+    };
     tracing::info!(model_id = %model_id, owner = %caller.account_id, size = model.size, "model uploaded");
     let mut answer = serde_json::to_value(ModelRecord::try_from(model)?)
         .map_err(|e| GatewayError::internal(format!("model record: {e}")))?;
@@ -140,6 +160,32 @@ pub async fn upload(
         a.insert("zk_opening".into(), opening);
     }
     Ok(HttpResponse::Created().json(answer))
+}
+
+/// Removes the ciphertext of an upload that was not registered (best effort: a failure is
+/// logged, and `modelhub storage verify` lists what is left).
+async fn forget_blob(state: &AppState, model_id: &str, cid: &str) {
+    let removed = state
+        .storage()
+        .delete_model(storage::DeleteModelRequest {
+            cid: cid.to_owned(),
+        })
+        .await;
+    match removed {
+        Ok(_) => tracing::info!(
+            model_id,
+            cid,
+            "removed the blob of an upload that was refused"
+        ),
+        Err(status) => {
+            tracing::warn!(
+                model_id,
+                cid,
+                grpc_message = status.message(),
+                "could not remove the blob of a refused upload"
+            )
+        }
+    }
 }
 
 /// The model `query` names, when `owner` uploaded it with exactly these bytes.
