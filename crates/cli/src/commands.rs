@@ -317,6 +317,31 @@ pub enum Models {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Recompute a model's digest on this machine from its ONNX file and the opening its
+    /// upload answered (`zk_opening`), and compare it with the registry's: it shows the
+    /// registered commitment is the one of these weights (crates/cli/src/proofs.rs).
+    CheckCommitment {
+        /// The ONNX file that was uploaded.
+        file: PathBuf,
+        /// A JSON file with the upload answer's `zk_opening` (or the whole upload answer).
+        #[arg(long)]
+        opening: PathBuf,
+        /// The model: its id, or NAME@VERSION.
+        #[arg(long)]
+        model: String,
+        /// The input range declared at upload, as MIN,MAX (default 0,1).
+        #[arg(long, value_name = "MIN,MAX", value_parser = parse_input_range, allow_hyphen_values = true)]
+        input_range: Option<modelhub_core::InputRange>,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Where proving params are cached (made on first use).
+        #[arg(
+            long,
+            env = "MODELHUB_PARAMS_DIR",
+            default_value = "./modelhub-data/params"
+        )]
+        params_dir: PathBuf,
+    },
 }
 
 /// Runs one command.
@@ -447,6 +472,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models(Models::List { client }) => {
             print_json(&client.client()?.get("/v1/models").await?.ok()?);
             Ok(())
+        }
+        Command::Models(Models::CheckCommitment {
+            file,
+            opening,
+            model,
+            input_range,
+            client,
+            params_dir,
+        }) => {
+            crate::proofs::check_commitment(crate::proofs::CheckArgs {
+                file,
+                opening,
+                model,
+                input_range: input_range.unwrap_or_default(),
+                client,
+                params_dir,
+            })
+            .await
         }
         Command::Models(Models::Get { model, client }) => {
             let client = client.client()?;

@@ -144,3 +144,78 @@ pub async fn verify_file_bundle(
     .await?
     .context("the proof does not verify")
 }
+
+/// What `models check-commitment` was given.
+#[derive(Debug)]
+pub struct CheckArgs {
+    pub file: PathBuf,
+    pub opening: PathBuf,
+    pub model: String,
+    pub input_range: modelhub_core::InputRange,
+    pub client: ClientArgs,
+    pub params_dir: PathBuf,
+}
+
+/// Compiles the ONNX file as the hub does (deterministic calibration over the declared input
+/// range), commits to its weights with the upload's opening, and compares spec, commitment and
+/// digest with the model's record; an error (non-zero exit) says which differs.
+pub async fn check_commitment(args: CheckArgs) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let opening: Value = serde_json::from_slice(
+        &std::fs::read(&args.opening)
+            .with_context(|| format!("reading {}", args.opening.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", args.opening.display()))?;
+    // The upload answer itself, or just its `zk_opening`.
+    let opening = opening.get("zk_opening").cloned().unwrap_or(opening);
+    let opening: modelhub_zk::Opening = serde_json::from_value(opening)
+        .with_context(|| format!("{} holds no opening (`zk_opening`)", args.opening.display()))?;
+    let client = args.client.client()?;
+    let id = resolve_model(&client, &args.model).await?;
+    let record = client.get(&format!("/v1/models/{id}")).await?.ok()?;
+    let registered: ModelDigest = record["digest"]
+        .as_str()
+        .with_context(|| format!("model {} has no registered digest", args.model))?
+        .parse()?;
+    let spec: modelhub_zk::CircuitSpec = serde_json::from_value(record["circuit_spec"].clone())
+        .context("the model record has no circuit spec")?;
+    let inputs: Vec<modelhub_core::TensorSpec> = serde_json::from_value(record["inputs"].clone())
+        .context("the model record has no inputs")?;
+    let input_len = modelhub_zk::input_len(&inputs).map_err(|e| anyhow::anyhow!(e))?;
+    let (range, params_dir) = (args.input_range, args.params_dir.clone());
+    let (local_spec, commitment) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut model =
+            modelhub_zk::compile(&bytes, &modelhub_zk::calibration_inputs(input_len, range))?;
+        if model.spec.lanes != spec.lanes {
+            model = model.with_lanes(spec.lanes)?;
+        }
+        let params = modelhub_zk::Params::load_or_create(&params_dir, model.spec.k)?;
+        let commitment = modelhub_zk::recommit(&model, &params, &opening)?;
+        Ok((model.spec, commitment))
+    })
+    .await??;
+    let digest = ModelDigest::of(&local_spec, &commitment);
+    let out = json!({
+        "model_id": record["model_id"],
+        "model": record["name"],
+        "version": record["version"],
+        "registered_digest": registered.to_hex(),
+        "local_digest": digest.to_hex(),
+        "matches": digest == registered,
+    });
+    print_json(&out);
+    anyhow::ensure!(
+        local_spec == spec,
+        "the circuit compiled from this file (with input range {}..{}) differs from the \
+         registered spec: another file, or another input range",
+        range.min,
+        range.max
+    );
+    anyhow::ensure!(
+        digest == registered,
+        "the commitment made with this opening differs from the registered one: other weights, \
+         or another opening"
+    );
+    Ok(())
+}

@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use modelhub_core::crypto::Kek;
 use modelhub_core::pool::ComputePool;
-use modelhub_core::{DataType, InputRange, TensorSpec};
+use modelhub_core::{InputRange, TensorSpec};
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::storage::v1::storage_client::StorageClient;
 use modelhub_zk::{
@@ -24,11 +24,6 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
 use crate::error::ProverError;
-
-/// Calibration inputs: this many pseudo-random samples in the model's declared input range
-/// (`[0, 1]` by default), plus all-min and all-max. Inputs outside it fail cleanly at proving
-/// time (docs/ZK.md).
-const CALIBRATION_SAMPLES: usize = 64;
 
 /// Largest circuit size the prover accepts (params for larger k are too slow to make here).
 pub const MAX_K: u32 = 18;
@@ -164,21 +159,7 @@ fn state_err(path: &Path, e: impl std::fmt::Display) -> ProverError {
     ProverError::State(format!("{}: {e}", path.display()))
 }
 
-/// Deterministic calibration inputs for a model with `len` input values in `range`: all-min,
-/// all-max, and [`CALIBRATION_SAMPLES`] pseudo-random vectors.
-pub fn calibration_inputs(len: usize, range: InputRange) -> Vec<Vec<f32>> {
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let u = (state >> 40) as f32 / (1u64 << 24) as f32;
-        (range.min + u * (range.max - range.min)).clamp(range.min, range.max)
-    };
-    let mut samples = vec![vec![range.min; len], vec![range.max; len]];
-    samples.extend((0..CALIBRATION_SAMPLES).map(|_| (0..len).map(|_| next()).collect()));
-    samples
-}
+pub use modelhub_zk::calibration_inputs;
 
 /// Compiles a stored model again (after a restart) into the circuit its record names. A model
 /// committed under an earlier lane layout keeps it, since its commitment has one point per
@@ -202,45 +183,7 @@ pub fn recompile(
     Ok(quantized)
 }
 
-/// Number of values of the model's one input, from its declared signature.
-pub fn input_len(inputs: &[TensorSpec]) -> Result<usize, String> {
-    let [input] = inputs else {
-        return Err(format!(
-            "proofs support models with one input; this one has {}",
-            inputs.len()
-        ));
-    };
-    if input.datatype != DataType::Fp32 {
-        return Err(format!(
-            "proofs support FP32 inputs; input {:?} is {}",
-            input.name, input.datatype
-        ));
-    }
-    let dims: Vec<i64> = input
-        .shape
-        .iter()
-        .skip(usize::from(input.shape.first() == Some(&-1)))
-        .copied()
-        .collect();
-    if dims.iter().any(|&d| d < 1) {
-        return Err(format!(
-            "proofs need a fixed input shape (batch aside); input {:?} is {:?}",
-            input.name, input.shape
-        ));
-    }
-    // Bounded before the calibration samples are allocated (66 vectors of this length).
-    dims.iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
-        .filter(|&n| n <= modelhub_zk::onnx::MAX_VALUES)
-        .ok_or_else(|| {
-            format!(
-                "input {:?} of shape {:?} has more than {} values, more than any circuit holds",
-                input.name,
-                input.shape,
-                modelhub_zk::onnx::MAX_VALUES
-            )
-        })
-}
+pub use modelhub_zk::input_len;
 
 impl Models {
     pub fn new(
@@ -397,6 +340,7 @@ impl Models {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelhub_core::DataType;
 
     /// A 64 → 96 → 10 MLP: the compiler lays it out in wide lanes.
     fn wide_mlp(seed: u64) -> Vec<u8> {
@@ -463,7 +407,7 @@ mod tests {
     fn calibration_inputs_are_deterministic_and_in_range() {
         let a = calibration_inputs(64, InputRange::default());
         assert_eq!(a, calibration_inputs(64, InputRange::default()));
-        assert_eq!(a.len(), CALIBRATION_SAMPLES + 2);
+        assert_eq!(a.len(), modelhub_zk::CALIBRATION_SAMPLES + 2);
         assert!(a.iter().flatten().all(|v| (0.0..=1.0).contains(v)));
         assert!(
             a[2..].iter().flatten().any(|v| *v > 0.5) && a[2..].iter().flatten().any(|v| *v < 0.5)

@@ -364,6 +364,31 @@ pub fn commit(model: &QuantizedModel, params: &Params) -> Result<(Commitment, Op
     Ok((Commitment { points }, Opening { blinds }))
 }
 
+/// The commitment `opening` makes for `model`: how an owner checks, on their own machine, that
+/// a registered commitment is the one of their weights (`modelhub models check-commitment`).
+pub fn recommit(
+    model: &QuantizedModel,
+    params: &Params,
+    opening: &Opening,
+) -> Result<Commitment, ZkError> {
+    if params.k() != model.spec.k {
+        return Err(ZkError::Internal(format!(
+            "params have k = {}, the model needs k = {}",
+            params.k(),
+            model.spec.k
+        )));
+    }
+    let blinds = opening.blinds(model.spec.lane_count()).map_err(|_| {
+        ZkError::Verification("the opening does not fit this model's circuit".into())
+    })?;
+    let points = weight_columns(model, params.n())
+        .into_iter()
+        .zip(blinds)
+        .map(|(col, blind)| params.commit_column(col, blind).to_bytes())
+        .collect();
+    Ok(Commitment { points })
+}
+
 /// The secrets of one column's link: `A_j − C_j = Σ v_r·L_r + δ·H`.
 pub(crate) struct LinkSecret {
     pub rows: Vec<Fp>,

@@ -339,3 +339,96 @@ fn argmax(v: &[f64]) -> usize {
         .map(|(i, _)| i)
         .unwrap()
 }
+
+/// The owner checks, on their own machine, that the registered commitment is the one of their
+/// weights: the ONNX file and the opening the upload answered recompute the registry's digest;
+/// another file, another input range or another opening do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_recomputes_the_registered_digest_from_the_file_and_the_opening() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let upload = creator
+        .upload(&ModelUpload::new("digits-logits", "1", 1), logits_model())
+        .await
+        .unwrap();
+    assert_eq!(upload.status, 201, "{:?}", upload.body);
+    let dir = tempfile::tempdir().unwrap();
+    let answer_file = dir.path().join("upload.json");
+    std::fs::write(&answer_file, upload.body.to_string()).unwrap();
+    let key_file = dir.path().join("key.json");
+    creator.key().write_new(&key_file).unwrap();
+    let model_path = modelhub_testkit::test_model("digits_mlp_logits.onnx");
+    let check = |file: &std::path::Path, opening: &std::path::Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_modelhub"))
+            .args(["models", "check-commitment"])
+            .arg(file)
+            .arg("--opening")
+            .arg(opening)
+            .args([
+                "--model",
+                "digits-logits@1",
+                "--url",
+                creator.base_url(),
+                "--key-file",
+            ])
+            .arg(&key_file)
+            .arg("--params-dir")
+            .arg(dir.path().join("params"))
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+
+    let out = check(&model_path, &answer_file, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["matches"], true, "{report}");
+    assert_eq!(report["registered_digest"], upload.body["digest"]);
+
+    // Another opening (the blinds in another order) makes another commitment.
+    let mut swapped = upload.body["zk_opening"].clone();
+    swapped["blinds"].as_array_mut().unwrap().swap(0, 1);
+    let swapped_file = dir.path().join("swapped.json");
+    std::fs::write(&swapped_file, swapped.to_string()).unwrap();
+    let out = check(&model_path, &swapped_file, &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("commitment made with this opening differs"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another input range compiles another circuit; another file, other weights.
+    let out = check(&model_path, &answer_file, &["--input-range", "0,16"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("differs from the registered spec"));
+    // A twin: the same graph with one weight of its largest initializer raised by 1.
+    let twin = dir.path().join("twin.onnx");
+    let mut model =
+        <modelhub_zk::onnx::ModelProto as prost::Message>::decode(logits_model().as_slice())
+            .unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let w = graph
+        .initializer
+        .iter_mut()
+        .max_by_key(|t| t.raw_data.len() + 4 * t.float_data.len())
+        .unwrap();
+    if w.float_data.is_empty() {
+        let v = f32::from_le_bytes(w.raw_data[..4].try_into().unwrap()) + 1.0;
+        w.raw_data[..4].copy_from_slice(&v.to_le_bytes());
+    } else {
+        w.float_data[0] += 1.0;
+    }
+    std::fs::write(&twin, prost::Message::encode_to_vec(&model)).unwrap();
+    let out = check(&twin, &answer_file, &[]);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    cluster.stop().await;
+}
