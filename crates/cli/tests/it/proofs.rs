@@ -432,3 +432,77 @@ async fn an_owner_recomputes_the_registered_digest_from_the_file_and_the_opening
     );
     cluster.stop().await;
 }
+
+/// `proofs verify` checks a proof against the model the caller names, through the gateway: the
+/// right model and input pass; the same weights registered as another model (a twin, with
+/// its own commitment), another input, or no expected model at all are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_verifies_only_for_its_model_and_its_input() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 10).await;
+    let mut ids = Vec::new();
+    for name in ["digits-logits", "twin"] {
+        let answer = creator
+            .upload(&ModelUpload::new(name, "1", 1), logits_model())
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 201, "{:?}", answer.body);
+        ids.push(answer.body["model_id"].as_str().unwrap().to_owned());
+    }
+    let case = logits_case(4);
+    let inputs =
+        json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": case["input"] }]);
+    let (_, proof) = predict_with_proof(&user, &ids[0], &inputs).await;
+    assert_eq!(proof["status"], "done", "{proof}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proof.json");
+    std::fs::write(&file, serde_json::to_vec(&proof["proof"]).unwrap()).unwrap();
+    let key_file = dir.path().join("key.json");
+    user.key().write_new(&key_file).unwrap();
+    let input = |name: &str, data: &Value| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, json!({ "data": data }).to_string()).unwrap();
+        path
+    };
+    let mine = input("mine.json", &case["input"]);
+    let other = input("other.json", &logits_case(5)["input"]);
+    let verify = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_modelhub"))
+            .args(["proofs", "verify"])
+            .arg(&file)
+            .args(["--url", user.base_url(), "--key-file"])
+            .arg(&key_file)
+            .arg("--params-dir")
+            .arg(dir.path().join("params"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let out = verify(&[
+        "--model",
+        "digits-logits@1",
+        "--input",
+        mine.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (verdict["valid"].clone(), verdict["model_id"].clone()),
+        (json!(true), json!(ids[0]))
+    );
+
+    let out = verify(&["--model", "twin@1"]);
+    assert!(!out.status.success(), "a twin's digest must not accept it");
+    let out = verify(&["--model", &ids[0], "--input", other.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("input mismatch"), "{}", stderr(&out));
+    let out = verify(&[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("say which model"), "{}", stderr(&out));
+    cluster.stop().await;
+}
