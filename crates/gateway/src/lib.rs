@@ -91,6 +91,13 @@ pub struct Settings {
         default_value_t = 64
     )]
     pub max_requests_per_client: usize,
+    /// Uploads one account may have in progress at once; more are answered 429 at once.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_MAX_UPLOADS_PER_ACCOUNT",
+        default_value_t = 2
+    )]
+    pub max_uploads_per_account: usize,
     /// Seconds a JSON request body may take to arrive in full (408 beyond).
     #[arg(long, env = "MODELHUB_GATEWAY_BODY_TIMEOUT_SECS", default_value_t = 30)]
     pub body_timeout_secs: u64,
@@ -134,6 +141,7 @@ impl Settings {
             allowed_hosts: Vec::new(),
             max_connections: 4096,
             max_requests_per_client: 64,
+            max_uploads_per_account: 2,
             body_timeout_secs: 30,
             min_body_rate: 16 * 1024,
             mtls_dir: "./modelhub-data/tls".into(),
@@ -167,6 +175,10 @@ impl Settings {
         anyhow::ensure!(
             self.max_requests_per_client >= 1,
             "max_requests_per_client must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_uploads_per_account >= 1,
+            "max_uploads_per_account must be at least 1"
         );
         anyhow::ensure!(
             self.body_timeout_secs >= 1,
@@ -249,6 +261,8 @@ pub(crate) struct AppState {
     models: ModelCache,
     pub auth: Authenticator,
     pub limits: Limits,
+    /// Uploads in flight per account (shared by every worker).
+    pub uploads: limits::PerAccount,
 }
 
 impl AppState {
@@ -301,6 +315,7 @@ struct Shared {
     keys: KeyCache,
     models: ModelCache,
     limits: Limits,
+    uploads: limits::PerAccount,
     allowed_hosts: Vec<String>,
 }
 
@@ -337,6 +352,7 @@ impl Shared {
                 body_timeout: Duration::from_secs(settings.body_timeout_secs),
                 min_body_rate: settings.min_body_rate,
             },
+            uploads: limits::PerAccount::new(settings.max_uploads_per_account),
             allowed_hosts,
         })
     }
@@ -368,6 +384,7 @@ impl Shared {
             models: self.models.clone(),
             auth,
             limits: self.limits,
+            uploads: self.uploads.clone(),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Bounds per client address: at most `max` requests in flight from one IP address; more are
+//! Bounds on what one client holds at once ([`InFlight`]): uploads per account (the upload
+//! route, 429), and requests per client address: at most `max` in flight from one IP address; more are
 //! answered `429 too_many_requests` at once (with `retry-after` and the connection closed),
 //! before anything is read or verified. Together with the total connection cap
 //! (`Settings::max_connections`), the header and body deadlines, this keeps slow or greedy
@@ -6,6 +7,7 @@
 //! other services of the process need).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -16,65 +18,76 @@ use actix_web::middleware::Next;
 use actix_web::web;
 use modelhub_core::{ApiError, ErrorCode};
 
-/// Requests in flight per client address, shared by every worker.
+/// Things in flight per key (a client address, an account), shared by every worker.
 #[derive(Clone)]
-pub struct PerClient {
+pub struct InFlight<K: Eq + Hash + Clone> {
     max: usize,
-    in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    in_flight: Arc<Mutex<HashMap<K, usize>>>,
 }
 
-/// One request's place; given back when dropped.
-pub struct Slot {
-    owner: PerClient,
-    ip: IpAddr,
+/// Requests in flight per client address.
+pub type PerClient = InFlight<IpAddr>;
+
+/// Uploads in flight per account.
+pub type PerAccount = InFlight<String>;
+
+/// One place; given back when dropped.
+pub struct Slot<K: Eq + Hash + Clone> {
+    owner: InFlight<K>,
+    key: K,
 }
 
-impl PerClient {
-    pub fn new(max: usize) -> PerClient {
-        PerClient {
+impl<K: Eq + Hash + Clone> InFlight<K> {
+    pub fn new(max: usize) -> InFlight<K> {
+        InFlight {
             max,
             in_flight: Arc::default(),
         }
     }
 
-    /// A place for one more request from `ip`, or `None` when it has `max` in flight.
-    pub fn try_acquire(&self, ip: IpAddr) -> Option<Slot> {
+    /// The most in flight per key.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A place for one more under `key`, or `None` when it has `max` in flight.
+    pub fn try_acquire(&self, key: K) -> Option<Slot<K>> {
         let mut map = self
             .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let n = map.entry(ip).or_insert(0);
+        let n = map.entry(key.clone()).or_insert(0);
         if *n >= self.max {
             return None;
         }
         *n += 1;
         Some(Slot {
             owner: self.clone(),
-            ip,
+            key,
         })
     }
 
-    /// Requests in flight from `ip`.
-    pub fn in_flight(&self, ip: IpAddr) -> usize {
+    /// How many are in flight under `key`.
+    pub fn in_flight(&self, key: &K) -> usize {
         let map = self
             .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        map.get(&ip).copied().unwrap_or(0)
+        map.get(key).copied().unwrap_or(0)
     }
 }
 
-impl Drop for Slot {
+impl<K: Eq + Hash + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
         let mut map = self
             .owner
             .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.ip) {
+        if let Some(n) = map.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.ip);
+                map.remove(&self.key);
             }
         }
     }
@@ -126,7 +139,7 @@ mod tests {
             "another address is not affected"
         );
         drop(first);
-        assert_eq!(limiter.in_flight(a), 1);
+        assert_eq!(limiter.in_flight(&a), 1);
         assert!(limiter.try_acquire(a).is_some());
     }
 }

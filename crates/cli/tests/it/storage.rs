@@ -224,3 +224,70 @@ async fn racing_uploads_of_one_name_leave_no_orphan_blobs() {
     );
     cluster.stop().await;
 }
+
+/// One account may have two uploads in progress: of three sent together with stalled bodies,
+/// one is refused at once (429) while two wait for their bodies; another account's upload is
+/// not affected, and the two held ones finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_in_progress_are_capped_per_account() {
+    use futures::StreamExt;
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let other = cluster.user("other", 0).await;
+    let bytes = bytes::Bytes::from(digits_bytes());
+    let sha = modelhub_core::signing::sha256_hex(&bytes);
+    let (release, released) = tokio::sync::watch::channel(false);
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let (first, rest) = (bytes.slice(..100), bytes.slice(100..));
+        let mut released = released.clone();
+        let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
+            futures::stream::once(async move {
+                let _ = released.wait_for(|r| *r).await;
+                Ok(rest)
+            }),
+        );
+        let creator = creator.clone();
+        let sha = sha.clone();
+        held.push(tokio::spawn(async move {
+            creator
+                .upload_stream(
+                    &modelhub_cli::client::ModelUpload::new(&format!("held{i}"), "1", 1),
+                    &sha,
+                    body,
+                )
+                .await
+        }));
+    }
+    let refused = modelhub_testkit::eventually_async(
+        "one of three uploads is refused",
+        std::time::Duration::from_secs(30),
+        || async { held.iter().position(|h| h.is_finished()) },
+    )
+    .await;
+    let answer = held.remove(refused).await.unwrap();
+    // The refusal comes before the body is read; the client may see it, or only the
+    // connection closing under its unsent body.
+    if let Ok(answer) = answer {
+        assert_error(&answer, 429, "too_many_requests", "uploads in progress");
+        assert!(answer.retry_after.is_some(), "{answer:?}");
+    }
+    assert!(
+        held.iter().all(|h| !h.is_finished()),
+        "two are still in progress"
+    );
+    let answer = other
+        .upload(
+            &modelhub_cli::client::ModelUpload::new("others", "1", 1),
+            digits_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 201, "{:?}", answer.body);
+    release.send(true).unwrap();
+    for h in held {
+        let answer = h.await.unwrap().unwrap();
+        assert_eq!(answer.status, 201, "{:?}", answer.body);
+    }
+    cluster.stop().await;
+}

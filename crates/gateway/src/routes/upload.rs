@@ -60,6 +60,18 @@ pub async fn upload(
 ) -> Result<HttpResponse, GatewayError> {
     let verified = state.auth.verify_headers(&req).await?;
     let caller = verified.caller;
+    // Held until the upload is answered: one account can't occupy the storage stream, the
+    // compiler and the disk with any number of uploads at once.
+    let Some(_upload_slot) = state.uploads.try_acquire(caller.account_id.clone()) else {
+        return Err(ApiError::new(
+            ErrorCode::TooManyRequests,
+            format!(
+                "this account already has {} uploads in progress; wait for one to finish",
+                state.uploads.max()
+            ),
+        )
+        .into());
+    };
     let query = web::Query::<UploadQuery>::from_query(req.query_string())
         .map_err(|e| {
             ApiError::bad_request(format!(
