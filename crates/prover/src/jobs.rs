@@ -210,8 +210,8 @@ impl Jobs {
     pub async fn enqueue(&self, job: ProofJob, record: Job) -> Result<Place, ProverError> {
         let job_id = record.job_id.clone();
         let account = record.account_id.clone();
-        if let Some(existing) = self.get(&job_id).await? {
-            return if existing.account_id == account {
+        let again = |existing: &str| {
+            if existing == account {
                 Ok(self.place(&job_id).unwrap_or(Place {
                     ahead: 0,
                     estimate: Duration::ZERO,
@@ -220,7 +220,10 @@ impl Jobs {
                 Err(ProverError::BadRequest(format!(
                     "proof job {job_id} exists"
                 )))
-            };
+            }
+        };
+        if let Some(existing) = self.get(&job_id).await? {
+            return again(&existing.account_id);
         }
         {
             // Claim the room first, so concurrent submissions can't overfill the queue.
@@ -239,27 +242,39 @@ impl Jobs {
             let id = job_id.clone();
             let record = serde_json::to_vec(&record).map_err(state)?;
             let proto = job.encode_to_vec();
+            // Checked again inside the write: of two concurrent submissions of one id, the
+            // second finds the first's record (writes are serialized) and adds nothing.
             self.blocking(move |db| {
                 let txn = db.begin_write().map_err(state)?;
                 {
-                    let seq = now_micros();
-                    txn.open_table(JOBS)
-                        .map_err(state)?
-                        .insert(id.as_str(), record.as_slice())
-                        .map_err(state)?;
+                    let mut jobs = txn.open_table(JOBS).map_err(state)?;
+                    if let Some(v) = jobs.get(id.as_str()).map_err(state)? {
+                        let existing: Job = serde_json::from_slice(v.value()).map_err(state)?;
+                        return Ok(Some(existing.account_id));
+                    }
+                    jobs.insert(id.as_str(), record.as_slice()).map_err(state)?;
                     txn.open_table(PENDING)
                         .map_err(state)?
-                        .insert(id.as_str(), (seq, proto.as_slice()))
+                        .insert(id.as_str(), (now_micros(), proto.as_slice()))
                         .map_err(state)?;
                 }
-                txn.commit().map_err(state)
+                txn.commit().map_err(state)?;
+                Ok(None)
             })
             .await
         };
         let mut q = self.lock();
-        if let Err(e) = written {
-            Self::forget(&mut q, &account);
-            return Err(e);
+        match written {
+            Err(e) => {
+                Self::forget(&mut q, &account);
+                return Err(e);
+            }
+            Ok(Some(existing)) => {
+                Self::forget(&mut q, &account);
+                drop(q);
+                return again(&existing);
+            }
+            Ok(None) => {}
         }
         q.waiting.push_back((job_id.clone(), account.clone()));
         let place = Self::place_in(&q, &job_id, self.workers);
@@ -503,6 +518,23 @@ mod tests {
         let again = open(dir.path(), Limits::default());
         assert_eq!(again.get("job_a").await.unwrap().unwrap().status, done);
         assert_eq!(again.lock().pending, 0, "a finished job is not resumed");
+    }
+
+    #[tokio::test]
+    async fn concurrent_submissions_of_one_job_queue_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = open(dir.path(), Limits::default());
+        let (p, r) = job("job_same", "acct_1");
+        let sends = (0..8).map(|_| {
+            let (jobs, p, r) = (jobs.clone(), p.clone(), r.clone());
+            tokio::spawn(async move { jobs.enqueue(p, r).await })
+        });
+        for s in sends {
+            s.await.unwrap().unwrap();
+        }
+        let q = jobs.lock();
+        assert_eq!((q.waiting.len(), q.pending), (1, 1));
+        assert_eq!(q.per_account.get("acct_1"), Some(&1));
     }
 
     #[tokio::test]
