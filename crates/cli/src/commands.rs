@@ -23,6 +23,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where the proof commands cache halo2 params and verifying keys.
+#[derive(Debug, Clone, Args)]
+pub struct ParamsArgs {
+    /// Where proving params and verifying keys are cached (made on first use; keys in
+    /// `<params-dir>/keys`).
+    #[arg(
+        long,
+        env = "MODELHUB_PARAMS_DIR",
+        default_value = "./modelhub-data/params"
+    )]
+    pub params_dir: PathBuf,
+}
+
 /// Where the client commands find the gateway and the key they sign with.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
@@ -184,14 +197,8 @@ pub enum Proofs {
         self_consistent_only: bool,
         #[command(flatten)]
         client: ClientArgs,
-        /// Where proving params and verifying keys are cached (made on first use; keys in
-        /// `<params-dir>/keys`).
-        #[arg(
-            long,
-            env = "MODELHUB_PARAMS_DIR",
-            default_value = "./modelhub-data/params"
-        )]
-        params_dir: PathBuf,
+        #[command(flatten)]
+        params: ParamsArgs,
     },
 }
 
@@ -334,13 +341,8 @@ pub enum Models {
         input_range: Option<modelhub_core::InputRange>,
         #[command(flatten)]
         client: ClientArgs,
-        /// Where proving params are cached (made on first use).
-        #[arg(
-            long,
-            env = "MODELHUB_PARAMS_DIR",
-            default_value = "./modelhub-data/params"
-        )]
-        params_dir: PathBuf,
+        #[command(flatten)]
+        params: ParamsArgs,
     },
 }
 
@@ -479,7 +481,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             input_range,
             client,
-            params_dir,
+            params: ParamsArgs { params_dir },
         }) => {
             crate::proofs::check_commitment(crate::proofs::CheckArgs {
                 file,
@@ -596,7 +598,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Proofs(Proofs::Verify {
             file,
-            params_dir,
+            params: ParamsArgs { params_dir },
             model,
             digest,
             input,

@@ -650,26 +650,21 @@ async fn a_full_proof_queue_answers_503_and_charges_nothing() {
     assert_eq!(account(&user).await["held"], 0);
 }
 
-/// A `modelhub up` process, killed when dropped.
-struct Up(std::process::Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `modelhub up` as a process: started on `http` with `data`, returns it and its gateway URL.
-fn up(data: &std::path::Path, http: &str) -> (Up, String) {
+/// `modelhub up` as a process (killed when dropped), started on `http` with `data`; its `addr`
+/// is the gateway URL.
+fn up(data: &std::path::Path, http: &str) -> Service {
     use std::io::BufRead;
-    let mut child = Up(modelhub()
+    let mut child = modelhub()
         .args(["up", "--http", http, "--data-dir"])
         .arg(data)
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .expect("spawn modelhub up"));
-    let mut stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+        .expect("spawn modelhub up");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut child = Service {
+        child,
+        addr: String::new(),
+    };
     let mut line = String::new();
     loop {
         line.clear();
@@ -681,7 +676,8 @@ fn up(data: &std::path::Path, http: &str) -> (Up, String) {
             let url = url.trim().to_owned();
             // Keep reading its output so it never blocks on a full pipe.
             std::thread::spawn(move || for _ in stdout.lines() {});
-            return (child, url);
+            child.addr = url;
+            return child;
         }
     }
 }
@@ -698,7 +694,8 @@ async fn proof_jobs_survive_a_killed_modelhub_up() {
         .unwrap()
         .port();
     let http = format!("127.0.0.1:{port}");
-    let (mut child, url) = up(data.path(), &http);
+    let mut child = up(data.path(), &http);
+    let url = child.addr.clone();
     let admin = Client::new(
         &url,
         KeyFile::read(&data.path().join("admin-key.json")).unwrap(),
@@ -715,13 +712,14 @@ async fn proof_jobs_survive_a_killed_modelhub_up() {
         .ok()
         .unwrap();
     std::process::Command::new("kill")
-        .args(["-KILL", &child.0.id().to_string()])
+        .args(["-KILL", &child.child.id().to_string()])
         .status()
         .unwrap();
-    child.0.wait().unwrap();
+    child.child.wait().unwrap();
     drop(child);
 
-    let (_up, url) = up(data.path(), &http);
+    let restarted = up(data.path(), &http);
+    let url = restarted.addr.clone();
     let user = Client::new(&url, user.key().clone()).unwrap();
     all_proved(&user, &jobs).await;
     let charged = start_credits - account(&user).await["credits"].as_u64().unwrap();
