@@ -138,7 +138,7 @@ pub enum Chain {
     /// Register an uploaded model on chain with its price, CID hash and weight commitment,
     /// from its owner's wallet: predictions are charged only once this is done.
     Register {
-        /// The model: its id, or NAME@VERSION.
+        /// The model: its id, HANDLE/NAME@VERSION, or NAME@VERSION for one of your own.
         model: String,
         #[command(flatten)]
         wallet: WalletArgs,

@@ -89,12 +89,16 @@ pub enum Command {
     Models(Models),
     /// Run a paid prediction.
     Predict {
-        /// The model: its id, or NAME@VERSION.
+        /// The model: its id, HANDLE/NAME@VERSION, or NAME@VERSION for one of your own.
         model: String,
         /// The inputs: a JSON list of tensors, or a whole request body {"inputs": [...]}, or
         /// @FILE to read it from a file.
         #[arg(long)]
         input: String,
+        /// Refuse to pay more than this many credits for the call (the gateway answers 409
+        /// before charging anything when the model costs more).
+        #[arg(long)]
+        max_price: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -183,7 +187,7 @@ pub enum Proofs {
     Verify {
         /// The proof file (`modelhub proofs get --out`).
         file: PathBuf,
-        /// The model (NAME@VERSION or id): its digest comes from the gateway's record.
+        /// The model (id, HANDLE/NAME@VERSION, or NAME@VERSION): its digest comes from the gateway's record.
         #[arg(long)]
         model: Option<String>,
         /// The expected model digest (64 hex digits), instead of --model.
@@ -237,6 +241,10 @@ pub enum Accounts {
         /// chain ledger.
         #[arg(long)]
         wallet: Option<String>,
+        /// The account's public handle (2 to 39 of a-z 0-9 -; unique, never changed): its
+        /// models are named HANDLE/NAME@VERSION.
+        #[arg(long)]
+        handle: Option<String>,
         /// Credits to grant the new account (embedded ledger).
         #[arg(long)]
         credits: Option<u64>,
@@ -312,14 +320,14 @@ pub enum Models {
     },
     /// Show one model version's record.
     Get {
-        /// The model: its id, or NAME@VERSION.
+        /// The model: its id, HANDLE/NAME@VERSION, or NAME@VERSION for one of your own.
         model: String,
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Delete a model version you own (admin: any), and its blob.
     Delete {
-        /// The model: its id, or NAME@VERSION.
+        /// The model: its id, HANDLE/NAME@VERSION, or NAME@VERSION for one of your own.
         model: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -333,7 +341,7 @@ pub enum Models {
         /// A JSON file with the upload answer's `zk_opening` (or the whole upload answer).
         #[arg(long)]
         opening: PathBuf,
-        /// The model: its id, or NAME@VERSION.
+        /// The model: its id, HANDLE/NAME@VERSION, or NAME@VERSION for one of your own.
         #[arg(long)]
         model: String,
         /// The input range declared at upload, as MIN,MAX (default 0,1).
@@ -375,13 +383,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Accounts(Accounts::Create {
             name,
             wallet,
+            handle,
             credits,
             key_out,
             client,
         }) => {
             let client = client.client()?;
             let mut v = client
-                .post("/v1/accounts", &json!({ "name": name, "wallet": wallet }))
+                .post(
+                    "/v1/accounts",
+                    &json!({ "name": name, "wallet": wallet, "handle": handle }),
+                )
                 .await?
                 .ok()?;
             let account_id = v["account_id"]
@@ -512,9 +524,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Predict {
             model,
             input,
+            max_price,
             client,
         } => {
-            let body = predict_body(&input)?;
+            let mut body = predict_body(&input)?;
+            if let (Some(max), Some(b)) = (max_price, body.as_object_mut()) {
+                b.insert("max_price".into(), max.into());
+            }
             let client = client.client()?;
             let model_id = resolve_model(&client, &model).await?;
             // Under an idempotency key, retried on a lost connection or a 503: charged once.
@@ -637,20 +653,64 @@ fn parse_input_range(s: &str) -> Result<modelhub_core::InputRange, String> {
     modelhub_core::InputRange::new(num(min)?, num(max)?)
 }
 
-/// A model id as given, or the id of the model named `NAME@VERSION`.
+/// A model reference as the CLI takes it: a model id; `NAMESPACE/NAME@VERSION`, the namespace
+/// being the owner's handle or account id; or `NAME@VERSION`, one of the caller's own models.
+/// A name is resolved through `GET /v1/models`, and what it resolved to (owner and price) is
+/// shown on stderr: a name never silently picks another owner's model.
 pub(crate) async fn resolve_model(client: &Client, model: &str) -> anyhow::Result<String> {
-    let Some((name, version)) = model.split_once('@') else {
+    let Some((path, version)) = model.split_once('@') else {
         return Ok(model.to_string());
     };
+    let (namespace, name) = match path.split_once('/') {
+        Some((ns, name)) => (ns.to_owned(), name),
+        None => {
+            let me = client.get("/v1/account").await?.ok()?;
+            let id = me["account_id"]
+                .as_str()
+                .context("no account_id in /v1/account")?;
+            (id.to_owned(), path)
+        }
+    };
     let models = client.get("/v1/models").await?.ok()?;
-    models
+    let same_name: Vec<&Value> = models
         .as_array()
         .into_iter()
         .flatten()
-        .find(|m| m["name"] == name && m["version"] == version)
-        .and_then(|m| m["model_id"].as_str())
-        .map(str::to_string)
-        .with_context(|| format!("no model named {name} version {version}"))
+        .filter(|m| m["name"] == name && m["version"] == version)
+        .collect();
+    let Some(found) = same_name
+        .iter()
+        .find(|m| m["owner"] == namespace.as_str() || m["owner_handle"] == namespace.as_str())
+    else {
+        let mut others: Vec<&str> = same_name
+            .iter()
+            .filter_map(|m| m["full_name"].as_str())
+            .collect();
+        others.sort_unstable();
+        let mine = if path.contains('/') {
+            namespace.as_str()
+        } else {
+            "your account"
+        };
+        anyhow::bail!(
+            "no model {name} version {version} in {mine}{}",
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!(" (other owners publish it as: {})", others.join(", "))
+            }
+        );
+    };
+    let model_id = found["model_id"]
+        .as_str()
+        .context("no model_id in the model record")?;
+    eprintln!(
+        "{} is {model_id}: owner {}, price {} credits per call",
+        found["full_name"].as_str().unwrap_or(model),
+        found["owner"].as_str().unwrap_or("?"),
+        found["price"]
+    );
+    Ok(model_id.to_string())
 }
 
 /// Prints JSON on stdout; a closed stdout (`modelhub ... | head`) is not an error.

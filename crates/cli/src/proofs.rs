@@ -15,7 +15,7 @@ use crate::commands::{ClientArgs, print_json, resolve_model};
 pub struct VerifyArgs {
     pub file: PathBuf,
     pub params_dir: PathBuf,
-    /// `NAME@VERSION` or a model id, resolved through the gateway.
+    /// A model id, `HANDLE/NAME@VERSION`, or `NAME@VERSION` (yours), resolved through the gateway.
     pub model: Option<String>,
     pub digest: Option<String>,
     /// A JSON file with the caller's float input (a list of numbers, or a tensor with `data`).

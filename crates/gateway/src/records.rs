@@ -11,7 +11,13 @@ use crate::error::GatewayError;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelRecord {
     pub model_id: String,
+    /// The owner's account id.
     pub owner: String,
+    /// The owner's handle, when the owner has one.
+    pub owner_handle: Option<String>,
+    /// `namespace/name@version`, the namespace being the owner's handle (or account id): what
+    /// names this version for good.
+    pub full_name: String,
     pub name: String,
     pub version: String,
     pub price: u64,
@@ -57,6 +63,17 @@ impl TryFrom<pb::Model> for ModelRecord {
         Ok(ModelRecord {
             inputs: specs(&m.model_id, &m.inputs)?,
             outputs: specs(&m.model_id, &m.outputs)?,
+            full_name: format!(
+                "{}/{}@{}",
+                if m.owner_handle.is_empty() {
+                    &m.owner
+                } else {
+                    &m.owner_handle
+                },
+                m.name,
+                m.version
+            ),
+            owner_handle: Some(m.owner_handle).filter(|h| !h.is_empty()),
             model_id: m.model_id,
             owner: m.owner,
             name: m.name,
@@ -92,6 +109,7 @@ mod tests {
         let model = pb::Model {
             model_id: "mdl_1".into(),
             owner: "acct_1".into(),
+            owner_handle: "alice".into(),
             name: "digits".into(),
             version: "1.0".into(),
             price: 3,
@@ -119,7 +137,8 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({
-                "model_id": "mdl_1", "owner": "acct_1", "name": "digits", "version": "1.0",
+                "model_id": "mdl_1", "owner": "acct_1", "owner_handle": "alice",
+                "full_name": "alice/digits@1.0", "name": "digits", "version": "1.0",
                 "price": 3, "cid": "bafy", "sha256": "ab".repeat(32), "size": 1234,
                 "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 64]}],
                 "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}],

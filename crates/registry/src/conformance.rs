@@ -36,6 +36,7 @@ pub fn new_account(name: &str, credits: u64) -> Account {
         earnings: 0,
         created_at: id::unix_now(),
         wallet: None,
+        handle: None,
     }
 }
 
@@ -49,6 +50,7 @@ pub fn new_model(owner: &str, price: u64) -> Model {
     Model {
         model_id: id::new_id(id::MODEL),
         owner: owner.to_owned(),
+        owner_handle: None,
         name: format!("conf-{}", id::new_id("m")),
         version: "1.0.0".to_owned(),
         price,
@@ -148,10 +150,10 @@ pub async fn delete_model(store: Store) {
     );
     assert!(
         store
-            .find_model(&model.name, &model.version)
+            .model_version_taken(&model.owner, &model.name, &model.version)
             .await
-            .unwrap()
-            .is_none()
+            .unwrap(),
+        "a deleted version stays taken"
     );
     assert!(
         !store
@@ -165,14 +167,114 @@ pub async fn delete_model(store: Store) {
         code(store.delete_model(&model.model_id).await),
         ErrorCode::NotFound
     );
+    // Versions are immutable: the owner can't publish the deleted version again (at another
+    // price, say), only a new one.
     let again = Model {
         model_id: id::new_id(id::MODEL),
-        ..model
+        price: 500,
+        ..model.clone()
     };
+    assert_eq!(
+        code(store.create_model(again.clone()).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        code(store.get_model(&again.model_id).await),
+        ErrorCode::NotFound
+    );
     store
-        .create_model(again)
+        .create_model(Model {
+            version: "1.0.1".to_owned(),
+            ..again
+        })
         .await
-        .expect("the name and version are free again");
+        .expect("a new version is fine");
+}
+
+/// Handles are unique; model names are per owner: two owners may each publish `name@version`.
+pub async fn handles_and_namespaces(store: Store) {
+    let handle = format!("h{}", &id::new_id("x")[2..14]).to_ascii_lowercase();
+    let alice = store
+        .create_account(Account {
+            handle: Some(handle.clone()),
+            ..new_account("alice", 0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.find_account_by_handle(&handle).await.unwrap(),
+        Some(alice.clone())
+    );
+    assert_eq!(
+        store
+            .find_account_by_handle("nobody-has-this")
+            .await
+            .unwrap(),
+        None
+    );
+    let thief = Account {
+        handle: Some(handle.clone()),
+        ..new_account("mallory", 0)
+    };
+    assert_eq!(
+        code(store.create_account(thief.clone()).await),
+        ErrorCode::Conflict
+    );
+    assert_eq!(
+        code(store.get_account(&thief.account_id).await),
+        ErrorCode::NotFound,
+        "a refused account is not written"
+    );
+    let mallory = store
+        .create_account(new_account("mallory", 0))
+        .await
+        .unwrap();
+
+    let mine = store
+        .create_model(Model {
+            owner_handle: Some(handle.clone()),
+            ..new_model(&alice.account_id, 2)
+        })
+        .await
+        .unwrap();
+    // The same name and version under another owner is another model, not a clash.
+    let theirs = store
+        .create_model(Model {
+            name: mine.name.clone(),
+            price: 500,
+            ..new_model(&mallory.account_id, 2)
+        })
+        .await
+        .unwrap();
+    assert_eq!((&theirs.name, &theirs.version), (&mine.name, &mine.version));
+    assert_eq!(store.get_model(&mine.model_id).await.unwrap(), mine);
+    for (owner, taken) in [(&alice, true), (&mallory, true)] {
+        assert_eq!(
+            store
+                .model_version_taken(&owner.account_id, &mine.name, &mine.version)
+                .await
+                .unwrap(),
+            taken
+        );
+    }
+    assert!(
+        !store
+            .model_version_taken(&alice.account_id, &mine.name, "9.9")
+            .await
+            .unwrap()
+    );
+    // One owner can't publish one version twice.
+    assert_eq!(
+        code(
+            store
+                .create_model(Model {
+                    model_id: id::new_id(id::MODEL),
+                    ..mine.clone()
+                })
+                .await
+        ),
+        ErrorCode::Conflict
+    );
 }
 
 /// Runs every check: `open` must return a store over the same data each time it is called
@@ -191,6 +293,7 @@ where
     concurrent_idempotent_reserve(store.clone()).await;
     receipts_are_unique(store.clone()).await;
     delete_model(store.clone()).await;
+    handles_and_namespaces(store.clone()).await;
     grant_once(store.clone()).await;
     concurrent_reserve(store.clone()).await;
     wallets(store.clone()).await;
@@ -303,16 +406,19 @@ pub async fn models(store: Store) {
     }
     for m in &made {
         assert_eq!(&store.get_model(&m.model_id).await.unwrap(), m);
-        assert_eq!(
+        assert!(
             store
-                .find_model(&m.name, &m.version)
+                .model_version_taken(&m.owner, &m.name, &m.version)
                 .await
                 .unwrap()
-                .as_ref(),
-            Some(m)
         );
     }
-    assert_eq!(store.find_model(&made[0].name, "9.9").await.unwrap(), None);
+    assert!(
+        !store
+            .model_version_taken(&owner.account_id, &made[0].name, "9.9")
+            .await
+            .unwrap()
+    );
     assert_eq!(
         code(store.get_model("mdl_missing").await),
         ErrorCode::NotFound
@@ -360,12 +466,11 @@ pub async fn models(store: Store) {
         code(store.create_model(same_id.clone()).await),
         ErrorCode::Conflict
     );
-    assert_eq!(
-        store
-            .find_model(&same_id.name, &same_id.version)
+    assert!(
+        !store
+            .model_version_taken(&same_id.owner, &same_id.name, &same_id.version)
             .await
-            .unwrap(),
-        None
+            .unwrap()
     );
     // Same name, another version: fine.
     let mut next = made[0].clone();
@@ -378,12 +483,11 @@ pub async fn models(store: Store) {
         code(store.create_model(orphan.clone()).await),
         ErrorCode::NotFound
     );
-    assert_eq!(
-        store
-            .find_model(&orphan.name, &orphan.version)
+    assert!(
+        !store
+            .model_version_taken(&orphan.owner, &orphan.name, &orphan.version)
             .await
-            .unwrap(),
-        None
+            .unwrap()
     );
 }
 
@@ -1489,9 +1593,11 @@ where
     assert_eq!(owner_now.earnings, 3);
     assert_eq!(store.get_key(&key.key_id).await.unwrap(), key);
     assert_eq!(store.get_model(&model.model_id).await.unwrap(), model);
-    assert_eq!(
-        store.find_model(&model.name, &model.version).await.unwrap(),
-        Some(model.clone())
+    assert!(
+        store
+            .model_version_taken(&model.owner, &model.name, &model.version)
+            .await
+            .unwrap()
     );
     assert_eq!(
         store

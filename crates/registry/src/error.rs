@@ -53,6 +53,15 @@ impl RegistryError {
         }
     }
 
+    /// The owner already published `name` at `version` (versions are immutable, also after a
+    /// delete).
+    pub fn version_taken(name: &str, version: &str) -> Self {
+        RegistryError::conflict(format!(
+            "model {name} version {version} was already published by this owner; versions are \
+             immutable, publish a new version"
+        ))
+    }
+
     pub fn not_found(what: &'static str, id: impl Into<String>) -> Self {
         RegistryError::NotFound {
             what,

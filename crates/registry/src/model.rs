@@ -19,6 +19,17 @@ pub struct Account {
     /// usage is settled against it.
     #[serde(default)]
     pub wallet: Option<String>,
+    /// The account's public handle (`[a-z0-9-]`, unique, immutable), the namespace of its
+    /// models: `handle/name@version`. Accounts without one are named by their id.
+    #[serde(default)]
+    pub handle: Option<String>,
+}
+
+impl Account {
+    /// The namespace of the account's models: its handle, or its id when it has none.
+    pub fn namespace(&self) -> &str {
+        self.handle.as_deref().unwrap_or(&self.account_id)
+    }
 }
 
 /// An API key; the secret is sealed by the KEK (AAD = key id) and never stored in the clear.
@@ -42,11 +53,16 @@ impl std::fmt::Debug for ApiKey {
     }
 }
 
-/// A model version as the registry records it.
+/// A model version as the registry records it. A version is immutable: its (owner, name,
+/// version) names it for good, and stays taken after the version is deleted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Model {
     pub model_id: String,
     pub owner: String,
+    /// The owner's handle when the version was published (handles never change); `None` for
+    /// an owner without one.
+    #[serde(default)]
+    pub owner_handle: Option<String>,
     pub name: String,
     pub version: String,
     pub price: u64,

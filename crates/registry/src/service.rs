@@ -113,6 +113,32 @@ fn valid_chars(value: &str, max: usize, extra: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
 }
 
+/// Handles nobody may take: they would pass for the hub itself.
+const RESERVED_HANDLES: &[&str] = &["admin", "api", "hub", "modelhub", "root", "system", "v1"];
+
+/// Checks a handle: 2 to 39 of `a-z 0-9 -`, starting and ending with a letter or digit, not
+/// reserved. Account ids (`acct_…`) can't be handles, so a namespace is never ambiguous.
+pub fn validate_handle(handle: &str) -> Result<()> {
+    let ok = (2..=39).contains(&handle.len())
+        && handle
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !handle.starts_with('-')
+        && !handle.ends_with('-');
+    if !ok {
+        return Err(RegistryError::bad_request(
+            "handle must be 2 to 39 characters of a-z 0-9 -, starting and ending with a letter \
+             or digit",
+        ));
+    }
+    if RESERVED_HANDLES.contains(&handle) {
+        return Err(RegistryError::bad_request(format!(
+            "handle {handle:?} is reserved"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a model name (`[A-Za-z0-9._-]{1,128}`) and version (`[A-Za-z0-9._+-]{1,64}`).
 pub fn validate_name_version(name: &str, version: &str) -> Result<()> {
     if !valid_chars(name, 128, "._-") {
@@ -173,6 +199,7 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
     Ok(Model {
         model_id,
         owner: req.owner,
+        owner_handle: None,
         name: req.name,
         version: req.version,
         price: req.price,
@@ -220,6 +247,7 @@ fn account_pb(a: Account, held: u64) -> pb::Account {
         earnings: a.earnings,
         created_at: a.created_at,
         wallet: a.wallet.unwrap_or_default(),
+        handle: a.handle.unwrap_or_default(),
     }
 }
 
@@ -269,6 +297,7 @@ fn model_pb(m: Model) -> pb::Model {
     pb::Model {
         model_id: m.model_id,
         owner: m.owner,
+        owner_handle: m.owner_handle.unwrap_or_default(),
         name: m.name,
         version: m.version,
         price: m.price,
@@ -534,6 +563,13 @@ impl RegistryService {
             "" => None,
             w => Some(normalize_wallet(w)?),
         };
+        let handle = match req.handle.as_str() {
+            "" => None,
+            h => {
+                validate_handle(h)?;
+                Some(h.to_owned())
+            }
+        };
         let account_id = idem
             .as_deref()
             .map_or_else(|| id::new_id(id::ACCOUNT), |k| keyed_id(id::ACCOUNT, k));
@@ -549,6 +585,7 @@ impl RegistryService {
         }
         let account = Account {
             wallet,
+            handle,
             account_id,
             name: req.name,
             admin: req.admin,
@@ -559,10 +596,16 @@ impl RegistryService {
         match self.store.create_account(account.clone()).await {
             // A retry of the same request: the account it made the first time.
             Err(e) if idem.is_some() && e.code() == ErrorCode::Conflict => {
-                let first = self.store.get_account(&account.account_id).await?;
+                let first = match self.store.get_account(&account.account_id).await {
+                    Ok(first) => first,
+                    // Not a retry: the clash was the wallet or the handle.
+                    Err(n) if n.code() == ErrorCode::NotFound => return Err(e),
+                    Err(other) => return Err(other),
+                };
                 if first.name != account.name
                     || first.admin != account.admin
                     || first.wallet != account.wallet
+                    || first.handle != account.handle
                 {
                     return Err(RegistryError::conflict(
                         "this idempotency key was used for another account",
@@ -639,21 +682,20 @@ impl RegistryService {
     }
 
     async fn create_model(&self, req: pb::CreateModelRequest) -> Result<Model> {
-        self.store.create_model(model_from_request(req)?).await
+        let mut model = model_from_request(req)?;
+        model.owner_handle = self.store.get_account(&model.owner).await?.handle;
+        self.store.create_model(model).await
     }
 
     async fn check_model_name(&self, req: pb::CheckModelNameRequest) -> Result<()> {
         validate_name_version(&req.name, &req.version)?;
+        let owner = required("owner", &req.owner)?;
         if self
             .store
-            .find_model(&req.name, &req.version)
+            .model_version_taken(owner, &req.name, &req.version)
             .await?
-            .is_some()
         {
-            return Err(RegistryError::conflict(format!(
-                "model {} version {} already exists",
-                req.name, req.version
-            )));
+            return Err(RegistryError::version_taken(&req.name, &req.version));
         }
         Ok(())
     }
@@ -951,6 +993,7 @@ mod tests {
                 earnings: 0,
                 created_at: old,
                 wallet: None,
+                handle: None,
             })
             .await
             .unwrap();

@@ -134,9 +134,14 @@ impl Cluster {
 
     /// A new account with its own key and `credits` granted by the admin.
     pub async fn user(&self, name: &str, credits: u64) -> Client {
+        self.user_with_handle(name, None, credits).await
+    }
+
+    /// [`user`](Self::user), with a public handle when given.
+    pub async fn user_with_handle(&self, name: &str, handle: Option<&str>, credits: u64) -> Client {
         let account = self
             .admin
-            .post("/v1/accounts", &json!({ "name": name }))
+            .post("/v1/accounts", &json!({ "name": name, "handle": handle }))
             .await
             .unwrap()
             .ok()

@@ -7,6 +7,7 @@ mod faults;
 mod harness;
 mod ledger;
 mod mtls;
+mod names;
 mod processes;
 mod proofs;
 mod restart;

@@ -483,9 +483,16 @@ async fn a_proof_verifies_only_for_its_model_and_its_input() {
     };
     let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
 
+    // The user names the creator's model in the creator's namespace.
+    let ns = &creator.key().account_id;
+    let out = verify(&["--model", "digits-logits@1"]);
+    assert!(
+        !out.status.success(),
+        "a bare name is the caller's own model, and the user has none"
+    );
     let out = verify(&[
         "--model",
-        "digits-logits@1",
+        &format!("{ns}/digits-logits@1"),
         "--input",
         mine.to_str().unwrap(),
     ]);
@@ -496,7 +503,7 @@ async fn a_proof_verifies_only_for_its_model_and_its_input() {
         (json!(true), json!(ids[0]))
     );
 
-    let out = verify(&["--model", "twin@1"]);
+    let out = verify(&["--model", &format!("{ns}/twin@1")]);
     assert!(!out.status.success(), "a twin's digest must not accept it");
     let out = verify(&["--model", &ids[0], "--input", other.to_str().unwrap()]);
     assert!(!out.status.success());

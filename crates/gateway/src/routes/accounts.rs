@@ -17,9 +17,13 @@ struct CreateAccount {
     /// EVM address whose confirmed purchases credit the account (chain ledger).
     #[serde(default)]
     wallet: Option<String>,
+    /// The public handle, the namespace of the account's models (`handle/name@version`).
+    #[serde(default)]
+    handle: Option<String>,
 }
 
-/// `POST /v1/accounts` (admin): `{"name", "wallet"?}` → 201 `{"account_id", "wallet"}`.
+/// `POST /v1/accounts` (admin): `{"name", "wallet"?, "handle"?}` → 201
+/// `{"account_id", "wallet", "handle"}`.
 pub async fn create_account(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -27,7 +31,11 @@ pub async fn create_account(
 ) -> Result<HttpResponse, GatewayError> {
     let (caller, body) = signed(&state, &req, payload).await?;
     caller.require_admin()?;
-    let CreateAccount { name, wallet } = parse_json(&body)?;
+    let CreateAccount {
+        name,
+        wallet,
+        handle,
+    } = parse_json(&body)?;
     let request = keyed(
         &req,
         &caller,
@@ -35,6 +43,7 @@ pub async fn create_account(
             name,
             admin: false,
             wallet: wallet.unwrap_or_default(),
+            handle: handle.unwrap_or_default(),
         },
     )?;
     let account = state
@@ -46,7 +55,8 @@ pub async fn create_account(
     tracing::info!(account_id = %account.account_id, by = %caller.account_id, "account created");
     Ok(HttpResponse::Created().json(json!({
         "account_id": account.account_id,
-        "wallet": wallet_json(&account.wallet),
+        "wallet": optional_json(&account.wallet),
+        "handle": optional_json(&account.handle),
     })))
 }
 
@@ -136,15 +146,16 @@ pub async fn revoke_key(
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// An account's wallet in JSON: the address, or `null` when it has none.
-fn wallet_json(wallet: &str) -> serde_json::Value {
-    match wallet {
+/// An optional field of an account (wallet, handle) in JSON: `null` when empty.
+fn optional_json(value: &str) -> serde_json::Value {
+    match value {
         "" => serde_json::Value::Null,
         w => w.into(),
     }
 }
 
-/// `GET /v1/account` → `{"account_id","credits","held","earnings","wallet"}` of the caller;
+/// `GET /v1/account` → `{"account_id","handle","credits","held","earnings","wallet"}` of the
+/// caller;
 /// `held` are credits of predictions in flight (charged or given back when they end).
 pub async fn get_account(
     state: web::Data<AppState>,
@@ -162,10 +173,11 @@ pub async fn get_account(
         .into_inner();
     Ok(HttpResponse::Ok().json(json!({
         "account_id": account.account_id,
+        "handle": optional_json(&account.handle),
         "credits": account.credits,
         "held": account.held,
         "earnings": account.earnings,
-        "wallet": wallet_json(&account.wallet),
+        "wallet": optional_json(&account.wallet),
     })))
 }
 

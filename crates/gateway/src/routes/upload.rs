@@ -92,6 +92,7 @@ pub async fn upload(
         .check_model_name(pb::CheckModelNameRequest {
             name: query.name.clone(),
             version: query.version.clone(),
+            owner: caller.account_id.clone(),
         })
         .await;
     if let Err(status) = checked {

@@ -404,6 +404,7 @@ impl ChainLedger {
             earnings: 0,
             created_at: id::unix_now(),
             wallet: Some(wallet.to_owned()),
+            handle: None,
         };
         match self.store.create_account(account).await {
             Ok(account) => Ok(account),

@@ -67,8 +67,11 @@ pub async fn release_holds<S: MetadataStore + ?Sized>(store: &S, cutoff: i64) ->
 /// [`RegistryError::Unavailable`](crate::RegistryError::Unavailable).
 #[async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
-    /// Inserts a new account; `Conflict` when the id exists.
+    /// Inserts a new account; `Conflict` when the id, the wallet or the handle is taken.
     async fn create_account(&self, account: Account) -> Result<Account>;
+
+    /// The account whose `handle` is `handle`, if any.
+    async fn find_account_by_handle(&self, handle: &str) -> Result<Option<Account>>;
 
     async fn get_account(&self, account_id: &str) -> Result<Account>;
 
@@ -90,20 +93,21 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Whether any API key was ever made (revoked ones count).
     async fn has_keys(&self) -> Result<bool>;
 
-    /// Inserts a new model; `NotFound` when the owner is unknown, `Conflict` when the id or the
-    /// (name, version) pair is taken.
+    /// Inserts a new model; `NotFound` when the owner is unknown, `Conflict` when the id is
+    /// taken or the owner's (name, version) was ever published, also when since deleted.
     async fn create_model(&self, model: Model) -> Result<Model>;
 
     async fn get_model(&self, model_id: &str) -> Result<Model>;
 
-    /// The model registered under `name` and `version`, if any.
-    async fn find_model(&self, name: &str, version: &str) -> Result<Option<Model>>;
+    /// Whether `owner` ever published `name` at `version` (a deleted version counts: versions
+    /// are immutable, so a deleted one is never published again with other bytes or price).
+    async fn model_version_taken(&self, owner: &str, name: &str, version: &str) -> Result<bool>;
 
-    /// Every model, sorted by (name, version).
+    /// Every model, sorted by (name, version, owner).
     async fn list_models(&self) -> Result<Vec<Model>>;
 
-    /// Removes a model version (its name and version become free); returns what was removed.
-    /// Reservations and receipts that name it stay.
+    /// Removes a model version (its owner, name and version stay taken); returns what was
+    /// removed. Reservations and receipts that name it stay.
     async fn delete_model(&self, model_id: &str) -> Result<Model>;
 
     /// [`reserve_with`](Self::reserve_with) without a fingerprint.

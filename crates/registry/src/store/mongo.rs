@@ -2,11 +2,13 @@
 //! production), through the official `mongodb` driver.
 //!
 //! # Collections
-//! - `accounts` `{_id, name, admin, credits, earnings, created_at, wallet?, pending?}`, unique
-//!   index `wallet` restricted to documents that have one (a partial index; `wallet` is absent,
-//!   not null, on accounts without a wallet)
+//! - `accounts` `{_id, name, admin, credits, earnings, created_at, wallet?, handle?,
+//!   pending?}`, unique indexes `wallet` and `handle`, each restricted to documents that have
+//!   one (partial indexes; the fields are absent, not null, on accounts without them)
 //! - `keys` `{_id, account_id, sealed_secret: binary, revoked, created_at}`
-//! - `models` `{_id, owner, name, version, price, …}`, unique index `(name, version)`
+//! - `models` `{_id, owner, owner_handle?, name, version, price, …, deleted_at?}`, unique index
+//!   `(owner, name, version)`. A delete keeps the document as a tombstone (`deleted_at` set, the
+//!   wrapped key removed), so the owner's version stays taken: versions are immutable.
 //! - `reservations` `{_id, account_id, model_id, owner, amount, state, receipt_id?,
 //!   idempotency_key?, created_at, settled_at?}`, unique index `(account_id, idempotency_key)`
 //!   restricted to documents that have a key (a partial index)
@@ -295,9 +297,13 @@ fn account_doc(a: &Account) -> Result<Document> {
         "earnings": to_i64(a.earnings, "earnings")?,
         "created_at": a.created_at,
     };
-    // Absent (not null) without a wallet, so the partial unique index ignores the document.
+    // Absent (not null) without a wallet or handle, so the partial unique indexes ignore the
+    // document.
     if let Some(w) = &a.wallet {
         d.insert("wallet", w);
+    }
+    if let Some(h) = &a.handle {
+        d.insert("handle", h);
     }
     Ok(d)
 }
@@ -312,6 +318,7 @@ fn account_from(d: &Document) -> Result<Account> {
         earnings: get_u64(d, W, "earnings")?,
         created_at: get_i64(d, W, "created_at")?,
         wallet: get_opt_str(d, W, "wallet")?,
+        handle: get_opt_str(d, W, "handle")?,
     })
 }
 
@@ -340,6 +347,7 @@ fn model_doc(m: &Model) -> Result<Document> {
     Ok(doc! {
         "_id": &m.model_id,
         "owner": &m.owner,
+        "owner_handle": opt_str(&m.owner_handle),
         "name": &m.name,
         "version": &m.version,
         "price": to_i64(m.price, "price")?,
@@ -357,6 +365,12 @@ fn model_doc(m: &Model) -> Result<Document> {
     })
 }
 
+/// `filter`, restricted to models that are not deleted.
+fn live(mut filter: Document) -> Document {
+    filter.insert("deleted_at", doc! { "$exists": false });
+    filter
+}
+
 fn opt_str(v: &Option<String>) -> Bson {
     v.as_deref()
         .map_or(Bson::Null, |c| Bson::String(c.to_owned()))
@@ -367,6 +381,7 @@ fn model_from(d: &Document) -> Result<Model> {
     Ok(Model {
         model_id: get_str(d, W, "_id")?,
         owner: get_str(d, W, "owner")?,
+        owner_handle: get_opt_str(d, W, "owner_handle")?,
         name: get_str(d, W, "name")?,
         version: get_str(d, W, "version")?,
         price: get_u64(d, W, "price")?,
@@ -612,11 +627,33 @@ impl MongoStore {
     async fn create_indexes(&self) -> Result<()> {
         let i = &self.inner;
         let unique = || IndexOptions::builder().unique(true).build();
+        // Names were global before they were owned: that index (whatever the server named
+        // it) would refuse a second owner's version.
+        let old_keys = doc! { "name": 1, "version": 1 };
+        let old: Vec<IndexModel> = i.models.list_indexes().await?.try_collect().await?;
+        for index in old.iter().filter(|ix| ix.keys == old_keys) {
+            if let Some(name) = index.options.as_ref().and_then(|o| o.name.as_deref()) {
+                i.models.drop_index(name).await?;
+            }
+        }
         i.models
             .create_index(
                 IndexModel::builder()
-                    .keys(doc! { "name": 1, "version": 1 })
+                    .keys(doc! { "owner": 1, "name": 1, "version": 1 })
                     .options(unique())
+                    .build(),
+            )
+            .await?;
+        i.accounts
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "handle": 1 })
+                    .options(
+                        IndexOptions::builder()
+                            .unique(true)
+                            .partial_filter_expression(doc! { "handle": { "$type": "string" } })
+                            .build(),
+                    )
                     .build(),
             )
             .await?;
@@ -927,7 +964,7 @@ impl MongoStore {
     }
 
     async fn get_model_inner(&self, model_id: &str) -> Result<Model> {
-        match Self::find_one(&self.inner.models, doc! { "_id": model_id }).await? {
+        match Self::find_one(&self.inner.models, live(doc! { "_id": model_id })).await? {
             Some(d) => model_from(&d),
             None => Err(RegistryError::not_found("model", model_id)),
         }
@@ -1357,19 +1394,24 @@ impl MetadataStore for MongoStore {
             match self.inner.accounts.insert_one(account_doc(&account)?).await {
                 Ok(_) => Ok(account),
                 Err(e) if is_duplicate(&e) => {
-                    let same_id =
-                        Self::find_one(&self.inner.accounts, doc! { "_id": &account.account_id })
-                            .await?
-                            .is_some();
-                    Err(match (&account.wallet, same_id) {
-                        (Some(wallet), false) => RegistryError::conflict(format!(
-                            "wallet {wallet} belongs to another account"
-                        )),
-                        _ => RegistryError::conflict(format!(
+                    let taken = |filter| Self::find_one(&self.inner.accounts, filter);
+                    if taken(doc! { "_id": &account.account_id }).await?.is_some() {
+                        return Err(RegistryError::conflict(format!(
                             "account {:?} already exists",
                             account.account_id
-                        )),
-                    })
+                        )));
+                    }
+                    if let Some(wallet) = &account.wallet
+                        && taken(doc! { "wallet": wallet }).await?.is_some()
+                    {
+                        return Err(RegistryError::conflict(format!(
+                            "wallet {wallet} belongs to another account"
+                        )));
+                    }
+                    Err(RegistryError::conflict(format!(
+                        "handle {:?} belongs to another account",
+                        account.handle.as_deref().unwrap_or_default()
+                    )))
                 }
                 Err(e) => Err(e.into()),
             }
@@ -1379,6 +1421,17 @@ impl MetadataStore for MongoStore {
 
     async fn get_account(&self, account_id: &str) -> Result<Account> {
         self.timed(self.get_account_inner(account_id)).await
+    }
+
+    async fn find_account_by_handle(&self, handle: &str) -> Result<Option<Account>> {
+        self.timed(async {
+            Self::find_one(&self.inner.accounts, doc! { "handle": handle })
+                .await?
+                .as_ref()
+                .map(account_from)
+                .transpose()
+        })
+        .await
     }
 
     async fn grant(&self, account_id: &str, amount: u64) -> Result<Account> {
@@ -1512,10 +1565,19 @@ impl MetadataStore for MongoStore {
             self.get_account_inner(&model.owner).await?;
             match self.inner.models.insert_one(model_doc(&model)?).await {
                 Ok(_) => Ok(model),
-                Err(e) if is_duplicate(&e) => Err(RegistryError::conflict(format!(
-                    "model {} version {} (or id {:?}) already exists",
-                    model.name, model.version, model.model_id
-                ))),
+                Err(e) if is_duplicate(&e) => {
+                    if Self::find_one(&self.inner.models, doc! { "_id": &model.model_id })
+                        .await?
+                        .is_some()
+                    {
+                        Err(RegistryError::conflict(format!(
+                            "model {:?} already exists",
+                            model.model_id
+                        )))
+                    } else {
+                        Err(RegistryError::version_taken(&model.name, &model.version))
+                    }
+                }
                 Err(e) => Err(e.into()),
             }
         })
@@ -1528,11 +1590,19 @@ impl MetadataStore for MongoStore {
 
     async fn delete_model(&self, model_id: &str) -> Result<Model> {
         self.timed(async {
-            // One atomic delete: a concurrent second delete finds nothing.
+            // One atomic update: a concurrent second delete finds nothing. The document stays
+            // as the tombstone that keeps the owner's version taken.
             match self
                 .inner
                 .models
-                .find_one_and_delete(doc! { "_id": model_id })
+                .find_one_and_update(
+                    live(doc! { "_id": model_id }),
+                    doc! {
+                        "$set": { "deleted_at": id::unix_now() },
+                        "$unset": { "wrapped_dek": "" },
+                    },
+                )
+                .return_document(ReturnDocument::Before)
                 .await?
             {
                 Some(d) => model_from(&d),
@@ -1542,16 +1612,14 @@ impl MetadataStore for MongoStore {
         .await
     }
 
-    async fn find_model(&self, name: &str, version: &str) -> Result<Option<Model>> {
+    async fn model_version_taken(&self, owner: &str, name: &str, version: &str) -> Result<bool> {
         self.timed(async {
-            Self::find_one(
+            Ok(Self::find_one(
                 &self.inner.models,
-                doc! { "name": name, "version": version },
+                doc! { "owner": owner, "name": name, "version": version },
             )
             .await?
-            .as_ref()
-            .map(model_from)
-            .transpose()
+            .is_some())
         })
         .await
     }
@@ -1561,14 +1629,16 @@ impl MetadataStore for MongoStore {
             let docs: Vec<Document> = self
                 .inner
                 .models
-                .find(doc! {})
-                .sort(doc! { "name": 1, "version": 1 })
+                .find(live(doc! {}))
+                .sort(doc! { "name": 1, "version": 1, "owner": 1 })
                 .await?
                 .try_collect()
                 .await?;
             let mut models = docs.iter().map(model_from).collect::<Result<Vec<_>>>()?;
             // Byte order, whatever the server's collation.
-            models.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+            models.sort_by(|a, b| {
+                (&a.name, &a.version, &a.owner).cmp(&(&b.name, &b.version, &b.owner))
+            });
             Ok(models)
         })
         .await

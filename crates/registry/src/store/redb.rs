@@ -39,8 +39,13 @@ const KEYS: Json = TableDefinition::new("keys");
 const MODELS: Json = TableDefinition::new("models");
 const RESERVATIONS: Json = TableDefinition::new("reservations");
 const RECEIPTS: Json = TableDefinition::new("receipts");
-/// `name \0 version` → model id.
-const MODEL_NAMES: Index = TableDefinition::new("model_names");
+/// `owner \0 name \0 version` → model id, kept when the model is deleted: a published version
+/// is never published again.
+const MODEL_VERSIONS: Index = TableDefinition::new("model_versions");
+/// What `model_versions` replaced: `name \0 version` → model id, names not owned by anyone.
+const OLD_MODEL_NAMES: Index = TableDefinition::new("model_names");
+/// Handle → account id.
+const HANDLES: Index = TableDefinition::new("handles");
 /// `account id \0 idempotency key` → reservation id.
 const IDEMPOTENCY: Index = TableDefinition::new("idempotency");
 /// `account \0 grant id` → the amount granted under that id (decimal).
@@ -58,10 +63,12 @@ const PENDING_BATCHES: TimeIndex = TableDefinition::new("pending_batches");
 /// Cursor name → value.
 const CURSORS: TableDefinition<'static, &'static str, u64> = TableDefinition::new("cursors");
 /// Store-level flags (`unsettled_index`: the unsettled table was filled from old receipts;
-/// `held_index`: the held tables were filled from old reservations).
+/// `held_index`: the held tables were filled from old reservations; `versions_index`: the
+/// owned model versions were filled from old models).
 const META: Index = TableDefinition::new("meta");
 const UNSETTLED_FLAG: &str = "unsettled_index";
 const HELD_FLAG: &str = "held_index";
+const VERSIONS_FLAG: &str = "versions_index";
 /// Reservation id → the response kept with its commit (raw bytes).
 const RESPONSES: Json = TableDefinition::new("responses");
 /// `account \0 reservation id` → amount, for every reservation still held.
@@ -110,6 +117,10 @@ fn pair(a: &str, b: &str) -> String {
     format!("{a}\0{b}")
 }
 
+fn version_key(owner: &str, name: &str, version: &str) -> String {
+    format!("{owner}\0{name}\0{version}")
+}
+
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(RegistryError::store)
 }
@@ -152,7 +163,7 @@ impl RedbStore {
         for t in [ACCOUNTS, KEYS, MODELS, RESERVATIONS, RECEIPTS] {
             txn.open_table(t)?;
         }
-        for t in [MODEL_NAMES, IDEMPOTENCY, GRANTS, WALLETS] {
+        for t in [MODEL_VERSIONS, HANDLES, IDEMPOTENCY, GRANTS, WALLETS] {
             txn.open_table(t)?;
         }
         for t in [UNSETTLED, BATCHES_BY_TIME, PENDING_BATCHES] {
@@ -178,6 +189,22 @@ impl RedbStore {
                 }
             }
             meta.insert(HELD_FLAG, "1")?;
+        }
+        if meta.get(VERSIONS_FLAG)?.is_none() {
+            // A database from before owned names: every model's version is its owner's.
+            let models = txn.open_table(MODELS)?;
+            let mut versions = txn.open_table(MODEL_VERSIONS)?;
+            for entry in models.iter()? {
+                let (_, v) = entry?;
+                let m: Model = decode(v.value())?;
+                versions.insert(
+                    version_key(&m.owner, &m.name, &m.version).as_str(),
+                    m.model_id.as_str(),
+                )?;
+            }
+            drop(versions);
+            txn.delete_table(OLD_MODEL_NAMES)?;
+            meta.insert(VERSIONS_FLAG, "1")?;
         }
         if meta.get(UNSETTLED_FLAG)?.is_none() {
             // A database from before the chain ledger: index its unbatched receipts once.
@@ -270,6 +297,15 @@ impl MetadataStore for RedbStore {
                 }
                 wallets.insert(wallet.as_str(), account.account_id.as_str())?;
             }
+            if let Some(handle) = &account.handle {
+                let mut handles = txn.open_table(HANDLES)?;
+                if get_index(&handles, handle)?.is_some() {
+                    return Err(RegistryError::conflict(format!(
+                        "handle {handle:?} belongs to another account"
+                    )));
+                }
+                handles.insert(handle.as_str(), account.account_id.as_str())?;
+            }
             put_json(&mut t, &account.account_id, &account)?;
             Ok(account)
         })
@@ -278,6 +314,17 @@ impl MetadataStore for RedbStore {
 
     async fn get_account(&self, account_id: &str) -> Result<Account> {
         self.read(ACCOUNTS, account_id, "account").await
+    }
+
+    async fn find_account_by_handle(&self, handle: &str) -> Result<Option<Account>> {
+        let handle = handle.to_owned();
+        self.view(move |txn| {
+            let Some(account_id) = get_index(&txn.open_table(HANDLES)?, &handle)? else {
+                return Ok(None);
+            };
+            get_json(&txn.open_table(ACCOUNTS)?, &account_id)
+        })
+        .await
     }
 
     async fn grant(&self, account_id: &str, amount: u64) -> Result<Account> {
@@ -381,15 +428,12 @@ impl MetadataStore for RedbStore {
                     model.model_id
                 )));
             }
-            let mut names = txn.open_table(MODEL_NAMES)?;
-            let name_key = pair(&model.name, &model.version);
-            if names.get(name_key.as_str())?.is_some() {
-                return Err(RegistryError::conflict(format!(
-                    "model {} version {} already exists",
-                    model.name, model.version
-                )));
+            let mut versions = txn.open_table(MODEL_VERSIONS)?;
+            let key = version_key(&model.owner, &model.name, &model.version);
+            if versions.get(key.as_str())?.is_some() {
+                return Err(RegistryError::version_taken(&model.name, &model.version));
             }
-            names.insert(name_key.as_str(), model.model_id.as_str())?;
+            versions.insert(key.as_str(), model.model_id.as_str())?;
             put_json(&mut t, &model.model_id, &model)?;
             Ok(model)
         })
@@ -404,8 +448,6 @@ impl MetadataStore for RedbStore {
                 return Err(RegistryError::not_found("model", &model_id));
             };
             t.remove(model_id.as_str())?;
-            let mut names = txn.open_table(MODEL_NAMES)?;
-            names.remove(pair(&model.name, &model.version).as_str())?;
             Ok(model)
         })
         .await
@@ -415,20 +457,10 @@ impl MetadataStore for RedbStore {
         self.read(MODELS, model_id, "model").await
     }
 
-    async fn find_model(&self, name: &str, version: &str) -> Result<Option<Model>> {
-        let db = self.db.clone();
-        let name_key = pair(name, version);
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read()?;
-            let names = txn.open_table(MODEL_NAMES)?;
-            let Some(model_id) = get_index(&names, &name_key)? else {
-                return Ok(None);
-            };
-            let models = txn.open_table(MODELS)?;
-            get_json(&models, &model_id)
-        })
-        .await
-        .map_err(RegistryError::store)?
+    async fn model_version_taken(&self, owner: &str, name: &str, version: &str) -> Result<bool> {
+        let key = version_key(owner, name, version);
+        self.view(move |txn| Ok(txn.open_table(MODEL_VERSIONS)?.get(key.as_str())?.is_some()))
+            .await
     }
 
     async fn list_models(&self) -> Result<Vec<Model>> {
@@ -445,7 +477,8 @@ impl MetadataStore for RedbStore {
         })
         .await
         .map_err(RegistryError::store)??;
-        models.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+        models
+            .sort_by(|a, b| (&a.name, &a.version, &a.owner).cmp(&(&b.name, &b.version, &b.owner)));
         Ok(models)
     }
 
@@ -1045,6 +1078,53 @@ mod tests {
         assert_eq!(
             store.get_receipt("rcpt_c").await.unwrap().batch_id,
             Some(batch.batch_id)
+        );
+    }
+
+    /// A database from before owned names (global `model_names`, models without
+    /// `owner_handle`): its versions become their owners' and stay taken.
+    #[tokio::test]
+    async fn a_database_from_before_owned_names_keeps_each_version_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.redb");
+        let owner = crate::conformance::new_account("owner", 0);
+        let mut model =
+            serde_json::to_value(crate::conformance::new_model(&owner.account_id, 2)).unwrap();
+        model.as_object_mut().unwrap().remove("owner_handle");
+        let model_id = model["model_id"].as_str().unwrap().to_owned();
+        let (name, version) = (model["name"].as_str().unwrap(), "1.0.0");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            put_json(
+                &mut txn.open_table(ACCOUNTS).unwrap(),
+                &owner.account_id,
+                &owner,
+            )
+            .unwrap();
+            put_json(&mut txn.open_table(MODELS).unwrap(), &model_id, &model).unwrap();
+            txn.open_table(OLD_MODEL_NAMES)
+                .unwrap()
+                .insert(pair(name, version).as_str(), model_id.as_str())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.get_model(&model_id).await.unwrap().owner_handle, None);
+        assert!(
+            store
+                .model_version_taken(&owner.account_id, name, version)
+                .await
+                .unwrap()
+        );
+        store.delete_model(&model_id).await.unwrap();
+        let again = Model {
+            model_id: id::new_id(id::MODEL),
+            ..serde_json::from_value(model.clone()).unwrap()
+        };
+        assert_eq!(
+            store.create_model(again).await.unwrap_err().code(),
+            modelhub_core::ErrorCode::Conflict
         );
     }
 

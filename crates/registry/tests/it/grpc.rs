@@ -253,6 +253,7 @@ async fn error_codes_cross_the_wire() {
         .check_model_name(pb::CheckModelNameRequest {
             name: "bad name".into(),
             version: "1".into(),
+            owner: owner.account_id.clone(),
         })
         .await);
     assert_eq!(e.code, ErrorCode::BadRequest);
@@ -297,6 +298,7 @@ async fn error_codes_cross_the_wire() {
     c.check_model_name(pb::CheckModelNameRequest {
         name: "digits".into(),
         version: "1.0.0".into(),
+        owner: owner.account_id.clone(),
     })
     .await
     .unwrap();
@@ -309,9 +311,56 @@ async fn error_codes_cross_the_wire() {
         .check_model_name(pb::CheckModelNameRequest {
             name: "digits".into(),
             version: "1.0.0".into(),
+            owner: owner.account_id.clone(),
         })
         .await);
     assert_eq!(e.code, ErrorCode::Conflict);
+    // Names are per owner: another account may publish its own digits@1.0.0.
+    let other = account(&mut c, "other", false).await;
+    c.check_model_name(pb::CheckModelNameRequest {
+        name: "digits".into(),
+        version: "1.0.0".into(),
+        owner: other.account_id.clone(),
+    })
+    .await
+    .unwrap();
+    // Handles: checked, unique, and copied into the records of the owner's models.
+    for bad in ["A", "x", "-ab", "ab-", "a_b", "admin", &"a".repeat(40)] {
+        let e = err(c
+            .create_account(pb::CreateAccountRequest {
+                name: "h".into(),
+                handle: bad.to_owned(),
+                ..Default::default()
+            })
+            .await);
+        assert_eq!(e.code, ErrorCode::BadRequest, "{bad:?}");
+    }
+    let alice = c
+        .create_account(pb::CreateAccountRequest {
+            name: "Alice".into(),
+            handle: "alice-ml".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(alice.handle, "alice-ml");
+    let e = err(c
+        .create_account(pb::CreateAccountRequest {
+            name: "Mallory".into(),
+            handle: "alice-ml".into(),
+            ..Default::default()
+        })
+        .await);
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert!(e.message.contains("handle"), "{}", e.message);
+    let hers = c
+        .create_model(model_request(&alice.account_id, "digits", "1.0.0", 2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hers.owner_handle, "alice-ml");
+    assert_eq!(m.owner_handle, "", "an owner without a handle");
     let e = err(c
         .create_model(model_request(&owner.account_id, "digits", "1.0.0", 5))
         .await);

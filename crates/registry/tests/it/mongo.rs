@@ -118,6 +118,56 @@ async fn mongo_store_passes_the_conformance_suite() {
     assert_eq!(opened.load(Ordering::SeqCst), 3);
 }
 
+/// A database from before owned names has a unique index on (name, version) alone: opening it
+/// drops that index, so a second owner may publish the same name and version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_before_owned_names_lets_two_owners_share_a_name() {
+    let Some(server) = MongoServer::start_or_skip(
+        "a_database_from_before_owned_names_lets_two_owners_share_a_name",
+    ) else {
+        return;
+    };
+    let client = mongodb::Client::with_uri_str(&server.uri).await.unwrap();
+    let models = client.database("old").collection::<Document>("models");
+    models
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "name": 1, "version": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    let store: Store = Arc::new(connect(&server.db_uri("old")).await);
+    let names = models.list_index_names().await.unwrap();
+    assert_eq!(names.len(), 2, "_id and (owner, name, version): {names:?}");
+    let a = store
+        .create_account(conformance::new_account("a", 0))
+        .await
+        .unwrap();
+    let b = store
+        .create_account(conformance::new_account("b", 0))
+        .await
+        .unwrap();
+    let first = store
+        .create_model(conformance::new_model(&a.account_id, 1))
+        .await
+        .unwrap();
+    let second = conformance::new_model(&b.account_id, 1);
+    let second = modelhub_registry::model::Model {
+        name: first.name.clone(),
+        ..second
+    };
+    store.create_model(second).await.unwrap();
+    // Reopening (indexes made again) keeps working.
+    drop(store);
+    let _again = connect(&server.db_uri("old")).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_reserve_on_a_fresh_database() {
     let Some(server) = MongoServer::start_or_skip("concurrent_reserve_on_a_fresh_database") else {
