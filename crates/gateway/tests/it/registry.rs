@@ -213,7 +213,8 @@ async fn accounts_keys_and_credits_through_the_gateway() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body,
-        json!({"account_id": alice_id, "credits": 7, "held": 0, "earnings": 0, "wallet": null})
+        json!({"account_id": alice_id, "handle": null, "credits": 7, "held": 0, "earnings": 0,
+               "wallet": null})
     );
 
     // She makes a second key for herself (empty body), then revokes it: refused at once.
