@@ -3,6 +3,7 @@
 
 pub mod crypto;
 pub mod error;
+pub mod fs;
 pub mod id;
 pub mod pool;
 pub mod serve;

@@ -2,7 +2,7 @@
 //!
 //! | caller | calls |
 //! |---|---|
-//! | gateway (for signed HTTP requests) | every registry method, storage `PutModel`/`DeleteModel`, inference `Predict`, prover `Compile`/`GetProof`/`Verify` |
+//! | gateway (for signed HTTP requests) | every registry method, storage `PutModel`/`DeleteModel`, inference `Predict`, prover `Compile`/`Forget`/`GetProof`/`Verify` |
 //! | inference | storage `GetModel` (to open a model), prover `Enqueue` (proof jobs) |
 //! | prover | storage `GetModel` (to compile a model) |
 //! | admin (operator tools) | registry account, key, credit and ledger management (`modelhub admin bootstrap`), prover `Verify` |
@@ -82,6 +82,7 @@ pub static PROVER: Policy = Policy {
     service: "modelhub.prover.v1.Prover",
     methods: &[
         ("Compile", &[Gateway]),
+        ("Forget", &[Gateway]),
         ("Enqueue", &[Inference]),
         ("GetProof", &[Gateway]),
         // No caller today; proof files are public, so the gateway and operators may.

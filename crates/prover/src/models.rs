@@ -274,12 +274,9 @@ impl Models {
                 .encode(self.kek.wrap(&opening_json, model.model_id.as_bytes())),
         };
         let path = self.record_path(&model.model_id);
-        let tmp = self.dir.join(format!(".{}.tmp", model.model_id));
         let bytes =
             serde_json::to_vec_pretty(&record).map_err(|e| ProverError::State(e.to_string()))?;
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| state_err(&path, e))?;
+        modelhub_core::fs::write_durably(&path, &bytes).map_err(|e| state_err(&path, e))?;
         let outcome = Outcome::Supported {
             commitment: compiled.commitment.clone(),
             spec: compiled.model.spec.clone(),
@@ -291,6 +288,18 @@ impl Models {
             .await
             .insert(model.model_id.clone(), Arc::new(compiled));
         Ok(outcome)
+    }
+
+    /// Removes the stored record (the sealed opening) and the cached circuit of a model that
+    /// was never registered; whether there was a record.
+    pub async fn forget(&self, model_id: &str) -> Result<bool, ProverError> {
+        self.cache.lock().await.remove(model_id);
+        let path = self.record_path(model_id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(state_err(&path, e)),
+        }
     }
 
     /// The compiled model, from memory or rebuilt from storage and its stored record.

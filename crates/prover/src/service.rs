@@ -200,6 +200,25 @@ impl pb::prover_server::Prover for ProverService {
         }))
     }
 
+    async fn forget(
+        &self,
+        request: Request<pb::ForgetRequest>,
+    ) -> Result<Response<pb::ForgetResponse>, Status> {
+        let model_id = request.into_inner().model_id;
+        if !valid_job_id(&model_id) {
+            return Err(ApiError::bad_request("malformed model id").to_status());
+        }
+        if self
+            .models
+            .forget(&model_id)
+            .await
+            .map_err(ProverError::into_status)?
+        {
+            tracing::info!(model_id = %model_id, "forgot the circuit of an unregistered model");
+        }
+        Ok(Response::new(pb::ForgetResponse {}))
+    }
+
     async fn enqueue(
         &self,
         request: Request<pb::ProofJob>,

@@ -78,7 +78,6 @@ impl LocalBlobStore {
 }
 
 fn write_blob(dir: &Path, bytes: &[u8]) -> Result<String> {
-    use std::io::Write;
     let mut builder = CidBuilder::new();
     builder.update(bytes);
     let cid = builder.finish().to_string();
@@ -86,21 +85,7 @@ fn write_blob(dir: &Path, bytes: &[u8]) -> Result<String> {
     if path.exists() {
         return Ok(cid);
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(StorageError::io("creating temporary blob file"))?;
-    tmp.write_all(bytes)
-        .map_err(StorageError::io("writing blob"))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(StorageError::io("syncing blob"))?;
-    tmp.persist(&path)
-        .map_err(|e| StorageError::io("renaming blob into place")(e.error))?;
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    modelhub_core::fs::write_durably(&path, bytes).map_err(StorageError::io("writing blob"))?;
     Ok(cid)
 }
 

@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use halo2_proofs::plonk::{self, ProvingKey, VerifyingKey};
@@ -139,27 +138,10 @@ fn read_file<T>(
     }
 }
 
-/// Writes `bytes` to `path` through a temp file and a rename; the error says why not.
-fn store(dir: &Path, path: &Path, bytes: &[u8]) -> Option<String> {
-    // Unique per process and call: two threads may store the same file at once.
-    static STORES: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.{}-{}.tmp",
-        std::process::id(),
-        STORES.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = fs::create_dir_all(dir)
-        .and_then(|()| fs::write(&tmp, bytes))
-        .and_then(|()| fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written
+/// Writes `bytes` to `path` whole or not at all (a temp file, fsync, a rename); the error
+/// says why not.
+fn store(path: &Path, bytes: &[u8]) -> Option<String> {
+    modelhub_core::fs::write_durably(path, bytes)
         .err()
         .map(|e| format!("storing {}: {e}", path.display()))
 }
@@ -207,7 +189,7 @@ pub fn verifying_key(
     let vk = keygen_vk(params, spec)?;
     let mut body = Vec::new();
     vk.write(&mut body)?;
-    let not_stored = store(dir, &path, &seal(VK_MAGIC, spec, body));
+    let not_stored = store(&path, &seal(VK_MAGIC, spec, body));
     Ok((vk, KeySource::Keygen { stale, not_stored }))
 }
 
@@ -302,7 +284,7 @@ impl Keys {
             Err(stale) => stale,
         };
         let keys = Keys::new(params, spec)?;
-        let not_stored = store(dir, &path, &keys.to_bytes()?);
+        let not_stored = store(&path, &keys.to_bytes()?);
         Ok((keys, KeySource::Keygen { stale, not_stored }))
     }
 

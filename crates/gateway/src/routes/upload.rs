@@ -128,10 +128,11 @@ pub async fn upload(
     let circuit = match compile(&state, &model_id, &query.version, &stored, input_range).await {
         Ok(c) => c,
         Err(e) => {
-            forget_blob(&state, &model_id, &cid).await;
+            forget_upload(&state, &model_id, &cid, false).await;
             return Err(e);
         }
     };
+    let compiled = circuit.commitment.is_some();
     let created = state
         .registry()
         .create_model(pb::CreateModelRequest {
@@ -159,7 +160,7 @@ pub async fn upload(
                 status.code(),
                 tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
             ) {
-                forget_blob(&state, &model_id, &cid).await;
+                forget_upload(&state, &model_id, &cid, compiled).await;
             }
             return Err(GatewayError::upstream("registry", "CreateModel")(status));
         }
@@ -175,9 +176,10 @@ pub async fn upload(
     Ok(HttpResponse::Created().json(answer))
 }
 
-/// Removes the ciphertext of an upload that was not registered (best effort: a failure is
-/// logged, and `modelhub storage verify` lists what is left).
-async fn forget_blob(state: &AppState, model_id: &str, cid: &str) {
+/// Removes what an upload that was not registered left: its ciphertext in storage and, when
+/// the prover compiled it, the prover's sealed record of it (best effort: a failure is logged;
+/// `modelhub storage verify` lists a blob that is left).
+async fn forget_upload(state: &AppState, model_id: &str, cid: &str, compiled: bool) {
     let removed = state
         .storage()
         .delete_model(storage::DeleteModelRequest {
@@ -197,6 +199,20 @@ async fn forget_blob(state: &AppState, model_id: &str, cid: &str) {
                 grpc_message = status.message(),
                 "could not remove the blob of a refused upload"
             )
+        }
+    }
+    if let (true, Some(mut prover)) = (compiled, state.prover()) {
+        let forgot = prover
+            .forget(modelhub_proto::prover::v1::ForgetRequest {
+                model_id: model_id.to_owned(),
+            })
+            .await;
+        if let Err(status) = forgot {
+            tracing::warn!(
+                model_id,
+                grpc_message = status.message(),
+                "could not remove the prover's record of a refused upload"
+            );
         }
     }
 }
