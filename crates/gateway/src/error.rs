@@ -30,6 +30,9 @@ pub enum GatewayError {
     /// A fault of the gateway itself: logged, shown to the client as `internal error`.
     #[error("{what}")]
     Internal { what: String },
+    /// A refusal the client may retry after `secs` seconds (the answer's `retry-after`).
+    #[error("{error}")]
+    RetryAfter { error: ApiError, secs: u64 },
 }
 
 impl GatewayError {
@@ -55,6 +58,7 @@ impl GatewayError {
             GatewayError::Api(e) => e.clone(),
             GatewayError::Upstream { status, .. } => ApiError::from_status(status),
             GatewayError::Internal { .. } => ApiError::internal(),
+            GatewayError::RetryAfter { error, .. } => error.clone(),
         }
     }
 
@@ -86,7 +90,7 @@ impl ResponseError for GatewayError {
         let api = self.to_api();
         // Logged here, where the error is turned into an answer.
         match self {
-            GatewayError::Api(_) => {
+            GatewayError::Api(_) | GatewayError::RetryAfter { .. } => {
                 tracing::debug!(code = %api.code, message = %api.message, "request rejected");
             }
             GatewayError::Upstream {
@@ -107,7 +111,12 @@ impl ResponseError for GatewayError {
                 tracing::error!(error = %what, "internal gateway error");
             }
         }
-        error_response(&api)
+        let mut res = error_response(&api);
+        if let GatewayError::RetryAfter { secs, .. } = self {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
+        res
     }
 }
 

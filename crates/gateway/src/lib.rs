@@ -98,6 +98,15 @@ pub struct Settings {
         default_value_t = 2
     )]
     pub max_uploads_per_account: usize,
+    /// Predictions of free (price 0) models one account may make per minute on this gateway
+    /// (a burst of that many, then a steady refill); more are answered 429 with
+    /// `retry-after`. Paid predictions don't count.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_FREE_CALLS_PER_MINUTE",
+        default_value_t = 60
+    )]
+    pub free_calls_per_minute: u32,
     /// Seconds a JSON request body may take to arrive in full (408 beyond).
     #[arg(long, env = "MODELHUB_GATEWAY_BODY_TIMEOUT_SECS", default_value_t = 30)]
     pub body_timeout_secs: u64,
@@ -142,6 +151,7 @@ impl Settings {
             max_connections: 4096,
             max_requests_per_client: 64,
             max_uploads_per_account: 2,
+            free_calls_per_minute: 60,
             body_timeout_secs: 30,
             min_body_rate: 16 * 1024,
             mtls_dir: "./modelhub-data/tls".into(),
@@ -179,6 +189,10 @@ impl Settings {
         anyhow::ensure!(
             self.max_uploads_per_account >= 1,
             "max_uploads_per_account must be at least 1"
+        );
+        anyhow::ensure!(
+            self.free_calls_per_minute >= 1,
+            "free_calls_per_minute must be at least 1"
         );
         anyhow::ensure!(
             self.body_timeout_secs >= 1,
@@ -263,6 +277,8 @@ pub(crate) struct AppState {
     pub limits: Limits,
     /// Uploads in flight per account (shared by every worker).
     pub uploads: limits::PerAccount,
+    /// Predictions of free models per account (shared by every worker).
+    pub free_quota: Arc<limits::FreeQuota>,
 }
 
 impl AppState {
@@ -316,6 +332,7 @@ struct Shared {
     models: ModelCache,
     limits: Limits,
     uploads: limits::PerAccount,
+    free_quota: Arc<limits::FreeQuota>,
     allowed_hosts: Vec<String>,
 }
 
@@ -353,6 +370,10 @@ impl Shared {
                 min_body_rate: settings.min_body_rate,
             },
             uploads: limits::PerAccount::new(settings.max_uploads_per_account),
+            free_quota: Arc::new(limits::FreeQuota::new(
+                std::num::NonZeroU32::new(settings.free_calls_per_minute)
+                    .context("free_calls_per_minute must be at least 1")?,
+            )),
             allowed_hosts,
         })
     }
@@ -385,6 +406,7 @@ impl Shared {
             auth,
             limits: self.limits,
             uploads: self.uploads.clone(),
+            free_quota: self.free_quota.clone(),
         }
     }
 }

@@ -234,3 +234,55 @@ crate::on_every_backend!(
     bad_predictions_say_what_is_wrong,
     admin_routes_need_an_admin_and_keys_belong_to_their_account
 );
+
+/// The free-model policy: a free model is metered by a quota per account (60 predictions per
+/// minute by default), not by credits. Past it the account gets 429 with `retry-after`; another
+/// account, and paid models, are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_models_are_metered_per_account() {
+    let cluster = Cluster::start().await;
+    let owner = cluster.user("owner", 0).await;
+    let flooder = cluster.user("flooder", 10).await;
+    let other = cluster.user("other", 0).await;
+    let free = upload_digits(&owner, "free", 0).await;
+    let free = free["model_id"].as_str().unwrap();
+    let paid = upload_digits(&owner, "paid", 1).await;
+    let paid = paid["model_id"].as_str().unwrap();
+
+    // A burst of 60, then one more per second: the first refusal comes after at least 60
+    // answers and at most 60 plus one per second the burst took.
+    // Sent once each (`predict` would retry a 429 after its `retry-after`).
+    let path = format!("/v1/models/{free}/predict");
+    let body = json!({ "inputs": digits_input(0) });
+    let started = std::time::Instant::now();
+    let mut answered = 0u64;
+    let answer = loop {
+        let answer = flooder.post(&path, &body).await.unwrap();
+        if answer.status != 200 {
+            break answer;
+        }
+        assert_eq!(answer.body["receipt"]["credits_charged"], 0);
+        answered += 1;
+        assert!(answered <= 200, "the quota never ran out");
+    };
+    let refill = started.elapsed().as_secs() + 1;
+    assert!(
+        (60..=60 + refill).contains(&answered),
+        "{answered} free predictions in {refill} s"
+    );
+    assert_error(
+        &answer,
+        429,
+        "too_many_requests",
+        "60 predictions of free models",
+    );
+    let wait: u64 = answer.retry_after.as_deref().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+
+    let answer = other.predict(free, digits_input(0)).await.unwrap();
+    assert_eq!(answer.status, 200, "another account has its own quota");
+    let answer = flooder.predict(paid, digits_input(0)).await.unwrap();
+    assert_eq!(answer.status, 200, "paid predictions don't count");
+    assert_eq!(account(&flooder).await["credits"], 9);
+    cluster.stop().await;
+}

@@ -81,6 +81,21 @@ pub async fn predict(
         )
         .into());
     }
+    // The free-model policy: a free model is metered by a per-account quota instead of credits.
+    if model.price == 0
+        && let Err(wait) = state.free_quota.check(&caller.account_id)
+    {
+        return Err(GatewayError::RetryAfter {
+            error: ApiError::new(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "this account used its {} predictions of free models per minute",
+                    state.free_quota.per_minute()
+                ),
+            ),
+            secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        });
+    }
     let specs = records::specs(&model.model_id, &model.inputs)?;
     validate_inputs(&specs, &inputs)?;
     if prove && model.commitment.is_none() {
