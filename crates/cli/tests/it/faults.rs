@@ -26,7 +26,7 @@ use modelhub_cli::client::{Client, KeyFile};
 use serde_json::{Value, json};
 
 use crate::harness::digits_input;
-use crate::processes::{Service, modelhub, serve, serve_on};
+use crate::processes::{Service, modelhub, serve, serve_on, up};
 
 /// Seconds a hold lives before the registry's sweep returns it.
 const HOLD_TIMEOUT_SECS: &str = "2";
@@ -648,38 +648,6 @@ async fn a_full_proof_queue_answers_503_and_charges_nothing() {
         "only the answered predictions are charged"
     );
     assert_eq!(account(&user).await["held"], 0);
-}
-
-/// `modelhub up` as a process (killed when dropped), started on `http` with `data`; its `addr`
-/// is the gateway URL.
-fn up(data: &std::path::Path, http: &str) -> Service {
-    use std::io::BufRead;
-    let mut child = modelhub()
-        .args(["up", "--http", http, "--data-dir"])
-        .arg(data)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn modelhub up");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut child = Service {
-        child,
-        addr: String::new(),
-    };
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "modelhub up ended early"
-        );
-        if let Some(url) = line.trim().strip_prefix("gateway:") {
-            let url = url.trim().to_owned();
-            // Keep reading its output so it never blocks on a full pipe.
-            std::thread::spawn(move || for _ in stdout.lines() {});
-            child.addr = url;
-            return child;
-        }
-    }
 }
 
 /// Pending proof jobs survive a SIGKILL of the whole `modelhub up`: after a restart on the

@@ -5,6 +5,7 @@ mod accounting;
 mod errors;
 mod faults;
 mod harness;
+mod hostile;
 mod ledger;
 mod mtls;
 mod names;

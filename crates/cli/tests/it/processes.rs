@@ -53,6 +53,38 @@ pub(crate) fn serve_on(svc: &str, listen: &str, args: &[&str]) -> Service {
     Service { child, addr }
 }
 
+/// `modelhub up` as a process (killed when dropped), started on `http` with `data`; its `addr`
+/// is the gateway URL.
+pub(crate) fn up(data: &std::path::Path, http: &str) -> Service {
+    use std::io::BufRead;
+    let mut child = modelhub()
+        .args(["up", "--http", http, "--data-dir"])
+        .arg(data)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn modelhub up");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut child = Service {
+        child,
+        addr: String::new(),
+    };
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "modelhub up ended early"
+        );
+        if let Some(url) = line.trim().strip_prefix("gateway:") {
+            let url = url.trim().to_owned();
+            // Keep reading its output so it never blocks on a full pipe.
+            std::thread::spawn(move || for _ in stdout.lines() {});
+            child.addr = url;
+            return child;
+        }
+    }
+}
+
 /// Runs a client command and parses the JSON it prints.
 fn client(url: &str, key_file: &Path, args: &[&str]) -> Value {
     let out = modelhub()
