@@ -22,6 +22,9 @@ pub enum ProverError {
     QueueFull,
     #[error("this account already has {0} proofs pending; fetch them first")]
     TooManyPending(usize),
+    /// The error of a load that several callers waited on together.
+    #[error(transparent)]
+    Shared(std::sync::Arc<ProverError>),
 }
 
 impl ProverError {
@@ -37,6 +40,7 @@ impl ProverError {
             ProverError::Pool(_) | ProverError::State(_) => ErrorCode::Internal,
             ProverError::QueueFull => ErrorCode::Unavailable,
             ProverError::TooManyPending(_) => ErrorCode::TooManyRequests,
+            ProverError::Shared(e) => e.code(),
         }
     }
 

@@ -137,6 +137,9 @@ impl ParamsCache {
     }
 }
 
+/// Compiled models kept in memory (each holds its circuit keys); others are rebuilt on use.
+const COMPILED_MODELS: u64 = 64;
+
 /// The compiled models of this prover.
 pub struct Models {
     dir: PathBuf,
@@ -144,7 +147,10 @@ pub struct Models {
     storage: StorageClient<Channel>,
     pub params: Arc<ParamsCache>,
     pool: ComputePool,
-    cache: tokio::sync::Mutex<HashMap<String, Arc<Compiled>>>,
+    /// Compiled models by id. One load per model at a time (callers of that model wait for
+    /// it), while other models load and prove meanwhile: a slow model stalls only its own
+    /// callers.
+    cache: moka::future::Cache<String, Arc<Compiled>>,
 }
 
 impl std::fmt::Debug for Models {
@@ -200,7 +206,9 @@ impl Models {
             storage,
             params: Arc::new(ParamsCache::new(params_dir)),
             pool,
-            cache: tokio::sync::Mutex::new(HashMap::new()),
+            cache: moka::future::Cache::builder()
+                .max_capacity(COMPILED_MODELS)
+                .build(),
         })
     }
 
@@ -284,16 +292,15 @@ impl Models {
             opening: compiled.opening.clone(),
         };
         self.cache
-            .lock()
-            .await
-            .insert(model.model_id.clone(), Arc::new(compiled));
+            .insert(model.model_id.clone(), Arc::new(compiled))
+            .await;
         Ok(outcome)
     }
 
     /// Removes the stored record (the sealed opening) and the cached circuit of a model that
     /// was never registered; whether there was a record.
     pub async fn forget(&self, model_id: &str) -> Result<bool, ProverError> {
-        self.cache.lock().await.remove(model_id);
+        self.cache.invalidate(model_id).await;
         let path = self.record_path(model_id);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
@@ -304,10 +311,14 @@ impl Models {
 
     /// The compiled model, from memory or rebuilt from storage and its stored record.
     pub async fn get(&self, model: &ModelRef) -> Result<Arc<Compiled>, ProverError> {
-        let mut cache = self.cache.lock().await;
-        if let Some(c) = cache.get(&model.model_id) {
-            return Ok(c.clone());
-        }
+        self.cache
+            .try_get_with(model.model_id.clone(), self.load(model))
+            .await
+            .map_err(ProverError::Shared)
+    }
+
+    /// Rebuilds a compiled model from storage and its stored record.
+    async fn load(&self, model: &ModelRef) -> Result<Arc<Compiled>, ProverError> {
         let path = self.record_path(&model.model_id);
         let record: Record = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| state_err(&path, e))?,
@@ -340,9 +351,7 @@ impl Models {
                 })
             })
             .await??;
-        let compiled = Arc::new(compiled);
-        cache.insert(model.model_id.clone(), compiled.clone());
-        Ok(compiled)
+        Ok(Arc::new(compiled))
     }
 }
 

@@ -422,3 +422,71 @@ async fn a_hostile_model_in_storage_is_refused_at_compile() {
         .unwrap_or(0);
     assert_eq!(records, 0, "nothing recorded for the refused model");
 }
+
+/// The cache of compiled models loads one model at a time per model, not for all: while one
+/// model's load is stalled (here the compute pool is held busy), another compiled model is
+/// served at once. Before, one lock was held across every load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_model_load_does_not_hold_up_another_model() {
+    use std::time::Duration;
+
+    use modelhub_core::crypto::Kek;
+    use modelhub_core::pool::ComputePool;
+    use modelhub_prover::models::Models;
+
+    let s = setup().await;
+    let mut uploader = StorageClient::new(s.storage.channel(Identity::Gateway, Identity::Storage));
+    let bytes = std::fs::read(modelhub_testkit::test_model("digits_mlp_logits.onnx")).unwrap();
+    let (other, _) = put_model(&mut uploader, "mdl_other", &bytes).await.unwrap();
+    let storage_client = StorageClient::new(s.storage.channel(Identity::Prover, Identity::Storage));
+    let specs: Vec<TensorSpec> = s
+        .inputs
+        .iter()
+        .cloned()
+        .map(|t| TensorSpec::try_from(t).unwrap())
+        .collect();
+    let kek = || Kek::load_or_generate(&s.dir.path().join("models-kek")).unwrap();
+    let open = |pool: ComputePool| {
+        Models::new(
+            s.dir.path().join("models"),
+            s.dir.path().join("params"),
+            kek(),
+            storage_client.clone(),
+            pool,
+        )
+        .unwrap()
+    };
+    let first = open(ComputePool::new("first", 1).unwrap());
+    for m in [&s.model, &other] {
+        first
+            .compile(m.clone(), &specs, Default::default())
+            .await
+            .unwrap();
+    }
+    drop(first);
+
+    // A fresh instance (empty cache) over the same records: `other` is loaded, then the only
+    // compute thread is held, so loading `s.model` waits for it.
+    let pool = ComputePool::new("second", 1).unwrap();
+    let models = std::sync::Arc::new(open(pool.clone()));
+    models.get(&other).await.unwrap();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let busy = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.run(move || held.recv()).await }
+    });
+    let stalled = tokio::spawn({
+        let models = models.clone();
+        let model = s.model.clone();
+        async move { models.get(&model).await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!stalled.is_finished(), "the load waits for the pool");
+    tokio::time::timeout(Duration::from_secs(10), models.get(&other))
+        .await
+        .expect("another model is served while one loads")
+        .unwrap();
+    release.send(()).unwrap();
+    busy.await.unwrap().unwrap().unwrap();
+    stalled.await.unwrap().unwrap();
+}
