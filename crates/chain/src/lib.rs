@@ -73,18 +73,26 @@ pub fn cid_hash(cid: &str) -> B256 {
     keccak(cid.as_bytes())
 }
 
-/// The contract word of a weight commitment given as hex (with or without `0x`, any case):
-/// keccak-256 of the decoded bytes, so a commitment of any length fits one word. Bad hex is
-/// [`ChainError::Invalid`]. (A model without a commitment is registered with [`B256::ZERO`].)
-pub fn commitment_word(commitment_hex: &str) -> Result<B256> {
-    let s = commitment_hex.trim();
+/// The contract word of a model (what `registerModel` takes as its commitment): the model
+/// digest (docs/ZK.md, "The model digest"), which binds the circuit spec and the weight
+/// commitment, as its 32 bytes. Given as 64 hex digits (with or without `0x`, any case); anything
+/// else is [`ChainError::Invalid`]. A model without a circuit is registered with
+/// [`B256::ZERO`].
+pub fn digest_word(digest_hex: &str) -> Result<B256> {
+    let s = digest_hex.trim();
     let s = s
         .strip_prefix("0x")
         .or_else(|| s.strip_prefix("0X"))
         .unwrap_or(s);
+    if s.len() != 64 {
+        return Err(ChainError::Invalid(format!(
+            "a model digest is 64 hex digits, not {}",
+            s.len()
+        )));
+    }
     let bytes = alloy::hex::decode(s)
-        .map_err(|e| ChainError::Invalid(format!("the commitment is not hex: {e}")))?;
-    Ok(keccak(bytes))
+        .map_err(|e| ChainError::Invalid(format!("the model digest is not hex: {e}")))?;
+    Ok(B256::from_slice(&bytes))
 }
 
 /// Parses an address: `0x` and 40 hex digits, any case (a mixed-case address is not checked
@@ -213,15 +221,18 @@ mod tests {
     }
 
     #[test]
-    fn commitment_word_hashes_the_decoded_bytes() {
-        // keccak256(0x616263) == keccak256("abc").
-        assert_eq!(commitment_word("616263").unwrap(), local_id("abc"));
-        assert_eq!(commitment_word("0x616263").unwrap(), local_id("abc"));
-        assert_eq!(commitment_word(" 0X616263\n").unwrap(), local_id("abc"));
-        assert_eq!(commitment_word("").unwrap(), local_id(""));
-        for bad in ["xyz", "0x123", "0xzz"] {
+    fn digest_word_is_the_digest_itself() {
+        let hex = "ab".repeat(32);
+        let word = B256::from([0xab; 32]);
+        assert_eq!(digest_word(&hex).unwrap(), word);
+        assert_eq!(digest_word(&format!("0x{hex}")).unwrap(), word);
+        assert_eq!(
+            digest_word(&format!(" 0X{}\n", hex.to_uppercase())).unwrap(),
+            word
+        );
+        for bad in ["", "0x0102", &"zz".repeat(32), &"ab".repeat(33)] {
             assert!(
-                matches!(commitment_word(bad), Err(ChainError::Invalid(_))),
+                matches!(digest_word(bad), Err(ChainError::Invalid(_))),
                 "{bad}"
             );
         }

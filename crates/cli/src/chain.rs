@@ -24,6 +24,53 @@ pub struct RpcArgs {
     pub chain_rpc: String,
 }
 
+/// A model's record on the marketplace contract, read through the RPC URL alone (no gateway):
+/// for `proofs verify --chain` and `models check-commitment --chain`.
+#[derive(Debug, Clone, Args)]
+pub struct OnChainArgs {
+    /// Check against the model digest the marketplace contract records for the model (with
+    /// --marketplace and --owner; `proofs verify` then needs no gateway, and --model must be a
+    /// model id).
+    #[arg(long, requires_all = ["marketplace", "owner"])]
+    pub chain: bool,
+    /// Marketplace contract address.
+    #[arg(long, env = "MODELHUB_MARKETPLACE")]
+    pub marketplace: Option<String>,
+    /// The wallet that registered the model on chain (its owner's).
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[command(flatten)]
+    pub rpc: RpcArgs,
+}
+
+impl OnChainArgs {
+    /// The digest the contract records for `model_id` registered by `--owner`; an error when it
+    /// is not registered, has no digest, or is deactivated.
+    pub async fn digest(&self, model_id: &str) -> anyhow::Result<modelhub_zk::ModelDigest> {
+        let marketplace = self
+            .marketplace
+            .as_deref()
+            .context("--chain needs --marketplace")?;
+        let owner = self.owner.as_deref().context("--chain needs --owner")?;
+        let contract = modelhub_chain::parse_address(marketplace).context("--marketplace")?;
+        let owner = modelhub_chain::parse_address(owner).context("--owner")?;
+        let market = Marketplace::connect(&self.rpc.chain_rpc, contract, None).await?;
+        let key = modelhub_chain::model_key(owner, model_id);
+        let model = market.get_model(key).await?.with_context(|| {
+            format!(
+                "model {model_id} is not registered on chain by {}",
+                modelhub_chain::wallet_string(owner)
+            )
+        })?;
+        anyhow::ensure!(model.active, "model {model_id} is deactivated on chain");
+        anyhow::ensure!(
+            !model.commitment.is_zero(),
+            "model {model_id} is registered on chain without a digest (no circuit)"
+        );
+        Ok(modelhub_zk::ModelDigest(model.commitment.0))
+    }
+}
+
 /// Where the chain is, and the wallet that signs.
 #[derive(Debug, Clone, Args)]
 pub struct WalletArgs {
@@ -135,7 +182,7 @@ pub enum Chain {
         #[command(flatten)]
         market: MarketArgs,
     },
-    /// Register an uploaded model on chain with its price, CID hash and weight commitment,
+    /// Register an uploaded model on chain with its price, CID hash and model digest,
     /// from its owner's wallet: predictions are charged only once this is done.
     Register {
         /// The model: its id, HANDLE/NAME@VERSION, or NAME@VERSION for one of your own.
@@ -324,8 +371,9 @@ pub async fn run(command: Chain) -> anyhow::Result<()> {
             let price = record["price"]
                 .as_u64()
                 .context("no price in the model record")?;
-            let commitment = match record["commitment"].as_str() {
-                Some(c) => modelhub_chain::commitment_word(c)?,
+            // The model digest binds the circuit spec and the weight commitment (docs/ZK.md).
+            let commitment = match record["digest"].as_str() {
+                Some(d) => modelhub_chain::digest_word(d)?,
                 None => modelhub_chain::B256::ZERO,
             };
             let market = connect(&wallet, &marketplace).await?;
@@ -343,7 +391,7 @@ pub async fn run(command: Chain) -> anyhow::Result<()> {
                 "model_id": model_id,
                 "model_key": format!("{key:#x}"),
                 "price": price,
-                "commitment": format!("{commitment:#x}"),
+                "digest": format!("{commitment:#x}"),
                 "tx": tx(hash),
             }));
             Ok(())

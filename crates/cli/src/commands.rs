@@ -203,6 +203,8 @@ pub enum Proofs {
         client: ClientArgs,
         #[command(flatten)]
         params: ParamsArgs,
+        #[command(flatten)]
+        on_chain: crate::chain::OnChainArgs,
     },
 }
 
@@ -351,6 +353,8 @@ pub enum Models {
         client: ClientArgs,
         #[command(flatten)]
         params: ParamsArgs,
+        #[command(flatten)]
+        on_chain: crate::chain::OnChainArgs,
     },
 }
 
@@ -494,6 +498,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             input_range,
             client,
             params: ParamsArgs { params_dir },
+            on_chain,
         }) => {
             crate::proofs::check_commitment(crate::proofs::CheckArgs {
                 file,
@@ -502,6 +507,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 input_range: input_range.unwrap_or_default(),
                 client,
                 params_dir,
+                on_chain,
             })
             .await
         }
@@ -620,6 +626,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             input,
             self_consistent_only,
             client,
+            on_chain,
         }) => {
             crate::proofs::verify(crate::proofs::VerifyArgs {
                 file,
@@ -629,6 +636,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 input,
                 self_consistent_only,
                 client,
+                on_chain,
             })
             .await
         }

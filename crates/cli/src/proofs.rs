@@ -22,6 +22,7 @@ pub struct VerifyArgs {
     pub input: Option<PathBuf>,
     pub self_consistent_only: bool,
     pub client: ClientArgs,
+    pub on_chain: crate::chain::OnChainArgs,
 }
 
 /// Runs `proofs verify`; an error (non-zero exit) says what did not match.
@@ -31,6 +32,10 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let bundle = ProofBundle::from_json(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     let (expected, record) = match (&args.model, &args.digest, args.self_consistent_only) {
+        // The contract's record alone: no gateway involved.
+        (Some(model_id), None, false) if args.on_chain.chain => {
+            (Some(args.on_chain.digest(model_id).await?), None)
+        }
         (Some(model), None, false) => {
             let client = args.client.client()?;
             let id = resolve_model(&client, model).await?;
@@ -80,6 +85,10 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         "output": bundle.public.output,
         "output_dequantized": modelhub_zk::dequantize_output(&bundle.spec, &bundle.public.output),
     });
+    if args.on_chain.chain {
+        out["model_id"] = args.model.clone().into();
+        out["checked_against"] = "chain".into();
+    }
     if let Some(record) = record {
         out["model_id"] = record["model_id"].clone();
         out["model"] = record["name"].clone();
@@ -154,6 +163,7 @@ pub struct CheckArgs {
     pub input_range: modelhub_core::InputRange,
     pub client: ClientArgs,
     pub params_dir: PathBuf,
+    pub on_chain: crate::chain::OnChainArgs,
 }
 
 /// Compiles the ONNX file as the hub does (deterministic calibration over the declared input
@@ -196,14 +206,21 @@ pub async fn check_commitment(args: CheckArgs) -> anyhow::Result<()> {
     })
     .await??;
     let digest = ModelDigest::of(&local_spec, &commitment);
-    let out = json!({
+    let on_chain = match args.on_chain.chain {
+        true => Some(args.on_chain.digest(&id).await?),
+        false => None,
+    };
+    let mut out = json!({
         "model_id": record["model_id"],
         "model": record["name"],
         "version": record["version"],
         "registered_digest": registered.to_hex(),
         "local_digest": digest.to_hex(),
-        "matches": digest == registered,
+        "matches": digest == registered && on_chain.is_none_or(|c| c == digest),
     });
+    if let Some(c) = &on_chain {
+        out["chain_digest"] = c.to_hex().into();
+    }
     print_json(&out);
     anyhow::ensure!(
         local_spec == spec,
@@ -216,6 +233,10 @@ pub async fn check_commitment(args: CheckArgs) -> anyhow::Result<()> {
         digest == registered,
         "the commitment made with this opening differs from the registered one: other weights, \
          or another opening"
+    );
+    anyhow::ensure!(
+        on_chain.is_none_or(|c| c == digest),
+        "the chain records another digest for this model than the one this file and opening give"
     );
     Ok(())
 }

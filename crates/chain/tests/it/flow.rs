@@ -5,7 +5,7 @@
 
 use alloy::providers::Provider;
 use modelhub_chain::{
-    B256, ChainError, Marketplace, Rejection, Revert, U256, UsageRecord, cid_hash, commitment_word,
+    B256, ChainError, Marketplace, Rejection, Revert, U256, UsageRecord, cid_hash, digest_word,
     local_id, model_key, records_hash,
 };
 
@@ -44,7 +44,7 @@ async fn deploy_register_buy_settle_and_withdraw() {
     // An owner registers a model at 3 credits per call; its key binds the owner.
     let owner = chain.as_account(OWNER).await;
     let model = model_key(Chain::address(OWNER), "acme/digits");
-    let commitment = commitment_word("0x0102").unwrap();
+    let commitment = digest_word(&"01".repeat(32)).unwrap();
     owner
         .register_model(
             local_id("acme/digits"),

@@ -42,15 +42,17 @@ async fn bad_uploads_are_rejected_and_store_nothing(backend: Backend) {
         .unwrap();
     assert_error(&answer, 400, "bad_request", "name");
 
-    // A name and version can be registered once: by another account, or with other bytes,
-    // it is a conflict; the same upload retried answers with the first record.
+    // An owner publishes a name and version once: with other bytes it is a conflict; the
+    // same upload retried answers with the first record. Another account's `digits@1` is its
+    // own model, in its own namespace.
     let first = upload_digits(&creator, "digits", 1).await;
     let rival = cluster.user("rival", 0).await;
-    let again = rival
+    let theirs = rival
         .upload(&ModelUpload::new("digits", "1", 1), digits_bytes())
         .await
         .unwrap();
-    assert_error(&again, 409, "conflict", "digits");
+    assert_eq!(theirs.status, 201, "{:?}", theirs.body);
+    assert_ne!(theirs.body["model_id"], first["model_id"]);
     let other_bytes =
         std::fs::read(modelhub_testkit::test_model("digits_mlp_logits.onnx")).unwrap();
     let again = creator
@@ -65,7 +67,11 @@ async fn bad_uploads_are_rejected_and_store_nothing(backend: Backend) {
     assert_eq!(retried.status, 200, "{:?}", retried.body);
     assert_eq!(retried.body, first);
     let models = creator.get("/v1/models").await.unwrap().ok().unwrap();
-    assert_eq!(models.as_array().unwrap().len(), 1);
+    assert_eq!(
+        models.as_array().unwrap().len(),
+        2,
+        "the creator's and the rival's"
+    );
     cluster.stop().await;
 }
 

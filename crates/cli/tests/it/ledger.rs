@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use modelhub_chain::{Address, Marketplace, U256};
-use modelhub_cli::client::{Answer, Client, KeyFile};
+use modelhub_cli::client::{Answer, Client, KeyFile, ModelUpload};
 use modelhub_cli::up::UpSettings;
 use modelhub_testkit::ScriptServer;
 use serde_json::{Value, json};
 
-use crate::harness::{Cluster, account, assert_error, digits_input, upload_digits};
+use crate::harness::{Cluster, account, assert_error, digits_bytes, digits_input, upload_digits};
 
 /// anvil's well-known development keys (mnemonic "test test ... junk"), by role.
 const ADMIN_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
@@ -323,37 +323,52 @@ impl World {
         let record = upload_digits(creator, "digits", price).await;
         let model_id = record["model_id"].as_str().unwrap().to_owned();
         if self.kind.on_chain() {
-            let chain = self.chain();
-            let key_path = self
-                .cluster
-                .data_dir()
-                .join(format!("{creator_key_name}-api-key.json"));
-            creator.key().write_new(&key_path).unwrap();
-            let registered = chain.cli(&[
-                "register",
-                &model_id,
-                "--wallet-key-file",
-                &chain.key_file(creator_key_name),
-                "--url",
-                creator.base_url(),
-                "--key-file",
-                key_path.to_str().unwrap(),
-            ]);
-            assert_eq!(registered["model_id"], model_id.as_str());
-            let on_chain = chain
-                .admin
-                .get_model(modelhub_chain::model_key(
-                    address_of(CREATOR_KEY),
-                    &model_id,
-                ))
-                .await
-                .unwrap()
-                .expect("registered");
-            assert_eq!(on_chain.owner, address_of(CREATOR_KEY));
-            assert_eq!(on_chain.price_per_call, U256::from(price));
-            assert!(on_chain.active);
+            self.register(creator, creator_key_name, &record).await;
         }
         model_id
+    }
+
+    /// Registers the model of `record` on chain with `modelhub chain register`, from the
+    /// wallet of `creator_key_name` (CREATOR_KEY's), and checks what the chain holds: the
+    /// owner, the price and the model digest.
+    async fn register(&self, creator: &Client, creator_key_name: &str, record: &Value) {
+        let chain = self.chain();
+        let model_id = record["model_id"].as_str().unwrap();
+        let key_path = self
+            .cluster
+            .data_dir()
+            .join(format!("{creator_key_name}-api-key.json"));
+        if !key_path.exists() {
+            creator.key().write_new(&key_path).unwrap();
+        }
+        let registered = chain.cli(&[
+            "register",
+            model_id,
+            "--wallet-key-file",
+            &chain.key_file(creator_key_name),
+            "--url",
+            creator.base_url(),
+            "--key-file",
+            key_path.to_str().unwrap(),
+        ]);
+        assert_eq!(registered["model_id"], model_id);
+        let on_chain = chain
+            .admin
+            .get_model(modelhub_chain::model_key(address_of(CREATOR_KEY), model_id))
+            .await
+            .unwrap()
+            .expect("registered");
+        assert_eq!(on_chain.owner, address_of(CREATOR_KEY));
+        assert_eq!(
+            on_chain.price_per_call,
+            U256::from(record["price"].as_u64().unwrap())
+        );
+        assert!(on_chain.active);
+        // The chain records the model digest (circuit spec and weight commitment together).
+        assert_eq!(
+            on_chain.commitment,
+            modelhub_chain::digest_word(record["digest"].as_str().unwrap()).unwrap()
+        );
     }
 
     /// A creator (wallet: CREATOR_KEY) with the digits model listed at `price`, and a user
@@ -745,5 +760,124 @@ async fn a_model_deactivated_after_use() {
     let again = world.settle().await;
     assert_eq!(again["batches"][0]["attempts"], 1, "{again}");
     assert_eq!(account(&user).await["credits"], 10);
+    world.stop().await;
+}
+
+/// `proofs verify --chain` checks a proof against the digest the marketplace contract records
+/// for the model, through the RPC URL alone (no gateway); `models check-commitment --chain`
+/// compares the owner's file and opening with it too. A model registered by another wallet (or
+/// not at all) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proofs_and_commitments_check_against_the_chain_record() {
+    let world = World::start(Kind::Anvil).await;
+    let chain = world.chain();
+    let creator = world.account("creator", CREATOR_KEY).await;
+    let user = world.account("user", USER_KEY).await;
+    let upload = creator
+        .upload(&ModelUpload::new("digits", "1", 1), digits_bytes())
+        .await
+        .unwrap();
+    assert_eq!(upload.status, 201, "{:?}", upload.body);
+    let model_id = upload.body["model_id"].as_str().unwrap().to_owned();
+    world.register(&creator, "creator", &upload.body).await;
+    world.buy(&user, "user", 5).await;
+
+    let predicted = user
+        .post(
+            &format!("/v1/models/{model_id}/predict"),
+            &json!({ "inputs": digits_input(0), "proof": true }),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let job = predicted["proof_job"].as_str().expect("a proof job");
+    let proof = user
+        .get(&format!("/v1/proofs/{job}?wait=60"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(proof["status"], "done", "{proof}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proof.json");
+    std::fs::write(&file, serde_json::to_vec(&proof["proof"]).unwrap()).unwrap();
+    let params = dir.path().join("params");
+
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_modelhub"))
+            .args(args)
+            .args([
+                "--chain-rpc",
+                &chain.anvil.uri,
+                "--marketplace",
+                &chain.marketplace(),
+            ])
+            .arg("--params-dir")
+            .arg(&params)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let verify = |owner: &str| {
+        run(&[
+            "proofs",
+            "verify",
+            file.to_str().unwrap(),
+            "--model",
+            &model_id,
+            "--chain",
+            "--owner",
+            owner,
+        ])
+    };
+    let out = verify(&wallet_of(CREATOR_KEY));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verdict["valid"], true);
+    assert_eq!(verdict["checked_against"], "chain");
+    assert_eq!(verdict["model_digest"], upload.body["digest"]);
+    let out = verify(&wallet_of(USER_KEY));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not registered on chain"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The owner checks the file and the upload's opening against the registry and the chain.
+    let answer = dir.path().join("upload.json");
+    std::fs::write(&answer, upload.body.to_string()).unwrap();
+    let key_file = dir.path().join("creator.json");
+    creator.key().write_new(&key_file).unwrap();
+    let model_path = modelhub_testkit::test_model("digits_mlp.onnx");
+    let out = run(&[
+        "models",
+        "check-commitment",
+        model_path.to_str().unwrap(),
+        "--opening",
+        answer.to_str().unwrap(),
+        "--model",
+        &model_id,
+        "--url",
+        creator.base_url(),
+        "--key-file",
+        key_file.to_str().unwrap(),
+        "--chain",
+        "--owner",
+        &wallet_of(CREATOR_KEY),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["chain_digest"], upload.body["digest"]);
+    assert_eq!(report["matches"], true);
     world.stop().await;
 }

@@ -87,8 +87,17 @@ async fn deleting_a_model_removes_its_blob(backend: Backend) {
         .await
         .unwrap();
     assert_error(&answer, 404, "not_found", "");
-    // The name and version can be used again.
-    upload_digits(&creator, "digits", 1).await;
+    // The version stays taken (versions are immutable); a new version is fine.
+    let again = creator
+        .upload(&ModelUpload::new("digits", "1", 1), digits_bytes())
+        .await
+        .unwrap();
+    assert_error(&again, 409, "conflict", "immutable");
+    let next = creator
+        .upload(&ModelUpload::new("digits", "2", 1), digits_bytes())
+        .await
+        .unwrap();
+    assert_eq!(next.status, 201, "{:?}", next.body);
     cluster.stop().await;
 }
 
@@ -192,10 +201,7 @@ async fn racing_uploads_of_one_name_leave_no_orphan_blobs() {
     for version in ["1", "2", "3", "4"] {
         let upload = || async {
             racer
-                .upload(
-                    &modelhub_cli::client::ModelUpload::new("digits", version, 1),
-                    digits_bytes(),
-                )
+                .upload(&ModelUpload::new("digits", version, 1), digits_bytes())
                 .await
                 .unwrap()
         };
@@ -267,11 +273,7 @@ async fn uploads_in_progress_are_capped_per_account() {
         let sha = sha.clone();
         held.push(tokio::spawn(async move {
             creator
-                .upload_stream(
-                    &modelhub_cli::client::ModelUpload::new(&format!("held{i}"), "1", 1),
-                    &sha,
-                    body,
-                )
+                .upload_stream(&ModelUpload::new(&format!("held{i}"), "1", 1), &sha, body)
                 .await
         }));
     }
@@ -293,10 +295,7 @@ async fn uploads_in_progress_are_capped_per_account() {
         "two are still in progress"
     );
     let answer = other
-        .upload(
-            &modelhub_cli::client::ModelUpload::new("others", "1", 1),
-            digits_bytes(),
-        )
+        .upload(&ModelUpload::new("others", "1", 1), digits_bytes())
         .await
         .unwrap();
     assert_eq!(answer.status, 201, "{:?}", answer.body);

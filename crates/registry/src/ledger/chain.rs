@@ -763,9 +763,10 @@ impl ChainLedger {
                 id = model.model_id
             )));
         };
-        let commitment = match &model.commitment {
-            Some(c) => modelhub_chain::commitment_word(c)
-                .map_err(|e| RegistryError::store(format!("stored commitment: {e}")))?,
+        // The chain records the model digest (spec and weight commitment together).
+        let digest = match &model.digest {
+            Some(d) => modelhub_chain::digest_word(d)
+                .map_err(|e| RegistryError::store(format!("stored digest: {e}")))?,
             None => B256::ZERO,
         };
         let id = &model.model_id;
@@ -783,8 +784,8 @@ impl ChainLedger {
             )
         } else if on_chain.cid_hash != modelhub_chain::cid_hash(&model.cid) {
             format!("model {id}'s on-chain CID hash differs from its CID")
-        } else if on_chain.commitment != commitment {
-            format!("model {id}'s on-chain commitment differs from its weight commitment")
+        } else if on_chain.commitment != digest {
+            format!("model {id}'s on-chain digest differs from its model digest")
         } else {
             return Ok(Check::Chargeable);
         };
