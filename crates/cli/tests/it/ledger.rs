@@ -320,7 +320,19 @@ impl World {
     /// Uploads the digits model as `creator` at `price`; with a chain, registers it on chain
     /// with the binary from the creator's wallet (after checking it can't be used before).
     async fn list_model(&self, creator: &Client, creator_key_name: &str, price: u64) -> String {
-        let record = upload_digits(creator, "digits", price).await;
+        self.list_model_named(creator, creator_key_name, "digits", price)
+            .await
+    }
+
+    /// [`list_model`](Self::list_model) under another name.
+    async fn list_model_named(
+        &self,
+        creator: &Client,
+        creator_key_name: &str,
+        name: &str,
+        price: u64,
+    ) -> String {
+        let record = upload_digits(creator, name, price).await;
         let model_id = record["model_id"].as_str().unwrap().to_owned();
         if self.kind.on_chain() {
             self.register(creator, creator_key_name, &record).await;
@@ -725,16 +737,24 @@ async fn the_chain_node_goes_away() {
 }
 
 /// A creator deactivates a model on chain after it was used: new predictions are refused with
-/// the reason; the batch holding the earlier usage settles, its record skipped by the contract
-/// (`ModelInactive`) and reported, nothing debited on chain, and the user's credits given back
-/// off chain. The batch is not sent again.
+/// the reason; the batch holding the earlier usage (and good usage of another model) settles:
+/// the bad record skipped by the contract (`ModelInactive`) and reported, the good ones debited
+/// and earned, and the bad record's credits given back off chain. The batch is not sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_deactivated_after_use() {
     let world = World::start(Kind::Anvil).await;
     let chain = world.chain();
-    let (_creator, user, model_id) = world.listing(2, 10).await;
+    let (creator, user, model_id) = world.listing(2, 10).await;
     assert_eq!(predict(&user, &model_id).await.status, 200);
     assert_eq!(account(&user).await["credits"], 8);
+    // Good usage of another model goes into the same batch as the record that will go bad.
+    let other = world
+        .list_model_named(&creator, "creator", "other", 1)
+        .await;
+    for _ in 0..3 {
+        assert_eq!(predict(&user, &other).await.status, 200);
+    }
+    assert_eq!(account(&user).await["credits"], 5);
 
     let as_creator = chain.as_wallet(CREATOR_KEY).await;
     as_creator
@@ -754,12 +774,16 @@ async fn a_model_deactivated_after_use() {
         batch["error"].as_str().unwrap().contains("ModelInactive"),
         "{ledger}"
     );
-    assert_eq!(chain.credits_of(USER_KEY).await, 10);
-    assert_eq!(account(&user).await["credits"], 10);
+    assert_eq!(batch["receipts"], 4, "{ledger}");
+    // The bad record is skipped, the good ones settle: the other model's 3 calls are debited on
+    // chain and earned by the creator; the deactivated model's 2 credits come back off chain.
+    assert_eq!(chain.credits_of(USER_KEY).await, 7);
+    assert_eq!(chain.earnings_of(CREATOR_KEY).await, 3);
+    assert_eq!(account(&user).await["credits"], 7);
     // Not sent again, not given back twice.
     let again = world.settle().await;
     assert_eq!(again["batches"][0]["attempts"], 1, "{again}");
-    assert_eq!(account(&user).await["credits"], 10);
+    assert_eq!(account(&user).await["credits"], 7);
     world.stop().await;
 }
 
