@@ -26,7 +26,7 @@ use modelhub_cli::client::{Client, KeyFile};
 use serde_json::{Value, json};
 
 use crate::harness::digits_input;
-use crate::processes::{Service, modelhub, serve, serve_on, up};
+use crate::processes::{Service, free_loopback_addr, modelhub, serve, serve_on, up};
 
 /// Seconds a hold lives before the registry's sweep returns it.
 const HOLD_TIMEOUT_SECS: &str = "2";
@@ -656,12 +656,7 @@ async fn a_full_proof_queue_answers_503_and_charges_nothing() {
 async fn proof_jobs_survive_a_killed_modelhub_up() {
     const JOBS: usize = 4;
     let data = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let http = format!("127.0.0.1:{port}");
+    let http = free_loopback_addr();
     let mut child = up(data.path(), &http);
     let url = child.addr.clone();
     let admin = Client::new(

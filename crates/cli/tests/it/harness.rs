@@ -264,3 +264,25 @@ pub fn assert_matches_onnxruntime(answer: &Value, case: usize) {
         );
     }
 }
+
+/// A predict with `"proof": true`, and its proof job once finished (or failed; waits up to
+/// 60 s): the predict answer and the proof answer.
+pub async fn predict_with_proof(user: &Client, model_id: &str, inputs: &Value) -> (Value, Value) {
+    let predicted = user
+        .post(
+            &format!("/v1/models/{model_id}/predict"),
+            &json!({ "inputs": inputs, "proof": true }),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let job = predicted["proof_job"].as_str().expect("a proof job id");
+    let proof = user
+        .get(&format!("/v1/proofs/{job}?wait=60"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    (predicted, proof)
+}

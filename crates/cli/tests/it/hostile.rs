@@ -10,7 +10,7 @@ use modelhub_zk::onnx::{
 };
 
 use crate::harness::{assert_matches_onnxruntime, digits_bytes, digits_input};
-use crate::processes::up;
+use crate::processes::{free_loopback_addr, up};
 
 /// Bound on the growth of the peak resident memory of `modelhub up` over all the bombs: the
 /// bombs declare up to 2^62 values (2^24 alone would be 64 MiB of floats, the issue's
@@ -86,12 +86,7 @@ fn peak_bytes(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shape_bombs_get_a_clean_answer_within_a_memory_bound() {
     let data = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let up = up(data.path(), &format!("127.0.0.1:{port}"));
+    let up = up(data.path(), &free_loopback_addr());
     let admin = Client::new(
         &up.addr,
         KeyFile::read(&data.path().join("admin-key.json")).unwrap(),

@@ -18,7 +18,9 @@ use modelhub_cli::up::UpSettings;
 use modelhub_testkit::ScriptServer;
 use serde_json::{Value, json};
 
-use crate::harness::{Cluster, account, assert_error, digits_bytes, digits_input, upload_digits};
+use crate::harness::{
+    Cluster, account, assert_error, digits_bytes, digits_input, predict_with_proof, upload_digits,
+};
 
 /// anvil's well-known development keys (mnemonic "test test ... junk"), by role.
 const ADMIN_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
@@ -806,22 +808,7 @@ async fn proofs_and_commitments_check_against_the_chain_record() {
     world.register(&creator, "creator", &upload.body).await;
     world.buy(&user, "user", 5).await;
 
-    let predicted = user
-        .post(
-            &format!("/v1/models/{model_id}/predict"),
-            &json!({ "inputs": digits_input(0), "proof": true }),
-        )
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    let job = predicted["proof_job"].as_str().expect("a proof job");
-    let proof = user
-        .get(&format!("/v1/proofs/{job}?wait=60"))
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+    let (_, proof) = predict_with_proof(&user, &model_id, &digits_input(0)).await;
     assert_eq!(proof["status"], "done", "{proof}");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("proof.json");

@@ -53,6 +53,17 @@ pub(crate) fn serve_on(svc: &str, listen: &str, args: &[&str]) -> Service {
     Service { child, addr }
 }
 
+/// A loopback `host:port` free right now (for a process that must keep its port across
+/// restarts).
+pub(crate) fn free_loopback_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// `modelhub up` as a process (killed when dropped), started on `http` with `data`; its `addr`
 /// is the gateway URL.
 pub(crate) fn up(data: &std::path::Path, http: &str) -> Service {

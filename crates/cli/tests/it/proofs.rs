@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use modelhub_cli::client::{Client, ModelUpload};
+use modelhub_cli::client::ModelUpload;
 use serde_json::{Value, json};
 
 use crate::harness::*;
@@ -17,28 +17,6 @@ fn logits_case(case: usize) -> Value {
         .unwrap();
     let expected: Value = serde_json::from_str(&text).unwrap();
     expected["cases"][case].clone()
-}
-
-/// A predict with `"proof": true`, and its proof job once finished (or failed): the predict
-/// answer and the proof answer.
-async fn predict_with_proof(user: &Client, model_id: &str, inputs: &Value) -> (Value, Value) {
-    let predicted = user
-        .post(
-            &format!("/v1/models/{model_id}/predict"),
-            &json!({ "inputs": inputs, "proof": true }),
-        )
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    let job = predicted["proof_job"].as_str().expect("a proof job id");
-    let proof = user
-        .get(&format!("/v1/proofs/{job}?wait=60"))
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    (predicted, proof)
 }
 
 fn verify_file(path: &std::path::Path, params: &std::path::Path) -> std::process::Output {
