@@ -490,3 +490,100 @@ async fn a_stalled_model_load_does_not_hold_up_another_model() {
     busy.await.unwrap().unwrap().unwrap();
     stalled.await.unwrap().unwrap();
 }
+
+/// The circuit compiler reads a graph as ONNX Runtime runs it: on MLPs with and without
+/// `Relu`, and behind `Flatten` (axis 0 and 1, opset 18) over a `[1, 2, 4, 4]` input,
+/// the compiler's float model (`modelhub_zk::onnx::parse(..).forward`) gives ONNX Runtime's
+/// outputs. Graphs it would read otherwise are refused (`Flatten` axis 2 here; the element
+/// type cases are unit tests of `crates/zk/src/onnx.rs`).
+#[test]
+fn the_circuit_compiler_reads_graphs_as_onnx_runtime_runs_them() {
+    use modelhub_zk::onnx::{
+        AttributeProto, ModelProto, NodeProto, float_input, mlp_onnx, parse, random_dense,
+    };
+    use prost::Message;
+
+    let typed = |bytes: Vec<u8>, input_dims: &[i64], flatten_axis: Option<i64>| {
+        let mut model = ModelProto::decode(bytes.as_slice()).unwrap();
+        let graph = model.graph.as_mut().unwrap();
+        let outputs = graph.initializer[graph.initializer.len() - 2].dims[0];
+        graph.output[0] = float_input("output", &[input_dims[0], outputs]);
+        if let Some(axis) = flatten_axis {
+            graph.input[0] = float_input("image", input_dims);
+            graph.node.insert(
+                0,
+                NodeProto {
+                    input: vec!["image".into()],
+                    output: vec!["input".into()],
+                    name: "Flatten".into(),
+                    op_type: "Flatten".into(),
+                    attribute: vec![AttributeProto {
+                        name: "axis".into(),
+                        i: axis,
+                        r#type: 2, // INT
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            );
+            model.opset_import[0].version = 18;
+        }
+        model.encode_to_vec()
+    };
+    let layers = |relu: bool, seed: u64| {
+        vec![
+            random_dense(32, 12, relu, seed, 2.0),
+            random_dense(12, 5, false, seed + 1, 2.0),
+        ]
+    };
+    let cases = [
+        ("MLP", typed(mlp_onnx(&layers(false, 1)), &[1, 32], None)),
+        (
+            "MLP with Relu",
+            typed(mlp_onnx(&layers(true, 3)), &[1, 32], None),
+        ),
+        (
+            "Flatten axis 1",
+            typed(mlp_onnx(&layers(true, 5)), &[1, 2, 4, 4], Some(1)),
+        ),
+        (
+            "Flatten axis 0",
+            typed(mlp_onnx(&layers(true, 7)), &[1, 2, 4, 4], Some(0)),
+        ),
+    ];
+    for (what, bytes) in &cases {
+        let float = parse(bytes).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut ort = modelhub_onnx::load(bytes, 1).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let dims: Vec<i64> = if what.starts_with("Flatten") {
+            vec![1, 2, 4, 4]
+        } else {
+            vec![1, 32]
+        };
+        let name = if what.starts_with("Flatten") {
+            "image"
+        } else {
+            "input"
+        };
+        for seed in 0..8u32 {
+            let x: Vec<f32> = (0..32u32)
+                .map(|i| ((i * 7 + seed * 13) % 17) as f32 / 17.0)
+                .collect();
+            let want = ort
+                .run(&[Tensor::from_f32(name, dims.clone(), &x).unwrap()])
+                .unwrap()[0]
+                .as_f32()
+                .unwrap();
+            let got = float.forward(&x);
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{what}: {got:?} vs {want:?}"
+                );
+            }
+        }
+    }
+    // Flatten to a matrix (axis 2) runs in ONNX Runtime but is not what the circuit computes.
+    let matrix = typed(mlp_onnx(&layers(true, 9)), &[1, 2, 4, 4], Some(2));
+    assert!(parse(&matrix).is_err());
+}
