@@ -54,6 +54,27 @@ pub struct Deposit {
     pub position: u32,
 }
 
+/// One `RefundRequested` event: `user` asked for `credits` back (replacing any earlier request),
+/// claimable from `not_before`; located as a [`Deposit`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest {
+    pub user: Address,
+    pub credits: U256,
+    pub not_before: U256,
+    pub block: u64,
+    pub tx_hash: B256,
+    pub log_index: u64,
+    pub position: u32,
+}
+
+/// Where a log is.
+struct At {
+    block: u64,
+    tx_hash: B256,
+    log_index: u64,
+    position: u32,
+}
+
 /// Why the contract skipped a usage record (`UsageRejected.reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
@@ -431,13 +452,57 @@ impl Marketplace {
     /// The `CreditsBought` events of blocks `from_block..=to_block`, in chain order. Asks the
     /// node for at most [`Marketplace::with_log_range`] blocks at a time. An empty range (`from > to`) has none.
     pub async fn deposits(&self, from_block: u64, to_block: u64) -> Result<Vec<Deposit>> {
+        let logs = self
+            .events::<Contract::CreditsBought>(from_block, to_block)
+            .await?;
+        Ok(logs
+            .into_iter()
+            .map(|(e, at)| Deposit {
+                buyer: e.buyer,
+                credits: e.credits,
+                amount_wei: e.amountWei,
+                block: at.block,
+                tx_hash: at.tx_hash,
+                log_index: at.log_index,
+                position: at.position,
+            })
+            .collect())
+    }
+
+    /// The `RefundRequested` events of blocks `from_block..=to_block`, in chain order (as
+    /// [`deposits`](Self::deposits)).
+    pub async fn refund_requests(
+        &self,
+        from_block: u64,
+        to_block: u64,
+    ) -> Result<Vec<RefundRequest>> {
+        let logs = self
+            .events::<Contract::RefundRequested>(from_block, to_block)
+            .await?;
+        Ok(logs
+            .into_iter()
+            .map(|(e, at)| RefundRequest {
+                user: e.user,
+                credits: e.credits,
+                not_before: e.notBefore,
+                block: at.block,
+                tx_hash: at.tx_hash,
+                log_index: at.log_index,
+                position: at.position,
+            })
+            .collect())
+    }
+
+    /// The contract's `E` events of blocks `from_block..=to_block`, decoded, in chain order,
+    /// each with where it is; `position` counts the `E` events of its transaction from 0.
+    async fn events<E: SolEvent>(&self, from_block: u64, to_block: u64) -> Result<Vec<(E, At)>> {
         let mut out = Vec::new();
         let mut start = from_block;
         while start <= to_block {
             let end = start.saturating_add(self.log_range - 1).min(to_block);
             let filter = Filter::new()
                 .address(self.address())
-                .event_signature(Contract::CreditsBought::SIGNATURE_HASH)
+                .event_signature(E::SIGNATURE_HASH)
                 .from_block(start)
                 .to_block(end);
             let logs = self
@@ -451,37 +516,36 @@ impl Marketplace {
                 let (Some(block), Some(tx_hash), Some(log_index)) =
                     (log.block_number, log.transaction_hash, log.log_index)
                 else {
-                    return Err(ChainError::Rpc(
-                        "the node returned a CreditsBought log without its position".into(),
-                    ));
+                    return Err(ChainError::Rpc(format!(
+                        "the node returned a {} log without its position",
+                        E::SIGNATURE
+                    )));
                 };
-                let event = log
-                    .log_decode::<Contract::CreditsBought>()
-                    .map_err(|e| ChainError::Rpc(format!("undecodable CreditsBought log: {e}")))?;
-                out.push(Deposit {
-                    buyer: event.inner.buyer,
-                    credits: event.inner.credits,
-                    amount_wei: event.inner.amountWei,
+                let event = log.log_decode::<E>().map_err(|e| {
+                    ChainError::Rpc(format!("undecodable {} log: {e}", E::SIGNATURE))
+                })?;
+                let at = At {
                     block,
                     tx_hash,
                     log_index,
                     position: 0,
-                });
+                };
+                out.push((event.inner.data, at));
             }
             if end == to_block {
                 break;
             }
             start = end + 1;
         }
-        out.sort_by_key(|d| (d.block, d.log_index));
+        out.sort_by_key(|(_, at)| (at.block, at.log_index));
         // A transaction's logs are all in one block, so the range holds all of them.
         let mut previous: Option<(B256, u32)> = None;
-        for d in &mut out {
-            d.position = match previous {
-                Some((tx, n)) if tx == d.tx_hash => n + 1,
+        for (_, at) in &mut out {
+            at.position = match previous {
+                Some((tx, n)) if tx == at.tx_hash => n + 1,
                 _ => 0,
             };
-            previous = Some((d.tx_hash, d.position));
+            previous = Some((at.tx_hash, at.position));
         }
         Ok(out)
     }

@@ -135,6 +135,49 @@ pub async fn grant_once(store: Store) {
     );
 }
 
+/// A debit with an id takes at most the balance, once, whatever the retries and races.
+pub async fn debit_once(store: Store) {
+    let a = store
+        .create_account(new_account("refunding", 10))
+        .await
+        .unwrap();
+    assert_eq!(store.debit_once(&a.account_id, 4, "r1").await.unwrap(), 4);
+    assert_eq!(store.debit_once(&a.account_id, 4, "r1").await.unwrap(), 4);
+    // A retry is answered with what the first call took, whatever it asks.
+    assert_eq!(store.debit_once(&a.account_id, 9, "r1").await.unwrap(), 4);
+    assert_eq!(store.get_account(&a.account_id).await.unwrap().credits, 6);
+    // More than the balance takes the balance.
+    assert_eq!(store.debit_once(&a.account_id, 100, "r2").await.unwrap(), 6);
+    assert_eq!(store.debit_once(&a.account_id, 5, "r3").await.unwrap(), 0);
+    assert_eq!(store.get_account(&a.account_id).await.unwrap().credits, 0);
+    assert_eq!(
+        code(store.debit_once("acct_missing", 1, "x").await),
+        ErrorCode::NotFound
+    );
+    // Racing debits under distinct ids never take more than there is; racing retries of one
+    // id take once.
+    store.grant_once(&a.account_id, 45, "refill").await.unwrap();
+    let racing = (0..12).map(|i| {
+        let store = store.clone();
+        let account = a.account_id.clone();
+        let id = if i % 2 == 0 {
+            "same".to_owned()
+        } else {
+            format!("d{i}")
+        };
+        tokio::spawn(async move { (id.clone(), store.debit_once(&account, 7, &id).await) })
+    });
+    let mut taken = std::collections::HashMap::new();
+    for r in futures::future::join_all(racing).await {
+        let (id, t) = r.unwrap();
+        let t = t.unwrap();
+        assert_eq!(*taken.entry(id).or_insert(t), t, "one id, one amount");
+    }
+    let total: u64 = taken.values().sum();
+    assert_eq!(total, 45, "{taken:?}");
+    assert_eq!(store.get_account(&a.account_id).await.unwrap().credits, 0);
+}
+
 /// Deleting a model frees its name and version; a second delete finds nothing.
 pub async fn delete_model(store: Store) {
     let owner = store.create_account(new_account("owner", 0)).await.unwrap();
@@ -295,6 +338,7 @@ where
     delete_model(store.clone()).await;
     handles_and_namespaces(store.clone()).await;
     grant_once(store.clone()).await;
+    debit_once(store.clone()).await;
     concurrent_reserve(store.clone()).await;
     wallets(store.clone()).await;
     unsettled_receipts(store.clone()).await;

@@ -296,11 +296,21 @@ async fn roles_pause_and_refunds() {
         buyer.daily_cap_of(Chain::address(BUYER)).await.unwrap(),
         U256::from(2)
     );
-    buyer.request_refund(U256::from(4)).await.unwrap();
+    let from = buyer.block_number().await.unwrap() + 1;
+    let tx = buyer.request_refund(U256::from(4)).await.unwrap();
+    let (requested, not_before) = buyer.refund_of(Chain::address(BUYER)).await.unwrap();
+    assert_eq!(requested, U256::from(4));
+    // The registry follows the request through its event.
+    let head = buyer.block_number().await.unwrap();
+    let requests = buyer.refund_requests(from, head).await.unwrap();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let r = &requests[0];
     assert_eq!(
-        buyer.refund_of(Chain::address(BUYER)).await.unwrap().0,
-        U256::from(4)
+        (r.user, r.credits, r.not_before, r.tx_hash, r.position),
+        (Chain::address(BUYER), U256::from(4), not_before, tx, 0)
     );
+    // Another event kind in the range is not a refund request.
+    assert!(buyer.refund_requests(0, from - 1).await.unwrap().is_empty());
     next.set_paused(true).await.unwrap();
     assert!(buyer.paused().await.unwrap());
     match buyer.buy_credits(U256::from(1)).await {

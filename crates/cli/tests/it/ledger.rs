@@ -166,6 +166,14 @@ impl Chain {
         u64::try_from(earnings).unwrap()
     }
 
+    /// [`cli`](Self::cli) as the wallet of `name`, on the test's marketplace.
+    fn wallet_cli(&self, name: &str, args: &[&str]) -> Value {
+        let (key, market) = (self.key_file(name), self.marketplace());
+        let mut all = args.to_vec();
+        all.extend(["--wallet-key-file", &key, "--marketplace", &market]);
+        self.cli(&all)
+    }
+
     /// Runs `modelhub chain ARGS... --chain-rpc URL` and returns its JSON answer.
     fn cli(&self, args: &[&str]) -> Value {
         let out = Command::new(env!("CARGO_BIN_EXE_modelhub"))
@@ -286,15 +294,7 @@ impl World {
     async fn buy(&self, user: &Client, wallet: &str, credits: u64) {
         let before = account(user).await["credits"].as_u64().unwrap();
         if let Some(chain) = &self.chain {
-            let bought = chain.cli(&[
-                "buy",
-                "--credits",
-                &credits.to_string(),
-                "--wallet-key-file",
-                &chain.key_file(wallet),
-                "--marketplace",
-                &chain.marketplace(),
-            ]);
+            let bought = chain.wallet_cli(wallet, &["buy", "--credits", &credits.to_string()]);
             assert_eq!(bought["credits"], credits);
             // Not finalized yet (anvil finalizes 64 blocks below the head): not counted.
             self.settle().await;
@@ -506,13 +506,7 @@ async fn buy_predict_settle_withdraw(kind: Kind) {
             assert_eq!(chain.credits_of(USER_KEY).await, 1);
 
             // The creator is paid by the contract.
-            let paid = chain.cli(&[
-                "withdraw",
-                "--wallet-key-file",
-                &chain.key_file("creator"),
-                "--marketplace",
-                &chain.marketplace(),
-            ]);
+            let paid = chain.wallet_cli("creator", &["withdraw"]);
             assert_eq!(paid["credits"], "9");
             assert_eq!(paid["wei"], (9 * RATE).to_string());
             assert_eq!(chain.earnings_of(CREATOR_KEY).await, 0);
@@ -649,15 +643,7 @@ async fn a_deposit_before_its_account() {
     let chain = world.chain();
     let creator = world.account("creator", CREATOR_KEY).await;
     let model_id = world.list_model(&creator, "creator", 1).await;
-    chain.cli(&[
-        "buy",
-        "--credits",
-        "4",
-        "--wallet-key-file",
-        &chain.key_file("late"),
-        "--marketplace",
-        &chain.marketplace(),
-    ]);
+    chain.wallet_cli("late", &["buy", "--credits", "4"]);
     chain.mine(64).await;
     world.settle().await;
 
@@ -787,6 +773,66 @@ async fn a_model_deactivated_after_use() {
     assert_eq!(again["batches"][0]["attempts"], 1, "{again}");
     assert_eq!(account(&user).await["credits"], 7);
     world.stop().await;
+}
+
+/// A user asks for unspent credits back on chain (`modelhub chain refund-request`): once the
+/// request is final, the registry takes them from the off-chain balance too (at most what is
+/// left), once; a request that replaces it takes again from what is left. After the lock the
+/// contract pays at most what is left on chain, and nothing is spendable twice.
+async fn refunds_leave_the_off_chain_balance_too(kind: Kind) {
+    let world = World::start(kind).await;
+    let chain = world.chain();
+    let (creator, user, model_id) = world.listing(1, 10).await;
+    assert_eq!(predict(&user, &model_id).await.status, 200);
+    assert_eq!(account(&user).await["credits"], 9);
+    let asked = chain.wallet_cli("user", &["refund-request", "--credits", "4"]);
+    assert_eq!(asked["credits"], "4");
+    // Not final yet: not counted.
+    world.settle().await;
+    assert_eq!(account(&user).await["credits"], 9);
+    chain.mine(64).await;
+    world.settle().await;
+    assert_eq!(account(&user).await["credits"], 5);
+    // The prediction's usage settled on chain meanwhile.
+    assert_eq!(chain.credits_of(USER_KEY).await, 9);
+    assert_eq!(chain.earnings_of(CREATOR_KEY).await, 1);
+    // Counted once, whatever the restarts.
+    let world = world.restart().await;
+    let user = world.key_for(&user.key().account_id).await;
+    let creator = world.key_for(&creator.key().account_id).await;
+    let chain = world.chain();
+    world.settle().await;
+    assert_eq!(account(&user).await["credits"], 5);
+
+    // A new request replaces the first; it takes what is left off chain.
+    chain.wallet_cli("user", &["refund-request", "--credits", "9"]);
+    chain.mine(64).await;
+    world.settle().await;
+    assert_eq!(account(&user).await["credits"], 0);
+    let answer = predict(&user, &model_id).await;
+    assert_error(&answer, 402, "payment_required", "insufficient credits");
+
+    chain.advance(2 * 86_400).await;
+    let claimed = chain.wallet_cli("user", &["refund-claim"]);
+    assert_eq!(claimed["credits"], "9");
+    assert_eq!(chain.credits_of(USER_KEY).await, 0);
+    chain.mine(64).await;
+    world.settle().await;
+    assert_eq!(account(&user).await["credits"], 0);
+    // The creator's earning is untouched.
+    assert_eq!(account(&creator).await["earnings"], 1);
+    world.stop().await;
+}
+
+mod refunds_leave_the_off_chain_balance_too {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn anvil() {
+        super::refunds_leave_the_off_chain_balance_too(super::Kind::Anvil).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn anvil_mongodb() {
+        super::refunds_leave_the_off_chain_balance_too(super::Kind::AnvilMongoDb).await
+    }
 }
 
 /// `proofs verify --chain` checks a proof against the digest the marketplace contract records

@@ -11,6 +11,15 @@
 //! cursor. A deposit from a wallet no account has yet creates an account for that wallet (id
 //! derived from the address), so nothing bought is lost; an admin then gives it keys.
 //!
+//! **Refund requests.** The same poll reads the `RefundRequested` logs of the same blocks and
+//! applies them in chain order with the deposits: each takes the credits asked for from the
+//! user's off-chain balance, at most what it holds (`debit_once(.., "chain-refund:<tx
+//! hash>:<position in tx>")`), so what the contract will pay back can't be spent off chain too.
+//! The contract pays at most the credits left on chain when the refund is claimed, after a lock
+//! that covers unsettled usage, so the off-chain balance never exceeds the chain's. A request
+//! that replaces an earlier one takes again from what is left: credits taken for the replaced
+//! one stay on chain, and a later request gets them back in ETH.
+//!
 //! **Settlement.** Committed receipts are gathered, oldest first, into batches of at most
 //! `settle_batch_size`; each batch is written to the store (its receipts marked) *before* it is
 //! sent. Its id is a hash of the operator and its receipt ids (and a round number, bumped when
@@ -36,7 +45,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use modelhub_chain::{
-    Address, B256, ChainError, Deposit, Marketplace, Rejection, Revert, U256, UsageRecord,
+    Address, B256, ChainError, Deposit, Marketplace, RefundRequest, Rejection, Revert, U256,
+    UsageRecord,
 };
 use modelhub_core::{ErrorCode, id};
 use tokio::sync::Mutex;
@@ -46,6 +56,22 @@ use super::{Ledger, LedgerStatus};
 use crate::error::{RegistryError, Result};
 use crate::model::{Account, BatchState, Model, Receipt, SettlementBatch};
 use crate::store::MetadataStore;
+
+/// What the ledger follows on chain.
+enum Followed {
+    Deposit(Deposit),
+    Refund(RefundRequest),
+}
+
+impl Followed {
+    /// Where it is in the chain.
+    fn at(&self) -> (u64, u64) {
+        match self {
+            Followed::Deposit(d) => (d.block, d.log_index),
+            Followed::Refund(r) => (r.block, r.log_index),
+        }
+    }
+}
 
 /// Chain-ledger settings: given `--chain-rpc`, the registry uses the chain ledger.
 #[derive(Clone, clap::Args)]
@@ -333,8 +359,20 @@ impl ChainLedger {
         while from <= safe {
             let to = safe.min(from.saturating_add(FOLLOW_STEP - 1));
             let deposits = self.market.deposits(from, to).await.map_err(chain_error)?;
-            for d in deposits {
-                self.count_deposit(&d).await?;
+            let refunds = self
+                .market
+                .refund_requests(from, to)
+                .await
+                .map_err(chain_error)?;
+            // In chain order: a refund request takes from the deposits before it.
+            let mut events: Vec<Followed> = deposits.into_iter().map(Followed::Deposit).collect();
+            events.extend(refunds.into_iter().map(Followed::Refund));
+            events.sort_by_key(Followed::at);
+            for event in events {
+                match event {
+                    Followed::Deposit(d) => self.count_deposit(&d).await?,
+                    Followed::Refund(r) => self.hold_refund(&r).await?,
+                }
             }
             self.store.set_cursor(&self.cursor, to).await?;
             from = to + 1;
@@ -367,6 +405,24 @@ impl ChainLedger {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Takes the credits a user asked back on chain from their off-chain balance (at most what
+    /// it holds), once per request: what the contract will pay back must not be spent here too.
+    async fn hold_refund(&self, r: &RefundRequest) -> Result<()> {
+        let wallet = modelhub_chain::wallet_string(r.user);
+        let Some(account) = self.store.find_account_by_wallet(&wallet).await? else {
+            info!(%wallet, credits = %r.credits, "refund requested by a wallet no account has; nothing to hold");
+            return Ok(());
+        };
+        let credits = u64::try_from(r.credits).unwrap_or(u64::MAX);
+        let debit_id = format!("chain-refund:{}:{}", b256_hex(r.tx_hash), r.position);
+        let taken = self
+            .store
+            .debit_once(&account.account_id, credits, &debit_id)
+            .await?;
+        info!(%wallet, account = %account.account_id, requested = credits, taken, block = r.block, "refund request counted");
+        Ok(())
     }
 
     /// Records a deposit that can't be counted (a cursor named after it, holding its block) and

@@ -83,6 +83,13 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// check and the credit are one atomic operation.
     async fn grant_once(&self, account_id: &str, amount: u64, grant_id: &str) -> Result<Account>;
 
+    /// Takes up to `amount` credits from the account (all it has when that is less), at most
+    /// once per `debit_id`, and returns the credits taken; a retry with the same id changes
+    /// nothing and returns what the first call took. The check and the debit are one atomic
+    /// operation. `NotFound` when the account is unknown. (The chain ledger's refund requests:
+    /// credits a user asks back on chain stop being spendable off chain.)
+    async fn debit_once(&self, account_id: &str, amount: u64, debit_id: &str) -> Result<u64>;
+
     /// Inserts a new key; `NotFound` when its account is unknown, `Conflict` when the id exists.
     async fn create_key(&self, key: ApiKey) -> Result<ApiKey>;
 

@@ -1514,6 +1514,45 @@ impl MetadataStore for MongoStore {
         .await
     }
 
+    async fn debit_once(&self, account_id: &str, amount: u64, debit_id: &str) -> Result<u64> {
+        self.timed(async {
+            let amount = i64::try_from(amount).unwrap_or(i64::MAX);
+            let key = format!("d{}", hex::encode(sha2::Sha256::digest(debit_id.as_bytes())));
+            let field = format!("debits.{key}");
+            // Compare-and-set on the balance read: a single-document update that takes
+            // min(amount, balance) only if the balance is still the one read and the debit is
+            // not remembered yet; a concurrent change of the balance makes it read again.
+            loop {
+                let Some(d) = Self::find_one(&self.inner.accounts, doc! { "_id": account_id })
+                    .await?
+                else {
+                    return Err(RegistryError::not_found("account", account_id));
+                };
+                if let Some(done) = d.get_document("debits").ok().and_then(|g| g.get(&key)) {
+                    let taken = done
+                        .as_i64()
+                        .or_else(|| done.as_i32().map(i64::from))
+                        .unwrap_or_default();
+                    return Ok(u64::try_from(taken).unwrap_or_default());
+                }
+                let balance = to_i64(account_from(&d)?.credits, "credits")?;
+                let taken = amount.min(balance);
+                let updated = self
+                    .inner
+                    .accounts
+                    .find_one_and_update(
+                        doc! { "_id": account_id, "credits": balance, &field: { "$exists": false } },
+                        doc! { "$inc": { "credits": -taken }, "$set": { &field: taken } },
+                    )
+                    .await?;
+                if updated.is_some() {
+                    return Ok(u64::try_from(taken).unwrap_or_default());
+                }
+            }
+        })
+        .await
+    }
+
     async fn create_key(&self, key: ApiKey) -> Result<ApiKey> {
         self.timed(async {
             self.get_account_inner(&key.account_id).await?;

@@ -48,7 +48,8 @@ const OLD_MODEL_NAMES: Index = TableDefinition::new("model_names");
 const HANDLES: Index = TableDefinition::new("handles");
 /// `account id \0 idempotency key` → reservation id.
 const IDEMPOTENCY: Index = TableDefinition::new("idempotency");
-/// `account \0 grant id` → the amount granted under that id (decimal).
+/// `account \0 grant id` → the amount granted under that id (decimal), or `-taken` for a
+/// [`debit_once`](MetadataStore::debit_once).
 const GRANTS: Index = TableDefinition::new("grants");
 /// Wallet → account id.
 const WALLETS: Index = TableDefinition::new("wallets");
@@ -370,6 +371,28 @@ impl MetadataStore for RedbStore {
             grants.insert(grant_key.as_str(), amount.to_string().as_str())?;
             put_json(&mut t, &account_id, &account)?;
             Ok(account)
+        })
+        .await
+    }
+
+    async fn debit_once(&self, account_id: &str, amount: u64, debit_id: &str) -> Result<u64> {
+        let (account_id, debit_key) = (account_id.to_owned(), pair(account_id, debit_id));
+        self.write(move |txn| {
+            let mut t = txn.open_table(ACCOUNTS)?;
+            let mut account: Account = get_json(&t, &account_id)?
+                .ok_or_else(|| RegistryError::not_found("account", &account_id))?;
+            let mut grants = txn.open_table(GRANTS)?;
+            if let Some(done) = get_index(&grants, &debit_key)? {
+                return done
+                    .strip_prefix('-')
+                    .and_then(|taken| taken.parse().ok())
+                    .ok_or_else(|| RegistryError::conflict("this id was used for a grant"));
+            }
+            let taken = amount.min(account.credits);
+            account.credits -= taken;
+            grants.insert(debit_key.as_str(), format!("-{taken}").as_str())?;
+            put_json(&mut t, &account_id, &account)?;
+            Ok(taken)
         })
         .await
     }
