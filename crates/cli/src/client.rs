@@ -425,6 +425,9 @@ pub struct ModelUpload {
     pub name: String,
     pub version: String,
     pub price: u64,
+    /// Credits per delivered proof (`None`: the gateway's default, proportional to the
+    /// circuit's size).
+    pub proof_price: Option<u64>,
     /// The range the model's inputs lie in, for proof calibration (`None`: the gateway's
     /// default, `[0, 1]`).
     pub input_range: Option<modelhub_core::InputRange>,
@@ -436,12 +439,14 @@ impl ModelUpload {
             name: name.into(),
             version: version.into(),
             price,
+            proof_price: None,
             input_range: None,
         }
     }
 
     pub fn path_and_query(&self) -> String {
         let price = self.price.to_string();
+        let proof_price = self.proof_price.map(|p| p.to_string());
         let range = self
             .input_range
             .map(|r| (r.min.to_string(), r.max.to_string()));
@@ -450,6 +455,9 @@ impl ModelUpload {
             ("version", self.version.as_str()),
             ("price", price.as_str()),
         ];
+        if let Some(p) = &proof_price {
+            pairs.push(("proof_price", p.as_str()));
+        }
         if let Some((min, max)) = &range {
             pairs.extend([("input_min", min.as_str()), ("input_max", max.as_str())]);
         }

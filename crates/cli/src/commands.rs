@@ -308,6 +308,10 @@ pub enum Models {
         /// Credits per prediction.
         #[arg(long)]
         price: u64,
+        /// Credits per delivered proof of a prediction (default: the gateway's, proportional
+        /// to the circuit's size; a model without a circuit has no proofs).
+        #[arg(long)]
+        proof_price: Option<u64>,
         /// The range the model's input values lie in, as MIN,MAX (default 0,1): proofs are
         /// calibrated on it, and inputs outside it can't be proved.
         #[arg(long, value_name = "MIN,MAX", value_parser = parse_input_range, allow_hyphen_values = true)]
@@ -470,6 +474,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             version,
             price,
+            proof_price,
             input_range,
             client,
         }) => {
@@ -480,6 +485,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     version,
                     price,
+                    proof_price,
                     input_range,
                 },
             )

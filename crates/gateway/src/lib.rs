@@ -107,6 +107,14 @@ pub struct Settings {
         default_value_t = 60
     )]
     pub free_calls_per_minute: u32,
+    /// The default proof price of an upload that sets none: one credit per this many circuit
+    /// cells (rows × neuron lanes, what proving time grows with), rounded up, at least 1.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_PROOF_CELLS_PER_CREDIT",
+        default_value_t = DEFAULT_PROOF_CELLS_PER_CREDIT
+    )]
+    pub proof_cells_per_credit: u64,
     /// Seconds a JSON request body may take to arrive in full (408 beyond).
     #[arg(long, env = "MODELHUB_GATEWAY_BODY_TIMEOUT_SECS", default_value_t = 30)]
     pub body_timeout_secs: u64,
@@ -152,6 +160,7 @@ impl Settings {
             max_requests_per_client: 64,
             max_uploads_per_account: 2,
             free_calls_per_minute: 60,
+            proof_cells_per_credit: DEFAULT_PROOF_CELLS_PER_CREDIT,
             body_timeout_secs: 30,
             min_body_rate: 16 * 1024,
             mtls_dir: "./modelhub-data/tls".into(),
@@ -195,6 +204,10 @@ impl Settings {
             "free_calls_per_minute must be at least 1"
         );
         anyhow::ensure!(
+            self.proof_cells_per_credit >= 1,
+            "proof_cells_per_credit must be at least 1"
+        );
+        anyhow::ensure!(
             self.body_timeout_secs >= 1,
             "body_timeout_secs must be at least 1"
         );
@@ -232,14 +245,20 @@ impl Settings {
     }
 }
 
-/// Body size and pace limits.
+/// Per-request policy: body size and pace limits, and the default proof price.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub max_upload_bytes: u64,
     pub max_json_bytes: usize,
     pub body_timeout: Duration,
     pub min_body_rate: u64,
+    /// See [`Settings::proof_cells_per_credit`].
+    pub proof_cells_per_credit: u64,
 }
+
+/// One credit per 65,536 circuit cells: the digits MLP's proofs cost 1 credit, a LeNet-size
+/// CNN's about a hundred.
+pub const DEFAULT_PROOF_CELLS_PER_CREDIT: u64 = 1 << 16;
 
 /// Largest gRPC message accepted from the inference service (outputs can be large).
 const INFERENCE_MAX_MESSAGE: usize = 512 << 20;
@@ -368,6 +387,7 @@ impl Shared {
                 max_json_bytes: settings.max_json_bytes,
                 body_timeout: Duration::from_secs(settings.body_timeout_secs),
                 min_body_rate: settings.min_body_rate,
+                proof_cells_per_credit: settings.proof_cells_per_credit,
             },
             uploads: limits::PerAccount::new(settings.max_uploads_per_account),
             free_quota: Arc::new(limits::FreeQuota::new(

@@ -187,6 +187,7 @@ impl pb::prover_server::Prover for ProverService {
                     digest: digest.to_hex(),
                     opening: serde_json::to_string(&opening)
                         .map_err(|_| ApiError::internal().to_status())?,
+                    circuit_size: (1u64 << spec.k).saturating_mul(spec.lane_count() as u64),
                 }
             }
             Outcome::Unsupported { reason } => {

@@ -12,7 +12,7 @@ use modelhub_core::{DataType, ErrorCode, TensorSpec, id};
 
 use crate::error::RegistryError;
 use crate::model::{
-    Account, ApiKey, BatchState, Model, Receipt, ReservationState, SettlementBatch,
+    Account, ApiKey, BatchState, Charge, Model, Receipt, ReservationState, SettlementBatch,
 };
 use crate::store::MetadataStore;
 
@@ -72,6 +72,7 @@ pub fn new_model(owner: &str, price: u64) -> Model {
         circuit_spec: Some(r#"{"version":1}"#.to_owned()),
         zk_note: None,
         digest: Some("cd".repeat(32)),
+        proof_price: 0,
         created_at: id::unix_now(),
     }
 }
@@ -132,6 +133,113 @@ pub async fn grant_once(store: Store) {
         store.get_account(&a.account_id).await.unwrap().credits,
         42,
         "racing retries grant once"
+    );
+}
+
+/// A proof's delivery is charged the model's proof price, once per key, on a receipt of its
+/// own; a model without a circuit has no proofs to charge for.
+pub async fn proof_charges(store: Store) {
+    let owner = store
+        .create_account(new_account("prover-owner", 0))
+        .await
+        .unwrap();
+    let buyer = store
+        .create_account(new_account("proof-buyer", 7))
+        .await
+        .unwrap();
+    let model = store
+        .create_model(Model {
+            proof_price: 5,
+            ..new_model(&owner.account_id, 1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_model(&model.model_id).await.unwrap().proof_price,
+        5
+    );
+    let reserve = |charge, key: &'static str| {
+        let (store, buyer, model) = (
+            store.clone(),
+            buyer.account_id.clone(),
+            model.model_id.clone(),
+        );
+        async move {
+            store
+                .reserve_with(&buyer, &model, charge, Some(key), Some("job"))
+                .await
+        }
+    };
+    let held = reserve(Charge::Proof, "proof/job-1").await.unwrap();
+    assert_eq!((held.amount, held.charge), (5, Charge::Proof));
+    // A retry names the same reservation; the key can't be reused for the prediction.
+    assert_eq!(
+        reserve(Charge::Proof, "proof/job-1")
+            .await
+            .unwrap()
+            .reservation_id,
+        held.reservation_id
+    );
+    assert_eq!(
+        code(reserve(Charge::Prediction, "proof/job-1").await),
+        ErrorCode::Conflict
+    );
+    let receipt = store.commit(&held.reservation_id).await.unwrap();
+    assert_eq!(
+        (receipt.credits_charged, receipt.charge),
+        (5, Charge::Proof)
+    );
+    assert_eq!(
+        store.get_account(&buyer.account_id).await.unwrap().credits,
+        2
+    );
+    assert_eq!(
+        store.get_account(&owner.account_id).await.unwrap().earnings,
+        5
+    );
+    let unsettled = store.unsettled_receipts(1000).await.unwrap();
+    let stored = unsettled
+        .iter()
+        .find(|r| r.receipt_id == receipt.receipt_id)
+        .expect("the proof receipt waits to be settled");
+    assert_eq!(stored.charge, Charge::Proof);
+    // Short of the proof price.
+    match reserve(Charge::Proof, "proof/job-2").await {
+        Err(RegistryError::PaymentRequired {
+            balance: 2,
+            price: 5,
+        }) => {}
+        other => panic!("expected 402, got {other:?}"),
+    }
+    // The prediction itself is charged the price.
+    let predicted = reserve(Charge::Prediction, "predict-1").await.unwrap();
+    assert_eq!(
+        (predicted.amount, predicted.charge),
+        (1, Charge::Prediction)
+    );
+    // No circuit, no proofs.
+    let plain = store
+        .create_model(Model {
+            circuit_spec: None,
+            commitment: None,
+            digest: None,
+            ..new_model(&owner.account_id, 1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            store
+                .reserve_with(
+                    &buyer.account_id,
+                    &plain.model_id,
+                    Charge::Proof,
+                    None,
+                    None
+                )
+                .await
+        ),
+        ErrorCode::BadRequest
     );
 }
 
@@ -339,6 +447,7 @@ where
     handles_and_namespaces(store.clone()).await;
     grant_once(store.clone()).await;
     debit_once(store.clone()).await;
+    proof_charges(store.clone()).await;
     concurrent_reserve(store.clone()).await;
     wallets(store.clone()).await;
     unsettled_receipts(store.clone()).await;
@@ -1420,6 +1529,7 @@ pub async fn held_and_stale(store: Store) {
         .reserve_with(
             &buyer.account_id,
             &model.model_id,
+            Charge::Prediction,
             Some("held-a"),
             Some("fp-a"),
         )

@@ -83,7 +83,47 @@ pub struct Model {
     /// from before it existed read as `None`.
     #[serde(default)]
     pub digest: Option<String>,
+    /// Credits charged when a proof of one of its predictions is delivered; 0 without a
+    /// circuit. Fixed with the version, like `price`.
+    #[serde(default)]
+    pub proof_price: u64,
     pub created_at: i64,
+}
+
+/// What a charge pays for.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Charge {
+    /// A prediction: the model's `price`.
+    #[default]
+    Prediction,
+    /// The delivery of a prediction's proof: the model's `proof_price`.
+    Proof,
+}
+
+impl Charge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Charge::Prediction => "prediction",
+            Charge::Proof => "proof",
+        }
+    }
+
+    /// What `model` costs for this charge; a proof of a model without a circuit is refused.
+    pub fn price_of(self, model: &Model) -> crate::error::Result<u64> {
+        match self {
+            Charge::Prediction => Ok(model.price),
+            Charge::Proof if model.circuit_spec.is_none() => {
+                Err(crate::error::RegistryError::bad_request(format!(
+                    "model {} has no circuit: its predictions can't be proved",
+                    model.model_id
+                )))
+            }
+            Charge::Proof => Ok(model.proof_price),
+        }
+    }
 }
 
 /// Where a reservation stands. `Held` moves to `Committed` or `Released`, never back.
@@ -104,6 +144,9 @@ pub struct Reservation {
     /// The model's owner, who earns `amount` on commit.
     pub owner: String,
     pub amount: u64,
+    /// What the amount pays for.
+    #[serde(default)]
+    pub charge: Charge,
     pub state: ReservationState,
     /// Set once committed.
     pub receipt_id: Option<String>,
@@ -124,6 +167,9 @@ pub struct Receipt {
     pub model_id: String,
     pub owner: String,
     pub credits_charged: u64,
+    /// What it paid for (records from before proofs were priced read as predictions).
+    #[serde(default)]
+    pub charge: Charge,
     pub created_at: i64,
     /// The settlement batch the receipt belongs to, once the chain ledger has put it in one
     /// (`None`: not yet settled, or an embedded ledger).

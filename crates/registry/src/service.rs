@@ -13,7 +13,7 @@ use tracing::{error, warn};
 use crate::error::{RegistryError, Result};
 use crate::ledger::{EmbeddedLedger, Ledger, LedgerStatus};
 use crate::model::{
-    Account, ApiKey, Model, Receipt, Reservation, ReservationState, SettlementBatch,
+    Account, ApiKey, Charge, Model, Receipt, Reservation, ReservationState, SettlementBatch,
 };
 use crate::store::MetadataStore;
 
@@ -196,6 +196,11 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
             "digest must be 64 hex digits when set",
         ));
     }
+    if req.proof_price > 0 && req.circuit_spec.is_none() {
+        return Err(RegistryError::bad_request(
+            "proof_price needs a circuit: a model without one has no proofs",
+        ));
+    }
     Ok(Model {
         model_id,
         owner: req.owner,
@@ -213,6 +218,7 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
         circuit_spec: req.circuit_spec,
         zk_note: req.zk_note,
         digest: req.digest.map(|d| d.to_ascii_lowercase()),
+        proof_price: req.proof_price,
         created_at: id::unix_now(),
     })
 }
@@ -312,6 +318,7 @@ fn model_pb(m: Model) -> pb::Model {
         circuit_spec: m.circuit_spec,
         zk_note: m.zk_note,
         digest: m.digest,
+        proof_price: m.proof_price,
     }
 }
 
@@ -330,6 +337,7 @@ fn reservation_pb(r: Reserved) -> pb::Reservation {
         state: state.to_owned(),
         existing: r.existing,
         response: r.response.unwrap_or_default(),
+        charge: charge_pb(r.reservation.charge).into(),
     }
 }
 
@@ -342,6 +350,14 @@ fn receipt_pb(r: Receipt) -> pb::Receipt {
         owner: r.owner,
         credits_charged: r.credits_charged,
         created_at: r.created_at,
+        charge: charge_pb(r.charge).into(),
+    }
+}
+
+fn charge_pb(c: Charge) -> pb::Charge {
+    match c {
+        Charge::Prediction => pb::Charge::Prediction,
+        Charge::Proof => pb::Charge::Proof,
     }
 }
 
@@ -404,13 +420,14 @@ impl RegistryService {
         &self,
         account_id: &str,
         model_id: &str,
+        charge: Charge,
         key: Option<&str>,
         fingerprint: Option<&str>,
     ) -> Result<Reserved> {
         let Some(key) = key else {
             let reservation = self
                 .store
-                .reserve_with(account_id, model_id, None, fingerprint)
+                .reserve_with(account_id, model_id, charge, None, fingerprint)
                 .await?;
             return Ok(Reserved {
                 reservation,
@@ -432,7 +449,7 @@ impl RegistryService {
                 Err(e) if e.code() == ErrorCode::NotFound => {
                     let r = self
                         .store
-                        .reserve_with(account_id, model_id, Some(&store_key), fingerprint)
+                        .reserve_with(account_id, model_id, charge, Some(&store_key), fingerprint)
                         .await?;
                     // A concurrent attempt may have made it first: then it is theirs.
                     let theirs = r.fingerprint.as_deref() != fingerprint
@@ -449,7 +466,8 @@ impl RegistryService {
             }
             if existing
                 && (reservation.fingerprint.as_deref() != fingerprint
-                    || reservation.model_id != model_id)
+                    || reservation.model_id != model_id
+                    || reservation.charge != charge)
             {
                 return Err(RegistryError::conflict(
                     "this idempotency key was already used for another request",
@@ -888,7 +906,12 @@ impl Registry for RegistryService {
             let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
             let fingerprint = Some(req.fingerprint.as_str()).filter(|f| !f.is_empty());
             self.ledger.check_chargeable(model_id).await?;
-            RegistryService::reserve(self, account_id, model_id, key, fingerprint).await
+            let charge = match pb::Charge::try_from(req.charge) {
+                Ok(pb::Charge::Prediction) => Charge::Prediction,
+                Ok(pb::Charge::Proof) => Charge::Proof,
+                Err(_) => return Err(RegistryError::bad_request("unknown charge")),
+            };
+            RegistryService::reserve(self, account_id, model_id, charge, key, fingerprint).await
         }
         .await
         .map(|r| Response::new(reservation_pb(r)))

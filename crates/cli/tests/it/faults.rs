@@ -593,8 +593,13 @@ async fn proof_jobs_survive_a_killed_prover() {
     for state in all_proved(&user, &jobs).await {
         assert_eq!(state["model_digest"], digest);
     }
+    let proof_price = record["proof_price"].as_u64().unwrap();
     let charged = start_credits - account(&user).await["credits"].as_u64().unwrap();
-    assert_eq!(charged, PRICE * JOBS as u64, "each prediction charged once");
+    assert_eq!(
+        charged,
+        (PRICE + proof_price) * JOBS as u64,
+        "each prediction and each delivered proof charged once"
+    );
     assert!(
         pending_at_kill > 0,
         "the prover finished every job before it was killed; nothing was tested"
@@ -685,8 +690,9 @@ async fn proof_jobs_survive_a_killed_modelhub_up() {
     let url = restarted.addr.clone();
     let user = Client::new(&url, user.key().clone()).unwrap();
     all_proved(&user, &jobs).await;
+    let proof_price = record["proof_price"].as_u64().unwrap();
     let charged = start_credits - account(&user).await["credits"].as_u64().unwrap();
-    assert_eq!(charged, PRICE * JOBS as u64);
+    assert_eq!(charged, (PRICE + proof_price) * JOBS as u64);
     assert_eq!(
         last["status"], "pending",
         "the last job was still pending at the kill: {last}"

@@ -178,7 +178,11 @@ async fn a_proved_prediction_verifies_offline_and_tampering_fails() {
     );
 
     // The prover service verifies the same way (gRPC), and rejects the tampered file.
-    assert_eq!(account(&user).await["credits"], 9, "one charged prediction");
+    assert_eq!(
+        account(&user).await["credits"],
+        10 - 1 - proof["receipt"]["credits_charged"].as_u64().unwrap(),
+        "one charged prediction and the delivery of its proof"
+    );
     cluster.stop().await;
 }
 
@@ -489,5 +493,124 @@ async fn a_proof_verifies_only_for_its_model_and_its_input() {
     let out = verify(&[]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("say which model"), "{}", stderr(&out));
+    cluster.stop().await;
+}
+
+/// A proof is paid for when it is delivered: the model's proof price (set at upload, or the
+/// default proportional to the circuit's size), charged once on the first read of the finished
+/// proof, on a receipt of its own; a later read shows the same receipt; an account short of
+/// it gets 402 until it has the credits; a proof that fails is never charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_is_paid_once_when_delivered_and_never_when_it_fails() {
+    let cluster = Cluster::start().await;
+    let creator = cluster.user("creator", 0).await;
+    let user = cluster.user("user", 7).await;
+    let mut upload = ModelUpload::new("digits-logits", "1", 2);
+    upload.proof_price = Some(3);
+    let priced = creator.upload(&upload, logits_model()).await.unwrap();
+    assert_eq!(priced.status, 201, "{:?}", priced.body);
+    let model_id = priced.body["model_id"].as_str().unwrap();
+    let shown = user
+        .get(&format!("/v1/models/{model_id}"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(
+        (&shown["price"], &shown["proof_price"]),
+        (&json!(2), &json!(3))
+    );
+
+    // Without a proof price, the default: a credit per 65,536 cells of the circuit.
+    let default = creator
+        .upload(&ModelUpload::new("digits-logits", "2", 2), logits_model())
+        .await
+        .unwrap();
+    let spec = &default.body["circuit_spec"];
+    let cells = (1u64 << spec["k"].as_u64().unwrap()) * spec["lanes"].as_u64().unwrap_or(8);
+    assert_eq!(
+        default.body["proof_price"],
+        json!(cells.div_ceil(65_536).max(1)),
+        "{spec}"
+    );
+
+    let inputs = json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": logits_case(0)["input"] }]);
+    let (predicted, proof) = predict_with_proof(&user, model_id, &inputs).await;
+    assert_eq!(predicted["receipt"]["charge"], "prediction", "{predicted}");
+    assert_eq!(predicted["receipt"]["credits_charged"], 2);
+    assert_eq!(proof["status"], "done", "{proof}");
+    let receipt = &proof["receipt"];
+    assert_eq!(
+        (&receipt["charge"], &receipt["credits_charged"]),
+        (&json!("proof"), &json!(3))
+    );
+    assert_ne!(receipt["id"], predicted["receipt"]["id"]);
+    assert_eq!(account(&user).await["credits"], 2);
+    assert_eq!(account(&creator).await["earnings"], 5);
+    // Read again: the same receipt, nothing charged twice.
+    let job = predicted["proof_job"].as_str().unwrap();
+    let again = user
+        .get(&format!("/v1/proofs/{job}"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(again["receipt"], *receipt);
+    assert_eq!(account(&user).await["credits"], 2);
+
+    // Short of the proof price: the proof waits for the credits.
+    let predicted = user
+        .post(
+            &format!("/v1/models/{model_id}/predict"),
+            &json!({ "inputs": inputs, "proof": true }),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let job = predicted["proof_job"].as_str().unwrap();
+    let short = user
+        .get(&format!("/v1/proofs/{job}?wait=60"))
+        .await
+        .unwrap();
+    assert_error(&short, 402, "payment_required", "insufficient credits");
+    assert_eq!(account(&user).await["credits"], 0);
+    let granted = cluster
+        .admin
+        .post(
+            "/v1/credits/grant",
+            &json!({ "account_id": user.key().account_id, "amount": 4 }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(granted.status, 200, "{:?}", granted.body);
+    let paid = user
+        .get(&format!("/v1/proofs/{job}"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(paid["status"], "done", "{paid}");
+    assert_eq!(paid["receipt"]["credits_charged"], 3);
+    assert_eq!(account(&user).await["credits"], 1);
+
+    // A proof that fails (an input outside the calibrated range) is not charged.
+    let cheap = {
+        let mut upload = ModelUpload::new("digits-logits", "3", 0);
+        upload.proof_price = Some(1);
+        let answer = creator.upload(&upload, logits_model()).await.unwrap();
+        answer.body["model_id"].as_str().unwrap().to_owned()
+    };
+    let raw: Vec<f64> = logits_case(0)["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() * 16.0)
+        .collect();
+    let outside = json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": raw }]);
+    let (_, failed) = predict_with_proof(&user, &cheap, &outside).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["receipt"], Value::Null, "{failed}");
+    assert_eq!(account(&user).await["credits"], 1);
     cluster.stop().await;
 }

@@ -183,6 +183,7 @@ impl Charge {
                 model_id: self.model_ref.model_id.clone(),
                 idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
                 fingerprint: self.fingerprint.clone().unwrap_or_default(),
+                charge: pb::Charge::Prediction.into(),
             })
             .await
             .map_err(GatewayError::upstream("registry", "Reserve"))?
@@ -215,7 +216,11 @@ impl Charge {
         };
         let body = serde_json::to_vec(&json!({
             "outputs": outputs.iter().map(Tensor::to_json).collect::<Vec<_>>(),
-            "receipt": { "id": reservation.receipt_id, "credits_charged": reservation.amount },
+            "receipt": {
+                "id": reservation.receipt_id,
+                "credits_charged": reservation.amount,
+                "charge": "prediction",
+            },
             "proof_job": self.prove.then_some(&self.job_id),
         }))
         .map_err(|e| GatewayError::internal(format!("encoding the answer: {e}")))?;

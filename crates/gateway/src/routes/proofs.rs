@@ -1,9 +1,16 @@
 //! `GET /v1/proofs/{job_id}[?wait=SECONDS]`: the proof of a prediction, for the account that
 //! asked for it.
+//!
+//! A proof is paid for when it is delivered: the first read of a finished proof by the account
+//! that asked for it charges the model's proof price (registry `Reserve` with the proof charge
+//! and the idempotency key `proof/<job>`, then `Commit`), and the answer carries that receipt.
+//! Later reads find the committed charge and show the same receipt; a failed proof is never
+//! charged. An account short of the proof price gets 402 and the proof waits for it.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use modelhub_core::ApiError;
 use modelhub_proto::prover::v1 as pb;
+use modelhub_proto::registry::v1 as registry;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -44,15 +51,15 @@ struct ProofQuery {
 }
 
 pub async fn get(
-    state: web::Data<AppState>,
+    app: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
     path: web::Path<String>,
 ) -> Result<HttpResponse, GatewayError> {
-    let (caller, _) = super::signed(&state, &req, payload).await?;
+    let (caller, _) = super::signed(&app, &req, payload).await?;
     let query = web::Query::<ProofQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::bad_request(format!("query must be ?wait=SECONDS: {e}")))?;
-    let Some(mut prover) = state.prover() else {
+    let Some(mut prover) = app.prover() else {
         return Err(ApiError::bad_request("proofs are not enabled on this gateway").into());
     };
     let job_id = path.into_inner();
@@ -101,6 +108,11 @@ pub async fn get(
             // `public` is the proof's public instance exactly: nothing beside it is proved.
             let public = proof.get("public").cloned().unwrap_or(Value::Null);
             let proved: Value = serde_json::from_str(&state.proved_output).unwrap_or(Value::Null);
+            // Charged to the account that asked, when it reads it (an admin's read is not).
+            if state.account_id == caller.account_id {
+                answer["receipt"] =
+                    charge_delivery(&app, &state.account_id, &state.model_id, &job_id).await?;
+            }
             answer["status"] = json!("done");
             answer["model_digest"] = public.get("model_digest").cloned().unwrap_or(Value::Null);
             answer["public"] = public;
@@ -119,4 +131,42 @@ pub async fn get(
         }
     }
     Ok(HttpResponse::Ok().json(answer))
+}
+
+/// Charges the delivery of job `job_id`'s proof to `account_id` once: the model's proof price,
+/// held and committed under the idempotency key `proof/<job>` (`/` never appears in a client's
+/// key). A read after the charge finds it committed and answers its receipt; a hold left by a
+/// read that died before its commit is committed by the next one.
+async fn charge_delivery(
+    app: &AppState,
+    account_id: &str,
+    model_id: &str,
+    job_id: &str,
+) -> Result<Value, GatewayError> {
+    let mut registry = app.registry();
+    let reservation = registry
+        .reserve(registry::ReserveRequest {
+            account_id: account_id.to_owned(),
+            model_id: model_id.to_owned(),
+            idempotency_key: format!("proof/{job_id}"),
+            fingerprint: format!("proof of {job_id}"),
+            charge: registry::Charge::Proof.into(),
+        })
+        .await
+        .map_err(GatewayError::upstream("registry", "Reserve"))?
+        .into_inner();
+    if reservation.state != "committed" {
+        registry
+            .commit(registry::CommitRequest {
+                reservation_id: reservation.reservation_id.clone(),
+                response: Vec::new(),
+            })
+            .await
+            .map_err(GatewayError::upstream("registry", "Commit"))?;
+    }
+    Ok(json!({
+        "id": reservation.receipt_id,
+        "credits_charged": reservation.amount,
+        "charge": "proof",
+    }))
 }

@@ -1,5 +1,5 @@
-//! `POST /v1/models?name=&version=&price=[&input_min=&input_max=]`: a streamed upload of raw
-//! ONNX bytes.
+//! `POST /v1/models?name=&version=&price=[&proof_price=][&input_min=&input_max=]`: a streamed
+//! upload of raw ONNX bytes.
 //!
 //! The signature is verified on the headers first (it covers the claimed body hash). The body
 //! is then streamed to storage's `PutModel` through a bounded channel, never held whole, and
@@ -32,6 +32,9 @@ struct UploadQuery {
     name: String,
     version: String,
     price: u64,
+    /// Credits charged per delivered proof; default: proportional to the circuit's size
+    /// ([`crate::Settings::proof_cells_per_credit`]). Ignored for a model without a circuit.
+    proof_price: Option<u64>,
     /// The range the model's input values lie in (both or neither): proofs are calibrated on
     /// it. Default `[0, 1]`.
     input_min: Option<f32>,
@@ -133,6 +136,13 @@ pub async fn upload(
         }
     };
     let compiled = circuit.commitment.is_some();
+    let proof_price = if compiled {
+        query.proof_price.unwrap_or_else(|| {
+            default_proof_price(circuit.size, state.limits.proof_cells_per_credit)
+        })
+    } else {
+        0
+    };
     let created = state
         .registry()
         .create_model(pb::CreateModelRequest {
@@ -151,6 +161,7 @@ pub async fn upload(
             circuit_spec: circuit.spec,
             zk_note: circuit.note,
             digest: circuit.digest,
+            proof_price,
         })
         .await;
     let model = match created {
@@ -244,6 +255,14 @@ struct Circuit {
     note: Option<String>,
     digest: Option<String>,
     opening: Option<String>,
+    /// Rows × lanes (0 without a circuit).
+    size: u64,
+}
+
+/// The proof price of a circuit of `size` cells when its owner sets none: one credit per
+/// `cells_per_credit` cells, rounded up, at least 1.
+pub fn default_proof_price(size: u64, cells_per_credit: u64) -> u64 {
+    size.div_ceil(cells_per_credit.max(1)).max(1)
 }
 
 /// Asks the prover (when there is one) to compile the stored model and commit to its weights.
@@ -290,6 +309,7 @@ async fn compile(
         note: None,
         digest: Some(answer.digest),
         opening: Some(answer.opening),
+        size: answer.circuit_size,
     })
 }
 

@@ -14,7 +14,7 @@ pub use self::redb::RedbStore;
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::model::{Account, ApiKey, Model, Receipt, Reservation, SettlementBatch};
+use crate::model::{Account, ApiKey, Charge, Model, Receipt, Reservation, SettlementBatch};
 
 /// Nonce counts per key are kept per bucket of this many seconds of expiry time.
 pub const NONCE_BUCKET_SECS: i64 = 600;
@@ -124,19 +124,27 @@ pub trait MetadataStore: Send + Sync + 'static {
         model_id: &str,
         idempotency_key: Option<&str>,
     ) -> Result<Reservation> {
-        self.reserve_with(account_id, model_id, idempotency_key, None)
-            .await
+        self.reserve_with(
+            account_id,
+            model_id,
+            Charge::Prediction,
+            idempotency_key,
+            None,
+        )
+        .await
     }
 
-    /// Holds the model's price from the account's credits, atomically with the balance check
-    /// (`PaymentRequired` when short). With an idempotency key the account used before, returns
-    /// the first reservation, whatever its state (`Conflict` if that one was for another
-    /// model); the reservation id is then a function of (account, key). `fingerprint` is
-    /// stored with a new reservation, for the caller to compare on a retry.
+    /// Holds the model's price for `charge` ([`Charge::price_of`]) from the account's credits,
+    /// atomically with the balance check (`PaymentRequired` when short). With an idempotency
+    /// key the account used before, returns the first reservation, whatever its state
+    /// (`Conflict` if that one was for another model or charge); the reservation id is then a
+    /// function of (account, key). `fingerprint` is stored with a new reservation, for the
+    /// caller to compare on a retry.
     async fn reserve_with(
         &self,
         account_id: &str,
         model_id: &str,
+        charge: Charge,
         idempotency_key: Option<&str>,
         fingerprint: Option<&str>,
     ) -> Result<Reservation>;

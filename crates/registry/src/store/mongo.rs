@@ -114,7 +114,8 @@ use super::MetadataStore;
 use super::redb::{batch_final, batch_taken, check_batch, check_credits, in_other_batch};
 use crate::error::{RegistryError, Result};
 use crate::model::{
-    Account, ApiKey, BatchState, Model, Receipt, Reservation, ReservationState, SettlementBatch,
+    Account, ApiKey, BatchState, Charge, Model, Receipt, Reservation, ReservationState,
+    SettlementBatch,
 };
 
 /// Database used when the URI names none.
@@ -361,6 +362,7 @@ fn model_doc(m: &Model) -> Result<Document> {
         "circuit_spec": opt_str(&m.circuit_spec),
         "zk_note": opt_str(&m.zk_note),
         "digest": opt_str(&m.digest),
+        "proof_price": to_i64(m.proof_price, "proof_price")?,
         "created_at": m.created_at,
     })
 }
@@ -395,6 +397,10 @@ fn model_from(d: &Document) -> Result<Model> {
         circuit_spec: get_opt_str(d, W, "circuit_spec")?,
         zk_note: get_opt_str(d, W, "zk_note")?,
         digest: get_opt_str(d, W, "digest")?,
+        proof_price: match d.get("proof_price") {
+            None | Some(Bson::Null) => 0,
+            Some(_) => get_u64(d, W, "proof_price")?,
+        },
         created_at: get_i64(d, W, "created_at")?,
     })
 }
@@ -415,6 +421,7 @@ fn reservation_doc(r: &Reservation, debit_token: &str) -> Result<Document> {
         "model_id": &r.model_id,
         "owner": &r.owner,
         "amount": to_i64(r.amount, "price")?,
+        "charge": r.charge.as_str(),
         "state": HELD,
         "created_at": r.created_at,
         "debit_token": debit_token,
@@ -446,6 +453,7 @@ fn reservation_from(d: &Document) -> Result<StoredReservation> {
             model_id: get_opt_str(d, W, "model_id")?.unwrap_or_default(),
             owner: get_opt_str(d, W, "owner")?.unwrap_or_default(),
             amount: get_u64(d, W, "amount")?,
+            charge: charge_from(d, W)?,
             state: public,
             receipt_id: get_opt_str(d, W, "receipt_id")?,
             idempotency_key: get_opt_str(d, W, "idempotency_key")?,
@@ -474,12 +482,23 @@ fn receipt_of(s: &StoredReservation) -> Receipt {
         model_id: r.model_id.clone(),
         owner: r.owner.clone(),
         credits_charged: r.amount,
+        charge: r.charge,
         created_at: s.settled_at.unwrap_or(r.created_at),
         batch_id: None,
     }
 }
 
 use super::{receipt_id_for, reservation_id_for};
+
+/// What a reservation or receipt paid for; documents from before proofs were priced have no
+/// `charge` and were predictions.
+fn charge_from(d: &Document, what: &'static str) -> Result<Charge> {
+    match get_opt_str(d, what, "charge")?.as_deref() {
+        None | Some("prediction") => Ok(Charge::Prediction),
+        Some("proof") => Ok(Charge::Proof),
+        Some(_) => Err(malformed(what, "charge")),
+    }
+}
 
 fn receipt_doc(r: &Receipt) -> Result<Document> {
     Ok(doc! {
@@ -489,6 +508,7 @@ fn receipt_doc(r: &Receipt) -> Result<Document> {
         "model_id": &r.model_id,
         "owner": &r.owner,
         "credits_charged": to_i64(r.credits_charged, "price")?,
+        "charge": r.charge.as_str(),
         "created_at": r.created_at,
         "batch_id": opt_str(&r.batch_id),
     })
@@ -503,6 +523,7 @@ fn receipt_from(d: &Document) -> Result<Receipt> {
         model_id: get_str(d, W, "model_id")?,
         owner: get_str(d, W, "owner")?,
         credits_charged: get_u64(d, W, "credits_charged")?,
+        charge: charge_from(d, W)?,
         created_at: get_i64(d, W, "created_at")?,
         batch_id: get_opt_str(d, W, "batch_id")?,
     })
@@ -773,7 +794,12 @@ impl MongoStore {
 
     /// A reservation as stored, `None` when missing; `Conflict` when it was for another model
     /// or abandoned (a void tombstone).
-    async fn existing_reservation(&self, rid: &str, model_id: &str) -> Result<Option<Reservation>> {
+    async fn existing_reservation(
+        &self,
+        rid: &str,
+        model_id: &str,
+        charge: Charge,
+    ) -> Result<Option<Reservation>> {
         let Some(d) = Self::find_one(&self.inner.reservations, doc! { "_id": rid }).await? else {
             return Ok(None);
         };
@@ -783,7 +809,7 @@ impl MongoStore {
                 "the request with this idempotency key was abandoned; retry with a new key",
             ));
         }
-        if s.r.model_id != model_id {
+        if s.r.model_id != model_id || s.r.charge != charge {
             return Err(RegistryError::conflict(
                 "idempotency key was already used for another model",
             ));
@@ -840,6 +866,7 @@ impl MongoStore {
         &self,
         account_id: &str,
         model_id: &str,
+        charge: Charge,
         key: Option<&str>,
         fingerprint: Option<&str>,
     ) -> Result<Reservation> {
@@ -849,19 +876,21 @@ impl MongoStore {
             None => id::new_id(id::RESERVATION),
         };
         if key.is_some()
-            && let Some(first) = self.existing_reservation(&rid, model_id).await?
+            && let Some(first) = self.existing_reservation(&rid, model_id, charge).await?
         {
             return Ok(first);
         }
         let model = self.get_model_inner(model_id).await?;
-        let price = to_i64(model.price, "price")?;
+        let amount = charge.price_of(&model)?;
+        let price = to_i64(amount, "price")?;
         let token = id::new_id("dbt");
         let reservation = Reservation {
             reservation_id: rid.clone(),
             account_id: account_id.to_owned(),
             model_id: model_id.to_owned(),
             owner: model.owner,
-            amount: model.price,
+            amount,
+            charge,
             state: ReservationState::Held,
             receipt_id: None,
             idempotency_key: key.map(str::to_owned),
@@ -911,12 +940,12 @@ impl MongoStore {
                     Err(e) => return Err(e.into()),
                 }
             }
-            if let Some(first) = self.existing_reservation(&rid, model_id).await? {
+            if let Some(first) = self.existing_reservation(&rid, model_id, charge).await? {
                 return Ok(first);
             }
             return Err(RegistryError::PaymentRequired {
                 balance: account_from(&account)?.credits,
-                price: model.price,
+                price: amount,
             });
         }
         match self
@@ -936,7 +965,7 @@ impl MongoStore {
                 if !ours {
                     self.refund_debit(account_id, &rid, &token, price).await?;
                 }
-                if let Some(first) = self.existing_reservation(&rid, model_id).await? {
+                if let Some(first) = self.existing_reservation(&rid, model_id, charge).await? {
                     if ours {
                         self.clear_debit(account_id, &rid, &token).await?;
                     }
@@ -1687,11 +1716,12 @@ impl MetadataStore for MongoStore {
         &self,
         account_id: &str,
         model_id: &str,
+        charge: Charge,
         idempotency_key: Option<&str>,
         fingerprint: Option<&str>,
     ) -> Result<Reservation> {
         let key = idempotency_key.filter(|k| !k.is_empty());
-        self.timed(self.reserve_inner(account_id, model_id, key, fingerprint))
+        self.timed(self.reserve_inner(account_id, model_id, charge, key, fingerprint))
             .await
     }
 
@@ -2052,6 +2082,7 @@ mod tests {
             model_id: "mdl_1".into(),
             owner: "acct_2".into(),
             amount: 7,
+            charge: Charge::Proof,
             state: ReservationState::Held,
             receipt_id: None,
             idempotency_key: None,

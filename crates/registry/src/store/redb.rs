@@ -26,7 +26,8 @@ use serde::de::DeserializeOwned;
 use super::MetadataStore;
 use crate::error::{RegistryError, Result};
 use crate::model::{
-    Account, ApiKey, BatchState, Model, Receipt, Reservation, ReservationState, SettlementBatch,
+    Account, ApiKey, BatchState, Charge, Model, Receipt, Reservation, ReservationState,
+    SettlementBatch,
 };
 
 type Json = TableDefinition<'static, &'static str, &'static [u8]>;
@@ -509,6 +510,7 @@ impl MetadataStore for RedbStore {
         &self,
         account_id: &str,
         model_id: &str,
+        charge: Charge,
         idempotency_key: Option<&str>,
         fingerprint: Option<&str>,
     ) -> Result<Reservation> {
@@ -525,7 +527,7 @@ impl MetadataStore for RedbStore {
             {
                 let first: Reservation = get_json(&reservations, &first_id)?
                     .ok_or_else(|| RegistryError::not_found("reservation", &first_id))?;
-                if first.model_id != model_id {
+                if first.model_id != model_id || first.charge != charge {
                     return Err(RegistryError::conflict(
                         "idempotency key was already used for another model",
                     ));
@@ -537,13 +539,14 @@ impl MetadataStore for RedbStore {
                 .ok_or_else(|| RegistryError::not_found("account", &account_id))?;
             let model: Model = get_json(&txn.open_table(MODELS)?, &model_id)?
                 .ok_or_else(|| RegistryError::not_found("model", &model_id))?;
+            let price = charge.price_of(&model)?;
             account.credits =
                 account
                     .credits
-                    .checked_sub(model.price)
+                    .checked_sub(price)
                     .ok_or(RegistryError::PaymentRequired {
                         balance: account.credits,
-                        price: model.price,
+                        price,
                     })?;
             // With a key, the id is a function of (account, key), as in the MongoDB store.
             let reservation_id = match &idempotency_key {
@@ -560,7 +563,8 @@ impl MetadataStore for RedbStore {
                 account_id: account_id.clone(),
                 model_id,
                 owner: model.owner,
-                amount: model.price,
+                amount: price,
+                charge,
                 state: ReservationState::Held,
                 receipt_id: None,
                 idempotency_key,
@@ -621,6 +625,7 @@ impl MetadataStore for RedbStore {
                 model_id: r.model_id.clone(),
                 owner: r.owner.clone(),
                 credits_charged: r.amount,
+                charge: r.charge,
                 created_at: id::unix_now(),
                 batch_id: None,
             };
