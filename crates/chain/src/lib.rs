@@ -43,6 +43,13 @@ pub fn local_id(model_id: &str) -> B256 {
     keccak(model_id.as_bytes())
 }
 
+/// The id under which a model's proofs are registered and settled on chain: a delivered proof
+/// is sold as a product of its own, at the model's proof price, next to the model's
+/// predictions. (Model ids never contain `/`.)
+pub fn proof_model_id(model_id: &str) -> String {
+    format!("{model_id}/proof")
+}
+
 /// The key the contract keeps a model of `owner` under, what usage records and `getModel` name:
 /// `keccak256(abi.encode(owner, local_id(model_id)))`. Bound to the owner, so no one else can
 /// register it first.

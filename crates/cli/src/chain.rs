@@ -182,8 +182,10 @@ pub enum Chain {
         #[command(flatten)]
         market: MarketArgs,
     },
-    /// Register an uploaded model on chain with its price, CID hash and model digest,
-    /// from its owner's wallet: predictions are charged only once this is done.
+    /// Register an uploaded model on chain with its price, CID hash and model digest, from its
+    /// owner's wallet: predictions are charged only once this is done. A model with a circuit
+    /// also gets its proofs registered, at its proof price (`<model id>/proof`). What is
+    /// registered already is left as it is, so running it again finishes a half-done one.
     Register {
         /// The model: its id, HANDLE/NAME@VERSION, or NAME@VERSION for one of your own.
         model: String,
@@ -378,22 +380,38 @@ pub async fn run(command: Chain) -> anyhow::Result<()> {
             };
             let market = connect(&wallet, &marketplace).await?;
             let owner = market.sender().context("no wallet")?;
-            let key = modelhub_chain::model_key(owner, &model_id);
-            let hash = market
-                .register_model(
-                    modelhub_chain::local_id(&model_id),
-                    modelhub_chain::cid_hash(cid),
-                    commitment,
-                    U256::from(price),
-                )
-                .await?;
-            print_json(&json!({
+            // Each product once: a retry after a half-done run registers what is missing.
+            let register = async |local: &str, price: u64| -> anyhow::Result<Value> {
+                let key = modelhub_chain::model_key(owner, local);
+                let tx = match market.get_model(key).await? {
+                    Some(_) => Value::Null,
+                    None => json!(tx(market
+                        .register_model(
+                            modelhub_chain::local_id(local),
+                            modelhub_chain::cid_hash(cid),
+                            commitment,
+                            U256::from(price),
+                        )
+                        .await?)),
+                };
+                Ok(json!({ "key": format!("{key:#x}"), "tx": tx }))
+            };
+            let model = register(&model_id, price).await?;
+            let mut answer = json!({
                 "model_id": model_id,
-                "model_key": format!("{key:#x}"),
+                "model_key": model["key"],
                 "price": price,
                 "digest": format!("{commitment:#x}"),
-                "tx": tx(hash),
-            }));
+                "tx": model["tx"],
+            });
+            if let Some(proof_price) = record["proof_price"].as_u64() {
+                let proofs =
+                    register(&modelhub_chain::proof_model_id(&model_id), proof_price).await?;
+                answer["proof_price"] = json!(proof_price);
+                answer["proof_model_key"] = proofs["key"].clone();
+                answer["proof_tx"] = proofs["tx"].clone();
+            }
+            print_json(&answer);
             Ok(())
         }
         Chain::Buy { credits, market } => {

@@ -905,12 +905,12 @@ impl Registry for RegistryService {
             }
             let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
             let fingerprint = Some(req.fingerprint.as_str()).filter(|f| !f.is_empty());
-            self.ledger.check_chargeable(model_id).await?;
             let charge = match pb::Charge::try_from(req.charge) {
                 Ok(pb::Charge::Prediction) => Charge::Prediction,
                 Ok(pb::Charge::Proof) => Charge::Proof,
                 Err(_) => return Err(RegistryError::bad_request("unknown charge")),
             };
+            self.ledger.check_chargeable(model_id, charge).await?;
             RegistryService::reserve(self, account_id, model_id, charge, key, fingerprint).await
         }
         .await

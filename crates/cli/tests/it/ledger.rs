@@ -379,10 +379,27 @@ impl World {
         );
         assert!(on_chain.active);
         // The chain records the model digest (circuit spec and weight commitment together).
+        let digest = modelhub_chain::digest_word(record["digest"].as_str().unwrap()).unwrap();
+        assert_eq!(on_chain.commitment, digest);
+        // Its proofs are a product of their own, at the proof price.
+        let proofs = chain
+            .admin
+            .get_model(modelhub_chain::model_key(
+                address_of(CREATOR_KEY),
+                &modelhub_chain::proof_model_id(model_id),
+            ))
+            .await
+            .unwrap()
+            .expect("the proofs are registered");
         assert_eq!(
-            on_chain.commitment,
-            modelhub_chain::digest_word(record["digest"].as_str().unwrap()).unwrap()
+            (proofs.owner, proofs.price_per_call, proofs.commitment),
+            (
+                address_of(CREATOR_KEY),
+                U256::from(record["proof_price"].as_u64().unwrap()),
+                digest
+            )
         );
+        assert_eq!(registered["proof_price"], record["proof_price"]);
     }
 
     /// A creator (wallet: CREATOR_KEY) with the digits model listed at `price`, and a user
@@ -833,6 +850,84 @@ mod refunds_leave_the_off_chain_balance_too {
     async fn anvil_mongodb() {
         super::refunds_leave_the_off_chain_balance_too(super::Kind::AnvilMongoDb).await
     }
+}
+
+/// A prediction and the delivery of its proof are two charges, settled on chain at their own
+/// prices: the proof under the model's proof product (`<model id>/proof`). A model registered
+/// without its proof product (before proofs were priced) answers the proof's delivery 409,
+/// uncharged, until `modelhub chain register` adds what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predictions_and_proofs_settle_at_their_own_prices() {
+    let world = World::start(Kind::Anvil).await;
+    let chain = world.chain();
+    let creator = world.account("creator", CREATOR_KEY).await;
+    let user = world.account("user", USER_KEY).await;
+    let mut upload = ModelUpload::new("digits", "1", 2);
+    upload.proof_price = Some(3);
+    let record = creator.upload(&upload, digits_bytes()).await.unwrap();
+    assert_eq!(record.status, 201, "{:?}", record.body);
+    let record = record.body;
+    let model_id = record["model_id"].as_str().unwrap();
+    // Registered the way it was before proofs had a price: the model alone.
+    chain
+        .as_wallet(CREATOR_KEY)
+        .await
+        .register_model(
+            modelhub_chain::local_id(model_id),
+            modelhub_chain::cid_hash(record["cid"].as_str().unwrap()),
+            modelhub_chain::digest_word(record["digest"].as_str().unwrap()).unwrap(),
+            U256::from(2),
+        )
+        .await
+        .unwrap();
+    world.buy(&user, "user", 20).await;
+
+    let predicted = user
+        .post(
+            &format!("/v1/models/{model_id}/predict"),
+            &json!({ "inputs": digits_input(0), "proof": true }),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let job = predicted["proof_job"].as_str().unwrap();
+    let early = user
+        .get(&format!("/v1/proofs/{job}?wait=60"))
+        .await
+        .unwrap();
+    assert_error(
+        &early,
+        409,
+        "conflict",
+        "proofs are not registered on chain",
+    );
+    assert_eq!(account(&user).await["credits"], 18);
+
+    // `chain register` adds the proof product (the model is left as it is).
+    world.register(&creator, "creator", &record).await;
+    let proof = user
+        .get(&format!("/v1/proofs/{job}"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(proof["status"], "done", "{proof}");
+    assert_eq!(proof["receipt"]["credits_charged"], 3);
+    assert_eq!(account(&user).await["credits"], 15);
+
+    let ledger = world.settle().await;
+    let batch = &ledger["batches"][0];
+    assert_eq!(batch["state"], "settled", "{ledger}");
+    assert_eq!(batch["error"], Value::Null, "{ledger}");
+    assert_eq!(
+        (&batch["receipts"], &batch["credits"]),
+        (&json!(2), &json!(5))
+    );
+    assert_eq!(chain.credits_of(USER_KEY).await, 15);
+    assert_eq!(chain.earnings_of(CREATOR_KEY).await, 5);
+    assert_eq!(account(&user).await["credits"], 15);
+    world.stop().await;
 }
 
 /// `proofs verify --chain` checks a proof against the digest the marketplace contract records

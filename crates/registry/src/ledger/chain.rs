@@ -24,7 +24,11 @@
 //! `settle_batch_size`; each batch is written to the store (its receipts marked) *before* it is
 //! sent. Its id is a hash of the operator and its receipt ids (and a round number, bumped when
 //! the same receipts come back from a failed batch). Each batch carries one `UsageRecord` per
-//! (user, model, price): the calls and the credits charged off chain. Before sending, the ledger
+//! (user, product, price): the calls and the credits charged off chain. A model is two
+//! products on chain, each registered by its owner: its predictions under the model id, and
+//! the delivery of its proofs under `<model id>/proof` at the proof price
+//! ([`modelhub_chain::proof_model_id`]); a charge is refused (409) until its product is
+//! registered. Before sending, the ledger
 //! compares each record with the prices the contract holds; after, it checks the transaction's
 //! `BatchSettled` log (the records hash) and reads which records were skipped (`UsageRejected`).
 //! A skipped record is reported in the batch's `error`; when its user shouldn't pay (unknown or
@@ -54,8 +58,17 @@ use tracing::{info, warn};
 
 use super::{Ledger, LedgerStatus};
 use crate::error::{RegistryError, Result};
-use crate::model::{Account, BatchState, Model, Receipt, SettlementBatch};
+use crate::model::{Account, BatchState, Charge, Model, Receipt, SettlementBatch};
 use crate::store::MetadataStore;
+
+/// The id a model's product `charge` is registered and settled under on chain: the model id
+/// for its predictions, [`modelhub_chain::proof_model_id`] for its proofs.
+fn on_chain_id(model_id: &str, charge: Charge) -> String {
+    match charge {
+        Charge::Prediction => model_id.to_owned(),
+        Charge::Proof => modelhub_chain::proof_model_id(model_id),
+    }
+}
 
 /// What the ledger follows on chain.
 enum Followed {
@@ -537,13 +550,13 @@ impl ChainLedger {
     /// The usage records of a batch's receipts: one per (user, model, price charged), with the
     /// calls, the credits charged and the hash of those receipt ids.
     async fn plan<'a>(&self, receipts: &'a [Receipt]) -> Result<Plan<'a>> {
-        let mut groups: std::collections::BTreeMap<(&str, &str, u64), Vec<&Receipt>> =
+        let mut groups: std::collections::BTreeMap<(&str, String, u64), Vec<&Receipt>> =
             Default::default();
         for receipt in receipts {
             groups
                 .entry((
                     &receipt.account_id,
-                    &receipt.model_id,
+                    on_chain_id(&receipt.model_id, receipt.charge),
                     receipt.credits_charged,
                 ))
                 .or_default()
@@ -555,7 +568,7 @@ impl ChainLedger {
             groups: Vec::new(),
             offchain: Vec::new(),
         };
-        for ((account_id, model_id, _), group) in groups {
+        for ((account_id, product, _), group) in groups {
             let owner_id = group[0].owner.as_str();
             for who in [account_id, owner_id] {
                 if !wallets.contains_key(who) {
@@ -578,7 +591,7 @@ impl ChainLedger {
             let ids: Vec<String> = group.iter().map(|r| r.receipt_id.clone()).collect();
             plan.records.push(UsageRecord {
                 user: *user,
-                modelId: modelhub_chain::model_key(*owner, model_id),
+                modelId: modelhub_chain::model_key(*owner, &product),
                 calls: group.len() as u64,
                 credits: U256::from(group.iter().map(|r| r.credits_charged).sum::<u64>()),
                 receiptBatchHash: receipts_hash(&ids),
@@ -795,7 +808,10 @@ impl ChainLedger {
 
     /// Whether the chain lets `model` be charged for; `Err` only when the node or the store
     /// can't answer.
-    async fn check_on_chain(&self, model: &Model) -> Result<Check> {
+    /// What the chain holds for `model`'s product `charge` (its predictions, or its proofs
+    /// under [`modelhub_chain::proof_model_id`]) compared with the registry's record.
+    async fn check_on_chain(&self, model: &Model, charge: Charge) -> Result<Check> {
+        let price = charge.price_of(model)?;
         let owner = self.store.get_account(&model.owner).await?;
         let Some(wallet) = owner.wallet else {
             return Ok(Check::Refused(
@@ -811,12 +827,16 @@ impl ChainLedger {
                 id = model.model_id
             )));
         }
-        let key = modelhub_chain::model_key(owner_address, &model.model_id);
+        let key = modelhub_chain::model_key(owner_address, &on_chain_id(&model.model_id, charge));
         let Some(on_chain) = self.market.get_model(key).await.map_err(chain_error)? else {
             return Ok(Check::Refused(format!(
-                "model {id} is not registered on chain yet: its owner runs `modelhub chain \
+                "model {id}{what} not registered on chain yet: its owner runs `modelhub chain \
                  register {id}`",
-                id = model.model_id
+                id = model.model_id,
+                what = match charge {
+                    Charge::Prediction => " is",
+                    Charge::Proof => "'s proofs are",
+                },
             )));
         };
         // The chain records the model digest (spec and weight commitment together).
@@ -833,10 +853,11 @@ impl ChainLedger {
             )
         } else if !on_chain.active {
             format!("model {id} is deactivated on chain")
-        } else if on_chain.price_per_call != U256::from(model.price) {
+        } else if on_chain.price_per_call != U256::from(price) {
             format!(
-                "model {id}'s on-chain price {} differs from its registered price {}",
-                on_chain.price_per_call, model.price
+                "model {id}'s on-chain {} price {} differs from its registered one {price}",
+                charge.as_str(),
+                on_chain.price_per_call,
             )
         } else if on_chain.cid_hash != modelhub_chain::cid_hash(&model.cid) {
             format!("model {id}'s on-chain CID hash differs from its CID")
@@ -878,23 +899,24 @@ impl Ledger for ChainLedger {
         false
     }
 
-    async fn check_chargeable(&self, model_id: &str) -> Result<()> {
-        if let Some(check) = self.checks.get(model_id).await {
+    async fn check_chargeable(&self, model_id: &str, charge: Charge) -> Result<()> {
+        let product = on_chain_id(model_id, charge);
+        if let Some(check) = self.checks.get(&product).await {
             return check.into_result();
         }
         let model = self.store.get_model(model_id).await?;
-        match self.check_on_chain(&model).await {
+        match self.check_on_chain(&model, charge).await {
             Ok(check) => {
                 if check == Check::Chargeable {
-                    self.chargeable.insert(model.model_id.clone(), ()).await;
+                    self.chargeable.insert(product.clone(), ()).await;
                 }
-                self.checks.insert(model.model_id, check.clone()).await;
+                self.checks.insert(product, check.clone()).await;
                 check.into_result()
             }
             // The node is down: a model the chain accepted recently stays chargeable (usage is
             // settled once the node is back); others wait for the node.
             Err(e @ RegistryError::ChainUnavailable { .. }) => {
-                if self.chargeable.contains_key(model_id) {
+                if self.chargeable.contains_key(&product) {
                     warn!(model = model_id, error = %e, "chain node unavailable; charging on the last check");
                     Ok(())
                 } else {

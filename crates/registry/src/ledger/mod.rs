@@ -17,7 +17,7 @@ use async_trait::async_trait;
 
 pub use self::chain::{ChainArgs, ChainLedger};
 use crate::error::Result;
-use crate::model::SettlementBatch;
+use crate::model::{Charge, SettlementBatch};
 
 /// What `GetLedger` reports.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -47,10 +47,11 @@ pub trait Ledger: Send + Sync + 'static {
     /// deposits: grants are refused (`Conflict`).
     fn grants_allowed(&self) -> bool;
 
-    /// Refuses to charge for a model the ledger could not settle (`Conflict` with the reason):
-    /// with a chain ledger, a model its owner's wallet has not registered on chain, a
-    /// deactivated one, or one whose on-chain price or commitment differs.
-    async fn check_chargeable(&self, model_id: &str) -> Result<()>;
+    /// Refuses to charge for a model (its predictions, or the delivery of its proofs) when the
+    /// ledger could not settle it (`Conflict` with the reason): with a chain ledger, a model
+    /// its owner's wallet has not registered on chain, a deactivated one, or one whose
+    /// on-chain price or digest differs.
+    async fn check_chargeable(&self, model_id: &str, charge: Charge) -> Result<()>;
 
     /// Counts newly confirmed deposits and settles committed usage now, instead of waiting
     /// for the next interval. A no-op for the embedded ledger.
@@ -74,7 +75,7 @@ impl Ledger for EmbeddedLedger {
         true
     }
 
-    async fn check_chargeable(&self, _model_id: &str) -> Result<()> {
+    async fn check_chargeable(&self, _model_id: &str, _charge: Charge) -> Result<()> {
         Ok(())
     }
 
