@@ -106,6 +106,59 @@ pub struct Jobs {
     arrived: Notify,
 }
 
+/// The proof queue as the service uses it: this prover's own database ([`Jobs`]), or the
+/// table shared by every replica ([`crate::shared::SharedJobs`]).
+#[tonic::async_trait]
+pub trait JobQueue: Send + Sync + std::fmt::Debug {
+    /// Records a new job durably and queues it; returns its place. The same job submitted
+    /// again (same id and account) is accepted once. `Unavailable` when the queue is full,
+    /// `TooManyRequests` when the account has too many jobs pending.
+    async fn enqueue(&self, job: ProofJob, record: Job) -> Result<Place, ProverError>;
+    /// The next job to prove, taken for this prover; waits for one.
+    async fn next(&self) -> Result<ProofJob, ProverError>;
+    /// Ends a job taken with [`next`](Self::next): its record gets `status`, durably. `took`
+    /// (how long proving took) feeds the estimate.
+    async fn finish(
+        &self,
+        job_id: &str,
+        status: JobStatus,
+        took: Option<Duration>,
+    ) -> Result<(), ProverError>;
+    async fn get(&self, job_id: &str) -> Result<Option<Job>, ProverError>;
+    /// Where a pending job stands (`None` when it is not waiting: being proved, or finished).
+    async fn place(&self, job_id: &str) -> Option<Place>;
+    /// The job once it is finished, or as it stands after `wait`; `None` when no such job
+    /// appeared within `wait`.
+    async fn wait(&self, job_id: &str, wait: Duration) -> Result<Option<Job>, ProverError>;
+}
+
+#[tonic::async_trait]
+impl JobQueue for Jobs {
+    async fn enqueue(&self, job: ProofJob, record: Job) -> Result<Place, ProverError> {
+        Jobs::enqueue(self, job, record).await
+    }
+    async fn next(&self) -> Result<ProofJob, ProverError> {
+        Jobs::next(self).await
+    }
+    async fn finish(
+        &self,
+        job_id: &str,
+        status: JobStatus,
+        took: Option<Duration>,
+    ) -> Result<(), ProverError> {
+        Jobs::finish(self, job_id, status, took).await
+    }
+    async fn get(&self, job_id: &str) -> Result<Option<Job>, ProverError> {
+        Jobs::get(self, job_id).await
+    }
+    async fn place(&self, job_id: &str) -> Option<Place> {
+        Jobs::place(self, job_id)
+    }
+    async fn wait(&self, job_id: &str, wait: Duration) -> Result<Option<Job>, ProverError> {
+        Jobs::wait(self, job_id, wait).await
+    }
+}
+
 /// Job ids become database keys and log fields: keep them to a safe alphabet.
 pub fn valid_job_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
@@ -458,7 +511,7 @@ impl Queue {
 }
 
 /// Microseconds since the Unix epoch: the arrival order of jobs across restarts.
-fn now_micros() -> u64 {
+pub(crate) fn now_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))

@@ -6,6 +6,7 @@ pub mod error;
 pub mod jobs;
 pub mod models;
 pub mod service;
+pub mod shared;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -63,6 +64,15 @@ pub struct Settings {
         default_value = "./modelhub-data/tls"
     )]
     pub mtls_dir: PathBuf,
+    /// MongoDB URI of the state every prover replica shares: proof jobs (each leased by one
+    /// prover at a time, taken over when its prover dies) and compiled-model records. Without
+    /// it the prover keeps them under `data_dir`, for one replica.
+    #[arg(long, env = "MODELHUB_PROVER_MONGODB_URI")]
+    pub mongodb_uri: Option<String>,
+    /// Seconds a taken proof job stays with its prover without a renewal (renewed every third
+    /// of it while proving); after that another replica takes it over.
+    #[arg(long, env = "MODELHUB_PROVER_LEASE_SECS", default_value_t = shared::DEFAULT_LEASE.as_secs())]
+    pub lease_secs: u64,
 }
 
 impl Settings {
@@ -78,6 +88,8 @@ impl Settings {
             max_pending_per_account: jobs::Limits::default().per_account,
             params_dir: None,
             mtls_dir: PathBuf::from("./modelhub-data/tls"),
+            mongodb_uri: None,
+            lease_secs: shared::DEFAULT_LEASE.as_secs(),
         }
     }
 
@@ -95,7 +107,7 @@ impl Settings {
 }
 
 /// Builds the service from its settings.
-pub fn build(settings: &Settings) -> anyhow::Result<ProverService> {
+pub async fn build(settings: &Settings) -> anyhow::Result<ProverService> {
     anyhow::ensure!(
         settings.workers >= 1,
         "MODELHUB_PROVER_WORKERS must be at least 1"
@@ -105,13 +117,19 @@ pub fn build(settings: &Settings) -> anyhow::Result<ProverService> {
     let storage = modelhub_storage::client::connect_lazy(&tls, &settings.storage)
         .map_err(|e| anyhow::anyhow!("MODELHUB_PROVER_STORAGE: {e}"))?;
     let pool = ComputePool::new("modelhub-prover", settings.workers)?;
-    let models = models::Models::new(
-        settings.data_dir.join("models"),
-        settings.params_path(),
-        kek,
-        storage,
-        pool.clone(),
-    )?;
+    let shared = match &settings.mongodb_uri {
+        Some(uri) => Some(
+            shared::Shared::connect(uri, std::time::Duration::from_secs(10))
+                .await
+                .context("MODELHUB_PROVER_MONGODB_URI")?,
+        ),
+        None => None,
+    };
+    let records = match &shared {
+        Some(s) => models::Records::Shared(s.clone()),
+        None => models::Records::Dir(settings.data_dir.join("models")),
+    };
+    let models = models::Models::new(records, settings.params_path(), kek, storage, pool.clone())?;
     anyhow::ensure!(
         settings.max_queued >= 1 && settings.max_pending_per_account >= 1,
         "the proof queue limits must be at least 1"
@@ -120,8 +138,21 @@ pub fn build(settings: &Settings) -> anyhow::Result<ProverService> {
         capacity: settings.max_queued,
         per_account: settings.max_pending_per_account,
     };
-    let jobs = jobs::Jobs::open(&settings.data_dir.join("proofs"), limits, settings.workers)?;
-    Ok(ProverService::new(Arc::new(models), Arc::new(jobs), pool))
+    anyhow::ensure!(settings.lease_secs >= 1, "lease_secs must be at least 1");
+    let jobs: Arc<dyn jobs::JobQueue> = match &shared {
+        Some(s) => Arc::new(shared::SharedJobs::new(
+            s,
+            limits,
+            settings.workers,
+            std::time::Duration::from_secs(settings.lease_secs),
+        )),
+        None => Arc::new(jobs::Jobs::open(
+            &settings.data_dir.join("proofs"),
+            limits,
+            settings.workers,
+        )?),
+    };
+    Ok(ProverService::new(Arc::new(models), jobs, pool))
 }
 
 /// Serves the prover (and `grpc.health.v1`) on `listener` until `shutdown`.
@@ -131,7 +162,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tls = TlsDir::load(&settings.mtls_dir, Identity::Prover)?;
-    let service = build(&settings)?;
+    let service = build(&settings).await?;
     let workers = service.start_workers(settings.workers);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ProverServer<ProverService>>().await;

@@ -140,9 +140,56 @@ impl ParamsCache {
 /// Compiled models kept in memory (each holds its circuit keys); others are rebuilt on use.
 const COMPILED_MODELS: u64 = 64;
 
+/// Where the records of compiled models (spec, commitment, sealed opening) are kept.
+#[derive(Debug, Clone)]
+pub enum Records {
+    /// `<dir>/<model_id>.json`, written durably: one prover.
+    Dir(PathBuf),
+    /// The state every replica shares.
+    Shared(crate::shared::Shared),
+}
+
+impl Records {
+    async fn read(&self, model_id: &str) -> Result<Option<Vec<u8>>, ProverError> {
+        match self {
+            Records::Dir(dir) => match std::fs::read(dir.join(format!("{model_id}.json"))) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(state_err(dir, e)),
+            },
+            Records::Shared(s) => s.read_model(model_id).await,
+        }
+    }
+
+    async fn write(&self, model_id: &str, record: &[u8]) -> Result<(), ProverError> {
+        match self {
+            Records::Dir(dir) => {
+                let path = dir.join(format!("{model_id}.json"));
+                modelhub_core::fs::write_durably(&path, record).map_err(|e| state_err(&path, e))
+            }
+            Records::Shared(s) => s.write_model(model_id, record).await,
+        }
+    }
+
+    /// Whether there was a record.
+    async fn remove(&self, model_id: &str) -> Result<bool, ProverError> {
+        match self {
+            Records::Dir(dir) => {
+                let path = dir.join(format!("{model_id}.json"));
+                match std::fs::remove_file(&path) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(state_err(&path, e)),
+                }
+            }
+            Records::Shared(s) => s.remove_model(model_id).await,
+        }
+    }
+}
+
 /// The compiled models of this prover.
 pub struct Models {
-    dir: PathBuf,
+    records: Records,
     kek: Kek,
     storage: StorageClient<Channel>,
     pub params: Arc<ParamsCache>,
@@ -156,7 +203,7 @@ pub struct Models {
 impl std::fmt::Debug for Models {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Models")
-            .field("dir", &self.dir)
+            .field("records", &self.records)
             .finish_non_exhaustive()
     }
 }
@@ -193,15 +240,17 @@ pub use modelhub_zk::input_len;
 
 impl Models {
     pub fn new(
-        dir: PathBuf,
+        records: Records,
         params_dir: PathBuf,
         kek: Kek,
         storage: StorageClient<Channel>,
         pool: ComputePool,
     ) -> Result<Models, ProverError> {
-        std::fs::create_dir_all(&dir).map_err(|e| state_err(&dir, e))?;
+        if let Records::Dir(dir) = &records {
+            std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+        }
         Ok(Models {
-            dir,
+            records,
             kek,
             storage,
             params: Arc::new(ParamsCache::new(params_dir)),
@@ -210,10 +259,6 @@ impl Models {
                 .max_capacity(COMPILED_MODELS)
                 .build(),
         })
-    }
-
-    fn record_path(&self, model_id: &str) -> PathBuf {
-        self.dir.join(format!("{model_id}.json"))
     }
 
     /// The model's plaintext from storage, checked like an upload (no external data, standard
@@ -281,10 +326,9 @@ impl Models {
             sealed_opening: STANDARD
                 .encode(self.kek.wrap(&opening_json, model.model_id.as_bytes())),
         };
-        let path = self.record_path(&model.model_id);
         let bytes =
             serde_json::to_vec_pretty(&record).map_err(|e| ProverError::State(e.to_string()))?;
-        modelhub_core::fs::write_durably(&path, &bytes).map_err(|e| state_err(&path, e))?;
+        self.records.write(&model.model_id, &bytes).await?;
         let outcome = Outcome::Supported {
             commitment: compiled.commitment.clone(),
             spec: compiled.model.spec.clone(),
@@ -301,12 +345,7 @@ impl Models {
     /// was never registered; whether there was a record.
     pub async fn forget(&self, model_id: &str) -> Result<bool, ProverError> {
         self.cache.invalidate(model_id).await;
-        let path = self.record_path(model_id);
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(state_err(&path, e)),
-        }
+        self.records.remove(model_id).await
     }
 
     /// The compiled model, from memory or rebuilt from storage and its stored record.
@@ -319,20 +358,20 @@ impl Models {
 
     /// Rebuilds a compiled model from storage and its stored record.
     async fn load(&self, model: &ModelRef) -> Result<Arc<Compiled>, ProverError> {
-        let path = self.record_path(&model.model_id);
-        let record: Record = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| state_err(&path, e))?,
-            Err(_) => return Err(ProverError::NoCircuit(model.model_id.clone())),
+        let path = Path::new(&model.model_id); // names the record in errors
+        let record: Record = match self.records.read(&model.model_id).await? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| state_err(path, e))?,
+            None => return Err(ProverError::NoCircuit(model.model_id.clone())),
         };
         let sealed = STANDARD
             .decode(&record.sealed_opening)
-            .map_err(|e| state_err(&path, e))?;
+            .map_err(|e| state_err(path, e))?;
         let opening_json = self
             .kek
             .unwrap(&sealed, model.model_id.as_bytes())
-            .map_err(|e| state_err(&path, e))?;
+            .map_err(|e| state_err(path, e))?;
         let opening: Opening =
-            serde_json::from_slice(&opening_json).map_err(|e| state_err(&path, e))?;
+            serde_json::from_slice(&opening_json).map_err(|e| state_err(path, e))?;
         let bytes = self.fetch(model).await?;
         let params_cache = self.params.clone();
         let compiled = self

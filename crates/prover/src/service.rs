@@ -10,7 +10,7 @@ use modelhub_zk::{ModelDigest, ProofBundle};
 use tonic::{Request, Response, Status};
 
 use crate::error::ProverError;
-use crate::jobs::{Job, JobStatus, Jobs, valid_job_id};
+use crate::jobs::{Job, JobQueue, JobStatus, valid_job_id};
 use crate::models::{Models, Outcome};
 
 /// Longest a `GetProof` may wait.
@@ -20,12 +20,12 @@ pub const MAX_WAIT: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone)]
 pub struct ProverService {
     models: Arc<Models>,
-    jobs: Arc<Jobs>,
+    jobs: Arc<dyn JobQueue>,
     pool: ComputePool,
 }
 
 impl ProverService {
-    pub fn new(models: Arc<Models>, jobs: Arc<Jobs>, pool: ComputePool) -> ProverService {
+    pub fn new(models: Arc<Models>, jobs: Arc<dyn JobQueue>, pool: ComputePool) -> ProverService {
         ProverService { models, jobs, pool }
     }
 
@@ -274,7 +274,7 @@ impl pb::prover_server::Prover for ProverService {
         {
             Some(job) => {
                 let mut state = proof_state(job);
-                if let Some(place) = self.jobs.place(&req.job_id) {
+                if let Some(place) = self.jobs.place(&req.job_id).await {
                     state.queue_position = u32::try_from(place.ahead).unwrap_or(u32::MAX);
                     state.estimated_wait_ms =
                         u64::try_from(place.estimate.as_millis()).unwrap_or(u64::MAX);

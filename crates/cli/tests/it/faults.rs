@@ -130,6 +130,28 @@ impl Processes {
         self.args.insert(svc, args);
     }
 
+    /// Starts another replica of `svc`, named `name`, with `svc`'s arguments where `change`
+    /// says otherwise (a flag and its new value).
+    fn replica(&mut self, name: &'static str, svc: &'static str, change: &[(&str, &str)]) {
+        let mut args = self.args[svc].clone();
+        for (flag, value) in change {
+            match args.iter().position(|a| a == flag) {
+                Some(at) => args[at + 1] = (*value).to_owned(),
+                None => args.extend([(*flag).to_owned(), (*value).to_owned()]),
+            }
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.running.insert(name, serve(svc, &refs));
+        self.args.insert(name, args);
+    }
+
+    /// Stops `svc` with SIGKILL, for good.
+    fn kill(&mut self, svc: &str) {
+        let mut old = self.running.remove(svc).unwrap();
+        old.child.kill().unwrap();
+        old.child.wait().unwrap();
+    }
+
     fn url(&self, svc: &str) -> String {
         format!("https://{}", self.running[svc].addr)
     }
@@ -697,4 +719,61 @@ async fn proof_jobs_survive_a_killed_modelhub_up() {
         last["status"], "pending",
         "the last job was still pending at the kill: {last}"
     );
+}
+
+/// Prover replicas share their state (`--mongodb-uri`): jobs are leased, one prover at a time.
+/// A prover killed while proving never comes back; a second replica, started afterwards with
+/// its own data folder, proves the model from the shared record, takes over the dead one's
+/// job once its lease runs out, and finishes every job, each read through a gateway that
+/// speaks only to the second replica. Each prediction and each delivered proof is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_prover_replica_s_jobs_are_finished_by_another() {
+    const JOBS: usize = 4;
+    let mongo = modelhub_testkit::ScriptServer::start("mongo");
+    let uri = format!("{}/modelhub_provers", mongo.uri);
+    let mut p = Processes::start(None, Some(&["--mongodb-uri", &uri, "--lease-secs", "2"]));
+    let Market { user, record, .. } = Market::open(&p).await;
+    let model_id = record["model_id"].as_str().unwrap();
+    let start_credits = account(&user).await["credits"].as_u64().unwrap();
+    let jobs = proved_predictions(&user, model_id, JOBS).await;
+    // The first prover has taken the first job (it proves as soon as a job arrives).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut pending_at_kill = 0;
+    for job in &jobs {
+        let state = user
+            .get(&format!("/v1/proofs/{job}"))
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
+        pending_at_kill += usize::from(state["status"] == "pending");
+    }
+    p.kill("prover");
+
+    let other_data = p
+        ._dir
+        .path()
+        .join("prover-b")
+        .to_string_lossy()
+        .into_owned();
+    p.replica("prover-b", "prover", &[("--data-dir", &other_data)]);
+    let other_prover = p.url("prover-b");
+    p.replica("gateway-b", "gateway", &[("--prover", &other_prover)]);
+    let through_b = Client::new(
+        &format!("http://{}", p.running["gateway-b"].addr),
+        user.key().clone(),
+    )
+    .unwrap();
+    for state in all_proved(&through_b, &jobs).await {
+        assert_eq!(state["model_digest"], record["digest"]);
+    }
+    assert!(
+        pending_at_kill > 0,
+        "every job was done before the kill; nothing was tested"
+    );
+    let proof_price = record["proof_price"].as_u64().unwrap();
+    let charged = start_credits - account(&through_b).await["credits"].as_u64().unwrap();
+    assert_eq!(charged, (PRICE + proof_price) * JOBS as u64);
+    drop(p);
+    drop(mongo);
 }

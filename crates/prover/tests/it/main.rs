@@ -448,7 +448,7 @@ async fn a_stalled_model_load_does_not_hold_up_another_model() {
     let kek = || Kek::load_or_generate(&s.dir.path().join("models-kek")).unwrap();
     let open = |pool: ComputePool| {
         Models::new(
-            s.dir.path().join("models"),
+            modelhub_prover::models::Records::Dir(s.dir.path().join("models")),
             s.dir.path().join("params"),
             kek(),
             storage_client.clone(),
