@@ -74,8 +74,19 @@ impl Shared {
             jobs: db.collection("proof_jobs"),
             models: db.collection("prover_models"),
         };
-        // Answers (or fails) now rather than at the first job.
+        // Answers (or fails) now rather than at the first job; the indexes of the queue's
+        // queries (taking the oldest pending job, counting an account's pending ones).
         db.run_command(doc! { "ping": 1 }).await.map_err(db_err)?;
+        for keys in [
+            doc! { "state": 1, "seq": 1 },
+            doc! { "state": 1, "account_id": 1 },
+        ] {
+            shared
+                .jobs
+                .create_index(mongodb::IndexModel::builder().keys(keys).build())
+                .await
+                .map_err(db_err)?;
+        }
         tracing::info!(%database, "prover state: shared (MongoDB)");
         Ok(shared)
     }
