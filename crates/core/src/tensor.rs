@@ -415,6 +415,23 @@ pub fn validate_inputs(specs: &[TensorSpec], inputs: &[Tensor]) -> Result<(), Ap
     Ok(())
 }
 
+/// The rows a request asks predictions for, what it is charged for: the largest first
+/// dimension among the inputs whose declared first dimension is dynamic (-1); 1 when the model
+/// fixes it (one call per request). For inputs that passed [`validate_inputs`].
+pub fn batch_rows(specs: &[TensorSpec], inputs: &[Tensor]) -> u64 {
+    inputs
+        .iter()
+        .filter(|t| {
+            specs
+                .iter()
+                .any(|s| s.name == t.name && s.shape.first().is_some_and(|&d| d < 0))
+        })
+        .filter_map(|t| t.shape.first().and_then(|&d| u64::try_from(d).ok()))
+        .max()
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// The range a model's input values lie in, declared by its creator at upload (`[0, 1]` by
 /// default): calibration samples are drawn from it.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -452,6 +469,36 @@ mod tests {
 
     fn json(s: &str) -> JsonTensor {
         serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn a_batch_has_as_many_rows_as_its_dynamic_first_dimension() {
+        let spec = |name: &str, shape: Vec<i64>| TensorSpec {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape,
+        };
+        let input = |name: &str, shape: Vec<i64>| Tensor {
+            name: name.into(),
+            shape,
+            datatype: DataType::Fp32,
+            data: Vec::new(),
+        };
+        let dynamic = [spec("x", vec![-1, 64]), spec("mask", vec![-1, 4])];
+        assert_eq!(
+            batch_rows(
+                &dynamic,
+                &[input("x", vec![7, 64]), input("mask", vec![7, 4])]
+            ),
+            7
+        );
+        // A fixed first dimension is one call per request, whatever its size.
+        let fixed = [spec("x", vec![32, 64])];
+        assert_eq!(batch_rows(&fixed, &[input("x", vec![32, 64])]), 1);
+        // An empty batch is still a call.
+        assert_eq!(batch_rows(&dynamic[..1], &[input("x", vec![0, 64])]), 1);
+        // A scalar input has no rows.
+        assert_eq!(batch_rows(&[spec("s", vec![])], &[input("s", vec![])]), 1);
     }
 
     #[test]

@@ -115,6 +115,14 @@ pub struct Settings {
         default_value_t = DEFAULT_PROOF_CELLS_PER_CREDIT
     )]
     pub proof_cells_per_credit: u64,
+    /// The most rows (the size of a model's dynamic first dimension) one predict may hold;
+    /// each row is charged the model's price. More is answered 413, uncharged.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_MAX_ROWS_PER_REQUEST",
+        default_value_t = 1024
+    )]
+    pub max_rows_per_request: u32,
     /// Seconds a JSON request body may take to arrive in full (408 beyond).
     #[arg(long, env = "MODELHUB_GATEWAY_BODY_TIMEOUT_SECS", default_value_t = 30)]
     pub body_timeout_secs: u64,
@@ -161,6 +169,7 @@ impl Settings {
             max_uploads_per_account: 2,
             free_calls_per_minute: 60,
             proof_cells_per_credit: DEFAULT_PROOF_CELLS_PER_CREDIT,
+            max_rows_per_request: 1024,
             body_timeout_secs: 30,
             min_body_rate: 16 * 1024,
             mtls_dir: "./modelhub-data/tls".into(),
@@ -208,6 +217,10 @@ impl Settings {
             "proof_cells_per_credit must be at least 1"
         );
         anyhow::ensure!(
+            self.max_rows_per_request >= 1,
+            "max_rows_per_request must be at least 1"
+        );
+        anyhow::ensure!(
             self.body_timeout_secs >= 1,
             "body_timeout_secs must be at least 1"
         );
@@ -245,7 +258,8 @@ impl Settings {
     }
 }
 
-/// Per-request policy: body size and pace limits, and the default proof price.
+/// Per-request policy: body size and pace limits, rows per predict, and the default proof
+/// price.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub max_upload_bytes: u64,
@@ -254,6 +268,8 @@ pub(crate) struct Limits {
     pub min_body_rate: u64,
     /// See [`Settings::proof_cells_per_credit`].
     pub proof_cells_per_credit: u64,
+    /// See [`Settings::max_rows_per_request`].
+    pub max_rows_per_request: u32,
 }
 
 /// One credit per 65,536 circuit cells: the digits MLP's proofs cost 1 credit, a LeNet-size
@@ -388,6 +404,7 @@ impl Shared {
                 body_timeout: Duration::from_secs(settings.body_timeout_secs),
                 min_body_rate: settings.min_body_rate,
                 proof_cells_per_credit: settings.proof_cells_per_credit,
+                max_rows_per_request: settings.max_rows_per_request,
             },
             uploads: limits::PerAccount::new(settings.max_uploads_per_account),
             free_quota: Arc::new(limits::FreeQuota::new(

@@ -145,8 +145,9 @@ impl FreeQuota {
         }
     }
 
-    /// Takes one free call of `account`'s quota, or says how long until the next one.
-    pub fn check(&self, account: &str) -> Result<(), std::time::Duration> {
+    /// Takes `rows` free calls of `account`'s quota, or says how long until there are that
+    /// many. `rows` must be at most [`per_minute`](Self::per_minute).
+    pub fn check(&self, account: &str, rows: u32) -> Result<(), std::time::Duration> {
         use governor::clock::{Clock, DefaultClock};
         let n = self
             .checks
@@ -155,9 +156,15 @@ impl FreeQuota {
             // Memory stays bounded by the accounts that used free calls lately.
             self.limiter.retain_recent();
         }
-        self.limiter
-            .check_key(&account.to_owned())
-            .map_err(|later| later.wait_time_from(DefaultClock::default().now()))
+        let Some(n) = std::num::NonZeroU32::new(rows) else {
+            return Ok(());
+        };
+        match self.limiter.check_key_n(&account.to_owned(), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(later)) => Err(later.wait_time_from(DefaultClock::default().now())),
+            // More than a minute's quota can never pass: the caller checks before.
+            Err(_) => Err(std::time::Duration::from_secs(60)),
+        }
     }
 
     /// The free calls per minute of one account.
@@ -173,18 +180,25 @@ mod tests {
     #[test]
     fn the_free_quota_is_per_account_and_says_when_to_come_back() {
         let quota = FreeQuota::new(std::num::NonZeroU32::new(3).unwrap());
-        for _ in 0..3 {
-            quota.check("acct_a").unwrap();
-        }
-        let wait = quota.check("acct_a").unwrap_err();
+        quota.check("acct_a", 2).unwrap();
+        quota.check("acct_a", 1).unwrap();
+        let wait = quota.check("acct_a", 1).unwrap_err();
         // One call comes back every 20 s.
         assert!(
             wait > std::time::Duration::from_secs(15) && wait <= std::time::Duration::from_secs(20),
             "{wait:?}"
         );
+        // A batch counts its rows: three at once fit, a fourth row must wait.
         quota
-            .check("acct_b")
+            .check("acct_b", 3)
             .expect("another account has its own quota");
+        assert!(quota.check("acct_b", 1).is_err());
+        let wait = quota.check("acct_c", 4).unwrap_err();
+        assert_eq!(
+            wait,
+            std::time::Duration::from_secs(60),
+            "more than the burst never fits"
+        );
     }
 
     #[test]

@@ -166,7 +166,7 @@ pub async fn proof_charges(store: Store) {
         );
         async move {
             store
-                .reserve_with(&buyer, &model, charge, Some(key), Some("job"))
+                .reserve_with(&buyer, &model, charge, 1, Some(key), Some("job"))
                 .await
         }
     };
@@ -234,6 +234,85 @@ pub async fn proof_charges(store: Store) {
                     &buyer.account_id,
                     &plain.model_id,
                     Charge::Proof,
+                    1,
+                    None,
+                    None
+                )
+                .await
+        ),
+        ErrorCode::BadRequest
+    );
+}
+
+/// A batch is charged per row: the amount is the price times the units, on one receipt that
+/// says how many; an amount beyond `u64` is refused.
+pub async fn batches_are_charged_per_row(store: Store) {
+    let owner = store
+        .create_account(new_account("batch-owner", 0))
+        .await
+        .unwrap();
+    let buyer = store
+        .create_account(new_account("batch-buyer", 20))
+        .await
+        .unwrap();
+    let model = store
+        .create_model(new_model(&owner.account_id, 3))
+        .await
+        .unwrap();
+    let held = store
+        .reserve_with(
+            &buyer.account_id,
+            &model.model_id,
+            Charge::Prediction,
+            5,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!((held.amount, held.units), (15, 5));
+    let receipt = store.commit(&held.reservation_id).await.unwrap();
+    assert_eq!((receipt.credits_charged, receipt.units), (15, 5));
+    let unsettled = store.unsettled_receipts(1000).await.unwrap();
+    let stored = unsettled
+        .iter()
+        .find(|r| r.receipt_id == receipt.receipt_id)
+        .expect("the batch's receipt waits to be settled");
+    assert_eq!(stored.units, 5);
+    assert_eq!(
+        store.get_account(&owner.account_id).await.unwrap().earnings,
+        15
+    );
+    // 2 rows more than the 5 credits left.
+    match store
+        .reserve_with(
+            &buyer.account_id,
+            &model.model_id,
+            Charge::Prediction,
+            2,
+            None,
+            None,
+        )
+        .await
+    {
+        Err(RegistryError::PaymentRequired {
+            balance: 5,
+            price: 6,
+        }) => {}
+        other => panic!("expected 402, got {other:?}"),
+    }
+    let dear = store
+        .create_model(new_model(&owner.account_id, u64::MAX / 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            store
+                .reserve_with(
+                    &buyer.account_id,
+                    &dear.model_id,
+                    Charge::Prediction,
+                    3,
                     None,
                     None
                 )
@@ -448,6 +527,7 @@ where
     grant_once(store.clone()).await;
     debit_once(store.clone()).await;
     proof_charges(store.clone()).await;
+    batches_are_charged_per_row(store.clone()).await;
     concurrent_reserve(store.clone()).await;
     wallets(store.clone()).await;
     unsettled_receipts(store.clone()).await;
@@ -1530,6 +1610,7 @@ pub async fn held_and_stale(store: Store) {
             &buyer.account_id,
             &model.model_id,
             Charge::Prediction,
+            1,
             Some("held-a"),
             Some("fp-a"),
         )

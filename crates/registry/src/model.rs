@@ -90,6 +90,10 @@ pub struct Model {
     pub created_at: i64,
 }
 
+fn one() -> u32 {
+    1
+}
+
 /// What a charge pays for.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
@@ -109,6 +113,19 @@ impl Charge {
             Charge::Prediction => "prediction",
             Charge::Proof => "proof",
         }
+    }
+
+    /// What `units` of this charge cost for `model` (price × units); a proof of a model
+    /// without a circuit is refused, and so is an amount beyond `u64`.
+    pub fn amount(self, model: &Model, units: u32) -> crate::error::Result<u64> {
+        self.price_of(model)?
+            .checked_mul(u64::from(units.max(1)))
+            .ok_or_else(|| {
+                crate::error::RegistryError::bad_request(format!(
+                    "{units} units of model {} cost more credits than can be counted",
+                    model.model_id
+                ))
+            })
     }
 
     /// What `model` costs for this charge; a proof of a model without a circuit is refused.
@@ -147,6 +164,9 @@ pub struct Reservation {
     /// What the amount pays for.
     #[serde(default)]
     pub charge: Charge,
+    /// How many of it: the rows of a prediction's batch (`amount` = price × units).
+    #[serde(default = "one")]
+    pub units: u32,
     pub state: ReservationState,
     /// Set once committed.
     pub receipt_id: Option<String>,
@@ -170,6 +190,9 @@ pub struct Receipt {
     /// What it paid for (records from before proofs were priced read as predictions).
     #[serde(default)]
     pub charge: Charge,
+    /// How many of it (calls, on chain): the rows of a prediction's batch.
+    #[serde(default = "one")]
+    pub units: u32,
     pub created_at: i64,
     /// The settlement batch the receipt belongs to, once the chain ledger has put it in one
     /// (`None`: not yet settled, or an embedded ledger).

@@ -338,6 +338,7 @@ fn reservation_pb(r: Reserved) -> pb::Reservation {
         existing: r.existing,
         response: r.response.unwrap_or_default(),
         charge: charge_pb(r.reservation.charge).into(),
+        units: r.reservation.units,
     }
 }
 
@@ -351,6 +352,7 @@ fn receipt_pb(r: Receipt) -> pb::Receipt {
         credits_charged: r.credits_charged,
         created_at: r.created_at,
         charge: charge_pb(r.charge).into(),
+        units: r.units,
     }
 }
 
@@ -421,13 +423,14 @@ impl RegistryService {
         account_id: &str,
         model_id: &str,
         charge: Charge,
+        units: u32,
         key: Option<&str>,
         fingerprint: Option<&str>,
     ) -> Result<Reserved> {
         let Some(key) = key else {
             let reservation = self
                 .store
-                .reserve_with(account_id, model_id, charge, None, fingerprint)
+                .reserve_with(account_id, model_id, charge, units, None, fingerprint)
                 .await?;
             return Ok(Reserved {
                 reservation,
@@ -449,7 +452,14 @@ impl RegistryService {
                 Err(e) if e.code() == ErrorCode::NotFound => {
                     let r = self
                         .store
-                        .reserve_with(account_id, model_id, charge, Some(&store_key), fingerprint)
+                        .reserve_with(
+                            account_id,
+                            model_id,
+                            charge,
+                            units,
+                            Some(&store_key),
+                            fingerprint,
+                        )
                         .await?;
                     // A concurrent attempt may have made it first: then it is theirs.
                     let theirs = r.fingerprint.as_deref() != fingerprint
@@ -911,7 +921,9 @@ impl Registry for RegistryService {
                 Err(_) => return Err(RegistryError::bad_request("unknown charge")),
             };
             self.ledger.check_chargeable(model_id, charge).await?;
-            RegistryService::reserve(self, account_id, model_id, charge, key, fingerprint).await
+            let units = req.units.max(1);
+            RegistryService::reserve(self, account_id, model_id, charge, units, key, fingerprint)
+                .await
         }
         .await
         .map(|r| Response::new(reservation_pb(r)))

@@ -292,3 +292,97 @@ async fn free_models_are_metered_per_account() {
     assert_eq!(account(&flooder).await["credits"], 9);
     cluster.stop().await;
 }
+
+/// A batch is priced per row: a predict of n rows (the model's dynamic first dimension) is
+/// charged n times the price on one receipt that says so, reserved before the model runs
+/// (short: 402, nothing charged); more rows than the gateway takes (1024) is a 413, a proof of
+/// more than one row a 400, both uncharged. Free models count rows against their quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_charged_per_row() {
+    let cluster = Cluster::start().await;
+    let owner = cluster.user("owner", 0).await;
+    let user = cluster.user("user", 100).await;
+    let paid = upload_digits(&owner, "paid", 2).await;
+    let paid = paid["model_id"].as_str().unwrap();
+
+    let answer = user
+        .predict(paid, digits_batch(5))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(answer["receipt"]["rows"], 5, "{answer}");
+    assert_eq!(answer["receipt"]["credits_charged"], 10, "{answer}");
+    let labels = answer["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "label")
+        .unwrap();
+    assert_eq!(labels["shape"], json!([5]));
+    assert_eq!(account(&user).await["credits"], 90);
+    assert_eq!(account(&owner).await["earnings"], 10);
+    let single = user
+        .predict(paid, digits_input(0))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(
+        (
+            &single["receipt"]["rows"],
+            &single["receipt"]["credits_charged"]
+        ),
+        (&json!(1), &json!(2))
+    );
+
+    let path = format!("/v1/models/{paid}/predict");
+    let huge = user
+        .post(&path, &json!({ "inputs": digits_batch(1025) }))
+        .await
+        .unwrap();
+    assert_error(&huge, 413, "payload_too_large", "1025 rows");
+    let proved = user
+        .post(&path, &json!({ "inputs": digits_batch(2), "proof": true }))
+        .await
+        .unwrap();
+    assert_error(&proved, 400, "bad_request", "a proof covers one row");
+    assert_eq!(
+        account(&user).await["credits"],
+        88,
+        "refusals are not charged"
+    );
+
+    // 45 rows cost 90 credits; 88 are left.
+    let short = user
+        .post(&path, &json!({ "inputs": digits_batch(45) }))
+        .await
+        .unwrap();
+    assert_error(&short, 402, "payment_required", "insufficient credits");
+    assert_eq!(account(&user).await["credits"], 88);
+
+    // Free models: rows count against the quota (60 per minute).
+    let free = upload_digits(&owner, "free", 0).await;
+    let free_path = format!("/v1/models/{}/predict", free["model_id"].as_str().unwrap());
+    let answer = user
+        .post(&free_path, &json!({ "inputs": digits_batch(61) }))
+        .await
+        .unwrap();
+    assert_error(
+        &answer,
+        413,
+        "payload_too_large",
+        "free models take at most 60 rows",
+    );
+    let answer = user
+        .post(&free_path, &json!({ "inputs": digits_batch(60) }))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let answer = user
+        .post(&free_path, &json!({ "inputs": digits_input(0) }))
+        .await
+        .unwrap();
+    assert_error(&answer, 429, "too_many_requests", "free models");
+    cluster.stop().await;
+}

@@ -215,6 +215,16 @@ pub fn digits_input(case: usize) -> Value {
     json!([{ "name": "X", "shape": [1, 64], "datatype": "FP32", "data": row }])
 }
 
+/// `rows` digits rows (the test cases in turn) as one batch input, shape `[rows, 64]`.
+pub fn digits_batch(rows: usize) -> Value {
+    let expected = modelhub_testkit::digits_expected();
+    let cases = expected["cases"].as_array().unwrap();
+    let data: Vec<Value> = (0..rows)
+        .flat_map(|r| cases[r % cases.len()]["input"].as_array().unwrap().clone())
+        .collect();
+    json!([{ "name": "X", "shape": [rows, 64], "datatype": "FP32", "data": data }])
+}
+
 pub async fn account(client: &Client) -> Value {
     client.get("/v1/account").await.unwrap().ok().unwrap()
 }

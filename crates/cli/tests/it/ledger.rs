@@ -853,7 +853,7 @@ mod refunds_leave_the_off_chain_balance_too {
 }
 
 /// A prediction and the delivery of its proof are two charges, settled on chain at their own
-/// prices: the proof under the model's proof product (`<model id>/proof`). A model registered
+/// prices (and a batch of n rows as n calls): the proof under the model's proof product (`<model id>/proof`). A model registered
 /// without its proof product (before proofs were priced) answers the proof's delivery 409,
 /// uncharged, until `modelhub chain register` adds what is missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -915,6 +915,15 @@ async fn predictions_and_proofs_settle_at_their_own_prices() {
     assert_eq!(proof["status"], "done", "{proof}");
     assert_eq!(proof["receipt"]["credits_charged"], 3);
     assert_eq!(account(&user).await["credits"], 15);
+    // A batch of 3 rows: one receipt, 3 calls on chain.
+    let batch = user
+        .predict(model_id, crate::harness::digits_batch(3))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(batch["receipt"]["credits_charged"], 6);
+    assert_eq!(account(&user).await["credits"], 9);
 
     let ledger = world.settle().await;
     let batch = &ledger["batches"][0];
@@ -922,11 +931,11 @@ async fn predictions_and_proofs_settle_at_their_own_prices() {
     assert_eq!(batch["error"], Value::Null, "{ledger}");
     assert_eq!(
         (&batch["receipts"], &batch["credits"]),
-        (&json!(2), &json!(5))
+        (&json!(3), &json!(11))
     );
-    assert_eq!(chain.credits_of(USER_KEY).await, 15);
-    assert_eq!(chain.earnings_of(CREATOR_KEY).await, 5);
-    assert_eq!(account(&user).await["credits"], 15);
+    assert_eq!(chain.credits_of(USER_KEY).await, 9);
+    assert_eq!(chain.earnings_of(CREATOR_KEY).await, 11);
+    assert_eq!(account(&user).await["credits"], 9);
     world.stop().await;
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use modelhub_core::id;
-use modelhub_core::tensor::{JsonTensor, Tensor, validate_inputs};
+use modelhub_core::tensor::{JsonTensor, Tensor, batch_rows, validate_inputs};
 use modelhub_core::{ApiError, ErrorCode};
 use modelhub_proto::common::v1 as common;
 use modelhub_proto::inference::v1 as inference;
@@ -81,9 +81,28 @@ pub async fn predict(
         )
         .into());
     }
+    let specs = records::specs(&model.model_id, &model.inputs)?;
+    validate_inputs(&specs, &inputs)?;
+    // Each row of the batch is a prediction, charged (and metered) as one.
+    let rows = batch_rows(&specs, &inputs);
+    let max_rows = state.limits.max_rows_per_request;
+    let too_many = |limit: u32, what: &str| -> GatewayError {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("this batch has {rows} rows; {what} at most {limit} rows per request"),
+        )
+        .into()
+    };
+    if rows > u64::from(max_rows) {
+        return Err(too_many(max_rows, "this gateway takes"));
+    }
+    let rows = u32::try_from(rows).unwrap_or(max_rows);
     // The free-model policy: a free model is metered by a per-account quota instead of credits.
+    if model.price == 0 && rows > state.free_quota.per_minute() {
+        return Err(too_many(state.free_quota.per_minute(), "free models take"));
+    }
     if model.price == 0
-        && let Err(wait) = state.free_quota.check(&caller.account_id)
+        && let Err(wait) = state.free_quota.check(&caller.account_id, rows)
     {
         return Err(GatewayError::RetryAfter {
             error: ApiError::new(
@@ -96,8 +115,12 @@ pub async fn predict(
             secs: wait.as_secs_f64().ceil().max(1.0) as u64,
         });
     }
-    let specs = records::specs(&model.model_id, &model.inputs)?;
-    validate_inputs(&specs, &inputs)?;
+    if prove && rows > 1 {
+        return Err(ApiError::bad_request(format!(
+            "a proof covers one row; this batch has {rows} (ask for proofs one row at a time)"
+        ))
+        .into());
+    }
     if prove && model.commitment.is_none() {
         return Err(ApiError::bad_request(format!(
             "model {} has no circuit, so its predictions can't be proved",
@@ -112,6 +135,7 @@ pub async fn predict(
         registry: state.registry(),
         inference: state.inference(),
         account_id: caller.account_id,
+        rows,
         prove,
         model_ref: common::ModelRef {
             model_id: model.model_id.clone(),
@@ -166,6 +190,8 @@ struct Charge {
     registry: RegistryClient<Channel>,
     inference: InferenceClient<Channel>,
     account_id: String,
+    /// Predictions in the batch: the reservation holds the price for each.
+    rows: u32,
     idempotency_key: Option<String>,
     fingerprint: Option<String>,
     prove: bool,
@@ -184,6 +210,7 @@ impl Charge {
                 idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
                 fingerprint: self.fingerprint.clone().unwrap_or_default(),
                 charge: pb::Charge::Prediction.into(),
+                units: self.rows,
             })
             .await
             .map_err(GatewayError::upstream("registry", "Reserve"))?
@@ -220,6 +247,7 @@ impl Charge {
                 "id": reservation.receipt_id,
                 "credits_charged": reservation.amount,
                 "charge": "prediction",
+                "rows": reservation.units,
             },
             "proof_job": self.prove.then_some(&self.job_id),
         }))

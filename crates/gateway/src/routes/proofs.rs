@@ -151,6 +151,7 @@ async fn charge_delivery(
             idempotency_key: format!("proof/{job_id}"),
             fingerprint: format!("proof of {job_id}"),
             charge: registry::Charge::Proof.into(),
+            units: 1,
         })
         .await
         .map_err(GatewayError::upstream("registry", "Reserve"))?

@@ -592,7 +592,8 @@ impl ChainLedger {
             plan.records.push(UsageRecord {
                 user: *user,
                 modelId: modelhub_chain::model_key(*owner, &product),
-                calls: group.len() as u64,
+                // A receipt of a batch of n rows is n calls at the price.
+                calls: group.iter().map(|r| u64::from(r.units.max(1))).sum(),
                 credits: U256::from(group.iter().map(|r| r.credits_charged).sum::<u64>()),
                 receiptBatchHash: receipts_hash(&ids),
             });

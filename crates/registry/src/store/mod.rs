@@ -128,13 +128,15 @@ pub trait MetadataStore: Send + Sync + 'static {
             account_id,
             model_id,
             Charge::Prediction,
+            1,
             idempotency_key,
             None,
         )
         .await
     }
 
-    /// Holds the model's price for `charge` ([`Charge::price_of`]) from the account's credits,
+    /// Holds `units` of the model's price for `charge` ([`Charge::amount`]) from the account's
+    /// credits,
     /// atomically with the balance check (`PaymentRequired` when short). With an idempotency
     /// key the account used before, returns the first reservation, whatever its state
     /// (`Conflict` if that one was for another model or charge); the reservation id is then a
@@ -145,6 +147,7 @@ pub trait MetadataStore: Send + Sync + 'static {
         account_id: &str,
         model_id: &str,
         charge: Charge,
+        units: u32,
         idempotency_key: Option<&str>,
         fingerprint: Option<&str>,
     ) -> Result<Reservation>;

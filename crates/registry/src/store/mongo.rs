@@ -422,6 +422,7 @@ fn reservation_doc(r: &Reservation, debit_token: &str) -> Result<Document> {
         "owner": &r.owner,
         "amount": to_i64(r.amount, "price")?,
         "charge": r.charge.as_str(),
+        "units": i64::from(r.units),
         "state": HELD,
         "created_at": r.created_at,
         "debit_token": debit_token,
@@ -454,6 +455,7 @@ fn reservation_from(d: &Document) -> Result<StoredReservation> {
             owner: get_opt_str(d, W, "owner")?.unwrap_or_default(),
             amount: get_u64(d, W, "amount")?,
             charge: charge_from(d, W)?,
+            units: units_from(d, W)?,
             state: public,
             receipt_id: get_opt_str(d, W, "receipt_id")?,
             idempotency_key: get_opt_str(d, W, "idempotency_key")?,
@@ -483,12 +485,22 @@ fn receipt_of(s: &StoredReservation) -> Receipt {
         owner: r.owner.clone(),
         credits_charged: r.amount,
         charge: r.charge,
+        units: r.units,
         created_at: s.settled_at.unwrap_or(r.created_at),
         batch_id: None,
     }
 }
 
 use super::{receipt_id_for, reservation_id_for};
+
+/// How many units a reservation or receipt paid for; documents from before batches were
+/// priced per row paid for one.
+fn units_from(d: &Document, what: &'static str) -> Result<u32> {
+    match d.get("units") {
+        None | Some(Bson::Null) => Ok(1),
+        Some(_) => u32::try_from(get_u64(d, what, "units")?).map_err(|_| malformed(what, "units")),
+    }
+}
 
 /// What a reservation or receipt paid for; documents from before proofs were priced have no
 /// `charge` and were predictions.
@@ -509,6 +521,7 @@ fn receipt_doc(r: &Receipt) -> Result<Document> {
         "owner": &r.owner,
         "credits_charged": to_i64(r.credits_charged, "price")?,
         "charge": r.charge.as_str(),
+        "units": i64::from(r.units),
         "created_at": r.created_at,
         "batch_id": opt_str(&r.batch_id),
     })
@@ -524,6 +537,7 @@ fn receipt_from(d: &Document) -> Result<Receipt> {
         owner: get_str(d, W, "owner")?,
         credits_charged: get_u64(d, W, "credits_charged")?,
         charge: charge_from(d, W)?,
+        units: units_from(d, W)?,
         created_at: get_i64(d, W, "created_at")?,
         batch_id: get_opt_str(d, W, "batch_id")?,
     })
@@ -867,6 +881,7 @@ impl MongoStore {
         account_id: &str,
         model_id: &str,
         charge: Charge,
+        units: u32,
         key: Option<&str>,
         fingerprint: Option<&str>,
     ) -> Result<Reservation> {
@@ -881,7 +896,7 @@ impl MongoStore {
             return Ok(first);
         }
         let model = self.get_model_inner(model_id).await?;
-        let amount = charge.price_of(&model)?;
+        let amount = charge.amount(&model, units)?;
         let price = to_i64(amount, "price")?;
         let token = id::new_id("dbt");
         let reservation = Reservation {
@@ -891,6 +906,7 @@ impl MongoStore {
             owner: model.owner,
             amount,
             charge,
+            units: units.max(1),
             state: ReservationState::Held,
             receipt_id: None,
             idempotency_key: key.map(str::to_owned),
@@ -1717,11 +1733,12 @@ impl MetadataStore for MongoStore {
         account_id: &str,
         model_id: &str,
         charge: Charge,
+        units: u32,
         idempotency_key: Option<&str>,
         fingerprint: Option<&str>,
     ) -> Result<Reservation> {
         let key = idempotency_key.filter(|k| !k.is_empty());
-        self.timed(self.reserve_inner(account_id, model_id, charge, key, fingerprint))
+        self.timed(self.reserve_inner(account_id, model_id, charge, units, key, fingerprint))
             .await
     }
 
@@ -2083,6 +2100,7 @@ mod tests {
             owner: "acct_2".into(),
             amount: 7,
             charge: Charge::Proof,
+            units: 3,
             state: ReservationState::Held,
             receipt_id: None,
             idempotency_key: None,

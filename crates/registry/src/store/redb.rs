@@ -511,6 +511,7 @@ impl MetadataStore for RedbStore {
         account_id: &str,
         model_id: &str,
         charge: Charge,
+        units: u32,
         idempotency_key: Option<&str>,
         fingerprint: Option<&str>,
     ) -> Result<Reservation> {
@@ -539,7 +540,7 @@ impl MetadataStore for RedbStore {
                 .ok_or_else(|| RegistryError::not_found("account", &account_id))?;
             let model: Model = get_json(&txn.open_table(MODELS)?, &model_id)?
                 .ok_or_else(|| RegistryError::not_found("model", &model_id))?;
-            let price = charge.price_of(&model)?;
+            let price = charge.amount(&model, units)?;
             account.credits =
                 account
                     .credits
@@ -565,6 +566,7 @@ impl MetadataStore for RedbStore {
                 owner: model.owner,
                 amount: price,
                 charge,
+                units: units.max(1),
                 state: ReservationState::Held,
                 receipt_id: None,
                 idempotency_key,
@@ -626,6 +628,7 @@ impl MetadataStore for RedbStore {
                 owner: r.owner.clone(),
                 credits_charged: r.amount,
                 charge: r.charge,
+                units: r.units,
                 created_at: id::unix_now(),
                 batch_id: None,
             };
