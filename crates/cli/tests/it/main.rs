@@ -12,6 +12,7 @@ mod names;
 mod processes;
 mod proofs;
 mod restart;
+mod secrets;
 mod signing;
 mod storage;
 mod upload_predict;
