@@ -271,6 +271,20 @@ pub enum Keys {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Give a key of your own account (admin: any key) a new secret, without downtime: the
+    /// current secret stays accepted for --grace-secs beside the new one.
+    Rotate {
+        /// The key id to rotate (default: the key this command signs with).
+        key_id: Option<String>,
+        /// Seconds the current secret stays accepted (at most 7 days; 0: not at all).
+        #[arg(long, default_value_t = 86_400)]
+        grace_secs: u64,
+        /// Write the rotated key (same id, new secret) to this new file (mode 0600).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Revoke a key of your own account (admin: any key); it stops working at once.
     Revoke {
         /// The key id to revoke.
@@ -441,6 +455,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     serde_json::from_value(v.clone()).context("reading the new key")?;
                 key.write_new(&out)?;
                 eprintln!("key written to {}", out.display());
+            }
+            print_json(&v);
+            Ok(())
+        }
+        Command::Keys(Keys::Rotate {
+            key_id,
+            grace_secs,
+            out,
+            client,
+        }) => {
+            let client = client.client()?;
+            let key_id = key_id.unwrap_or_else(|| client.key().key_id.clone());
+            let v = client
+                .post(
+                    &format!("/v1/keys/{key_id}/rotate"),
+                    &json!({ "grace_secs": grace_secs }),
+                )
+                .await?
+                .ok()?;
+            if let Some(out) = out {
+                let key: KeyFile =
+                    serde_json::from_value(v.clone()).context("reading the rotated key")?;
+                key.write_new(&out)?;
+                eprintln!("rotated key written to {}", out.display());
             }
             print_json(&v);
             Ok(())

@@ -49,6 +49,19 @@ pub struct KeyInfo {
     pub secret: Vec<u8>,
     pub admin: bool,
     pub revoked: bool,
+    /// After a rotation, the previous secret and until when (Unix seconds) it is accepted.
+    pub previous: Option<(Vec<u8>, i64)>,
+}
+
+impl KeyInfo {
+    /// Whether `signature` signs `string_to_sign` with the secret, or with the previous secret
+    /// while it is still accepted (`now`, Unix seconds).
+    fn signs(&self, string_to_sign: &str, signature: &str, now: i64) -> bool {
+        signing::verify_signature(&self.secret, string_to_sign, signature)
+            || self.previous.as_ref().is_some_and(|(previous, until)| {
+                now < *until && signing::verify_signature(previous, string_to_sign, signature)
+            })
+    }
 }
 
 impl fmt::Debug for KeyInfo {
@@ -59,6 +72,10 @@ impl fmt::Debug for KeyInfo {
             .field("secret", &"<redacted>")
             .field("admin", &self.admin)
             .field("revoked", &self.revoked)
+            .field(
+                "previous_until",
+                &self.previous.as_ref().map(|(_, until)| until),
+            )
             .finish()
     }
 }
@@ -71,6 +88,8 @@ impl From<pb::KeyInfo> for KeyInfo {
             secret: k.secret,
             admin: k.admin,
             revoked: k.revoked,
+            previous: (!k.previous_secret.is_empty())
+                .then_some((k.previous_secret, k.previous_valid_until)),
         }
     }
 }
@@ -208,11 +227,12 @@ impl NonceCache {
     }
 
     /// Records the nonce; `false` when it was already there. Atomic: of two concurrent calls
-    /// with the same key and nonce, exactly one gets `true`.
+    /// with the same key and nonce, exactly one gets `true`. (`or_insert_with`, which moka
+    /// coalesces per key; its `or_insert` is a get then an insert, and let two calls through.)
     async fn record(&self, key_id: &str, nonce: &str) -> bool {
         self.0
             .entry((key_id.to_owned(), nonce.to_owned()))
-            .or_insert(())
+            .or_insert_with(async {})
             .await
             .is_fresh()
     }
@@ -333,9 +353,18 @@ impl Authenticator {
 
     async fn verify_claims(&self, claims: Claims) -> Result<Caller, ApiError> {
         let key = self.keys.lookup(&claims.auth.key_id).await?;
-        let secret = key.as_ref().map_or(&DECOY_SECRET[..], |k| &k.secret[..]);
-        let valid =
-            signing::verify_signature(secret, &claims.string_to_sign, &claims.auth.signature);
+        let valid = match &key {
+            Some(k) => k.signs(
+                &claims.string_to_sign,
+                &claims.auth.signature,
+                modelhub_core::id::unix_now(),
+            ),
+            None => signing::verify_signature(
+                &DECOY_SECRET,
+                &claims.string_to_sign,
+                &claims.auth.signature,
+            ),
+        };
         let key = match key {
             Some(key) if valid => key,
             _ => return Err(unauthenticated(BAD_CREDENTIALS)),
@@ -499,6 +528,7 @@ pub(crate) mod tests {
                     secret: SECRET.to_vec(),
                     admin,
                     revoked,
+                    previous: None,
                 },
             )
         };
@@ -728,6 +758,28 @@ pub(crate) mod tests {
             "signed header x-other is missing",
         )
         .await;
+    }
+
+    #[actix_web::test]
+    async fn after_a_rotation_both_secrets_sign_until_the_grace_period_ends() {
+        use modelhub_core::signing::signature;
+        let old = b"old secret old secret old secret".to_vec();
+        let key = KeyInfo {
+            key_id: USER_KEY.into(),
+            account_id: USER_ACCOUNT.into(),
+            secret: SECRET.to_vec(),
+            admin: false,
+            revoked: false,
+            previous: Some((old.clone(), 1_000)),
+        };
+        let text = "string to sign";
+        let by_new = signature(SECRET, text);
+        let by_old = signature(&old, text);
+        assert!(key.signs(text, &by_new, 999));
+        assert!(key.signs(text, &by_old, 999));
+        assert!(!key.signs(text, &by_old, 1_000), "the grace period is over");
+        assert!(key.signs(text, &by_new, 5_000));
+        assert!(!key.signs(text, &signature(b"another", text), 999));
     }
 
     #[actix_web::test]

@@ -43,6 +43,7 @@ pub static REGISTRY: Policy = Policy {
         ("GetAccount", &[Gateway, Admin]),
         ("CreateKey", &[Gateway, Admin]),
         ("RevokeKey", &[Gateway, Admin]),
+        ("RotateKey", &[Gateway]),
         // Answers key secrets: the gateway verifies signatures with them, nobody else may.
         ("LookupKey", &[Gateway]),
         // Spends a request nonce for replay protection, shared by every gateway.

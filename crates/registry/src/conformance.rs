@@ -586,6 +586,8 @@ pub async fn keys(store: Store) {
         sealed_secret: vec![9; 61],
         revoked: false,
         created_at: id::unix_now(),
+        previous_sealed_secret: None,
+        previous_valid_until: 0,
     };
     assert_eq!(store.create_key(key.clone()).await.unwrap(), key);
     assert_eq!(store.get_key(&key.key_id).await.unwrap(), key);
@@ -611,8 +613,38 @@ pub async fn keys(store: Store) {
         ErrorCode::NotFound
     );
 
+    // A rotation keeps the current secret as the previous one, until the given time.
+    let rotated = store
+        .rotate_key(&key.key_id, vec![2; 61], 1_234)
+        .await
+        .unwrap();
+    assert_eq!(rotated.sealed_secret, vec![2; 61]);
+    assert_eq!(
+        rotated.previous_sealed_secret.as_deref(),
+        Some(&[9u8; 61][..])
+    );
+    assert_eq!(rotated.previous_valid_until, 1_234);
+    assert_eq!(store.get_key(&key.key_id).await.unwrap(), rotated);
+    let again = store
+        .rotate_key(&key.key_id, vec![3; 61], 99)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.previous_sealed_secret.as_deref(),
+        Some(&[2u8; 61][..])
+    );
+    assert_eq!(
+        code(store.rotate_key("mhk_missing", vec![1], 0).await),
+        ErrorCode::NotFound
+    );
+
     let revoked = store.revoke_key(&key.key_id).await.unwrap();
     assert!(revoked.revoked);
+    assert_eq!(
+        code(store.rotate_key(&key.key_id, vec![4; 61], 0).await),
+        ErrorCode::Conflict,
+        "a revoked key can't be rotated"
+    );
     assert!(store.get_key(&key.key_id).await.unwrap().revoked);
     assert!(store.revoke_key(&key.key_id).await.unwrap().revoked);
     assert_eq!(
@@ -1777,6 +1809,8 @@ where
         sealed_secret: vec![7; 61],
         revoked: false,
         created_at: id::unix_now(),
+        previous_sealed_secret: None,
+        previous_valid_until: 0,
     };
     store.create_key(key.clone()).await.unwrap();
     let model = store

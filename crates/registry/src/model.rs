@@ -40,6 +40,12 @@ pub struct ApiKey {
     pub sealed_secret: Vec<u8>,
     pub revoked: bool,
     pub created_at: i64,
+    /// The secret before the last rotation (sealed the same way), accepted until
+    /// `previous_valid_until` (Unix seconds): a rotation without downtime.
+    #[serde(default)]
+    pub previous_sealed_secret: Option<Vec<u8>>,
+    #[serde(default)]
+    pub previous_valid_until: i64,
 }
 
 impl std::fmt::Debug for ApiKey {

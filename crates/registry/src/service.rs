@@ -223,6 +223,9 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
     })
 }
 
+/// The longest a previous secret stays accepted after a rotation.
+pub const MAX_ROTATION_GRACE_SECS: u64 = 7 * 86_400;
+
 /// gRPC metadata entry that makes a write idempotent: a retry with the same value (scoped by
 /// the caller, e.g. `<account>:<client key>`) takes effect once.
 pub const IDEMPOTENCY_METADATA: &str = "mh-idempotency-key";
@@ -663,6 +666,8 @@ impl RegistryService {
                 account_id: account_id.to_owned(),
                 revoked: false,
                 created_at: id::unix_now(),
+                previous_sealed_secret: None,
+                previous_valid_until: 0,
             })
             .await;
         let key = match created {
@@ -688,24 +693,62 @@ impl RegistryService {
             key_id: key.key_id,
             secret: signing::encode_secret(&secret),
             account_id: key.account_id,
+            previous_valid_until: 0,
         })
     }
 
     async fn lookup_key(&self, req: pb::LookupKeyRequest) -> Result<pb::KeyInfo> {
         let key = self.store.get_key(required("key_id", &req.key_id)?).await?;
-        let secret = self
-            .kek
-            .unwrap(&key.sealed_secret, key.key_id.as_bytes())
-            .map_err(|_| RegistryError::Unseal {
-                key_id: key.key_id.clone(),
-            })?;
+        let unseal = |sealed: &[u8]| {
+            self.kek
+                .unwrap(sealed, key.key_id.as_bytes())
+                .map_err(|_| RegistryError::Unseal {
+                    key_id: key.key_id.clone(),
+                })
+        };
+        let secret = unseal(&key.sealed_secret)?;
+        // The previous secret only while it is still accepted.
+        let previous_secret = match &key.previous_sealed_secret {
+            Some(sealed) if key.previous_valid_until > id::unix_now() => unseal(sealed)?,
+            _ => Vec::new(),
+        };
         let account = self.store.get_account(&key.account_id).await?;
         Ok(pb::KeyInfo {
+            previous_valid_until: if previous_secret.is_empty() {
+                0
+            } else {
+                key.previous_valid_until
+            },
+            previous_secret,
             key_id: key.key_id,
             account_id: key.account_id,
             secret,
             admin: account.admin,
             revoked: key.revoked,
+        })
+    }
+
+    /// A new secret for a key; the current one stays accepted for `grace_secs` (at most
+    /// [`MAX_ROTATION_GRACE_SECS`]).
+    async fn rotate_key(&self, req: pb::RotateKeyRequest) -> Result<pb::CreateKeyResponse> {
+        let key_id = required("key_id", &req.key_id)?;
+        if req.grace_secs > MAX_ROTATION_GRACE_SECS {
+            return Err(RegistryError::bad_request(format!(
+                "grace_secs must be at most {MAX_ROTATION_GRACE_SECS} (7 days)"
+            )));
+        }
+        let secret = id::random_bytes::<32>();
+        let until = id::unix_now().saturating_add(i64::try_from(req.grace_secs).unwrap_or(0));
+        let key = self
+            .store
+            .rotate_key(key_id, self.kek.wrap(&secret, key_id.as_bytes()), until)
+            .await?;
+        warn!(key_id = %key.key_id, account_id = %key.account_id, previous_valid_until = until, "api key rotated");
+        Ok(pb::CreateKeyResponse {
+            key_id: key.key_id,
+            secret: signing::encode_secret(&secret),
+            account_id: key.account_id,
+            previous_valid_until: until,
         })
     }
 
@@ -785,6 +828,16 @@ impl Registry for RegistryService {
         .await
         .map(Response::new)
         .map_err(|e| status("revoke_key", e))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        RegistryService::rotate_key(self, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| status("rotate_key", e))
     }
 
     async fn lookup_key(
@@ -1039,6 +1092,8 @@ mod tests {
                 sealed_secret: vec![1],
                 revoked: false,
                 created_at: old,
+                previous_sealed_secret: None,
+                previous_valid_until: 0,
             })
             .await
             .unwrap();

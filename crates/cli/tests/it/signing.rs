@@ -172,3 +172,93 @@ fn flip_last_hex(auth: &str) -> String {
 }
 
 crate::on_every_backend!(every_signing_rejection);
+
+/// `modelhub keys rotate` gives a key a new secret without downtime: during the grace period
+/// both secrets sign; a rotation with no grace retires the old one at once; only the key's
+/// account may rotate it, and a revoked key can't be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotates_without_downtime() {
+    let cluster = Cluster::start().await;
+    let user = cluster.user("rotating", 0).await;
+    let stranger = cluster.user("stranger", 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let old_file = dir.path().join("old.json");
+    user.key().write_new(&old_file).unwrap();
+    let new_file = dir.path().join("new.json");
+    let out = crate::processes::modelhub()
+        .args(["keys", "rotate", "--grace-secs", "600", "--out"])
+        .arg(&new_file)
+        .args(["--url", user.base_url(), "--key-file"])
+        .arg(&old_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rotated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rotated["key_id"], user.key().key_id.as_str());
+    let grace_end = rotated["previous_valid_until"].as_i64().unwrap();
+    assert!(
+        (unix_now() + 590..=unix_now() + 600).contains(&grace_end),
+        "{rotated}"
+    );
+    let renewed = user.with_key(modelhub_cli::client::KeyFile::read(&new_file).unwrap());
+    assert_ne!(renewed.key().secret, user.key().secret);
+    // Both secrets sign during the grace period.
+    for client in [&user, &renewed] {
+        assert_eq!(client.get("/v1/account").await.unwrap().status, 200);
+    }
+
+    // No grace: the secret before this rotation stops at once, and so does the one before it.
+    let newest = renewed
+        .post(
+            &format!("/v1/keys/{}/rotate", user.key().key_id),
+            &serde_json::json!({ "grace_secs": 0 }),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let newest = user.with_key(serde_json::from_value(newest).unwrap());
+    assert_eq!(newest.get("/v1/account").await.unwrap().status, 200);
+    for retired in [&user, &renewed] {
+        let answer = retired.get("/v1/account").await.unwrap();
+        assert_error(&answer, 401, "unauthenticated", "");
+    }
+
+    // Only the key's account rotates it; bounds; a revoked key stays revoked.
+    let path = format!("/v1/keys/{}/rotate", user.key().key_id);
+    let answer = stranger.post(&path, &serde_json::json!({})).await.unwrap();
+    assert_error(&answer, 404, "not_found", "no key with this id");
+    let answer = newest
+        .post(&path, &serde_json::json!({ "grace_secs": 8 * 86_400 }))
+        .await
+        .unwrap();
+    assert_error(&answer, 400, "bad_request", "grace_secs must be at most");
+    let second = cluster
+        .admin
+        .post(
+            "/v1/keys",
+            &serde_json::json!({ "account_id": user.key().account_id }),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let second_id = second["key_id"].as_str().unwrap();
+    newest
+        .delete(&format!("/v1/keys/{second_id}"))
+        .await
+        .unwrap();
+    let answer = newest
+        .post(
+            &format!("/v1/keys/{second_id}/rotate"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    assert_error(&answer, 409, "conflict", "revoked key");
+    cluster.stop().await;
+}

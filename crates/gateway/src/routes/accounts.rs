@@ -106,15 +106,13 @@ pub async fn create_key(
 }
 
 /// `DELETE /v1/keys/{key_id}` (its account or an admin) → 204.
-pub async fn revoke_key(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    payload: web::Payload,
-    path: web::Path<String>,
-) -> Result<HttpResponse, GatewayError> {
-    let (caller, _) = signed(&state, &req, payload).await?;
-    let key_id = path.into_inner();
-    // "No such key" and "not yours" answer alike, so key ids of others can't be probed.
+/// 404 unless `key_id` belongs to the caller's account (or the caller is an admin). "No such
+/// key" and "not yours" answer alike, so key ids of others can't be probed.
+async fn own_key(
+    state: &AppState,
+    caller: &crate::auth::Caller,
+    key_id: &str,
+) -> Result<(), GatewayError> {
     let not_yours = || {
         GatewayError::from(ApiError::not_found(
             "no key with this id belongs to the caller",
@@ -123,7 +121,7 @@ pub async fn revoke_key(
     let key = match state
         .registry()
         .lookup_key(pb::LookupKeyRequest {
-            key_id: key_id.clone(),
+            key_id: key_id.to_owned(),
         })
         .await
     {
@@ -134,6 +132,70 @@ pub async fn revoke_key(
     if key.account_id != caller.account_id && !caller.admin {
         return Err(not_yours());
     }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateKey {
+    /// Seconds the current secret stays accepted beside the new one.
+    #[serde(default = "default_grace")]
+    grace_secs: u64,
+}
+
+/// A day: time for every client of a key to switch to its new secret.
+fn default_grace() -> u64 {
+    86_400
+}
+
+/// `POST /v1/keys/{key_id}/rotate` (the key's account, or admin): `{"grace_secs"?}` (default a
+/// day, at most 7) → `{"key_id", "secret", "account_id", "previous_valid_until"}`. The key gets
+/// a new secret; the current one stays accepted until `previous_valid_until`, so clients switch
+/// without downtime. A revoked key can't be rotated (409).
+pub async fn rotate_key(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+    path: web::Path<String>,
+) -> Result<HttpResponse, GatewayError> {
+    let (caller, body) = signed(&state, &req, payload).await?;
+    let asked: RotateKey = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateKey {
+            grace_secs: default_grace(),
+        }
+    } else {
+        parse_json(&body)?
+    };
+    let key_id = path.into_inner();
+    own_key(&state, &caller, &key_id).await?;
+    let rotated = state
+        .registry()
+        .rotate_key(pb::RotateKeyRequest {
+            key_id: key_id.clone(),
+            grace_secs: asked.grace_secs,
+        })
+        .await
+        .map_err(GatewayError::upstream("registry", "RotateKey"))?
+        .into_inner();
+    state.auth.keys().invalidate(&key_id).await;
+    tracing::info!(key_id = %key_id, by = %caller.key_id, previous_valid_until = rotated.previous_valid_until, "key rotated");
+    Ok(HttpResponse::Ok().json(json!({
+        "key_id": rotated.key_id,
+        "secret": rotated.secret,
+        "account_id": rotated.account_id,
+        "previous_valid_until": rotated.previous_valid_until,
+    })))
+}
+
+pub async fn revoke_key(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+    path: web::Path<String>,
+) -> Result<HttpResponse, GatewayError> {
+    let (caller, _) = signed(&state, &req, payload).await?;
+    let key_id = path.into_inner();
+    own_key(&state, &caller, &key_id).await?;
     state
         .registry()
         .revoke_key(pb::RevokeKeyRequest {

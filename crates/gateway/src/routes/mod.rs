@@ -24,6 +24,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/accounts", web::post().to(accounts::create_account))
         .route("/v1/keys", web::post().to(accounts::create_key))
         .route("/v1/keys/{key_id}", web::delete().to(accounts::revoke_key))
+        .route(
+            "/v1/keys/{key_id}/rotate",
+            web::post().to(accounts::rotate_key),
+        )
         .route("/v1/account", web::get().to(accounts::get_account))
         .route("/v1/credits/grant", web::post().to(accounts::grant_credits))
         .route("/v1/ledger", web::get().to(accounts::get_ledger))

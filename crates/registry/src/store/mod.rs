@@ -95,6 +95,16 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     async fn get_key(&self, key_id: &str) -> Result<ApiKey>;
 
+    /// Gives a key a new (sealed) secret, keeping the current one as the previous secret,
+    /// accepted until `previous_valid_until`; one atomic update. `NotFound` for an unknown key,
+    /// `Conflict` for a revoked one.
+    async fn rotate_key(
+        &self,
+        key_id: &str,
+        new_sealed_secret: Vec<u8>,
+        previous_valid_until: i64,
+    ) -> Result<ApiKey>;
+
     /// Marks a key revoked (revoking twice is fine).
     async fn revoke_key(&self, key_id: &str) -> Result<ApiKey>;
     /// Whether any API key was ever made (revoked ones count).

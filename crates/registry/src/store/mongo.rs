@@ -330,6 +330,8 @@ fn key_doc(k: &ApiKey) -> Document {
         "sealed_secret": binary(&k.sealed_secret),
         "revoked": k.revoked,
         "created_at": k.created_at,
+        "previous_sealed_secret": k.previous_sealed_secret.as_deref().map_or(Bson::Null, binary),
+        "previous_valid_until": k.previous_valid_until,
     }
 }
 
@@ -341,6 +343,14 @@ fn key_from(d: &Document) -> Result<ApiKey> {
         sealed_secret: get_bytes(d, W, "sealed_secret")?,
         revoked: get_bool(d, W, "revoked")?,
         created_at: get_i64(d, W, "created_at")?,
+        previous_sealed_secret: match d.get("previous_sealed_secret") {
+            None | Some(Bson::Null) => None,
+            Some(_) => Some(get_bytes(d, W, "previous_sealed_secret")?),
+        },
+        previous_valid_until: match d.get("previous_valid_until") {
+            None | Some(Bson::Null) => 0,
+            Some(_) => get_i64(d, W, "previous_valid_until")?,
+        },
     })
 }
 
@@ -1626,6 +1636,55 @@ impl MetadataStore for MongoStore {
     async fn has_keys(&self) -> Result<bool> {
         self.timed(async { Ok(Self::find_one(&self.inner.keys, doc! {}).await?.is_some()) })
             .await
+    }
+
+    async fn rotate_key(
+        &self,
+        key_id: &str,
+        new_sealed_secret: Vec<u8>,
+        previous_valid_until: i64,
+    ) -> Result<ApiKey> {
+        self.timed(async {
+            // Compare-and-set on the rotation count read: a concurrent rotation makes this one
+            // fail (the caller retries), so a previous secret is never one nobody was given.
+            let Some(d) = Self::find_one(&self.inner.keys, doc! { "_id": key_id }).await? else {
+                return Err(RegistryError::not_found("key", key_id));
+            };
+            let key = key_from(&d)?;
+            if key.revoked {
+                return Err(RegistryError::conflict("a revoked key can't be rotated"));
+            }
+            let rotations = match d.get("rotations") {
+                None | Some(Bson::Null) => None,
+                Some(_) => Some(get_i64(&d, "key", "rotations")?),
+            };
+            let mut filter = doc! { "_id": key_id, "revoked": false };
+            match rotations {
+                Some(n) => filter.insert("rotations", n),
+                None => filter.insert("rotations", doc! { "$exists": false }),
+            };
+            let updated = self
+                .inner
+                .keys
+                .find_one_and_update(
+                    filter,
+                    doc! { "$set": {
+                        "sealed_secret": binary(&new_sealed_secret),
+                        "previous_sealed_secret": binary(&key.sealed_secret),
+                        "previous_valid_until": previous_valid_until,
+                        "rotations": rotations.unwrap_or(0) + 1,
+                    } },
+                )
+                .return_document(ReturnDocument::After)
+                .await?;
+            match updated {
+                Some(d) => key_from(&d),
+                None => Err(RegistryError::conflict(
+                    "the key changed meanwhile (rotated or revoked); try again",
+                )),
+            }
+        })
+        .await
     }
 
     async fn revoke_key(&self, key_id: &str) -> Result<ApiKey> {

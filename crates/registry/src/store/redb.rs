@@ -426,6 +426,29 @@ impl MetadataStore for RedbStore {
             .await
     }
 
+    async fn rotate_key(
+        &self,
+        key_id: &str,
+        new_sealed_secret: Vec<u8>,
+        previous_valid_until: i64,
+    ) -> Result<ApiKey> {
+        let key_id = key_id.to_owned();
+        self.write(move |txn| {
+            let mut t = txn.open_table(KEYS)?;
+            let mut key: ApiKey =
+                get_json(&t, &key_id)?.ok_or_else(|| RegistryError::not_found("key", &key_id))?;
+            if key.revoked {
+                return Err(RegistryError::conflict("a revoked key can't be rotated"));
+            }
+            key.previous_sealed_secret =
+                Some(std::mem::replace(&mut key.sealed_secret, new_sealed_secret));
+            key.previous_valid_until = previous_valid_until;
+            put_json(&mut t, &key_id, &key)?;
+            Ok(key)
+        })
+        .await
+    }
+
     async fn revoke_key(&self, key_id: &str) -> Result<ApiKey> {
         let key_id = key_id.to_owned();
         self.write(move |txn| {
