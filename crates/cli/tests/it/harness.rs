@@ -275,18 +275,22 @@ pub fn assert_matches_onnxruntime(answer: &Value, case: usize) {
     }
 }
 
+/// A predict asking for a proof (200 expected); its answer, with the `proof_job`.
+pub async fn predict_asking_for_proof(user: &Client, model_id: &str, inputs: &Value) -> Value {
+    user.post(
+        &format!("/v1/models/{model_id}/predict"),
+        &json!({ "inputs": inputs, "proof": true }),
+    )
+    .await
+    .unwrap()
+    .ok()
+    .unwrap()
+}
+
 /// A predict with `"proof": true`, and its proof job once finished (or failed; waits up to
 /// 60 s): the predict answer and the proof answer.
 pub async fn predict_with_proof(user: &Client, model_id: &str, inputs: &Value) -> (Value, Value) {
-    let predicted = user
-        .post(
-            &format!("/v1/models/{model_id}/predict"),
-            &json!({ "inputs": inputs, "proof": true }),
-        )
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+    let predicted = predict_asking_for_proof(user, model_id, inputs).await;
     let job = predicted["proof_job"].as_str().expect("a proof job id");
     let proof = user
         .get(&format!("/v1/proofs/{job}?wait=60"))

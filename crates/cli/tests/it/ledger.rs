@@ -882,15 +882,8 @@ async fn predictions_and_proofs_settle_at_their_own_prices() {
         .unwrap();
     world.buy(&user, "user", 20).await;
 
-    let predicted = user
-        .post(
-            &format!("/v1/models/{model_id}/predict"),
-            &json!({ "inputs": digits_input(0), "proof": true }),
-        )
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+    let predicted =
+        crate::harness::predict_asking_for_proof(&user, model_id, &digits_input(0)).await;
     let job = predicted["proof_job"].as_str().unwrap();
     let early = user
         .get(&format!("/v1/proofs/{job}?wait=60"))

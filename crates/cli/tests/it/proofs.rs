@@ -19,6 +19,19 @@ fn logits_case(case: usize) -> Value {
     expected["cases"][case].clone()
 }
 
+/// The first test row's digits pixels as the scanner gives them, 0..16, instead of scaled to
+/// [0, 1]: outside the default calibration range.
+fn raw_pixels() -> Value {
+    let raw: Vec<f64> = logits_case(0)["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() * 16.0)
+        .collect();
+    assert!(raw.iter().any(|v| *v > 8.0));
+    json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": raw }])
+}
+
 fn verify_file(path: &std::path::Path, params: &std::path::Path) -> std::process::Output {
     // The digest the file names (a tampered file keeps the honest one).
     let file: serde_json::Value =
@@ -231,15 +244,7 @@ async fn a_declared_input_range_calibrates_the_proofs() {
     let cluster = Cluster::start().await;
     let creator = cluster.user("creator", 0).await;
     let user = cluster.user("user", 10).await;
-    // The digits pixels as the scanner gives them, 0..16, instead of scaled to [0, 1].
-    let raw: Vec<f64> = logits_case(0)["input"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() * 16.0)
-        .collect();
-    assert!(raw.iter().any(|v| *v > 8.0));
-    let inputs = json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": raw }]);
+    let inputs = raw_pixels();
     let proved = async |model_id: &str| predict_with_proof(&user, model_id, &inputs).await;
 
     // Uploaded without a range, the model is calibrated for inputs in [0, 1]: the prediction
@@ -559,15 +564,7 @@ async fn a_proof_is_paid_once_when_delivered_and_never_when_it_fails() {
     assert_eq!(account(&user).await["credits"], 2);
 
     // Short of the proof price: the proof waits for the credits.
-    let predicted = user
-        .post(
-            &format!("/v1/models/{model_id}/predict"),
-            &json!({ "inputs": inputs, "proof": true }),
-        )
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+    let predicted = predict_asking_for_proof(&user, model_id, &inputs).await;
     let job = predicted["proof_job"].as_str().unwrap();
     let short = user
         .get(&format!("/v1/proofs/{job}?wait=60"))
@@ -601,14 +598,7 @@ async fn a_proof_is_paid_once_when_delivered_and_never_when_it_fails() {
         let answer = creator.upload(&upload, logits_model()).await.unwrap();
         answer.body["model_id"].as_str().unwrap().to_owned()
     };
-    let raw: Vec<f64> = logits_case(0)["input"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() * 16.0)
-        .collect();
-    let outside = json!([{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": raw }]);
-    let (_, failed) = predict_with_proof(&user, &cheap, &outside).await;
+    let (_, failed) = predict_with_proof(&user, &cheap, &raw_pixels()).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     assert_eq!(failed["receipt"], Value::Null, "{failed}");
     assert_eq!(account(&user).await["credits"], 1);

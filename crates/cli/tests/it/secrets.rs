@@ -86,15 +86,16 @@ async fn no_secret_reaches_the_logs_even_at_debug_level() {
         .unwrap()
         .ok()
         .unwrap();
-    let key: KeyFile = serde_json::from_value(
-        admin
+    let new_key = async || -> KeyFile {
+        let made = admin
             .post("/v1/keys", &json!({ "account_id": account_id }))
             .await
             .unwrap()
             .ok()
-            .unwrap(),
-    )
-    .unwrap();
+            .unwrap();
+        serde_json::from_value(made).unwrap()
+    };
+    let key = new_key().await;
     let alice = admin.with_key(key.clone());
     let upload = alice
         .upload(&ModelUpload::new("digits", "1", 1), digits_bytes())
@@ -112,15 +113,7 @@ async fn no_secret_reaches_the_logs_even_at_debug_level() {
         ..key.clone()
     });
     assert_eq!(forged.get("/v1/account").await.unwrap().status, 401);
-    let second: KeyFile = serde_json::from_value(
-        admin
-            .post("/v1/keys", &json!({ "account_id": account_id }))
-            .await
-            .unwrap()
-            .ok()
-            .unwrap(),
-    )
-    .unwrap();
+    let second = new_key().await;
     let revoked = admin
         .delete(&format!("/v1/keys/{}", second.key_id))
         .await
