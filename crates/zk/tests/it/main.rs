@@ -9,4 +9,5 @@ mod keys;
 mod mnist;
 mod pinned;
 mod pool;
+mod untrusted;
 mod wide;
