@@ -551,6 +551,11 @@ fn round_scaled(v: f64, scale: i32) -> i64 {
     (v * 2f64.powi(scale)).round() as i64
 }
 
+/// Largest |bias| (at the accumulator's scale) a layer may have: far beyond what a rescale of at
+/// most `MAX_SHIFT` bits brings into an output range, and small enough that no accumulator of
+/// in-range inputs overflows `i64`.
+const MAX_BIAS: u64 = 1 << 50;
+
 /// Largest scale `s` with `max_abs·2^s·(1+margin) ≤ limit`.
 fn fit_scale(max_abs: f64, margin: f64, limit: i64) -> i32 {
     if max_abs <= 0.0 || !max_abs.is_finite() {
@@ -752,6 +757,12 @@ fn calibrate_layer(
         .collect();
     let mut weight_scale = fit_scale(max_w, 0.0, 127);
     let mut extra_out = 0;
+    let too_large = || {
+        ZkError::unsupported(
+            "model",
+            format!("layer {li}: a bias or accumulator too large for the fixed-point circuit"),
+        )
+    };
     for _ in 0..64 {
         let acc_scale = input_scale + weight_scale;
         let weights: Vec<i64> = fl
@@ -765,11 +776,20 @@ fn calibrate_layer(
             .map(|&b| round_scaled(f64::from(b), acc_scale))
             .collect();
         // Largest |acc| over the samples, in real units.
+        // Checked: a model with absurd biases (or inputs) must be refused, not wrap around
+        // (found by fuzzing the compiler with mutated models).
+        if bias0.iter().any(|b| b.unsigned_abs() > MAX_BIAS) {
+            return Err(too_large());
+        }
         let mut max_acc = 0i64;
         for x in xs {
             for (o, c) in conns.iter().enumerate() {
-                let acc = bias0[o] + c.iter().map(|&(i, w)| weights[w] * x[i]).sum::<i64>();
-                max_acc = max_acc.max(acc.abs());
+                let acc = c.iter().try_fold(bias0[o], |acc, &(i, w)| {
+                    weights[w]
+                        .checked_mul(x[i])
+                        .and_then(|p| acc.checked_add(p))
+                });
+                max_acc = max_acc.max(acc.and_then(i64::checked_abs).ok_or_else(too_large)?);
             }
         }
         let real = max_acc as f64 / 2f64.powi(acc_scale);
@@ -782,7 +802,10 @@ fn calibrate_layer(
         }
         let shift = shift as u32;
         let half = if shift > 0 { 1i64 << (shift - 1) } else { 0 };
-        let bias = bias0.iter().map(|b| b + half).collect();
+        let bias = bias0
+            .iter()
+            .map(|b| b.checked_add(half).ok_or_else(too_large))
+            .collect::<Result<_, _>>()?;
         let spec = LayerSpec {
             kind: fl.kind.clone(),
             inputs: fl.inputs as u32,

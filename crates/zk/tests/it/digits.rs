@@ -289,3 +289,23 @@ fn oversized_models_are_unsupported() {
     let err = modelhub_zk::compile(&onnx::mlp_onnx(&[big]), &[]).unwrap_err();
     assert!(matches!(err, ZkError::Unsupported { .. }), "{err}");
 }
+
+/// Absurd biases (found by fuzzing: they overflowed the accumulators) are refused as
+/// unsupported, at any sign, never a panic or a wrapped-around circuit.
+#[test]
+fn absurd_biases_are_unsupported() {
+    use modelhub_zk::{LayerKind, onnx::FloatLayer};
+    for bias in [3e38f32, -3e38, 1e20] {
+        let layer = FloatLayer {
+            kind: LayerKind::Dense,
+            inputs: 4,
+            outputs: 2,
+            weights: vec![0.5; 8],
+            bias: vec![bias, 0.0],
+            relu: true,
+        };
+        let calibration = modelhub_zk::calibration_inputs(4, modelhub_core::InputRange::default());
+        let err = modelhub_zk::compile(&onnx::mlp_onnx(&[layer]), &calibration).unwrap_err();
+        assert!(matches!(err, ZkError::Unsupported { .. }), "{bias}: {err}");
+    }
+}
