@@ -123,6 +123,23 @@ pub struct Settings {
         default_value_t = 1024
     )]
     pub max_rows_per_request: u32,
+    /// Deadline of every call to the registry, in seconds: a registry that does not answer in
+    /// time (stalled, overloaded) makes the request fail with 503, uncharged, instead of
+    /// holding it.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_REGISTRY_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
+    pub registry_timeout_secs: u64,
+    /// Deadline of every call to inference (a prediction: queue, load and run), in seconds; 503
+    /// beyond, uncharged. Keep it above inference's own run timeout.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_INFERENCE_TIMEOUT_SECS",
+        default_value_t = 60
+    )]
+    pub inference_timeout_secs: u64,
     /// Seconds a JSON request body may take to arrive in full (408 beyond).
     #[arg(long, env = "MODELHUB_GATEWAY_BODY_TIMEOUT_SECS", default_value_t = 30)]
     pub body_timeout_secs: u64,
@@ -170,6 +187,8 @@ impl Settings {
             free_calls_per_minute: 60,
             proof_cells_per_credit: DEFAULT_PROOF_CELLS_PER_CREDIT,
             max_rows_per_request: 1024,
+            registry_timeout_secs: 10,
+            inference_timeout_secs: 60,
             body_timeout_secs: 30,
             min_body_rate: 16 * 1024,
             mtls_dir: "./modelhub-data/tls".into(),
@@ -219,6 +238,10 @@ impl Settings {
         anyhow::ensure!(
             self.max_rows_per_request >= 1,
             "max_rows_per_request must be at least 1"
+        );
+        anyhow::ensure!(
+            self.registry_timeout_secs >= 1 && self.inference_timeout_secs >= 1,
+            "the registry and inference timeouts must be at least 1 s"
         );
         anyhow::ensure!(
             self.body_timeout_secs >= 1,
@@ -388,9 +411,13 @@ impl Shared {
         settings.validate()?;
         let tls = TlsDir::load(&settings.mtls_dir, Identity::Gateway)?;
         Ok(Shared {
-            registry: endpoint(&tls, Identity::Registry, &settings.registry)?,
+            // Per-call deadlines on the request path (storage and the prover carry uploads and
+            // proof waits, which take as long as they take, bounded by their own limits).
+            registry: endpoint(&tls, Identity::Registry, &settings.registry)?
+                .timeout(Duration::from_secs(settings.registry_timeout_secs)),
             storage: endpoint(&tls, Identity::Storage, &settings.storage)?,
-            inference: endpoint(&tls, Identity::Inference, &settings.inference)?,
+            inference: endpoint(&tls, Identity::Inference, &settings.inference)?
+                .timeout(Duration::from_secs(settings.inference_timeout_secs)),
             prover: settings
                 .prover
                 .as_deref()

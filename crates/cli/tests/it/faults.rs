@@ -25,7 +25,7 @@ use bytes::Bytes;
 use modelhub_cli::client::{Client, KeyFile};
 use serde_json::{Value, json};
 
-use crate::harness::digits_input;
+use crate::harness::{assert_error, digits_input};
 use crate::processes::{Service, free_loopback_addr, modelhub, serve, serve_on, up};
 
 /// Seconds a hold lives before the registry's sweep returns it.
@@ -143,6 +143,18 @@ impl Processes {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         self.running.insert(name, serve(svc, &refs));
         self.args.insert(name, args);
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to `svc`.
+    fn signal(&self, svc: &str, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([
+                format!("-{signal}"),
+                self.running[svc].child.id().to_string(),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     /// Stops `svc` with SIGKILL, for good.
@@ -776,4 +788,56 @@ async fn a_dead_prover_replica_s_jobs_are_finished_by_another() {
     assert_eq!(charged, (PRICE + proof_price) * JOBS as u64);
     drop(p);
     drop(mongo);
+}
+
+/// Every call on the request path has a deadline: a stalled inference (SIGSTOP) or a stalled
+/// registry makes a predict answer 503 within the gateway's deadline, uncharged, instead of
+/// holding the request; once the service runs again (SIGCONT) the next predict is answered and
+/// charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_service_is_a_503_in_time_not_a_hang() {
+    let mut p = Processes::start(None, None);
+    let Market { user, record, .. } = Market::open(&p).await;
+    p.replica(
+        "gateway-short",
+        "gateway",
+        &[
+            ("--inference-timeout-secs", "2"),
+            ("--registry-timeout-secs", "2"),
+        ],
+    );
+    let user = Client::new(
+        &format!("http://{}", p.running["gateway-short"].addr),
+        user.key().clone(),
+    )
+    .unwrap();
+    let model_id = record["model_id"].as_str().unwrap();
+    let predict = async || {
+        user.post(
+            &format!("/v1/models/{model_id}/predict"),
+            &json!({ "inputs": digits_input(0) }),
+        )
+        .await
+        .unwrap()
+    };
+    assert_eq!(predict().await.status, 200);
+    let credits = account(&user).await["credits"].as_u64().unwrap();
+
+    for svc in ["inference", "registry"] {
+        p.signal(svc, "STOP");
+        let answer = predict().await;
+        p.signal(svc, "CONT");
+        assert_error(&answer, 503, "unavailable", "");
+        assert_eq!(answer.retry_after.as_deref(), Some("1"), "{svc}");
+        assert_eq!(
+            account(&user).await["credits"].as_u64().unwrap(),
+            credits,
+            "a stalled {svc} charges nothing"
+        );
+    }
+    assert_eq!(predict().await.status, 200);
+    assert_eq!(
+        account(&user).await["credits"].as_u64().unwrap(),
+        credits - PRICE
+    );
 }
