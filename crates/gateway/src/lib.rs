@@ -123,9 +123,9 @@ pub struct Settings {
         default_value_t = 1024
     )]
     pub max_rows_per_request: u32,
-    /// Deadline of every call to the registry, in seconds: a registry that does not answer in
-    /// time (stalled, overloaded) makes the request fail with 503, uncharged, instead of
-    /// holding it.
+    /// Deadline of every call to the registry (but an admin's settlement run, which waits for
+    /// the chain), in seconds: a registry that does not answer in time (stalled, overloaded)
+    /// makes the request fail with 503, uncharged, instead of holding it.
     #[arg(
         long,
         env = "MODELHUB_GATEWAY_REGISTRY_TIMEOUT_SECS",
@@ -327,6 +327,9 @@ impl ModelCache {
 /// What one worker's handlers use.
 pub(crate) struct AppState {
     registry: RegistryClient<Channel>,
+    /// The registry without the request-path deadline: for an admin's settlement run, which
+    /// waits for chain transactions.
+    registry_slow: RegistryClient<Channel>,
     storage: StorageClient<Channel>,
     inference: InferenceClient<Channel>,
     prover: Option<ProverClient<Channel>>,
@@ -342,6 +345,10 @@ pub(crate) struct AppState {
 impl AppState {
     pub fn registry(&self) -> RegistryClient<Channel> {
         self.registry.clone()
+    }
+
+    pub fn registry_slow(&self) -> RegistryClient<Channel> {
+        self.registry_slow.clone()
     }
 
     pub fn storage(&self) -> StorageClient<Channel> {
@@ -383,6 +390,7 @@ impl AppState {
 #[derive(Clone)]
 struct Shared {
     registry: Endpoint,
+    registry_slow: Endpoint,
     storage: Endpoint,
     inference: Endpoint,
     prover: Option<Endpoint>,
@@ -415,6 +423,7 @@ impl Shared {
             // proof waits, which take as long as they take, bounded by their own limits).
             registry: endpoint(&tls, Identity::Registry, &settings.registry)?
                 .timeout(Duration::from_secs(settings.registry_timeout_secs)),
+            registry_slow: endpoint(&tls, Identity::Registry, &settings.registry)?,
             storage: endpoint(&tls, Identity::Storage, &settings.storage)?,
             inference: endpoint(&tls, Identity::Inference, &settings.inference)?
                 .timeout(Duration::from_secs(settings.inference_timeout_secs)),
@@ -466,6 +475,8 @@ impl Shared {
                 ProverClient::new(p.connect_lazy()).max_decoding_message_size(PROVER_MAX_MESSAGE)
             }),
             registry,
+            registry_slow: RegistryClient::new(self.registry_slow.connect_lazy())
+                .max_decoding_message_size(REGISTRY_MAX_MESSAGE),
             models: self.models.clone(),
             auth,
             limits: self.limits,

@@ -351,7 +351,7 @@ pub async fn settle(
     let (caller, _) = signed(&state, &req, payload).await?;
     caller.require_admin()?;
     let ledger = state
-        .registry()
+        .registry_slow()
         .settle_now(pb::SettleNowRequest {})
         .await
         .map_err(GatewayError::upstream("registry", "SettleNow"))?
