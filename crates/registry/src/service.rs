@@ -471,10 +471,11 @@ impl RegistryService {
                 }
                 Err(e) => return Err(e),
             };
-            if existing
-                && (reservation.state == ReservationState::Released
-                    || reservation.created_at < expired_before)
-            {
+            // A prediction's key binds its request for the key's TTL; a proof's delivery charge
+            // (key `proof/<job>`) binds for good, so a read of the proof a day later is not
+            // charged again.
+            let expired = charge == Charge::Prediction && reservation.created_at < expired_before;
+            if existing && (reservation.state == ReservationState::Released || expired) {
                 continue;
             }
             if existing
@@ -1056,6 +1057,63 @@ mod tests {
             store,
             Kek::new(modelhub_core::crypto::SecretKey::generate()),
         )
+    }
+
+    #[tokio::test]
+    async fn a_proof_is_charged_once_for_good_while_prediction_keys_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service_on(dir.path()).with_policy(Policy {
+            idempotency_ttl_secs: 0,
+            ..Policy::default()
+        });
+        let store = service.store.clone();
+        let owner = store
+            .create_account(crate::conformance::new_account("owner", 0))
+            .await
+            .unwrap();
+        let buyer = store
+            .create_account(crate::conformance::new_account("buyer", 10))
+            .await
+            .unwrap();
+        let model = store
+            .create_model(Model {
+                proof_price: 3,
+                ..crate::conformance::new_model(&owner.account_id, 1)
+            })
+            .await
+            .unwrap();
+        let reserve = |charge, key: &'static str| {
+            let (service, buyer, model) = (
+                service.clone(),
+                buyer.account_id.clone(),
+                model.model_id.clone(),
+            );
+            async move {
+                service
+                    .reserve(&buyer, &model, charge, 1, Some(key), Some("fp"))
+                    .await
+                    .unwrap()
+                    .reservation
+            }
+        };
+        let proof = reserve(Charge::Proof, "proof/job_1").await;
+        store.commit(&proof.reservation_id).await.unwrap();
+        let predicted = reserve(Charge::Prediction, "key-1").await;
+        store.commit(&predicted.reservation_id).await.unwrap();
+        // Past the keys' time to live (0 s here).
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let again = reserve(Charge::Proof, "proof/job_1").await;
+        assert_eq!(
+            again.reservation_id, proof.reservation_id,
+            "the same charge"
+        );
+        let new_prediction = reserve(Charge::Prediction, "key-1").await;
+        assert_ne!(new_prediction.reservation_id, predicted.reservation_id);
+        // 10 − 3 (the proof, once) − 1 − 1 (two predictions, the second one held).
+        assert_eq!(
+            store.get_account(&buyer.account_id).await.unwrap().credits,
+            5
+        );
     }
 
     #[tokio::test]
