@@ -97,7 +97,7 @@ pub(crate) fn up(data: &std::path::Path, http: &str) -> Service {
 }
 
 /// Runs a client command and parses the JSON it prints.
-fn client(url: &str, key_file: &Path, args: &[&str]) -> Value {
+pub(crate) fn client(url: &str, key_file: &Path, args: &[&str]) -> Value {
     let out = modelhub()
         .args(args)
         .args(["--url", url, "--key-file"])

@@ -185,19 +185,18 @@ async fn a_key_rotates_without_downtime() {
     let old_file = dir.path().join("old.json");
     user.key().write_new(&old_file).unwrap();
     let new_file = dir.path().join("new.json");
-    let out = crate::processes::modelhub()
-        .args(["keys", "rotate", "--grace-secs", "600", "--out"])
-        .arg(&new_file)
-        .args(["--url", user.base_url(), "--key-file"])
-        .arg(&old_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let rotated = crate::processes::client(
+        user.base_url(),
+        &old_file,
+        &[
+            "keys",
+            "rotate",
+            "--grace-secs",
+            "600",
+            "--out",
+            new_file.to_str().unwrap(),
+        ],
     );
-    let rotated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rotated["key_id"], user.key().key_id.as_str());
     let grace_end = rotated["previous_valid_until"].as_i64().unwrap();
     assert!(
