@@ -37,6 +37,8 @@ pub fn new_account(name: &str, credits: u64) -> Account {
         created_at: id::unix_now(),
         wallet: None,
         handle: None,
+        daily_cap: None,
+        charged_today: (0, 0),
     }
 }
 
@@ -365,6 +367,85 @@ pub async fn debit_once(store: Store) {
     assert_eq!(store.get_account(&a.account_id).await.unwrap().credits, 0);
 }
 
+/// A daily cap followed from the chain bounds what reservations take per UTC day, counted in
+/// the same atomic step as the debit, whatever the races; released credits still count.
+pub async fn daily_cap(store: Store) {
+    let owner = store.create_account(new_account("cap-owner", 0)).await.unwrap();
+    let model = store.create_model(new_model(&owner.account_id, 3)).await.unwrap();
+    let a = store.create_account(new_account("capped", 100)).await.unwrap();
+    let day = crate::model::utc_day(id::unix_now());
+    // Uncapped accounts are counted too, so a cap that arrives mid-day knows the day.
+    let first = store.reserve(&a.account_id, &model.model_id, None).await.unwrap();
+    let receipt = store.commit(&first.reservation_id).await.unwrap();
+    assert_eq!(receipt.charged_at, first.created_at);
+    assert_eq!(receipt.charge_day(), crate::model::utc_day(first.created_at));
+    assert_eq!(
+        store.get_account(&a.account_id).await.unwrap().charged_on(day),
+        3
+    );
+    let capped = store.set_daily_cap(&a.account_id, Some(7)).await.unwrap();
+    assert_eq!(capped.daily_cap, Some(7));
+    let second = store.reserve(&a.account_id, &model.model_id, None).await.unwrap();
+    let refused = store.reserve(&a.account_id, &model.model_id, None).await;
+    match refused {
+        Err(RegistryError::OverDailyCap { cap, charged, price }) => {
+            assert_eq!((cap, charged, price), (7, 6, 3));
+        }
+        other => panic!("expected OverDailyCap, got {other:?}"),
+    }
+    // A released hold still counts (the count never under-counts what may settle).
+    store.release(&second.reservation_id).await.unwrap();
+    assert_eq!(
+        code(store.reserve(&a.account_id, &model.model_id, None).await),
+        ErrorCode::PaymentRequired
+    );
+    let account = store.get_account(&a.account_id).await.unwrap();
+    assert_eq!((account.credits, account.charged_on(day)), (97, 6));
+    // A raise lets the next charge through; no cap, no limit.
+    store.set_daily_cap(&a.account_id, Some(9)).await.unwrap();
+    store.reserve(&a.account_id, &model.model_id, None).await.unwrap();
+    assert_eq!(
+        code(store.reserve(&a.account_id, &model.model_id, None).await),
+        ErrorCode::PaymentRequired
+    );
+    let uncapped = store.set_daily_cap(&a.account_id, None).await.unwrap();
+    assert_eq!(uncapped.daily_cap, None);
+    store.reserve(&a.account_id, &model.model_id, None).await.unwrap();
+    let account = store.get_account(&a.account_id).await.unwrap();
+    assert_eq!((account.credits, account.charged_on(day)), (91, 12));
+    // Short of credits is still told apart from the cap.
+    let poor = store.create_account(new_account("capped-poor", 2)).await.unwrap();
+    store.set_daily_cap(&poor.account_id, Some(50)).await.unwrap();
+    assert!(matches!(
+        store.reserve(&poor.account_id, &model.model_id, None).await,
+        Err(RegistryError::PaymentRequired { balance: 2, price: 3 })
+    ));
+    assert_eq!(
+        code(store.set_daily_cap("acct_missing", Some(1)).await),
+        ErrorCode::NotFound
+    );
+    // Racing reservations under a cap of 10 at price 3: exactly three get through.
+    let racer = store.create_account(new_account("cap-racer", 100)).await.unwrap();
+    store.set_daily_cap(&racer.account_id, Some(10)).await.unwrap();
+    let racing = (0..12).map(|_| {
+        let (store, account, model) = (store.clone(), racer.account_id.clone(), model.model_id.clone());
+        tokio::spawn(async move { store.reserve(&account, &model, None).await })
+    });
+    let mut ok = 0;
+    for r in futures::future::join_all(racing).await {
+        match r.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert!(
+                matches!(e, RegistryError::OverDailyCap { .. } | RegistryError::Unavailable { .. }),
+                "{e:?}"
+            ),
+        }
+    }
+    assert_eq!(ok, 3);
+    let racer = store.get_account(&racer.account_id).await.unwrap();
+    assert_eq!((racer.credits, racer.charged_on(day)), (91, 9));
+}
+
 /// Deleting a model frees its name and version; a second delete finds nothing.
 pub async fn delete_model(store: Store) {
     let owner = store.create_account(new_account("owner", 0)).await.unwrap();
@@ -427,6 +508,8 @@ pub async fn handles_and_namespaces(store: Store) {
     let alice = store
         .create_account(Account {
             handle: Some(handle.clone()),
+            daily_cap: None,
+            charged_today: (0, 0),
             ..new_account("alice", 0)
         })
         .await
@@ -444,6 +527,8 @@ pub async fn handles_and_namespaces(store: Store) {
     );
     let thief = Account {
         handle: Some(handle.clone()),
+        daily_cap: None,
+        charged_today: (0, 0),
         ..new_account("mallory", 0)
     };
     assert_eq!(
@@ -526,6 +611,7 @@ where
     handles_and_namespaces(store.clone()).await;
     grant_once(store.clone()).await;
     debit_once(store.clone()).await;
+    daily_cap(store.clone()).await;
     proof_charges(store.clone()).await;
     batches_are_charged_per_row(store.clone()).await;
     concurrent_reserve(store.clone()).await;

@@ -16,6 +16,12 @@ pub enum RegistryError {
     Conflict { message: String },
     #[error("insufficient credits: balance {balance}, price {price}")]
     PaymentRequired { balance: u64, price: u64 },
+    /// The charge would take the account past the daily cap its wallet set on chain.
+    #[error(
+        "daily cap reached: your wallet caps what is settled on chain at {cap} credits per UTC \
+         day; {charged} charged today, price {price}"
+    )]
+    OverDailyCap { cap: u64, charged: u64, price: u64 },
     /// A bound on what one caller may keep in the store was reached; retry later.
     #[error("too many {what}; retry later")]
     TooManyRequests { what: String },
@@ -90,7 +96,9 @@ impl RegistryError {
             RegistryError::BadRequest { .. } => ErrorCode::BadRequest,
             RegistryError::NotFound { .. } => ErrorCode::NotFound,
             RegistryError::Conflict { .. } => ErrorCode::Conflict,
-            RegistryError::PaymentRequired { .. } => ErrorCode::PaymentRequired,
+            RegistryError::PaymentRequired { .. } | RegistryError::OverDailyCap { .. } => {
+                ErrorCode::PaymentRequired
+            }
             RegistryError::TooManyRequests { .. } => ErrorCode::TooManyRequests,
             RegistryError::Unavailable { .. } | RegistryError::ChainUnavailable { .. } => {
                 ErrorCode::Unavailable
@@ -107,6 +115,7 @@ impl RegistryError {
             }
             RegistryError::NotFound { .. }
             | RegistryError::PaymentRequired { .. }
+            | RegistryError::OverDailyCap { .. }
             | RegistryError::TooManyRequests { .. } => ApiError::new(self.code(), self.to_string()),
             RegistryError::Unavailable { .. } => ApiError::new(
                 ErrorCode::Unavailable,

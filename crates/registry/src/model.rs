@@ -23,9 +23,54 @@ pub struct Account {
     /// models: `handle/name@version`. Accounts without one are named by their id.
     #[serde(default)]
     pub handle: Option<String>,
+    /// The most the chain's operators may settle from the account's wallet per UTC day: the
+    /// lower of the cap in force on chain and an announced lower one (followed by the chain
+    /// ledger). `None`: no cap. Charges past it are refused, so every charge can settle.
+    #[serde(default)]
+    pub daily_cap: Option<u64>,
+    /// The credits reserved on one UTC day (`(day, credits)`, day = unix seconds / 86,400): what
+    /// the chain counts against the cap under that day's label. Held credits a failed
+    /// prediction gives back still count (the count only grows, so it never under-counts).
+    #[serde(default)]
+    pub charged_today: (i64, u64),
+}
+
+/// The UTC day of a unix time: the label a charge carries on chain.
+pub fn utc_day(unix_secs: i64) -> i64 {
+    unix_secs.div_euclid(86_400)
 }
 
 impl Account {
+    /// The credits reserved on `day` (0 when the count is of another day).
+    pub fn charged_on(&self, day: i64) -> u64 {
+        if self.charged_today.0 == day {
+            self.charged_today.1
+        } else {
+            0
+        }
+    }
+
+    /// Refuses a charge of `price` on `day` that would take the account past its daily cap.
+    pub fn check_daily_cap(&self, day: i64, price: u64) -> Result<(), crate::error::RegistryError> {
+        let Some(cap) = self.daily_cap else {
+            return Ok(());
+        };
+        let charged = self.charged_on(day);
+        match charged.checked_add(price) {
+            Some(total) if total <= cap => Ok(()),
+            _ => Err(crate::error::RegistryError::OverDailyCap {
+                cap,
+                charged,
+                price,
+            }),
+        }
+    }
+
+    /// Counts a charge of `price` on `day` (after `check_daily_cap`).
+    pub fn count_charge(&mut self, day: i64, price: u64) {
+        self.charged_today = (day, self.charged_on(day).saturating_add(price));
+    }
+
     /// The namespace of the account's models: its handle, or its id when it has none.
     pub fn namespace(&self) -> &str {
         self.handle.as_deref().unwrap_or(&self.account_id)
@@ -200,10 +245,25 @@ pub struct Receipt {
     #[serde(default = "one")]
     pub units: u32,
     pub created_at: i64,
+    /// When the credits were reserved; its UTC day labels the usage on chain (the day the
+    /// daily cap counted it). 0 in records from before: read `created_at` then.
+    #[serde(default)]
+    pub charged_at: i64,
     /// The settlement batch the receipt belongs to, once the chain ledger has put it in one
     /// (`None`: not yet settled, or an embedded ledger).
     #[serde(default)]
     pub batch_id: Option<String>,
+}
+
+impl Receipt {
+    /// The UTC day the usage is labelled with on chain.
+    pub fn charge_day(&self) -> i64 {
+        utc_day(if self.charged_at > 0 {
+            self.charged_at
+        } else {
+            self.created_at
+        })
+    }
 }
 
 /// Where a settlement batch stands. `Pending` moves to `Settled` or `Failed`, never back.

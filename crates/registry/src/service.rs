@@ -618,6 +618,8 @@ impl RegistryService {
         let account = Account {
             wallet,
             handle,
+            daily_cap: None,
+            charged_today: (0, 0),
             account_id,
             name: req.name,
             admin: req.admin,
@@ -1140,6 +1142,8 @@ mod tests {
                 created_at: old,
                 wallet: None,
                 handle: None,
+                daily_cap: None,
+                charged_today: (0, 0),
             })
             .await
             .unwrap();

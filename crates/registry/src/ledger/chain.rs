@@ -474,6 +474,8 @@ impl ChainLedger {
             created_at: id::unix_now(),
             wallet: Some(wallet.to_owned()),
             handle: None,
+            daily_cap: None,
+            charged_today: (0, 0),
         };
         match self.store.create_account(account).await {
             Ok(account) => Ok(account),

@@ -62,7 +62,8 @@ pub async fn release_holds<S: MetadataStore + ?Sized>(store: &S, cutoff: i64) ->
 ///
 /// Errors: unknown ids give [`RegistryError::NotFound`](crate::RegistryError::NotFound),
 /// duplicates [`RegistryError::Conflict`](crate::RegistryError::Conflict), a short balance
-/// [`RegistryError::PaymentRequired`](crate::RegistryError::PaymentRequired), back-end
+/// [`RegistryError::PaymentRequired`](crate::RegistryError::PaymentRequired) (or
+/// [`RegistryError::OverDailyCap`](crate::RegistryError::OverDailyCap)), back-end
 /// failures [`RegistryError::Store`](crate::RegistryError::Store), an unreachable back end
 /// [`RegistryError::Unavailable`](crate::RegistryError::Unavailable).
 #[async_trait]
@@ -89,6 +90,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// operation. `NotFound` when the account is unknown. (The chain ledger's refund requests:
     /// credits a user asks back on chain stop being spendable off chain.)
     async fn debit_once(&self, account_id: &str, amount: u64, debit_id: &str) -> Result<u64>;
+
+    /// Sets the account's daily cap (`Account::daily_cap`, as the chain ledger follows it).
+    /// Reservations check it and count what they take per UTC day (`Account::charged_today`),
+    /// in the same atomic operation as the debit; past it they fail with `OverDailyCap`.
+    async fn set_daily_cap(&self, account_id: &str, cap: Option<u64>) -> Result<Account>;
 
     /// Inserts a new key; `NotFound` when its account is unknown, `Conflict` when the id exists.
     async fn create_key(&self, key: ApiKey) -> Result<ApiKey>;

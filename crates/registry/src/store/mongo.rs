@@ -306,7 +306,34 @@ fn account_doc(a: &Account) -> Result<Document> {
     if let Some(h) = &a.handle {
         d.insert("handle", h);
     }
+    // Absent without a cap: the reserve's first try matches only uncapped accounts.
+    if let Some(cap) = a.daily_cap {
+        d.insert("daily_cap", to_i64(cap, "daily cap")?);
+    }
+    if a.charged_today.1 > 0 {
+        d.insert(
+            "charged",
+            doc! { format!("d{}", a.charged_today.0): to_i64(a.charged_today.1, "charged")? },
+        );
+    }
     Ok(d)
+}
+
+/// The latest day of the account's `charged` map (`{"d<utc day>": credits}`), as
+/// `Account::charged_today`.
+fn charged_today_from(d: &Document) -> (i64, u64) {
+    let Ok(charged) = d.get_document("charged") else {
+        return (0, 0);
+    };
+    charged
+        .iter()
+        .filter_map(|(day, n)| {
+            let n = n.as_i64().or_else(|| n.as_i32().map(i64::from))?;
+            let day = day.strip_prefix('d')?.parse::<i64>().ok()?;
+            Some((day, u64::try_from(n).ok()?))
+        })
+        .max()
+        .unwrap_or((0, 0))
 }
 
 fn account_from(d: &Document) -> Result<Account> {
@@ -320,6 +347,11 @@ fn account_from(d: &Document) -> Result<Account> {
         created_at: get_i64(d, W, "created_at")?,
         wallet: get_opt_str(d, W, "wallet")?,
         handle: get_opt_str(d, W, "handle")?,
+        daily_cap: match d.get("daily_cap") {
+            None | Some(Bson::Null) => None,
+            Some(_) => Some(get_u64(d, W, "daily_cap")?),
+        },
+        charged_today: charged_today_from(d),
     })
 }
 
@@ -497,6 +529,7 @@ fn receipt_of(s: &StoredReservation) -> Receipt {
         charge: r.charge,
         units: r.units,
         created_at: s.settled_at.unwrap_or(r.created_at),
+        charged_at: r.created_at,
         batch_id: None,
     }
 }
@@ -533,6 +566,7 @@ fn receipt_doc(r: &Receipt) -> Result<Document> {
         "charge": r.charge.as_str(),
         "units": i64::from(r.units),
         "created_at": r.created_at,
+        "charged_at": r.charged_at,
         "batch_id": opt_str(&r.batch_id),
     })
 }
@@ -549,6 +583,10 @@ fn receipt_from(d: &Document) -> Result<Receipt> {
         charge: charge_from(d, W)?,
         units: units_from(d, W)?,
         created_at: get_i64(d, W, "created_at")?,
+        charged_at: match d.get("charged_at") {
+            None | Some(Bson::Null) => 0,
+            Some(_) => get_i64(d, W, "charged_at")?,
+        },
         batch_id: get_opt_str(d, W, "batch_id")?,
     })
 }
@@ -924,26 +962,55 @@ impl MongoStore {
             created_at: id::unix_now(),
         };
         let debit = marker(&rid, DEBIT);
-        let debited = self
-            .inner
-            .accounts
-            .find_one_and_update(
-                doc! {
-                    "_id": account_id,
-                    "credits": { "$gte": price },
-                    &debit: { "$exists": false },
-                },
-                doc! {
-                    "$inc": { "credits": -price },
-                    "$set": { &debit: {
-                        "amount": price, "at": reservation.created_at, "token": &token,
-                    } },
-                },
-            )
-            .await?;
-        if debited.is_none() {
-            // Short of credits, or a retry of the same request is between its debit and its
-            // insert: then write the reservation for that debit (same content, its token).
+        let day = crate::model::utc_day(reservation.created_at);
+        let charged = format!("charged.d{day}");
+        // The debit and the day's count in one update. The first try matches only an account
+        // without a daily cap; a capped one (seen on the read after a miss) is tried again with
+        // its cap in the filter: the count for the day must leave room for the price.
+        // (`$or` is avoided: the test server applies it across documents.)
+        let mut cap: Option<(u64, bool)> = None;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut filter = doc! {
+                "_id": account_id,
+                "credits": { "$gte": price },
+                &debit: { "$exists": false },
+            };
+            match cap {
+                None => filter.insert("daily_cap", doc! { "$exists": false }),
+                Some((cap, counted)) => {
+                    filter.insert("daily_cap", to_i64(cap, "daily cap")?);
+                    let room = to_i64(cap.saturating_sub(amount), "daily cap")?;
+                    filter.insert(
+                        &charged,
+                        if counted {
+                            doc! { "$lte": room }
+                        } else {
+                            doc! { "$exists": false }
+                        },
+                    )
+                }
+            };
+            let debited = self
+                .inner
+                .accounts
+                .find_one_and_update(
+                    filter,
+                    doc! {
+                        "$inc": { "credits": -price, &charged: price },
+                        "$set": { &debit: {
+                            "amount": price, "at": reservation.created_at, "token": &token,
+                        } },
+                    },
+                )
+                .await?;
+            if debited.is_some() {
+                break;
+            }
+            // Short of credits, past the cap, a cap this try did not expect, or a retry of the
+            // same request is between its debit and its insert: then write the reservation for
+            // that debit (same content, its token).
             let Some(account) =
                 Self::find_one(&self.inner.accounts, doc! { "_id": account_id }).await?
             else {
@@ -969,10 +1036,22 @@ impl MongoStore {
             if let Some(first) = self.existing_reservation(&rid, model_id, charge).await? {
                 return Ok(first);
             }
-            return Err(RegistryError::PaymentRequired {
-                balance: account_from(&account)?.credits,
-                price: amount,
-            });
+            let account = account_from(&account)?;
+            if account.credits < amount {
+                return Err(RegistryError::PaymentRequired {
+                    balance: account.credits,
+                    price: amount,
+                });
+            }
+            account.check_daily_cap(day, amount)?;
+            if tries >= 16 {
+                // Each miss was a concurrent change of the account: busy, not refused.
+                return Err(RegistryError::unavailable(
+                    "the account is changing too fast; retry",
+                ));
+            }
+            let counted = account.charged_today.0 == day;
+            cap = account.daily_cap.map(|cap| (cap, counted));
         }
         match self
             .inner
@@ -1603,6 +1682,26 @@ impl MetadataStore for MongoStore {
                 if updated.is_some() {
                     return Ok(u64::try_from(taken).unwrap_or_default());
                 }
+            }
+        })
+        .await
+    }
+
+    async fn set_daily_cap(&self, account_id: &str, cap: Option<u64>) -> Result<Account> {
+        self.timed(async {
+            let update = match cap {
+                Some(cap) => doc! { "$set": { "daily_cap": to_i64(cap, "daily cap")? } },
+                None => doc! { "$unset": { "daily_cap": "" } },
+            };
+            match self
+                .inner
+                .accounts
+                .find_one_and_update(doc! { "_id": account_id }, update)
+                .return_document(ReturnDocument::After)
+                .await?
+            {
+                Some(d) => account_from(&d),
+                None => Err(RegistryError::not_found("account", account_id)),
             }
         })
         .await

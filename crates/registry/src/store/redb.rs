@@ -398,6 +398,19 @@ impl MetadataStore for RedbStore {
         .await
     }
 
+    async fn set_daily_cap(&self, account_id: &str, cap: Option<u64>) -> Result<Account> {
+        let account_id = account_id.to_owned();
+        self.write(move |txn| {
+            let mut t = txn.open_table(ACCOUNTS)?;
+            let mut account: Account = get_json(&t, &account_id)?
+                .ok_or_else(|| RegistryError::not_found("account", &account_id))?;
+            account.daily_cap = cap;
+            put_json(&mut t, &account_id, &account)?;
+            Ok(account)
+        })
+        .await
+    }
+
     async fn create_key(&self, key: ApiKey) -> Result<ApiKey> {
         self.write(move |txn| {
             let accounts = txn.open_table(ACCOUNTS)?;
@@ -564,6 +577,8 @@ impl MetadataStore for RedbStore {
             let model: Model = get_json(&txn.open_table(MODELS)?, &model_id)?
                 .ok_or_else(|| RegistryError::not_found("model", &model_id))?;
             let price = charge.amount(&model, units)?;
+            let now = id::unix_now();
+            let day = crate::model::utc_day(now);
             account.credits =
                 account
                     .credits
@@ -572,6 +587,8 @@ impl MetadataStore for RedbStore {
                         balance: account.credits,
                         price,
                     })?;
+            account.check_daily_cap(day, price)?;
+            account.count_charge(day, price);
             // With a key, the id is a function of (account, key), as in the MongoDB store.
             let reservation_id = match &idempotency_key {
                 Some(k) => super::reservation_id_for(&account_id, k),
@@ -594,7 +611,7 @@ impl MetadataStore for RedbStore {
                 receipt_id: None,
                 idempotency_key,
                 fingerprint,
-                created_at: id::unix_now(),
+                created_at: now,
             };
             put_json(&mut accounts, &account_id, &account)?;
             put_json(&mut reservations, &reservation.reservation_id, &reservation)?;
@@ -653,6 +670,7 @@ impl MetadataStore for RedbStore {
                 charge: r.charge,
                 units: r.units,
                 created_at: id::unix_now(),
+                charged_at: r.created_at,
                 batch_id: None,
             };
             r.state = ReservationState::Committed;
