@@ -249,6 +249,8 @@ pub(crate) fn keyed_id(prefix: &str, key: &str) -> String {
 fn account_pb(a: Account, held: u64) -> pb::Account {
     pb::Account {
         held,
+        daily_cap: a.daily_cap,
+        charged_today: a.charged_on(crate::model::utc_day(id::unix_now())),
         account_id: a.account_id,
         name: a.name,
         admin: a.admin,

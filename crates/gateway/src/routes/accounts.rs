@@ -216,9 +216,10 @@ fn optional_json(value: &str) -> serde_json::Value {
     }
 }
 
-/// `GET /v1/account` → `{"account_id","handle","credits","held","earnings","wallet"}` of the
-/// caller;
-/// `held` are credits of predictions in flight (charged or given back when they end).
+/// `GET /v1/account` → `{"account_id","handle","credits","held","earnings","wallet",
+/// "daily_cap","charged_today"}` of the caller; `held` are credits of predictions in flight
+/// (charged or given back when they end); `daily_cap` is the cap the wallet set on chain
+/// (`null`: none) and `charged_today` what was reserved on the current UTC day.
 pub async fn get_account(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -240,6 +241,8 @@ pub async fn get_account(
         "held": account.held,
         "earnings": account.earnings,
         "wallet": optional_json(&account.wallet),
+        "daily_cap": account.daily_cap,
+        "charged_today": account.charged_today,
     })))
 }
 
