@@ -27,6 +27,10 @@ interface IMarketplace {
 
     function dailyCapOf(address user) external view returns (uint256);
 
+    function pendingDailyCapOf(address user) external view returns (uint256, uint256);
+
+    function spentOf(address user, uint64 day) external view returns (uint256);
+
     function refundOf(address user) external view returns (uint256, uint256);
 
     function weiPerCredit() external view returns (uint256);

@@ -10,6 +10,7 @@ struct UsageRecord {
     bytes32 modelId;
     uint64 calls;
     uint256 credits;
+    uint64 day;
     bytes32 receiptBatchHash;
 }
 
@@ -27,7 +28,7 @@ interface IMarketplaceEvents {
     event AdminProposed(address indexed newAdmin, uint256 notBefore);
     event AdminChanged(address indexed previousAdmin, address indexed newAdmin);
     event PauseSet(bool paused);
-    event DailyCapSet(address indexed user, uint256 cap);
+    event DailyCapSet(address indexed user, uint256 cap, uint256 effectiveAt);
     event RefundRequested(address indexed user, uint256 credits, uint256 notBefore);
     event Refunded(address indexed user, uint256 credits, uint256 amountWei);
 }

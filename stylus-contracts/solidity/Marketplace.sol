@@ -10,6 +10,7 @@ struct UsageRecord {
     bytes32 modelId;
     uint64 calls;
     uint256 credits;
+    uint64 day;
     bytes32 receiptBatchHash;
 }
 
@@ -27,7 +28,7 @@ contract Marketplace {
     event AdminProposed(address indexed newAdmin, uint256 notBefore);
     event AdminChanged(address indexed previousAdmin, address indexed newAdmin);
     event PauseSet(bool paused);
-    event DailyCapSet(address indexed user, uint256 cap);
+    event DailyCapSet(address indexed user, uint256 cap, uint256 effectiveAt);
     event RefundRequested(address indexed user, uint256 credits, uint256 notBefore);
     event Refunded(address indexed user, uint256 credits, uint256 amountWei);
 
@@ -56,11 +57,15 @@ contract Marketplace {
     uint8 private constant REJECT_INSUFFICIENT_CREDITS = 5;
     uint8 private constant REJECT_OVER_DAILY_CAP = 6;
     uint8 private constant REJECT_OVERFLOW = 7;
+    uint8 private constant REJECT_STALE_DAY = 8;
 
     uint256 private constant PRICE_WINDOW = 1 days;
     uint256 private constant OPERATOR_DELAY = 1 days;
     uint256 private constant ADMIN_DELAY = 2 days;
     uint256 private constant REFUND_DELAY = 2 days;
+    /// Covers the longest time usage may wait for settlement, so usage charged under the old
+    /// cap still settles.
+    uint256 private constant CAP_DELAY = 2 days;
     uint256 private constant MAX = type(uint256).max;
 
     struct Model {
@@ -78,8 +83,12 @@ contract Marketplace {
         uint256 earnings;
         bool capSet;
         uint256 dailyCap;
-        uint256 spentDay;
-        uint256 spent;
+        // A lowered cap and when it takes effect (0: none); in force once that time has come.
+        uint256 pendingCap;
+        uint256 pendingCapAt;
+        // Credits settled under a day label, in two slots (day % 2) tagged with their day.
+        uint256[2] spentDay;
+        uint256[2] spent;
         uint256 refundCredits;
         uint256 refundNotBefore;
     }
@@ -204,9 +213,30 @@ contract Marketplace {
         return _users[owner].earnings;
     }
 
-    function dailyCapOf(address user) external view returns (uint256) {
-        User storage u = _users[user];
+    /// The cap in force now: a pending cap whose time has come, else the set cap, else MAX.
+    function _capInForce(User storage u) private view returns (uint256) {
+        if (u.pendingCapAt != 0 && block.timestamp >= u.pendingCapAt) return u.pendingCap;
         return u.capSet ? u.dailyCap : MAX;
+    }
+
+    /// Credits settled under the day label `day` (0 when its slot holds another day).
+    function _spentOn(User storage u, uint64 day) private view returns (uint256) {
+        uint256 slot = day % 2;
+        return u.spentDay[slot] == day ? u.spent[slot] : 0;
+    }
+
+    function dailyCapOf(address user) external view returns (uint256) {
+        return _capInForce(_users[user]);
+    }
+
+    function pendingDailyCapOf(address user) external view returns (uint256, uint256) {
+        User storage u = _users[user];
+        if (u.pendingCapAt == 0 || block.timestamp >= u.pendingCapAt) return (0, 0);
+        return (u.pendingCap, u.pendingCapAt);
+    }
+
+    function spentOf(address user, uint64 day) external view returns (uint256) {
+        return _spentOn(_users[user], day);
     }
 
     function refundOf(address user) external view returns (uint256, uint256) {
@@ -249,6 +279,8 @@ contract Marketplace {
         if (owner == address(0)) return REJECT_UNKNOWN_MODEL;
         if (!model.active) return REJECT_MODEL_INACTIVE;
         if (owner == msg.sender) return REJECT_OPERATOR_OWNS_MODEL;
+        uint256 today = block.timestamp / 1 days;
+        if (uint256(record.day) != today && uint256(record.day) + 1 != today) return REJECT_STALE_DAY;
         uint256 calls = uint256(record.calls);
         bool priced = calls != 0 && (
             _isProduct(model.pricePerCall, calls, record.credits)
@@ -258,10 +290,9 @@ contract Marketplace {
         if (!priced) return REJECT_PRICE_MISMATCH;
         User storage user = _users[record.user];
         if (user.credits < record.credits) return REJECT_INSUFFICIENT_CREDITS;
-        if (user.capSet) {
-            uint256 spent = user.spentDay == block.timestamp / 1 days ? user.spent : 0;
-            if (spent > MAX - record.credits || spent + record.credits > user.dailyCap) return REJECT_OVER_DAILY_CAP;
-        }
+        // Over the cap in force now, counting what settled under the record's day label.
+        uint256 spent = _spentOn(user, record.day);
+        if (spent > MAX - record.credits || spent + record.credits > _capInForce(user)) return REJECT_OVER_DAILY_CAP;
         if (_users[owner].earnings > MAX - record.credits || total > MAX - record.credits) return REJECT_OVERFLOW;
         return 0;
     }
@@ -275,10 +306,9 @@ contract Marketplace {
         uint256 total = 0;
         uint256 settled = 0;
         bytes32 recordsHash = bytes32(0);
-        uint256 today = block.timestamp / 1 days;
         for (uint256 i = 0; i < records.length; i++) {
             UsageRecord calldata record = records[i];
-            recordsHash = keccak256(abi.encode(recordsHash, record.user, record.modelId, record.calls, record.credits, record.receiptBatchHash));
+            recordsHash = keccak256(abi.encode(recordsHash, record.user, record.modelId, record.calls, record.credits, record.day, record.receiptBatchHash));
             uint8 reason = _rejection(record, total);
             if (reason != 0) {
                 emit UsageRejected(batchId, record.user, record.modelId, record.calls, record.credits, record.receiptBatchHash, reason);
@@ -286,10 +316,10 @@ contract Marketplace {
             }
             User storage user = _users[record.user];
             user.credits -= record.credits;
-            if (user.capSet) {
-                user.spent = (user.spentDay == today ? user.spent : 0) + record.credits;
-                user.spentDay = today;
-            }
+            // Counted whether or not a cap is set.
+            uint256 slot = record.day % 2;
+            user.spent[slot] = _spentOn(user, record.day) + record.credits;
+            user.spentDay[slot] = record.day;
             User storage owner = _users[_models[record.modelId].owner];
             owner.earnings += record.credits;
             total += record.credits;
@@ -313,11 +343,28 @@ contract Marketplace {
         return amount;
     }
 
+    /// A cap at least the one in force takes effect at once and drops a pending one; a lower
+    /// one (a first cap included) is pending until now + CAP_DELAY, replacing an earlier one.
     function setDailyCap(uint256 cap) external {
         User storage user = _users[msg.sender];
-        user.capSet = true;
-        user.dailyCap = cap;
-        emit DailyCapSet(msg.sender, cap);
+        uint256 effectiveAt;
+        if (cap >= _capInForce(user)) {
+            effectiveAt = block.timestamp;
+            user.capSet = true;
+            user.dailyCap = cap;
+            user.pendingCap = 0;
+            user.pendingCapAt = 0;
+        } else {
+            effectiveAt = _add(block.timestamp, CAP_DELAY);
+            if (user.pendingCapAt != 0 && block.timestamp >= user.pendingCapAt) {
+                // The pending cap in force becomes the set one before it is replaced.
+                user.capSet = true;
+                user.dailyCap = user.pendingCap;
+            }
+            user.pendingCap = cap;
+            user.pendingCapAt = effectiveAt;
+        }
+        emit DailyCapSet(msg.sender, cap, effectiveAt);
     }
 
     function requestRefund(uint256 credits) external {

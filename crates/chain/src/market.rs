@@ -67,6 +67,20 @@ pub struct RefundRequest {
     pub position: u32,
 }
 
+/// One `DailyCapSet` event: `user` set the daily cap `cap`, in force from `effective_at` (the
+/// block time of the call for a raise; `CAP_DELAY` later for a lowering, which until then is
+/// pending and replaces any earlier pending one); located as a [`Deposit`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyCapChange {
+    pub user: Address,
+    pub cap: U256,
+    pub effective_at: U256,
+    pub block: u64,
+    pub tx_hash: B256,
+    pub log_index: u64,
+    pub position: u32,
+}
+
 /// Where a log is.
 struct At {
     block: u64,
@@ -85,6 +99,9 @@ pub enum Rejection {
     InsufficientCredits,
     OverDailyCap,
     Overflow,
+    /// The record's day label is neither the chain's today nor yesterday (UTC days of the block
+    /// time).
+    StaleDay,
     /// A reason code this client does not know.
     Other(u8),
 }
@@ -99,6 +116,7 @@ impl Rejection {
             5 => Rejection::InsufficientCredits,
             6 => Rejection::OverDailyCap,
             7 => Rejection::Overflow,
+            8 => Rejection::StaleDay,
             other => Rejection::Other(other),
         }
     }
@@ -421,10 +439,26 @@ impl Marketplace {
         self.read("paused", self.contract.paused()).await
     }
 
-    /// The most credits operators may settle from `user` per day (`U256::MAX`: no cap).
+    /// The cap in force now: the most credits operators may settle from `user` under one day
+    /// label (`U256::MAX`: no cap).
     pub async fn daily_cap_of(&self, user: Address) -> Result<U256> {
         self.read("dailyCapOf", self.contract.dailyCapOf(user))
             .await
+    }
+
+    /// A lowered daily cap of `user` not in force yet: (cap, effective at); zeros when there is
+    /// none or it has taken effect.
+    pub async fn pending_daily_cap_of(&self, user: Address) -> Result<(U256, U256)> {
+        let p = self
+            .read("pendingDailyCapOf", self.contract.pendingDailyCapOf(user))
+            .await?;
+        Ok((p._0, p._1))
+    }
+
+    /// The credits settled from `user` under the day label `day` (unix seconds / 86400); zero
+    /// when the contract no longer keeps that day (it keeps the two latest labels).
+    pub async fn spent_of(&self, user: Address, day: u64) -> Result<U256> {
+        self.read("spentOf", self.contract.spentOf(user, day)).await
     }
 
     /// A user's refund request: (credits, not before); zeros when none.
@@ -485,6 +519,30 @@ impl Marketplace {
                 user: e.user,
                 credits: e.credits,
                 not_before: e.notBefore,
+                block: at.block,
+                tx_hash: at.tx_hash,
+                log_index: at.log_index,
+                position: at.position,
+            })
+            .collect())
+    }
+
+    /// The `DailyCapSet` events of blocks `from_block..=to_block`, in chain order (as
+    /// [`deposits`](Self::deposits)).
+    pub async fn daily_cap_changes(
+        &self,
+        from_block: u64,
+        to_block: u64,
+    ) -> Result<Vec<DailyCapChange>> {
+        let logs = self
+            .events::<Contract::DailyCapSet>(from_block, to_block)
+            .await?;
+        Ok(logs
+            .into_iter()
+            .map(|(e, at)| DailyCapChange {
+                user: e.user,
+                cap: e.cap,
+                effective_at: e.effectiveAt,
                 block: at.block,
                 tx_hash: at.tx_hash,
                 log_index: at.log_index,
@@ -709,7 +767,9 @@ impl Marketplace {
             .await
     }
 
-    /// Sets the most credits operators may settle from the sender per day.
+    /// Sets the most credits operators may settle from the sender under one day label: a raise
+    /// (or the cap in force again) takes effect at once and drops a pending lowering; a lower
+    /// cap (a first cap included) takes effect after the contract's `CAP_DELAY` (2 days).
     pub async fn set_daily_cap(&self, cap: U256) -> Result<B256> {
         self.write("setDailyCap", self.contract.setDailyCap(cap))
             .await
@@ -862,6 +922,10 @@ mod tests {
         send(m.get_prices(b));
         send(m.paused());
         send(m.daily_cap_of(a));
+        send(m.pending_daily_cap_of(a));
+        send(m.spent_of(a, 0));
+        send(m.daily_cap_changes(0, 1));
+        send(m.refund_requests(0, 1));
         send(m.refund_of(a));
         send(m.accept_operator());
         send(m.propose_admin(a));
@@ -886,6 +950,26 @@ mod tests {
         send(m.consume_credits(b, vec![]));
         send(m.withdraw());
         send(m.set_operator(a, true));
+    }
+
+    #[test]
+    fn rejection_codes_are_the_contracts() {
+        let known = [
+            (1, Rejection::UnknownModel),
+            (2, Rejection::ModelInactive),
+            (3, Rejection::OperatorOwnsModel),
+            (4, Rejection::PriceMismatch),
+            (5, Rejection::InsufficientCredits),
+            (6, Rejection::OverDailyCap),
+            (7, Rejection::Overflow),
+            (8, Rejection::StaleDay),
+        ];
+        for (code, why) in known {
+            assert_eq!(Rejection::from_code(code), why);
+        }
+        assert_eq!(Rejection::from_code(9), Rejection::Other(9));
+        assert_eq!(Rejection::StaleDay.to_string(), "StaleDay");
+        assert_eq!(Rejection::Other(9).to_string(), "reason 9");
     }
 
     #[test]

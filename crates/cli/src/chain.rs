@@ -163,7 +163,9 @@ pub enum Chain {
     },
     /// Cap the credits operators may settle from this wallet per day.
     SetDailyCap {
-        /// Most credits operators may settle from this wallet per day (0: none at all).
+        /// Most credits operators may settle from this wallet per UTC day (0: none at all). A
+        /// raise is in force at once; a lower cap takes effect two days later on chain (the
+        /// registry refuses charges past it as soon as it sees it).
         #[arg(long)]
         credits: String,
         #[command(flatten)]
@@ -318,8 +320,21 @@ pub async fn run(command: Chain) -> anyhow::Result<()> {
             let cap: U256 = credits
                 .parse()
                 .context("--credits must be a whole number of credits")?;
-            let hash = market.connect().await?.set_daily_cap(cap).await?;
-            print_json(&json!({ "daily_cap": cap.to_string(), "tx": tx(hash) }));
+            let market = market.connect().await?;
+            let hash = market.set_daily_cap(cap).await?;
+            let me = market.sender().context("no wallet")?;
+            let in_force = market.daily_cap_of(me).await?;
+            let (pending, effective_at) = market.pending_daily_cap_of(me).await?;
+            // A raise is in force at once; a lower cap only after CAP_DELAY (two days).
+            print_json(&json!({
+                "daily_cap": cap.to_string(),
+                "in_force": in_force.to_string(),
+                "pending": (!effective_at.is_zero()).then(|| json!({
+                    "daily_cap": pending.to_string(),
+                    "effective_at": effective_at.to_string(),
+                })),
+                "tx": tx(hash),
+            }));
             Ok(())
         }
         Chain::RefundRequest { credits, market } => {

@@ -370,25 +370,51 @@ pub async fn debit_once(store: Store) {
 /// A daily cap followed from the chain bounds what reservations take per UTC day, counted in
 /// the same atomic step as the debit, whatever the races; released credits still count.
 pub async fn daily_cap(store: Store) {
-    let owner = store.create_account(new_account("cap-owner", 0)).await.unwrap();
-    let model = store.create_model(new_model(&owner.account_id, 3)).await.unwrap();
-    let a = store.create_account(new_account("capped", 100)).await.unwrap();
+    let owner = store
+        .create_account(new_account("cap-owner", 0))
+        .await
+        .unwrap();
+    let model = store
+        .create_model(new_model(&owner.account_id, 3))
+        .await
+        .unwrap();
+    let a = store
+        .create_account(new_account("capped", 100))
+        .await
+        .unwrap();
     let day = crate::model::utc_day(id::unix_now());
     // Uncapped accounts are counted too, so a cap that arrives mid-day knows the day.
-    let first = store.reserve(&a.account_id, &model.model_id, None).await.unwrap();
+    let first = store
+        .reserve(&a.account_id, &model.model_id, None)
+        .await
+        .unwrap();
     let receipt = store.commit(&first.reservation_id).await.unwrap();
     assert_eq!(receipt.charged_at, first.created_at);
-    assert_eq!(receipt.charge_day(), crate::model::utc_day(first.created_at));
     assert_eq!(
-        store.get_account(&a.account_id).await.unwrap().charged_on(day),
+        receipt.charge_day(),
+        crate::model::utc_day(first.created_at)
+    );
+    assert_eq!(
+        store
+            .get_account(&a.account_id)
+            .await
+            .unwrap()
+            .charged_on(day),
         3
     );
     let capped = store.set_daily_cap(&a.account_id, Some(7)).await.unwrap();
     assert_eq!(capped.daily_cap, Some(7));
-    let second = store.reserve(&a.account_id, &model.model_id, None).await.unwrap();
+    let second = store
+        .reserve(&a.account_id, &model.model_id, None)
+        .await
+        .unwrap();
     let refused = store.reserve(&a.account_id, &model.model_id, None).await;
     match refused {
-        Err(RegistryError::OverDailyCap { cap, charged, price }) => {
+        Err(RegistryError::OverDailyCap {
+            cap,
+            charged,
+            price,
+        }) => {
             assert_eq!((cap, charged, price), (7, 6, 3));
         }
         other => panic!("expected OverDailyCap, got {other:?}"),
@@ -403,32 +429,57 @@ pub async fn daily_cap(store: Store) {
     assert_eq!((account.credits, account.charged_on(day)), (97, 6));
     // A raise lets the next charge through; no cap, no limit.
     store.set_daily_cap(&a.account_id, Some(9)).await.unwrap();
-    store.reserve(&a.account_id, &model.model_id, None).await.unwrap();
+    store
+        .reserve(&a.account_id, &model.model_id, None)
+        .await
+        .unwrap();
     assert_eq!(
         code(store.reserve(&a.account_id, &model.model_id, None).await),
         ErrorCode::PaymentRequired
     );
     let uncapped = store.set_daily_cap(&a.account_id, None).await.unwrap();
     assert_eq!(uncapped.daily_cap, None);
-    store.reserve(&a.account_id, &model.model_id, None).await.unwrap();
+    store
+        .reserve(&a.account_id, &model.model_id, None)
+        .await
+        .unwrap();
     let account = store.get_account(&a.account_id).await.unwrap();
     assert_eq!((account.credits, account.charged_on(day)), (91, 12));
     // Short of credits is still told apart from the cap.
-    let poor = store.create_account(new_account("capped-poor", 2)).await.unwrap();
-    store.set_daily_cap(&poor.account_id, Some(50)).await.unwrap();
+    let poor = store
+        .create_account(new_account("capped-poor", 2))
+        .await
+        .unwrap();
+    store
+        .set_daily_cap(&poor.account_id, Some(50))
+        .await
+        .unwrap();
     assert!(matches!(
         store.reserve(&poor.account_id, &model.model_id, None).await,
-        Err(RegistryError::PaymentRequired { balance: 2, price: 3 })
+        Err(RegistryError::PaymentRequired {
+            balance: 2,
+            price: 3
+        })
     ));
     assert_eq!(
         code(store.set_daily_cap("acct_missing", Some(1)).await),
         ErrorCode::NotFound
     );
     // Racing reservations under a cap of 10 at price 3: exactly three get through.
-    let racer = store.create_account(new_account("cap-racer", 100)).await.unwrap();
-    store.set_daily_cap(&racer.account_id, Some(10)).await.unwrap();
+    let racer = store
+        .create_account(new_account("cap-racer", 100))
+        .await
+        .unwrap();
+    store
+        .set_daily_cap(&racer.account_id, Some(10))
+        .await
+        .unwrap();
     let racing = (0..12).map(|_| {
-        let (store, account, model) = (store.clone(), racer.account_id.clone(), model.model_id.clone());
+        let (store, account, model) = (
+            store.clone(),
+            racer.account_id.clone(),
+            model.model_id.clone(),
+        );
         tokio::spawn(async move { store.reserve(&account, &model, None).await })
     });
     let mut ok = 0;
@@ -436,7 +487,10 @@ pub async fn daily_cap(store: Store) {
         match r.unwrap() {
             Ok(_) => ok += 1,
             Err(e) => assert!(
-                matches!(e, RegistryError::OverDailyCap { .. } | RegistryError::Unavailable { .. }),
+                matches!(
+                    e,
+                    RegistryError::OverDailyCap { .. } | RegistryError::Unavailable { .. }
+                ),
                 "{e:?}"
             ),
         }

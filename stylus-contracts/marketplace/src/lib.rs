@@ -11,10 +11,15 @@
 //!   equal `calls` times the model's price, or its previous price within `PRICE_WINDOW` of a
 //!   change (prices change at most once per window), so a raise never applies retroactively.
 //! - A bad record is skipped with `UsageRejected(reason)`; it never blocks the rest of its batch.
+//! - A record names the UTC day (`day`, unix seconds / 86400) on which the off-chain ledger
+//!   charged it, and settles only on that day or the next (else `StaleDay`).
 //! - Operators can't settle usage of models they own, are bounded by each user's daily cap, are
 //!   named by the admin and must accept after `OPERATOR_DELAY`; the admin hands over in two
 //!   steps after `ADMIN_DELAY`; the admin can pause settlement and purchases (never withdrawals
 //!   or refunds).
+//! - The daily cap counts what settled under each record's own day label (not the day of
+//!   settlement), and a lower cap takes effect only after `CAP_DELAY`, so usage charged under
+//!   the old cap still settles: a user can't void their own usage by lowering the cap.
 //! - A model's key is `keccak256(abi.encode(owner, localId))`: nobody can take another's id.
 //! - Batches are keyed by `(operator, batchId)` and remember the hash of their records.
 //!
@@ -44,14 +49,15 @@ sol! {
     #![sol(all_derives)]
 
     /// One line of a settlement batch: `calls` calls by `user` to the model keyed `modelId`,
-    /// for which the off-chain ledger charged `credits`, covered by the off-chain receipts
-    /// whose hash is `receiptBatchHash`.
+    /// for which the off-chain ledger charged `credits` on the UTC day `day` (unix seconds /
+    /// 86400), covered by the off-chain receipts whose hash is `receiptBatchHash`.
     #[derive(AbiType)]
     struct UsageRecord {
         address user;
         bytes32 modelId;
         uint64 calls;
         uint256 credits;
+        uint64 day;
         bytes32 receiptBatchHash;
     }
 
@@ -69,7 +75,7 @@ sol! {
     event AdminProposed(address indexed newAdmin, uint256 notBefore);
     event AdminChanged(address indexed previousAdmin, address indexed newAdmin);
     event PauseSet(bool paused);
-    event DailyCapSet(address indexed user, uint256 cap);
+    event DailyCapSet(address indexed user, uint256 cap, uint256 effectiveAt);
     event RefundRequested(address indexed user, uint256 credits, uint256 notBefore);
     event Refunded(address indexed user, uint256 credits, uint256 amountWei);
 
@@ -105,10 +111,13 @@ pub enum Rejection {
     PriceMismatch = 4,
     /// The user holds fewer credits than the record charges.
     InsufficientCredits = 5,
-    /// The record would take the user past their daily cap.
+    /// The record would take what settled from the user under its day label past the cap in
+    /// force.
     OverDailyCap = 6,
     /// The owner's earnings or the batch total would overflow.
     Overflow = 7,
+    /// The record's `day` is neither today nor yesterday (a future day included).
+    StaleDay = 8,
 }
 
 /// How long after a price change the previous price is still accepted; also the least time
@@ -120,8 +129,12 @@ pub const OPERATOR_DELAY: u64 = 86_400;
 pub const ADMIN_DELAY: u64 = 2 * 86_400;
 /// How long after a refund request it can be claimed: covers usage not yet settled.
 pub const REFUND_DELAY: u64 = 2 * 86_400;
-/// The length of the day a daily cap counts over.
+/// The length of the day a daily cap counts over, and of a record's day label.
 pub const DAY: u64 = 86_400;
+/// How long after a user lowers (or first sets) their daily cap it takes effect: covers the
+/// longest time usage may wait for settlement (a record settles on its day or the next), so
+/// usage charged under the old cap still settles.
+pub const CAP_DELAY: u64 = 2 * 86_400;
 
 /// Every way a Marketplace call can revert; each is a Solidity custom error.
 #[derive(SolidityError, Debug, Clone, PartialEq)]
@@ -206,12 +219,61 @@ pub struct Model {
 pub struct Account {
     credits: StorageU256,
     earnings: StorageU256,
+    /// Whether `daily_cap` holds a cap (else none: `type(uint256).max`).
     cap_set: StorageBool,
     daily_cap: StorageU256,
-    spent_day: StorageU256,
-    spent: StorageU256,
+    /// A lowered cap and when it takes effect (0: none). Once that time has come it is the cap
+    /// in force, even before a later `setDailyCap` moves it into `daily_cap`.
+    pending_cap: StorageU256,
+    pending_cap_at: StorageU256,
+    /// Credits settled from this user under a day label, in two slots (`day % 2`), each tagged
+    /// with its day; a slot tagged with another day counts as 0.
+    spent_day_even: StorageU256,
+    spent_even: StorageU256,
+    spent_day_odd: StorageU256,
+    spent_odd: StorageU256,
     refund_credits: StorageU256,
     refund_not_before: StorageU256,
+}
+
+impl Account {
+    /// The cap in force at `now`: a pending cap whose time has come, else the set cap, else
+    /// `U256::MAX`.
+    fn cap_in_force(&self, now: U256) -> U256 {
+        let at = self.pending_cap_at.get();
+        if !at.is_zero() && now >= at {
+            self.pending_cap.get()
+        } else if self.cap_set.get() {
+            self.daily_cap.get()
+        } else {
+            U256::MAX
+        }
+    }
+
+    /// The credits settled under the day label `day` (0 when its slot holds another day).
+    fn spent_on(&self, day: u64) -> U256 {
+        let (tag, spent) = if day.is_multiple_of(2) {
+            (&self.spent_day_even, &self.spent_even)
+        } else {
+            (&self.spent_day_odd, &self.spent_odd)
+        };
+        if tag.get() == U256::from(day) {
+            spent.get()
+        } else {
+            U256::ZERO
+        }
+    }
+
+    /// Records `spent` as the credits settled under `day`, in its slot.
+    fn set_spent(&mut self, day: u64, spent: U256) {
+        if day.is_multiple_of(2) {
+            self.spent_day_even.set(U256::from(day));
+            self.spent_even.set(spent);
+        } else {
+            self.spent_day_odd.set(U256::from(day));
+            self.spent_odd.set(spent);
+        }
+    }
 }
 
 /// The contract's storage.
@@ -281,15 +343,16 @@ impl Marketplace {
         self.keccak(&buf)
     }
 
-    /// `keccak256(abi.encode(previous, user, modelId, calls, credits, receiptBatchHash))`.
+    /// `keccak256(abi.encode(previous, user, modelId, calls, credits, day, receiptBatchHash))`.
     fn chain_hash(&self, previous: FixedBytes<32>, record: &UsageRecord) -> FixedBytes<32> {
-        let mut buf = [0u8; 192];
+        let mut buf = [0u8; 224];
         buf[..32].copy_from_slice(previous.as_slice());
         buf[32..64].copy_from_slice(&address_word(record.user));
         buf[64..96].copy_from_slice(record.modelId.as_slice());
         buf[96..128].copy_from_slice(&U256::from(record.calls).to_be_bytes::<32>());
         buf[128..160].copy_from_slice(&record.credits.to_be_bytes::<32>());
-        buf[160..].copy_from_slice(record.receiptBatchHash.as_slice());
+        buf[160..192].copy_from_slice(&U256::from(record.day).to_be_bytes::<32>());
+        buf[192..].copy_from_slice(record.receiptBatchHash.as_slice());
         self.keccak(&buf)
     }
 
@@ -306,9 +369,14 @@ impl Marketplace {
         if owner == operator {
             return Some(Rejection::OperatorOwnsModel);
         }
+        let now = self.now();
+        let today = now / U256::from(DAY);
+        let day = U256::from(record.day);
+        if day != today && day + U256::from(1) != today {
+            return Some(Rejection::StaleDay);
+        }
         let calls = U256::from(record.calls);
         let changed_at = model.price_changed_at.get();
-        let now = self.now();
         let priced = record.calls != 0
             && (is_product(model.price_per_call.get(), calls, record.credits)
                 || (!changed_at.is_zero()
@@ -321,17 +389,11 @@ impl Marketplace {
         if user.credits.get() < record.credits {
             return Some(Rejection::InsufficientCredits);
         }
-        if user.cap_set.get() {
-            let today = now / U256::from(DAY);
-            let spent = if user.spent_day.get() == today {
-                user.spent.get()
-            } else {
-                U256::ZERO
-            };
-            match spent.checked_add(record.credits) {
-                Some(s) if s <= user.daily_cap.get() => {}
-                _ => return Some(Rejection::OverDailyCap),
-            }
+        // Over the cap in force now, counting what settled under the record's day label; a
+        // sum past 2^256 is over any cap (with no cap, the cap is `U256::MAX`).
+        match user.spent_on(record.day).checked_add(record.credits) {
+            Some(s) if s <= user.cap_in_force(now) => {}
+            _ => return Some(Rejection::OverDailyCap),
         }
         let earnings = self.accounts.get(owner).earnings.get();
         if earnings.checked_add(record.credits).is_none()
@@ -529,15 +591,28 @@ impl Marketplace {
         Ok(self.accounts.get(owner).earnings.get())
     }
 
-    /// The most credits operators may settle from `user` per day (`type(uint256).max` when
-    /// the user set no cap).
+    /// The cap in force now: the most credits operators may settle from `user` under one day
+    /// label (`type(uint256).max` when the user set no cap, or none has taken effect yet).
     pub fn daily_cap_of(&self, user: Address) -> Result<U256> {
+        Ok(self.accounts.get(user).cap_in_force(self.now()))
+    }
+
+    /// A lowered cap of `user` not in force yet: (cap, effectiveAt); (0, 0) when there is none
+    /// or it has taken effect.
+    pub fn pending_daily_cap_of(&self, user: Address) -> Result<(U256, U256)> {
         let account = self.accounts.get(user);
-        Ok(if account.cap_set.get() {
-            account.daily_cap.get()
+        let at = account.pending_cap_at.get();
+        Ok(if at.is_zero() || self.now() >= at {
+            (U256::ZERO, U256::ZERO)
         } else {
-            U256::MAX
+            (account.pending_cap.get(), at)
         })
+    }
+
+    /// The credits settled from `user` under the day label `day` (0 when no slot holds that
+    /// day: only the two latest labels are kept).
+    pub fn spent_of(&self, user: Address, day: u64) -> Result<U256> {
+        Ok(self.accounts.get(user).spent_on(day))
     }
 
     /// A user's refund request: (credits, notBefore); (0, 0) when none.
@@ -583,8 +658,8 @@ impl Marketplace {
     }
 
     /// The hash of the records of the batch `batch_id` that `operator` settled (zero when it
-    /// did not): `h = keccak256(abi.encode(h, user, modelId, calls, credits, receiptBatchHash))`
-    /// over the records in order, from zero.
+    /// did not): `h = keccak256(abi.encode(h, user, modelId, calls, credits, day,
+    /// receiptBatchHash))` over the records in order, from zero.
     pub fn batch_records_hash(
         &self,
         operator: Address,
@@ -620,7 +695,6 @@ impl Marketplace {
         }
 
         // Nothing below fails: every record either settles or is skipped.
-        let today = self.now() / U256::from(DAY);
         let mut total = U256::ZERO;
         let mut settled = 0u64;
         let mut hash = FixedBytes::<32>::ZERO;
@@ -642,15 +716,10 @@ impl Marketplace {
                 let mut user = self.accounts.setter(record.user);
                 let credits = user.credits.get();
                 user.credits.set(credits - record.credits);
-                if user.cap_set.get() {
-                    let spent = if user.spent_day.get() == today {
-                        user.spent.get()
-                    } else {
-                        U256::ZERO
-                    };
-                    user.spent.set(spent + record.credits);
-                    user.spent_day.set(today);
-                }
+                // Counted whether or not a cap is set, so a cap taking effect mid-day counts
+                // the day's earlier usage.
+                let spent = user.spent_on(record.day);
+                user.set_spent(record.day, spent + record.credits);
             }
             let owner = self.models.get(record.modelId).owner.get();
             let mut owner = self.accounts.setter(owner);
@@ -706,14 +775,49 @@ impl Marketplace {
         Ok(amount)
     }
 
-    /// Sets the most credits operators may settle from the caller per day (a UTC day of the
-    /// block timestamp); without a call there is no cap.
+    /// Sets the most credits operators may settle from the caller under one day label; without
+    /// a call there is no cap. A cap at least the one in force takes effect at once (and drops
+    /// a pending one); a lower one (a first cap included) becomes the pending cap, in force
+    /// from `now + CAP_DELAY` (replacing an earlier pending one), so usage charged under the
+    /// old cap still settles. Logs `DailyCapSet(user, cap, effectiveAt)`.
     pub fn set_daily_cap(&mut self, cap: U256) -> Result<()> {
         let user = self.vm().msg_sender();
+        let now = self.now();
+        let (current, matured, matured_cap) = {
+            let account = self.accounts.get(user);
+            let pending_at = account.pending_cap_at.get();
+            (
+                account.cap_in_force(now),
+                !pending_at.is_zero() && now >= pending_at,
+                account.pending_cap.get(),
+            )
+        };
+        let effective_at = if cap >= current {
+            now
+        } else {
+            now.checked_add(U256::from(CAP_DELAY))
+                .ok_or_else(overflow)?
+        };
         let mut account = self.accounts.setter(user);
-        account.cap_set.set(true);
-        account.daily_cap.set(cap);
-        self.vm().log(DailyCapSet { user, cap });
+        if cap >= current {
+            account.cap_set.set(true);
+            account.daily_cap.set(cap);
+            account.pending_cap.set(U256::ZERO);
+            account.pending_cap_at.set(U256::ZERO);
+        } else {
+            if matured {
+                // The pending cap in force becomes the set one before it is replaced.
+                account.cap_set.set(true);
+                account.daily_cap.set(matured_cap);
+            }
+            account.pending_cap.set(cap);
+            account.pending_cap_at.set(effective_at);
+        }
+        self.vm().log(DailyCapSet {
+            user,
+            cap,
+            effectiveAt: effective_at,
+        });
         Ok(())
     }
 

@@ -1,10 +1,12 @@
 //! TestVM tests: every function, access rule and error of the Marketplace; settlement that
 //! debits exactly what was charged off chain, record by record, and skips bad records without
-//! blocking the others; bounded operators (own models, daily caps, delayed two-step roles,
-//! pause); model keys bound to their owner; refunds after their lock; atomicity of failed
-//! calls; and the hand-kept event list.
+//! blocking the others; bounded operators (own models, daily caps counted per day label and
+//! lowered only after a delay, delayed two-step roles, pause); day labels; model keys bound to
+//! their owner; refunds after their lock; atomicity of failed calls; and the hand-kept event
+//! list.
 
 use alloc::vec;
+use core::cell::Cell;
 
 use alloy_primitives::{address, keccak256, B256};
 use alloy_sol_types::{SolError, SolEvent, SolValue};
@@ -25,8 +27,19 @@ const STRANGER: Address = address!("0000000000000000000000000000000000000bad");
 
 /// Price of a credit in the default deployment.
 const RATE: u64 = 1_000;
-/// The block time the tests start at.
+/// The block time the tests start at (22:13 UTC).
 const T0: u64 = 1_700_000_000;
+
+std::thread_local! {
+    /// The UTC day of the block time the test's `Env` is at (each test runs on its own
+    /// thread): the day label [`rec`] gives its records.
+    static TODAY: Cell<u64> = const { Cell::new(T0 / DAY) };
+}
+
+/// The UTC day of the block time the current test's `Env` is at.
+fn today() -> u64 {
+    TODAY.with(Cell::get)
+}
 
 fn id(n: u8) -> FixedBytes<32> {
     FixedBytes::repeat_byte(n)
@@ -57,6 +70,7 @@ impl Env {
     fn deployed(rate: U256, operator: Address) -> Env {
         let vm = TestVM::default();
         vm.set_block_timestamp(T0);
+        TODAY.with(|d| d.set(T0 / DAY));
         let mut c = Marketplace::from(&vm);
         vm.set_sender(DEPLOYER);
         c.constructor(ADMIN, rate, operator).unwrap();
@@ -78,6 +92,7 @@ impl Env {
 
     fn at(&mut self, t: u64) -> &mut Self {
         self.vm.set_block_timestamp(t);
+        TODAY.with(|d| d.set(t / DAY));
         self
     }
 
@@ -117,13 +132,20 @@ impl Env {
     }
 }
 
-/// `calls` calls by `user` to `model`, charged `credits` off chain.
+/// `calls` calls by `user` to `model`, charged `credits` off chain today (the day of the
+/// block time the test is at).
 fn rec(user: Address, model: FixedBytes<32>, calls: u64, credits: u64) -> UsageRecord {
+    rec_on(user, model, calls, credits, today())
+}
+
+/// `calls` calls by `user` to `model`, charged `credits` off chain on the UTC day `day`.
+fn rec_on(user: Address, model: FixedBytes<32>, calls: u64, credits: u64, day: u64) -> UsageRecord {
     UsageRecord {
         user,
         modelId: model,
         calls,
         credits: u(credits),
+        day,
         receiptBatchHash: keccak256(model),
     }
 }
@@ -172,6 +194,7 @@ fn records_hash(records: &[UsageRecord]) -> B256 {
                 r.modelId,
                 U256::from(r.calls),
                 r.credits,
+                U256::from(r.day),
                 r.receiptBatchHash,
             )
                 .abi_encode(),
@@ -606,6 +629,7 @@ fn bad_records_are_skipped_with_their_reason_and_never_block_the_batch() {
         (rec(ALICE, good, 0, 0), Rejection::PriceMismatch),
         (rec(ALICE, huge, u64::MAX, 1), Rejection::PriceMismatch),
         (rec(BOB, good, 2, 4), Rejection::InsufficientCredits),
+        (rec_on(ALICE, good, 1, 2, today() - 2), Rejection::StaleDay),
     ];
     for (i, (r, _)) in bad.iter().enumerate() {
         records.insert(i * 2 + 1, r.clone());
@@ -626,7 +650,7 @@ fn bad_records_are_skipped_with_their_reason_and_never_block_the_batch() {
     assert_eq!(rejected[6].user, BOB);
     assert_eq!(only::<UsageSettled>(&logs).len(), 10);
     let batch = one::<BatchSettled>(&logs[logs.len() - 1..]);
-    assert_eq!((batch.settled, batch.rejected), (u(10), u(7)));
+    assert_eq!((batch.settled, batch.rejected), (u(10), u(8)));
     assert_eq!(batch.totalCredits, u(20));
     assert_eq!(batch.recordsHash, records_hash(&records));
     // A batch of bad records only still settles (nothing), so it can't be replayed.
@@ -663,22 +687,24 @@ fn a_user_overspending_across_records_of_one_batch_is_caught_record_by_record() 
     );
 }
 
+/// `user` sets `cap` (a lowering: pending until `CAP_DELAY` has passed), then the test waits
+/// for it; returns the time it took effect.
+fn cap_in_force_from(env: &mut Env, user: Address, cap: u64, at: u64) -> u64 {
+    env.at(at).as_(user).c.set_daily_cap(u(cap)).unwrap();
+    env.at(at + CAP_DELAY);
+    assert_eq!(env.c.daily_cap_of(user).unwrap(), u(cap));
+    env.take_logs();
+    at + CAP_DELAY
+}
+
 #[test]
 fn daily_caps_bound_what_operators_take_from_a_user() {
     let mut env = Env::new();
     let m = env.register(1, CREATOR, 1);
     env.buy(ALICE, 100);
     assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), U256::MAX);
-    env.take_logs();
-    env.as_(ALICE).c.set_daily_cap(u(5)).unwrap();
-    assert_eq!(
-        one::<DailyCapSet>(&env.take_logs()),
-        DailyCapSet {
-            user: ALICE,
-            cap: u(5)
-        }
-    );
-    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(5));
+    let t = cap_in_force_from(&mut env, ALICE, 5, T0);
+    let day = t / DAY;
     env.settle(1, vec![rec(ALICE, m, 3, 3), rec(ALICE, m, 3, 3)])
         .unwrap();
     assert_eq!(env.credits(ALICE), u(97));
@@ -688,15 +714,307 @@ fn daily_caps_bound_what_operators_take_from_a_user() {
     );
     env.settle(2, vec![rec(ALICE, m, 2, 2)]).unwrap();
     assert_eq!(env.credits(ALICE), u(95));
-    // A new day, a new allowance.
-    env.at(T0 + DAY);
+    assert_eq!(env.c.spent_of(ALICE, day).unwrap(), u(5));
+    // A new day, a new allowance; the old label keeps its count (two labels are kept).
+    env.at((day + 1) * DAY + 10);
     env.settle(3, vec![rec(ALICE, m, 3, 3)]).unwrap();
     assert_eq!(env.credits(ALICE), u(92));
-    // Cap 0: nothing can be taken.
-    env.as_(ALICE).c.set_daily_cap(U256::ZERO).unwrap();
-    env.at(T0 + 2 * DAY);
+    assert_eq!(env.c.spent_of(ALICE, day + 1).unwrap(), u(3));
+    assert_eq!(env.c.spent_of(ALICE, day).unwrap(), u(5));
+    // Labels no slot holds count 0: the day before yesterday, tomorrow.
+    assert_eq!(env.c.spent_of(ALICE, day - 1).unwrap(), U256::ZERO);
+    assert_eq!(env.c.spent_of(ALICE, day + 2).unwrap(), U256::ZERO);
+    // Cap 0, once in force: nothing can be taken.
+    cap_in_force_from(&mut env, ALICE, 0, (day + 1) * DAY + 20);
     env.settle(4, vec![rec(ALICE, m, 1, 1)]).unwrap();
     assert_eq!(env.credits(ALICE), u(92));
+    assert_eq!(
+        one::<UsageRejected>(&env.take_logs()[..1]).reason,
+        Rejection::OverDailyCap as u8
+    );
+}
+
+#[test]
+fn a_first_cap_and_a_lowered_cap_take_effect_only_after_the_delay() {
+    let mut env = Env::new();
+    let m = env.register(1, CREATOR, 1);
+    env.buy(ALICE, 100);
+    assert_eq!(
+        env.c.pending_daily_cap_of(ALICE).unwrap(),
+        (U256::ZERO, U256::ZERO)
+    );
+    env.take_logs();
+    // A first cap is a lowering (from none): pending until T0 + CAP_DELAY.
+    env.as_(ALICE).c.set_daily_cap(u(5)).unwrap();
+    let ready = T0 + CAP_DELAY;
+    assert_eq!(
+        one::<DailyCapSet>(&env.take_logs()),
+        DailyCapSet {
+            user: ALICE,
+            cap: u(5),
+            effectiveAt: u(ready)
+        }
+    );
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), U256::MAX);
+    assert_eq!(env.c.pending_daily_cap_of(ALICE).unwrap(), (u(5), u(ready)));
+    env.settle(1, vec![rec(ALICE, m, 9, 9)]).unwrap();
+    assert_eq!(env.credits(ALICE), u(91));
+    env.at(ready - 1);
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), U256::MAX);
+    assert_eq!(env.c.pending_daily_cap_of(ALICE).unwrap(), (u(5), u(ready)));
+    // In force from `ready` on: no longer pending.
+    env.at(ready);
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(5));
+    assert_eq!(
+        env.c.pending_daily_cap_of(ALICE).unwrap(),
+        (U256::ZERO, U256::ZERO)
+    );
+    env.take_logs();
+    env.settle(2, vec![rec(ALICE, m, 6, 6)]).unwrap();
+    assert_eq!(
+        one::<UsageRejected>(&env.take_logs()[..1]).reason,
+        Rejection::OverDailyCap as u8
+    );
+    // Lowering again: the cap in force (5, still only pending in storage) stays until the new
+    // one's time has come, and a later lowering replaces an earlier pending one.
+    let t1 = ready + 100;
+    env.at(t1).as_(ALICE).c.set_daily_cap(u(3)).unwrap();
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(5));
+    assert_eq!(
+        env.c.pending_daily_cap_of(ALICE).unwrap(),
+        (u(3), u(t1 + CAP_DELAY))
+    );
+    let t2 = t1 + 50;
+    env.at(t2).as_(ALICE).c.set_daily_cap(u(2)).unwrap();
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(5));
+    assert_eq!(
+        env.c.pending_daily_cap_of(ALICE).unwrap(),
+        (u(2), u(t2 + CAP_DELAY))
+    );
+    env.at(t1 + CAP_DELAY);
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(5));
+    env.at(t2 + CAP_DELAY);
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(2));
+}
+
+#[test]
+fn a_raise_is_immediate_and_drops_a_pending_lowering() {
+    let mut env = Env::new();
+    let m = env.register(1, CREATOR, 1);
+    env.buy(ALICE, 100);
+    let t = cap_in_force_from(&mut env, ALICE, 5, T0);
+    // Lower to 1 (pending), then raise to 8: at once, and the lowering is gone.
+    env.as_(ALICE).c.set_daily_cap(u(1)).unwrap();
+    assert_eq!(
+        env.c.pending_daily_cap_of(ALICE).unwrap(),
+        (u(1), u(t + CAP_DELAY))
+    );
+    env.take_logs();
+    env.at(t + 10).as_(ALICE).c.set_daily_cap(u(8)).unwrap();
+    assert_eq!(
+        one::<DailyCapSet>(&env.take_logs()),
+        DailyCapSet {
+            user: ALICE,
+            cap: u(8),
+            effectiveAt: u(t + 10)
+        }
+    );
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(8));
+    assert_eq!(
+        env.c.pending_daily_cap_of(ALICE).unwrap(),
+        (U256::ZERO, U256::ZERO)
+    );
+    env.settle(1, vec![rec(ALICE, m, 8, 8)]).unwrap();
+    assert_eq!(env.credits(ALICE), u(92));
+    env.at(t + CAP_DELAY + 10);
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(8));
+    // Setting the cap in force again also drops a pending lowering.
+    env.as_(ALICE).c.set_daily_cap(u(2)).unwrap();
+    env.as_(ALICE).c.set_daily_cap(u(8)).unwrap();
+    assert_eq!(
+        env.c.pending_daily_cap_of(ALICE).unwrap(),
+        (U256::ZERO, U256::ZERO)
+    );
+    // A raise from a pending cap already in force: the raise wins at once.
+    let t3 = t + CAP_DELAY + 20;
+    env.at(t3).as_(ALICE).c.set_daily_cap(u(4)).unwrap();
+    env.at(t3 + CAP_DELAY);
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(4));
+    env.as_(ALICE).c.set_daily_cap(u(6)).unwrap();
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(6));
+    // ...and a lowering from it keeps it in force until its own delay.
+    env.as_(ALICE).c.set_daily_cap(u(4)).unwrap();
+    env.at(t3 + 2 * CAP_DELAY - 1);
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(6));
+    env.as_(ALICE).c.set_daily_cap(U256::MAX).unwrap();
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), U256::MAX);
+}
+
+/// A pending lowering whose time has come is the cap in force: lowering again keeps it (not
+/// the cap set before it) until the new one takes effect.
+#[test]
+fn a_lowering_after_a_pending_cap_took_effect_keeps_that_cap_meanwhile() {
+    let mut env = Env::new();
+    env.as_(ALICE).c.set_daily_cap(u(5)).unwrap();
+    let t = T0 + CAP_DELAY + 1;
+    env.at(t).as_(ALICE).c.set_daily_cap(u(3)).unwrap();
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(5));
+    assert_eq!(
+        env.c.pending_daily_cap_of(ALICE).unwrap(),
+        (u(3), u(t + CAP_DELAY))
+    );
+    env.at(t + CAP_DELAY);
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), u(3));
+}
+
+#[test]
+fn records_count_against_their_own_day_label_and_stale_days_are_rejected() {
+    let mut env = Env::new();
+    let m = env.register(1, CREATOR, 1);
+    let own = env.register(3, OPERATOR, 1);
+    env.buy(ALICE, 100);
+    let t = cap_in_force_from(&mut env, ALICE, 5, T0);
+    let day = t / DAY;
+    // Yesterday's usage counts against yesterday's label, not today's.
+    env.settle(1, vec![rec_on(ALICE, m, 4, 4, day - 1)])
+        .unwrap();
+    assert_eq!(env.c.spent_of(ALICE, day - 1).unwrap(), u(4));
+    assert_eq!(env.c.spent_of(ALICE, day).unwrap(), U256::ZERO);
+    env.take_logs();
+    env.settle(
+        2,
+        vec![
+            rec_on(ALICE, m, 5, 5, day),
+            rec_on(ALICE, m, 2, 2, day - 1),
+            rec_on(ALICE, m, 1, 1, day - 1),
+        ],
+    )
+    .unwrap();
+    let logs = env.take_logs();
+    assert_eq!(only::<UsageSettled>(&logs).len(), 2);
+    assert_eq!(
+        one::<UsageRejected>(&logs[1..2]).reason,
+        Rejection::OverDailyCap as u8
+    );
+    assert_eq!(env.c.spent_of(ALICE, day).unwrap(), u(5));
+    assert_eq!(env.c.spent_of(ALICE, day - 1).unwrap(), u(5));
+    assert_eq!(env.credits(ALICE), u(90));
+    // Neither the day before yesterday nor a future day settles; the check comes after the
+    // owner check and before the price check.
+    let stale = [
+        (rec_on(ALICE, m, 1, 1, day - 2), Rejection::StaleDay),
+        (rec_on(ALICE, m, 1, 1, day + 1), Rejection::StaleDay),
+        (rec_on(ALICE, m, 1, 7, day + 1), Rejection::StaleDay),
+        (rec_on(ALICE, m, 1, 1, 0), Rejection::StaleDay),
+        (rec_on(ALICE, m, 1, 1, u64::MAX), Rejection::StaleDay),
+        (
+            rec_on(ALICE, own, 1, 1, day - 2),
+            Rejection::OperatorOwnsModel,
+        ),
+        (rec_on(ALICE, id(9), 1, 1, day + 1), Rejection::UnknownModel),
+    ];
+    env.settle(3, stale.iter().map(|(r, _)| r.clone()).collect())
+        .unwrap();
+    let rejected: Vec<UsageRejected> = only(&env.take_logs());
+    assert_eq!(
+        rejected.iter().map(|r| r.reason).collect::<Vec<_>>(),
+        stale.iter().map(|(_, why)| *why as u8).collect::<Vec<_>>()
+    );
+    assert_eq!(env.credits(ALICE), u(90));
+    // The next day: a new label with a new allowance, while `day` (now yesterday) is still
+    // full; `day - 1` (now stale) gave its slot to `day + 1`.
+    env.at((day + 1) * DAY);
+    env.settle(4, vec![rec_on(ALICE, m, 5, 5, day + 1)])
+        .unwrap();
+    env.take_logs();
+    env.settle(5, vec![rec_on(ALICE, m, 1, 1, day)]).unwrap();
+    assert_eq!(
+        one::<UsageRejected>(&env.take_logs()[..1]).reason,
+        Rejection::OverDailyCap as u8
+    );
+    assert_eq!(env.c.spent_of(ALICE, day + 1).unwrap(), u(5));
+    assert_eq!(env.c.spent_of(ALICE, day).unwrap(), u(5));
+    assert_eq!(env.c.spent_of(ALICE, day - 1).unwrap(), U256::ZERO);
+    assert_eq!(env.credits(ALICE), u(85));
+}
+
+/// What settles is counted whether or not a cap is set, so a cap taking effect mid-day counts
+/// the day's earlier usage.
+#[test]
+fn spending_is_counted_without_a_cap_so_a_cap_taking_effect_mid_day_counts_it() {
+    let mut env = Env::new();
+    let m = env.register(1, CREATOR, 1);
+    env.buy(BOB, 100);
+    let day = T0 / DAY + 1;
+    let set_at = day * DAY + 100;
+    env.at(set_at).as_(BOB).c.set_daily_cap(u(8)).unwrap();
+    let ready = set_at + CAP_DELAY;
+    env.at(ready - 1);
+    env.settle(1, vec![rec(BOB, m, 7, 7)]).unwrap();
+    assert_eq!(env.c.spent_of(BOB, day + 2).unwrap(), u(7));
+    env.at(ready);
+    env.take_logs();
+    env.settle(2, vec![rec(BOB, m, 2, 2), rec(BOB, m, 1, 1)])
+        .unwrap();
+    let logs = env.take_logs();
+    assert_eq!(
+        one::<UsageRejected>(&logs[..1]).reason,
+        Rejection::OverDailyCap as u8
+    );
+    assert_eq!(only::<UsageSettled>(&logs).len(), 1);
+    assert_eq!(env.c.spent_of(BOB, day + 2).unwrap(), u(8));
+}
+
+/// The hole this fixes: a user uses the service, lowers the cap to 0 before the usage settles,
+/// and hopes for the records to be rejected and the credits refunded. The lowering waits
+/// `CAP_DELAY`, longer than usage may wait for settlement, so the records still settle, and
+/// usage charged at 23:59 and settled at 00:01 counts against the day it was charged.
+#[test]
+fn lowering_the_cap_to_zero_cannot_void_usage_already_charged() {
+    let mut env = Env::new();
+    let m = env.register(1, CREATOR, 1);
+    env.buy(ALICE, 100);
+    let t = cap_in_force_from(&mut env, ALICE, 10, T0);
+    let day = t / DAY;
+    // At 23:59 of `day` ALICE uses 10 credits' worth (the whole day's cap) and 3 more the
+    // next day; she lowers her cap to 0 and asks for a refund of everything.
+    let midnight = (day + 1) * DAY;
+    env.at(midnight - 30)
+        .as_(ALICE)
+        .c
+        .set_daily_cap(U256::ZERO)
+        .unwrap();
+    env.as_(ALICE).c.request_refund(u(100)).unwrap();
+    // The operator settles at 00:01: both records settle, each under its own label.
+    env.at(midnight + 60);
+    env.take_logs();
+    env.settle(
+        1,
+        vec![
+            rec_on(ALICE, m, 10, 10, day),
+            rec_on(ALICE, m, 3, 3, day + 1),
+        ],
+    )
+    .unwrap();
+    let logs = env.take_logs();
+    assert_eq!(only::<UsageSettled>(&logs).len(), 2);
+    assert!(only::<UsageRejected>(&logs).is_empty());
+    assert_eq!(env.earnings(CREATOR), u(13));
+    assert_eq!(env.c.spent_of(ALICE, day).unwrap(), u(10));
+    assert_eq!(env.c.spent_of(ALICE, day + 1).unwrap(), u(3));
+    // The refund pays only what is left.
+    env.at(midnight - 30 + REFUND_DELAY);
+    assert_eq!(env.as_(ALICE).c.claim_refund().unwrap(), u(87 * RATE));
+    // Once the lowering is in force, new usage is bounded by it.
+    env.buy(ALICE, 5);
+    env.at(midnight - 30 + CAP_DELAY);
+    assert_eq!(env.c.daily_cap_of(ALICE).unwrap(), U256::ZERO);
+    env.take_logs();
+    env.settle(2, vec![rec(ALICE, m, 1, 1)]).unwrap();
+    assert_eq!(
+        one::<UsageRejected>(&env.take_logs()[..1]).reason,
+        Rejection::OverDailyCap as u8
+    );
 }
 
 #[test]
@@ -826,6 +1144,7 @@ fn withdraw_overflow_reverts() {
             modelId: m,
             calls: 1,
             credits: big / u(2),
+            day: T0 / DAY,
             receiptBatchHash: B256::ZERO,
         });
     }
@@ -991,10 +1310,10 @@ fn hand_kept_event_list_matches_the_contract() {
     assert_eq!(events_in_hand_list(), code);
     let hand = include_str!("../../abi/MarketplaceEvents.sol");
     assert!(hand.contains(
-        "struct UsageRecord {\n    address user;\n    bytes32 modelId;\n    uint64 calls;\n    uint256 credits;\n    bytes32 receiptBatchHash;\n}"
+        "struct UsageRecord {\n    address user;\n    bytes32 modelId;\n    uint64 calls;\n    uint256 credits;\n    uint64 day;\n    bytes32 receiptBatchHash;\n}"
     ));
     assert_eq!(
         <UsageRecord as stylus_sdk::abi::AbiType>::SELECTOR_ABI.to_string(),
-        "(address,bytes32,uint64,uint256,bytes32)"
+        "(address,bytes32,uint64,uint256,uint64,bytes32)"
     );
 }

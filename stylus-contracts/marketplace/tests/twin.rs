@@ -2,7 +2,7 @@
 //! router on a TestVM) and to the Solidity twin (abi/Marketplace.json's bytecode on revm, an
 //! in-process EVM); return data, revert data and logs must be byte-for-byte the same.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use alloy_primitives::{address, keccak256, Address, Bytes, FixedBytes, B256, U256};
 use alloy_sol_types::{sol, SolCall, SolConstructor, SolValue};
@@ -16,7 +16,7 @@ use stylus_marketplace::Marketplace;
 use stylus_sdk::{abi::Router, testing::TestVM};
 
 sol! {
-    struct UsageRecord { address user; bytes32 modelId; uint64 calls; uint256 credits; bytes32 receiptBatchHash; }
+    struct UsageRecord { address user; bytes32 modelId; uint64 calls; uint256 credits; uint64 day; bytes32 receiptBatchHash; }
     constructor(address admin, uint256 weiPerCredit, address operator);
     function modelKey(address owner, bytes32 localId) external view returns (bytes32);
     function registerModel(bytes32 localId, bytes32 cidHash, bytes32 commitment, uint256 pricePerCall) external returns (bytes32);
@@ -28,6 +28,8 @@ sol! {
     function creditsOf(address user) external view returns (uint256);
     function earningsOf(address owner) external view returns (uint256);
     function dailyCapOf(address user) external view returns (uint256);
+    function pendingDailyCapOf(address user) external view returns (uint256, uint256);
+    function spentOf(address user, uint64 day) external view returns (uint256);
     function refundOf(address user) external view returns (uint256, uint256);
     function weiPerCredit() external view returns (uint256);
     function admin() external view returns (address);
@@ -62,6 +64,8 @@ const RATE: u64 = 1_000;
 /// The block time both start at.
 const T0: u64 = 1_700_000_000;
 const DAY: u64 = 86_400;
+/// The UTC day of `T0` (T0 is at 22:13).
+const D0: u64 = T0 / DAY;
 
 /// What a call did: success or revert, the returned or revert bytes, the logs.
 #[derive(Debug, PartialEq)]
@@ -233,12 +237,14 @@ fn key(owner: Address, n: u8) -> FixedBytes<32> {
     keccak256((owner, id(n)).abi_encode())
 }
 
-fn rec(user: Address, model: FixedBytes<32>, calls: u64, credits: u64) -> UsageRecord {
+/// `calls` calls by `user` to `model`, charged `credits` off chain on day `D0 + day`.
+fn rec(user: Address, model: FixedBytes<32>, calls: u64, credits: u64, day: u64) -> UsageRecord {
     UsageRecord {
         user,
         modelId: model,
         calls,
         credits: u(credits),
+        day: D0 + day,
         receiptBatchHash: keccak256(model),
     }
 }
@@ -272,12 +278,15 @@ fn settle(from: Address, batch: u8, records: Vec<UsageRecord>) -> Step {
 }
 
 /// Runs `steps` on both contracts; every outcome must be the same, and `true` steps must succeed.
-fn differential(rate: U256, steps: Vec<Step>) -> (usize, usize) {
+/// Returns the number of calls, of reverts, and the reasons of the `UsageRejected` logs seen.
+fn differential(rate: U256, steps: Vec<Step>) -> (usize, usize, BTreeSet<u8>) {
     let (mut stylus, s0) = Stylus::deploy(ADMIN, rate);
     let (mut twin, t0) = Twin::deploy(ADMIN, rate);
     assert!(s0.ok && t0.ok);
     assert_eq!(s0.logs, t0.logs, "constructor logs");
     let (mut calls, mut reverts) = (0, 0);
+    let mut reasons = BTreeSet::new();
+    let rejected = keccak256("UsageRejected(bytes32,address,bytes32,uint64,uint256,bytes32,uint8)");
     for (i, step) in steps.into_iter().enumerate() {
         match step {
             At(t) => {
@@ -293,10 +302,15 @@ fn differential(rate: U256, steps: Vec<Step>) -> (usize, usize) {
                 }
                 calls += 1;
                 reverts += usize::from(!s.ok);
+                for (topics, data) in &s.logs {
+                    if topics[0] == rejected {
+                        reasons.insert(data[data.len() - 1]);
+                    }
+                }
             }
         }
     }
-    (calls, reverts)
+    (calls, reverts, reasons)
 }
 
 #[test]
@@ -318,7 +332,37 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
             ok(who, creditsOfCall { user: who }),
             ok(who, earningsOfCall { owner: who }),
             ok(who, dailyCapOfCall { user: who }),
+            ok(who, pendingDailyCapOfCall { user: who }),
             ok(who, refundOfCall { user: who }),
+            ok(who, spentOfCall { user: who, day: D0 }),
+            ok(
+                who,
+                spentOfCall {
+                    user: who,
+                    day: D0 + 1,
+                },
+            ),
+            ok(
+                who,
+                spentOfCall {
+                    user: who,
+                    day: D0 + 2,
+                },
+            ),
+            ok(
+                who,
+                spentOfCall {
+                    user: who,
+                    day: D0 + 3,
+                },
+            ),
+            ok(
+                who,
+                spentOfCall {
+                    user: who,
+                    day: D0 + 4,
+                },
+            ),
         ]
     };
     let mut steps = vec![
@@ -401,27 +445,50 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
         buy(BOB, 5),
         Call(BOB, U256::ZERO, buyCreditsCall {}.abi_encode(), false),
         Call(BOB, u(RATE + 1), buyCreditsCall {}.abi_encode(), false),
+        // Daily caps: a first cap and a lowering wait CAP_DELAY (2 days); a raise is at once.
         ok(BOB, setDailyCapCall { cap: u(4) }),
+        ok(BOB, pendingDailyCapOfCall { user: BOB }),
+        ok(ALICE, setDailyCapCall { cap: U256::MAX }),
+        ok(ALICE, setDailyCapCall { cap: u(30) }),
+        ok(ALICE, dailyCapOfCall { user: ALICE }),
+        ok(ALICE, pendingDailyCapOfCall { user: ALICE }),
+        ok(CREATOR2, setDailyCapCall { cap: u(9) }),
+        ok(CREATOR2, setDailyCapCall { cap: u(7) }),
+        ok(CREATOR2, pendingDailyCapOfCall { user: CREATOR2 }),
+        ok(CREATOR2, setDailyCapCall { cap: u(7) }),
+        ok(CREATOR2, pendingDailyCapOfCall { user: CREATOR2 }),
         // Settlement: good and bad records mixed.
-        settle(STRANGER, 1, vec![rec(ALICE, m1, 1, 3)]),
+        settle(STRANGER, 1, vec![rec(ALICE, m1, 1, 3, 1)]),
         settle(OPERATOR, 1, vec![]),
         settle(
             OPERATOR,
             1,
             vec![
-                rec(ALICE, m1, 2, 6),
-                rec(ALICE, id(9), 1, 1),
-                rec(ALICE, own, 1, 1),
-                rec(ALICE, m1, 1, 4),
-                rec(ALICE, m1, 0, 0),
-                rec(BOB, m2, 3, 3),
-                rec(BOB, m2, 2, 2),
-                rec(ALICE, m2, u64::MAX, 1),
-                rec(ALICE, m2, 1, 1),
+                rec(ALICE, m1, 2, 6, 1),
+                rec(ALICE, id(9), 1, 1, 1),
+                rec(ALICE, own, 1, 1, 1),
+                rec(ALICE, m1, 1, 4, 1),
+                rec(ALICE, m1, 0, 0, 1),
+                rec(BOB, m2, 3, 3, 1),
+                rec(BOB, m2, 2, 2, 1),
+                rec(ALICE, m2, u64::MAX, 1, 1),
+                rec(ALICE, m2, 1, 1, 1),
+                // Day labels: yesterday settles, under its own label; the day before and a
+                // future day are stale (after the owner check, before the price check).
+                rec(ALICE, m1, 1, 3, 0),
+                rec(ALICE, m1, 1, 3, u64::MAX - D0),
+                rec(ALICE, m1, 1, 3, 2),
+                rec(ALICE, m1, 1, 4, 2),
+                rec(ALICE, own, 1, 1, 2),
+                rec(ALICE, id(9), 1, 1, 2),
+                UsageRecord {
+                    day: 0,
+                    ..rec(ALICE, m1, 1, 3, 0)
+                },
             ],
         ),
-        settle(OPERATOR, 1, vec![rec(ALICE, m1, 1, 3)]),
-        settle(OPERATOR2, 1, vec![rec(ALICE, m1, 1, 3)]),
+        settle(OPERATOR, 1, vec![rec(ALICE, m1, 1, 3, 1)]),
+        settle(OPERATOR2, 1, vec![rec(ALICE, m1, 1, 3, 1)]),
         ok(
             ALICE,
             batchRecordsHashCall {
@@ -464,16 +531,28 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
             OPERATOR,
             2,
             vec![
-                rec(ALICE, m1, 2, 6),
-                rec(ALICE, m1, 1, 50),
-                rec(ALICE, m1, 1, 49),
+                rec(ALICE, m1, 2, 6, 1),
+                rec(ALICE, m1, 1, 50, 1),
+                rec(ALICE, m1, 1, 49, 1),
             ],
         ),
         At(T0 + 2 * DAY + 10),
+        ok(BOB, dailyCapOfCall { user: BOB }),
+        ok(BOB, pendingDailyCapOfCall { user: BOB }),
+        // Yesterday's usage near midnight, settled today, under yesterday's label.
+        settle(
+            OPERATOR,
+            9,
+            vec![rec(BOB, m2, 1, 1, 1), rec(ALICE, m1, 1, 50, 1)],
+        ),
         settle(
             OPERATOR,
             3,
-            vec![rec(ALICE, m1, 1, 3), rec(BOB, m2, 2, 2), rec(BOB, m2, 3, 3)],
+            vec![
+                rec(ALICE, m1, 1, 3, 2),
+                rec(BOB, m2, 2, 2, 2),
+                rec(BOB, m2, 3, 3, 2),
+            ],
         ),
         // Deactivation.
         any(STRANGER, deactivateCall { modelId: m2 }),
@@ -486,12 +565,12 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
                 newPrice: u(1),
             },
         ),
-        settle(OPERATOR, 4, vec![rec(BOB, m2, 1, 1)]),
+        settle(OPERATOR, 4, vec![rec(BOB, m2, 1, 1, 2)]),
         // Pause.
         any(ALICE, setPausedCall { paused: true }),
         ok(ADMIN, setPausedCall { paused: true }),
         ok(ALICE, pausedCall {}),
-        settle(OPERATOR, 5, vec![rec(ALICE, m1, 1, 50)]),
+        settle(OPERATOR, 5, vec![rec(ALICE, m1, 1, 50, 2)]),
         Call(BOB, u(RATE), buyCreditsCall {}.abi_encode(), false),
         ok(CREATOR, withdrawCall {}),
         any(CREATOR, withdrawCall {}),
@@ -508,12 +587,31 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
         any(ALICE, requestRefundCall { credits: u(1_000) }),
         ok(ALICE, requestRefundCall { credits: u(20) }),
         any(ALICE, claimRefundCall {}),
-        settle(OPERATOR, 6, vec![rec(ALICE, m1, 1, 50)]),
+        settle(OPERATOR, 6, vec![rec(ALICE, m1, 1, 50, 2)]),
         At(T0 + 4 * DAY + 10),
+        // The caps set on day 1 are in force; a lowering after one took effect keeps it until
+        // its own delay; a raise drops a pending lowering.
+        ok(ALICE, dailyCapOfCall { user: ALICE }),
+        ok(ALICE, pendingDailyCapOfCall { user: ALICE }),
+        buy(ALICE, 100),
+        settle(
+            OPERATOR,
+            10,
+            vec![rec(ALICE, m1, 1, 50, 4), rec(BOB, m1, 1, 50, 3)],
+        ),
+        ok(ALICE, setDailyCapCall { cap: u(10) }),
+        ok(ALICE, dailyCapOfCall { user: ALICE }),
+        ok(ALICE, pendingDailyCapOfCall { user: ALICE }),
+        ok(ALICE, setDailyCapCall { cap: u(100) }),
+        ok(ALICE, dailyCapOfCall { user: ALICE }),
+        ok(ALICE, pendingDailyCapOfCall { user: ALICE }),
+        ok(BOB, setDailyCapCall { cap: u(0) }),
+        ok(BOB, setDailyCapCall { cap: u(2) }),
+        ok(BOB, pendingDailyCapOfCall { user: BOB }),
         ok(ALICE, claimRefundCall {}),
         any(ALICE, claimRefundCall {}),
         any(BOB, requestRefundCall { credits: u(1) }),
-        settle(OPERATOR, 7, vec![rec(BOB, m1, 0, 0)]),
+        settle(OPERATOR, 7, vec![rec(BOB, m1, 0, 0, 4)]),
         // Revocation, and the admin hand-over.
         ok(
             ADMIN,
@@ -522,7 +620,7 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
                 enabled: false,
             },
         ),
-        settle(OPERATOR2, 8, vec![rec(ALICE, m1, 1, 50)]),
+        settle(OPERATOR2, 8, vec![rec(ALICE, m1, 1, 50, 4)]),
         ok(ADMIN2, acceptAdminCall {}),
         any(ADMIN, setPausedCall { paused: true }),
         ok(ADMIN2, setPausedCall { paused: true }),
@@ -531,11 +629,15 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
     for who in [ALICE, BOB, CREATOR, CREATOR2, OPERATOR] {
         steps.extend(views(who));
     }
-    let (n, reverts) = differential(u(RATE), steps);
-    // The scenario exercises both paths.
+    let (n, reverts, reasons) = differential(u(RATE), steps);
+    // The scenario exercises both paths, and every rejection reason but overflow.
     assert!(
         reverts > 25 && reverts < n - 25,
         "{reverts} of {n} calls reverted"
+    );
+    assert_eq!(
+        reasons.into_iter().collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6, 8]
     );
 }
 

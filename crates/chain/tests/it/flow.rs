@@ -1,7 +1,8 @@
 //! The marketplace's life on a real node: deploy, register (keys bound to the owner), buy (read
 //! back as deposits), settle (what settled and what was skipped, read back from the receipt),
 //! refusals decoded with their arguments, withdraw, refunds after their lock, operators and
-//! admin handed over after their delays, pause.
+//! admin handed over after their delays, pause; daily caps lowered only after their delay and
+//! counted per day label.
 
 use alloy::providers::Provider;
 use modelhub_chain::{
@@ -16,12 +17,15 @@ const OWNER: usize = 2;
 const BUYER: usize = 3;
 const DAY: u64 = 86_400;
 
-fn usage(user: usize, model: B256, calls: u64, credits: u64) -> UsageRecord {
+/// `calls` calls by `user` to `model`, charged `credits` on the UTC day `day` (unix seconds /
+/// 86400; the contract settles only today's and yesterday's).
+fn usage(user: usize, model: B256, calls: u64, credits: u64, day: u64) -> UsageRecord {
     UsageRecord {
         user: Chain::address(user),
         modelId: model,
         calls,
         credits: U256::from(credits),
+        day,
         receiptBatchHash: B256::repeat_byte(0x42),
     }
 }
@@ -30,6 +34,7 @@ fn usage(user: usize, model: B256, calls: u64, credits: u64) -> UsageRecord {
 async fn deploy_register_buy_settle_and_withdraw() {
     let chain = Chain::start().await;
     let admin = &chain.admin;
+    let day = chain.today().await;
     assert_eq!(admin.chain_id().await.unwrap(), 31337);
     assert_eq!(admin.admin().await.unwrap(), Chain::address(0));
     assert_eq!(admin.sender(), Some(Chain::address(0)));
@@ -122,7 +127,10 @@ async fn deploy_register_buy_settle_and_withdraw() {
     // is skipped: the receipt says which.
     let operator = chain.as_account(OPERATOR).await;
     let batch = B256::repeat_byte(1);
-    let records = vec![usage(BUYER, model, 2, 6), usage(BUYER, model, 1, 30)];
+    let records = vec![
+        usage(BUYER, model, 2, 6, day),
+        usage(BUYER, model, 1, 30, day),
+    ];
     assert_eq!(
         operator
             .batch_records_hash(Chain::address(OPERATOR), batch)
@@ -160,7 +168,7 @@ async fn deploy_register_buy_settle_and_withdraw() {
 
     // Refusals come back decoded, with their arguments, and change nothing.
     match buyer
-        .consume_credits(B256::repeat_byte(2), vec![usage(BUYER, model, 1, 3)])
+        .consume_credits(B256::repeat_byte(2), vec![usage(BUYER, model, 1, 3, day)])
         .await
     {
         Err(ChainError::Reverted(Revert::Unauthorized(who))) => {
@@ -169,7 +177,7 @@ async fn deploy_register_buy_settle_and_withdraw() {
         other => panic!("expected Unauthorized, got {other:?}"),
     }
     match operator
-        .consume_credits(batch, vec![usage(BUYER, model, 1, 3)])
+        .consume_credits(batch, vec![usage(BUYER, model, 1, 3, day)])
         .await
     {
         Err(ChainError::Reverted(Revert::BatchAlreadySettled(id))) => assert_eq!(id, batch),
@@ -181,7 +189,7 @@ async fn deploy_register_buy_settle_and_withdraw() {
     }
     // Overspending is a skipped record, not a refused batch.
     let over = operator
-        .consume_credits(B256::repeat_byte(3), vec![usage(BUYER, model, 5, 15)])
+        .consume_credits(B256::repeat_byte(3), vec![usage(BUYER, model, 5, 15, day)])
         .await
         .unwrap();
     assert_eq!(
@@ -226,7 +234,10 @@ async fn deploy_register_buy_settle_and_withdraw() {
     let both = operator
         .consume_credits(
             B256::repeat_byte(5),
-            vec![usage(BUYER, model, 1, 3), usage(BUYER, model, 1, 1)],
+            vec![
+                usage(BUYER, model, 1, 3, day),
+                usage(BUYER, model, 1, 1, day),
+            ],
         )
         .await
         .unwrap();
@@ -244,7 +255,7 @@ async fn deploy_register_buy_settle_and_withdraw() {
     }
     owner.deactivate(model).await.unwrap();
     let skipped = operator
-        .consume_credits(B256::repeat_byte(6), vec![usage(BUYER, model, 1, 1)])
+        .consume_credits(B256::repeat_byte(6), vec![usage(BUYER, model, 1, 1, day)])
         .await
         .unwrap();
     assert_eq!(skipped.records[0].rejected, Some(Rejection::ModelInactive));
@@ -291,9 +302,18 @@ async fn roles_pause_and_refunds() {
     // Refunds: requested, locked, claimed; never paused.
     let buyer = chain.as_account(BUYER).await;
     buyer.buy_credits(U256::from(5)).await.unwrap();
+    // A first cap waits for its delay.
     buyer.set_daily_cap(U256::from(2)).await.unwrap();
     assert_eq!(
         buyer.daily_cap_of(Chain::address(BUYER)).await.unwrap(),
+        U256::MAX
+    );
+    assert_eq!(
+        buyer
+            .pending_daily_cap_of(Chain::address(BUYER))
+            .await
+            .unwrap()
+            .0,
         U256::from(2)
     );
     let from = buyer.block_number().await.unwrap() + 1;
@@ -322,6 +342,10 @@ async fn roles_pause_and_refunds() {
         other => panic!("expected TooEarly, got {other:?}"),
     }
     chain.advance(2 * DAY).await;
+    assert_eq!(
+        buyer.daily_cap_of(Chain::address(BUYER)).await.unwrap(),
+        U256::from(2)
+    );
     buyer.claim_refund().await.unwrap();
     assert_eq!(
         buyer.credits_of(Chain::address(BUYER)).await.unwrap(),
@@ -417,4 +441,134 @@ async fn reads_work_without_a_signer_and_writes_need_one() {
         Err(ChainError::Invalid(_)) => {}
         other => panic!("expected Invalid, got {other:?}"),
     }
+}
+
+/// A first or lowered daily cap waits `CAP_DELAY` (2 days), so usage charged before still
+/// settles; a raise is immediate and drops a pending lowering; the registry follows the changes
+/// through their events; records count against their own day label, and a stale day is skipped.
+#[tokio::test]
+async fn daily_caps_are_lowered_after_a_delay_and_count_per_day_label() {
+    let chain = Chain::start().await;
+    let owner = chain.as_account(OWNER).await;
+    let model = model_key(Chain::address(OWNER), "acme/capped");
+    owner
+        .register_model(
+            local_id("acme/capped"),
+            cid_hash("bafycapped"),
+            B256::ZERO,
+            U256::from(1),
+        )
+        .await
+        .unwrap();
+    let buyer = chain.as_account(BUYER).await;
+    let operator = chain.as_account(OPERATOR).await;
+    let user = Chain::address(BUYER);
+    buyer.buy_credits(U256::from(40)).await.unwrap();
+    assert_eq!(buyer.daily_cap_of(user).await.unwrap(), U256::MAX);
+    assert_eq!(
+        buyer.pending_daily_cap_of(user).await.unwrap(),
+        (U256::ZERO, U256::ZERO)
+    );
+
+    // A first cap is a lowering (from none): pending for two days, the old cap (none) in force.
+    let from = buyer.block_number().await.unwrap() + 1;
+    let first = buyer.set_daily_cap(U256::from(5)).await.unwrap();
+    let set_at = chain.block_time(None).await;
+    assert_eq!(buyer.daily_cap_of(user).await.unwrap(), U256::MAX);
+    assert_eq!(
+        buyer.pending_daily_cap_of(user).await.unwrap(),
+        (U256::from(5), U256::from(set_at + 2 * DAY))
+    );
+    // Usage charged before settles whatever the user does meanwhile.
+    let day = chain.today().await;
+    let settled = operator
+        .consume_credits(B256::repeat_byte(1), vec![usage(BUYER, model, 8, 8, day)])
+        .await
+        .unwrap();
+    assert_eq!(settled.records[0].rejected, None);
+    assert_eq!(buyer.spent_of(user, day).await.unwrap(), U256::from(8));
+    assert_eq!(buyer.spent_of(user, day + 1).await.unwrap(), U256::ZERO);
+
+    // A raise (here back to no cap) is at once and drops the pending lowering; then a lowering
+    // again.
+    let raise = buyer.set_daily_cap(U256::MAX).await.unwrap();
+    let raised_at = chain.block_time(None).await;
+    assert_eq!(
+        buyer.pending_daily_cap_of(user).await.unwrap(),
+        (U256::ZERO, U256::ZERO)
+    );
+    let lower = buyer.set_daily_cap(U256::from(5)).await.unwrap();
+    let lowered_at = chain.block_time(None).await;
+    let head = buyer.block_number().await.unwrap();
+    let changes = buyer.daily_cap_changes(from, head).await.unwrap();
+    let got: Vec<_> = changes
+        .iter()
+        .map(|c| (c.user, c.cap, c.effective_at, c.tx_hash, c.position))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (user, U256::from(5), U256::from(set_at + 2 * DAY), first, 0),
+            (user, U256::MAX, U256::from(raised_at), raise, 0),
+            (
+                user,
+                U256::from(5),
+                U256::from(lowered_at + 2 * DAY),
+                lower,
+                0
+            ),
+        ]
+    );
+    assert_eq!(chain.block_time(Some(changes[2].block)).await, lowered_at);
+    // Another event kind in the range is not a cap change.
+    assert!(
+        buyer
+            .daily_cap_changes(0, from - 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Two days later the cap is in force: it bounds each day label.
+    chain.advance(2 * DAY).await;
+    assert_eq!(buyer.daily_cap_of(user).await.unwrap(), U256::from(5));
+    assert_eq!(
+        buyer.pending_daily_cap_of(user).await.unwrap(),
+        (U256::ZERO, U256::ZERO)
+    );
+    let today = chain.today().await;
+    let batch = operator
+        .consume_credits(
+            B256::repeat_byte(2),
+            vec![
+                usage(BUYER, model, 4, 4, today - 1),
+                usage(BUYER, model, 5, 5, today),
+                usage(BUYER, model, 2, 2, today - 1),
+                usage(BUYER, model, 1, 1, today - 2),
+                usage(BUYER, model, 1, 1, today + 1),
+            ],
+        )
+        .await
+        .unwrap();
+    let why: Vec<_> = batch.records.iter().map(|r| r.rejected).collect();
+    assert_eq!(
+        why,
+        vec![
+            None,
+            None,
+            Some(Rejection::OverDailyCap),
+            Some(Rejection::StaleDay),
+            Some(Rejection::StaleDay),
+        ]
+    );
+    assert_eq!(Rejection::StaleDay.to_string(), "StaleDay");
+    assert_eq!(
+        buyer.spent_of(user, today - 1).await.unwrap(),
+        U256::from(4)
+    );
+    assert_eq!(buyer.spent_of(user, today).await.unwrap(), U256::from(5));
+    assert_eq!(
+        buyer.credits_of(user).await.unwrap(),
+        U256::from(40 - 8 - 4 - 5)
+    );
 }

@@ -62,6 +62,28 @@ impl Chain {
             .expect("evm_mine");
     }
 
+    /// The time of block `number` (`None`: the latest), unix seconds.
+    async fn block_time(&self, number: Option<u64>) -> u64 {
+        use alloy::eips::BlockNumberOrTag;
+        use alloy::providers::Provider;
+        let provider =
+            alloy::providers::ProviderBuilder::new().connect_http(self.node.uri.parse().unwrap());
+        let tag = number.map_or(BlockNumberOrTag::Latest, BlockNumberOrTag::Number);
+        provider
+            .get_block_by_number(tag)
+            .await
+            .expect("eth_getBlockByNumber")
+            .expect("block")
+            .header
+            .timestamp
+    }
+
+    /// The chain's UTC day: the latest block's time / 86400, what a usage record charged now
+    /// is labelled with.
+    async fn today(&self) -> u64 {
+        self.block_time(None).await / 86_400
+    }
+
     /// The contract as seen by dev account `i`.
     async fn as_account(&self, i: usize) -> Marketplace {
         Marketplace::connect(&self.node.uri, self.admin.address(), Some(key(i)))

@@ -636,6 +636,7 @@ async fn a_batch_the_chain_already_settled() {
                 modelId: modelhub_chain::model_key(address_of(CREATOR_KEY), &model_id),
                 calls: 2,
                 credits: U256::from(4),
+                day: today(),
                 receiptBatchHash: modelhub_registry::ledger::chain::receipts_hash(&receipts),
             }],
         )
@@ -650,6 +651,109 @@ async fn a_batch_the_chain_already_settled() {
     assert_eq!(chain.credits_of(USER_KEY).await, 6, "charged once");
     assert_eq!(chain.earnings_of(CREATOR_KEY).await, 4);
     world.stop().await;
+}
+
+/// The UTC day of the wall clock: the label the registry gives today's usage on chain.
+fn today() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    now.as_secs() / 86_400
+}
+
+/// A user can't lower their daily cap to leave usage they had unpaid: on chain a lower cap
+/// waits two days, so the usage charged before it settles; off chain the registry refuses
+/// charges past the lower cap as soon as it sees it. A raise counts at once, and a cap set
+/// before its wallet had an account is known before the first deposit can be spent.
+async fn a_lowered_daily_cap_cannot_unpay_usage(kind: Kind) {
+    let world = World::start(kind).await;
+    let chain = world.chain();
+    let (_creator, user, model_id) = world.listing(2, 20).await;
+    assert_eq!(predict(&user, &model_id).await.status, 200);
+    let me = account(&user).await;
+    assert_eq!(me["daily_cap"], Value::Null, "{me}");
+    assert_eq!(me["charged_today"], 2, "{me}");
+
+    // The exploit: lower the cap to 0 before the usage settles, then ask the credits back.
+    let capped = chain.wallet_cli("user", &["set-daily-cap", "--credits", "0"]);
+    assert_eq!(capped["in_force"], U256::MAX.to_string(), "{capped}");
+    assert_eq!(capped["pending"]["daily_cap"], "0", "{capped}");
+    chain.wallet_cli("user", &["refund-request", "--credits", "20"]);
+    chain.mine(64).await;
+    let ledger = world.settle().await;
+    // The usage settled: the lower cap is not in force on chain yet.
+    assert_eq!(ledger["batches"][0]["state"], "settled", "{ledger}");
+    assert_eq!(ledger["batches"][0]["error"], Value::Null, "{ledger}");
+    assert_eq!(chain.credits_of(USER_KEY).await, 18);
+    assert_eq!(chain.earnings_of(CREATOR_KEY).await, 2);
+    // Off chain the cap of 0 counts at once (and the refund took the rest of the balance).
+    let me = account(&user).await;
+    assert_eq!(me["daily_cap"], 0, "{me}");
+    assert_eq!(me["credits"], 0, "{me}");
+
+    // A new announcement replaces the pending one (on chain there is still no cap in force);
+    // here the lower of the two counts at once.
+    let raised = chain.wallet_cli("user", &["set-daily-cap", "--credits", "4"]);
+    assert_eq!(raised["in_force"], U256::MAX.to_string(), "{raised}");
+    assert_eq!(raised["pending"]["daily_cap"], "4", "{raised}");
+    chain.mine(64).await;
+    world.settle().await;
+    assert_eq!(account(&user).await["daily_cap"], 4);
+
+    // A second user whose wallet set a cap of 3 before any account had it: the deposit that
+    // creates the account brings the cap with it.
+    chain.wallet_cli("late", &["set-daily-cap", "--credits", "3"]);
+    chain.mine(64).await;
+    world.settle().await;
+    chain.wallet_cli("late", &["buy", "--credits", "10"]);
+    chain.mine(64).await;
+    world.settle().await;
+    let late_id = modelhub_registry::ledger::chain::wallet_account_id(&wallet_of(LATE_USER_KEY));
+    let late = world.key_for(&late_id).await;
+    let me = account(&late).await;
+    assert_eq!(
+        (me["credits"].as_u64(), me["daily_cap"].as_u64()),
+        (Some(10), Some(3)),
+        "{me}"
+    );
+    assert_eq!(predict(&late, &model_id).await.status, 200);
+    let answer = predict(&late, &model_id).await;
+    assert_error(&answer, 402, "payment_required", "daily cap reached");
+    assert!(
+        answer.error_message().contains("2 charged today"),
+        "{:?}",
+        answer.body
+    );
+    let me = account(&late).await;
+    assert_eq!(
+        (me["credits"].as_u64(), me["charged_today"].as_u64()),
+        (Some(8), Some(2)),
+        "{me}"
+    );
+    // What the registry accepted settles within the cap on chain.
+    let ledger = world.settle().await;
+    assert!(
+        ledger["batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["state"] == "settled" && b["error"].is_null()),
+        "{ledger}"
+    );
+    assert_eq!(chain.credits_of(LATE_USER_KEY).await, 8);
+    assert_eq!(chain.earnings_of(CREATOR_KEY).await, 4);
+    world.stop().await;
+}
+
+mod a_lowered_daily_cap_cannot_unpay_usage {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn anvil() {
+        super::a_lowered_daily_cap_cannot_unpay_usage(super::Kind::Anvil).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn anvil_mongodb() {
+        super::a_lowered_daily_cap_cannot_unpay_usage(super::Kind::AnvilMongoDb).await
+    }
 }
 
 /// Credits bought from a wallet no account has yet are kept on an account made for it, which

@@ -20,11 +20,21 @@
 //! that replaces an earlier one takes again from what is left: credits taken for the replaced
 //! one stay on chain, and a later request gets them back in ETH.
 //!
+//! **Daily caps.** The same poll reads the `DailyCapSet` logs; for each, and before counting
+//! each deposit (so an account created after its wallet set a cap knows it before it can spend),
+//! the ledger reads the wallet's cap in force and any announced lower one (`dailyCapOf`,
+//! `pendingDailyCapOf`) and stores the lower of the two on the account
+//! (`MetadataStore::set_daily_cap`). Reservations then refuse a charge that would take the
+//! credits reserved on the current UTC day past it. On chain a lower cap takes effect
+//! `CAP_DELAY` (two days) after it is set, and records carry the UTC day they were charged on
+//! (the contract counts the cap per day label and accepts today's and yesterday's labels), so
+//! every charge the registry accepted fits the cap the contract applies when it settles.
+//!
 //! **Settlement.** Committed receipts are gathered, oldest first, into batches of at most
 //! `settle_batch_size`; each batch is written to the store (its receipts marked) *before* it is
 //! sent. Its id is a hash of the operator and its receipt ids (and a round number, bumped when
 //! the same receipts come back from a failed batch). Each batch carries one `UsageRecord` per
-//! (user, product, price): the calls and the credits charged off chain. A model is two
+//! (user, product, price, day charged): the calls and the credits charged off chain. A model is two
 //! products on chain, each registered by its owner: its predictions under the model id, and
 //! the delivery of its proofs under `<model id>/proof` at the proof price
 //! ([`modelhub_chain::proof_model_id`]); a charge is refused (409) until its product is
@@ -49,8 +59,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use modelhub_chain::{
-    Address, B256, ChainError, Deposit, Marketplace, RefundRequest, Rejection, Revert, U256,
-    UsageRecord,
+    Address, B256, ChainError, DailyCapChange, Deposit, Marketplace, RefundRequest, Rejection,
+    Revert, U256, UsageRecord,
 };
 use modelhub_core::{ErrorCode, id};
 use tokio::sync::Mutex;
@@ -74,6 +84,7 @@ fn on_chain_id(model_id: &str, charge: Charge) -> String {
 enum Followed {
     Deposit(Deposit),
     Refund(RefundRequest),
+    Cap(DailyCapChange),
 }
 
 impl Followed {
@@ -82,6 +93,7 @@ impl Followed {
         match self {
             Followed::Deposit(d) => (d.block, d.log_index),
             Followed::Refund(r) => (r.block, r.log_index),
+            Followed::Cap(c) => (c.block, c.log_index),
         }
     }
 }
@@ -252,8 +264,9 @@ struct Plan<'a> {
 }
 
 /// Whether a skipped record's user gets their credits back off chain: yes when the fault is
-/// not theirs (the model, its owner or the operator), no when it is (they spent elsewhere
-/// what they had, or capped what operators may take).
+/// not theirs (the model, its owner, or the operator, which includes settling too late for the
+/// record's day), no when it is (they spent elsewhere what they had, or capped what operators
+/// may take).
 fn refunds_user(reason: Rejection) -> bool {
     matches!(
         reason,
@@ -261,6 +274,7 @@ fn refunds_user(reason: Rejection) -> bool {
             | Rejection::ModelInactive
             | Rejection::OperatorOwnsModel
             | Rejection::PriceMismatch
+            | Rejection::StaleDay
     )
 }
 
@@ -377,14 +391,21 @@ impl ChainLedger {
                 .refund_requests(from, to)
                 .await
                 .map_err(chain_error)?;
+            let caps = self
+                .market
+                .daily_cap_changes(from, to)
+                .await
+                .map_err(chain_error)?;
             // In chain order: a refund request takes from the deposits before it.
             let mut events: Vec<Followed> = deposits.into_iter().map(Followed::Deposit).collect();
             events.extend(refunds.into_iter().map(Followed::Refund));
+            events.extend(caps.into_iter().map(Followed::Cap));
             events.sort_by_key(Followed::at);
             for event in events {
                 match event {
                     Followed::Deposit(d) => self.count_deposit(&d).await?,
                     Followed::Refund(r) => self.hold_refund(&r).await?,
+                    Followed::Cap(c) => self.follow_cap(&c).await?,
                 }
             }
             self.store.set_cursor(&self.cursor, to).await?;
@@ -402,6 +423,7 @@ impl ChainLedger {
                 .await;
         };
         let account = self.account_for_wallet(&wallet).await?;
+        self.refresh_daily_cap(&account, d.buyer).await?;
         let grant_id = format!("chain:{}:{}", b256_hex(d.tx_hash), d.position);
         match self
             .store
@@ -435,6 +457,41 @@ impl ChainLedger {
             .debit_once(&account.account_id, credits, &debit_id)
             .await?;
         info!(%wallet, account = %account.account_id, requested = credits, taken, block = r.block, "refund request counted");
+        Ok(())
+    }
+
+    /// Follows a `DailyCapSet` to the account of its wallet (none: nothing to bound yet; a
+    /// later deposit reads the cap).
+    async fn follow_cap(&self, c: &DailyCapChange) -> Result<()> {
+        let wallet = modelhub_chain::wallet_string(c.user);
+        match self.store.find_account_by_wallet(&wallet).await? {
+            Some(account) => self.refresh_daily_cap(&account, c.user).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Stores on `account` the lower of `user`'s cap in force and any announced lower one, as
+    /// the contract holds them now (`None` when there is no cap the balance could reach).
+    async fn refresh_daily_cap(&self, account: &Account, user: Address) -> Result<()> {
+        let in_force = self.market.daily_cap_of(user).await.map_err(chain_error)?;
+        let (pending, effective_at) = self
+            .market
+            .pending_daily_cap_of(user)
+            .await
+            .map_err(chain_error)?;
+        let cap = if effective_at.is_zero() {
+            in_force
+        } else {
+            in_force.min(pending)
+        };
+        // Balances are at most i64::MAX credits (the stores' bound): a larger cap never binds.
+        let cap = u64::try_from(cap)
+            .ok()
+            .filter(|c| i64::try_from(*c).is_ok());
+        if account.daily_cap != cap {
+            self.store.set_daily_cap(&account.account_id, cap).await?;
+            info!(account = %account.account_id, wallet = %modelhub_chain::wallet_string(user), cap = ?cap, "daily cap followed");
+        }
         Ok(())
     }
 
@@ -549,10 +606,11 @@ impl ChainLedger {
         ))
     }
 
-    /// The usage records of a batch's receipts: one per (user, model, price charged), with the
-    /// calls, the credits charged and the hash of those receipt ids.
+    /// The usage records of a batch's receipts: one per (user, model, price charged, UTC day
+    /// charged), with the calls, the credits charged, the day and the hash of those receipt
+    /// ids.
     async fn plan<'a>(&self, receipts: &'a [Receipt]) -> Result<Plan<'a>> {
-        let mut groups: std::collections::BTreeMap<(&str, String, u64), Vec<&Receipt>> =
+        let mut groups: std::collections::BTreeMap<(&str, String, u64, i64), Vec<&Receipt>> =
             Default::default();
         for receipt in receipts {
             groups
@@ -560,6 +618,7 @@ impl ChainLedger {
                     &receipt.account_id,
                     on_chain_id(&receipt.model_id, receipt.charge),
                     receipt.credits_charged,
+                    receipt.charge_day(),
                 ))
                 .or_default()
                 .push(receipt);
@@ -570,7 +629,7 @@ impl ChainLedger {
             groups: Vec::new(),
             offchain: Vec::new(),
         };
-        for ((account_id, product, _), group) in groups {
+        for ((account_id, product, _, day), group) in groups {
             let owner_id = group[0].owner.as_str();
             for who in [account_id, owner_id] {
                 if !wallets.contains_key(who) {
@@ -597,6 +656,7 @@ impl ChainLedger {
                 // A receipt of a batch of n rows is n calls at the price.
                 calls: group.iter().map(|r| u64::from(r.units.max(1))).sum(),
                 credits: U256::from(group.iter().map(|r| r.credits_charged).sum::<u64>()),
+                day: u64::try_from(day).unwrap_or_default(),
                 receiptBatchHash: receipts_hash(&ids),
             });
             plan.groups.push(group);
@@ -988,6 +1048,7 @@ mod tests {
         assert!(refunds_user(Rejection::PriceMismatch));
         assert!(refunds_user(Rejection::OperatorOwnsModel));
         assert!(refunds_user(Rejection::UnknownModel));
+        assert!(refunds_user(Rejection::StaleDay));
         assert!(!refunds_user(Rejection::InsufficientCredits));
         assert!(!refunds_user(Rejection::OverDailyCap));
         assert!(!refunds_user(Rejection::Overflow));
