@@ -81,6 +81,19 @@ pub struct DailyCapChange {
     pub position: u32,
 }
 
+/// One `Refunded` event: `user`'s refund request was paid, `credits` of it; located as a
+/// [`Deposit`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundPaid {
+    pub user: Address,
+    pub credits: U256,
+    pub amount_wei: U256,
+    pub block: u64,
+    pub tx_hash: B256,
+    pub log_index: u64,
+    pub position: u32,
+}
+
 /// Where a log is.
 struct At {
     block: u64,
@@ -369,6 +382,21 @@ impl Marketplace {
         Ok(block.header.number)
     }
 
+    /// The timestamp (unix seconds) of the node's latest block: the contract's clock.
+    pub async fn latest_block_time(&self) -> Result<u64> {
+        let block = self
+            .timed(
+                "eth_getBlockByNumber",
+                self.provider()
+                    .get_block_by_number(BlockNumberOrTag::Latest)
+                    .into_future(),
+            )
+            .await?
+            .map_err(|e| self.transport_error(&e))?
+            .ok_or_else(|| ChainError::Rpc("the node has no latest block".into()))?;
+        Ok(block.header.timestamp)
+    }
+
     /// The node's latest block number.
     pub async fn block_number(&self) -> Result<u64> {
         self.timed(
@@ -519,6 +547,26 @@ impl Marketplace {
                 user: e.user,
                 credits: e.credits,
                 not_before: e.notBefore,
+                block: at.block,
+                tx_hash: at.tx_hash,
+                log_index: at.log_index,
+                position: at.position,
+            })
+            .collect())
+    }
+
+    /// The `Refunded` events of blocks `from_block..=to_block`, in chain order (as
+    /// [`deposits`](Self::deposits)).
+    pub async fn refunds_paid(&self, from_block: u64, to_block: u64) -> Result<Vec<RefundPaid>> {
+        let logs = self
+            .events::<Contract::Refunded>(from_block, to_block)
+            .await?;
+        Ok(logs
+            .into_iter()
+            .map(|(e, at)| RefundPaid {
+                user: e.user,
+                credits: e.credits,
+                amount_wei: e.amountWei,
                 block: at.block,
                 tx_hash: at.tx_hash,
                 log_index: at.log_index,

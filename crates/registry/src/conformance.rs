@@ -39,6 +39,7 @@ pub fn new_account(name: &str, credits: u64) -> Account {
         handle: None,
         daily_cap: None,
         charged_today: (0, 0),
+        refund_owed: 0,
     }
 }
 
@@ -345,6 +346,12 @@ pub async fn debit_once(store: Store) {
     );
     // Racing debits under distinct ids never take more than there is; racing retries of one
     // id take once.
+    // (What r3 could not take is a lien on what comes in: see `refund_lien`.)
+    assert_eq!(
+        store.get_account(&a.account_id).await.unwrap().refund_owed,
+        5
+    );
+    store.clear_refund_owed(&a.account_id).await.unwrap();
     store.grant_once(&a.account_id, 45, "refill").await.unwrap();
     let racing = (0..12).map(|i| {
         let store = store.clone();
@@ -365,6 +372,117 @@ pub async fn debit_once(store: Store) {
     let total: u64 = taken.values().sum();
     assert_eq!(total, 45, "{taken:?}");
     assert_eq!(store.get_account(&a.account_id).await.unwrap().credits, 0);
+}
+
+/// What a refund debit could not take is a lien: credits that come in later (grants, holds
+/// given back) pay it first, until it is cleared (the refund was paid) or replaced.
+pub async fn refund_lien(store: Store) {
+    let owner = store
+        .create_account(new_account("lien-owner", 0))
+        .await
+        .unwrap();
+    let model = store
+        .create_model(new_model(&owner.account_id, 2))
+        .await
+        .unwrap();
+    let a = store.create_account(new_account("lien", 6)).await.unwrap();
+    // A prediction in flight holds 2 of the 6 when a refund of all 6 is counted.
+    let hold = store
+        .reserve(&a.account_id, &model.model_id, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .debit_once(&a.account_id, 6, "refund-1")
+            .await
+            .unwrap(),
+        4
+    );
+    let account = store.get_account(&a.account_id).await.unwrap();
+    assert_eq!((account.credits, account.refund_owed), (0, 2));
+    // The prediction fails: its credits pay the lien, not the balance.
+    store.release(&hold.reservation_id).await.unwrap();
+    let account = store.get_account(&a.account_id).await.unwrap();
+    assert_eq!((account.credits, account.refund_owed), (0, 0));
+    // A new request replaces the lien; a deposit pays it first, the rest is spendable.
+    assert_eq!(
+        store
+            .debit_once(&a.account_id, 5, "refund-2")
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store.get_account(&a.account_id).await.unwrap().refund_owed,
+        5
+    );
+    let account = store
+        .grant_once(&a.account_id, 3, "deposit-1")
+        .await
+        .unwrap();
+    assert_eq!((account.credits, account.refund_owed), (0, 2));
+    let account = store
+        .grant_once(&a.account_id, 3, "deposit-1")
+        .await
+        .unwrap();
+    assert_eq!(
+        (account.credits, account.refund_owed),
+        (0, 2),
+        "a retry pays nothing twice"
+    );
+    let account = store.grant(&a.account_id, 7).await.unwrap();
+    assert_eq!((account.credits, account.refund_owed), (5, 0));
+    // A debit that takes all it asks leaves no lien; clearing one frees what comes next.
+    assert_eq!(
+        store
+            .debit_once(&a.account_id, 1, "refund-3")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.get_account(&a.account_id).await.unwrap().refund_owed,
+        0
+    );
+    assert_eq!(
+        store
+            .debit_once(&a.account_id, 10, "refund-4")
+            .await
+            .unwrap(),
+        4
+    );
+    assert_eq!(
+        store.get_account(&a.account_id).await.unwrap().refund_owed,
+        6
+    );
+    let cleared = store.clear_refund_owed(&a.account_id).await.unwrap();
+    assert_eq!((cleared.credits, cleared.refund_owed), (0, 0));
+    let account = store
+        .grant_once(&a.account_id, 3, "deposit-2")
+        .await
+        .unwrap();
+    assert_eq!((account.credits, account.refund_owed), (3, 0));
+    assert_eq!(
+        code(store.clear_refund_owed("acct_missing").await),
+        ErrorCode::NotFound
+    );
+    // Racing grants pay a lien exactly once in all.
+    assert_eq!(
+        store
+            .debit_once(&a.account_id, 13, "refund-5")
+            .await
+            .unwrap(),
+        3
+    );
+    let racing = (0..8).map(|i| {
+        let (store, account) = (store.clone(), a.account_id.clone());
+        tokio::spawn(async move { store.grant_once(&account, 2, &format!("race-{i}")).await })
+    });
+    for r in futures::future::join_all(racing).await {
+        r.unwrap().unwrap();
+    }
+    let account = store.get_account(&a.account_id).await.unwrap();
+    assert_eq!((account.credits, account.refund_owed), (6, 0));
 }
 
 /// A daily cap followed from the chain bounds what reservations take per UTC day, counted in
@@ -564,6 +682,7 @@ pub async fn handles_and_namespaces(store: Store) {
             handle: Some(handle.clone()),
             daily_cap: None,
             charged_today: (0, 0),
+            refund_owed: 0,
             ..new_account("alice", 0)
         })
         .await
@@ -583,6 +702,7 @@ pub async fn handles_and_namespaces(store: Store) {
         handle: Some(handle.clone()),
         daily_cap: None,
         charged_today: (0, 0),
+        refund_owed: 0,
         ..new_account("mallory", 0)
     };
     assert_eq!(
@@ -666,6 +786,7 @@ where
     grant_once(store.clone()).await;
     debit_once(store.clone()).await;
     daily_cap(store.clone()).await;
+    refund_lien(store.clone()).await;
     proof_charges(store.clone()).await;
     batches_are_charged_per_row(store.clone()).await;
     concurrent_reserve(store.clone()).await;

@@ -33,6 +33,11 @@ pub struct Account {
     /// prediction gives back still count (the count only grows, so it never under-counts).
     #[serde(default)]
     pub charged_today: (i64, u64),
+    /// Credits a refund request on chain still claims (the chain ledger): what the request
+    /// asked beyond the balance when it was counted. Credits that come in later (deposits,
+    /// grants, holds given back) pay it first, until the refund is paid on chain or replaced.
+    #[serde(default)]
+    pub refund_owed: u64,
 }
 
 /// The UTC day of a unix time: the label a charge carries on chain.
@@ -41,6 +46,20 @@ pub fn utc_day(unix_secs: i64) -> i64 {
 }
 
 impl Account {
+    /// Adds `amount` incoming credits: the refund lien first, the rest to the balance;
+    /// `BadRequest` when the balance would overflow.
+    pub fn take_in(&mut self, amount: u64) -> Result<(), crate::error::RegistryError> {
+        let lien = amount.min(self.refund_owed);
+        self.credits = self.credits.checked_add(amount - lien).ok_or_else(|| {
+            crate::error::RegistryError::bad_request(format!(
+                "granting {amount} credits would overflow the balance of {}",
+                self.credits
+            ))
+        })?;
+        self.refund_owed -= lien;
+        Ok(())
+    }
+
     /// The credits reserved on `day` (0 when the count is of another day).
     pub fn charged_on(&self, day: i64) -> u64 {
         if self.charged_today.0 == day {

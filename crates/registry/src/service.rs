@@ -250,6 +250,7 @@ fn account_pb(a: Account, held: u64) -> pb::Account {
     pb::Account {
         held,
         daily_cap: a.daily_cap,
+        refund_owed: a.refund_owed,
         charged_today: a.charged_on(crate::model::utc_day(id::unix_now())),
         account_id: a.account_id,
         name: a.name,
@@ -622,6 +623,7 @@ impl RegistryService {
             handle,
             daily_cap: None,
             charged_today: (0, 0),
+            refund_owed: 0,
             account_id,
             name: req.name,
             admin: req.admin,
@@ -1146,6 +1148,7 @@ mod tests {
                 handle: None,
                 daily_cap: None,
                 charged_today: (0, 0),
+                refund_owed: 0,
             })
             .await
             .unwrap();

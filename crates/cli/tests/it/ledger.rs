@@ -291,6 +291,15 @@ impl World {
 
     /// `user` gets `credits`: granted by the admin, or bought on chain with `wallet`'s key and
     /// counted once confirmed.
+    /// Buys `credits` on chain from `wallet` and lets the registry follow the deposit.
+    async fn buy_raw(&self, wallet: &str, credits: u64) {
+        let chain = self.chain();
+        let bought = chain.wallet_cli(wallet, &["buy", "--credits", &credits.to_string()]);
+        assert_eq!(bought["credits"], credits);
+        chain.mine(64).await;
+        self.settle().await;
+    }
+
     async fn buy(&self, user: &Client, wallet: &str, credits: u64) {
         let before = account(user).await["credits"].as_u64().unwrap();
         if let Some(chain) = &self.chain {
@@ -943,6 +952,70 @@ async fn refunds_leave_the_off_chain_balance_too(kind: Kind) {
     // The creator's earning is untouched.
     assert_eq!(account(&creator).await["earnings"], 1);
     world.stop().await;
+}
+
+/// A refund request claims, at the claim, that many credits of whatever the chain holds: what
+/// it asks beyond the off-chain balance (here usage not settled yet) is a lien that credits
+/// coming in before the claim pay first; the claim's `Refunded` log ends it.
+async fn a_refund_claims_what_comes_in_before_it(kind: Kind) {
+    let world = World::start(kind).await;
+    let chain = world.chain();
+    let (_creator, user, model_id) = world.listing(1, 10).await;
+    let late = world.account("late", LATE_USER_KEY).await;
+    world.buy(&late, "late", 5).await;
+    for _ in 0..2 {
+        assert_eq!(predict(&user, &model_id).await.status, 200);
+        assert_eq!(predict(&late, &model_id).await.status, 200);
+    }
+    // All on chain asked back while 2 of it are spent but not settled.
+    chain.wallet_cli("user", &["refund-request", "--credits", "10"]);
+    chain.wallet_cli("late", &["refund-request", "--credits", "5"]);
+    chain.mine(64).await;
+    world.settle().await;
+    for who in [&user, &late] {
+        let me = account(who).await;
+        assert_eq!(me["credits"], 0, "{me}");
+        assert_eq!(me["refund_owed"], 2, "{me}");
+    }
+    assert_eq!(chain.credits_of(USER_KEY).await, 8, "the usage settled");
+    assert_eq!(
+        chain.credits_of(LATE_USER_KEY).await,
+        3,
+        "the usage settled"
+    );
+    // A deposit before the claim pays the lien first: the claim will take 10 of the 13.
+    world.buy_raw("user", 5).await;
+    let me = account(&user).await;
+    assert_eq!(
+        (me["credits"].as_u64(), me["refund_owed"].as_u64()),
+        (Some(3), Some(0)),
+        "{me}"
+    );
+
+    chain.advance(2 * 86_400).await;
+    assert_eq!(chain.wallet_cli("user", &["refund-claim"])["credits"], "10");
+    assert_eq!(chain.credits_of(USER_KEY).await, 3);
+    // A lien still there at the claim (the claim paid less than asked) ends with it.
+    assert_eq!(chain.wallet_cli("late", &["refund-claim"])["credits"], "3");
+    chain.mine(64).await;
+    world.settle().await;
+    assert_eq!(account(&user).await["credits"], 3);
+    assert_eq!(account(&late).await["refund_owed"], 0);
+    world.buy_raw("late", 4).await;
+    assert_eq!(account(&late).await["credits"], 4);
+    assert_eq!(chain.credits_of(LATE_USER_KEY).await, 4);
+    world.stop().await;
+}
+
+mod a_refund_claims_what_comes_in_before_it {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn anvil() {
+        super::a_refund_claims_what_comes_in_before_it(super::Kind::Anvil).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn anvil_mongodb() {
+        super::a_refund_claims_what_comes_in_before_it(super::Kind::AnvilMongoDb).await
+    }
 }
 
 mod refunds_leave_the_off_chain_balance_too {

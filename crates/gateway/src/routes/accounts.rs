@@ -217,9 +217,10 @@ fn optional_json(value: &str) -> serde_json::Value {
 }
 
 /// `GET /v1/account` → `{"account_id","handle","credits","held","earnings","wallet",
-/// "daily_cap","charged_today"}` of the caller; `held` are credits of predictions in flight
-/// (charged or given back when they end); `daily_cap` is the cap the wallet set on chain
-/// (`null`: none) and `charged_today` what was reserved on the current UTC day.
+/// "daily_cap","charged_today","refund_owed"}` of the caller; `held` are credits of predictions
+/// in flight (charged or given back when they end); `daily_cap` is the cap the wallet set on
+/// chain (`null`: none), `charged_today` what was reserved on the current UTC day, and
+/// `refund_owed` what a refund request on chain still claims of the credits that come in.
 pub async fn get_account(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -243,6 +244,7 @@ pub async fn get_account(
         "wallet": optional_json(&account.wallet),
         "daily_cap": account.daily_cap,
         "charged_today": account.charged_today,
+        "refund_owed": account.refund_owed,
     })))
 }
 

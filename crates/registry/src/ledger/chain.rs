@@ -18,7 +18,11 @@
 //! The contract pays at most the credits left on chain when the refund is claimed, after a lock
 //! that covers unsettled usage, so the off-chain balance never exceeds the chain's. A request
 //! that replaces an earlier one takes again from what is left: credits taken for the replaced
-//! one stay on chain, and a later request gets them back in ETH.
+//! one stay on chain, and a later request gets them back in ETH. What a request asks beyond
+//! the balance (credits held by predictions in flight, usage not settled yet) becomes the
+//! account's refund lien (`Account::refund_owed`): the claim will take that much of whatever
+//! the chain holds then, so credits that come in before it (a failed prediction's hold given
+//! back, a deposit) pay the lien first. The `Refunded` log of the claim ends the lien.
 //!
 //! **Daily caps.** The same poll reads the `DailyCapSet` logs; for each, and before counting
 //! each deposit (so an account created after its wallet set a cap knows it before it can spend),
@@ -59,8 +63,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use modelhub_chain::{
-    Address, B256, ChainError, DailyCapChange, Deposit, Marketplace, RefundRequest, Rejection,
-    Revert, U256, UsageRecord,
+    Address, B256, ChainError, DailyCapChange, Deposit, Marketplace, RefundPaid, RefundRequest,
+    Rejection, Revert, U256, UsageRecord,
 };
 use modelhub_core::{ErrorCode, id};
 use tokio::sync::Mutex;
@@ -84,6 +88,7 @@ fn on_chain_id(model_id: &str, charge: Charge) -> String {
 enum Followed {
     Deposit(Deposit),
     Refund(RefundRequest),
+    RefundPaid(RefundPaid),
     Cap(DailyCapChange),
 }
 
@@ -93,6 +98,7 @@ impl Followed {
         match self {
             Followed::Deposit(d) => (d.block, d.log_index),
             Followed::Refund(r) => (r.block, r.log_index),
+            Followed::RefundPaid(r) => (r.block, r.log_index),
             Followed::Cap(c) => (c.block, c.log_index),
         }
     }
@@ -391,6 +397,11 @@ impl ChainLedger {
                 .refund_requests(from, to)
                 .await
                 .map_err(chain_error)?;
+            let paid = self
+                .market
+                .refunds_paid(from, to)
+                .await
+                .map_err(chain_error)?;
             let caps = self
                 .market
                 .daily_cap_changes(from, to)
@@ -399,12 +410,14 @@ impl ChainLedger {
             // In chain order: a refund request takes from the deposits before it.
             let mut events: Vec<Followed> = deposits.into_iter().map(Followed::Deposit).collect();
             events.extend(refunds.into_iter().map(Followed::Refund));
+            events.extend(paid.into_iter().map(Followed::RefundPaid));
             events.extend(caps.into_iter().map(Followed::Cap));
             events.sort_by_key(Followed::at);
             for event in events {
                 match event {
                     Followed::Deposit(d) => self.count_deposit(&d).await?,
                     Followed::Refund(r) => self.hold_refund(&r).await?,
+                    Followed::RefundPaid(r) => self.end_refund_lien(&r).await?,
                     Followed::Cap(c) => self.follow_cap(&c).await?,
                 }
             }
@@ -457,6 +470,18 @@ impl ChainLedger {
             .debit_once(&account.account_id, credits, &debit_id)
             .await?;
         info!(%wallet, account = %account.account_id, requested = credits, taken, block = r.block, "refund request counted");
+        Ok(())
+    }
+
+    /// A refund was paid on chain: credits that come in from now on are the user's again.
+    async fn end_refund_lien(&self, r: &RefundPaid) -> Result<()> {
+        let wallet = modelhub_chain::wallet_string(r.user);
+        if let Some(account) = self.store.find_account_by_wallet(&wallet).await?
+            && account.refund_owed > 0
+        {
+            self.store.clear_refund_owed(&account.account_id).await?;
+            info!(%wallet, account = %account.account_id, credits = %r.credits, lien = account.refund_owed, "refund paid on chain; its lien ends");
+        }
         Ok(())
     }
 
@@ -533,6 +558,7 @@ impl ChainLedger {
             handle: None,
             daily_cap: None,
             charged_today: (0, 0),
+            refund_owed: 0,
         };
         match self.store.create_account(account).await {
             Ok(account) => Ok(account),
@@ -764,6 +790,15 @@ impl ChainLedger {
             .collect();
         let records: Vec<UsageRecord> = sent.iter().map(|i| plan.records[*i].clone()).collect();
         let expected = modelhub_chain::records_hash(&records);
+        if let Some(latest) = records.iter().map(|r| r.day).max() {
+            // Usage labelled with a day the chain's clock has not reached yet (this host's
+            // clock runs ahead of it, around midnight) would be skipped as stale: wait for it.
+            let chain_day = self.market.latest_block_time().await.map_err(chain_error)? / 86_400;
+            if latest > chain_day {
+                info!(batch = %batch.batch_id, day = latest, chain_day, "usage of a day the chain has not reached yet; the batch waits");
+                return Ok(false);
+            }
+        }
         batch.attempts += 1;
         batch.updated_at = id::unix_now();
         let outcome = if records.is_empty() {

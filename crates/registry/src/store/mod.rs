@@ -86,10 +86,16 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Takes up to `amount` credits from the account (all it has when that is less), at most
     /// once per `debit_id`, and returns the credits taken; a retry with the same id changes
-    /// nothing and returns what the first call took. The check and the debit are one atomic
-    /// operation. `NotFound` when the account is unknown. (The chain ledger's refund requests:
-    /// credits a user asks back on chain stop being spendable off chain.)
+    /// nothing and returns what the first call took. What it could not take becomes the
+    /// account's refund lien (`Account::refund_owed`, replacing an earlier one): credits that
+    /// come in later pay it first. The check, the debit and the lien are one atomic operation.
+    /// `NotFound` when the account is unknown. (The chain ledger's refund requests: credits a
+    /// user asks back on chain stop being spendable off chain, and so do the credits the claim
+    /// will take from what arrives before it.)
     async fn debit_once(&self, account_id: &str, amount: u64, debit_id: &str) -> Result<u64>;
+
+    /// Ends the account's refund lien (the refund was paid on chain).
+    async fn clear_refund_owed(&self, account_id: &str) -> Result<Account>;
 
     /// Sets the account's daily cap (`Account::daily_cap`, as the chain ledger follows it).
     /// Reservations check it and count what they take per UTC day (`Account::charged_today`),

@@ -310,6 +310,10 @@ fn account_doc(a: &Account) -> Result<Document> {
     if let Some(cap) = a.daily_cap {
         d.insert("daily_cap", to_i64(cap, "daily cap")?);
     }
+    // Absent (not 0) without a lien: credits that come in take the one-update path.
+    if a.refund_owed > 0 {
+        d.insert("refund_owed", to_i64(a.refund_owed, "refund owed")?);
+    }
     if a.charged_today.1 > 0 {
         d.insert(
             "charged",
@@ -317,6 +321,16 @@ fn account_doc(a: &Account) -> Result<Document> {
         );
     }
     Ok(d)
+}
+
+/// Adds the fields of `fields` to the update operator `op` of `update` (creating it).
+fn merge_op(update: &mut Document, op: &str, fields: Document) {
+    match update.get_document_mut(op) {
+        Ok(existing) => existing.extend(fields),
+        Err(_) => {
+            update.insert(op, fields);
+        }
+    }
 }
 
 /// The latest day of the account's `charged` map (`{"d<utc day>": credits}`), as
@@ -352,6 +366,10 @@ fn account_from(d: &Document) -> Result<Account> {
             Some(_) => Some(get_u64(d, W, "daily_cap")?),
         },
         charged_today: charged_today_from(d),
+        refund_owed: match d.get("refund_owed") {
+            None | Some(Bson::Null) => 0,
+            Some(_) => get_u64(d, W, "refund_owed")?,
+        },
     })
 }
 
@@ -889,15 +907,75 @@ impl MongoStore {
         amount: i64,
     ) -> Result<bool> {
         let m = marker(rid, DEBIT);
-        let r = self
-            .inner
-            .accounts
-            .update_one(
-                doc! { "_id": account_id, format!("{m}.token"): token },
-                doc! { "$inc": { "credits": amount }, "$unset": { &m: "" } },
+        let done = self
+            .take_in(
+                account_id,
+                doc! { format!("{m}.token"): token },
+                amount,
+                doc! { "$unset": { &m: "" } },
             )
             .await?;
-        Ok(r.matched_count == 1)
+        Ok(done.is_some())
+    }
+
+    /// Adds `amount` incoming credits to the account if it also matches `filter`, with the
+    /// other operators of `update`, paying its refund lien (`refund_owed`) first; returns the
+    /// account afterwards, `None` when it does not match. An account without a lien takes one
+    /// update; one with a lien, a compare-and-set on the lien read.
+    async fn take_in(
+        &self,
+        account_id: &str,
+        filter: Document,
+        amount: i64,
+        update: Document,
+    ) -> Result<Option<Document>> {
+        let mut tries = 0;
+        let mut owed: Option<i64> = None;
+        loop {
+            tries += 1;
+            let mut f = doc! { "_id": account_id };
+            f.extend(filter.clone());
+            let mut u = update.clone();
+            let lien = owed.unwrap_or(0).min(amount);
+            match owed {
+                None => f.insert("refund_owed", doc! { "$exists": false }),
+                Some(owed) => f.insert("refund_owed", owed),
+            };
+            let mut inc = doc! { "credits": amount - lien };
+            if let Some(owed) = owed {
+                if owed == lien {
+                    merge_op(&mut u, "$unset", doc! { "refund_owed": "" });
+                } else {
+                    inc.insert("refund_owed", -lien);
+                }
+            }
+            merge_op(&mut u, "$inc", inc);
+            let done = self
+                .inner
+                .accounts
+                .find_one_and_update(f, u)
+                .return_document(ReturnDocument::After)
+                .await?;
+            if done.is_some() {
+                return Ok(done);
+            }
+            let Some(d) = Self::find_one(&self.inner.accounts, doc! { "_id": account_id }).await?
+            else {
+                return Ok(None);
+            };
+            let now_owed = match d.get("refund_owed") {
+                None | Some(Bson::Null) => None,
+                Some(_) => Some(to_i64(
+                    get_u64(&d, "account", "refund_owed")?,
+                    "refund owed",
+                )?),
+            };
+            if now_owed == owed || tries >= 16 {
+                // The lien is as this try assumed: `filter` is what did not match.
+                return Ok(None);
+            }
+            owed = now_owed;
+        }
     }
 
     /// Removes the debit marker of `rid` if it is the one made with `token`.
@@ -1172,16 +1250,13 @@ impl MongoStore {
         let r = &s.r;
         let amount = to_i64(r.amount, "price")?;
         let m = marker(&r.reservation_id, REFUND);
-        self.inner
-            .accounts
-            .update_one(
-                doc! { "_id": &r.account_id, &m: { "$exists": false } },
-                doc! {
-                    "$inc": { "credits": amount },
-                    "$set": { &m: { "amount": amount, "at": id::unix_now() } },
-                },
-            )
-            .await?;
+        self.take_in(
+            &r.account_id,
+            doc! { &m: { "$exists": false } },
+            amount,
+            doc! { "$set": { &m: { "amount": amount, "at": id::unix_now() } } },
+        )
+        .await?;
         self.inner
             .reservations
             .update_one(
@@ -1577,13 +1652,12 @@ impl MetadataStore for MongoStore {
             };
             let amount = i64::try_from(amount).map_err(|_| overflow())?;
             let updated = self
-                .inner
-                .accounts
-                .find_one_and_update(
-                    doc! { "_id": account_id, "credits": { "$lte": i64::MAX - amount } },
-                    doc! { "$inc": { "credits": amount } },
+                .take_in(
+                    account_id,
+                    doc! { "credits": { "$lte": i64::MAX - amount } },
+                    amount,
+                    doc! {},
                 )
-                .return_document(ReturnDocument::After)
                 .await?;
             match updated {
                 Some(d) => account_from(&d),
@@ -1612,17 +1686,15 @@ impl MetadataStore for MongoStore {
             // One single-document update: credit and remember the grant, only if it was not
             // remembered before.
             let updated = self
-                .inner
-                .accounts
-                .find_one_and_update(
+                .take_in(
+                    account_id,
                     doc! {
-                        "_id": account_id,
                         &field: { "$exists": false },
                         "credits": { "$lte": i64::MAX - amount },
                     },
-                    doc! { "$inc": { "credits": amount }, "$set": { &field: amount } },
+                    amount,
+                    doc! { "$set": { &field: amount } },
                 )
-                .return_document(ReturnDocument::After)
                 .await?;
             if let Some(d) = updated {
                 return account_from(&d);
@@ -1676,12 +1748,42 @@ impl MetadataStore for MongoStore {
                     .accounts
                     .find_one_and_update(
                         doc! { "_id": account_id, "credits": balance, &field: { "$exists": false } },
-                        doc! { "$inc": { "credits": -taken }, "$set": { &field: taken } },
+                        if taken < amount {
+                            doc! {
+                                "$inc": { "credits": -taken },
+                                "$set": { &field: taken, "refund_owed": amount - taken },
+                            }
+                        } else {
+                            doc! {
+                                "$inc": { "credits": -taken },
+                                "$set": { &field: taken },
+                                "$unset": { "refund_owed": "" },
+                            }
+                        },
                     )
                     .await?;
                 if updated.is_some() {
                     return Ok(u64::try_from(taken).unwrap_or_default());
                 }
+            }
+        })
+        .await
+    }
+
+    async fn clear_refund_owed(&self, account_id: &str) -> Result<Account> {
+        self.timed(async {
+            match self
+                .inner
+                .accounts
+                .find_one_and_update(
+                    doc! { "_id": account_id },
+                    doc! { "$unset": { "refund_owed": "" } },
+                )
+                .return_document(ReturnDocument::After)
+                .await?
+            {
+                Some(d) => account_from(&d),
+                None => Err(RegistryError::not_found("account", account_id)),
             }
         })
         .await

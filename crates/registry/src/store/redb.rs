@@ -335,12 +335,7 @@ impl MetadataStore for RedbStore {
             let mut t = txn.open_table(ACCOUNTS)?;
             let mut account: Account = get_json(&t, &account_id)?
                 .ok_or_else(|| RegistryError::not_found("account", &account_id))?;
-            account.credits = account.credits.checked_add(amount).ok_or_else(|| {
-                RegistryError::bad_request(format!(
-                    "granting {amount} credits would overflow the balance of {}",
-                    account.credits
-                ))
-            })?;
+            account.take_in(amount)?;
             put_json(&mut t, &account_id, &account)?;
             Ok(account)
         })
@@ -363,12 +358,7 @@ impl MetadataStore for RedbStore {
                     ))
                 };
             }
-            account.credits = account.credits.checked_add(amount).ok_or_else(|| {
-                RegistryError::bad_request(format!(
-                    "granting {amount} credits would overflow the balance of {}",
-                    account.credits
-                ))
-            })?;
+            account.take_in(amount)?;
             grants.insert(grant_key.as_str(), amount.to_string().as_str())?;
             put_json(&mut t, &account_id, &account)?;
             Ok(account)
@@ -391,9 +381,23 @@ impl MetadataStore for RedbStore {
             }
             let taken = amount.min(account.credits);
             account.credits -= taken;
+            account.refund_owed = amount - taken;
             grants.insert(debit_key.as_str(), format!("-{taken}").as_str())?;
             put_json(&mut t, &account_id, &account)?;
             Ok(taken)
+        })
+        .await
+    }
+
+    async fn clear_refund_owed(&self, account_id: &str) -> Result<Account> {
+        let account_id = account_id.to_owned();
+        self.write(move |txn| {
+            let mut t = txn.open_table(ACCOUNTS)?;
+            let mut account: Account = get_json(&t, &account_id)?
+                .ok_or_else(|| RegistryError::not_found("account", &account_id))?;
+            account.refund_owed = 0;
+            put_json(&mut t, &account_id, &account)?;
+            Ok(account)
         })
         .await
     }
@@ -702,7 +706,7 @@ impl MetadataStore for RedbStore {
             let mut accounts = txn.open_table(ACCOUNTS)?;
             let mut account: Account = get_json(&accounts, &r.account_id)?
                 .ok_or_else(|| RegistryError::not_found("account", &r.account_id))?;
-            account.credits = account.credits.checked_add(r.amount).ok_or_else(|| {
+            account.take_in(r.amount).map_err(|_| {
                 RegistryError::conflict("returning the held credits would overflow the balance")
             })?;
             r.state = ReservationState::Released;
