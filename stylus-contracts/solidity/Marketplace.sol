@@ -67,6 +67,12 @@ contract Marketplace {
     /// cap still settles.
     uint256 private constant CAP_DELAY = 2 days;
     uint256 private constant MAX = type(uint256).max;
+    /// The least weiPerCredit the constructor accepts (1 gwei; below it, InvalidRate). The
+    /// off-chain registry counts credits as u64 (stored as i64 in MongoDB); with this floor all
+    /// the ether in existence (about 1.2e26 wei) buys at most about 1.2e17 credits, far under
+    /// i64 max (about 9.2e18), so no balance, earnings or batch total the registry mirrors can
+    /// overflow it.
+    uint256 private constant MIN_WEI_PER_CREDIT = 1 gwei;
 
     struct Model {
         address owner;
@@ -106,7 +112,7 @@ contract Marketplace {
 
     constructor(address admin_, uint256 weiPerCredit_, address operator_) {
         if (admin_ == address(0)) revert ZeroAddress();
-        if (weiPerCredit_ == 0) revert InvalidRate();
+        if (weiPerCredit_ < MIN_WEI_PER_CREDIT) revert InvalidRate();
         _admin = admin_;
         _weiPerCredit = weiPerCredit_;
         emit AdminChanged(address(0), admin_);

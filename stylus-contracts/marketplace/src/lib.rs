@@ -135,6 +135,11 @@ pub const DAY: u64 = 86_400;
 /// longest time usage may wait for settlement (a record settles on its day or the next), so
 /// usage charged under the old cap still settles.
 pub const CAP_DELAY: u64 = 2 * 86_400;
+/// The least `weiPerCredit` the constructor accepts (1 gwei; below it, `InvalidRate`). The
+/// off-chain registry counts credits as u64 (stored as i64 in MongoDB); with this floor all the
+/// ether in existence (about 1.2e26 wei) buys at most about 1.2e17 credits, far under i64::MAX
+/// (about 9.2e18), so no balance, earnings or batch total the registry mirrors can overflow it.
+pub const MIN_WEI_PER_CREDIT: u64 = 1_000_000_000;
 
 /// Every way a Marketplace call can revert; each is a Solidity custom error.
 #[derive(SolidityError, Debug, Clone, PartialEq)]
@@ -143,7 +148,7 @@ pub enum MarketplaceError {
     Unauthorized(Unauthorized),
     /// The zero address was given where an account is needed.
     ZeroAddress(ZeroAddress),
-    /// The deploy-time rate `weiPerCredit` was zero.
+    /// The deploy-time rate `weiPerCredit` was below `MIN_WEI_PER_CREDIT` (1 gwei).
     InvalidRate(InvalidRate),
     /// A model with this key is already registered.
     ModelAlreadyRegistered(ModelAlreadyRegistered),
@@ -413,9 +418,10 @@ impl Marketplace {
 
 #[public]
 impl Marketplace {
-    /// Sets the admin, the price of one credit in wei (both non-zero) and, unless zero, a first
-    /// operator (enabled at once: the deployer chose it). `msg.sender` is the deployer proxy
-    /// under Stylus, so the admin is passed explicitly.
+    /// Sets the admin (non-zero), the price of one credit in wei (at least
+    /// `MIN_WEI_PER_CREDIT`, else `InvalidRate`) and, unless zero, a first operator (enabled at
+    /// once: the deployer chose it). `msg.sender` is the deployer proxy under Stylus, so the
+    /// admin is passed explicitly.
     #[constructor]
     pub fn constructor(
         &mut self,
@@ -426,7 +432,7 @@ impl Marketplace {
         if admin.is_zero() {
             return Err(MarketplaceError::ZeroAddress(ZeroAddress {}));
         }
-        if wei_per_credit.is_zero() {
+        if wei_per_credit < U256::from(MIN_WEI_PER_CREDIT) {
             return Err(MarketplaceError::InvalidRate(InvalidRate {}));
         }
         self.admin.set(admin);

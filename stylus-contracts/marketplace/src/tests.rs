@@ -25,8 +25,8 @@ const ALICE: Address = address!("0000000000000000000000000000000000000a11");
 const BOB: Address = address!("0000000000000000000000000000000000000b0b");
 const STRANGER: Address = address!("0000000000000000000000000000000000000bad");
 
-/// Price of a credit in the default deployment.
-const RATE: u64 = 1_000;
+/// Price of a credit in the default deployment: the least the constructor accepts.
+const RATE: u64 = MIN_WEI_PER_CREDIT;
 /// The block time the tests start at (22:13 UTC).
 const T0: u64 = 1_700_000_000;
 
@@ -232,18 +232,34 @@ fn constructor_sets_admin_rate_and_first_operator() {
 }
 
 #[test]
-fn constructor_rejects_zero_admin_and_zero_rate() {
+fn constructor_rejects_zero_admin_and_a_rate_below_one_gwei() {
     let vm = TestVM::default();
     let mut c = Marketplace::from(&vm);
     assert_eq!(
-        c.constructor(Address::ZERO, u(1), OPERATOR),
+        c.constructor(Address::ZERO, u(RATE), OPERATOR),
         Err(MarketplaceError::ZeroAddress(ZeroAddress {}))
     );
-    assert_eq!(
-        c.constructor(ADMIN, U256::ZERO, OPERATOR),
-        Err(MarketplaceError::InvalidRate(InvalidRate {}))
-    );
+    for low in [U256::ZERO, u(1), u(MIN_WEI_PER_CREDIT - 1)] {
+        assert_eq!(
+            c.constructor(ADMIN, low, OPERATOR),
+            Err(MarketplaceError::InvalidRate(InvalidRate {}))
+        );
+    }
     assert!(vm.get_emitted_logs().is_empty());
+    assert_eq!(c.admin().unwrap(), Address::ZERO);
+    // The floor itself is accepted: 1 gwei.
+    assert_eq!(MIN_WEI_PER_CREDIT, 1_000_000_000);
+    c.constructor(ADMIN, u(MIN_WEI_PER_CREDIT), OPERATOR)
+        .unwrap();
+    assert_eq!(c.wei_per_credit().unwrap(), u(MIN_WEI_PER_CREDIT));
+}
+
+#[test]
+fn the_rate_floor_keeps_every_credit_count_within_i64() {
+    // All the ether there is (about 1.2e26 wei; 1e27 to be safe) buys fewer credits than the
+    // registry's i64 can count.
+    let all_ether = U256::from(10).pow(u(27));
+    assert!(all_ether / u(MIN_WEI_PER_CREDIT) < U256::from(i64::MAX as u64));
 }
 
 #[test]
@@ -502,15 +518,34 @@ fn buy_credits_at_the_deploy_rate_accumulates_and_refuses_bad_amounts() {
     assert_eq!(env.credits(BOB), U256::ZERO);
 }
 
+/// The storage slot of `accounts[who].credits`: `accounts` is the contract's 9th slot (8),
+/// and `credits` the first field of `Account`, as in Solidity's layout.
+fn credits_slot(who: Address) -> U256 {
+    U256::from_be_bytes(keccak256((who, u(8)).abi_encode()).0)
+}
+
 #[test]
 fn buy_credits_overflow_is_a_custom_error() {
-    let mut env = Env::deployed(u(1), OPERATOR);
-    env.pay(ALICE, U256::MAX).c.buy_credits().unwrap();
+    // With the rate floor no one holds enough ether to overflow a balance, so the balance is
+    // set in storage (at the slot a real purchase writes) to just under the maximum.
+    let mut env = Env::new();
+    env.buy(ALICE, 7);
     assert_eq!(
-        env.pay(ALICE, u(1)).c.buy_credits(),
+        env.vm.get_storage(credits_slot(ALICE)),
+        B256::from(u(7).to_be_bytes::<32>())
+    );
+    env.vm.set_storage(
+        credits_slot(ALICE),
+        B256::from((U256::MAX - u(1)).to_be_bytes::<32>()),
+    );
+    env.buy(ALICE, 1);
+    env.take_logs();
+    assert_eq!(
+        env.pay(ALICE, u(RATE)).c.buy_credits(),
         Err(MarketplaceError::ArithmeticOverflow(ArithmeticOverflow {}))
     );
     assert_eq!(env.credits(ALICE), U256::MAX);
+    assert!(env.take_logs().is_empty());
 }
 
 // ---------------------------------------------------------------- settlement
@@ -1129,32 +1164,35 @@ fn failed_payout_reverts_with_transfer_failed_and_keeps_earnings() {
 
 #[test]
 fn withdraw_overflow_reverts() {
-    let mut env = Env::deployed(u(2), OPERATOR);
-    let big = U256::MAX / u(2) - u(1);
+    // Each user buys the most credits one payment can (`big`), so three of them owe the owner
+    // more than `U256::MAX / RATE` credits: paying that out overflows.
+    let mut env = Env::new();
+    let big = U256::MAX / u(RATE);
     let m = env
         .as_(CREATOR)
         .c
-        .register_model(id(1), id(1), id(1), big / u(2))
+        .register_model(id(1), id(1), id(1), big)
         .unwrap();
     let mut records = Vec::new();
     for who in [ALICE, BOB, STRANGER] {
-        env.pay(who, big).c.buy_credits().unwrap();
+        env.pay(who, big * u(RATE)).c.buy_credits().unwrap();
         records.push(UsageRecord {
             user: who,
             modelId: m,
             calls: 1,
-            credits: big / u(2),
+            credits: big,
             day: T0 / DAY,
             receiptBatchHash: B256::ZERO,
         });
     }
     env.settle(1, records).unwrap();
     env.take_logs();
+    assert_eq!(env.earnings(CREATOR), big * u(3));
     assert_eq!(
         env.as_(CREATOR).c.withdraw(),
         Err(MarketplaceError::ArithmeticOverflow(ArithmeticOverflow {}))
     );
-    assert_eq!(env.earnings(CREATOR), (big / u(2)) * u(3));
+    assert_eq!(env.earnings(CREATOR), big * u(3));
     assert!(env.take_logs().is_empty());
 }
 

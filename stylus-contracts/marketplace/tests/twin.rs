@@ -1,6 +1,11 @@
-//! Differential test: the same calls, as raw calldata, go to the Stylus contract (through its
-//! router on a TestVM) and to the Solidity twin (abi/Marketplace.json's bytecode on revm, an
-//! in-process EVM); return data, revert data and logs must be byte-for-byte the same.
+//! Differential tests: the same calls, as raw calldata, go to the Stylus contract and to the
+//! Solidity twin (abi/Marketplace.json's bytecode on revm, an in-process EVM); return data,
+//! revert data and logs must be byte-for-byte the same. The Stylus contract runs two ways, on
+//! the same scenario: natively (its router on a TestVM), and as the release WASM `cargo
+//! stylus` would deploy (target/wasm32-unknown-unknown/release/stylus_marketplace.wasm, built
+//! by `scripts/contracts test`) in a minimal Stylus host on wasmi (`wasm_host`).
+
+mod wasm_host;
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -12,8 +17,12 @@ use revm::{
     state::AccountInfo,
     Context, ExecuteCommitEvm, MainBuilder, MainContext, MainnetEvm,
 };
-use stylus_marketplace::Marketplace;
-use stylus_sdk::{abi::Router, testing::TestVM};
+use stylus_marketplace::{Marketplace, MIN_WEI_PER_CREDIT};
+use stylus_sdk::{
+    abi::{Router, CONSTRUCTOR_SELECTOR},
+    testing::TestVM,
+};
+use wasm_host::WasmHost;
 
 sol! {
     struct UsageRecord { address user; bytes32 modelId; uint64 calls; uint256 credits; uint64 day; bytes32 receiptBatchHash; }
@@ -60,7 +69,13 @@ const ALICE: Address = address!("0000000000000000000000000000000000000a11");
 const BOB: Address = address!("0000000000000000000000000000000000000b0b");
 const OPERATOR2: Address = address!("00000000000000000000000000000000000000b2");
 const STRANGER: Address = address!("0000000000000000000000000000000000000bad");
-const RATE: u64 = 1_000;
+const RATE: u64 = MIN_WEI_PER_CREDIT;
+/// Every account's starting balance on the twin's chain and the WASM host's.
+const ACCOUNTS: [Address; 10] = [
+    DEPLOYER, ADMIN, ADMIN2, OPERATOR, OPERATOR2, CREATOR, CREATOR2, ALICE, BOB, STRANGER,
+];
+/// Where the WASM host deploys the program.
+const CONTRACT: Address = address!("000000000000000000000000000000000000c0de");
 /// The block time both start at.
 const T0: u64 = 1_700_000_000;
 const DAY: u64 = 86_400;
@@ -114,10 +129,138 @@ impl Stylus {
     fn call(&mut self, from: Address, value: U256, data: &[u8]) -> Outcome {
         self.vm.set_sender(from);
         self.vm.set_value(value);
-        let selector = u32::from_be_bytes(data[..4].try_into().unwrap());
+        // As the SDK's router: calldata too short for a selector reverts (no fallback here).
+        let Some(selector) = data.get(..4) else {
+            return Stylus::outcome(&self.vm, Err(Vec::new()));
+        };
+        let selector = u32::from_be_bytes(selector.try_into().unwrap());
         let res = <Marketplace as Router<Marketplace>>::route(&mut self.c, selector, &data[4..])
             .unwrap_or(Err(Vec::new()));
         Stylus::outcome(&self.vm, res)
+    }
+}
+
+fn start_balance() -> U256 {
+    U256::from(10).pow(U256::from(30))
+}
+
+/// A deployed contract the scenario calls.
+trait Contract {
+    fn call(&mut self, from: Address, value: U256, data: &[u8]) -> Outcome;
+    /// Moves the chain to the block time `t`.
+    fn at(&mut self, t: u64);
+}
+
+impl Contract for Stylus {
+    fn call(&mut self, from: Address, value: U256, data: &[u8]) -> Outcome {
+        Stylus::call(self, from, value, data)
+    }
+    fn at(&mut self, t: u64) {
+        self.vm.set_block_timestamp(t);
+    }
+}
+
+/// The release WASM of the contract, on the minimal Stylus host.
+struct Wasm {
+    host: WasmHost,
+}
+
+/// The WASM `scripts/contracts test` builds: `cargo build --release --locked --target
+/// wasm32-unknown-unknown --lib` in stylus-contracts (`STYLUS_MARKETPLACE_WASM` overrides).
+fn release_wasm() -> Vec<u8> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = std::env::var_os("STYLUS_MARKETPLACE_WASM").map_or_else(
+        || root.join("../target/wasm32-unknown-unknown/release/stylus_marketplace.wasm"),
+        std::path::PathBuf::from,
+    );
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; build it with `cargo build --release --locked --target \
+                 wasm32-unknown-unknown --lib` in stylus-contracts (scripts/contracts test does)",
+                path.display()
+            )
+        });
+    // A WASM older than the contract's source would test an old contract.
+    let source = std::fs::metadata(root.join("src/lib.rs"))
+        .and_then(|m| m.modified())
+        .unwrap();
+    assert!(
+        source <= built,
+        "{} is older than src/lib.rs: rebuild it (scripts/contracts test)",
+        path.display()
+    );
+    std::fs::read(&path).unwrap()
+}
+
+impl Wasm {
+    /// Deploys as Stylus 0.10 does: the program is placed, then called (here from the
+    /// deployer) with `CONSTRUCTOR_SELECTOR ++ abi.encode(args)`; the SDK's router runs the
+    /// `#[constructor]` once (a storage slot guards it). A reverting constructor fails the
+    /// deployment.
+    fn deploy(admin: Address, rate: U256) -> (Wasm, Outcome) {
+        let mut chain = wasm_host::Chain {
+            timestamp: T0,
+            ..Default::default()
+        };
+        for who in ACCOUNTS {
+            chain.balances.insert(who, start_balance());
+        }
+        let mut wasm = Wasm {
+            host: WasmHost::new(&release_wasm(), CONTRACT, chain),
+        };
+        let mut data = CONSTRUCTOR_SELECTOR.to_be_bytes().to_vec();
+        data.extend(
+            constructorCall {
+                admin,
+                weiPerCredit: rate,
+                operator: OPERATOR,
+            }
+            .abi_encode(),
+        );
+        let mut out = wasm.call(DEPLOYER, U256::ZERO, &data);
+        if out.ok {
+            // A deployment returns no data (the twin's CREATE neither).
+            out.data.clear();
+        }
+        (wasm, out)
+    }
+}
+
+impl Contract for Wasm {
+    fn call(&mut self, from: Address, value: U256, data: &[u8]) -> Outcome {
+        let r = self.host.call(from, value, data);
+        Outcome {
+            ok: r.ok,
+            data: r.data,
+            logs: r.logs,
+        }
+    }
+    fn at(&mut self, t: u64) {
+        self.host.chain.timestamp = t;
+    }
+}
+
+/// Which build of the Stylus contract a differential test runs.
+#[derive(Clone, Copy, Debug)]
+enum Build {
+    /// The Rust code, natively: its router on a TestVM.
+    Native,
+    /// The release WASM on the minimal Stylus host.
+    Wasm,
+}
+
+fn deploy_stylus(build: Build, admin: Address, rate: U256) -> (Box<dyn Contract>, Outcome) {
+    match build {
+        Build::Native => {
+            let (c, out) = Stylus::deploy(admin, rate);
+            (Box::new(c), out)
+        }
+        Build::Wasm => {
+            let (c, out) = Wasm::deploy(admin, rate);
+            (Box::new(c), out)
+        }
     }
 }
 
@@ -143,13 +286,8 @@ impl Twin {
         );
 
         let mut db = CacheDB::<EmptyDB>::default();
-        for who in [
-            DEPLOYER, ADMIN, ADMIN2, OPERATOR, OPERATOR2, CREATOR, CREATOR2, ALICE, BOB, STRANGER,
-        ] {
-            db.insert_account_info(
-                who,
-                AccountInfo::from_balance(U256::from(10).pow(U256::from(30))),
-            );
+        for who in ACCOUNTS {
+            db.insert_account_info(who, AccountInfo::from_balance(start_balance()));
         }
         let evm = Context::mainnet()
             .with_db(db)
@@ -224,6 +362,15 @@ impl Twin {
     }
 }
 
+impl Contract for Twin {
+    fn call(&mut self, from: Address, value: U256, data: &[u8]) -> Outcome {
+        Twin::call(self, from, value, data)
+    }
+    fn at(&mut self, t: u64) {
+        self.evm.ctx.modify_block(|b| b.timestamp = U256::from(t));
+    }
+}
+
 fn id(n: u8) -> FixedBytes<32> {
     FixedBytes::repeat_byte(n)
 }
@@ -277,10 +424,11 @@ fn settle(from: Address, batch: u8, records: Vec<UsageRecord>) -> Step {
     )
 }
 
-/// Runs `steps` on both contracts; every outcome must be the same, and `true` steps must succeed.
-/// Returns the number of calls, of reverts, and the reasons of the `UsageRejected` logs seen.
-fn differential(rate: U256, steps: Vec<Step>) -> (usize, usize, BTreeSet<u8>) {
-    let (mut stylus, s0) = Stylus::deploy(ADMIN, rate);
+/// Runs `steps` on the Stylus contract (`build`) and the twin; every outcome must be the same,
+/// and `true` steps must succeed. Returns the number of calls, of reverts, and the reasons of
+/// the `UsageRejected` logs seen.
+fn differential(build: Build, rate: U256, steps: Vec<Step>) -> (usize, usize, BTreeSet<u8>) {
+    let (mut stylus, s0) = deploy_stylus(build, ADMIN, rate);
     let (mut twin, t0) = Twin::deploy(ADMIN, rate);
     assert!(s0.ok && t0.ok);
     assert_eq!(s0.logs, t0.logs, "constructor logs");
@@ -290,13 +438,16 @@ fn differential(rate: U256, steps: Vec<Step>) -> (usize, usize, BTreeSet<u8>) {
     for (i, step) in steps.into_iter().enumerate() {
         match step {
             At(t) => {
-                stylus.vm.set_block_timestamp(t);
-                twin.evm.ctx.modify_block(|b| b.timestamp = U256::from(t));
+                stylus.at(t);
+                Contract::at(&mut twin, t);
             }
             Call(from, value, data, must_succeed) => {
                 let s = stylus.call(from, value, &data);
                 let t = twin.call(from, value, &data);
-                assert_eq!(s, t, "step {i}: Stylus (left) and twin (right) differ");
+                assert_eq!(
+                    s, t,
+                    "step {i}: Stylus {build:?} (left) and twin (right) differ"
+                );
                 if must_succeed {
                     assert!(s.ok, "step {i} should succeed: {s:?}");
                 }
@@ -315,6 +466,17 @@ fn differential(rate: U256, steps: Vec<Step>) -> (usize, usize, BTreeSet<u8>) {
 
 #[test]
 fn stylus_contract_and_solidity_twin_behave_the_same() {
+    run_scenario(Build::Native);
+}
+
+#[test]
+fn the_deployed_wasm_behaves_as_the_twin() {
+    run_scenario(Build::Wasm);
+}
+
+/// The scenario both differential tests run: every function, most errors, every rejection
+/// reason but overflow, on the Stylus contract built as `build` and on the twin.
+fn run_scenario(build: Build) {
     let m1 = key(CREATOR, 1);
     let m2 = key(CREATOR2, 2);
     let own = key(OPERATOR, 3);
@@ -629,7 +791,7 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
     for who in [ALICE, BOB, CREATOR, CREATOR2, OPERATOR] {
         steps.extend(views(who));
     }
-    let (n, reverts, reasons) = differential(u(RATE), steps);
+    let (n, reverts, reasons) = differential(build, u(RATE), steps);
     // The scenario exercises both paths, and every rejection reason but overflow.
     assert!(
         reverts > 25 && reverts < n - 25,
@@ -643,17 +805,58 @@ fn stylus_contract_and_solidity_twin_behave_the_same() {
 
 #[test]
 fn deploy_errors_are_the_same() {
-    for (admin, rate) in [(Address::ZERO, u(1)), (ADMIN, U256::ZERO)] {
-        let (_, s) = Stylus::deploy(admin, rate);
-        let (_, t) = Twin::deploy(admin, rate);
-        assert!(!s.ok);
-        assert_eq!(s, t);
+    for build in [Build::Native, Build::Wasm] {
+        let below_floor = u(MIN_WEI_PER_CREDIT - 1);
+        for (admin, rate) in [
+            (Address::ZERO, u(RATE)),
+            (ADMIN, U256::ZERO),
+            (ADMIN, u(1)),
+            (ADMIN, below_floor),
+        ] {
+            let (_, s) = deploy_stylus(build, admin, rate);
+            let (_, t) = Twin::deploy(admin, rate);
+            assert!(!s.ok, "{build:?}: deploy({admin}, {rate}) should fail");
+            assert_eq!(s, t, "{build:?}: deploy({admin}, {rate})");
+        }
+        // The floor itself, 1 gwei, is accepted by both.
+        let (mut s, s0) = deploy_stylus(build, ADMIN, u(MIN_WEI_PER_CREDIT));
+        let (mut t, t0) = Twin::deploy(ADMIN, u(MIN_WEI_PER_CREDIT));
+        assert!(s0.ok, "{build:?}: {s0:?}");
+        assert_eq!(s0, t0);
+        let rate = weiPerCreditCall {}.abi_encode();
+        let out = s.call(ALICE, U256::ZERO, &rate);
+        assert_eq!(out, t.call(ALICE, U256::ZERO, &rate));
+        assert_eq!(out.data, u(MIN_WEI_PER_CREDIT).to_be_bytes::<32>());
     }
 }
 
 #[test]
+fn the_wasm_constructor_runs_once() {
+    let (mut wasm, out) = Wasm::deploy(ADMIN, u(RATE));
+    assert!(out.ok);
+    let mut again = CONSTRUCTOR_SELECTOR.to_be_bytes().to_vec();
+    again.extend(
+        constructorCall {
+            admin: STRANGER,
+            weiPerCredit: u(RATE),
+            operator: STRANGER,
+        }
+        .abi_encode(),
+    );
+    assert!(!wasm.call(STRANGER, U256::ZERO, &again).ok);
+    let admin = wasm.call(ALICE, U256::ZERO, &adminCall {}.abi_encode());
+    assert_eq!(admin.data, ADMIN.into_word().to_vec());
+}
+
+#[test]
 fn malformed_calls_revert_on_both() {
-    let (mut stylus, _) = Stylus::deploy(ADMIN, u(RATE));
+    for build in [Build::Native, Build::Wasm] {
+        malformed_calls(build);
+    }
+}
+
+fn malformed_calls(build: Build) {
+    let (mut stylus, _) = deploy_stylus(build, ADMIN, u(RATE));
     let (mut twin, _) = Twin::deploy(ADMIN, u(RATE));
     let set_op = setOperatorCall {
         operator: OPERATOR2,
@@ -673,12 +876,17 @@ fn malformed_calls_revert_on_both() {
             bad[4 + 63] = 2;
             bad
         }),
+        ("empty calldata", u(RATE), Vec::new()),
+        ("short selector", U256::ZERO, vec![0x12, 0x34]),
     ];
     for (what, value, data) in cases {
         // Revert data may differ here (the SDK and solc word their decoding errors differently).
         let s = stylus.call(ADMIN, value, &data);
         let t = twin.call(ADMIN, value, &data);
-        assert!(!s.ok && !t.ok, "{what}: Stylus {s:?}, twin {t:?}");
+        assert!(
+            !s.ok && !t.ok,
+            "{build:?}: {what}: Stylus {s:?}, twin {t:?}"
+        );
         assert!(s.logs.is_empty() && t.logs.is_empty());
     }
     // Both still work afterwards, and nothing was set.
@@ -688,4 +896,72 @@ fn malformed_calls_revert_on_both() {
         twin.call(ADMIN, U256::ZERO, &is_op)
     );
     assert_eq!(stylus.call(ADMIN, U256::ZERO, &is_op).data, vec![0u8; 32]);
+}
+
+/// The limits `cargo stylus check` applies (cargo-stylus `constants.rs`): the deployed code,
+/// the `EFF000` prefix then the WASM brotli-compressed at quality 11 (libbrotli's default
+/// window, 22), must fit `ByteSize::kb(24)` = 24,000 bytes (the chain's own limit is the EVM
+/// code size, 24 KiB = 24,576 bytes); the uncompressed WASM `ByteSize::kb(128)`.
+///
+/// Ignored for now: the release WASM is over the compressed limit (README, "Deploying");
+/// `scripts/contracts test` runs it with `--ignored` and reports the sizes without failing.
+/// Remove the `ignore` once it fits.
+#[test]
+#[ignore = "the release WASM is over Stylus' compressed size limit (see README)"]
+fn the_deployed_wasm_fits_stylus_size_limits() {
+    let wasm = release_wasm();
+    let mut compressed = Vec::new();
+    let params = brotli::enc::BrotliEncoderParams {
+        quality: 11,
+        lgwin: 22,
+        ..Default::default()
+    };
+    brotli::BrotliCompress(&mut wasm.as_slice(), &mut compressed, &params).unwrap();
+    let code = 3 + compressed.len();
+    println!(
+        "release WASM: {} bytes, brotli (q11, w22) {} bytes, deployed code {code} bytes",
+        wasm.len(),
+        compressed.len()
+    );
+    assert!(
+        wasm.len() <= 128_000,
+        "the WASM is {} bytes, over cargo stylus' 128,000",
+        wasm.len()
+    );
+    assert!(
+        code <= 24_000,
+        "the deployed code would be {code} bytes, {} over cargo stylus' 24,000 (24 KiB: {})",
+        code - 24_000,
+        code as i64 - 24_576
+    );
+}
+
+/// The hostios the WASM imports are the ones `wasm_host` links (instantiation fails on any
+/// other); a new one needs emulating there first.
+#[test]
+fn the_wasm_imports_only_what_the_host_emulates() {
+    let host = WasmHost::new(&release_wasm(), CONTRACT, wasm_host::Chain::default());
+    let mut imports = host.imports();
+    imports.sort();
+    let expected = [
+        "block_timestamp",
+        "call_contract",
+        "delegate_call_contract",
+        "emit_log",
+        "msg_reentrant",
+        "msg_sender",
+        "msg_value",
+        "native_keccak256",
+        "pay_for_memory_grow",
+        "read_args",
+        "read_return_data",
+        "return_data_size",
+        "static_call_contract",
+        "storage_cache_bytes32",
+        "storage_flush_cache",
+        "storage_load_bytes32",
+        "write_result",
+    ]
+    .map(|name| format!("vm_hooks::{name}"));
+    assert_eq!(imports, expected);
 }
