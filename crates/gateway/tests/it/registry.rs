@@ -214,7 +214,8 @@ async fn accounts_keys_and_credits_through_the_gateway() {
     assert_eq!(
         body,
         json!({"account_id": alice_id, "handle": null, "credits": 7, "held": 0, "earnings": 0,
-               "wallet": null})
+               "wallet": null,
+              "daily_cap": null, "charged_today": 0, "refund_owed": 0})
     );
 
     // She makes a second key for herself (empty body), then revokes it: refused at once.
