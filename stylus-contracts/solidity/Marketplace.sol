@@ -67,7 +67,8 @@ contract Marketplace {
     /// cap still settles.
     uint256 private constant CAP_DELAY = 2 days;
     uint256 private constant MAX = type(uint256).max;
-    /// The least weiPerCredit the constructor accepts (1 gwei; below it, InvalidRate). The
+    /// The least weiPerCredit the constructor accepts (1 gwei; below it, InvalidRate; the most
+    /// is type(uint128).max, as the Stylus contract counts purchases in 128 bits). The
     /// off-chain registry counts credits as u64 (stored as i64 in MongoDB); with this floor all
     /// the ether in existence (about 1.2e26 wei) buys at most about 1.2e17 credits, far under
     /// i64 max (about 9.2e18), so no balance, earnings or batch total the registry mirrors can
@@ -112,7 +113,7 @@ contract Marketplace {
 
     constructor(address admin_, uint256 weiPerCredit_, address operator_) {
         if (admin_ == address(0)) revert ZeroAddress();
-        if (weiPerCredit_ < MIN_WEI_PER_CREDIT) revert InvalidRate();
+        if (weiPerCredit_ < MIN_WEI_PER_CREDIT || weiPerCredit_ > type(uint128).max) revert InvalidRate();
         _admin = admin_;
         _weiPerCredit = weiPerCredit_;
         emit AdminChanged(address(0), admin_);
@@ -203,7 +204,10 @@ contract Marketplace {
 
     function buyCredits() external payable returns (uint256) {
         if (_paused) revert ContractPaused();
-        if (msg.value == 0 || msg.value % _weiPerCredit != 0) revert InvalidPayment(msg.value);
+        // Payments above 2^128 - 1 wei are refused, as the Stylus contract counts in 128 bits.
+        if (msg.value == 0 || msg.value > type(uint128).max || msg.value % _weiPerCredit != 0) {
+            revert InvalidPayment(msg.value);
+        }
         uint256 bought = msg.value / _weiPerCredit;
         User storage user = _users[msg.sender];
         user.credits = _add(user.credits, bought);

@@ -135,7 +135,8 @@ pub const DAY: u64 = 86_400;
 /// longest time usage may wait for settlement (a record settles on its day or the next), so
 /// usage charged under the old cap still settles.
 pub const CAP_DELAY: u64 = 2 * 86_400;
-/// The least `weiPerCredit` the constructor accepts (1 gwei; below it, `InvalidRate`). The
+/// The least `weiPerCredit` the constructor accepts (1 gwei; below it, `InvalidRate`; the most
+/// is `type(uint128).max`, as purchases are counted in 128 bits). The
 /// off-chain registry counts credits as u64 (stored as i64 in MongoDB); with this floor all the
 /// ether in existence (about 1.2e26 wei) buys at most about 1.2e17 credits, far under i64::MAX
 /// (about 9.2e18), so no balance, earnings or batch total the registry mirrors can overflow it.
@@ -375,9 +376,9 @@ impl Marketplace {
             return Some(Rejection::OperatorOwnsModel);
         }
         let now = self.now();
-        let today = now / U256::from(DAY);
-        let day = U256::from(record.day);
-        if day != today && day + U256::from(1) != today {
+        // u64 arithmetic: a 256-bit division would add kilobytes to the WASM.
+        let today = self.vm().block_timestamp() / DAY;
+        if record.day != today && record.day.checked_add(1) != Some(today) {
             return Some(Rejection::StaleDay);
         }
         let calls = U256::from(record.calls);
@@ -419,7 +420,7 @@ impl Marketplace {
 #[public]
 impl Marketplace {
     /// Sets the admin (non-zero), the price of one credit in wei (at least
-    /// `MIN_WEI_PER_CREDIT`, else `InvalidRate`) and, unless zero, a first operator (enabled at
+    /// `MIN_WEI_PER_CREDIT` and at most `type(uint128).max`, else `InvalidRate`) and, unless zero, a first operator (enabled at
     /// once: the deployer chose it). `msg.sender` is the deployer proxy under Stylus, so the
     /// admin is passed explicitly.
     #[constructor]
@@ -432,7 +433,8 @@ impl Marketplace {
         if admin.is_zero() {
             return Err(MarketplaceError::ZeroAddress(ZeroAddress {}));
         }
-        if wei_per_credit < U256::from(MIN_WEI_PER_CREDIT) {
+        if wei_per_credit < U256::from(MIN_WEI_PER_CREDIT) || wei_per_credit > U256::from(u128::MAX)
+        {
             return Err(MarketplaceError::InvalidRate(InvalidRate {}));
         }
         self.admin.set(admin);
@@ -565,11 +567,16 @@ impl Marketplace {
             return Err(MarketplaceError::ContractPaused(ContractPaused {}));
         }
         let value = self.vm().msg_value();
-        let rate = self.wei_per_credit.get();
-        if value.is_zero() || !(value % rate).is_zero() {
-            return Err(MarketplaceError::InvalidPayment(InvalidPayment { value }));
-        }
-        let bought = value / rate;
+        // In u128 (a 256-bit division would add kilobytes to the WASM): no payment can exceed
+        // it (all the ether in existence is about 2^87 wei); one that does is refused, as in
+        // the twin.
+        let bought = match (
+            u128::try_from(value),
+            u128::try_from(self.wei_per_credit.get()),
+        ) {
+            (Ok(value), Ok(rate)) if value != 0 && value % rate == 0 => U256::from(value / rate),
+            _ => return Err(MarketplaceError::InvalidPayment(InvalidPayment { value })),
+        };
         let buyer = self.vm().msg_sender();
         let balance = self
             .accounts

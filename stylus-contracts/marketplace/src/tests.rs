@@ -232,7 +232,7 @@ fn constructor_sets_admin_rate_and_first_operator() {
 }
 
 #[test]
-fn constructor_rejects_zero_admin_and_a_rate_below_one_gwei() {
+fn constructor_rejects_zero_admin_and_a_rate_below_one_gwei_or_over_128_bits() {
     let vm = TestVM::default();
     let mut c = Marketplace::from(&vm);
     assert_eq!(
@@ -245,6 +245,11 @@ fn constructor_rejects_zero_admin_and_a_rate_below_one_gwei() {
             Err(MarketplaceError::InvalidRate(InvalidRate {}))
         );
     }
+    // Purchases are counted in 128 bits: a rate beyond that is refused too.
+    assert_eq!(
+        c.constructor(ADMIN, U256::from(u128::MAX) + u(1), OPERATOR),
+        Err(MarketplaceError::InvalidRate(InvalidRate {}))
+    );
     assert!(vm.get_emitted_logs().is_empty());
     assert_eq!(c.admin().unwrap(), Address::ZERO);
     // The floor itself is accepted: 1 gwei.
@@ -507,7 +512,10 @@ fn buy_credits_at_the_deploy_rate_accumulates_and_refuses_bad_amounts() {
     env.buy(ALICE, 2);
     env.buy(ALICE, 3);
     assert_eq!(env.credits(ALICE), u(5));
-    for bad in [U256::ZERO, u(RATE - 1), u(RATE + 1)] {
+    // The last: a multiple of the rate over the 128-bit bound on payments (about 2^87 wei
+    // exist).
+    let over_u128 = (U256::from(1) << 128) * u(RATE);
+    for bad in [U256::ZERO, u(RATE - 1), u(RATE + 1), over_u128] {
         assert_eq!(
             env.pay(BOB, bad).c.buy_credits(),
             Err(MarketplaceError::InvalidPayment(InvalidPayment {
@@ -1164,8 +1172,8 @@ fn failed_payout_reverts_with_transfer_failed_and_keeps_earnings() {
 
 #[test]
 fn withdraw_overflow_reverts() {
-    // Each user buys the most credits one payment can (`big`), so three of them owe the owner
-    // more than `U256::MAX / RATE` credits: paying that out overflows.
+    // Each user holds `big` credits (set in storage: no payment can buy that many), so three
+    // of them owe the owner more than `U256::MAX / RATE` credits: paying that out overflows.
     let mut env = Env::new();
     let big = U256::MAX / u(RATE);
     let m = env
@@ -1175,7 +1183,8 @@ fn withdraw_overflow_reverts() {
         .unwrap();
     let mut records = Vec::new();
     for who in [ALICE, BOB, STRANGER] {
-        env.pay(who, big * u(RATE)).c.buy_credits().unwrap();
+        env.vm
+            .set_storage(credits_slot(who), B256::from(big.to_be_bytes::<32>()));
         records.push(UsageRecord {
             user: who,
             modelId: m,
