@@ -5,6 +5,7 @@
 //! `grant`), so an implementation on a document database can do each with a single atomic
 //! update (or one transaction) and never needs isolation between concurrent transactions.
 
+mod group_commit;
 pub mod mongo;
 mod redb;
 

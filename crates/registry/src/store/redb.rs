@@ -4,9 +4,10 @@
 //! (account, idempotency key) to a reservation id and a wallet to its account. Receipts in no
 //! settlement batch are listed in `unsettled`, keyed by (created_at, receipt id), so the oldest
 //! are read without scanning every receipt; batches are ordered by `batches_by_time` and, while
-//! pending, by `pending_batches`. Every operation is one durable write transaction (redb admits
-//! one writer at a time, so a check and the update it guards can never interleave with
-//! another), run on tokio's blocking pool.
+//! pending, by `pending_batches`. Every write is one transaction (redb admits one writer at a
+//! time, so a check and the update it guards can never interleave with another), run by the
+//! committer thread, which makes concurrent writes durable with one `fsync` and answers each
+//! only then (`group_commit`); reads run on tokio's blocking pool.
 //!
 //! Databases written before the chain ledger open as they are: the new tables are created on
 //! open and `unsettled` is filled once from the existing receipts (flagged in `meta`).
@@ -24,6 +25,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::MetadataStore;
+use super::group_commit::GroupCommitter;
 use crate::error::{RegistryError, Result};
 use crate::model::{
     Account, ApiKey, BatchState, Charge, Model, Receipt, Reservation, ReservationState,
@@ -89,6 +91,8 @@ const NONCE_COUNTS: TableDefinition<'static, &'static str, u64> =
 #[derive(Clone)]
 pub struct RedbStore {
     db: Arc<Database>,
+    /// Runs every write; group commit (see `group_commit`).
+    committer: Arc<GroupCommitter>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -223,7 +227,9 @@ impl RedbStore {
         }
         drop(meta);
         txn.commit()?;
-        Ok(RedbStore { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let committer = Arc::new(GroupCommitter::start(db.clone())?);
+        Ok(RedbStore { db, committer })
     }
 
     /// Opens `<data_dir>/registry.redb`, creating the folder when needed.
@@ -232,22 +238,15 @@ impl RedbStore {
         RedbStore::open(&data_dir.join("registry.redb"))
     }
 
-    /// Runs `f` in one write transaction on the blocking pool; commits when `f` succeeds and
-    /// aborts (drops the transaction) when it fails.
+    /// Runs `f` in a write transaction of its own and answers once it is durable; commits
+    /// when `f` succeeds and aborts (drops the transaction) when it fails. Concurrent writes
+    /// share one `fsync` (`group_commit`).
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
     {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_write()?;
-            let out = f(&txn)?;
-            txn.commit()?;
-            Ok(out)
-        })
-        .await
-        .map_err(RegistryError::store)?
+        self.committer.write(f).await
     }
 
     /// Runs `f` in one read transaction on the blocking pool.

@@ -1,0 +1,239 @@
+//! Throughput and latency of signed, charged predicts under concurrency, beside the same
+//! gateway's bare `GET /v1/health`: the Model Hub half of `scripts/bench/serve`.
+//!
+//! Starts `modelhub up` (embedded back ends) on a temporary data folder in its own runtime
+//! (the gateway's worker threads, as `modelhub up` runs them), then drives it from a
+//! one-thread client runtime: for each concurrency `c`, `c` loops each send a predict signed
+//! with a fresh nonce (no idempotency key, as a plain client) for `--secs` seconds, spread over
+//! `ACCOUNTS` accounts. Prints one JSON line per run (`server`, `what`, `c`, `requests`,
+//! `errors`, `rps`, `p50_us`, `p99_us`) and checks afterwards that every account was charged
+//! exactly once per successful predict.
+//!
+//! `cargo run --release -p modelhub-cli --example serve_load -- --model FILE --input-len N
+//! [--secs S] [--concurrency 1,16,64]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use modelhub_cli::client::{Client, KeyFile, ModelUpload};
+use modelhub_cli::up::{self, UpSettings};
+use serde_json::json;
+
+/// Accounts the load is spread over (each with its own key), so per-account rows are not the
+/// only thing measured.
+const ACCOUNTS: usize = 4;
+
+struct Args {
+    model: String,
+    input_len: usize,
+    secs: f64,
+    concurrency: Vec<usize>,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        model: ".cache/test-models/digits_mlp.onnx".into(),
+        input_len: 64,
+        secs: 5.0,
+        concurrency: vec![1, 16, 64],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--model" => a.model = value,
+            "--input-len" => a.input_len = value.parse()?,
+            "--secs" => a.secs = value.parse()?,
+            "--concurrency" => {
+                a.concurrency = value.split(',').map(str::parse).collect::<Result<_, _>>()?
+            }
+            _ => anyhow::bail!("unknown flag {flag}"),
+        }
+    }
+    Ok(a)
+}
+
+/// What one run measured.
+struct Run {
+    requests: u64,
+    errors: u64,
+    elapsed: f64,
+    micros: Vec<u32>,
+}
+
+impl Run {
+    fn print(&self, what: &str, c: usize) {
+        let mut m = self.micros.clone();
+        m.sort_unstable();
+        let pct = |p: f64| m.get(((m.len().max(1) - 1) as f64 * p) as usize).copied();
+        println!(
+            "{}",
+            json!({
+                "server": "modelhub",
+                "what": what,
+                "c": c,
+                "requests": self.requests,
+                "errors": self.errors,
+                "rps": (self.requests as f64 / self.elapsed).round(),
+                "p50_us": pct(0.5),
+                "p99_us": pct(0.99),
+            })
+        );
+    }
+}
+
+/// Runs `c` loops of `send` for `secs` seconds.
+async fn drive<F, Fut>(c: usize, secs: f64, send: F) -> Run
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let send = Arc::new(send);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..c)
+        .map(|i| {
+            let send = send.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut bad, mut micros) = (0u64, 0u64, Vec::new());
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    if send(i).await {
+                        ok += 1;
+                        micros.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    } else {
+                        bad += 1;
+                    }
+                }
+                (ok, bad, micros)
+            })
+        })
+        .collect();
+    let mut run = Run {
+        requests: 0,
+        errors: 0,
+        elapsed: 0.0,
+        micros: Vec::new(),
+    };
+    for t in tasks {
+        let (ok, bad, micros) = t.await.expect("load task");
+        run.requests += ok;
+        run.errors += bad;
+        run.micros.extend(micros);
+    }
+    run.elapsed = started.elapsed().as_secs_f64();
+    run
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    let dir = tempfile::tempdir()?;
+    // The server in its own runtime, with as many workers as `modelhub up` would use.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("server")
+        .build()?;
+    let running = server_rt.block_on(up::start(UpSettings::for_test(dir.path())))?;
+    let gateway = running.gateway_url.clone();
+    let admin_key = running.admin_key.clone();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("load")
+        .build()?;
+    let outcome = client_rt.block_on(load(&args, &gateway, admin_key));
+    server_rt.block_on(running.stop());
+    outcome
+}
+
+async fn load(args: &Args, gateway: &str, admin_key: KeyFile) -> anyhow::Result<()> {
+    let admin = Client::new(gateway, admin_key)?;
+    // Enough credits for any run on this machine; checked exactly afterwards.
+    const GRANT: u64 = 1 << 40;
+    let mut users = Vec::new();
+    for i in 0..ACCOUNTS {
+        let account = admin
+            .post("/v1/accounts", &json!({ "name": format!("load{i}") }))
+            .await?
+            .ok()?;
+        let id = account["account_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        admin
+            .post(
+                "/v1/credits/grant",
+                &json!({ "account_id": id, "amount": GRANT }),
+            )
+            .await?
+            .ok()?;
+        let key: KeyFile = serde_json::from_value(
+            admin
+                .post("/v1/keys", &json!({ "account_id": id }))
+                .await?
+                .ok()?,
+        )?;
+        users.push(admin.with_key(key));
+    }
+    let bytes = std::fs::read(&args.model).with_context(|| format!("reading {}", args.model))?;
+    let model = users[0]
+        .upload(&ModelUpload::new("bench", "1", 1), bytes)
+        .await?
+        .ok()?;
+    let model_id = model["model_id"].as_str().unwrap_or_default().to_owned();
+    let path = format!("/v1/models/{model_id}/predict");
+    let body = Bytes::from(serde_json::to_vec(&json!({ "inputs": [{
+        "name": "X", "shape": [1, args.input_len], "datatype": "FP32",
+        "data": vec![0.5f32; args.input_len],
+    }]}))?);
+    let users = Arc::new(users);
+    let predict = {
+        let (users, path, body) = (users.clone(), path.clone(), body.clone());
+        move |i: usize| {
+            let user = &users[i % ACCOUNTS];
+            let req = user.prepare(reqwest::Method::POST, &path, body.clone());
+            let user = user.clone();
+            async move {
+                match req {
+                    Ok(req) => matches!(user.send_raw(req).await, Ok((200, _))),
+                    Err(_) => false,
+                }
+            }
+        }
+    };
+    // Warm up: connections, caches, the model in the worker.
+    let mut ok = drive(4, 1.0, predict.clone()).await.requests;
+    for &c in &args.concurrency {
+        let run = drive(c, args.secs, predict.clone()).await;
+        ok += run.requests;
+        run.print("predict", c);
+    }
+    let c = *args.concurrency.iter().max().unwrap_or(&64);
+    let health = {
+        let http = reqwest::Client::new();
+        let url = format!("{gateway}/v1/health");
+        move |_| {
+            let (http, url) = (http.clone(), url.clone());
+            async move { matches!(http.get(&url).send().await, Ok(r) if r.status().is_success()) }
+        }
+    };
+    drive(c, args.secs, health).await.print("health", c);
+    // Money: every successful predict was charged once (price 1), warm-up included.
+    let mut spent = 0u64;
+    for user in users.iter() {
+        let me = user.get("/v1/account").await?.ok()?;
+        spent += GRANT - me["credits"].as_u64().context("credits")?;
+        anyhow::ensure!(
+            me["held"].as_u64().unwrap_or(0) == 0,
+            "credits left held: {me}"
+        );
+    }
+    anyhow::ensure!(
+        spent == ok,
+        "charged {spent} credits for {ok} successful predicts"
+    );
+    eprintln!("charged {spent} credits for {ok} successful predicts: once each");
+    Ok(())
+}
