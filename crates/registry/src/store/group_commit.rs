@@ -43,7 +43,8 @@ type Answer = Option<Box<dyn FnOnce(std::result::Result<(), String>) + Send>>;
 pub struct GroupCommitter {
     queue: Option<mpsc::Sender<Op>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Durable commits made so far (one per group).
+    /// Durable commits made so far (one per group), for tests.
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the tests"))]
     groups: Arc<AtomicU64>,
 }
 
@@ -71,6 +72,7 @@ impl GroupCommitter {
     }
 
     /// Durable commits made so far: one per group of writes.
+    #[cfg(test)]
     pub fn groups(&self) -> u64 {
         self.groups.load(Ordering::Relaxed)
     }
@@ -154,6 +156,7 @@ fn run(db: &Database, mut rx: mpsc::Receiver<Op>, groups: &AtomicU64) {
             Ok(())
         } else {
             groups.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(writes = answers.len(), "group commit");
             flush(db)
         };
         for answer in answers.drain(..) {
