@@ -9,8 +9,11 @@
 //! `errors`, `rps`, `p50_us`, `p99_us`) and checks afterwards that every account was charged
 //! exactly once per successful predict.
 //!
-//! `cargo run --release -p modelhub-cli --example serve_load -- --model FILE --input-len N
-//! [--secs S] [--concurrency 1,16,64]`
+//! With `--url URL --name NAME` it instead posts the same body, unsigned, to another server
+//! (FastAPI, KServe) at `URL` and labels its lines `NAME`.
+//!
+//! `cargo run --release -p modelhub-cli --example serve_load -- --model FILE --body FILE
+//! [--secs S] [--concurrency 1,16,64] [--url URL --name NAME]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,24 +30,31 @@ const ACCOUNTS: usize = 4;
 
 struct Args {
     model: String,
-    input_len: usize,
+    /// A predict body (`{"inputs": [...]}`), also valid OIP v2 `infer` JSON.
+    body: String,
     secs: f64,
     concurrency: Vec<usize>,
+    /// A peer server to load instead of Model Hub: its predict URL and its label.
+    peer: Option<(String, String)>,
 }
 
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
         model: ".cache/test-models/digits_mlp.onnx".into(),
-        input_len: 64,
+        body: ".cache/test-models/digits_input.json".into(),
         secs: 5.0,
         concurrency: vec![1, 16, 64],
+        peer: None,
     };
+    let (mut url, mut name) = (None, None);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--model" => a.model = value,
-            "--input-len" => a.input_len = value.parse()?,
+            "--body" => a.body = value,
+            "--url" => url = Some(value),
+            "--name" => name = Some(value),
             "--secs" => a.secs = value.parse()?,
             "--concurrency" => {
                 a.concurrency = value.split(',').map(str::parse).collect::<Result<_, _>>()?
@@ -52,6 +62,11 @@ fn args() -> anyhow::Result<Args> {
             _ => anyhow::bail!("unknown flag {flag}"),
         }
     }
+    a.peer = match (url, name) {
+        (Some(url), Some(name)) => Some((url, name)),
+        (None, None) => None,
+        _ => anyhow::bail!("--url and --name go together"),
+    };
     Ok(a)
 }
 
@@ -64,14 +79,14 @@ struct Run {
 }
 
 impl Run {
-    fn print(&self, what: &str, c: usize) {
+    fn print(&self, server: &str, what: &str, c: usize) {
         let mut m = self.micros.clone();
         m.sort_unstable();
         let pct = |p: f64| m.get(((m.len().max(1) - 1) as f64 * p) as usize).copied();
         println!(
             "{}",
             json!({
-                "server": "modelhub",
+                "server": server,
                 "what": what,
                 "c": c,
                 "requests": self.requests,
@@ -129,6 +144,15 @@ where
 
 fn main() -> anyhow::Result<()> {
     let args = args()?;
+    let body =
+        Bytes::from(std::fs::read(&args.body).with_context(|| format!("reading {}", args.body))?);
+    if let Some((url, name)) = &args.peer {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        return rt.block_on(load_peer(&args, url, name, body));
+    }
     let dir = tempfile::tempdir()?;
     // The server in its own runtime, with as many workers as `modelhub up` would use.
     let server_rt = tokio::runtime::Builder::new_multi_thread()
@@ -143,12 +167,43 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .thread_name("load")
         .build()?;
-    let outcome = client_rt.block_on(load(&args, &gateway, admin_key));
+    let outcome = client_rt.block_on(load(&args, &gateway, admin_key, body));
     server_rt.block_on(running.stop());
     outcome
 }
 
-async fn load(args: &Args, gateway: &str, admin_key: KeyFile) -> anyhow::Result<()> {
+/// Unsigned POSTs of `body` to a peer server's predict URL.
+async fn load_peer(args: &Args, url: &str, name: &str, body: Bytes) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let post = {
+        let url = url.to_owned();
+        move |_| {
+            let (http, url, body) = (http.clone(), url.clone(), body.clone());
+            async move {
+                let sent = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                    _ => false,
+                }
+            }
+        }
+    };
+    let warm = drive(4, 1.0, post.clone()).await;
+    anyhow::ensure!(warm.requests > 0, "{name} at {url} answered no predict");
+    for &c in &args.concurrency {
+        drive(c, args.secs, post.clone())
+            .await
+            .print(name, "predict", c);
+    }
+    Ok(())
+}
+
+async fn load(args: &Args, gateway: &str, admin_key: KeyFile, body: Bytes) -> anyhow::Result<()> {
     let admin = Client::new(gateway, admin_key)?;
     // Enough credits for any run on this machine; checked exactly afterwards.
     const GRANT: u64 = 1 << 40;
@@ -184,10 +239,6 @@ async fn load(args: &Args, gateway: &str, admin_key: KeyFile) -> anyhow::Result<
         .ok()?;
     let model_id = model["model_id"].as_str().unwrap_or_default().to_owned();
     let path = format!("/v1/models/{model_id}/predict");
-    let body = Bytes::from(serde_json::to_vec(&json!({ "inputs": [{
-        "name": "X", "shape": [1, args.input_len], "datatype": "FP32",
-        "data": vec![0.5f32; args.input_len],
-    }]}))?);
     let users = Arc::new(users);
     let predict = {
         let (users, path, body) = (users.clone(), path.clone(), body.clone());
@@ -208,7 +259,7 @@ async fn load(args: &Args, gateway: &str, admin_key: KeyFile) -> anyhow::Result<
     for &c in &args.concurrency {
         let run = drive(c, args.secs, predict.clone()).await;
         ok += run.requests;
-        run.print("predict", c);
+        run.print("modelhub", "predict", c);
     }
     let c = *args.concurrency.iter().max().unwrap_or(&64);
     let health = {
@@ -219,7 +270,9 @@ async fn load(args: &Args, gateway: &str, admin_key: KeyFile) -> anyhow::Result<
             async move { matches!(http.get(&url).send().await, Ok(r) if r.status().is_success()) }
         }
     };
-    drive(c, args.secs, health).await.print("health", c);
+    drive(c, args.secs, health)
+        .await
+        .print("modelhub", "health", c);
     // Money: every successful predict was charged once (price 1), warm-up included.
     let mut spent = 0u64;
     for user in users.iter() {

@@ -1,23 +1,27 @@
-//! Group commit for the embedded store: many write transactions, one `fsync`.
+//! Group commit for the embedded store: many writes, one transaction, one `fsync`.
 //!
-//! Every write of [`RedbStore`](super::redb::RedbStore) goes to one committer thread. It runs
-//! each operation in a write transaction of its own, committed with [`Durability::None`]
-//! (visible to later transactions, not yet on disk), takes every operation already waiting
-//! (up to [`MAX_GROUP`]) the same way, then makes the whole group durable with one empty
-//! [`Durability::Immediate`] commit, and only then answers the group's callers.
+//! Every write of [`RedbStore`](super::redb::RedbStore) goes to one committer thread. It takes
+//! the first waiting write and every other one already waiting (up to [`MAX_GROUP`]), runs
+//! them one after the other in one write transaction and commits it durably (one `fsync`),
+//! and only then answers the group's callers. When a write of the group fails (an error or a
+//! panic), the transaction is dropped and the group runs again with each write in a
+//! transaction of its own (committed with [`Durability::None`], then made durable together by
+//! one empty [`Durability::Immediate`] commit), so the failed one is rolled back alone. A
+//! write may therefore run twice, its first run discarded: writes are closures without side
+//! effects outside the transaction.
 //!
 //! Invariants:
-//! - A caller gets `Ok` only after its transaction is durable: a crash at any point loses
-//!   only operations whose callers have not been answered (or got an error).
-//! - Each operation is its own transaction: one that fails (an error or a panic) is rolled
-//!   back alone and answered at once; the others in its group are unaffected.
-//! - Operations apply in the order they arrive, one at a time (redb has one writer), so a
-//!   check and the update it guards never interleave with another operation.
-//! - A failed durable commit fails every operation of its group, and later groups too: redb
+//! - A caller gets `Ok` only after its write is durable: a crash at any point loses only
+//!   writes whose callers have not been answered (or got an error).
+//! - A write that fails leaves nothing behind; the others of its group are unaffected.
+//! - Writes apply in the order they arrive, one at a time (redb has one writer), so a check
+//!   and the update it guards never interleave with another write.
+//! - A failed durable commit fails every write of its group, and later groups too: redb
 //!   latches the I/O error, so the store answers errors until it is reopened.
 //!
-//! Reads run beside it and may see a group's writes a moment before they are durable. No
-//! answer that promises durability (a receipt, a charge) comes from a read: writes make them.
+//! Reads run beside it and may see a group's writes a moment before they are durable (in the
+//! fallback path only). No answer that promises durability (a receipt, a charge) comes from a
+//! read: writes make them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,11 +36,45 @@ pub const MAX_GROUP: usize = 256;
 /// Operations that may wait for the committer; callers beyond it wait to enqueue.
 const QUEUE: usize = 4096;
 
-/// An operation run by the committer: it runs its transaction and returns what answers its
-/// caller once the group's durable commit has succeeded (`Ok`) or failed (`Err`).
-type Op = Box<dyn FnOnce(&Database) -> Answer + Send>;
-/// Answers a caller; `None` when the operation failed and was answered already.
-type Answer = Option<Box<dyn FnOnce(std::result::Result<(), String>) + Send>>;
+/// A write waiting in the committer's queue.
+trait PendingWrite: Send {
+    /// Runs the write in `txn` and keeps its outcome; false when it failed (error or panic).
+    fn run(&mut self, txn: &WriteTransaction) -> bool;
+    /// Answers the caller: its outcome once durable (`flushed` is `Ok`), else the failure.
+    fn answer(self: Box<Self>, flushed: std::result::Result<(), String>);
+}
+
+struct Pending<T, F> {
+    f: F,
+    out: Option<Result<T>>,
+    tx: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> PendingWrite for Pending<T, F>
+where
+    T: Send,
+    F: Fn(&WriteTransaction) -> Result<T> + Send,
+{
+    fn run(&mut self, txn: &WriteTransaction) -> bool {
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.f)(txn)))
+            .unwrap_or_else(|_| Err(RegistryError::store("a store operation panicked")));
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn answer(self: Box<Self>, flushed: std::result::Result<(), String>) {
+        let out = match (self.out, flushed) {
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(_)), Err(e)) => Err(RegistryError::store(e)),
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (None, _) => Err(RegistryError::store("a store operation was not run")),
+        };
+        let _ = self.tx.send(out);
+    }
+}
+
+type Op = Box<dyn PendingWrite>;
 
 /// The committer thread's handle; joins the thread when the last store clone is dropped, so
 /// the database file is closed when the store is gone (a reopen right after works).
@@ -77,32 +115,16 @@ impl GroupCommitter {
         self.groups.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` in a write transaction of its own, made durable with its group; answers once
-    /// it is durable (or failed). `f`'s error aborts its transaction alone.
+    /// Runs `f` in a write transaction, made durable with its group; answers once it is
+    /// durable (or failed). `f`'s error rolls back its writes alone. `f` may run twice (see
+    /// the module docs), so it must not act outside the transaction.
     pub async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
+        F: Fn(&WriteTransaction) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T>>();
-        let op: Op = Box::new(move |db| {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(db, f))) {
-                Ok(Ok(out)) => Some(Box::new(move |flushed| {
-                    let _ = tx.send(match flushed {
-                        Ok(()) => Ok(out),
-                        Err(e) => Err(RegistryError::store(e)),
-                    });
-                })),
-                Ok(Err(e)) => {
-                    let _ = tx.send(Err(e));
-                    None
-                }
-                Err(_) => {
-                    let _ = tx.send(Err(RegistryError::store("a store operation panicked")));
-                    None
-                }
-            }
-        });
+        let op: Op = Box::new(Pending { f, out: None, tx });
         let queue = self.queue.as_ref().ok_or_else(stopped)?;
         queue.send(op).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
@@ -123,18 +145,22 @@ fn stopped() -> RegistryError {
     RegistryError::store("the store's committer has stopped")
 }
 
-/// Runs `f` in a write transaction committed without `fsync`.
-fn apply<T>(db: &Database, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::None)
-        .map_err(RegistryError::store)?;
-    let out = f(&txn)?;
-    txn.commit()?;
-    Ok(out)
-}
-
-/// Makes every commit so far durable: an empty transaction committed with `fsync`.
-fn flush(db: &Database) -> std::result::Result<(), String> {
+/// Runs `ops` in one transaction committed durably; when one fails, runs each in its own
+/// transaction (without `fsync`) and makes the successful ones durable together.
+fn commit_group(db: &Database, ops: &mut [Op]) -> std::result::Result<(), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    if ops.iter_mut().all(|op| op.run(&txn)) {
+        return txn.commit().map_err(|e| e.to_string());
+    }
+    drop(txn);
+    for op in ops.iter_mut() {
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_durability(Durability::None)
+            .map_err(|e| e.to_string())?;
+        if op.run(&txn) {
+            txn.commit().map_err(|e| e.to_string())?;
+        }
+    }
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| e.to_string())?;
@@ -143,24 +169,20 @@ fn flush(db: &Database) -> std::result::Result<(), String> {
 
 /// The committer loop: one group per pass, until every sender is gone.
 fn run(db: &Database, mut rx: mpsc::Receiver<Op>, groups: &AtomicU64) {
-    let mut answers = Vec::with_capacity(MAX_GROUP);
+    let mut ops = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = rx.blocking_recv() {
-        answers.extend(first(db));
-        for _ in 1..MAX_GROUP {
+        ops.push(first);
+        while ops.len() < MAX_GROUP {
             match rx.try_recv() {
-                Ok(op) => answers.extend(op(db)),
+                Ok(op) => ops.push(op),
                 Err(_) => break,
             }
         }
-        let flushed = if answers.is_empty() {
-            Ok(())
-        } else {
-            groups.fetch_add(1, Ordering::Relaxed);
-            tracing::trace!(writes = answers.len(), "group commit");
-            flush(db)
-        };
-        for answer in answers.drain(..) {
-            answer(flushed.clone());
+        groups.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(writes = ops.len(), "group commit");
+        let flushed = commit_group(db, &mut ops);
+        for op in ops.drain(..) {
+            op.answer(flushed.clone());
         }
     }
 }
@@ -227,6 +249,45 @@ mod tests {
         let mut want = expected.clone();
         want.push(1000);
         assert_eq!(stored, want);
+    }
+
+    /// Read-modify-write of one key by many concurrent writes, some failing after their
+    /// write: each success sees every earlier one (in its group or before it), each failure
+    /// leaves nothing, whichever path its group took.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_of_a_group_see_each_other_and_failures_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("g.redb")).unwrap());
+        let committer = Arc::new(GroupCommitter::start(db.clone()).unwrap());
+        let tasks: Vec<_> = (0..400u64)
+            .map(|i| {
+                let c = committer.clone();
+                tokio::spawn(async move {
+                    c.write(move |txn| {
+                        let mut t = txn.open_table(T)?;
+                        let n = t.get(0)?.map_or(0, |v| v.value()) + 1;
+                        t.insert(0, n)?;
+                        if i % 5 == 0 {
+                            return Err(RegistryError::conflict("planted"));
+                        }
+                        Ok(n)
+                    })
+                    .await
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for t in tasks {
+            if let Ok(n) = t.await.unwrap() {
+                seen.push(n);
+            }
+        }
+        seen.sort_unstable();
+        // 320 successes, each saw a distinct count: 1..=320.
+        assert_eq!(seen, (1..=320).collect::<Vec<u64>>());
+        let read = db.begin_read().unwrap();
+        let n = read.open_table(T).unwrap().get(0).unwrap().unwrap().value();
+        assert_eq!(n, 320);
     }
 
     /// Concurrent writes are made durable in groups, fewer `fsync`s than writes.

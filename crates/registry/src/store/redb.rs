@@ -244,7 +244,7 @@ impl RedbStore {
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
+        F: Fn(&WriteTransaction) -> Result<T> + Send + 'static,
     {
         self.committer.write(f).await
     }
@@ -308,7 +308,7 @@ impl MetadataStore for RedbStore {
                 handles.insert(handle.as_str(), account.account_id.as_str())?;
             }
             put_json(&mut t, &account.account_id, &account)?;
-            Ok(account)
+            Ok(account.clone())
         })
         .await
     }
@@ -428,7 +428,7 @@ impl MetadataStore for RedbStore {
                 )));
             }
             put_json(&mut t, &key.key_id, &key)?;
-            Ok(key)
+            Ok(key.clone())
         })
         .await
     }
@@ -456,8 +456,10 @@ impl MetadataStore for RedbStore {
             if key.revoked {
                 return Err(RegistryError::conflict("a revoked key can't be rotated"));
             }
-            key.previous_sealed_secret =
-                Some(std::mem::replace(&mut key.sealed_secret, new_sealed_secret));
+            key.previous_sealed_secret = Some(std::mem::replace(
+                &mut key.sealed_secret,
+                new_sealed_secret.clone(),
+            ));
             key.previous_valid_until = previous_valid_until;
             put_json(&mut t, &key_id, &key)?;
             Ok(key)
@@ -498,7 +500,7 @@ impl MetadataStore for RedbStore {
             }
             versions.insert(key.as_str(), model.model_id.as_str())?;
             put_json(&mut t, &model.model_id, &model)?;
-            Ok(model)
+            Ok(model.clone())
         })
         .await
     }
@@ -605,15 +607,15 @@ impl MetadataStore for RedbStore {
             let reservation = Reservation {
                 reservation_id,
                 account_id: account_id.clone(),
-                model_id,
+                model_id: model_id.clone(),
                 owner: model.owner,
                 amount: price,
                 charge,
                 units: units.max(1),
                 state: ReservationState::Held,
                 receipt_id: None,
-                idempotency_key,
-                fingerprint,
+                idempotency_key: idempotency_key.clone(),
+                fingerprint: fingerprint.clone(),
                 created_at: now,
             };
             put_json(&mut accounts, &account_id, &account)?;
@@ -683,7 +685,7 @@ impl MetadataStore for RedbStore {
             txn.open_table(UNSETTLED)?
                 .insert((receipt.created_at, receipt_id.as_str()), ())?;
             unindex_held(txn, &r)?;
-            if let Some(response) = response {
+            if let Some(response) = &response {
                 txn.open_table(RESPONSES)?
                     .insert(reservation_id.as_str(), response.as_slice())?;
             }
@@ -893,7 +895,7 @@ impl MetadataStore for RedbStore {
             if batch.state == BatchState::Pending {
                 txn.open_table(PENDING_BATCHES)?.insert(key, ())?;
             }
-            Ok(batch)
+            Ok(batch.clone())
         })
         .await
     }
@@ -912,8 +914,8 @@ impl MetadataStore for RedbStore {
                 return Err(batch_final(&stored));
             }
             stored.state = update.state;
-            stored.tx_hash = update.tx_hash;
-            stored.error = update.error;
+            stored.tx_hash = update.tx_hash.clone();
+            stored.error = update.error.clone();
             stored.attempts = update.attempts;
             stored.updated_at = update.updated_at;
             put_json(&mut batches, &stored.batch_id, &stored)?;
