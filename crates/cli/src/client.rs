@@ -431,6 +431,8 @@ pub struct ModelUpload {
     /// The range the model's inputs lie in, for proof calibration (`None`: the gateway's
     /// default, `[0, 1]`).
     pub input_range: Option<modelhub_core::InputRange>,
+    /// The most rows one predict may hold (`None`: no cap of the model's own).
+    pub max_rows: Option<u32>,
 }
 
 impl ModelUpload {
@@ -441,12 +443,14 @@ impl ModelUpload {
             price,
             proof_price: None,
             input_range: None,
+            max_rows: None,
         }
     }
 
     pub fn path_and_query(&self) -> String {
         let price = self.price.to_string();
         let proof_price = self.proof_price.map(|p| p.to_string());
+        let max_rows = self.max_rows.map(|n| n.to_string());
         let range = self
             .input_range
             .map(|r| (r.min.to_string(), r.max.to_string()));
@@ -460,6 +464,9 @@ impl ModelUpload {
         }
         if let Some((min, max)) = &range {
             pairs.extend([("input_min", min.as_str()), ("input_max", max.as_str())]);
+        }
+        if let Some(n) = &max_rows {
+            pairs.push(("max_rows", n.as_str()));
         }
         format!("/v1/models?{}", form_query(&pairs))
     }

@@ -330,6 +330,10 @@ pub enum Models {
         /// calibrated on it, and inputs outside it can't be proved.
         #[arg(long, value_name = "MIN,MAX", value_parser = parse_input_range, allow_hyphen_values = true)]
         input_range: Option<modelhub_core::InputRange>,
+        /// The most rows (batch size) one predict of this version may hold (default: no cap
+        /// of its own; the gateway's limit applies either way).
+        #[arg(long)]
+        max_rows: Option<u32>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -514,6 +518,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             price,
             proof_price,
             input_range,
+            max_rows,
             client,
         }) => {
             let v = upload_file(
@@ -525,6 +530,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     price,
                     proof_price,
                     input_range,
+                    max_rows,
                 },
             )
             .await?;

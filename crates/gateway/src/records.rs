@@ -25,6 +25,9 @@ pub struct ModelRecord {
     /// Credits charged when the proof of a prediction is delivered (`GET /v1/proofs/{job}`);
     /// `None` for a model without a circuit (it has no proofs).
     pub proof_price: Option<u64>,
+    /// The most rows (batch size) one predict may hold, when the owner capped it; the
+    /// gateway's `--max-rows-per-request` applies either way.
+    pub max_rows: Option<u32>,
     pub cid: String,
     pub sha256: String,
     pub size: u64,
@@ -84,6 +87,7 @@ impl TryFrom<pb::Model> for ModelRecord {
             version: m.version,
             price: m.price,
             proof_price: m.circuit_spec.is_some().then_some(m.proof_price),
+            max_rows: Some(m.max_rows).filter(|&n| n > 0),
             cid: m.cid,
             sha256: m.sha256,
             size: m.size,
@@ -138,6 +142,7 @@ mod tests {
             zk_note: Some("op Softmax is not supported".into()),
             digest: None,
             proof_price: 0,
+            max_rows: 16,
         };
         let json = serde_json::to_value(ModelRecord::try_from(model).unwrap()).unwrap();
         assert_eq!(
@@ -145,7 +150,7 @@ mod tests {
             serde_json::json!({
                 "model_id": "mdl_1", "owner": "acct_1", "owner_handle": "alice",
                 "full_name": "alice/digits@1.0", "name": "digits", "version": "1.0",
-                "price": 3, "proof_price": null, "cid": "bafy", "sha256": "ab".repeat(32), "size": 1234,
+                "price": 3, "proof_price": null, "max_rows": 16, "cid": "bafy", "sha256": "ab".repeat(32), "size": 1234,
                 "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 64]}],
                 "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}],
                 "commitment": null, "circuit_spec": null,

@@ -76,6 +76,7 @@ pub fn new_model(owner: &str, price: u64) -> Model {
         zk_note: None,
         digest: Some("cd".repeat(32)),
         proof_price: 0,
+        max_rows: 0,
         created_at: id::unix_now(),
     }
 }
@@ -153,14 +154,13 @@ pub async fn proof_charges(store: Store) {
     let model = store
         .create_model(Model {
             proof_price: 5,
+            max_rows: 3,
             ..new_model(&owner.account_id, 1)
         })
         .await
         .unwrap();
-    assert_eq!(
-        store.get_model(&model.model_id).await.unwrap().proof_price,
-        5
-    );
+    let stored = store.get_model(&model.model_id).await.unwrap();
+    assert_eq!((stored.proof_price, stored.max_rows), (5, 3));
     let reserve = |charge, key: &'static str| {
         let (store, buyer, model) = (
             store.clone(),

@@ -157,6 +157,10 @@ pub struct Model {
     /// circuit. Fixed with the version, like `price`.
     #[serde(default)]
     pub proof_price: u64,
+    /// The most rows (batch size) one predict may hold; 0: no cap of its own (the gateway's
+    /// applies either way). Fixed with the version, like `price`.
+    #[serde(default)]
+    pub max_rows: u32,
     pub created_at: i64,
 }
 

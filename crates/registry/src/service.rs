@@ -219,6 +219,7 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
         zk_note: req.zk_note,
         digest: req.digest.map(|d| d.to_ascii_lowercase()),
         proof_price: req.proof_price,
+        max_rows: req.max_rows,
         created_at: id::unix_now(),
     })
 }
@@ -325,6 +326,7 @@ fn model_pb(m: Model) -> pb::Model {
         zk_note: m.zk_note,
         digest: m.digest,
         proof_price: m.proof_price,
+        max_rows: m.max_rows,
     }
 }
 

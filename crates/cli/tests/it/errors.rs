@@ -1,7 +1,7 @@
 //! Bad input gets a clear JSON error with the right status, and changes nothing.
 
 use modelhub_cli::client::ModelUpload;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::harness::*;
 
@@ -384,5 +384,55 @@ async fn batches_are_charged_per_row() {
         .await
         .unwrap();
     assert_error(&answer, 429, "too_many_requests", "free models");
+
+    // An owner may cap the rows of one predict of a model version: beyond it 413, uncharged.
+    let mut capped = ModelUpload::new("capped", "1", 1);
+    capped.max_rows = Some(3);
+    let record = owner
+        .upload(&capped, digits_bytes())
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(record["max_rows"], 3, "{record}");
+    let capped_id = record["model_id"].as_str().unwrap();
+    let listed = user
+        .get(&format!("/v1/models/{capped_id}"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(listed["max_rows"], 3, "{listed}");
+    assert_eq!(
+        account(&user).await["credits"],
+        88,
+        "before the capped model"
+    );
+    let answer = user.predict(capped_id, digits_batch(4)).await.unwrap();
+    assert_error(
+        &answer,
+        413,
+        "payload_too_large",
+        "this model takes at most 3 rows",
+    );
+    assert_eq!(
+        account(&user).await["credits"],
+        88,
+        "refusals are not charged"
+    );
+    let answer = user
+        .predict(capped_id, digits_batch(3))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(answer["receipt"]["credits_charged"], 3, "{answer}");
+    assert_eq!(account(&user).await["credits"], 85);
+    // The cap is at least 1; an uncapped model shows none.
+    let mut zero = ModelUpload::new("capped", "2", 1);
+    zero.max_rows = Some(0);
+    let answer = owner.upload(&zero, digits_bytes()).await.unwrap();
+    assert_error(&answer, 400, "bad_request", "max_rows must be at least 1");
+    assert_eq!(free["max_rows"], Value::Null, "{free}");
     cluster.stop().await;
 }

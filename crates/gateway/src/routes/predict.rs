@@ -96,6 +96,10 @@ pub async fn predict(
     if rows > u64::from(max_rows) {
         return Err(too_many(max_rows, "this gateway takes"));
     }
+    // The owner's cap for this model, checked before anything is charged or run.
+    if model.max_rows > 0 && rows > u64::from(model.max_rows) {
+        return Err(too_many(model.max_rows, "this model takes"));
+    }
     let rows = u32::try_from(rows).unwrap_or(max_rows);
     // The free-model policy: a free model is metered by a per-account quota instead of credits.
     if model.price == 0 && rows > state.free_quota.per_minute() {

@@ -39,9 +39,23 @@ struct UploadQuery {
     /// it. Default `[0, 1]`.
     input_min: Option<f32>,
     input_max: Option<f32>,
+    /// The most rows (batch size) one predict may hold; default: no cap of the model's own.
+    max_rows: Option<u32>,
 }
 
 impl UploadQuery {
+    /// The model's own cap on rows per predict, checked (before anything is stored); 0 when
+    /// none.
+    fn max_rows(&self) -> Result<u32, ApiError> {
+        match self.max_rows {
+            None => Ok(0),
+            Some(0) => Err(ApiError::bad_request(
+                "max_rows must be at least 1 (leave it out for no cap of the model's own)",
+            )),
+            Some(n) => Ok(n),
+        }
+    }
+
     /// The declared input range, checked (before anything is stored).
     fn input_range(&self) -> Result<Option<InputRange>, ApiError> {
         match (self.input_min, self.input_max) {
@@ -86,6 +100,7 @@ pub async fn upload(
         return Err(ApiError::bad_request("name and version must not be empty").into());
     }
     let input_range = query.input_range()?;
+    let max_rows = query.max_rows()?;
     let limit = state.limits.max_upload_bytes;
     if content_length(&req).is_some_and(|n| n > limit) {
         return Err(payload_too_large(limit));
@@ -162,6 +177,7 @@ pub async fn upload(
             zk_note: circuit.note,
             digest: circuit.digest,
             proof_price,
+            max_rows,
         })
         .await;
     let model = match created {

@@ -423,6 +423,7 @@ fn model_doc(m: &Model) -> Result<Document> {
         "zk_note": opt_str(&m.zk_note),
         "digest": opt_str(&m.digest),
         "proof_price": to_i64(m.proof_price, "proof_price")?,
+        "max_rows": i64::from(m.max_rows),
         "created_at": m.created_at,
     })
 }
@@ -460,6 +461,12 @@ fn model_from(d: &Document) -> Result<Model> {
         proof_price: match d.get("proof_price") {
             None | Some(Bson::Null) => 0,
             Some(_) => get_u64(d, W, "proof_price")?,
+        },
+        max_rows: match d.get("max_rows") {
+            None | Some(Bson::Null) => 0,
+            Some(_) => u32::try_from(get_u64(d, W, "max_rows")?).map_err(|_| {
+                RegistryError::store(format!("model {:?}: max_rows out of range", d.get("_id")))
+            })?,
         },
         created_at: get_i64(d, W, "created_at")?,
     })

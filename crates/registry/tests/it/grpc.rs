@@ -98,6 +98,7 @@ fn model_request(owner: &str, name: &str, version: &str, price: u64) -> pb::Crea
         commitment: Some("0xabc".into()),
         digest: Some("ab".repeat(32)),
         proof_price: 0,
+        max_rows: 0,
     }
 }
 
