@@ -6,6 +6,7 @@ pub mod error;
 pub mod fs;
 pub mod id;
 pub mod pool;
+pub mod secret;
 pub mod serve;
 pub mod signing;
 pub mod telemetry;

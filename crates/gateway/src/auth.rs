@@ -17,6 +17,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+use zeroize::Zeroize;
 
 use actix_web::HttpRequest;
 use async_trait::async_trait;
@@ -61,6 +62,17 @@ impl KeyInfo {
             || self.previous.as_ref().is_some_and(|(previous, until)| {
                 now < *until && signing::verify_signature(previous, string_to_sign, signature)
             })
+    }
+}
+
+/// The secrets are zeroized when a copy of the key is dropped (the cache's on eviction, each
+/// request's when it is done).
+impl Drop for KeyInfo {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+        if let Some((previous, _)) = &mut self.previous {
+            previous.zeroize();
+        }
     }
 }
 
@@ -377,8 +389,8 @@ impl Authenticator {
             .spend(&key.key_id, &claims.nonce, claims.date)
             .await?;
         Ok(Caller {
-            key_id: key.key_id,
-            account_id: key.account_id,
+            key_id: key.key_id.clone(),
+            account_id: key.account_id.clone(),
             admin: key.admin,
         })
     }

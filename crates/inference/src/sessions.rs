@@ -3,10 +3,12 @@
 //! `ort`'s `Session::run` needs `&mut`, so a session serves one run at a time. A model keeps
 //! up to `max_sessions` of them, opened on demand: the first at load time, more only when runs
 //! overlap. To open more it keeps the plaintext model bytes in memory (never on disk); with
-//! `max_sessions = 1` it keeps none.
+//! `max_sessions = 1` it keeps none. The plaintext is zeroized when it is freed
+//! ([`SecretBytes`]); what ONNX Runtime copies into its session is the runtime's.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use modelhub_core::secret::SecretBytes;
 use modelhub_core::{Tensor, TensorSpec};
 use modelhub_onnx::{Model, OnnxError, RunLimits};
 
@@ -18,7 +20,7 @@ struct Pool {
 /// An open model in the session cache.
 pub struct Loaded {
     inputs: Vec<TensorSpec>,
-    plaintext: Option<Vec<u8>>,
+    plaintext: Option<SecretBytes>,
     intra_op_threads: usize,
     max_sessions: usize,
     pool: Mutex<Pool>,
@@ -39,7 +41,7 @@ impl std::fmt::Debug for Loaded {
 impl Loaded {
     /// Opens the first session of a model (CPU work: call it off the reactor).
     pub fn open(
-        plaintext: Vec<u8>,
+        plaintext: SecretBytes,
         intra_op_threads: usize,
         max_sessions: usize,
     ) -> Result<Loaded, OnnxError> {
@@ -137,8 +139,10 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn digits() -> Vec<u8> {
-        std::fs::read(modelhub_testkit::test_model("digits_mlp.onnx")).unwrap()
+    fn digits() -> SecretBytes {
+        std::fs::read(modelhub_testkit::test_model("digits_mlp.onnx"))
+            .unwrap()
+            .into()
     }
 
     #[test]

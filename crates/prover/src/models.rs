@@ -6,6 +6,7 @@
 //! restart the model is fetched from storage again and recompiled (compilation is
 //! deterministic), and the result must give the stored spec.
 
+use modelhub_core::secret::SecretBytes;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -264,7 +265,7 @@ impl Models {
     /// The model's plaintext from storage, checked like an upload (no external data, standard
     /// operator domains only) before the circuit compiler parses it: storage checked it at
     /// upload, this is defence in depth for anything that reached storage otherwise.
-    async fn fetch(&self, model: &ModelRef) -> Result<Vec<u8>, ProverError> {
+    async fn fetch(&self, model: &ModelRef) -> Result<SecretBytes, ProverError> {
         let mut storage = self.storage.clone();
         let bytes = modelhub_storage::client::fetch_model(&mut storage, model.clone()).await?;
         modelhub_onnx::check_untrusted(&bytes)

@@ -2,6 +2,7 @@
 //! streams the plaintext into memory and checks it against the model reference.
 
 use modelhub_core::ApiError;
+use modelhub_core::secret::SecretBytes;
 use modelhub_mtls::{Identity, TlsDir};
 use modelhub_proto::common::v1::ModelRef;
 use modelhub_proto::storage::v1::GetModelRequest;
@@ -34,10 +35,11 @@ pub fn connect_lazy(tls: &TlsDir, endpoint: &str) -> Result<StorageClient<Channe
 }
 
 /// Streams the decrypted model into memory and checks its SHA-256 against `model.sha256`.
+/// The bytes are zeroized when freed, also the allocations left behind as they grow.
 pub async fn fetch_model(
     storage: &mut StorageClient<Channel>,
     model: ModelRef,
-) -> Result<Vec<u8>, FetchError> {
+) -> Result<SecretBytes, FetchError> {
     let want = model.sha256.clone();
     let capacity = usize::try_from(model.size.min(64 << 20)).unwrap_or(0);
     let storage_err = |s: tonic::Status| FetchError::Storage(ApiError::from_status(&s));
@@ -46,7 +48,7 @@ pub async fn fetch_model(
         .await
         .map_err(storage_err)?
         .into_inner();
-    let mut bytes = Vec::with_capacity(capacity);
+    let mut bytes = SecretBytes::with_capacity(capacity);
     let mut hasher = Sha256::new();
     while let Some(chunk) = stream.message().await.map_err(storage_err)? {
         if (bytes.len() + chunk.data.len()) as u64 > MAX_FETCH_BYTES {
@@ -55,7 +57,7 @@ pub async fn fetch_model(
             ));
         }
         hasher.update(&chunk.data);
-        bytes.extend_from_slice(&chunk.data);
+        bytes.extend_from_vec(chunk.data);
     }
     let got = hex::encode(hasher.finalize());
     if !got.eq_ignore_ascii_case(&want) {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use modelhub_core::crypto::{self, Kek, SecretKey, SegmentDecryptor, SegmentEncryptor};
+use modelhub_core::secret::SecretBytes;
 use modelhub_proto::storage::v1 as pb;
 use modelhub_proto::storage::v1::put_model_request::Part;
 use sha2::{Digest, Sha256};
@@ -36,7 +37,7 @@ impl std::fmt::Debug for StorageService {
 
 /// An upload that passed the checks, not yet encrypted.
 struct Checked {
-    plaintext: Vec<u8>,
+    plaintext: SecretBytes,
     sha256: String,
     inputs: Vec<modelhub_core::TensorSpec>,
     outputs: Vec<modelhub_core::TensorSpec>,
@@ -71,7 +72,8 @@ impl StorageService {
                 "the header needs a model_id and a version",
             ));
         }
-        let mut plaintext: Vec<u8> = Vec::new();
+        // Zeroized when freed, also the allocations it leaves behind as it grows.
+        let mut plaintext = SecretBytes::new();
         let mut finished = false;
         loop {
             let msg = match stream.message().await {
@@ -86,7 +88,7 @@ impl StorageService {
                             limit: self.max_model_bytes,
                         });
                     }
-                    plaintext.extend_from_slice(&chunk);
+                    plaintext.extend_from_vec(chunk);
                 }
                 Some(Part::Finish(_)) => {
                     finished = true;
@@ -177,32 +179,29 @@ impl StorageService {
 }
 
 /// Hashes and validates one uploaded model (runs on a blocking thread).
-fn check(mut plaintext: Vec<u8>) -> Result<Checked> {
+fn check(plaintext: SecretBytes) -> Result<Checked> {
     let sha256 = hex::encode(Sha256::digest(&plaintext));
-    match modelhub_onnx::inspect(&plaintext) {
-        Ok((inputs, outputs)) => Ok(Checked {
-            plaintext,
-            sha256,
-            inputs,
-            outputs,
-        }),
-        Err(e) => {
-            wipe(&mut plaintext);
-            Err(e.into())
-        }
-    }
+    // On an error the plaintext is dropped here, zeroized.
+    let (inputs, outputs) = modelhub_onnx::inspect(&plaintext)?;
+    Ok(Checked {
+        plaintext,
+        sha256,
+        inputs,
+        outputs,
+    })
 }
 
 /// Bytes of ciphertext per piece handed to the blob store.
 const PUT_PIECE: usize = 1024 * 1024;
 
-/// Encrypts `plaintext` into pieces sent to `tx` (runs on a blocking thread), then wipes it.
+/// Encrypts `plaintext` into pieces sent to `tx` (runs on a blocking thread); the plaintext is
+/// zeroized as it is dropped at the end.
 /// A failure is also sent, so the blob store aborts the put; a closed channel (the store gave
 /// up) just stops.
 fn encrypt_into(
     dek: &SecretKey,
     aad: Vec<u8>,
-    mut plaintext: Vec<u8>,
+    plaintext: SecretBytes,
     tx: &mpsc::Sender<Result<Bytes>>,
 ) -> Result<()> {
     let result = (|| {
@@ -221,7 +220,7 @@ fn encrypt_into(
         let _ = tx.blocking_send(Ok(Bytes::from(out)));
         Ok(())
     })();
-    wipe(&mut plaintext);
+    drop(plaintext);
     if result.is_err() {
         // The store only needs to know the put must not complete.
         let _ = tx.blocking_send(Err(StorageError::Crypto {
@@ -238,14 +237,6 @@ fn task_failed(e: tokio::task::JoinError) -> StorageError {
 }
 
 /// Overwrites a plaintext buffer before it is freed.
-fn wipe(buf: &mut [u8]) {
-    for b in buf.iter_mut() {
-        // A volatile-free wipe is enough here: the buffer is dropped right after.
-        *b = 0;
-    }
-    std::hint::black_box(&buf);
-}
-
 fn decrypt_stream(
     handle: &tokio::runtime::Handle,
     mut blob: futures::stream::BoxStream<'static, Result<Bytes>>,
