@@ -841,3 +841,92 @@ async fn a_stalled_service_is_a_503_in_time_not_a_hang() {
         credits - PRICE
     );
 }
+
+/// `modelhub storage verify` against the processes' blob folder: its JSON report.
+fn verify_storage(p: &Processes) -> Value {
+    let out = modelhub()
+        .args(["storage", "verify", "--storage-dir"])
+        .arg(p._dir.path().join("storage"))
+        .args(["--url", &p.gateway_url(), "--key-file"])
+        .arg(p._dir.path().join("admin-key.json"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Storage killed (SIGKILL) while an upload's body is partly sent: the uploader gets an error,
+/// nothing is registered, and once storage is back `modelhub storage verify` finds no blob
+/// that no model names; the same upload then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_killed_mid_upload_registers_nothing_and_leaves_no_blob() {
+    use futures::StreamExt;
+
+    let p = Arc::new(std::sync::Mutex::new(Processes::start(None, None)));
+    let Market { creator, .. } = Market::open(&p.lock().unwrap()).await;
+    let before = verify_storage(&p.lock().unwrap());
+    assert_eq!(before["ok"], 1, "the market's own model: {before}");
+
+    // The MNIST-size model (407 KB): its first 300 KB hold a full 256 KiB piece the gateway
+    // has passed on to storage when storage dies.
+    let bytes = std::fs::read(modelhub_testkit::test_model("mnist_mlp.onnx")).unwrap();
+    let sha = modelhub_core::signing::sha256_hex(&bytes);
+    let half = 300 * 1024;
+    let (first, rest) = (
+        Bytes::copy_from_slice(&bytes[..half]),
+        Bytes::copy_from_slice(&bytes[half..]),
+    );
+    let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
+        futures::stream::once(async move {
+            let _ = wait.await;
+            Ok(rest)
+        }),
+    );
+    let query = modelhub_cli::client::ModelUpload::new("killed", "1", 1);
+    let upload = tokio::spawn({
+        let (creator, query, sha) = (creator.clone(), query.clone(), sha.clone());
+        async move { creator.upload_stream(&query, &sha, body).await }
+    });
+    // Let the first half reach storage (not a timing assertion: only the moment of the kill).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let bouncer = p.clone();
+    tokio::task::spawn_blocking(move || {
+        bouncer
+            .lock()
+            .unwrap()
+            .bounce("storage", "KILL", Duration::from_millis(200))
+    })
+    .await
+    .unwrap();
+    let _ = go_on.send(());
+    match upload.await.unwrap() {
+        Ok(answer) => assert!(
+            answer.status >= 500,
+            "an upload cut by a dead storage answered {}: {:?}",
+            answer.status,
+            answer.body
+        ),
+        // The gateway may also drop the connection: the client sees no answer.
+        Err(e) => eprintln!("the upload got no answer: {e:#}"),
+    }
+    let models = creator.get("/v1/models").await.unwrap().ok().unwrap();
+    assert!(
+        !models.to_string().contains("\"killed\""),
+        "a cut upload was registered: {models}"
+    );
+    let after = verify_storage(&p.lock().unwrap());
+    assert_eq!(after["clean"], true, "{after}");
+    assert_eq!(after["unexpected"], json!([]), "orphan blobs: {after}");
+    assert_eq!(after["ok"], 1, "{after}");
+
+    // The same upload goes through on the restarted storage.
+    let again = creator.upload(&query, bytes).await.unwrap();
+    assert_eq!(again.status, 201, "{:?}", again.body);
+    assert_eq!(verify_storage(&p.lock().unwrap())["ok"], 2);
+}
