@@ -867,9 +867,9 @@ fn verify_storage(p: &Processes) -> Value {
 async fn storage_killed_mid_upload_registers_nothing_and_leaves_no_blob() {
     use futures::StreamExt;
 
-    let p = Arc::new(std::sync::Mutex::new(Processes::start(None, None)));
-    let Market { creator, .. } = Market::open(&p.lock().unwrap()).await;
-    let before = verify_storage(&p.lock().unwrap());
+    let mut p = Processes::start(None, None);
+    let Market { creator, .. } = Market::open(&p).await;
+    let before = verify_storage(&p);
     assert_eq!(before["ok"], 1, "the market's own model: {before}");
 
     // The MNIST-size model (407 KB): its first 300 KB hold a full 256 KiB piece the gateway
@@ -895,12 +895,10 @@ async fn storage_killed_mid_upload_registers_nothing_and_leaves_no_blob() {
     });
     // Let the first half reach storage (not a timing assertion: only the moment of the kill).
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let bouncer = p.clone();
-    tokio::task::spawn_blocking(move || {
-        bouncer
-            .lock()
-            .unwrap()
-            .bounce("storage", "KILL", Duration::from_millis(200))
+    // On a blocking thread: it waits for the process to exit and to listen again.
+    p = tokio::task::spawn_blocking(move || {
+        p.bounce("storage", "KILL", Duration::from_millis(200));
+        p
     })
     .await
     .unwrap();
@@ -920,7 +918,7 @@ async fn storage_killed_mid_upload_registers_nothing_and_leaves_no_blob() {
         !models.to_string().contains("\"killed\""),
         "a cut upload was registered: {models}"
     );
-    let after = verify_storage(&p.lock().unwrap());
+    let after = verify_storage(&p);
     assert_eq!(after["clean"], true, "{after}");
     assert_eq!(after["unexpected"], json!([]), "orphan blobs: {after}");
     assert_eq!(after["ok"], 1, "{after}");
@@ -928,5 +926,5 @@ async fn storage_killed_mid_upload_registers_nothing_and_leaves_no_blob() {
     // The same upload goes through on the restarted storage.
     let again = creator.upload(&query, bytes).await.unwrap();
     assert_eq!(again.status, 201, "{:?}", again.body);
-    assert_eq!(verify_storage(&p.lock().unwrap())["ok"], 2);
+    assert_eq!(verify_storage(&p)["ok"], 2);
 }
