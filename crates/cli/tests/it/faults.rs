@@ -26,7 +26,7 @@ use modelhub_cli::client::{Client, KeyFile};
 use serde_json::{Value, json};
 
 use crate::harness::{assert_error, digits_input};
-use crate::processes::{Service, free_loopback_addr, modelhub, serve, serve_on, up};
+use crate::processes::{Service, free_loopback_addr, modelhub, serve, serve_on, succeed, up};
 
 /// Seconds a hold lives before the registry's sweep returns it.
 const HOLD_TIMEOUT_SECS: &str = "2";
@@ -282,22 +282,17 @@ struct Market {
 impl Market {
     async fn open(p: &Processes) -> Market {
         let admin_file = p._dir.path().join("admin-key.json");
-        let out = modelhub()
-            .args([
-                "admin",
-                "bootstrap",
-                "--registry",
-                &p.url("registry"),
-                "--out",
-            ])
-            .arg(&admin_file)
-            .args(["--mtls-dir", &p.tls_dir()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            modelhub()
+                .args([
+                    "admin",
+                    "bootstrap",
+                    "--registry",
+                    &p.url("registry"),
+                    "--out",
+                ])
+                .arg(&admin_file)
+                .args(["--mtls-dir", &p.tls_dir()]),
         );
         let admin = Client::new(&p.gateway_url(), KeyFile::read(&admin_file).unwrap()).unwrap();
         Market::with_admin(&admin).await
@@ -844,18 +839,12 @@ async fn a_stalled_service_is_a_503_in_time_not_a_hang() {
 
 /// `modelhub storage verify` against the processes' blob folder: its JSON report.
 fn verify_storage(p: &Processes) -> Value {
-    let out = modelhub()
-        .args(["storage", "verify", "--storage-dir"])
-        .arg(p._dir.path().join("storage"))
-        .args(["--url", &p.gateway_url(), "--key-file"])
-        .arg(p._dir.path().join("admin-key.json"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        modelhub()
+            .args(["storage", "verify", "--storage-dir"])
+            .arg(p._dir.path().join("storage"))
+            .args(["--url", &p.gateway_url(), "--key-file"])
+            .arg(p._dir.path().join("admin-key.json")),
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }

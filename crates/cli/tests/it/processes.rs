@@ -26,6 +26,17 @@ pub(crate) fn modelhub() -> Command {
     c
 }
 
+/// Runs `cmd` to its end and fails the test, with its stderr, unless it succeeded.
+pub(crate) fn succeed(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Starts `modelhub serve <svc> --listen 127.0.0.1:0 ARGS` and reads the bound address it prints.
 pub(crate) fn serve(svc: &str, args: &[&str]) -> Service {
     serve_on(svc, "127.0.0.1:0", args)
@@ -173,16 +184,11 @@ fn separate_service_processes_serve_an_upload_and_a_signed_predict() {
     let url = format!("http://{}", gateway.addr);
 
     let admin_file = dir.path().join("admin-key.json");
-    let out = modelhub()
-        .args(["admin", "bootstrap", "--registry", &registry_url, "--out"])
-        .arg(&admin_file)
-        .args(["--mtls-dir", &tls])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        modelhub()
+            .args(["admin", "bootstrap", "--registry", &registry_url, "--out"])
+            .arg(&admin_file)
+            .args(["--mtls-dir", &tls]),
     );
 
     let account = client(&url, &admin_file, &["accounts", "create", "carol"]);
