@@ -93,6 +93,15 @@ pub struct Settings {
         default_value_t = service::Policy::default().max_nonces_per_key
     )]
     pub max_nonces_per_key: u64,
+    /// Memory the embedded database may use to cache its pages (MiB). The database grows with
+    /// every receipt; past this its pages are read from the file again, so the registry's
+    /// memory stays bounded (`scripts/soak`).
+    #[arg(
+        long,
+        env = "MODELHUB_REGISTRY_STORE_CACHE_MIB",
+        default_value_t = store::DEFAULT_CACHE_MIB
+    )]
+    pub store_cache_mib: u64,
 }
 
 impl std::fmt::Debug for Settings {
@@ -111,6 +120,7 @@ impl std::fmt::Debug for Settings {
             .field("hold_timeout_secs", &self.hold_timeout_secs)
             .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
             .field("max_nonces_per_key", &self.max_nonces_per_key)
+            .field("store_cache_mib", &self.store_cache_mib)
             .finish()
     }
 }
@@ -129,6 +139,7 @@ impl Settings {
             hold_timeout_secs: service::Policy::default().hold_timeout_secs,
             idempotency_ttl_secs: service::Policy::default().idempotency_ttl_secs,
             max_nonces_per_key: service::Policy::default().max_nonces_per_key,
+            store_cache_mib: store::DEFAULT_CACHE_MIB,
         }
     }
 
@@ -177,12 +188,15 @@ impl RegistryService {
         let (store, kek) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let store = match mongo {
                 Some(store) => store,
-                None => Arc::new(RedbStore::open_in(&settings.data_dir).with_context(|| {
-                    format!(
-                        "opening the registry database in {}",
-                        settings.data_dir.display()
-                    )
-                })?),
+                None => Arc::new(
+                    RedbStore::open_in(&settings.data_dir, settings.store_cache_mib << 20)
+                        .with_context(|| {
+                            format!(
+                                "opening the registry database in {}",
+                                settings.data_dir.display()
+                            )
+                        })?,
+                ),
             };
             let kek = Kek::load_or_generate(&settings.kek_path()).context("loading the KEK")?;
             Ok((store, kek))

@@ -1060,7 +1060,7 @@ mod tests {
     use super::*;
 
     fn service_on(dir: &std::path::Path) -> RegistryService {
-        let store = Arc::new(crate::store::RedbStore::open_in(dir).unwrap());
+        let store = Arc::new(crate::store::RedbStore::open_in(dir, 64 << 20).unwrap());
         RegistryService::new(
             store,
             Kek::new(modelhub_core::crypto::SecretKey::generate()),
@@ -1137,7 +1137,7 @@ mod tests {
         // A store that has keys but no record of when nonces began (an upgrade from gateways
         // that kept nonces in memory) refuses requests dated before it began keeping them.
         let upgraded = tempfile::tempdir().unwrap();
-        let store = crate::store::RedbStore::open_in(upgraded.path()).unwrap();
+        let store = crate::store::RedbStore::open_in(upgraded.path(), 64 << 20).unwrap();
         store
             .create_account(Account {
                 account_id: "acct_a".into(),

@@ -664,10 +664,8 @@ async fn a_batch_the_chain_already_settled() {
 
 /// The UTC day of the wall clock: the label the registry gives today's usage on chain.
 fn today() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    now.as_secs() / 86_400
+    let day = modelhub_registry::model::utc_day(modelhub_core::id::unix_now());
+    u64::try_from(day).unwrap()
 }
 
 /// A user can't lower their daily cap to leave usage they had unpaid: on chain a lower cap

@@ -20,6 +20,11 @@ use crate::model::{Account, ApiKey, Charge, Model, Receipt, Reservation, Settlem
 /// Nonce counts per key are kept per bucket of this many seconds of expiry time.
 pub const NONCE_BUCKET_SECS: i64 = 600;
 
+/// The embedded database's default page cache (MiB): the accounts, models, recent
+/// reservations and nonces a busy registry reads fit in it; older receipts are read from the
+/// file.
+pub const DEFAULT_CACHE_MIB: u64 = 64;
+
 /// The reservation id of the request with idempotency key `key` of `account_id`: every retry
 /// of that request works on this one id.
 pub fn reservation_id_for(account_id: &str, key: &str) -> String {

@@ -162,9 +162,17 @@ fn put_json<T: Serialize>(
 }
 
 impl RedbStore {
-    /// Opens (or creates) the database file and its tables.
+    /// Opens (or creates) the database file and its tables, with the default page cache.
     pub fn open(path: &Path) -> Result<RedbStore> {
-        let db = Database::create(path)?;
+        RedbStore::open_with_cache(path, super::DEFAULT_CACHE_MIB << 20)
+    }
+
+    /// Opens (or creates) the database file and its tables; redb caches at most
+    /// `cache_bytes` of its pages in memory.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<RedbStore> {
+        let db = redb::Builder::new()
+            .set_cache_size(usize::try_from(cache_bytes).unwrap_or(usize::MAX))
+            .create(path)?;
         let txn = db.begin_write()?;
         for t in [ACCOUNTS, KEYS, MODELS, RESERVATIONS, RECEIPTS] {
             txn.open_table(t)?;
@@ -232,10 +240,11 @@ impl RedbStore {
         Ok(RedbStore { db, committer })
     }
 
-    /// Opens `<data_dir>/registry.redb`, creating the folder when needed.
-    pub fn open_in(data_dir: &Path) -> Result<RedbStore> {
+    /// Opens `<data_dir>/registry.redb`, creating the folder when needed, with a page cache
+    /// of at most `cache_bytes`.
+    pub fn open_in(data_dir: &Path, cache_bytes: u64) -> Result<RedbStore> {
         std::fs::create_dir_all(data_dir).map_err(RegistryError::store)?;
-        RedbStore::open(&data_dir.join("registry.redb"))
+        RedbStore::open_with_cache(&data_dir.join("registry.redb"), cache_bytes)
     }
 
     /// Runs `f` in a write transaction of its own and answers once it is durable; commits
@@ -1100,7 +1109,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_reserve_on_a_fresh_store() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Store = Arc::new(RedbStore::open_in(dir.path()).unwrap());
+        let store: Store = Arc::new(RedbStore::open_in(dir.path(), 64 << 20).unwrap());
         conformance::concurrent_reserve(store).await;
         assert!(dir.path().join("registry.redb").exists());
     }
