@@ -39,19 +39,13 @@ pub struct OnChainModel {
     pub active: bool,
 }
 
-/// One `CreditsBought` event: `buyer` paid `amount_wei` for `credits`, in transaction `tx_hash`
-/// of block `block`, as log `log_index` of that block and the `position`-th `CreditsBought` of
-/// this contract in its transaction (from 0). `(tx_hash, position)` names a deposit for good:
-/// unlike the log index, it does not change when a reorg puts the transaction in another block.
+/// One `CreditsBought` event: `buyer` paid `amount_wei` for `credits`; `at` says where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deposit {
     pub buyer: Address,
     pub credits: U256,
     pub amount_wei: U256,
-    pub block: u64,
-    pub tx_hash: B256,
-    pub log_index: u64,
-    pub position: u32,
+    pub at: LogPosition,
 }
 
 /// One `RefundRequested` event: `user` asked for `credits` back (replacing any earlier request),
@@ -61,10 +55,7 @@ pub struct RefundRequest {
     pub user: Address,
     pub credits: U256,
     pub not_before: U256,
-    pub block: u64,
-    pub tx_hash: B256,
-    pub log_index: u64,
-    pub position: u32,
+    pub at: LogPosition,
 }
 
 /// One `DailyCapSet` event: `user` set the daily cap `cap`, in force from `effective_at` (the
@@ -75,10 +66,7 @@ pub struct DailyCapChange {
     pub user: Address,
     pub cap: U256,
     pub effective_at: U256,
-    pub block: u64,
-    pub tx_hash: B256,
-    pub log_index: u64,
-    pub position: u32,
+    pub at: LogPosition,
 }
 
 /// One `Refunded` event: `user`'s refund request was paid, `credits` of it; located as a
@@ -88,18 +76,19 @@ pub struct RefundPaid {
     pub user: Address,
     pub credits: U256,
     pub amount_wei: U256,
+    pub at: LogPosition,
+}
+
+/// Where an event's log is: in transaction `tx_hash` of block `block`, as log `log_index` of
+/// that block and the `position`-th event of its kind from this contract in its transaction
+/// (from 0). `(tx_hash, position)` names an event for good: unlike the log index, it does not
+/// change when a reorg puts the transaction in another block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogPosition {
     pub block: u64,
     pub tx_hash: B256,
     pub log_index: u64,
     pub position: u32,
-}
-
-/// Where a log is.
-struct At {
-    block: u64,
-    tx_hash: B256,
-    log_index: u64,
-    position: u32,
 }
 
 /// Why the contract skipped a usage record (`UsageRejected.reason`).
@@ -523,10 +512,7 @@ impl Marketplace {
                 buyer: e.buyer,
                 credits: e.credits,
                 amount_wei: e.amountWei,
-                block: at.block,
-                tx_hash: at.tx_hash,
-                log_index: at.log_index,
-                position: at.position,
+                at,
             })
             .collect())
     }
@@ -547,10 +533,7 @@ impl Marketplace {
                 user: e.user,
                 credits: e.credits,
                 not_before: e.notBefore,
-                block: at.block,
-                tx_hash: at.tx_hash,
-                log_index: at.log_index,
-                position: at.position,
+                at,
             })
             .collect())
     }
@@ -567,10 +550,7 @@ impl Marketplace {
                 user: e.user,
                 credits: e.credits,
                 amount_wei: e.amountWei,
-                block: at.block,
-                tx_hash: at.tx_hash,
-                log_index: at.log_index,
-                position: at.position,
+                at,
             })
             .collect())
     }
@@ -591,17 +571,18 @@ impl Marketplace {
                 user: e.user,
                 cap: e.cap,
                 effective_at: e.effectiveAt,
-                block: at.block,
-                tx_hash: at.tx_hash,
-                log_index: at.log_index,
-                position: at.position,
+                at,
             })
             .collect())
     }
 
     /// The contract's `E` events of blocks `from_block..=to_block`, decoded, in chain order,
     /// each with where it is; `position` counts the `E` events of its transaction from 0.
-    async fn events<E: SolEvent>(&self, from_block: u64, to_block: u64) -> Result<Vec<(E, At)>> {
+    async fn events<E: SolEvent>(
+        &self,
+        from_block: u64,
+        to_block: u64,
+    ) -> Result<Vec<(E, LogPosition)>> {
         let mut out = Vec::new();
         let mut start = from_block;
         while start <= to_block {
@@ -630,7 +611,7 @@ impl Marketplace {
                 let event = log.log_decode::<E>().map_err(|e| {
                     ChainError::Rpc(format!("undecodable {} log: {e}", E::SIGNATURE))
                 })?;
-                let at = At {
+                let at = LogPosition {
                     block,
                     tx_hash,
                     log_index,

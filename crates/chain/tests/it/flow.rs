@@ -115,9 +115,9 @@ async fn deploy_register_buy_settle_and_withdraw() {
     assert_eq!(d.buyer, Chain::address(BUYER));
     assert_eq!(d.credits, U256::from(10));
     assert_eq!(d.amount_wei, U256::from(10 * WEI_PER_CREDIT));
-    assert_eq!(d.tx_hash, tx);
-    assert_eq!(d.block, head);
-    assert_eq!(d.position, 0);
+    assert_eq!(d.at.tx_hash, tx);
+    assert_eq!(d.at.block, head);
+    assert_eq!(d.at.position, 0);
     assert!(buyer.deposits(head + 1, head).await.unwrap().is_empty());
     assert!(buyer.deposits(0, before).await.unwrap().is_empty());
     // anvil finalizes as it mines.
@@ -326,7 +326,7 @@ async fn roles_pause_and_refunds() {
     assert_eq!(requests.len(), 1, "{requests:?}");
     let r = &requests[0];
     assert_eq!(
-        (r.user, r.credits, r.not_before, r.tx_hash, r.position),
+        (r.user, r.credits, r.not_before, r.at.tx_hash, r.at.position),
         (Chain::address(BUYER), U256::from(4), not_before, tx, 0)
     );
     // Another event kind in the range is not a refund request.
@@ -392,7 +392,7 @@ async fn deposits_come_in_chain_order_whatever_the_log_range() {
     );
     let got: Vec<_> = deposits
         .iter()
-        .map(|d| (d.tx_hash, d.credits.to::<u64>()))
+        .map(|d| (d.at.tx_hash, d.credits.to::<u64>()))
         .collect();
     assert_eq!(got.len(), 4, "{deposits:?}");
     assert_eq!(got[0], (first, 1));
@@ -403,10 +403,10 @@ async fn deposits_come_in_chain_order_whatever_the_log_range() {
     assert!(
         deposits
             .windows(2)
-            .all(|w| (w[0].block, w[0].log_index) < (w[1].block, w[1].log_index))
+            .all(|w| (w[0].at.block, w[0].at.log_index) < (w[1].at.block, w[1].at.log_index))
     );
     // One deposit per transaction here: each is the first of its transaction.
-    assert!(deposits.iter().all(|d| d.position == 0));
+    assert!(deposits.iter().all(|d| d.at.position == 0));
     assert_eq!(deposits[1].buyer, Chain::address(OWNER));
     assert_eq!(
         buyer.credits_of(Chain::address(BUYER)).await.unwrap(),
@@ -414,11 +414,11 @@ async fn deposits_come_in_chain_order_whatever_the_log_range() {
     );
     // A range in the middle sees only what it covers.
     let middle = buyer
-        .deposits(deposits[0].block + 1, deposits[1].block)
+        .deposits(deposits[0].at.block + 1, deposits[1].at.block)
         .await
         .unwrap();
     assert_eq!(middle.len(), 1);
-    assert_eq!(middle[0].tx_hash, second);
+    assert_eq!(middle[0].at.tx_hash, second);
 }
 
 #[tokio::test]
@@ -503,7 +503,7 @@ async fn daily_caps_are_lowered_after_a_delay_and_count_per_day_label() {
     let changes = buyer.daily_cap_changes(from, head).await.unwrap();
     let got: Vec<_> = changes
         .iter()
-        .map(|c| (c.user, c.cap, c.effective_at, c.tx_hash, c.position))
+        .map(|c| (c.user, c.cap, c.effective_at, c.at.tx_hash, c.at.position))
         .collect();
     assert_eq!(
         got,
@@ -519,7 +519,10 @@ async fn daily_caps_are_lowered_after_a_delay_and_count_per_day_label() {
             ),
         ]
     );
-    assert_eq!(chain.block_time(Some(changes[2].block)).await, lowered_at);
+    assert_eq!(
+        chain.block_time(Some(changes[2].at.block)).await,
+        lowered_at
+    );
     // Another event kind in the range is not a cap change.
     assert!(
         buyer

@@ -93,14 +93,15 @@ enum Followed {
 }
 
 impl Followed {
-    /// Where it is in the chain.
+    /// Where it is in the chain: (block, log index).
     fn at(&self) -> (u64, u64) {
-        match self {
-            Followed::Deposit(d) => (d.block, d.log_index),
-            Followed::Refund(r) => (r.block, r.log_index),
-            Followed::RefundPaid(r) => (r.block, r.log_index),
-            Followed::Cap(c) => (c.block, c.log_index),
-        }
+        let at = match self {
+            Followed::Deposit(d) => d.at,
+            Followed::Refund(r) => r.at,
+            Followed::RefundPaid(r) => r.at,
+            Followed::Cap(c) => c.at,
+        };
+        (at.block, at.log_index)
     }
 }
 
@@ -437,14 +438,14 @@ impl ChainLedger {
         };
         let account = self.account_for_wallet(&wallet).await?;
         self.refresh_daily_cap(&account, d.buyer).await?;
-        let grant_id = format!("chain:{}:{}", b256_hex(d.tx_hash), d.position);
+        let grant_id = format!("chain:{}:{}", b256_hex(d.at.tx_hash), d.at.position);
         match self
             .store
             .grant_once(&account.account_id, credits, &grant_id)
             .await
         {
             Ok(_) => {
-                info!(%wallet, account = %account.account_id, credits, block = d.block, "deposit counted");
+                info!(%wallet, account = %account.account_id, credits, block = d.at.block, "deposit counted");
                 Ok(())
             }
             Err(e) if e.code() == ErrorCode::BadRequest => {
@@ -464,12 +465,12 @@ impl ChainLedger {
             return Ok(());
         };
         let credits = u64::try_from(r.credits).unwrap_or(u64::MAX);
-        let debit_id = format!("chain-refund:{}:{}", b256_hex(r.tx_hash), r.position);
+        let debit_id = format!("chain-refund:{}:{}", b256_hex(r.at.tx_hash), r.at.position);
         let taken = self
             .store
             .debit_once(&account.account_id, credits, &debit_id)
             .await?;
-        info!(%wallet, account = %account.account_id, requested = credits, taken, block = r.block, "refund request counted");
+        info!(%wallet, account = %account.account_id, requested = credits, taken, block = r.at.block, "refund request counted");
         Ok(())
     }
 
@@ -526,16 +527,16 @@ impl ChainLedger {
         let name = format!(
             "{}:skipped:{}:{}",
             self.cursor,
-            b256_hex(d.tx_hash),
-            d.position
+            b256_hex(d.at.tx_hash),
+            d.at.position
         );
-        self.store.set_cursor(&name, d.block).await?;
+        self.store.set_cursor(&name, d.at.block).await?;
         warn!(
             wallet = %modelhub_chain::wallet_string(d.buyer),
             credits = %d.credits,
-            tx = %b256_hex(d.tx_hash),
-            position = d.position,
-            block = d.block,
+            tx = %b256_hex(d.at.tx_hash),
+            position = d.at.position,
+            block = d.at.block,
             reason = why,
             "deposit not counted; skipped (an operator must settle it by hand)"
         );
