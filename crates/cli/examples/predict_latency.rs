@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use modelhub_cli::client::{Client, KeyFile, ModelUpload};
+use modelhub_cli::client::{Client, ModelUpload};
 use modelhub_cli::up::{self, UpSettings};
 use serde_json::json;
 
@@ -23,28 +23,7 @@ async fn main() -> anyhow::Result<()> {
     let running = up::start(UpSettings::for_test(dir.path())).await?;
     let admin = Client::new(&running.gateway_url, running.admin_key.clone())?;
 
-    let account = admin
-        .post("/v1/accounts", &json!({ "name": "bench" }))
-        .await?
-        .ok()?;
-    let account_id = account["account_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    admin
-        .post(
-            "/v1/credits/grant",
-            &json!({ "account_id": account_id, "amount": (n + 100) as u64 }),
-        )
-        .await?
-        .ok()?;
-    let key: KeyFile = serde_json::from_value(
-        admin
-            .post("/v1/keys", &json!({ "account_id": account_id }))
-            .await?
-            .ok()?,
-    )?;
-    let user = admin.with_key(key);
+    let user = admin.new_account("bench", (n + 100) as u64).await?;
     let record = user
         .upload(
             &ModelUpload::new("digits", "1", 1),

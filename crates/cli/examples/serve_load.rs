@@ -209,28 +209,7 @@ async fn load(args: &Args, gateway: &str, admin_key: KeyFile, body: Bytes) -> an
     const GRANT: u64 = 1 << 40;
     let mut users = Vec::new();
     for i in 0..ACCOUNTS {
-        let account = admin
-            .post("/v1/accounts", &json!({ "name": format!("load{i}") }))
-            .await?
-            .ok()?;
-        let id = account["account_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        admin
-            .post(
-                "/v1/credits/grant",
-                &json!({ "account_id": id, "amount": GRANT }),
-            )
-            .await?
-            .ok()?;
-        let key: KeyFile = serde_json::from_value(
-            admin
-                .post("/v1/keys", &json!({ "account_id": id }))
-                .await?
-                .ok()?,
-        )?;
-        users.push(admin.with_key(key));
+        users.push(admin.new_account(&format!("load{i}"), GRANT).await?);
     }
     let bytes = std::fs::read(&args.model).with_context(|| format!("reading {}", args.model))?;
     let model = users[0]

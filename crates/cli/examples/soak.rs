@@ -142,34 +142,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let admin = Client::new(&url, KeyFile::read(&admin_file)?)?;
-    let new_user = async |name: String, credits: u64| -> anyhow::Result<Client> {
-        let account = admin
-            .post("/v1/accounts", &json!({ "name": name }))
-            .await?
-            .ok()?;
-        let id = account["account_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        if credits > 0 {
-            admin
-                .post(
-                    "/v1/credits/grant",
-                    &json!({ "account_id": id, "amount": credits }),
-                )
-                .await?
-                .ok()?;
-        }
-        let key = admin
-            .post("/v1/keys", &json!({ "account_id": id }))
-            .await?
-            .ok()?;
-        Ok(admin.with_key(serde_json::from_value(key)?))
-    };
-    let creator = new_user("creator".into(), 0).await?;
+    let creator = admin.new_account("creator", 0).await?;
     let mut users = Vec::new();
     for i in 0..ACCOUNTS {
-        users.push(new_user(format!("user{i}"), GRANT).await?);
+        users.push(admin.new_account(&format!("user{i}"), GRANT).await?);
     }
     let model_bytes = std::fs::read(&a.model)?;
     let record = creator

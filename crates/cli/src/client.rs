@@ -310,6 +310,31 @@ impl Client {
         read_answer(b.send().await?).await
     }
 
+    /// With the admin's key: creates an account named `name`, grants it `credits` (none when
+    /// 0; embedded ledger) and answers a client signing with a new key of it.
+    pub async fn new_account(&self, name: &str, credits: u64) -> anyhow::Result<Client> {
+        let account = self
+            .post("/v1/accounts", &serde_json::json!({ "name": name }))
+            .await?
+            .ok()?;
+        let id = account["account_id"]
+            .as_str()
+            .context("the new account has no account_id")?;
+        if credits > 0 {
+            self.post(
+                "/v1/credits/grant",
+                &serde_json::json!({ "account_id": id, "amount": credits }),
+            )
+            .await?
+            .ok()?;
+        }
+        let key = self
+            .post("/v1/keys", &serde_json::json!({ "account_id": id }))
+            .await?
+            .ok()?;
+        Ok(self.with_key(serde_json::from_value(key)?))
+    }
+
     /// Uploads a model held in memory.
     pub async fn upload(&self, query: &ModelUpload, bytes: Vec<u8>) -> anyhow::Result<Answer> {
         let sha = signing::sha256_hex(&bytes);
