@@ -458,6 +458,9 @@ pub struct ModelUpload {
     pub input_range: Option<modelhub_core::InputRange>,
     /// The most rows one predict may hold (`None`: no cap of the model's own).
     pub max_rows: Option<u32>,
+    /// The most predictions one account may make per minute (`None`: no quota of the
+    /// model's own).
+    pub calls_per_minute: Option<u32>,
 }
 
 impl ModelUpload {
@@ -469,6 +472,7 @@ impl ModelUpload {
             proof_price: None,
             input_range: None,
             max_rows: None,
+            calls_per_minute: None,
         }
     }
 
@@ -476,6 +480,7 @@ impl ModelUpload {
         let price = self.price.to_string();
         let proof_price = self.proof_price.map(|p| p.to_string());
         let max_rows = self.max_rows.map(|n| n.to_string());
+        let calls_per_minute = self.calls_per_minute.map(|n| n.to_string());
         let range = self
             .input_range
             .map(|r| (r.min.to_string(), r.max.to_string()));
@@ -492,6 +497,9 @@ impl ModelUpload {
         }
         if let Some(n) = &max_rows {
             pairs.push(("max_rows", n.as_str()));
+        }
+        if let Some(n) = &calls_per_minute {
+            pairs.push(("calls_per_minute", n.as_str()));
         }
         format!("/v1/models?{}", form_query(&pairs))
     }

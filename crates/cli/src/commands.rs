@@ -334,6 +334,10 @@ pub enum Models {
         /// of its own; the gateway's limit applies either way).
         #[arg(long)]
         max_rows: Option<u32>,
+        /// The most predictions (rows) of this version one account may make per minute
+        /// (default: no quota of its own); more are refused with 429 and `retry-after`.
+        #[arg(long)]
+        calls_per_minute: Option<u32>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -519,6 +523,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             proof_price,
             input_range,
             max_rows,
+            calls_per_minute,
             client,
         }) => {
             let v = upload_file(
@@ -531,6 +536,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     proof_price,
                     input_range,
                     max_rows,
+                    calls_per_minute,
                 },
             )
             .await?;

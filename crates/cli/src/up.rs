@@ -227,11 +227,8 @@ pub async fn bootstrap_admin(
     if path.exists() {
         return KeyFile::read(path);
     }
-    let channel = tls
-        .endpoint(modelhub_mtls::Identity::Registry, registry)?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the registry at {registry}"))?;
+    let channel =
+        modelhub_mtls::lazy_channel(&tls.endpoint(modelhub_mtls::Identity::Registry, registry)?);
     let mut client = reg::registry_client::RegistryClient::new(channel);
     let account = client
         .create_account(reg::CreateAccountRequest {
@@ -240,7 +237,7 @@ pub async fn bootstrap_admin(
             ..Default::default()
         })
         .await
-        .context("creating the admin account")?
+        .with_context(|| format!("creating the admin account at the registry at {registry}"))?
         .into_inner();
     let key = client
         .create_key(reg::CreateKeyRequest {

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroize;
 
+use crate::rates::RateLimits;
 use actix_web::HttpRequest;
 use async_trait::async_trait;
 use modelhub_core::signing::{
@@ -308,6 +309,8 @@ pub struct Authenticator {
     nonces: Arc<dyn NonceStore>,
     /// The `host` values (lowercase) a request may be signed for; `None` accepts any.
     allowed_hosts: Option<Arc<std::collections::HashSet<String>>>,
+    /// Requests per second per key and per account, checked before the nonce is spent.
+    rates: Option<Arc<RateLimits>>,
 }
 
 /// Everything read from the request before the key is known.
@@ -325,6 +328,15 @@ impl Authenticator {
             keys,
             nonces,
             allowed_hosts: None,
+            rates: None,
+        }
+    }
+
+    /// Refuses (429) requests of a key or account over its rate, before spending the nonce.
+    pub fn with_rates(self, rates: Arc<RateLimits>) -> Authenticator {
+        Authenticator {
+            rates: Some(rates),
+            ..self
         }
     }
 
@@ -384,6 +396,12 @@ impl Authenticator {
         // Only whoever holds the secret learns that the key was revoked.
         if key.revoked {
             return Err(unauthenticated("key is revoked"));
+        }
+        // Before the nonce: a key over its rate cannot make the registry keep more nonces.
+        if let Some(rates) = &self.rates {
+            rates.check(&key.key_id, &key.account_id).map_err(|over| {
+                ApiError::new(ErrorCode::TooManyRequests, format!("this {}", over.what))
+            })?;
         }
         self.nonces
             .spend(&key.key_id, &claims.nonce, claims.date)

@@ -48,6 +48,14 @@ impl GatewayError {
         }
     }
 
+    /// A 429 for going over a rate, with its `retry-after`.
+    pub fn over_rate(over: crate::rates::OverRate) -> GatewayError {
+        GatewayError::RetryAfter {
+            error: ApiError::new(ErrorCode::TooManyRequests, format!("this {}", over.what)),
+            secs: over.retry_after_secs(),
+        }
+    }
+
     pub fn internal(what: impl Into<String>) -> GatewayError {
         GatewayError::Internal { what: what.into() }
     }

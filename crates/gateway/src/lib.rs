@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod error;
 pub mod limits;
+pub mod rates;
 mod records;
 mod routes;
 pub mod tls;
@@ -26,7 +27,7 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
-use modelhub_mtls::{Identity, TlsDir, https_endpoint};
+use modelhub_mtls::{Identity, TlsDir, https_endpoint, lazy_channel};
 use modelhub_proto::inference::v1::inference_client::InferenceClient;
 use modelhub_proto::prover::v1::prover_client::ProverClient;
 use modelhub_proto::registry::v1::Model as ModelPb;
@@ -107,6 +108,22 @@ pub struct Settings {
         default_value_t = 60
     )]
     pub free_calls_per_minute: u32,
+    /// Signed requests one API key may make per second on this gateway (a burst of that
+    /// many); more are answered 429 with `retry-after`, before the nonce is spent. 0: no limit.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_REQUESTS_PER_SECOND_PER_KEY",
+        default_value_t = 1000
+    )]
+    pub requests_per_second_per_key: u32,
+    /// Signed requests one account (all its keys) may make per second on this gateway; more
+    /// are answered 429 with `retry-after`. 0: no limit.
+    #[arg(
+        long,
+        env = "MODELHUB_GATEWAY_REQUESTS_PER_SECOND_PER_ACCOUNT",
+        default_value_t = 2000
+    )]
+    pub requests_per_second_per_account: u32,
     /// The default proof price of an upload that sets none: one credit per this many circuit
     /// cells (rows × neuron lanes, what proving time grows with), rounded up, at least 1.
     #[arg(
@@ -185,6 +202,8 @@ impl Settings {
             max_requests_per_client: 64,
             max_uploads_per_account: 2,
             free_calls_per_minute: 60,
+            requests_per_second_per_key: 1000,
+            requests_per_second_per_account: 2000,
             proof_cells_per_credit: DEFAULT_PROOF_CELLS_PER_CREDIT,
             max_rows_per_request: 1024,
             registry_timeout_secs: 10,
@@ -339,7 +358,9 @@ pub(crate) struct AppState {
     /// Uploads in flight per account (shared by every worker).
     pub uploads: limits::PerAccount,
     /// Predictions of free models per account (shared by every worker).
-    pub free_quota: Arc<limits::FreeQuota>,
+    pub free_quota: Arc<rates::FreeQuota>,
+    /// The owners' per-model rates (shared by every worker).
+    pub model_quotas: Arc<rates::ModelQuotas>,
 }
 
 impl AppState {
@@ -398,13 +419,30 @@ struct Shared {
     models: ModelCache,
     limits: Limits,
     uploads: limits::PerAccount,
-    free_quota: Arc<limits::FreeQuota>,
+    free_quota: Arc<rates::FreeQuota>,
+    rates: Arc<rates::RateLimits>,
+    model_quotas: Arc<rates::ModelQuotas>,
     allowed_hosts: Vec<String>,
 }
 
 /// A mutual-TLS endpoint of an internal service (`https://` only; TCP_NODELAY, 5 s connect).
 fn endpoint(tls: &TlsDir, server: Identity, uri: &str) -> anyhow::Result<Endpoint> {
     Ok(tls.endpoint(server, uri)?)
+}
+
+/// An endpoint on the request path: every call ends within `secs`, and so does setting up
+/// the connection it may have to wait for (TCP connect and TLS handshake, [`lazy_channel`]).
+fn deadline_endpoint(
+    tls: &TlsDir,
+    server: Identity,
+    uri: &str,
+    secs: u64,
+) -> anyhow::Result<Endpoint> {
+    let deadline = Duration::from_secs(secs);
+    let connect = deadline.min(Duration::from_secs(5));
+    Ok(endpoint(tls, server, uri)?
+        .timeout(deadline)
+        .connect_timeout(connect))
 }
 
 impl Shared {
@@ -421,12 +459,20 @@ impl Shared {
         Ok(Shared {
             // Per-call deadlines on the request path (storage and the prover carry uploads and
             // proof waits, which take as long as they take, bounded by their own limits).
-            registry: endpoint(&tls, Identity::Registry, &settings.registry)?
-                .timeout(Duration::from_secs(settings.registry_timeout_secs)),
+            registry: deadline_endpoint(
+                &tls,
+                Identity::Registry,
+                &settings.registry,
+                settings.registry_timeout_secs,
+            )?,
             registry_slow: endpoint(&tls, Identity::Registry, &settings.registry)?,
             storage: endpoint(&tls, Identity::Storage, &settings.storage)?,
-            inference: endpoint(&tls, Identity::Inference, &settings.inference)?
-                .timeout(Duration::from_secs(settings.inference_timeout_secs)),
+            inference: deadline_endpoint(
+                &tls,
+                Identity::Inference,
+                &settings.inference,
+                settings.inference_timeout_secs,
+            )?,
             prover: settings
                 .prover
                 .as_deref()
@@ -443,10 +489,15 @@ impl Shared {
                 max_rows_per_request: settings.max_rows_per_request,
             },
             uploads: limits::PerAccount::new(settings.max_uploads_per_account),
-            free_quota: Arc::new(limits::FreeQuota::new(
+            free_quota: Arc::new(rates::FreeQuota::per_minute(
                 std::num::NonZeroU32::new(settings.free_calls_per_minute)
                     .context("free_calls_per_minute must be at least 1")?,
             )),
+            rates: Arc::new(rates::RateLimits::new(
+                settings.requests_per_second_per_key,
+                settings.requests_per_second_per_account,
+            )),
+            model_quotas: Arc::default(),
             allowed_hosts,
         })
     }
@@ -454,7 +505,7 @@ impl Shared {
     /// Must run inside a Tokio runtime (the lazy channels spawn their workers on it). `auth`
     /// replaces the registry-backed authenticator (unit tests).
     fn state(&self, auth: Option<Authenticator>) -> AppState {
-        let registry = RegistryClient::new(self.registry.connect_lazy())
+        let registry = RegistryClient::new(lazy_channel(&self.registry))
             .max_decoding_message_size(REGISTRY_MAX_MESSAGE);
         let auth = auth.unwrap_or_else(|| {
             let auth = Authenticator::new(
@@ -467,21 +518,23 @@ impl Shared {
                 auth.with_allowed_hosts(self.allowed_hosts.clone())
             }
         });
+        let auth = auth.with_rates(self.rates.clone());
         AppState {
-            storage: StorageClient::new(self.storage.connect_lazy()),
-            inference: InferenceClient::new(self.inference.connect_lazy())
+            storage: StorageClient::new(lazy_channel(&self.storage)),
+            inference: InferenceClient::new(lazy_channel(&self.inference))
                 .max_decoding_message_size(INFERENCE_MAX_MESSAGE),
             prover: self.prover.as_ref().map(|p| {
-                ProverClient::new(p.connect_lazy()).max_decoding_message_size(PROVER_MAX_MESSAGE)
+                ProverClient::new(lazy_channel(p)).max_decoding_message_size(PROVER_MAX_MESSAGE)
             }),
             registry,
-            registry_slow: RegistryClient::new(self.registry_slow.connect_lazy())
+            registry_slow: RegistryClient::new(lazy_channel(&self.registry_slow))
                 .max_decoding_message_size(REGISTRY_MAX_MESSAGE),
             models: self.models.clone(),
             auth,
             limits: self.limits,
             uploads: self.uploads.clone(),
             free_quota: self.free_quota.clone(),
+            model_quotas: self.model_quotas.clone(),
         }
     }
 }

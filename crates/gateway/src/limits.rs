@@ -122,84 +122,9 @@ pub async fn limit_per_client(
     Ok(res.map_into_left_body())
 }
 
-/// The free-model policy: each account may make `per_minute` predictions of free (price 0)
-/// models per minute on this gateway, in a token bucket (GCRA) that holds one minute's worth,
-/// so a burst of `per_minute` is fine and the bucket refills steadily. Paid predictions don't
-/// touch it. Without it a free model is unmetered: one account could occupy the inference and
-/// prover queues at no cost.
-pub struct FreeQuota {
-    per_minute: u32,
-    limiter: governor::DefaultKeyedRateLimiter<String>,
-    checks: std::sync::atomic::AtomicU64,
-}
-
-/// Forget the buckets of accounts that are full again this often (in checks).
-const FREE_QUOTA_PRUNE_EVERY: u64 = 4096;
-
-impl FreeQuota {
-    pub fn new(per_minute: std::num::NonZeroU32) -> FreeQuota {
-        FreeQuota {
-            per_minute: per_minute.get(),
-            limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
-            checks: Default::default(),
-        }
-    }
-
-    /// Takes `rows` free calls of `account`'s quota, or says how long until there are that
-    /// many. `rows` must be at most [`per_minute`](Self::per_minute).
-    pub fn check(&self, account: &str, rows: u32) -> Result<(), std::time::Duration> {
-        use governor::clock::{Clock, DefaultClock};
-        let n = self
-            .checks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if n % FREE_QUOTA_PRUNE_EVERY == FREE_QUOTA_PRUNE_EVERY - 1 {
-            // Memory stays bounded by the accounts that used free calls lately.
-            self.limiter.retain_recent();
-        }
-        let Some(n) = std::num::NonZeroU32::new(rows) else {
-            return Ok(());
-        };
-        match self.limiter.check_key_n(&account.to_owned(), n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(later)) => Err(later.wait_time_from(DefaultClock::default().now())),
-            // More than a minute's quota can never pass: the caller checks before.
-            Err(_) => Err(std::time::Duration::from_secs(60)),
-        }
-    }
-
-    /// The free calls per minute of one account.
-    pub fn per_minute(&self) -> u32 {
-        self.per_minute
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_free_quota_is_per_account_and_says_when_to_come_back() {
-        let quota = FreeQuota::new(std::num::NonZeroU32::new(3).unwrap());
-        quota.check("acct_a", 2).unwrap();
-        quota.check("acct_a", 1).unwrap();
-        let wait = quota.check("acct_a", 1).unwrap_err();
-        // One call comes back every 20 s.
-        assert!(
-            wait > std::time::Duration::from_secs(15) && wait <= std::time::Duration::from_secs(20),
-            "{wait:?}"
-        );
-        // A batch counts its rows: three at once fit, a fourth row must wait.
-        quota
-            .check("acct_b", 3)
-            .expect("another account has its own quota");
-        assert!(quota.check("acct_b", 1).is_err());
-        let wait = quota.check("acct_c", 4).unwrap_err();
-        assert_eq!(
-            wait,
-            std::time::Duration::from_secs(60),
-            "more than the burst never fits"
-        );
-    }
 
     #[test]
     fn slots_are_counted_per_address_and_given_back() {

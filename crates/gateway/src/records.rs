@@ -28,6 +28,9 @@ pub struct ModelRecord {
     /// The most rows (batch size) one predict may hold, when the owner capped it; the
     /// gateway's `--max-rows-per-request` applies either way.
     pub max_rows: Option<u32>,
+    /// The most predictions (rows) one account may make per minute, when the owner set a
+    /// quota (per gateway replica).
+    pub calls_per_minute: Option<u32>,
     pub cid: String,
     pub sha256: String,
     pub size: u64,
@@ -88,6 +91,7 @@ impl TryFrom<pb::Model> for ModelRecord {
             price: m.price,
             proof_price: m.circuit_spec.is_some().then_some(m.proof_price),
             max_rows: Some(m.max_rows).filter(|&n| n > 0),
+            calls_per_minute: Some(m.calls_per_minute).filter(|&n| n > 0),
             cid: m.cid,
             sha256: m.sha256,
             size: m.size,
@@ -143,6 +147,7 @@ mod tests {
             digest: None,
             proof_price: 0,
             max_rows: 16,
+            calls_per_minute: 0,
         };
         let json = serde_json::to_value(ModelRecord::try_from(model).unwrap()).unwrap();
         assert_eq!(
@@ -150,7 +155,7 @@ mod tests {
             serde_json::json!({
                 "model_id": "mdl_1", "owner": "acct_1", "owner_handle": "alice",
                 "full_name": "alice/digits@1.0", "name": "digits", "version": "1.0",
-                "price": 3, "proof_price": null, "max_rows": 16, "cid": "bafy", "sha256": "ab".repeat(32), "size": 1234,
+                "price": 3, "proof_price": null, "max_rows": 16, "calls_per_minute": null, "cid": "bafy", "sha256": "ab".repeat(32), "size": 1234,
                 "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 64]}],
                 "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}],
                 "commitment": null, "circuit_spec": null,

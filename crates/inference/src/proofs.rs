@@ -19,10 +19,10 @@ pub struct ProofSink {
 impl ProofSink {
     /// A lazily connected client of the prover (`https://`, mutual TLS with `tls`).
     pub fn connect(tls: &TlsDir, endpoint: &str) -> Result<ProofSink, String> {
-        let channel = tls
-            .endpoint(Identity::Prover, endpoint)
-            .map_err(|e| e.to_string())?
-            .connect_lazy();
+        let channel = modelhub_mtls::lazy_channel(
+            &tls.endpoint(Identity::Prover, endpoint)
+                .map_err(|e| e.to_string())?,
+        );
         let client = ProverClient::new(channel).max_encoding_message_size(64 << 20);
         Ok(ProofSink { client })
     }

@@ -13,7 +13,8 @@
 //!   `UNAUTHENTICATED` instead of a broken connection) and checks every call against the
 //!   service's table in [`policy`] ([`authorize`]).
 //! - Clients: [`TlsDir::endpoint`] gives a tonic `Endpoint` for an `https://` address that
-//!   presents the caller's certificate and accepts only the named service's.
+//!   presents the caller's certificate and accepts only the named service's; [`lazy_channel`]
+//!   turns it into a channel whose connect timeout bounds the TLS handshake too.
 
 pub mod authorize;
 #[cfg(feature = "generate")]
@@ -23,7 +24,7 @@ pub mod policy;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Server, ServerTlsConfig};
 
 pub use authorize::{AuthorizeLayer, Caller};
 pub use policy::Policy;
@@ -193,6 +194,22 @@ impl TlsDir {
     }
 }
 
+/// A lazily connected channel to `endpoint` whose connect timeout bounds the whole connection
+/// set-up: TCP connect *and* TLS handshake.
+///
+/// Use it instead of `Endpoint::connect_lazy`, whose connect timeout bounds only the TCP
+/// connect. A peer that accepts connections but never answers (a stopped or wedged process:
+/// its kernel still completes the TCP handshake) then holds the channel in its TLS handshake for
+/// ever, and every call queued on the channel waits with it: the endpoint's per-call `timeout`
+/// starts only once the connection is up.
+pub fn lazy_channel(endpoint: &Endpoint) -> Channel {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    // `https://` URIs: the TLS layer tonic puts on top does the handshake.
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    endpoint.connect_with_connector_lazy(tcp)
+}
+
 /// A tonic server with TLS and the authorization layer ([`TlsDir::server`]).
 pub type AuthorizedServer = Server<tower_layer::Stack<AuthorizeLayer, tower_layer::Identity>>;
 
@@ -234,6 +251,41 @@ mod tests {
         assert!(err.to_string().contains("https://"), "{err}");
         assert!(https_endpoint(Identity::Registry, "https://127.0.0.1:50051").is_ok());
         assert!(https_endpoint(Identity::Registry, "https://bad host").is_err());
+    }
+
+    /// A peer whose kernel completes the TCP handshake but which never reads (a stopped
+    /// process, modelled by a listener nobody accepts on): the call fails once the connect
+    /// timeout has passed, instead of waiting in the TLS handshake for ever.
+    #[tokio::test]
+    async fn a_peer_that_never_answers_the_handshake_fails_the_call() {
+        use modelhub_proto::registry::v1 as reg;
+
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", silent.local_addr().unwrap());
+        let endpoint = https_endpoint(Identity::Registry, &url)
+            .unwrap()
+            .connect_timeout(Duration::from_millis(300))
+            .tls_config(ClientTlsConfig::new().domain_name("registry"))
+            .unwrap();
+        let mut client = reg::registry_client::RegistryClient::new(lazy_channel(&endpoint));
+        // The guard only turns a hang into a failure; the call is expected to end in ~300 ms.
+        let answer = tokio::time::timeout(
+            Duration::from_secs(60),
+            client.create_account(reg::CreateAccountRequest::default()),
+        )
+        .await
+        .expect("the call waited in the TLS handshake past the connect timeout");
+        // tonic reports the connect timeout as `UNKNOWN` "transport error" (a refused
+        // connection as `UNAVAILABLE`); callers read both as "unavailable".
+        let status = answer.unwrap_err();
+        assert!(
+            matches!(
+                status.code(),
+                tonic::Code::Unknown | tonic::Code::Unavailable
+            ),
+            "{status}"
+        );
+        drop(silent);
     }
 
     #[test]

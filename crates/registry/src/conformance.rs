@@ -77,6 +77,7 @@ pub fn new_model(owner: &str, price: u64) -> Model {
         digest: Some("cd".repeat(32)),
         proof_price: 0,
         max_rows: 0,
+        calls_per_minute: 0,
         created_at: id::unix_now(),
     }
 }
@@ -155,12 +156,16 @@ pub async fn proof_charges(store: Store) {
         .create_model(Model {
             proof_price: 5,
             max_rows: 3,
+            calls_per_minute: 40,
             ..new_model(&owner.account_id, 1)
         })
         .await
         .unwrap();
     let stored = store.get_model(&model.model_id).await.unwrap();
-    assert_eq!((stored.proof_price, stored.max_rows), (5, 3));
+    assert_eq!(
+        (stored.proof_price, stored.max_rows, stored.calls_per_minute),
+        (5, 3, 40)
+    );
     let reserve = |charge, key: &'static str| {
         let (store, buyer, model) = (
             store.clone(),

@@ -161,6 +161,10 @@ pub struct Model {
     /// applies either way). Fixed with the version, like `price`.
     #[serde(default)]
     pub max_rows: u32,
+    /// The most predictions (rows) one account may make per minute on a gateway; 0: no quota
+    /// of its own. Fixed with the version, like `price`.
+    #[serde(default)]
+    pub calls_per_minute: u32,
     pub created_at: i64,
 }
 

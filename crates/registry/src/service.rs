@@ -220,6 +220,7 @@ fn model_from_request(req: pb::CreateModelRequest) -> Result<Model> {
         digest: req.digest.map(|d| d.to_ascii_lowercase()),
         proof_price: req.proof_price,
         max_rows: req.max_rows,
+        calls_per_minute: req.calls_per_minute,
         created_at: id::unix_now(),
     })
 }
@@ -327,6 +328,7 @@ fn model_pb(m: Model) -> pb::Model {
         digest: m.digest,
         proof_price: m.proof_price,
         max_rows: m.max_rows,
+        calls_per_minute: m.calls_per_minute,
     }
 }
 

@@ -27,10 +27,10 @@ pub enum FetchError {
 /// A lazily connected storage client over mutual TLS with `tls`'s certificate (`endpoint` is
 /// `https://HOST:PORT`; TCP_NODELAY, 5 s connect timeout).
 pub fn connect_lazy(tls: &TlsDir, endpoint: &str) -> Result<StorageClient<Channel>, String> {
-    let channel = tls
-        .endpoint(Identity::Storage, endpoint)
-        .map_err(|e| e.to_string())?
-        .connect_lazy();
+    let channel = modelhub_mtls::lazy_channel(
+        &tls.endpoint(Identity::Storage, endpoint)
+            .map_err(|e| e.to_string())?,
+    );
     Ok(StorageClient::new(channel).max_decoding_message_size(crate::MAX_MESSAGE_BYTES))
 }
 

@@ -40,10 +40,12 @@ impl TestPki {
 
     /// A lazily connected channel to the `server` service at `url` (`https://`) as `caller`.
     pub fn channel(&self, caller: Identity, server: Identity, url: &str) -> Channel {
-        self.identity(caller)
-            .endpoint(server, url)
-            .expect("endpoint")
-            .connect_lazy()
+        modelhub_mtls::lazy_channel(
+            &self
+                .identity(caller)
+                .endpoint(server, url)
+                .expect("endpoint"),
+        )
     }
 
     /// A lazily connected channel over TLS that trusts the CA but presents no certificate.
@@ -52,20 +54,23 @@ impl TestPki {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .domain_name(server.name());
-        Endpoint::from_shared(url.to_owned())
-            .expect("url")
-            .tls_config(tls)
-            .expect("tls config")
-            .connect_lazy()
+        modelhub_mtls::lazy_channel(
+            &Endpoint::from_shared(url.to_owned())
+                .expect("url")
+                .tls_config(tls)
+                .expect("tls config")
+                .connect_timeout(std::time::Duration::from_secs(5)),
+        )
     }
 
     /// A lazily connected plain-text (h2c) channel to the same port: must get nowhere.
     pub fn plaintext_channel(url: &str) -> Channel {
         let plain = url.replacen("https://", "http://", 1);
-        Endpoint::from_shared(plain)
-            .expect("url")
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .connect_lazy()
+        modelhub_mtls::lazy_channel(
+            &Endpoint::from_shared(plain)
+                .expect("url")
+                .connect_timeout(std::time::Duration::from_secs(5)),
+        )
     }
 }
 

@@ -11,6 +11,7 @@ mod mtls;
 mod names;
 mod processes;
 mod proofs;
+mod rates;
 mod restart;
 mod secrets;
 mod signing;

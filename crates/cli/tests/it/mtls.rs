@@ -95,11 +95,12 @@ fn anonymous(dir: &std::path::Path, server: Identity, url: &str) -> Channel {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name(server.name());
-    Endpoint::from_shared(url.to_owned())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_lazy()
+    modelhub_mtls::lazy_channel(
+        &Endpoint::from_shared(url.to_owned())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,11 +109,12 @@ async fn every_rpc_of_every_service_checks_the_callers_certificate() {
     let running = up::start(UpSettings::for_test(dir.path())).await.unwrap();
     let tls = running.mtls_dir.clone();
     let as_ = |caller: Identity, server: Identity, url: &str| {
-        modelhub_mtls::TlsDir::load(&tls, caller)
-            .unwrap()
-            .endpoint(server, url)
-            .unwrap()
-            .connect_lazy()
+        modelhub_mtls::lazy_channel(
+            &modelhub_mtls::TlsDir::load(&tls, caller)
+                .unwrap()
+                .endpoint(server, url)
+                .unwrap(),
+        )
     };
     let e = &running.endpoints;
     let services = [
@@ -215,13 +217,11 @@ async fn every_rpc_of_every_service_checks_the_callers_certificate() {
 
     // A certificate from another CA is refused at the handshake.
     let other = TestPki::new();
-    let mut c = reg::registry_client::RegistryClient::new(
-        other
-            .identity(Identity::Gateway)
-            .endpoint(Identity::Registry, &e.registry)
-            .unwrap()
-            .connect_lazy(),
-    );
+    let mut c = reg::registry_client::RegistryClient::new(other.channel(
+        Identity::Gateway,
+        Identity::Registry,
+        &e.registry,
+    ));
     assert!(c.create_account(request()).await.is_err());
 
     running.stop().await;

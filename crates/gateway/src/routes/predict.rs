@@ -28,6 +28,7 @@ use tonic::transport::Channel;
 use super::{parse_json, signed};
 use crate::AppState;
 use crate::error::GatewayError;
+use crate::rates::OverRate;
 use crate::records;
 
 #[derive(Deserialize)]
@@ -102,23 +103,28 @@ pub async fn predict(
     }
     let rows = u32::try_from(rows).unwrap_or(max_rows);
     // The free-model policy: a free model is metered by a per-account quota instead of credits.
-    if model.price == 0 && rows > state.free_quota.per_minute() {
-        return Err(too_many(state.free_quota.per_minute(), "free models take"));
+    let free = state.free_quota.burst();
+    if model.price == 0 && rows > free {
+        return Err(too_many(free, "free models take"));
     }
     if model.price == 0
         && let Err(wait) = state.free_quota.check(&caller.account_id, rows)
     {
-        return Err(GatewayError::RetryAfter {
-            error: ApiError::new(
-                ErrorCode::TooManyRequests,
-                format!(
-                    "this account used its {} predictions of free models per minute",
-                    state.free_quota.per_minute()
-                ),
-            ),
-            secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-        });
+        return Err(GatewayError::over_rate(OverRate {
+            what: format!("account used its {free} predictions of free models per minute"),
+            retry_after: wait,
+        }));
     }
+    // The owner's quota per account, before anything is charged or run.
+    state
+        .model_quotas
+        .check(
+            &model.model_id,
+            model.calls_per_minute,
+            &caller.account_id,
+            rows,
+        )
+        .map_err(GatewayError::over_rate)?;
     if prove && rows > 1 {
         return Err(ApiError::bad_request(format!(
             "a proof covers one row; this batch has {rows} (ask for proofs one row at a time)"

@@ -41,19 +41,32 @@ struct UploadQuery {
     input_max: Option<f32>,
     /// The most rows (batch size) one predict may hold; default: no cap of the model's own.
     max_rows: Option<u32>,
+    /// The most predictions (rows) one account may make per minute; default: no quota of
+    /// the model's own.
+    calls_per_minute: Option<u32>,
+}
+
+/// An optional owner's setting that must be at least 1 when given; 0 when left out.
+fn positive(name: &str, value: Option<u32>) -> Result<u32, ApiError> {
+    match value {
+        None => Ok(0),
+        Some(0) => Err(ApiError::bad_request(format!(
+            "{name} must be at least 1 (leave it out for no limit of the model's own)"
+        ))),
+        Some(n) => Ok(n),
+    }
 }
 
 impl UploadQuery {
     /// The model's own cap on rows per predict, checked (before anything is stored); 0 when
     /// none.
     fn max_rows(&self) -> Result<u32, ApiError> {
-        match self.max_rows {
-            None => Ok(0),
-            Some(0) => Err(ApiError::bad_request(
-                "max_rows must be at least 1 (leave it out for no cap of the model's own)",
-            )),
-            Some(n) => Ok(n),
-        }
+        positive("max_rows", self.max_rows)
+    }
+
+    /// The model's own quota per account and minute, checked; 0 when none.
+    fn calls_per_minute(&self) -> Result<u32, ApiError> {
+        positive("calls_per_minute", self.calls_per_minute)
     }
 
     /// The declared input range, checked (before anything is stored).
@@ -101,6 +114,7 @@ pub async fn upload(
     }
     let input_range = query.input_range()?;
     let max_rows = query.max_rows()?;
+    let calls_per_minute = query.calls_per_minute()?;
     let limit = state.limits.max_upload_bytes;
     if content_length(&req).is_some_and(|n| n > limit) {
         return Err(payload_too_large(limit));
@@ -178,6 +192,7 @@ pub async fn upload(
             digest: circuit.digest,
             proof_price,
             max_rows,
+            calls_per_minute,
         })
         .await;
     let model = match created {

@@ -251,6 +251,14 @@ fn get_u64(d: &Document, what: &str, field: &str) -> Result<u64> {
     u64::try_from(get_i64(d, what, field)?).map_err(|_| malformed(what, field))
 }
 
+/// A `u32` field that records from before it existed lack (read as 0).
+fn get_opt_u32(d: &Document, what: &str, field: &str) -> Result<u32> {
+    match d.get(field) {
+        None | Some(Bson::Null) => Ok(0),
+        Some(_) => u32::try_from(get_u64(d, what, field)?).map_err(|_| malformed(what, field)),
+    }
+}
+
 fn get_bool(d: &Document, what: &str, field: &str) -> Result<bool> {
     match d.get(field) {
         Some(Bson::Boolean(b)) => Ok(*b),
@@ -424,6 +432,7 @@ fn model_doc(m: &Model) -> Result<Document> {
         "digest": opt_str(&m.digest),
         "proof_price": to_i64(m.proof_price, "proof_price")?,
         "max_rows": i64::from(m.max_rows),
+        "calls_per_minute": i64::from(m.calls_per_minute),
         "created_at": m.created_at,
     })
 }
@@ -462,12 +471,8 @@ fn model_from(d: &Document) -> Result<Model> {
             None | Some(Bson::Null) => 0,
             Some(_) => get_u64(d, W, "proof_price")?,
         },
-        max_rows: match d.get("max_rows") {
-            None | Some(Bson::Null) => 0,
-            Some(_) => u32::try_from(get_u64(d, W, "max_rows")?).map_err(|_| {
-                RegistryError::store(format!("model {:?}: max_rows out of range", d.get("_id")))
-            })?,
-        },
+        max_rows: get_opt_u32(d, W, "max_rows")?,
+        calls_per_minute: get_opt_u32(d, W, "calls_per_minute")?,
         created_at: get_i64(d, W, "created_at")?,
     })
 }

@@ -99,6 +99,7 @@ fn model_request(owner: &str, name: &str, version: &str, price: u64) -> pb::Crea
         digest: Some("ab".repeat(32)),
         proof_price: 0,
         max_rows: 0,
+        calls_per_minute: 0,
     }
 }
 
