@@ -231,6 +231,43 @@ pub enum Admin {
         )]
         mtls_dir: PathBuf,
     },
+    /// Rotate the key-encryption key while everything runs: put a new key first in the KEK
+    /// file (the old ones stay, to unwrap), wait for the services to follow the file, then
+    /// have the registry re-wrap every model's data key and API key secret and the prover
+    /// every commitment opening. Blobs are not re-encrypted. Run again if cut short: it resumes.
+    /// Later, `--retire` re-wraps whatever came in meanwhile and drops the old keys.
+    RotateKek {
+        /// The deployment's KEK file (every service reads the same one).
+        #[arg(long, env = "MODELHUB_KEK_FILE", default_value = "./modelhub-data/kek")]
+        kek_file: PathBuf,
+        /// gRPC address of the registry.
+        #[arg(
+            long,
+            env = "MODELHUB_REGISTRY",
+            default_value = "https://127.0.0.1:50051"
+        )]
+        registry: String,
+        /// gRPC address of the prover, when the deployment has one.
+        #[arg(long, env = "MODELHUB_PROVER")]
+        prover: Option<String>,
+        /// Certificates folder (`modelhub certs`): the services are called as `admin`.
+        #[arg(
+            long,
+            env = "MODELHUB_ADMIN_MTLS_DIR",
+            default_value = "./modelhub-data/tls"
+        )]
+        mtls_dir: PathBuf,
+        /// Seconds to wait after staging a new key for every service to wrap with it (a
+        /// service looks at its KEK file at least once a second; on Kubernetes, where a
+        /// Secret reaches the pods a minute or more later, wait longer).
+        #[arg(long, default_value_t = 3)]
+        settle_secs: u64,
+        /// Finish the rotation: re-wrap once more, then keep only the current key in the file
+        /// (refused while anything is left that only an old key opens). Run it once gateways'
+        /// model caches (60 s) and pending proofs no longer hold old wraps.
+        #[arg(long)]
+        retire: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -408,6 +445,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(
                 &json!({ "account_id": key.account_id, "key_id": key.key_id, "key_file": out }),
             );
+            Ok(())
+        }
+        Command::Admin(Admin::RotateKek {
+            kek_file,
+            registry,
+            prover,
+            mtls_dir,
+            settle_secs,
+            retire,
+        }) => {
+            let tls = modelhub_mtls::TlsDir::load(&mtls_dir, modelhub_mtls::Identity::Admin)?;
+            let outcome = crate::kek::rotate(
+                &tls,
+                &crate::kek::Rotation {
+                    kek_file,
+                    registry,
+                    prover,
+                    settle: std::time::Duration::from_secs(settle_secs),
+                    retire,
+                },
+            )
+            .await?;
+            print_json(&outcome);
             Ok(())
         }
         Command::Accounts(Accounts::Create {

@@ -6,5 +6,6 @@ pub mod certs;
 pub mod chain;
 pub mod client;
 pub mod commands;
+pub mod kek;
 pub mod proofs;
 pub mod up;

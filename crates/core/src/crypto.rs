@@ -9,13 +9,12 @@
 //! Every segment but the last holds exactly `segment size` plaintext bytes plus a 16-byte tag;
 //! the last holds the rest (possibly none) and is sealed with STREAM's last-segment flag.
 
-use std::io::Write;
 use std::path::Path;
 
 use aes_gcm::aead::rand_core::RngCore;
 use aes_gcm::aead::stream::{DecryptorBE32, EncryptorBE32};
-use aes_gcm::aead::{Aead, KeyInit, OsRng, Payload};
-use aes_gcm::{Aes256Gcm, Key, Nonce};
+use aes_gcm::aead::{KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Key};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -28,7 +27,6 @@ const TAG: usize = 16;
 const PREFIX: usize = 7;
 /// Length of the blob header.
 pub const HEADER_LEN: usize = 4 + 4 + PREFIX;
-const WRAP_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
@@ -75,121 +73,12 @@ impl SecretKey {
         &self.0
     }
 
-    fn cipher(&self) -> Aes256Gcm {
+    pub(crate) fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&self.0))
     }
 }
 
-/// The key-encryption key. It only ever wraps and unwraps small secrets (data keys, API key
-/// secrets): `wrap` = version byte ‖ 12-byte random nonce ‖ AES-256-GCM(secret, aad).
-#[derive(Clone, Debug)]
-pub struct Kek(SecretKey);
-
-impl Kek {
-    pub fn new(key: SecretKey) -> Kek {
-        Kek(key)
-    }
-
-    /// Reads a KEK file (base64, standard or URL-safe, of 32 bytes), or creates one with mode
-    /// 0600 when it does not exist yet.
-    pub fn load_or_generate(path: &Path) -> Result<Kek, CryptoError> {
-        if path.exists() {
-            return Kek::load(path);
-        }
-        let key = SecretKey::generate();
-        let io = |error| CryptoError::KeyFile {
-            path: path.display().to_string(),
-            error,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let mut file = create_private(path).map_err(io)?;
-        let mut text = URL_SAFE_NO_PAD.encode(key.as_bytes());
-        text.push('\n');
-        file.write_all(text.as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        text.zeroize();
-        Ok(Kek(key))
-    }
-
-    /// Reads a KEK file written by [`Kek::load_or_generate`] or by an operator. Refuses a file
-    /// that group or others may read or write: the KEK opens every model and key secret.
-    pub fn load(path: &Path) -> Result<Kek, CryptoError> {
-        use std::os::unix::fs::PermissionsExt;
-        let shown = path.display().to_string();
-        let mode = std::fs::metadata(path)
-            .map_err(|error| CryptoError::KeyFile {
-                path: shown.clone(),
-                error,
-            })?
-            .permissions()
-            .mode()
-            & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(CryptoError::KeyFileMode { path: shown, mode });
-        }
-        let mut text = std::fs::read_to_string(path).map_err(|error| CryptoError::KeyFile {
-            path: shown.clone(),
-            error,
-        })?;
-        let decoded = decode_key(text.trim());
-        text.zeroize();
-        decoded
-            .map(Kek)
-            .ok_or(CryptoError::KeyFormat { path: shown })
-    }
-
-    pub fn wrap(&self, secret: &[u8], aad: &[u8]) -> Vec<u8> {
-        let mut nonce = [0u8; 12];
-        OsRng.fill_bytes(&mut nonce);
-        let ct = self
-            .0
-            .cipher()
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: secret, aad })
-            .expect("AES-GCM encryption of a small buffer cannot fail");
-        let mut out = Vec::with_capacity(1 + 12 + ct.len());
-        out.push(WRAP_VERSION);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ct);
-        out
-    }
-
-    pub fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        if wrapped.len() < 1 + 12 + TAG || wrapped[0] != WRAP_VERSION {
-            return Err(CryptoError::Unwrap);
-        }
-        self.0
-            .cipher()
-            .decrypt(
-                Nonce::from_slice(&wrapped[1..13]),
-                Payload {
-                    msg: &wrapped[13..],
-                    aad,
-                },
-            )
-            .map_err(|_| CryptoError::Unwrap)
-    }
-
-    /// Wraps a data key for one model version (AAD = model id ‖ 0 ‖ version).
-    pub fn wrap_dek(&self, dek: &SecretKey, model_id: &str, version: &str) -> Vec<u8> {
-        self.wrap(dek.as_bytes(), &model_aad(model_id, version))
-    }
-
-    pub fn unwrap_dek(
-        &self,
-        wrapped: &[u8],
-        model_id: &str,
-        version: &str,
-    ) -> Result<SecretKey, CryptoError> {
-        let mut raw = self.unwrap(wrapped, &model_aad(model_id, version))?;
-        let key = <[u8; 32]>::try_from(raw.as_slice())
-            .map(SecretKey)
-            .map_err(|_| CryptoError::Unwrap);
-        raw.zeroize();
-        key
-    }
-}
+pub use crate::kek::Kek;
 
 /// Associated data that binds a data key and every ciphertext segment to one model version.
 pub fn model_aad(model_id: &str, version: &str) -> Vec<u8> {
@@ -200,7 +89,7 @@ pub fn model_aad(model_id: &str, version: &str) -> Vec<u8> {
     aad
 }
 
-fn decode_key(text: &str) -> Option<SecretKey> {
+pub(crate) fn decode_key(text: &str) -> Option<SecretKey> {
     let mut raw = URL_SAFE_NO_PAD
         .decode(text)
         .or_else(|_| STANDARD.decode(text))
@@ -388,6 +277,7 @@ pub fn decrypt_all(dek: &SecretKey, aad: &[u8], ciphertext: &[u8]) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn sample(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 31 % 251) as u8).collect()

@@ -5,6 +5,7 @@ pub mod crypto;
 pub mod error;
 pub mod fs;
 pub mod id;
+pub mod kek;
 pub mod pool;
 pub mod secret;
 pub mod serve;

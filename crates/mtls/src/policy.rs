@@ -59,6 +59,7 @@ pub static REGISTRY: Policy = Policy {
         ("Release", &[Gateway]),
         ("GetLedger", &[Gateway, Admin]),
         ("SettleNow", &[Gateway, Admin]),
+        ("ResealSecrets", &[Admin]),
     ],
 };
 
@@ -88,6 +89,7 @@ pub static PROVER: Policy = Policy {
         ("GetProof", &[Gateway]),
         // No caller today; proof files are public, so the gateway and operators may.
         ("Verify", &[Gateway, Admin]),
+        ("ResealOpenings", &[Admin]),
     ],
 };
 

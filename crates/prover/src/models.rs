@@ -16,7 +16,7 @@ use base64::engine::general_purpose::STANDARD;
 use modelhub_core::crypto::Kek;
 use modelhub_core::pool::ComputePool;
 use modelhub_core::{InputRange, TensorSpec};
-use modelhub_proto::common::v1::ModelRef;
+use modelhub_proto::common::v1::{ModelRef, ResealReport};
 use modelhub_proto::storage::v1::storage_client::StorageClient;
 use modelhub_zk::{
     CircuitSpec, Commitment, KeySource, Keys, ModelDigest, Opening, Params, QuantizedModel,
@@ -169,6 +169,40 @@ impl Records {
                 modelhub_core::fs::write_durably(&path, record).map_err(|e| state_err(&path, e))
             }
             Records::Shared(s) => s.write_model(model_id, record).await,
+        }
+    }
+
+    /// The ids of every stored record.
+    async fn list(&self) -> Result<Vec<String>, ProverError> {
+        match self {
+            Records::Dir(dir) => {
+                let entries = std::fs::read_dir(dir).map_err(|e| state_err(dir, e))?;
+                let mut ids = Vec::new();
+                for entry in entries {
+                    let name = entry.map_err(|e| state_err(dir, e))?.file_name();
+                    if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) {
+                        ids.push(id.to_owned());
+                    }
+                }
+                ids.sort();
+                Ok(ids)
+            }
+            Records::Shared(s) => s.list_models().await,
+        }
+    }
+
+    /// Replaces a record if it still is `old`; whether it did. (A directory has one prover
+    /// writing it, so there the check is a read.)
+    async fn replace(&self, model_id: &str, old: &[u8], new: &[u8]) -> Result<bool, ProverError> {
+        match self {
+            Records::Dir(_) => {
+                if self.read(model_id).await?.as_deref() != Some(old) {
+                    return Ok(false);
+                }
+                self.write(model_id, new).await?;
+                Ok(true)
+            }
+            Records::Shared(s) => s.replace_model(model_id, old, new).await,
         }
     }
 
@@ -340,6 +374,50 @@ impl Models {
             .insert(model.model_id.clone(), Arc::new(compiled))
             .await;
         Ok(outcome)
+    }
+
+    /// A KEK rotation's re-wrap: every stored opening sealed again under the current key of
+    /// the KEK ring (resumable: openings already under it are left alone).
+    pub async fn reseal(&self) -> Result<ResealReport, ProverError> {
+        let mut report = ResealReport::default();
+        for model_id in self.records.list().await? {
+            let path = Path::new(&model_id);
+            let Some(bytes) = self.records.read(&model_id).await? else {
+                report.changed += 1;
+                continue;
+            };
+            let mut record: Record =
+                serde_json::from_slice(&bytes).map_err(|e| state_err(path, e))?;
+            let sealed = STANDARD
+                .decode(&record.sealed_opening)
+                .map_err(|e| state_err(path, e))?;
+            match self.kek.rewrap(&sealed, model_id.as_bytes()) {
+                Ok(None) => report.current += 1,
+                Ok(Some(again)) => {
+                    record.sealed_opening = STANDARD.encode(again);
+                    let new = serde_json::to_vec_pretty(&record)
+                        .map_err(|e| ProverError::State(e.to_string()))?;
+                    if self.records.replace(&model_id, &bytes, &new).await? {
+                        report.resealed += 1;
+                    } else {
+                        report.changed += 1;
+                    }
+                }
+                Err(_) => report
+                    .unreadable
+                    .push(format!("opening of model {model_id}")),
+            }
+        }
+        // The ring as the sweep left it (it follows the file as it goes).
+        report.keys = u32::try_from(self.kek.len()).unwrap_or(u32::MAX);
+        tracing::warn!(
+            resealed = report.resealed,
+            current = report.current,
+            changed = report.changed,
+            unreadable = report.unreadable.len(),
+            "commitment openings sealed again under the current KEK"
+        );
+        Ok(report)
     }
 
     /// Removes the stored record (the sealed opening) and the cached circuit of a model that

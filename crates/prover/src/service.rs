@@ -201,6 +201,17 @@ impl pb::prover_server::Prover for ProverService {
         }))
     }
 
+    async fn reseal_openings(
+        &self,
+        _request: Request<pb::ResealOpeningsRequest>,
+    ) -> Result<Response<modelhub_proto::common::v1::ResealReport>, Status> {
+        self.models
+            .reseal()
+            .await
+            .map(Response::new)
+            .map_err(ProverError::into_status)
+    }
+
     async fn forget(
         &self,
         request: Request<pb::ForgetRequest>,

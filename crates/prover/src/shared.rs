@@ -114,6 +114,45 @@ impl Shared {
         Ok(())
     }
 
+    /// The ids of every stored record.
+    pub async fn list_models(&self) -> Result<Vec<String>, ProverError> {
+        let mut cursor = self
+            .models
+            .find(doc! {})
+            .projection(doc! { "_id": 1 })
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(db_err)?;
+        let mut ids = Vec::new();
+        while cursor.advance().await.map_err(db_err)? {
+            let d: Document = cursor.deserialize_current().map_err(db_err)?;
+            if let Ok(id) = d.get_str("_id") {
+                ids.push(id.to_owned());
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Replaces a record if it still is `old`; whether it did.
+    pub async fn replace_model(
+        &self,
+        model_id: &str,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, ProverError> {
+        let old = std::str::from_utf8(old).map_err(db_err)?;
+        let new = std::str::from_utf8(new).map_err(db_err)?;
+        let updated = self
+            .models
+            .update_one(
+                doc! { "_id": model_id, "record": old },
+                doc! { "$set": { "record": new } },
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(updated.matched_count == 1)
+    }
+
     /// Whether there was a record.
     pub async fn remove_model(&self, model_id: &str) -> Result<bool, ProverError> {
         let deleted = self

@@ -804,8 +804,117 @@ where
     release_batch(store.clone()).await;
     held_and_stale(store.clone()).await;
     nonces(store.clone()).await;
+    reseal(store.clone()).await;
     drop(store);
     restart_durability(open).await;
+}
+
+/// A KEK rotation's re-wrap: `reseal` replaces a model's wrapped data key and a key's
+/// current and previous sealed secrets only while they are what the caller read; every key
+/// is listed, revoked ones too.
+pub async fn reseal(store: Store) {
+    use crate::store::Sealed;
+    let owner = store
+        .create_account(new_account("resealer", 0))
+        .await
+        .unwrap();
+    let model = store
+        .create_model(new_model(&owner.account_id, 1))
+        .await
+        .unwrap();
+    let dek = Sealed::ModelDek {
+        model_id: model.model_id.clone(),
+    };
+    assert!(
+        !store
+            .reseal(dek.clone(), b"not what is stored", vec![7; 61])
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .reseal(dek.clone(), &model.wrapped_dek, vec![7; 61])
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get_model(&model.model_id).await.unwrap().wrapped_dek,
+        vec![7; 61]
+    );
+    assert!(
+        !store
+            .reseal(dek.clone(), &model.wrapped_dek, vec![8; 61])
+            .await
+            .unwrap(),
+        "a second re-wrap from the same read changes nothing"
+    );
+
+    let key = store
+        .create_key(ApiKey {
+            key_id: id::new_id(id::KEY),
+            account_id: owner.account_id.clone(),
+            sealed_secret: vec![1; 61],
+            revoked: false,
+            created_at: id::unix_now(),
+            previous_sealed_secret: None,
+            previous_valid_until: 0,
+        })
+        .await
+        .unwrap();
+    let secret = Sealed::KeySecret {
+        key_id: key.key_id.clone(),
+    };
+    let previous = Sealed::PreviousKeySecret {
+        key_id: key.key_id.clone(),
+    };
+    assert!(
+        !store
+            .reseal(previous.clone(), &[1; 61], vec![2; 61])
+            .await
+            .unwrap(),
+        "none yet"
+    );
+    // A key rotation between the read and the re-wrap wins: the re-wrap finds another value.
+    store
+        .rotate_key(&key.key_id, vec![3; 61], i64::MAX)
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .reseal(secret.clone(), &[1; 61], vec![4; 61])
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .reseal(secret.clone(), &[3; 61], vec![4; 61])
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .reseal(previous.clone(), &[1; 61], vec![5; 61])
+            .await
+            .unwrap()
+    );
+    let stored = store.get_key(&key.key_id).await.unwrap();
+    assert_eq!(stored.sealed_secret, vec![4; 61]);
+    assert_eq!(stored.previous_sealed_secret, Some(vec![5; 61]));
+
+    store.revoke_key(&key.key_id).await.unwrap();
+    let listed = store.list_keys().await.unwrap();
+    assert!(
+        listed.iter().any(|k| k.key_id == key.key_id && k.revoked),
+        "revoked keys are listed"
+    );
+    assert!(
+        listed.windows(2).all(|w| w[0].key_id < w[1].key_id),
+        "in key id order"
+    );
+    let gone = Sealed::KeySecret {
+        key_id: "key_unknown".into(),
+    };
+    assert!(!store.reseal(gone, &[4; 61], vec![6; 61]).await.unwrap());
 }
 
 /// Accounts: create, get, duplicate id, unknown id, grant with overflow check.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use modelhub_core::crypto::Kek;
 use modelhub_core::{ErrorCode, TensorSpec, id, signing};
+use modelhub_proto::common::v1::ResealReport;
 use modelhub_proto::registry::v1 as pb;
 use modelhub_proto::registry::v1::registry_server::Registry;
 use tonic::{Request, Response, Status};
@@ -15,7 +16,7 @@ use crate::ledger::{EmbeddedLedger, Ledger, LedgerStatus};
 use crate::model::{
     Account, ApiKey, Charge, Model, Receipt, Reservation, ReservationState, SettlementBatch,
 };
-use crate::store::MetadataStore;
+use crate::store::{MetadataStore, Sealed};
 
 /// Longest account name, in characters.
 pub const MAX_ACCOUNT_NAME: usize = 64;
@@ -763,6 +764,72 @@ impl RegistryService {
         })
     }
 
+    /// A KEK rotation's re-wrap: every model's data key and every API key's sealed secrets
+    /// wrapped again under the current key of the KEK ring. Resumable: what already is under
+    /// the current key is counted and left alone; a value that changed since it was read (a
+    /// key rotated meanwhile) is counted and left for the next run.
+    pub async fn reseal(&self) -> Result<ResealReport> {
+        let mut report = ResealReport::default();
+        for m in self.store.list_models().await? {
+            let aad = modelhub_core::crypto::model_aad(&m.model_id, &m.version);
+            let target = Sealed::ModelDek {
+                model_id: m.model_id.clone(),
+            };
+            let name = format!("model {}", m.model_id);
+            self.reseal_one(&mut report, target, &m.wrapped_dek, &aad, name)
+                .await?;
+        }
+        for k in self.store.list_keys().await? {
+            let aad = k.key_id.as_bytes();
+            let target = Sealed::KeySecret {
+                key_id: k.key_id.clone(),
+            };
+            let name = format!("key {}", k.key_id);
+            self.reseal_one(&mut report, target, &k.sealed_secret, aad, name)
+                .await?;
+            if let Some(previous) = &k.previous_sealed_secret {
+                let target = Sealed::PreviousKeySecret {
+                    key_id: k.key_id.clone(),
+                };
+                let name = format!("previous secret of key {}", k.key_id);
+                self.reseal_one(&mut report, target, previous, aad, name)
+                    .await?;
+            }
+        }
+        // The ring as the sweep left it (it follows the file as it goes).
+        report.keys = u32::try_from(self.kek.len()).unwrap_or(u32::MAX);
+        warn!(
+            resealed = report.resealed,
+            current = report.current,
+            changed = report.changed,
+            unreadable = report.unreadable.len(),
+            "sealed secrets wrapped again under the current KEK"
+        );
+        Ok(report)
+    }
+
+    async fn reseal_one(
+        &self,
+        report: &mut ResealReport,
+        target: Sealed,
+        sealed: &[u8],
+        aad: &[u8],
+        name: String,
+    ) -> Result<()> {
+        match self.kek.rewrap(sealed, aad) {
+            Ok(None) => report.current += 1,
+            Ok(Some(again)) => {
+                if self.store.reseal(target, sealed, again).await? {
+                    report.resealed += 1;
+                } else {
+                    report.changed += 1;
+                }
+            }
+            Err(_) => report.unreadable.push(name),
+        }
+        Ok(())
+    }
+
     async fn create_model(&self, req: pb::CreateModelRequest) -> Result<Model> {
         let mut model = model_from_request(req)?;
         model.owner_handle = self.store.get_account(&model.owner).await?.handle;
@@ -1054,6 +1121,16 @@ impl Registry for RegistryService {
         .await
         .map(|s| Response::new(ledger_pb(s)))
         .map_err(|e| status("settle_now", e))
+    }
+
+    async fn reseal_secrets(
+        &self,
+        _request: Request<pb::ResealRequest>,
+    ) -> Result<Response<ResealReport>, Status> {
+        self.reseal()
+            .await
+            .map(Response::new)
+            .map_err(|e| status("reseal_secrets", e))
     }
 }
 

@@ -6,6 +6,7 @@ mod errors;
 mod faults;
 mod harness;
 mod hostile;
+mod kek;
 mod ledger;
 mod mtls;
 mod names;

@@ -25,6 +25,17 @@ pub const NONCE_BUCKET_SECS: i64 = 600;
 /// file.
 pub const DEFAULT_CACHE_MIB: u64 = 64;
 
+/// A value the registry keeps sealed with the KEK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sealed {
+    /// A model version's wrapped data key.
+    ModelDek { model_id: String },
+    /// An API key's current secret.
+    KeySecret { key_id: String },
+    /// An API key's previous secret (during a key rotation's grace).
+    PreviousKeySecret { key_id: String },
+}
+
 /// The reservation id of the request with idempotency key `key` of `account_id`: every retry
 /// of that request works on this one id.
 pub fn reservation_id_for(account_id: &str, key: &str) -> String {
@@ -125,6 +136,15 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Marks a key revoked (revoking twice is fine).
     async fn revoke_key(&self, key_id: &str) -> Result<ApiKey>;
+
+    /// Every API key, revoked ones too, in key id order (a KEK rotation re-wraps their
+    /// sealed secrets).
+    async fn list_keys(&self) -> Result<Vec<ApiKey>>;
+
+    /// Replaces one sealed value (a KEK rotation's re-wrap) if it is still `old`, in one
+    /// atomic update; `false`, and nothing written, when it changed meanwhile (a key rotated,
+    /// a model deleted) or its record is gone.
+    async fn reseal(&self, target: Sealed, old: &[u8], new: Vec<u8>) -> Result<bool>;
     /// Whether any API key was ever made (revoked ones count).
     async fn has_keys(&self) -> Result<bool>;
 

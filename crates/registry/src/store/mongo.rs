@@ -110,8 +110,8 @@ use mongodb::{Client, Collection, IndexModel};
 use sha2::Digest;
 use tracing::{debug, info, warn};
 
-use super::MetadataStore;
 use super::redb::{batch_final, batch_taken, check_batch, check_credits, in_other_batch};
+use super::{MetadataStore, Sealed};
 use crate::error::{RegistryError, Result};
 use crate::model::{
     Account, ApiKey, BatchState, Charge, Model, Receipt, Reservation, ReservationState,
@@ -1942,6 +1942,63 @@ impl MetadataStore for MongoStore {
 
     async fn get_model(&self, model_id: &str) -> Result<Model> {
         self.timed(self.get_model_inner(model_id)).await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>> {
+        self.timed(async {
+            let docs: Vec<Document> = self
+                .inner
+                .keys
+                .find(doc! {})
+                .sort(doc! { "_id": 1 })
+                .await?
+                .try_collect()
+                .await?;
+            docs.iter().map(key_from).collect()
+        })
+        .await
+    }
+
+    async fn reseal(&self, target: Sealed, old: &[u8], new: Vec<u8>) -> Result<bool> {
+        self.timed(async {
+            // Compared here, not in the filter (MongoDB-wire servers differ on matching binary
+            // values); the filter then guards against what can change the value meanwhile: a
+            // model's delete, a key's rotation (its rotation count).
+            let (collection, id, field) = match &target {
+                Sealed::ModelDek { model_id } => (&self.inner.models, model_id, "wrapped_dek"),
+                Sealed::KeySecret { key_id } => (&self.inner.keys, key_id, "sealed_secret"),
+                Sealed::PreviousKeySecret { key_id } => {
+                    (&self.inner.keys, key_id, "previous_sealed_secret")
+                }
+            };
+            let mut filter = match &target {
+                Sealed::ModelDek { .. } => live(doc! { "_id": id }),
+                _ => doc! { "_id": id },
+            };
+            let Some(d) = Self::find_one(collection, filter.clone()).await? else {
+                return Ok(false);
+            };
+            let stored = match d.get(field) {
+                Some(Bson::Binary(b)) => b.bytes.as_slice(),
+                _ => return Ok(false),
+            };
+            if stored != old {
+                return Ok(false);
+            }
+            if !matches!(target, Sealed::ModelDek { .. }) {
+                match d.get("rotations") {
+                    None | Some(Bson::Null) => {
+                        filter.insert("rotations", doc! { "$exists": false })
+                    }
+                    Some(n) => filter.insert("rotations", n.clone()),
+                };
+            }
+            let updated = collection
+                .update_one(filter, doc! { "$set": { field: binary(&new) } })
+                .await?;
+            Ok(updated.matched_count == 1)
+        })
+        .await
     }
 
     async fn delete_model(&self, model_id: &str) -> Result<Model> {

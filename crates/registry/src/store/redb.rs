@@ -24,8 +24,8 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::MetadataStore;
 use super::group_commit::GroupCommitter;
+use super::{MetadataStore, Sealed};
 use crate::error::{RegistryError, Result};
 use crate::model::{
     Account, ApiKey, BatchState, Charge, Model, Receipt, Reservation, ReservationState,
@@ -485,6 +485,64 @@ impl MetadataStore for RedbStore {
             key.revoked = true;
             put_json(&mut t, &key_id, &key)?;
             Ok(key)
+        })
+        .await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<ApiKey>> {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(KEYS)?;
+            let mut out = Vec::new();
+            for entry in t.iter()? {
+                let (_, v) = entry?;
+                out.push(decode(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(RegistryError::store)?
+    }
+
+    async fn reseal(&self, target: Sealed, old: &[u8], new: Vec<u8>) -> Result<bool> {
+        let old = old.to_vec();
+        self.write(move |txn| {
+            // The sealed value in `record`, replaced when it is still `old`.
+            let swap = |slot: &mut Vec<u8>| {
+                let same = *slot == old;
+                if same {
+                    slot.clone_from(&new);
+                }
+                same
+            };
+            match &target {
+                Sealed::ModelDek { model_id } => {
+                    let mut t = txn.open_table(MODELS)?;
+                    let Some(mut model) = get_json::<Model>(&t, model_id)? else {
+                        return Ok(false);
+                    };
+                    let swapped = swap(&mut model.wrapped_dek);
+                    if swapped {
+                        put_json(&mut t, model_id, &model)?;
+                    }
+                    Ok(swapped)
+                }
+                Sealed::KeySecret { key_id } | Sealed::PreviousKeySecret { key_id } => {
+                    let mut t = txn.open_table(KEYS)?;
+                    let Some(mut key) = get_json::<ApiKey>(&t, key_id)? else {
+                        return Ok(false);
+                    };
+                    let swapped = match &target {
+                        Sealed::KeySecret { .. } => swap(&mut key.sealed_secret),
+                        _ => key.previous_sealed_secret.as_mut().is_some_and(swap),
+                    };
+                    if swapped {
+                        put_json(&mut t, key_id, &key)?;
+                    }
+                    Ok(swapped)
+                }
+            }
         })
         .await
     }
