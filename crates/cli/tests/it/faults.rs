@@ -768,13 +768,14 @@ async fn a_dead_prover_replica_s_jobs_are_finished_by_another() {
 }
 
 /// Every call on the request path has a deadline: a stalled inference (SIGSTOP) or a stalled
-/// registry makes a predict answer 503 within the gateway's deadline, uncharged, instead of
+/// registry makes a predict answer 503 within the gateway's deadline, a stalled prover a proof
+/// read, uncharged, instead of
 /// holding the request; once the service runs again (SIGCONT) the next predict is answered and
 /// charged once. The first stall comes before the gateway has ever reached inference, so the
 /// call also waits for a connection to a peer that accepts but never answers its handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_service_is_a_503_in_time_not_a_hang() {
-    let mut p = Processes::start(None, None);
+    let mut p = Processes::start(None, Some(&[]));
     let Market { user, record, .. } = Market::open(&p).await;
     p.replica(
         "gateway-short",
@@ -816,6 +817,20 @@ async fn a_stalled_service_is_a_503_in_time_not_a_hang() {
         account(&user).await["credits"].as_u64().unwrap(),
         credits - PRICE
     );
+
+    // A stalled prover: reading a proof answers 503 once the wait asked for (1 s) and the
+    // gateway's slack have passed, instead of holding the request.
+    let asked = crate::harness::predict_asking_for_proof(&user, model_id, &digits_input(1)).await;
+    let read = format!("/v1/proofs/{}?wait=1", asked["proof_job"].as_str().unwrap());
+    p.signal("prover", "STOP");
+    let answer = tokio::time::timeout(Duration::from_secs(60), user.get(&read)).await;
+    p.signal("prover", "CONT");
+    let answer = answer
+        .expect("a proof read hung on a stalled prover")
+        .unwrap();
+    assert_error(&answer, 503, "unavailable", "");
+    let answer = user.get(&read).await.unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
 }
 
 /// `modelhub storage verify` against the processes' blob folder: its JSON report.

@@ -42,6 +42,8 @@ fn argmax_agrees(proved: &Value, floats: &Value) -> Value {
 
 /// Longest `wait` honoured, in seconds.
 pub const MAX_WAIT_SECS: u64 = 60;
+/// How long past the wait asked for a `GetProof` may take before it answers 503.
+const PROVER_SLACK: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,13 +70,13 @@ pub async fn get(
     // any waiting, so nobody can hold a connection on (or time) another account's job.
     let hidden = || GatewayError::from(ApiError::not_found(format!("no proof job {job_id}")));
     let mut fetch = async |wait_ms: u64| -> Result<pb::ProofState, GatewayError> {
-        match prover
-            .get_proof(pb::GetProofRequest {
-                job_id: job_id.clone(),
-                wait_ms,
-            })
-            .await
-        {
+        let mut request = tonic::Request::new(pb::GetProofRequest {
+            job_id: job_id.clone(),
+            wait_ms,
+        });
+        // A deadline: the wait asked for, and a little more for the answer.
+        request.set_timeout(std::time::Duration::from_millis(wait_ms) + PROVER_SLACK);
+        match prover.get_proof(request).await {
             Ok(state) => Ok(state.into_inner()),
             Err(status) if status.code() == tonic::Code::NotFound => Err(hidden()),
             Err(status) => Err(GatewayError::upstream("prover", "GetProof")(status)),
