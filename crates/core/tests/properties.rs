@@ -1,6 +1,7 @@
 //! Property tests of the parsers that take untrusted bytes (issue 13's fuzz targets, in the
 //! normal suite so CI exercises them): the `Authorization` header, tensor JSON, and the
-//! segmented ciphertext reader never panic on any input, and round-trip what they should.
+//! segmented ciphertext reader and the KEK's unwrap never panic on any input, and round-trip
+//! what they should.
 
 use modelhub_core::crypto::{self, SecretKey};
 use modelhub_core::signing::{Authorization, REQUIRED_SIGNED_HEADERS};
@@ -81,6 +82,24 @@ proptest! {
     }
 
     /// Any bytes given as a ciphertext: refused, never a panic and never a plaintext.
+    /// A wrapped key (a KEK ring's wrap): any bytes it did not make are refused, never a
+    /// panic, and any one changed byte of one it made is refused too.
+    #[test]
+    fn a_kek_opens_only_its_own_wraps_unchanged(
+        bytes in proptest::collection::vec(any::<u8>(), 0..128),
+        secret in proptest::collection::vec(any::<u8>(), 0..64),
+        at in any::<prop::sample::Index>(),
+        flip in 1u8..=255,
+    ) {
+        let kek = crypto::Kek::new(SecretKey::generate());
+        prop_assert!(kek.unwrap(&bytes, b"aad").is_err());
+        let wrapped = kek.wrap(&secret, b"aad");
+        prop_assert_eq!(kek.unwrap(&wrapped, b"aad").unwrap(), secret);
+        let mut changed = wrapped.clone();
+        changed[at.index(wrapped.len())] ^= flip;
+        prop_assert!(kek.unwrap(&changed, b"aad").is_err());
+    }
+
     #[test]
     fn any_bytes_as_ciphertext_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
         let dek = SecretKey::from_bytes([3; 32]);
