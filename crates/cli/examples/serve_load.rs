@@ -13,7 +13,7 @@
 //! (FastAPI, KServe) at `URL` and labels its lines `NAME`.
 //!
 //! `cargo run --release -p modelhub-cli --example serve_load -- --model FILE --body FILE
-//! [--secs S] [--concurrency 1,16,64] [--url URL --name NAME]`
+//! [--secs S] [--concurrency 1,16,64] [--url URL --name NAME] [--mongodb-uri URI]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +36,9 @@ struct Args {
     concurrency: Vec<usize>,
     /// A peer server to load instead of Model Hub: its predict URL and its label.
     peer: Option<(String, String)>,
+    /// The registry on this MongoDB server instead of the embedded store (lines labelled
+    /// `modelhub-mongodb`).
+    mongodb_uri: Option<String>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -45,6 +48,7 @@ fn args() -> anyhow::Result<Args> {
         secs: 5.0,
         concurrency: vec![1, 16, 64],
         peer: None,
+        mongodb_uri: None,
     };
     let (mut url, mut name) = (None, None);
     let mut it = std::env::args().skip(1);
@@ -55,6 +59,7 @@ fn args() -> anyhow::Result<Args> {
             "--body" => a.body = value,
             "--url" => url = Some(value),
             "--name" => name = Some(value),
+            "--mongodb-uri" => a.mongodb_uri = Some(value),
             "--secs" => a.secs = value.parse()?,
             "--concurrency" => {
                 a.concurrency = value.split(',').map(str::parse).collect::<Result<_, _>>()?
@@ -159,7 +164,11 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .thread_name("server")
         .build()?;
-    let running = server_rt.block_on(up::start(UpSettings::for_test(dir.path())))?;
+    let settings = UpSettings {
+        mongodb_uri: args.mongodb_uri.clone(),
+        ..UpSettings::for_test(dir.path())
+    };
+    let running = server_rt.block_on(up::start(settings))?;
     let gateway = running.gateway_url.clone();
     let admin_key = running.admin_key.clone();
     let client_rt = tokio::runtime::Builder::new_multi_thread()
@@ -170,6 +179,15 @@ fn main() -> anyhow::Result<()> {
     let outcome = client_rt.block_on(load(&args, &gateway, admin_key, body));
     server_rt.block_on(running.stop());
     outcome
+}
+
+/// How Model Hub's lines are labelled: by the registry's store.
+fn server_name(args: &Args) -> &'static str {
+    if args.mongodb_uri.is_some() {
+        "modelhub-mongodb"
+    } else {
+        "modelhub"
+    }
 }
 
 /// Unsigned POSTs of `body` to a peer server's predict URL.
@@ -238,7 +256,7 @@ async fn load(args: &Args, gateway: &str, admin_key: KeyFile, body: Bytes) -> an
     for &c in &args.concurrency {
         let run = drive(c, args.secs, predict.clone()).await;
         ok += run.requests;
-        run.print("modelhub", "predict", c);
+        run.print(server_name(args), "predict", c);
     }
     let c = *args.concurrency.iter().max().unwrap_or(&64);
     let health = {
@@ -251,7 +269,7 @@ async fn load(args: &Args, gateway: &str, admin_key: KeyFile, body: Bytes) -> an
     };
     drive(c, args.secs, health)
         .await
-        .print("modelhub", "health", c);
+        .print(server_name(args), "health", c);
     // Money: every successful predict was charged once (price 1), warm-up included.
     let mut spent = 0u64;
     for user in users.iter() {

@@ -19,7 +19,8 @@ def ms(us):
 
 
 def table(rows):
-    bare = {r["model"]: r["rps"] for r in rows if r["what"] == "health"}
+    # The embedded gateway's own health rate: what every Model Hub row is compared with.
+    bare = {r["model"]: r["rps"] for r in rows if r["what"] == "health" and r["server"] == "modelhub"}
     fastapi = {(r["model"], r["c"]): r["rps"] for r in rows if r["server"] == "fastapi-2w"}
     lines = [
         "| model | server | request | c | req/s | p50 ms | p99 ms | errors | × bare health | × FastAPI-2w |",
@@ -29,10 +30,11 @@ def table(rows):
         b = bare.get(r["model"])
         f = fastapi.get((r["model"], r["c"]))
         what = "GET /v1/health" if r["what"] == "health" else "predict"
-        if r["server"] == "modelhub" and r["what"] == "predict":
+        ours = r["server"].startswith("modelhub")
+        if ours and r["what"] == "predict":
             what = "predict, signed + charged"
         # The ratio to bare is the gateway's own: Model Hub rows only.
-        xb = f"{r['rps'] / b:.3f}" if b and r["server"] == "modelhub" else ""
+        xb = f"{r['rps'] / b:.3f}" if b and ours else ""
         xf = f"{r['rps'] / f:.2f}" if f and r["what"] != "health" else ""
         lines.append(
             f"| {r['model']} | {r['server']} | {what} | {r['c']} | {r['rps']:,.0f} | "
@@ -53,7 +55,10 @@ def chart(rows, path):
         mine = [r for r in rows if r["model"] == model and r["what"] == "predict"]
         for server in sorted({r["server"] for r in mine}):
             pts = sorted((r["c"], r["rps"]) for r in mine if r["server"] == server)
-            label = "Model Hub (signed + charged)" if server == "modelhub" else server
+            label = {
+                "modelhub": "Model Hub (signed + charged)",
+                "modelhub-mongodb": "Model Hub, registry on MongoDB",
+            }.get(server, server)
             ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
