@@ -293,6 +293,63 @@ impl Kek {
     }
 }
 
+/// Counts what a re-wrap sweep of one service did, value by value, into the report the
+/// service answers (`ResealSecrets`, `ResealOpenings`).
+#[derive(Debug, Default)]
+pub struct ResealTally(modelhub_proto::common::v1::ResealReport);
+
+impl ResealTally {
+    /// One sealed value: wrapped again under the current key and handed to `store`, which
+    /// writes it only if the stored value is still `sealed` (compare-and-set) and says whether
+    /// it did. `name` names the value when no key of the ring opens it.
+    pub async fn value<E, F, Fut>(
+        &mut self,
+        kek: &Kek,
+        sealed: &[u8],
+        aad: &[u8],
+        name: impl FnOnce() -> String,
+        store: F,
+    ) -> Result<(), E>
+    where
+        F: FnOnce(Vec<u8>) -> Fut,
+        Fut: std::future::Future<Output = Result<bool, E>>,
+    {
+        match kek.rewrap(sealed, aad) {
+            Ok(None) => self.0.current += 1,
+            Ok(Some(again)) => {
+                if store(again).await? {
+                    self.0.resealed += 1;
+                } else {
+                    self.0.changed += 1;
+                }
+            }
+            Err(_) => self.0.unreadable.push(name()),
+        }
+        Ok(())
+    }
+
+    /// A value that went away between the listing and the read.
+    pub fn gone(&mut self) {
+        self.0.changed += 1;
+    }
+
+    /// The report, with the ring as the sweep left it (it follows the file as it goes);
+    /// logged as `what` ("API key secrets and data keys", ...).
+    pub fn finish(mut self, kek: &Kek, what: &str) -> modelhub_proto::common::v1::ResealReport {
+        self.0.keys = u32::try_from(kek.len()).unwrap_or(u32::MAX);
+        let r = &self.0;
+        tracing::warn!(
+            resealed = r.resealed,
+            current = r.current,
+            changed = r.changed,
+            unreadable = r.unreadable.len(),
+            keys = r.keys,
+            "{what} wrapped again under the current KEK"
+        );
+        self.0
+    }
+}
+
 fn open(key: &SecretKey, nonce_and_ct: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
     let (nonce, ct) = nonce_and_ct.split_at(NONCE_LEN);
     key.cipher()

@@ -62,7 +62,7 @@ pub enum Outcome {
 }
 
 /// The stored record of a compiled model.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     spec: CircuitSpec,
     commitment: Commitment,
@@ -379,45 +379,32 @@ impl Models {
     /// A KEK rotation's re-wrap: every stored opening sealed again under the current key of
     /// the KEK ring (resumable: openings already under it are left alone).
     pub async fn reseal(&self) -> Result<ResealReport, ProverError> {
-        let mut report = ResealReport::default();
+        let mut tally = modelhub_core::kek::ResealTally::default();
         for model_id in self.records.list().await? {
             let path = Path::new(&model_id);
             let Some(bytes) = self.records.read(&model_id).await? else {
-                report.changed += 1;
+                tally.gone();
                 continue;
             };
-            let mut record: Record =
-                serde_json::from_slice(&bytes).map_err(|e| state_err(path, e))?;
+            let record: Record = serde_json::from_slice(&bytes).map_err(|e| state_err(path, e))?;
             let sealed = STANDARD
                 .decode(&record.sealed_opening)
                 .map_err(|e| state_err(path, e))?;
-            match self.kek.rewrap(&sealed, model_id.as_bytes()) {
-                Ok(None) => report.current += 1,
-                Ok(Some(again)) => {
-                    record.sealed_opening = STANDARD.encode(again);
-                    let new = serde_json::to_vec_pretty(&record)
-                        .map_err(|e| ProverError::State(e.to_string()))?;
-                    if self.records.replace(&model_id, &bytes, &new).await? {
-                        report.resealed += 1;
-                    } else {
-                        report.changed += 1;
-                    }
-                }
-                Err(_) => report
-                    .unreadable
-                    .push(format!("opening of model {model_id}")),
-            }
+            let store = async |again: Vec<u8>| {
+                let record = Record {
+                    sealed_opening: STANDARD.encode(again),
+                    ..record.clone()
+                };
+                let new = serde_json::to_vec_pretty(&record)
+                    .map_err(|e| ProverError::State(e.to_string()))?;
+                self.records.replace(&model_id, &bytes, &new).await
+            };
+            let name = || format!("opening of model {model_id}");
+            tally
+                .value(&self.kek, &sealed, model_id.as_bytes(), name, store)
+                .await?;
         }
-        // The ring as the sweep left it (it follows the file as it goes).
-        report.keys = u32::try_from(self.kek.len()).unwrap_or(u32::MAX);
-        tracing::warn!(
-            resealed = report.resealed,
-            current = report.current,
-            changed = report.changed,
-            unreadable = report.unreadable.len(),
-            "commitment openings sealed again under the current KEK"
-        );
-        Ok(report)
+        Ok(tally.finish(&self.kek, "commitment openings"))
     }
 
     /// Removes the stored record (the sealed opening) and the cached circuit of a model that

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use modelhub_core::crypto::Kek;
+use modelhub_core::kek::ResealTally;
 use modelhub_core::{ErrorCode, TensorSpec, id, signing};
 use modelhub_proto::common::v1::ResealReport;
 use modelhub_proto::registry::v1 as pb;
@@ -769,65 +770,39 @@ impl RegistryService {
     /// the current key is counted and left alone; a value that changed since it was read (a
     /// key rotated meanwhile) is counted and left for the next run.
     pub async fn reseal(&self) -> Result<ResealReport> {
-        let mut report = ResealReport::default();
+        let mut tally = ResealTally::default();
         for m in self.store.list_models().await? {
             let aad = modelhub_core::crypto::model_aad(&m.model_id, &m.version);
             let target = Sealed::ModelDek {
                 model_id: m.model_id.clone(),
             };
-            let name = format!("model {}", m.model_id);
-            self.reseal_one(&mut report, target, &m.wrapped_dek, &aad, name)
+            let name = || format!("model {}", m.model_id);
+            let store = |again| self.store.reseal(target, &m.wrapped_dek, again);
+            tally
+                .value(&self.kek, &m.wrapped_dek, &aad, name, store)
                 .await?;
         }
         for k in self.store.list_keys().await? {
             let aad = k.key_id.as_bytes();
-            let target = Sealed::KeySecret {
-                key_id: k.key_id.clone(),
+            let key_id = || k.key_id.clone();
+            let store = |again| {
+                let target = Sealed::KeySecret { key_id: key_id() };
+                self.store.reseal(target, &k.sealed_secret, again)
             };
-            let name = format!("key {}", k.key_id);
-            self.reseal_one(&mut report, target, &k.sealed_secret, aad, name)
+            let name = || format!("key {}", k.key_id);
+            tally
+                .value(&self.kek, &k.sealed_secret, aad, name, store)
                 .await?;
             if let Some(previous) = &k.previous_sealed_secret {
-                let target = Sealed::PreviousKeySecret {
-                    key_id: k.key_id.clone(),
+                let store = |again| {
+                    let target = Sealed::PreviousKeySecret { key_id: key_id() };
+                    self.store.reseal(target, previous, again)
                 };
-                let name = format!("previous secret of key {}", k.key_id);
-                self.reseal_one(&mut report, target, previous, aad, name)
-                    .await?;
+                let name = || format!("previous secret of key {}", k.key_id);
+                tally.value(&self.kek, previous, aad, name, store).await?;
             }
         }
-        // The ring as the sweep left it (it follows the file as it goes).
-        report.keys = u32::try_from(self.kek.len()).unwrap_or(u32::MAX);
-        warn!(
-            resealed = report.resealed,
-            current = report.current,
-            changed = report.changed,
-            unreadable = report.unreadable.len(),
-            "sealed secrets wrapped again under the current KEK"
-        );
-        Ok(report)
-    }
-
-    async fn reseal_one(
-        &self,
-        report: &mut ResealReport,
-        target: Sealed,
-        sealed: &[u8],
-        aad: &[u8],
-        name: String,
-    ) -> Result<()> {
-        match self.kek.rewrap(sealed, aad) {
-            Ok(None) => report.current += 1,
-            Ok(Some(again)) => {
-                if self.store.reseal(target, sealed, again).await? {
-                    report.resealed += 1;
-                } else {
-                    report.changed += 1;
-                }
-            }
-            Err(_) => report.unreadable.push(name),
-        }
-        Ok(())
+        Ok(tally.finish(&self.kek, "data keys and API key secrets"))
     }
 
     async fn create_model(&self, req: pb::CreateModelRequest) -> Result<Model> {

@@ -162,6 +162,23 @@ fn put_json<T: Serialize>(
 }
 
 impl RedbStore {
+    /// Every record of a JSON table, in key order, read on a blocking thread.
+    async fn read_all<T: DeserializeOwned + Send + 'static>(&self, table: Json) -> Result<Vec<T>> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<T>> {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(table)?;
+            let mut out = Vec::new();
+            for entry in t.iter()? {
+                let (_, v) = entry?;
+                out.push(decode(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(RegistryError::store)?
+    }
+
     /// Opens (or creates) the database file and its tables, with the default page cache.
     pub fn open(path: &Path) -> Result<RedbStore> {
         RedbStore::open_with_cache(path, super::DEFAULT_CACHE_MIB << 20)
@@ -490,19 +507,7 @@ impl MetadataStore for RedbStore {
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> Result<Vec<ApiKey>> {
-            let txn = db.begin_read()?;
-            let t = txn.open_table(KEYS)?;
-            let mut out = Vec::new();
-            for entry in t.iter()? {
-                let (_, v) = entry?;
-                out.push(decode(v.value())?);
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(RegistryError::store)?
+        self.read_all(KEYS).await
     }
 
     async fn reseal(&self, target: Sealed, old: &[u8], new: Vec<u8>) -> Result<bool> {
@@ -596,19 +601,7 @@ impl MetadataStore for RedbStore {
     }
 
     async fn list_models(&self) -> Result<Vec<Model>> {
-        let db = self.db.clone();
-        let mut models = tokio::task::spawn_blocking(move || -> Result<Vec<Model>> {
-            let txn = db.begin_read()?;
-            let t = txn.open_table(MODELS)?;
-            let mut out = Vec::new();
-            for entry in t.iter()? {
-                let (_, v) = entry?;
-                out.push(decode(v.value())?);
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(RegistryError::store)??;
+        let mut models: Vec<Model> = self.read_all(MODELS).await?;
         models
             .sort_by(|a, b| (&a.name, &a.version, &a.owner).cmp(&(&b.name, &b.version, &b.owner)));
         Ok(models)
