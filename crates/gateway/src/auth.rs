@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroize;
 
-use crate::rates::RateLimits;
 use actix_web::HttpRequest;
 use async_trait::async_trait;
 use modelhub_core::signing::{
@@ -30,6 +29,8 @@ use modelhub_core::{ApiError, ErrorCode};
 use modelhub_proto::registry::v1 as pb;
 use modelhub_proto::registry::v1::registry_client::RegistryClient;
 use tonic::transport::Channel;
+
+use crate::rates::RateLimits;
 
 /// How long a key looked up in the registry is trusted before it is asked again.
 pub const KEY_CACHE_TTL: Duration = Duration::from_secs(5);
