@@ -193,9 +193,9 @@ impl Kek {
             if !now && seen.0.elapsed() < FOLLOW_INTERVAL {
                 return;
             }
-            let now = stamp(&file.path);
+            let current = stamp(&file.path);
             seen.0 = Instant::now();
-            now != seen.1
+            current != seen.1
         };
         if changed {
             self.reload(file);
