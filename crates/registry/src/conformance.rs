@@ -44,6 +44,19 @@ pub fn new_account(name: &str, credits: u64) -> Account {
 }
 
 /// A fresh random wallet address (`0x` + 40 lowercase hex).
+/// A new key of `account_id` whose sealed secret is 61 bytes of `byte`.
+pub fn new_key(account_id: &str, byte: u8) -> ApiKey {
+    ApiKey {
+        key_id: id::new_id(id::KEY),
+        account_id: account_id.to_owned(),
+        sealed_secret: vec![byte; 61],
+        revoked: false,
+        created_at: id::unix_now(),
+        previous_sealed_secret: None,
+        previous_valid_until: 0,
+    }
+}
+
 pub fn new_wallet() -> String {
     format!("0x{}", hex::encode(id::random_bytes::<20>()))
 }
@@ -850,15 +863,7 @@ pub async fn reseal(store: Store) {
     );
 
     let key = store
-        .create_key(ApiKey {
-            key_id: id::new_id(id::KEY),
-            account_id: owner.account_id.clone(),
-            sealed_secret: vec![1; 61],
-            revoked: false,
-            created_at: id::unix_now(),
-            previous_sealed_secret: None,
-            previous_valid_until: 0,
-        })
+        .create_key(new_key(&owner.account_id, 1))
         .await
         .unwrap();
     let secret = Sealed::KeySecret {
@@ -955,15 +960,7 @@ pub async fn keys(store: Store) {
         .create_account(new_account("key-owner", 0))
         .await
         .unwrap();
-    let key = ApiKey {
-        key_id: id::new_id(id::KEY),
-        account_id: a.account_id.clone(),
-        sealed_secret: vec![9; 61],
-        revoked: false,
-        created_at: id::unix_now(),
-        previous_sealed_secret: None,
-        previous_valid_until: 0,
-    };
+    let key = new_key(&a.account_id, 9);
     assert_eq!(store.create_key(key.clone()).await.unwrap(), key);
     assert_eq!(store.get_key(&key.key_id).await.unwrap(), key);
 
@@ -2178,15 +2175,7 @@ where
         .create_account(new_account("seller", 0))
         .await
         .unwrap();
-    let key = ApiKey {
-        key_id: id::new_id(id::KEY),
-        account_id: buyer.account_id.clone(),
-        sealed_secret: vec![7; 61],
-        revoked: false,
-        created_at: id::unix_now(),
-        previous_sealed_secret: None,
-        previous_valid_until: 0,
-    };
+    let key = new_key(&buyer.account_id, 7);
     store.create_key(key.clone()).await.unwrap();
     let model = store
         .create_model(new_model(&owner.account_id, 3))
