@@ -264,13 +264,8 @@ impl Kek {
     }
 
     /// How many keys the ring holds (1 outside a rotation).
-    pub fn len(&self) -> usize {
+    pub fn key_count(&self) -> usize {
         self.ring().keys.len()
-    }
-
-    /// Never true: a ring holds at least its current key.
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// Wraps a data key for one model version (AAD = model id ‖ 0 ‖ version).
@@ -336,7 +331,7 @@ impl ResealTally {
     /// The report, with the ring as the sweep left it (it follows the file as it goes);
     /// logged as `what` ("API key secrets and data keys", ...).
     pub fn finish(mut self, kek: &Kek, what: &str) -> modelhub_proto::common::v1::ResealReport {
-        self.0.keys = u32::try_from(kek.len()).unwrap_or(u32::MAX);
+        self.0.keys = u32::try_from(kek.key_count()).unwrap_or(u32::MAX);
         let r = &self.0;
         tracing::warn!(
             resealed = r.resealed,
@@ -486,12 +481,12 @@ mod tests {
         assert!(stage_new_key(&path).unwrap());
         assert!(!stage_new_key(&path).unwrap());
         let operator = Kek::load(&path).unwrap();
-        assert_eq!(operator.len(), 2);
+        assert_eq!(operator.key_count(), 2);
         let after = operator.wrap(b"new", b"m2");
         // The service has not looked at its file yet, but an unwrap naming a key it lacks
         // reads it again.
         assert_eq!(service.unwrap(&after, b"m2").unwrap(), b"new");
-        assert_eq!(service.len(), 2);
+        assert_eq!(service.key_count(), 2);
         // Once it has followed the file, it wraps with the new key.
         std::thread::sleep(FOLLOW_INTERVAL);
         let fresh = service.wrap(b"x", b"m3");
@@ -501,7 +496,7 @@ mod tests {
         let rewrapped = operator.rewrap(&before, b"m1").unwrap().unwrap();
         assert_eq!(retire_old_keys(&path).unwrap(), 1);
         let retired = Kek::load(&path).unwrap();
-        assert_eq!(retired.len(), 1);
+        assert_eq!(retired.key_count(), 1);
         assert_eq!(retired.unwrap(&rewrapped, b"m1").unwrap(), b"dek");
         assert!(
             retired.unwrap(&before, b"m1").is_err(),

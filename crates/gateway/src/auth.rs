@@ -400,9 +400,9 @@ impl Authenticator {
         }
         // Before the nonce: a key over its rate cannot make the registry keep more nonces.
         if let Some(rates) = &self.rates {
-            rates.check(&key.key_id, &key.account_id).map_err(|over| {
-                ApiError::new(ErrorCode::TooManyRequests, format!("this {}", over.what))
-            })?;
+            rates
+                .check(&key.key_id, &key.account_id)
+                .map_err(|over| over.error())?;
         }
         self.nonces
             .spend(&key.key_id, &claims.nonce, claims.date)

@@ -51,7 +51,7 @@ impl GatewayError {
     /// A 429 for going over a rate, with its `retry-after`.
     pub fn over_rate(over: crate::rates::OverRate) -> GatewayError {
         GatewayError::RetryAfter {
-            error: ApiError::new(ErrorCode::TooManyRequests, format!("this {}", over.what)),
+            error: over.error(),
             secs: over.retry_after_secs(),
         }
     }

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use modelhub_core::{ApiError, ErrorCode};
 
 /// Forget the buckets of keys that are full again this often (in checks).
 const PRUNE_EVERY: u64 = 4096;
@@ -87,6 +88,11 @@ pub struct OverRate {
 }
 
 impl OverRate {
+    /// The client's error: 429 "this …".
+    pub fn error(&self) -> ApiError {
+        ApiError::new(ErrorCode::TooManyRequests, format!("this {}", self.what))
+    }
+
     /// `retry-after` in whole seconds, at least 1.
     pub fn retry_after_secs(&self) -> u64 {
         self.retry_after.as_secs_f64().ceil().max(1.0) as u64
@@ -108,8 +114,8 @@ impl RateLimits {
         }
     }
 
-    /// Counts one request of `key_id` (of `account_id`). A request refused by one limit is
-    /// not counted by the other.
+    /// Counts one request of `key_id` (of `account_id`). A request the key's rate refuses is
+    /// not counted against the account's.
     pub fn check(&self, key_id: &str, account_id: &str) -> Result<(), OverRate> {
         let over = |b: &Buckets<String>, who: &str, wait| OverRate {
             what: format!("{who} may make {} requests per second", b.burst()),
@@ -151,18 +157,11 @@ impl ModelQuotas {
         let Some(rate) = NonZeroU32::new(calls_per_minute) else {
             return Ok(());
         };
-        let what = || format!("model takes at most {rate} predictions per minute from one account");
-        if rows > rate.get() {
-            return Err(OverRate {
-                what: what(),
-                retry_after: Duration::from_secs(60),
-            });
-        }
-        let buckets = self.buckets(rate);
-        buckets
+        // More rows than the bucket holds: a minute, as `Buckets::check` says.
+        self.buckets(rate)
             .check(&(account_id.to_owned(), model_id.to_owned()), rows)
             .map_err(|retry_after| OverRate {
-                what: what(),
+                what: format!("model takes at most {rate} predictions per minute from one account"),
                 retry_after,
             })
     }

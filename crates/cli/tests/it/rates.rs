@@ -11,13 +11,22 @@ use serde_json::json;
 use crate::faults::{Market, Processes};
 use crate::harness::{account, assert_error, digits_batch, digits_bytes, digits_input};
 
-/// Sends `requests` (signed beforehand) all at once; the answers in order, and how long the
-/// burst took in whole seconds, rounded up (the buckets refill meanwhile).
-async fn burst(client: &Client, requests: Vec<SignedRequest>) -> (Vec<Answer>, u64) {
+/// Sends `requests` (signed beforehand) all at once to a gateway that allows `rate` per
+/// second; checks that at least one and at most the burst plus the refill during the burst
+/// passed. The answers in order, and the index of the first refused one.
+async fn burst(client: &Client, requests: Vec<SignedRequest>, rate: u64) -> (Vec<Answer>, usize) {
     let started = Instant::now();
     let answers = futures::future::join_all(requests.into_iter().map(|r| client.send(r))).await;
+    // Whole seconds, rounded up: the buckets refill meanwhile.
     let secs = started.elapsed().as_secs() + 1;
-    (answers.into_iter().map(Result::unwrap).collect(), secs)
+    let answers: Vec<Answer> = answers.into_iter().map(Result::unwrap).collect();
+    let passed = answers.iter().filter(|a| a.status == 200).count() as u64;
+    assert!(
+        (1..=rate + rate * secs).contains(&passed),
+        "{passed} passed in {secs} s"
+    );
+    let refused = answers.iter().position(|a| a.status != 200).unwrap();
+    (answers, refused)
 }
 
 fn account_reads(client: &Client, n: usize) -> Vec<SignedRequest> {
@@ -59,13 +68,7 @@ async fn keys_and_accounts_over_their_rate_get_429_and_spend_no_nonce() {
     // Per key: 12 at once pass only as far as the burst and the refill during the burst.
     let per_key = p.client("gateway-keys", user.key());
     let requests = account_reads(&per_key, 12);
-    let (answers, secs) = burst(&per_key, requests.clone()).await;
-    let passed = answers.iter().filter(|a| a.status == 200).count() as u64;
-    assert!(
-        (1..=RATE + RATE * secs).contains(&passed),
-        "{passed} passed in {secs} s"
-    );
-    let refused = answers.iter().position(|a| a.status != 200).unwrap();
+    let (answers, refused) = burst(&per_key, requests.clone(), RATE).await;
     assert_error(
         &answers[refused],
         429,
@@ -96,15 +99,9 @@ async fn keys_and_accounts_over_their_rate_get_429_and_spend_no_nonce() {
     let second = first.with_key(serde_json::from_value(second_key).unwrap());
     let mut requests = account_reads(&first, 6);
     requests.extend(account_reads(&second, 6));
-    let (answers, secs) = burst(&first, requests).await;
-    let passed = answers.iter().filter(|a| a.status == 200).count() as u64;
-    assert!(
-        (1..=RATE + RATE * secs).contains(&passed),
-        "{passed} passed in {secs} s"
-    );
-    let refused = answers.iter().find(|a| a.status != 200).unwrap();
+    let (answers, refused) = burst(&first, requests, RATE).await;
     assert_error(
-        refused,
+        &answers[refused],
         429,
         "too_many_requests",
         "this account may make 2 requests per second",
